@@ -1,0 +1,79 @@
+//! Build script: compiles the v1 protos with protox (no `protoc` needed) and
+//! links the binaries to libtorch so that they run without LD_LIBRARY_PATH and
+//! keep libtorch_cuda.so as a dependency.
+
+use std::env;
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+const PROTO_ROOT: &str = "proto";
+const PROTO_FILES: &[&str] = &[
+    "weightgen/v1/common.proto",
+    "weightgen/v1/generation.proto",
+    "weightgen/v1/catalog.proto",
+    "weightgen/v1/jobs.proto",
+];
+
+fn main() {
+    compile_protos();
+    link_libtorch();
+}
+
+fn compile_protos() {
+    println!("cargo:rerun-if-changed={PROTO_ROOT}");
+    let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let fds = protox::compile(PROTO_FILES, [PROTO_ROOT]).unwrap_or_else(|e| panic!("{e:?}"));
+    std::fs::write(
+        out_dir.join("weightgen_descriptor.bin"),
+        fds.encode_to_vec(),
+    )
+    .expect("write descriptor set");
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .expect("generate gRPC code");
+}
+
+/// Reads the libtorch directory from torch-sys (`links = "tch"`), then:
+/// - adds an rpath to it, so the binaries find libtorch without LD_LIBRARY_PATH;
+/// - links libtorch_cuda.so with `--no-as-needed`: no symbol of it is referenced,
+///   so `--as-needed` would drop it and the binary would never see a GPU;
+/// - records the torch version for `--version`.
+fn link_libtorch() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib_dir) = env::var("DEP_TCH_LIBTORCH_LIB") else {
+        println!("cargo:rustc-env=WEIGHTGEN_TORCH_VERSION=unknown");
+        return;
+    };
+    let lib_dir = PathBuf::from(lib_dir);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    if lib_dir.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+    }
+    println!(
+        "cargo:rustc-env=WEIGHTGEN_TORCH_VERSION={}",
+        torch_version(&lib_dir).unwrap_or_else(|| "unknown".to_owned())
+    );
+}
+
+/// The version string of the libtorch in `lib_dir`: `torch/version.py` for a
+/// pip wheel, `build-version` for a libtorch archive.
+fn torch_version(lib_dir: &Path) -> Option<String> {
+    let root = lib_dir.parent()?;
+    if let Ok(text) = std::fs::read_to_string(root.join("version.py")) {
+        println!(
+            "cargo:rerun-if-changed={}",
+            root.join("version.py").display()
+        );
+        return text.lines().find_map(|line| {
+            let rest = line.strip_prefix("__version__")?;
+            let value = rest.split('=').nth(1)?.trim();
+            Some(value.trim_matches(|c| c == '\'' || c == '"').to_owned())
+        });
+    }
+    std::fs::read_to_string(root.join("build-version"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}

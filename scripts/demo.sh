@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# The main job on embedded defaults: builds everything (release), starts
+# weightgen-server with its data under ./weightgen-data, talks to it as a
+# client (health, metadata, metrics) and stops it with SIGTERM.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { echo "[demo] $*"; }
+
+step "bootstrap"
+. scripts/bootstrap.sh
+
+step "cargo build --release"
+cargo build --release --locked --bins
+
+bin=target/release
+data="${WEIGHTGEN_DATA_DIR:-./weightgen-data}"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+grpc_port="${WEIGHTGEN_DEMO_PORT:-$(free_port)}"
+metrics_port="$(free_port)"
+addr="127.0.0.1:$grpc_port"
+log="$data/server.log"
+mkdir -p "$data"
+
+step "starting weightgen-server on $addr (data dir $data, log $log)"
+"$bin/weightgen-server" --listen "$addr" --metrics-listen "127.0.0.1:$metrics_port" \
+    --data-dir "$data" --device auto 2>"$log" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+
+step "waiting for health"
+"$bin/weightgen" --addr "$addr" health --wait 60s
+"$bin/weightgen" --addr "$addr" server-info
+for service in weightgen.v1.CatalogService weightgen.v1.JobService weightgen.v1.GenerationService; do
+    "$bin/weightgen" --addr "$addr" health --service "$service" || true
+done
+step "(GenerationService stays NOT_SERVING until a denoiser is loaded)"
+
+step "metrics on 127.0.0.1:$metrics_port/metrics:"
+python3 - "$metrics_port" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
+for line in text.splitlines():
+    if line.startswith(("weightgen_grpc_requests_total", "weightgen_build_info")):
+        print("  " + line)
+PY
+
+step "stopping the server (SIGTERM)"
+kill -TERM "$pid"
+wait "$pid"
+trap - EXIT
+step "server stopped cleanly; log in $log"

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a warm one: installs what it
+# needs (libtorch wheel, client tools), then checks formatting and lints and
+# runs every test. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+started=$SECONDS
+step() { echo "[test] $* ($((SECONDS - started)) s)"; }
+
+step "bootstrap"
+. scripts/bootstrap.sh
+. scripts/tools.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --locked --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --locked
+
+step "reflection and health through an independent client (buf curl)"
+scripts/check-reflection.sh
+
+step "all passed in $((SECONDS - started)) s"

@@ -1,0 +1,12 @@
+//! weightgen: task-conditioned diffusion over neural-network weights, served
+//! over gRPC.
+//!
+//! The library holds everything; the three binaries in `src/bin/` are thin
+//! `main`s over it. See `docs/ARCHITECTURE.md` for the module map.
+
+pub mod client;
+pub mod device;
+pub mod proto;
+pub mod serve;
+pub mod telemetry;
+pub mod torch_info;

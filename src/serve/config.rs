@@ -1,0 +1,154 @@
+//! Configuration of `weightgen-server`: every flag is also a `WEIGHTGEN_*`
+//! environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::device::DeviceChoice;
+
+/// One mebibyte.
+const MIB: usize = 1024 * 1024;
+
+/// Where the Prometheus endpoint listens, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsListen(pub Option<SocketAddr>);
+
+impl FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.parse()
+            .map(|addr| Self(Some(addr)))
+            .map_err(|e| format!("expected HOST:PORT or \"off\": {e}"))
+    }
+}
+
+/// Everything the server needs to start. Build it with clap (flags and env
+/// vars) or, in tests, with [`ServerConfig::with_defaults`] and field edits.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerConfig {
+    /// Address the gRPC server listens on. Port 0 picks a free port. In a
+    /// container use 0.0.0.0:50051.
+    #[arg(long, env = "WEIGHTGEN_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus endpoint (GET /metrics), or "off".
+    #[arg(
+        long,
+        env = "WEIGHTGEN_METRICS_LISTEN",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub metrics_listen: MetricsListen,
+
+    /// Directory for the embedded catalog (SQLite) and blob store; created if
+    /// missing.
+    #[arg(long, env = "WEIGHTGEN_DATA_DIR", default_value = "./weightgen-data")]
+    pub data_dir: PathBuf,
+
+    /// Device denoisers run on: auto (first GPU if any, else CPU), cpu, or
+    /// cuda:N. A GPU that is asked for but missing stops the server at start.
+    #[arg(long, env = "WEIGHTGEN_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+
+    /// Largest request message the server decodes, in bytes. Raise it for
+    /// large few-shot support sets; uploads are chunked and need no more.
+    #[arg(long, env = "WEIGHTGEN_MAX_REQUEST_BYTES", default_value_t = 4 * MIB)]
+    pub max_request_bytes: usize,
+
+    /// Largest response message the server encodes, in bytes (streamed
+    /// checkpoints are sent in chunks of at most 1 MiB).
+    #[arg(long, env = "WEIGHTGEN_MAX_RESPONSE_BYTES", default_value_t = 4 * MIB)]
+    pub max_response_bytes: usize,
+
+    /// Time a call may take to produce its response headers (the whole call
+    /// for unary RPCs). A client's shorter grpc-timeout wins. E.g. "60s".
+    #[arg(long, env = "WEIGHTGEN_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// Calls in flight across all connections (a stream counts until it
+    /// ends). Past it new calls get RESOURCE_EXHAUSTED at once instead of
+    /// queueing; size it to what the machine can serve within deadlines.
+    #[arg(long, env = "WEIGHTGEN_MAX_CONCURRENT_REQUESTS", default_value_t = 256)]
+    pub max_concurrent_requests: usize,
+
+    /// HTTP/2 streams one client connection may have open at once.
+    #[arg(
+        long,
+        env = "WEIGHTGEN_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 128
+    )]
+    pub max_streams_per_connection: u32,
+
+    /// Interval of HTTP/2 keepalive pings to idle clients, e.g. "30s".
+    #[arg(long, env = "WEIGHTGEN_HTTP2_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is
+    /// closed, e.g. "10s".
+    #[arg(long, env = "WEIGHTGEN_HTTP2_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// On SIGTERM/ctrl-c: how long in-flight calls and streams may take to
+    /// finish before the server stops anyway. Keep it below the orchestrator's
+    /// termination grace period.
+    #[arg(long, env = "WEIGHTGEN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// Parses a `ServerConfig` alone, for [`ServerConfig::with_defaults`].
+#[derive(Parser)]
+struct DefaultsOnly {
+    #[command(flatten)]
+    config: ServerConfig,
+}
+
+impl ServerConfig {
+    /// The documented defaults (environment variables still apply), as the
+    /// binary would use them with no flags.
+    pub fn with_defaults() -> Self {
+        DefaultsOnly::parse_from(["weightgen-server"]).config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = DefaultsOnly::try_parse_from(["x"]).unwrap().config;
+        assert_eq!(config.listen, "127.0.0.1:50051".parse().unwrap());
+        assert_eq!(config.max_request_bytes, 4 * MIB);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(config.device, DeviceChoice::Auto);
+    }
+
+    #[test]
+    fn flags_parse_durations_and_off() {
+        let config = DefaultsOnly::try_parse_from([
+            "x",
+            "--metrics-listen",
+            "off",
+            "--shutdown-grace",
+            "1500ms",
+            "--device",
+            "cuda:1",
+        ])
+        .unwrap()
+        .config;
+        assert_eq!(config.metrics_listen, MetricsListen(None));
+        assert_eq!(config.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(config.device, DeviceChoice::Cuda(1));
+        let err = DefaultsOnly::try_parse_from(["x", "--device", "gpu"])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("expected auto, cpu"), "{err}");
+    }
+}

@@ -1,0 +1,22 @@
+//! The gRPC server: services, the tower stack around them, health,
+//! reflection, metrics and lifecycle. Transport code here never touches a
+//! tensor; model work goes to the backend thread (added with GenerateInit).
+
+pub mod admission;
+pub mod body;
+pub mod catalog;
+pub mod config;
+pub mod generation;
+pub mod grpc_metrics;
+pub mod health;
+pub mod jobs;
+pub mod metrics_http;
+pub mod readiness;
+pub mod server;
+mod unimplemented;
+
+pub use config::{MetricsListen, ServerConfig};
+pub use readiness::Readiness;
+pub use server::{
+    RunningServer, ServeError, ShutdownReport, run_until_signal, shutdown_signal, start,
+};

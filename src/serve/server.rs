@@ -1,0 +1,427 @@
+//! Starting, running and stopping `weightgen-server`: listeners, the tonic
+//! stack (limits, timeouts, admission, metrics), health, reflection, the
+//! metrics endpoint and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+use tower::ServiceBuilder;
+
+use super::admission::Admission;
+use super::catalog::CatalogApi;
+use super::config::ServerConfig;
+use super::generation::{GenerationApi, ServerInfo};
+use super::grpc_metrics::{GrpcMetricsLayer, KnownMethods};
+use super::health;
+use super::jobs::JobsApi;
+use super::metrics_http;
+use super::readiness::Readiness;
+use crate::device::{DeviceError, device_name};
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::v1::catalog_service_server::CatalogServiceServer;
+use crate::proto::v1::generation_service_server::GenerationServiceServer;
+use crate::proto::v1::job_service_server::JobServiceServer;
+use crate::torch_info::TorchInfo;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The data directory could not be created.
+    #[error("creating data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A listener could not bind its address.
+    #[error("binding the {what} address {addr}: {source}")]
+    Bind {
+        /// "gRPC" or "metrics".
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The requested device cannot be used.
+    #[error("--device: {0}")]
+    Device(#[from] DeviceError),
+    /// The metrics recorder or descriptor set could not be set up.
+    #[error("setting up {what}: {detail}")]
+    Setup {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        detail: String,
+    },
+    /// The gRPC transport failed while serving.
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// A server task panicked or was cancelled.
+    #[error("server task: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// How shutdown went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every call in flight finished before the grace period ended.
+    pub drained: bool,
+    /// Calls still running when the grace period ended (cut off).
+    pub cut_off: usize,
+    /// Time from the start of shutdown to the end of draining.
+    pub drain_time: Duration,
+}
+
+/// A started server: its addresses, its readiness flag, and the means to stop it.
+pub struct RunningServer {
+    grpc_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    readiness: Readiness,
+    admission: Admission,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<ShutdownReport, ServeError>>,
+}
+
+impl RunningServer {
+    /// Address the gRPC server listens on (with the real port when 0 was asked).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// Address of the Prometheus endpoint, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The readiness flag that the denoiser loader sets.
+    pub fn readiness(&self) -> &Readiness {
+        &self.readiness
+    }
+
+    /// Calls in flight now (streams count until they end).
+    pub fn in_flight(&self) -> usize {
+        self.admission.in_flight()
+    }
+
+    /// Starts graceful shutdown (idempotent): health turns NOT_SERVING, new
+    /// connections and calls are refused, in-flight calls may finish within
+    /// the grace period.
+    pub fn begin_shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Whether the server has stopped.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Waits until the server has stopped.
+    pub async fn wait(self) -> Result<ShutdownReport, ServeError> {
+        self.task.await?
+    }
+
+    /// Shuts down gracefully and waits for the end.
+    pub async fn shutdown(self) -> Result<ShutdownReport, ServeError> {
+        self.begin_shutdown();
+        self.wait().await
+    }
+}
+
+/// Starts the server: creates the data directory, checks the device, binds
+/// both listeners and serves in background tasks.
+pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    // Asking libtorch initializes CUDA, which blocks for a while on a GPU host.
+    let choice = config.device;
+    let (torch, device) = tokio::task::spawn_blocking(move || {
+        let torch = TorchInfo::detect();
+        let device = choice.resolve_with(if torch.cuda_available {
+            torch.cuda_device_count
+        } else {
+            0
+        });
+        (torch, device)
+    })
+    .await?;
+    let info = ServerInfo {
+        torch,
+        device: device_name(device?),
+    };
+
+    let prometheus = metrics_http::recorder().map_err(|detail| ServeError::Setup {
+        what: "the metrics recorder",
+        detail,
+    })?;
+    let methods = KnownMethods::from_descriptor_sets(&[
+        FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ])
+    .map_err(|e| ServeError::Setup {
+        what: "the method list",
+        detail: e.to_string(),
+    })?;
+
+    let grpc_listener = bind("gRPC", config.listen).await?;
+    let grpc_addr = local_addr("gRPC", &grpc_listener, config.listen)?;
+    let metrics_listener = match config.metrics_listen.0 {
+        Some(addr) => Some(bind("metrics", addr).await?),
+        None => None,
+    };
+    let metrics_addr = match (&metrics_listener, config.metrics_listen.0) {
+        (Some(listener), Some(addr)) => Some(local_addr("metrics", listener, addr)?),
+        _ => None,
+    };
+
+    let readiness = Readiness::new();
+    let admission = Admission::new(config.max_concurrent_requests);
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::set_running(&reporter, readiness.is_ready()).await;
+
+    let reflection_v1 = reflection_builder()
+        .build_v1()
+        .map_err(|e| ServeError::Setup {
+            what: "reflection v1",
+            detail: e.to_string(),
+        })?;
+    let reflection_v1alpha =
+        reflection_builder()
+            .build_v1alpha()
+            .map_err(|e| ServeError::Setup {
+                what: "reflection v1alpha",
+                detail: e.to_string(),
+            })?;
+
+    let generation =
+        GenerationServiceServer::new(GenerationApi::new(info.clone(), readiness.clone()))
+            .max_decoding_message_size(config.max_request_bytes)
+            .max_encoding_message_size(config.max_response_bytes);
+    let catalog = CatalogServiceServer::new(CatalogApi)
+        .max_decoding_message_size(config.max_request_bytes)
+        .max_encoding_message_size(config.max_response_bytes);
+    let jobs = JobServiceServer::new(JobsApi)
+        .max_decoding_message_size(config.max_request_bytes)
+        .max_encoding_message_size(config.max_response_bytes);
+
+    let layers = ServiceBuilder::new()
+        .layer(GrpcMetricsLayer::new(methods))
+        .layer(admission.clone())
+        .into_inner();
+    let (stop_grpc, stop_grpc_rx) = oneshot::channel::<()>();
+    let grpc = Server::builder()
+        .timeout(config.request_timeout)
+        .max_concurrent_streams(config.max_streams_per_connection)
+        .http2_keepalive_interval(Some(config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
+        .tcp_nodelay(true)
+        .layer(layers)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(generation)
+        .add_service(catalog)
+        .add_service(jobs)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+            let _ = stop_grpc_rx.await;
+        });
+
+    let (stop, stop_rx) = watch::channel(false);
+    let metrics_task = metrics_listener.map(|listener| {
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(metrics_http::serve(listener, prometheus, async move {
+            let _ = stop_rx.wait_for(|stopping| *stopping).await;
+        }))
+    });
+
+    tracing::info!(
+        grpc = %grpc_addr,
+        metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        device = %info.device,
+        torch = info.torch.version,
+        cuda = info.torch.cuda_available,
+        data_dir = %config.data_dir.display(),
+        "weightgen-server listening"
+    );
+
+    let task = tokio::spawn(supervise(Supervised {
+        grpc: tokio::spawn(grpc),
+        stop_grpc,
+        stop_rx,
+        metrics_task,
+        reporter,
+        readiness: readiness.clone(),
+        admission: admission.clone(),
+        grace: config.shutdown_grace,
+    }));
+
+    Ok(RunningServer {
+        grpc_addr,
+        metrics_addr,
+        readiness,
+        admission,
+        stop,
+        task,
+    })
+}
+
+/// Runs until SIGTERM or ctrl-c, then shuts down gracefully.
+pub async fn run_until_signal(config: ServerConfig) -> Result<ShutdownReport, ServeError> {
+    let server = start(config).await?;
+    shutdown_signal().await;
+    tracing::info!("shutdown signal received");
+    server.shutdown().await
+}
+
+/// Resolves on SIGTERM or ctrl-c (SIGINT).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for ctrl-c");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+fn local_addr(
+    what: &'static str,
+    listener: &TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, ServeError> {
+    listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { what, addr, source })
+}
+
+/// What the supervising task owns.
+struct Supervised {
+    grpc: JoinHandle<Result<(), tonic::transport::Error>>,
+    stop_grpc: oneshot::Sender<()>,
+    stop_rx: watch::Receiver<bool>,
+    metrics_task: Option<JoinHandle<std::io::Result<()>>>,
+    reporter: HealthReporter,
+    readiness: Readiness,
+    admission: Admission,
+    grace: Duration,
+}
+
+/// Resolves once shutdown is asked for (or its sender is gone).
+async fn stop_requested(stop_rx: &mut watch::Receiver<bool>) {
+    let _ = stop_rx.wait_for(|stopping| *stopping).await;
+}
+
+/// Mirrors readiness into health until shutdown is asked for, then drains.
+async fn supervise(s: Supervised) -> Result<ShutdownReport, ServeError> {
+    let Supervised {
+        mut grpc,
+        stop_grpc,
+        mut stop_rx,
+        metrics_task,
+        reporter,
+        readiness,
+        admission,
+        grace,
+    } = s;
+    let mut ready_rx = readiness.subscribe();
+    let mut mirror_readiness = true;
+    loop {
+        tokio::select! {
+            () = stop_requested(&mut stop_rx) => break,
+            changed = ready_rx.changed(), if mirror_readiness => {
+                if changed.is_ok() {
+                    let ready = *ready_rx.borrow_and_update();
+                    health::set_generation(&reporter, ready).await;
+                } else {
+                    // Every owner of the flag is gone: the last status stays.
+                    mirror_readiness = false;
+                }
+            }
+            result = &mut grpc => {
+                // The transport stopped by itself: report why.
+                result??;
+                return Ok(ShutdownReport { drained: true, cut_off: 0, drain_time: Duration::ZERO });
+            }
+        }
+    }
+
+    let started = Instant::now();
+    tracing::info!(
+        in_flight = admission.in_flight(),
+        grace = ?grace,
+        "shutting down: refusing new calls, draining in-flight calls"
+    );
+    health::set_stopping(&reporter).await;
+    let _ = stop_grpc.send(());
+    let report = match tokio::time::timeout(grace, &mut grpc).await {
+        Ok(result) => {
+            result??;
+            ShutdownReport {
+                drained: true,
+                cut_off: 0,
+                drain_time: started.elapsed(),
+            }
+        }
+        Err(_) => {
+            let cut_off = admission.in_flight();
+            tracing::warn!(
+                cut_off,
+                "grace period over: stopping with calls still in flight"
+            );
+            grpc.abort();
+            ShutdownReport {
+                drained: false,
+                cut_off,
+                drain_time: started.elapsed(),
+            }
+        }
+    };
+    if let Some(task) = metrics_task
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::warn!(error = %e, "metrics endpoint ended with an error");
+    }
+    tracing::info!(?report, "weightgen-server stopped");
+    Ok(report)
+}

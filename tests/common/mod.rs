@@ -1,0 +1,90 @@
+//! Shared helpers for integration tests: start a real server on port 0 with
+//! its own data directory and talk to it as a client would.
+#![allow(dead_code)]
+
+use std::process::Output;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tonic::transport::Channel;
+use weightgen::serve::{self, MetricsListen, RunningServer, ServerConfig};
+
+/// A server started for one test, with its data directory.
+pub struct TestServer {
+    pub server: RunningServer,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// "127.0.0.1:PORT" of the gRPC listener.
+    pub fn addr(&self) -> String {
+        self.server.grpc_addr().to_string()
+    }
+
+    /// A fresh connection to the server.
+    pub async fn channel(&self) -> Channel {
+        weightgen::client::connect(&self.addr(), Some(Duration::from_secs(10)))
+            .await
+            .expect("connect to the test server")
+    }
+
+    /// The text of GET /metrics.
+    pub async fn metrics(&self) -> String {
+        let addr = self.server.metrics_addr().expect("metrics enabled");
+        http_get(addr, "/metrics").await
+    }
+}
+
+/// Starts a server on loopback port 0 (gRPC and metrics) with a fresh data
+/// directory; `adjust` may change any other setting first.
+pub async fn spawn_server(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    let data_dir = tempfile::tempdir().expect("temp data dir");
+    let mut config = ServerConfig::with_defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.metrics_listen = MetricsListen(Some("127.0.0.1:0".parse().unwrap()));
+    config.data_dir = data_dir.path().join("data");
+    config.device = weightgen::device::DeviceChoice::Cpu;
+    config.shutdown_grace = Duration::from_secs(10);
+    adjust(&mut config);
+    let server = serve::start(config).await.expect("server starts");
+    TestServer { server, data_dir }
+}
+
+/// A minimal HTTP/1.1 GET, returning the body.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of one Prometheus sample whose line starts with `prefix`
+/// (metric name plus labels), or None.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| line.starts_with(name) && !line.starts_with('#'))
+        .find(|line| {
+            let (series, _) = line.rsplit_once(' ').unwrap_or((line, ""));
+            series.split(['{', '}']).next() == Some(name)
+                && labels
+                    .iter()
+                    .all(|(k, v)| series.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|line| line.rsplit_once(' '))
+        .and_then(|(_, value)| value.parse().ok())
+}
+
+/// A finished process's stdout followed by its stderr, as text.
+pub fn combined_output(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
