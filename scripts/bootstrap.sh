@@ -47,11 +47,11 @@ weightgen_bootstrap() {
         else
             echo "$step venv $venv exists"
         fi
-        if "$venv/bin/python" -c "import numpy, torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" 2>/dev/null; then
+        if "$venv/bin/python" -c "import numpy, safetensors, torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$torch_version' else 1)" 2>/dev/null; then
             echo "$step torch==$torch_version already installed"
         else
-            echo "$step installing torch==$torch_version and numpy into $venv (large download, once)"
-            "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$torch_version" numpy || {
+            echo "$step installing torch==$torch_version, numpy and safetensors into $venv (large download, once)"
+            "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "torch==$torch_version" numpy safetensors || {
                 echo "$step pip install torch==$torch_version failed" >&2
                 return 1
             }

@@ -6,7 +6,10 @@
 
 pub mod client;
 pub mod device;
+pub mod diffusion;
+pub mod model;
 pub mod proto;
 pub mod serve;
 pub mod telemetry;
 pub mod torch_info;
+pub mod weights;

@@ -1,0 +1,15 @@
+//! The diffusion process over (standardized) weight vectors, as in the
+//! proposal: noise schedules, the closed-form forward process q(w_t | w_0),
+//! training targets and loss, and the DDPM and DDIM reverse samplers with
+//! classifier-free guidance. Knows nothing of gRPC or storage.
+
+pub mod noise;
+pub mod objective;
+pub mod oracle;
+pub mod sampler;
+pub mod schedule;
+
+pub use noise::SeededNoise;
+pub use objective::Prediction;
+pub use sampler::{ClipRange, DdimSpacing, Denoiser, SamplerKind, SamplingConfig, sample};
+pub use schedule::{NoiseSchedule, ScheduleError, ScheduleKind};

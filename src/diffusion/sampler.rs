@@ -1,0 +1,310 @@
+//! Reverse diffusion: DDPM ancestral sampling exactly as the proposal writes
+//! it, DDIM (Song et al. 2021) with η on a grid of S ≤ T steps, and
+//! classifier-free guidance (Ho & Salimans 2022).
+
+use tch::{Device, Kind, Tensor};
+
+use super::noise::SeededNoise;
+use super::objective::Prediction;
+use super::schedule::NoiseSchedule;
+
+/// A trained noise (or x₀/v) predictor.
+pub trait Denoiser {
+    /// Whatever the model is conditioned on, for a batch.
+    type Condition;
+
+    /// The model output for w_t [B, D] at timesteps `t` [B] (int64 in
+    /// 1..=T). With `drop_condition` the model sees its null condition (the
+    /// unconditional branch of classifier-free guidance).
+    fn forward(
+        &self,
+        w_t: &Tensor,
+        t: &Tensor,
+        condition: &Self::Condition,
+        drop_condition: bool,
+    ) -> Tensor;
+
+    /// How the output is parametrized.
+    fn prediction(&self) -> Prediction;
+}
+
+/// Which reverse process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum SamplerKind {
+    /// Ancestral DDPM over all T steps.
+    Ddpm,
+    /// DDIM over a grid of `steps` timesteps with stochasticity η
+    /// (0 = deterministic).
+    Ddim {
+        /// S.
+        steps: usize,
+        /// η ∈ [0, 1].
+        eta: f64,
+        /// Where the S timesteps sit.
+        spacing: DdimSpacing,
+    },
+}
+
+impl SamplerKind {
+    /// DDIM with S steps, η and the default (leading) spacing.
+    pub fn ddim(steps: usize, eta: f64) -> Self {
+        Self::Ddim {
+            steps,
+            eta,
+            spacing: DdimSpacing::default(),
+        }
+    }
+}
+
+/// The DDIM timestep grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DdimSpacing {
+    /// τ_i = 1 + (i−1)·T/S: starts one stride below T. Under the cosine
+    /// schedule ᾱ_T ≈ 0 (β_T is clipped), so the first x₀ estimate
+    /// (w_t − sqrt(1−ᾱ_t) ε̂)/sqrt(ᾱ_t) divides by ~5e-5 and any model error
+    /// explodes; the leading grid's first step has sqrt(ᾱ) ≈ 0.04 instead.
+    #[default]
+    Leading,
+    /// τ_i = round(i·T/S): ends exactly at T (needs x₀ clipping under the
+    /// cosine schedule).
+    Trailing,
+}
+
+/// Bounds for the x₀ estimate (in standardized weight space).
+#[derive(Debug)]
+pub enum ClipRange {
+    /// The same bound ±c for every coordinate.
+    Symmetric(f64),
+    /// Per-coordinate bounds [D] (e.g. the zoo's min and max).
+    Box {
+        /// Lower bounds.
+        low: Tensor,
+        /// Upper bounds.
+        high: Tensor,
+    },
+}
+
+impl ClipRange {
+    /// Per-coordinate bounds from a standardized zoo [N, D], widened by
+    /// `margin` times each coordinate's range.
+    pub fn from_zoo(zoo: &Tensor, margin: f64) -> Self {
+        let low = zoo.amin([0].as_slice(), false);
+        let high = zoo.amax([0].as_slice(), false);
+        let span = (&high - &low) * margin;
+        Self::Box {
+            low: (&low - &span).to_kind(Kind::Float),
+            high: (&high + &span).to_kind(Kind::Float),
+        }
+    }
+
+    fn apply(&self, x0: &Tensor) -> Tensor {
+        match self {
+            Self::Symmetric(c) => x0.clamp(-c, *c),
+            Self::Box { low, high } => {
+                let device = x0.device();
+                x0.clamp_tensor(Some(&low.to_device(device)), Some(&high.to_device(device)))
+            }
+        }
+    }
+}
+
+/// How to sample.
+#[derive(Debug)]
+pub struct SamplingConfig {
+    /// DDPM or DDIM.
+    pub kind: SamplerKind,
+    /// Classifier-free guidance scale s: output = out_∅ + s·(out_c − out_∅);
+    /// 1 is plain conditional sampling (one forward pass per step).
+    pub guidance_scale: f64,
+    /// Clip the x₀ estimate in DDIM steps (needed under the cosine schedule,
+    /// where ᾱ_T ≈ 0 makes (w_t − sqrt(1−ᾱ_t)ε̂)/sqrt(ᾱ_t) explode).
+    pub clip_x0: Option<ClipRange>,
+}
+
+/// Model output with classifier-free guidance applied.
+fn guided_output<D: Denoiser>(
+    denoiser: &D,
+    w_t: &Tensor,
+    t: &Tensor,
+    condition: &D::Condition,
+    scale: f64,
+) -> Tensor {
+    let conditional = denoiser.forward(w_t, t, condition, false);
+    if (scale - 1.0).abs() < f64::EPSILON {
+        return conditional;
+    }
+    let unconditional = denoiser.forward(w_t, t, condition, true);
+    &unconditional + (conditional - &unconditional) * scale
+}
+
+/// The DDIM timestep grid τ_1 < … < τ_S within 1..=T.
+pub fn ddim_grid(timesteps: usize, steps: usize, spacing: DdimSpacing) -> Vec<usize> {
+    let steps = steps.clamp(1, timesteps);
+    let mut grid: Vec<usize> = (1..=steps)
+        .map(|i| match spacing {
+            DdimSpacing::Leading => 1 + (i - 1) * timesteps / steps,
+            DdimSpacing::Trailing => ((i * timesteps) as f64 / steps as f64).round() as usize,
+        })
+        .collect();
+    grid.dedup();
+    grid
+}
+
+/// Draws samples w₀ [B, D] for a batch: starts from w_T ~ N(0, I) drawn
+/// from `noise` (one seed per row) and runs the reverse process. Runs
+/// without gradients.
+pub fn sample<D: Denoiser>(
+    denoiser: &D,
+    schedule: &NoiseSchedule,
+    condition: &D::Condition,
+    dim: i64,
+    noise: &mut SeededNoise,
+    config: &SamplingConfig,
+    device: Device,
+) -> Tensor {
+    tch::no_grad(|| {
+        let batch = noise.batch() as i64;
+        let mut w = noise.draw(&[dim], device);
+        let prediction = denoiser.prediction();
+        let timestep = |t: usize| Tensor::full([batch], t as i64, (Kind::Int64, device));
+        match config.kind {
+            SamplerKind::Ddpm => {
+                for t in (1..=schedule.timesteps()).rev() {
+                    let output =
+                        guided_output(denoiser, &w, &timestep(t), condition, config.guidance_scale);
+                    w = ddpm_step(schedule, prediction, &w, &output, t, noise, dim, device);
+                }
+            }
+            SamplerKind::Ddim {
+                steps,
+                eta,
+                spacing,
+            } => {
+                let grid = ddim_grid(schedule.timesteps(), steps, spacing);
+                for (i, &t) in grid.iter().enumerate().rev() {
+                    let t_prev = if i == 0 { 0 } else { grid[i - 1] };
+                    let output =
+                        guided_output(denoiser, &w, &timestep(t), condition, config.guidance_scale);
+                    w = ddim_step(
+                        schedule,
+                        prediction,
+                        &w,
+                        &output,
+                        t,
+                        t_prev,
+                        eta,
+                        config.clip_x0.as_ref(),
+                        noise,
+                        dim,
+                        device,
+                    );
+                }
+            }
+        }
+        w
+    })
+}
+
+/// One DDPM step from t to t − 1. For ε-prediction this is the proposal's
+/// w_{t−1} = (w_t − (1−α_t)/sqrt(1−ᾱ_t) · ε̂)/sqrt(α_t) + σ_t z with
+/// σ_t² = β̃_t = (1−α_t)(1−ᾱ_{t−1})/(1−ᾱ_t) and z = 0 at t = 1. Other
+/// parametrizations use the equal posterior mean
+/// μ̃ = sqrt(ᾱ_{t−1})β_t/(1−ᾱ_t) · x̂₀ + sqrt(α_t)(1−ᾱ_{t−1})/(1−ᾱ_t) · w_t.
+#[allow(clippy::too_many_arguments)]
+fn ddpm_step(
+    schedule: &NoiseSchedule,
+    prediction: Prediction,
+    w_t: &Tensor,
+    output: &Tensor,
+    t: usize,
+    noise: &mut SeededNoise,
+    dim: i64,
+    device: Device,
+) -> Tensor {
+    let alpha = schedule.alpha(t);
+    let alpha_bar = schedule.alpha_bar(t);
+    let alpha_bar_prev = schedule.alpha_bar(t - 1);
+    let mean = match prediction {
+        Prediction::Epsilon => {
+            (w_t - output * ((1.0 - alpha) / (1.0 - alpha_bar).sqrt())) / alpha.sqrt()
+        }
+        Prediction::X0 | Prediction::V => {
+            let a = Tensor::from(alpha_bar.sqrt() as f32).to_device(device);
+            let b = Tensor::from((1.0 - alpha_bar).sqrt() as f32).to_device(device);
+            let (_, x0) = prediction.to_eps_x0(output, w_t, &a, &b);
+            x0 * (alpha_bar_prev.sqrt() * schedule.beta(t) / (1.0 - alpha_bar))
+                + w_t * (alpha.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
+        }
+    };
+    // The draw happens at every step (also t = 1) so that a seed's stream
+    // stays aligned whatever the step count.
+    let z = noise.draw(&[dim], device);
+    if t > 1 {
+        mean + z * schedule.posterior_variance(t).sqrt()
+    } else {
+        mean
+    }
+}
+
+/// One DDIM step from t to t_prev < t:
+/// x̂₀ = clip((w_t − sqrt(1−ᾱ_t) ε̂)/sqrt(ᾱ_t)), ε̂ recomputed from the
+/// clipped x̂₀, σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_prev),
+/// w_prev = sqrt(ᾱ_prev) x̂₀ + sqrt(1−ᾱ_prev−σ²) ε̂ + σ z.
+#[allow(clippy::too_many_arguments)]
+fn ddim_step(
+    schedule: &NoiseSchedule,
+    prediction: Prediction,
+    w_t: &Tensor,
+    output: &Tensor,
+    t: usize,
+    t_prev: usize,
+    eta: f64,
+    clip: Option<&ClipRange>,
+    noise: &mut SeededNoise,
+    dim: i64,
+    device: Device,
+) -> Tensor {
+    let alpha_bar = schedule.alpha_bar(t);
+    let alpha_bar_prev = schedule.alpha_bar(t_prev);
+    let a = Tensor::from(alpha_bar.sqrt() as f32).to_device(device);
+    let b = Tensor::from((1.0 - alpha_bar).sqrt() as f32).to_device(device);
+    let (mut eps, mut x0) = prediction.to_eps_x0(output, w_t, &a, &b);
+    if let Some(range) = clip {
+        x0 = range.apply(&x0);
+        eps = (w_t - &x0 * &a) / &b;
+    }
+    let sigma = eta
+        * ((1.0 - alpha_bar_prev) / (1.0 - alpha_bar)).sqrt()
+        * (1.0 - alpha_bar / alpha_bar_prev).sqrt();
+    let direction = (1.0 - alpha_bar_prev - sigma * sigma).max(0.0).sqrt();
+    let mut next = x0 * alpha_bar_prev.sqrt() + eps * direction;
+    if eta > 0.0 {
+        let z = noise.draw(&[dim], device);
+        if t_prev > 0 {
+            next += z * sigma;
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddim_grids_have_s_steps_within_1_to_t() {
+        assert_eq!(
+            ddim_grid(1000, 4, DdimSpacing::Trailing),
+            vec![250, 500, 750, 1000]
+        );
+        assert_eq!(
+            ddim_grid(1000, 4, DdimSpacing::Leading),
+            vec![1, 251, 501, 751]
+        );
+        for spacing in [DdimSpacing::Leading, DdimSpacing::Trailing] {
+            assert_eq!(ddim_grid(1000, 50, spacing).len(), 50);
+            assert_eq!(ddim_grid(10, 50, spacing), (1..=10).collect::<Vec<_>>());
+            assert_eq!(ddim_grid(1000, 1, spacing).len(), 1);
+        }
+    }
+}

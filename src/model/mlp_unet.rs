@@ -1,0 +1,158 @@
+//! The proposal's denoiser: an MLP U-Net of FiLM residual blocks. The input
+//! is projected to the first width, goes down through narrower levels and
+//! back up, with a skip connection from each down block to its mirror.
+//!
+//! The network alone cannot carry w_t through a hidden width H < D (its
+//! ε-loss would plateau near 1 − H/D); the full-width path is added by
+//! `ConditionalDenoiser` as preconditioning (see there).
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+use tch::nn::{self, Module};
+
+use super::blocks::{FilmBlock, timestep_embedding, zero_linear};
+
+/// Shape of the MLP U-Net.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MlpUnetConfig {
+    /// Widths of the levels, widest first, e.g. [512, 256].
+    pub widths: Vec<i64>,
+    /// Residual blocks per level on each side.
+    pub blocks_per_level: usize,
+    /// Size of the time embedding τ(t).
+    pub time_dim: i64,
+}
+
+impl Default for MlpUnetConfig {
+    fn default() -> Self {
+        Self {
+            widths: vec![512, 256],
+            blocks_per_level: 2,
+            time_dim: 128,
+        }
+    }
+}
+
+/// The network F(w_t, t, e).
+#[derive(Debug)]
+pub struct MlpUnet {
+    time_dim: i64,
+    time_mlp: (nn::Linear, nn::Linear),
+    input: nn::Linear,
+    down: Vec<Vec<FilmBlock>>,
+    down_proj: Vec<nn::Linear>,
+    middle: FilmBlock,
+    up_proj: Vec<nn::Linear>,
+    merge: Vec<Vec<nn::Linear>>,
+    up: Vec<Vec<FilmBlock>>,
+    out_norm: nn::LayerNorm,
+    output: nn::Linear,
+}
+
+impl MlpUnet {
+    /// Builds the network for weight vectors of length `dim` and task
+    /// embeddings of length `cond_dim`.
+    pub fn new(vs: &nn::Path, config: &MlpUnetConfig, dim: i64, cond_dim: i64) -> Self {
+        let widths = &config.widths;
+        let c_dim = config.time_dim + cond_dim;
+        let levels = widths.len();
+        let blocks = |prefix: &str, level: usize| -> Vec<FilmBlock> {
+            (0..config.blocks_per_level)
+                .map(|b| FilmBlock::new(&(vs / prefix / level / b), widths[level], c_dim))
+                .collect()
+        };
+        Self {
+            time_dim: config.time_dim,
+            time_mlp: (
+                nn::linear(
+                    vs / "time" / "0",
+                    config.time_dim,
+                    config.time_dim,
+                    Default::default(),
+                ),
+                nn::linear(
+                    vs / "time" / "1",
+                    config.time_dim,
+                    config.time_dim,
+                    Default::default(),
+                ),
+            ),
+            input: nn::linear(vs / "input", dim, widths[0], Default::default()),
+            down: (0..levels).map(|l| blocks("down", l)).collect(),
+            down_proj: (0..levels - 1)
+                .map(|l| {
+                    nn::linear(
+                        vs / "down_proj" / l,
+                        widths[l],
+                        widths[l + 1],
+                        Default::default(),
+                    )
+                })
+                .collect(),
+            middle: FilmBlock::new(&(vs / "middle"), widths[levels - 1], c_dim),
+            up_proj: (0..levels - 1)
+                .map(|l| {
+                    nn::linear(
+                        vs / "up_proj" / l,
+                        widths[l + 1],
+                        widths[l],
+                        Default::default(),
+                    )
+                })
+                .collect(),
+            merge: (0..levels)
+                .map(|l| {
+                    (0..config.blocks_per_level)
+                        .map(|b| {
+                            nn::linear(
+                                vs / "merge" / l / b,
+                                2 * widths[l],
+                                widths[l],
+                                Default::default(),
+                            )
+                        })
+                        .collect()
+                })
+                .collect(),
+            up: (0..levels).map(|l| blocks("up", l)).collect(),
+            out_norm: nn::layer_norm(vs / "out_norm", vec![widths[0]], Default::default()),
+            output: zero_linear(vs / "output", widths[0], dim),
+        }
+    }
+
+    /// F(w_t, t, e): w_t [B, D], t [B] int64, e [B, E] → [B, D].
+    pub fn forward(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
+        let tau = self.time_mlp.1.forward(
+            &self
+                .time_mlp
+                .0
+                .forward(&timestep_embedding(t, self.time_dim))
+                .silu(),
+        );
+        let c = Tensor::cat(&[tau, e.shallow_clone()], 1).silu();
+        let mut h = self.input.forward(w_t);
+        let mut skips = Vec::new();
+        let levels = self.down.len();
+        for level in 0..levels {
+            for block in &self.down[level] {
+                h = block.forward(&h, &c);
+                skips.push(h.shallow_clone());
+            }
+            if level + 1 < levels {
+                h = self.down_proj[level].forward(&h);
+            }
+        }
+        h = self.middle.forward(&h, &c);
+        for level in (0..levels).rev() {
+            if level + 1 < levels {
+                h = self.up_proj[level].forward(&h);
+            }
+            for (block, merge) in self.up[level].iter().zip(&self.merge[level]) {
+                let skip = skips.pop().expect("one skip per down block");
+                h = merge.forward(&Tensor::cat(&[h, skip], 1));
+                h = block.forward(&h, &c);
+            }
+        }
+        self.output.forward(&self.out_norm.forward(&h))
+    }
+}

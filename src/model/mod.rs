@@ -1,0 +1,14 @@
+//! Denoisers ε_θ(w_t, t, e) and the task encoder that produces e, built on
+//! tch `nn` modules named through `VarStore` paths so checkpoints are
+//! readable. Configs are serde structs saved with the weights.
+
+pub mod blocks;
+pub mod conditional;
+pub mod fit;
+pub mod mlp_unet;
+pub mod task_encoder;
+
+pub use conditional::{ConditionalDenoiser, DenoiserConfig, NetConfig};
+pub use fit::{FitConfig, FitReport, fit};
+pub use mlp_unet::MlpUnetConfig;
+pub use task_encoder::{TaskBatch, TaskEncoderConfig};

@@ -1,0 +1,14 @@
+//! Weight space: architectures as ordered named tensors (`ArchSpec`),
+//! flattening checkpoints to w ∈ R^D and back, per-dimension standardization
+//! over a zoo (`Stats`), and safetensors encoding. Knows nothing about
+//! diffusion or storage.
+
+pub mod arch;
+pub mod codec;
+pub mod flat;
+pub mod stats;
+
+pub use arch::{ArchSpec, DType, LayerGroup, LayoutError, TensorSpec};
+pub use codec::{CodecError, Decoded, decode_safetensors, encode_safetensors};
+pub use flat::{NamedTensors, flatten, flatten_batch, unflatten};
+pub use stats::{DEFAULT_STD_FLOOR, Stats, StatsMode};
