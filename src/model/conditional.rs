@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
+use super::layer_transformer::{LayerTransformer, LayerTransformerConfig};
 use super::mlp_unet::{MlpUnet, MlpUnetConfig};
 use super::task_encoder::{TaskBatch, TaskEncoder, TaskEncoderConfig};
+use super::tokens::{TokenGroup, groups_of, single_group};
 use crate::diffusion::objective::mse_loss;
 use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, NoiseSchedule, ScheduleError, ScheduleKind};
 use crate::diffusion::{Denoiser, Prediction};
@@ -28,6 +30,8 @@ use crate::diffusion::{Denoiser, Prediction};
 pub enum NetConfig {
     /// The proposal's MLP U-Net with FiLM.
     MlpUnet(MlpUnetConfig),
+    /// Layer-factorized token transformer with adaLN.
+    LayerTransformer(LayerTransformerConfig),
 }
 
 /// Everything that defines a denoiser's shape and maths.
@@ -47,6 +51,10 @@ pub struct DenoiserConfig {
     pub timesteps: usize,
     /// Add the isotropic full-width path (see the module docs).
     pub preconditioning: bool,
+    /// Layer layout of the vector, for the layer-factorized network; empty
+    /// means one flat group (e.g. a latent).
+    #[serde(default)]
+    pub groups: Vec<TokenGroup>,
 }
 
 impl DenoiserConfig {
@@ -61,13 +69,22 @@ impl DenoiserConfig {
             schedule: ScheduleKind::cosine(),
             timesteps: DEFAULT_TIMESTEPS,
             preconditioning: true,
+            groups: Vec::new(),
         }
+    }
+
+    /// Takes the layer layout of an architecture (when diffusing its
+    /// standardized weights directly).
+    pub fn with_layout(mut self, spec: &crate::weights::ArchSpec) -> Self {
+        self.groups = groups_of(spec);
+        self
     }
 }
 
 #[derive(Debug)]
 enum Net {
     MlpUnet(MlpUnet),
+    LayerTransformer(LayerTransformer),
 }
 
 /// A task-conditioned denoiser and its variables.
@@ -102,6 +119,20 @@ impl ConditionalDenoiser {
                 config.dim,
                 config.encoder.embed_dim,
             )),
+            NetConfig::LayerTransformer(c) => {
+                let groups = if config.groups.is_empty() {
+                    single_group(config.dim as usize)
+                } else {
+                    config.groups.clone()
+                };
+                Net::LayerTransformer(LayerTransformer::new(
+                    &(&root / "net"),
+                    c,
+                    &groups,
+                    config.dim as usize,
+                    config.encoder.embed_dim,
+                ))
+            }
         };
         Ok(Self {
             vs,
@@ -136,6 +167,7 @@ impl ConditionalDenoiser {
     pub fn output(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
         let correction = match &self.net {
             Net::MlpUnet(net) => net.forward(w_t, t, e),
+            Net::LayerTransformer(net) => net.forward(w_t, t, e),
         };
         if !self.config.preconditioning {
             return correction;

@@ -5,10 +5,13 @@
 pub mod blocks;
 pub mod conditional;
 pub mod fit;
+pub mod layer_transformer;
 pub mod mlp_unet;
 pub mod task_encoder;
+pub mod tokens;
 
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, NetConfig};
 pub use fit::{FitConfig, FitReport, fit};
+pub use layer_transformer::LayerTransformerConfig;
 pub use mlp_unet::MlpUnetConfig;
 pub use task_encoder::{TaskBatch, TaskEncoderConfig};
