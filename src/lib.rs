@@ -10,6 +10,7 @@ pub mod diffusion;
 pub mod model;
 pub mod proto;
 pub mod serve;
+pub mod tasks;
 pub mod telemetry;
 pub mod torch_info;
 pub mod weights;

@@ -3,6 +3,7 @@
 //! readable. Configs are serde structs saved with the weights.
 
 pub mod blocks;
+pub mod checkpoint;
 pub mod conditional;
 pub mod fit;
 pub mod layer_transformer;
@@ -10,6 +11,7 @@ pub mod mlp_unet;
 pub mod task_encoder;
 pub mod tokens;
 
+pub use checkpoint::{CheckpointError, DenoiserCheckpoint};
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, NetConfig};
 pub use fit::{FitConfig, FitReport, fit};
 pub use layer_transformer::LayerTransformerConfig;

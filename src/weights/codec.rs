@@ -27,11 +27,25 @@ pub enum CodecError {
     },
 }
 
-fn to_safetensors_dtype(dtype: DType) -> Dtype {
+/// The safetensors dtype of a tch kind weightgen stores (f32, f64, f16, bf16).
+fn stored_dtype(kind: Kind) -> Option<(Dtype, usize)> {
+    match kind {
+        Kind::Float => Some((Dtype::F32, 4)),
+        Kind::Double => Some((Dtype::F64, 8)),
+        Kind::Half => Some((Dtype::F16, 2)),
+        Kind::BFloat16 => Some((Dtype::BF16, 2)),
+        _ => None,
+    }
+}
+
+/// The tch kind of a safetensors dtype weightgen reads.
+fn read_kind(dtype: Dtype) -> Option<Kind> {
     match dtype {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F64 => Some(Kind::Double),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        _ => None,
     }
 }
 
@@ -55,19 +69,22 @@ struct HostTensor {
 }
 
 impl HostTensor {
-    fn new(tensor: &Tensor, dtype: DType) -> Self {
-        let host = tensor
-            .to_device(Device::Cpu)
-            .to_kind(dtype.kind())
-            .contiguous();
+    /// Copies a tensor to the host in its own kind (f32, f64, f16 or bf16).
+    fn new(name: &str, tensor: &Tensor) -> Result<Self, CodecError> {
+        let (dtype, size) =
+            stored_dtype(tensor.kind()).ok_or_else(|| CodecError::UnsupportedDtype {
+                name: name.to_owned(),
+                dtype: format!("{:?}", tensor.kind()),
+            })?;
+        let host = tensor.to_device(Device::Cpu).contiguous();
         let numel = host.numel();
-        let mut data = vec![0u8; numel * dtype.size()];
+        let mut data = vec![0u8; numel * size];
         host.copy_data_u8(&mut data, numel);
-        Self {
-            dtype: to_safetensors_dtype(dtype),
+        Ok(Self {
+            dtype,
             shape: host.size().iter().map(|&d| d as usize).collect(),
             data,
-        }
+        })
     }
 }
 
@@ -94,15 +111,66 @@ pub fn encode_safetensors(
     dtype: DType,
     metadata: &HashMap<String, String>,
 ) -> Result<Vec<u8>, CodecError> {
-    let host: Vec<(String, HostTensor)> = tensors
+    let converted: NamedTensors = tensors
         .iter()
-        .map(|(name, t)| (name.clone(), HostTensor::new(t, dtype)))
+        .map(|(name, t)| (name.clone(), t.to_kind(dtype.kind())))
         .collect();
+    encode_tensors(&converted, metadata)
+}
+
+/// Encodes named tensors in their own kinds (f32, f64, f16, bf16), e.g. a
+/// denoiser checkpoint whose statistics are f64.
+pub fn encode_tensors(
+    tensors: &[(String, Tensor)],
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>, CodecError> {
+    let host = tensors
+        .iter()
+        .map(|(name, t)| Ok((name.clone(), HostTensor::new(name, t)?)))
+        .collect::<Result<Vec<(String, HostTensor)>, CodecError>>()?;
     let metadata = (!metadata.is_empty()).then(|| metadata.clone());
-    Ok(safetensors::tensor::serialize(
-        host.iter().map(|(n, t)| (n.as_str(), t)),
-        metadata,
-    )?)
+    let bytes =
+        safetensors::tensor::serialize(host.iter().map(|(n, t)| (n.as_str(), t)), metadata)?;
+    Ok(canonical_header(bytes))
+}
+
+/// Rewrites the JSON header with its keys (and the metadata's) in sorted
+/// order. The safetensors crate writes the metadata map in hash order, which
+/// would make the same tensors encode to different bytes; data offsets are
+/// relative to the end of the header, so only the header changes. The
+/// header keeps its length (same content, other order; space padding).
+fn canonical_header(mut bytes: Vec<u8>) -> Vec<u8> {
+    const N_LEN: usize = 8;
+    let Some(len_bytes) = bytes.get(..N_LEN) else {
+        return bytes;
+    };
+    let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes")) as usize;
+    let Some(header) = bytes.get(N_LEN..N_LEN + len) else {
+        return bytes;
+    };
+    let Ok(parsed) =
+        serde_json::from_slice::<std::collections::BTreeMap<String, serde_json::Value>>(header)
+    else {
+        return bytes;
+    };
+    let sorted: std::collections::BTreeMap<String, serde_json::Value> = parsed
+        .into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::Object(map) => {
+                let inner: std::collections::BTreeMap<String, serde_json::Value> =
+                    map.into_iter().collect();
+                (k, serde_json::to_value(inner).expect("JSON map"))
+            }
+            other => (k, other),
+        })
+        .collect();
+    let mut text = serde_json::to_vec(&sorted).expect("JSON header");
+    if text.len() > len {
+        return bytes;
+    }
+    text.resize(len, b' ');
+    bytes[N_LEN..N_LEN + len].copy_from_slice(&text);
+    bytes
 }
 
 /// A decoded safetensors file.
@@ -138,6 +206,29 @@ pub fn decode_safetensors(bytes: &[u8]) -> Result<Decoded, CodecError> {
         specs,
         metadata: header.metadata().clone().unwrap_or_default(),
     })
+}
+
+/// Tensors by name.
+pub type TensorMap = HashMap<String, Tensor>;
+
+/// Decodes any file of f32/f64/f16/bf16 tensors into name → tensor (CPU,
+/// stored kind) plus the header metadata.
+pub fn decode_tensors(bytes: &[u8]) -> Result<(TensorMap, HashMap<String, String>), CodecError> {
+    let (_, header) = SafeTensors::read_metadata(bytes)?;
+    let file = SafeTensors::deserialize(bytes)?;
+    let mut tensors = HashMap::new();
+    for (name, view) in file.iter() {
+        let kind = read_kind(view.dtype()).ok_or_else(|| CodecError::UnsupportedDtype {
+            name: name.to_owned(),
+            dtype: format!("{:?}", view.dtype()),
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        tensors.insert(
+            name.to_owned(),
+            Tensor::from_data_size(view.data(), &shape, kind),
+        );
+    }
+    Ok((tensors, header.metadata().clone().unwrap_or_default()))
 }
 
 #[cfg(test)]
@@ -186,6 +277,23 @@ mod tests {
                 .unwrap();
             assert_eq!(w.to_kind(Kind::Float).double_value(&[0, 0]), 1.5);
         }
+    }
+
+    #[test]
+    fn bytes_do_not_depend_on_metadata_order() {
+        let metadata: HashMap<String, String> = (0..20)
+            .map(|i| (format!("key{i}"), format!("v{i}")))
+            .collect();
+        let first = encode_safetensors(&sample(), DType::F32, &metadata).unwrap();
+        for _ in 0..5 {
+            // A new HashMap has another hash seed, so another iteration order.
+            let again: HashMap<String, String> = metadata.clone().into_iter().collect();
+            assert_eq!(
+                encode_safetensors(&sample(), DType::F32, &again).unwrap(),
+                first
+            );
+        }
+        assert_eq!(decode_safetensors(&first).unwrap().metadata, metadata);
     }
 
     #[test]

@@ -6,9 +6,13 @@
 pub mod arch;
 pub mod codec;
 pub mod flat;
+pub mod latent;
 pub mod stats;
 
 pub use arch::{ArchSpec, DType, LayerGroup, LayoutError, TensorSpec};
-pub use codec::{CodecError, Decoded, decode_safetensors, encode_safetensors};
+pub use codec::{
+    CodecError, Decoded, decode_safetensors, decode_tensors, encode_safetensors, encode_tensors,
+};
 pub use flat::{NamedTensors, flatten, flatten_batch, unflatten};
+pub use latent::{LatentSizeReport, MetricGoal, PcaLatent, choose_latent_size};
 pub use stats::{DEFAULT_STD_FLOOR, Stats, StatsMode};

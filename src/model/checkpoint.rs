@@ -1,0 +1,206 @@
+//! The denoiser checkpoint: one safetensors file holding the denoiser and
+//! task-encoder weights ("model.*"), the standardization μ and σ
+//! ("stats.*", f64), the optional PCA latent ("latent.*") and x₀ clip range
+//! ("clip.*"), with JSON metadata in the header: format, config, ArchSpec,
+//! schedule, feature schema and training summary. Loads onto any device.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tch::{Device, Tensor};
+
+use super::conditional::{ConditionalDenoiser, DenoiserConfig};
+use crate::diffusion::ClipRange;
+use crate::diffusion::schedule::ScheduleError;
+use crate::tasks::FeatureSchema;
+use crate::weights::{
+    ArchSpec, CodecError, PcaLatent, Stats, StatsMode, decode_tensors, encode_tensors,
+};
+
+/// Value of the "format" header entry.
+pub const FORMAT: &str = "weightgen-denoiser-v1";
+
+/// Why a checkpoint cannot be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The safetensors layer failed.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// A header entry is missing or malformed.
+    #[error("checkpoint header entry {key:?}: {reason}")]
+    Header {
+        /// The entry.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor is missing or has the wrong shape.
+    #[error("checkpoint tensors do not match the config: {0}")]
+    Tensors(String),
+    /// The config's schedule is invalid.
+    #[error(transparent)]
+    Schedule(#[from] ScheduleError),
+}
+
+/// Everything needed to sample weights for an architecture.
+pub struct DenoiserCheckpoint {
+    /// Denoiser + task encoder.
+    pub model: ConditionalDenoiser,
+    /// Architecture of the generated weights.
+    pub arch: ArchSpec,
+    /// Standardization of the zoo.
+    pub stats: Stats,
+    /// Latent the denoiser works in, if any.
+    pub latent: Option<PcaLatent>,
+    /// Bounds of x̂₀ in the denoiser's space (from the zoo).
+    pub clip: Option<(Tensor, Tensor)>,
+    /// Conditioning inputs.
+    pub feature_schema: FeatureSchema,
+    /// Training summary (losses, metrics).
+    pub summary: BTreeMap<String, f64>,
+}
+
+fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("serializable metadata")
+}
+
+fn header<T: serde::de::DeserializeOwned>(
+    meta: &HashMap<String, String>,
+    key: &'static str,
+) -> Result<T, CheckpointError> {
+    let text = meta.get(key).ok_or(CheckpointError::Header {
+        key,
+        reason: "missing".into(),
+    })?;
+    serde_json::from_str(text).map_err(|e| CheckpointError::Header {
+        key,
+        reason: e.to_string(),
+    })
+}
+
+fn take(tensors: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, CheckpointError> {
+    tensors
+        .remove(name)
+        .ok_or_else(|| CheckpointError::Tensors(format!("missing tensor {name:?}")))
+}
+
+impl DenoiserCheckpoint {
+    /// The x₀ clip range for sampling, if recorded.
+    pub fn clip_range(&self) -> Option<ClipRange> {
+        self.clip.as_ref().map(|(low, high)| ClipRange::Box {
+            low: low.shallow_clone(),
+            high: high.shallow_clone(),
+        })
+    }
+
+    /// Encodes the checkpoint as one safetensors file.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CheckpointError> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .model
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(name, t)| (format!("model.{name}"), t.detach()))
+            .collect();
+        tensors.push(("stats.mean".into(), self.stats.mean.shallow_clone()));
+        tensors.push(("stats.std".into(), self.stats.std.shallow_clone()));
+        if let Some(latent) = &self.latent {
+            tensors.push(("latent.mean".into(), latent.mean.shallow_clone()));
+            tensors.push((
+                "latent.components".into(),
+                latent.components.shallow_clone(),
+            ));
+            tensors.push(("latent.scales".into(), latent.scales.shallow_clone()));
+        }
+        if let Some((low, high)) = &self.clip {
+            tensors.push(("clip.low".into(), low.shallow_clone()));
+            tensors.push(("clip.high".into(), high.shallow_clone()));
+        }
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut meta = HashMap::new();
+        meta.insert("format".to_owned(), FORMAT.to_owned());
+        meta.insert("config".to_owned(), json(self.model.config()));
+        meta.insert("arch".to_owned(), json(&self.arch));
+        meta.insert(
+            "stats".to_owned(),
+            json(&(self.stats.mode, self.stats.floor)),
+        );
+        meta.insert("feature_schema".to_owned(), json(&self.feature_schema));
+        meta.insert("summary".to_owned(), json(&self.summary));
+        if let Some(latent) = &self.latent {
+            meta.insert("latent_explained".to_owned(), json(&latent.explained));
+        }
+        Ok(encode_tensors(&tensors, &meta)?)
+    }
+
+    /// Reads a checkpoint and places the model on `device`.
+    pub fn from_bytes(bytes: &[u8], device: Device) -> Result<Self, CheckpointError> {
+        let (mut tensors, meta) = decode_tensors(bytes)?;
+        match meta.get("format") {
+            Some(f) if f == FORMAT => {}
+            other => {
+                return Err(CheckpointError::Header {
+                    key: "format",
+                    reason: format!("expected {FORMAT:?}, found {other:?}"),
+                });
+            }
+        }
+        let config: DenoiserConfig = header(&meta, "config")?;
+        let arch: ArchSpec = header(&meta, "arch")?;
+        let (mode, floor): (StatsMode, f64) = header(&meta, "stats")?;
+        let feature_schema: FeatureSchema = header(&meta, "feature_schema")?;
+        let summary: BTreeMap<String, f64> = header(&meta, "summary")?;
+        let mut model = ConditionalDenoiser::new(config, device)?;
+        let mut problems = Vec::new();
+        tch::no_grad(|| {
+            for (name, mut var) in model.vs.variables() {
+                match tensors.remove(&format!("model.{name}")) {
+                    Some(value) if value.size() == var.size() => {
+                        var.copy_(&value);
+                    }
+                    Some(value) => problems.push(format!(
+                        "{name}: shape {:?}, expected {:?}",
+                        value.size(),
+                        var.size()
+                    )),
+                    None => problems.push(format!("missing model.{name}")),
+                }
+            }
+        });
+        if let Some(extra) = tensors.keys().find(|k| k.starts_with("model.")) {
+            problems.push(format!("unexpected {extra}"));
+        }
+        if !problems.is_empty() {
+            return Err(CheckpointError::Tensors(problems.join("; ")));
+        }
+        model.vs.set_device(device);
+        let stats = Stats {
+            mean: take(&mut tensors, "stats.mean")?,
+            std: take(&mut tensors, "stats.std")?,
+            mode,
+            floor,
+        };
+        let latent = if tensors.contains_key("latent.components") {
+            Some(PcaLatent {
+                mean: take(&mut tensors, "latent.mean")?.to_device(device),
+                components: take(&mut tensors, "latent.components")?.to_device(device),
+                scales: take(&mut tensors, "latent.scales")?.to_device(device),
+                explained: header(&meta, "latent_explained")?,
+            })
+        } else {
+            None
+        };
+        let clip = match (tensors.remove("clip.low"), tensors.remove("clip.high")) {
+            (Some(low), Some(high)) => Some((low.to_device(device), high.to_device(device))),
+            _ => None,
+        };
+        Ok(Self {
+            model,
+            arch,
+            stats,
+            latent,
+            clip,
+            feature_schema,
+            summary,
+        })
+    }
+}

@@ -1,0 +1,157 @@
+//! The denoiser checkpoint: one safetensors file that round-trips the model,
+//! statistics, latent and clip range exactly, loads onto CPU or the first
+//! CUDA device (when present), and refuses files that do not fit.
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor};
+use weightgen::diffusion::Denoiser;
+use weightgen::model::{
+    ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, LayerTransformerConfig, NetConfig,
+    TaskBatch, TaskEncoderConfig,
+};
+use weightgen::tasks::{FeatureSchema, FeatureSpec};
+use weightgen::weights::{
+    ArchSpec, DEFAULT_STD_FLOOR, PcaLatent, Stats, StatsMode, decode_tensors, encode_tensors,
+};
+
+fn checkpoint(net: NetConfig) -> DenoiserCheckpoint {
+    let arch = ArchSpec::sequential_mlp("mlp-8-4-3", "test", &[8, 4, 3]).unwrap();
+    let d = arch.num_parameters() as i64;
+    let zoo = Tensor::randn([40, d], (Kind::Float, Device::Cpu));
+    let stats = Stats::fit(&zoo, StatsMode::PerDimension, &arch, DEFAULT_STD_FLOOR);
+    let latent = PcaLatent::fit(&stats.normalize(&zoo).to_kind(Kind::Float), 12, 0);
+    let encoder = TaskEncoderConfig {
+        feature_dim: 3,
+        support_x_dim: 8,
+        support_y_dim: 3,
+        hidden: 16,
+        embed_dim: 8,
+    };
+    let mut config = DenoiserConfig::new(latent.dim(), encoder);
+    config.net = net;
+    let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
+    // Move every variable off its initial value so the round trip is tested on real numbers.
+    tch::no_grad(|| {
+        for (_, mut v) in model.vs.variables() {
+            let noise = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.1;
+            v.copy_(&(&v + noise));
+        }
+    });
+    let encoded = latent.encode(&stats.normalize(&zoo));
+    DenoiserCheckpoint {
+        model,
+        arch,
+        stats,
+        clip: Some((
+            encoded.amin([0].as_slice(), false),
+            encoded.amax([0].as_slice(), false),
+        )),
+        latent: Some(latent),
+        feature_schema: FeatureSchema {
+            features: vec![FeatureSpec {
+                name: "class_ids".into(),
+                description: String::new(),
+                length: 3,
+                min: 0.0,
+                max: 9.0,
+                required: true,
+            }],
+            embedding_dim: 0,
+            support: None,
+        },
+        summary: BTreeMap::from([("val_loss".to_owned(), 0.25)]),
+    }
+}
+
+fn condition(device: Device) -> TaskBatch {
+    TaskBatch {
+        features: Some(Tensor::ones([2, 3], (Kind::Float, device))),
+        support_x: Some(Tensor::ones([2, 5, 8], (Kind::Float, device)) * 0.5),
+        support_y: Some(Tensor::zeros([2, 5, 3], (Kind::Float, device))),
+    }
+}
+
+fn output(ckpt: &DenoiserCheckpoint, device: Device) -> Tensor {
+    let d = ckpt.model.config().dim;
+    let w = Tensor::linspace(-1.0, 1.0, 2 * d, (Kind::Float, device)).reshape([2, d]);
+    let t = Tensor::from_slice(&[3i64, 700]).to_device(device);
+    tch::no_grad(|| ckpt.model.forward(&w, &t, &condition(device), false)).to_device(Device::Cpu)
+}
+
+#[test]
+fn checkpoints_round_trip_exactly_for_both_networks() {
+    let device = Device::cuda_if_available();
+    for net in [
+        NetConfig::MlpUnet(Default::default()),
+        NetConfig::LayerTransformer(LayerTransformerConfig {
+            token_size: 4,
+            hidden: 32,
+            depth: 2,
+            heads: 2,
+            time_dim: 16,
+        }),
+    ] {
+        let original = checkpoint(net);
+        let bytes = original.to_bytes().unwrap();
+        let loaded = DenoiserCheckpoint::from_bytes(&bytes, device).unwrap();
+        assert_eq!(loaded.model.device(), device);
+        assert_eq!(loaded.model.config(), original.model.config());
+        assert_eq!(loaded.arch, original.arch);
+        assert_eq!(loaded.feature_schema, original.feature_schema);
+        assert_eq!(loaded.summary, original.summary);
+        assert!(
+            loaded.stats.mean.equal(&original.stats.mean)
+                && loaded.stats.std.equal(&original.stats.std)
+        );
+        let (l, o) = (
+            loaded.latent.as_ref().unwrap(),
+            original.latent.as_ref().unwrap(),
+        );
+        assert!(l.components.to_device(Device::Cpu).equal(&o.components));
+        assert_eq!(l.explained, o.explained);
+        let (a, b) = (output(&original, Device::Cpu), output(&loaded, device));
+        if device == Device::Cpu {
+            assert!(a.equal(&b), "same outputs after reload");
+        } else {
+            assert!(a.allclose(&b, 1e-4, 1e-4, false), "CUDA outputs match CPU");
+        }
+        // Writing the loaded checkpoint again gives the same bytes.
+        assert_eq!(loaded.to_bytes().unwrap(), bytes);
+    }
+}
+
+#[test]
+fn files_that_do_not_fit_are_refused_with_a_reason() {
+    let original = checkpoint(NetConfig::MlpUnet(Default::default()));
+    let bytes = original.to_bytes().unwrap();
+    assert!(DenoiserCheckpoint::from_bytes(&bytes[..bytes.len() / 2], Device::Cpu).is_err());
+
+    let (tensors, meta) = decode_tensors(&bytes).unwrap();
+    let mut without_one: Vec<(String, Tensor)> = tensors
+        .iter()
+        .filter(|(n, _)| n.as_str() != "model.net.input.weight")
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    without_one.sort_by(|a, b| a.0.cmp(&b.0));
+    let err =
+        DenoiserCheckpoint::from_bytes(&encode_tensors(&without_one, &meta).unwrap(), Device::Cpu)
+            .err()
+            .unwrap();
+    assert!(
+        err.to_string().contains("missing model.net.input.weight"),
+        "{err}"
+    );
+
+    let mut wrong_format = meta.clone();
+    wrong_format.insert("format".into(), "something-else".into());
+    let all: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.shallow_clone()))
+        .collect();
+    let err =
+        DenoiserCheckpoint::from_bytes(&encode_tensors(&all, &wrong_format).unwrap(), Device::Cpu)
+            .err()
+            .unwrap();
+    assert!(err.to_string().contains("format"), "{err}");
+}
