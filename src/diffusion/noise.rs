@@ -37,9 +37,15 @@ fn splitmix64_tensor(x: &Tensor) -> Tensor {
     z.bitwise_xor_tensor(&shift_right_logical(&z, 31))
 }
 
-/// Uniform in (0, 1) from the top 53 bits of each lane, as f64.
-fn to_unit_interval(z: &Tensor) -> Tensor {
-    (shift_right_logical(z, 11).to_kind(Kind::Double) + 0.5) * (1.0 / (1u64 << 53) as f64)
+/// Two uniforms in (0, 1) per lane, as f32, from the top and the next 24
+/// bits of each 64-bit hash.
+fn to_unit_pair(z: &Tensor) -> (Tensor, Tensor) {
+    const SCALE: f64 = 1.0 / (1u64 << 24) as f64;
+    let high = shift_right_logical(z, 40).to_kind(Kind::Float);
+    let low = shift_right_logical(z, 16)
+        .bitwise_and(0xFF_FFFF)
+        .to_kind(Kind::Float);
+    ((high + 0.5) * SCALE, (low + 0.5) * SCALE)
 }
 
 /// Per-sample seeded standard normal draws.
@@ -71,6 +77,9 @@ impl SeededNoise {
     /// values on `device`, row i from seed i. Each call gives fresh values.
     pub fn draw(&mut self, dims: &[i64], device: Device) -> Tensor {
         let per_sample: i64 = dims.iter().product();
+        // One hash gives a pair of uniforms, and Box–Muller turns the pair
+        // into two normals (r·cos θ and r·sin θ).
+        let pairs = (per_sample + 1) / 2;
         let offsets: Vec<i64> = self
             .keys
             .iter()
@@ -78,15 +87,15 @@ impl SeededNoise {
             .collect();
         self.draws += 1;
         let offsets = Tensor::from_slice(&offsets).to_device(device).unsqueeze(1);
-        let lanes = Tensor::arange(per_sample, (Kind::Int64, device)).unsqueeze(0) * 2;
-        let counters = lanes + offsets;
-        let u1 = to_unit_interval(&splitmix64_tensor(&counters));
-        let u2 = to_unit_interval(&splitmix64_tensor(&(counters + 1)));
-        // Box–Muller.
-        let normal = (u1.log() * -2.0).sqrt() * (u2 * (2.0 * std::f64::consts::PI)).cos();
+        let counters = Tensor::arange(pairs, (Kind::Int64, device)).unsqueeze(0) + offsets;
+        let (u1, u2) = to_unit_pair(&splitmix64_tensor(&counters));
+        let radius = (u1.log() * -2.0).sqrt();
+        let angle = u2 * (2.0 * std::f64::consts::PI);
+        let normal =
+            Tensor::cat(&[&radius * angle.cos(), radius * angle.sin()], 1).narrow(1, 0, per_sample);
         let mut shape = vec![self.keys.len() as i64];
         shape.extend_from_slice(dims);
-        normal.to_kind(Kind::Float).reshape(shape.as_slice())
+        normal.reshape(shape.as_slice())
     }
 }
 
