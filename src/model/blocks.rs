@@ -16,6 +16,34 @@ pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
     Tensor::cat(&[args.cos(), args.sin()], 1)
 }
 
+/// The conditioning vector of a block: c = SiLU([MLP(τ(t)), e]), with a
+/// two-layer MLP over the sinusoidal time embedding.
+#[derive(Debug)]
+pub struct TimeCondition {
+    dim: i64,
+    first: nn::Linear,
+    second: nn::Linear,
+}
+
+impl TimeCondition {
+    /// τ of size `dim`, variables under `vs/time`.
+    pub fn new(vs: &nn::Path, dim: i64) -> Self {
+        Self {
+            dim,
+            first: nn::linear(vs / "time" / "0", dim, dim, Default::default()),
+            second: nn::linear(vs / "time" / "1", dim, dim, Default::default()),
+        }
+    }
+
+    /// c [B, dim + E] for timesteps t [B] and embeddings e [B, E].
+    pub fn condition(&self, t: &Tensor, e: &Tensor) -> Tensor {
+        let tau = self
+            .second
+            .forward(&self.first.forward(&timestep_embedding(t, self.dim)).silu());
+        Tensor::cat(&[tau, e.shallow_clone()], 1).silu()
+    }
+}
+
 /// A linear layer whose weights and bias start at zero (so a residual branch
 /// or FiLM modulation starts as the identity).
 pub fn zero_linear(path: nn::Path, input: i64, output: i64) -> nn::Linear {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use super::blocks::{timestep_embedding, zero_linear};
+use super::blocks::{TimeCondition, zero_linear};
 use super::tokens::{TokenGroup, TokenPlan};
 
 /// Shape of the layer-factorized transformer.
@@ -111,8 +111,7 @@ impl Block {
 #[derive(Debug)]
 pub struct LayerTransformer {
     plan: TokenPlan,
-    time_dim: i64,
-    time_mlp: (nn::Linear, nn::Linear),
+    time: TimeCondition,
     encoders: BTreeMap<String, nn::Linear>,
     decoders: BTreeMap<String, nn::Linear>,
     layer_embedding: nn::Embedding,
@@ -166,21 +165,7 @@ impl LayerTransformer {
             )
         };
         Self {
-            time_dim: config.time_dim,
-            time_mlp: (
-                nn::linear(
-                    vs / "time" / "0",
-                    config.time_dim,
-                    config.time_dim,
-                    Default::default(),
-                ),
-                nn::linear(
-                    vs / "time" / "1",
-                    config.time_dim,
-                    config.time_dim,
-                    Default::default(),
-                ),
-            ),
+            time: TimeCondition::new(vs, config.time_dim),
             encoders,
             decoders,
             layer_embedding: embedding("layer_embedding", plan.num_layers),
@@ -207,14 +192,7 @@ impl LayerTransformer {
 
     /// F(w_t, t, e): w_t [B, D], t [B] int64, e [B, E] → [B, D].
     pub fn forward(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
-        let tau = self.time_mlp.1.forward(
-            &self
-                .time_mlp
-                .0
-                .forward(&timestep_embedding(t, self.time_dim))
-                .silu(),
-        );
-        let c = Tensor::cat(&[tau, e.shallow_clone()], 1).silu();
+        let c = self.time.condition(t, e);
         let tokens = self.plan.tokenize(&w_t.to_kind(Kind::Float));
         let mut h = self.per_kind(&self.encoders, &tokens)
             + self

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{self, Module};
 
-use super::blocks::{FilmBlock, timestep_embedding, zero_linear};
+use super::blocks::{FilmBlock, TimeCondition, zero_linear};
 
 /// Shape of the MLP U-Net.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -36,8 +36,7 @@ impl Default for MlpUnetConfig {
 /// The network F(w_t, t, e).
 #[derive(Debug)]
 pub struct MlpUnet {
-    time_dim: i64,
-    time_mlp: (nn::Linear, nn::Linear),
+    time: TimeCondition,
     input: nn::Linear,
     down: Vec<Vec<FilmBlock>>,
     down_proj: Vec<nn::Linear>,
@@ -62,21 +61,7 @@ impl MlpUnet {
                 .collect()
         };
         Self {
-            time_dim: config.time_dim,
-            time_mlp: (
-                nn::linear(
-                    vs / "time" / "0",
-                    config.time_dim,
-                    config.time_dim,
-                    Default::default(),
-                ),
-                nn::linear(
-                    vs / "time" / "1",
-                    config.time_dim,
-                    config.time_dim,
-                    Default::default(),
-                ),
-            ),
+            time: TimeCondition::new(vs, config.time_dim),
             input: nn::linear(vs / "input", dim, widths[0], Default::default()),
             down: (0..levels).map(|l| blocks("down", l)).collect(),
             down_proj: (0..levels - 1)
@@ -122,14 +107,7 @@ impl MlpUnet {
 
     /// F(w_t, t, e): w_t [B, D], t [B] int64, e [B, E] → [B, D].
     pub fn forward(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
-        let tau = self.time_mlp.1.forward(
-            &self
-                .time_mlp
-                .0
-                .forward(&timestep_embedding(t, self.time_dim))
-                .silu(),
-        );
-        let c = Tensor::cat(&[tau, e.shallow_clone()], 1).silu();
+        let c = self.time.condition(t, e);
         let mut h = self.input.forward(w_t);
         let mut skips = Vec::new();
         let levels = self.down.len();
