@@ -67,11 +67,6 @@ fn reproduces_a_gaussian(net: NetConfig, seed: u64) {
     // The CUDA path when a GPU is present; the same test on CPU otherwise.
     let device = Device::cuda_if_available();
     let mut model = ConditionalDenoiser::new(config, device).unwrap();
-    let none = || TaskBatch {
-        features: None,
-        support_x: None,
-        support_y: None,
-    };
     let errors = |model: &ConditionalDenoiser, kind: SamplerKind| {
         let seeds: Vec<u64> = (0..2000).collect();
         let config = SamplingConfig {
@@ -82,7 +77,7 @@ fn reproduces_a_gaussian(net: NetConfig, seed: u64) {
         let samples = sample(
             model,
             model.schedule(),
-            &none(),
+            &TaskBatch::unconditional(),
             d,
             &mut SeededNoise::new(&seeds, 0),
             &config,
@@ -103,7 +98,7 @@ fn reproduces_a_gaussian(net: NetConfig, seed: u64) {
         cond_dropout: 0.0,
         ..Default::default()
     };
-    let report = fit(&mut model, &data, &none(), &fit_config);
+    let report = fit(&mut model, &data, &TaskBatch::unconditional(), &fit_config);
     assert!(report.final_loss(0.1) < report.losses[0], "loss fell");
     for kind in [SamplerKind::Ddpm, SamplerKind::ddim(50, 0.0)] {
         let (mean_err, cov_err) = errors(&model, kind);
@@ -148,11 +143,7 @@ fn loss_at(model: &ConditionalDenoiser, data: &Tensor, t: i64) -> f64 {
         .draw(&[n, data.size()[1]], Device::Cpu)
         .squeeze_dim(0);
     let tt = Tensor::full([n], t, (Kind::Int64, Device::Cpu));
-    let none = TaskBatch {
-        features: None,
-        support_x: None,
-        support_y: None,
-    };
+    let none = TaskBatch::unconditional();
     tch::no_grad(|| model.loss(data, &none, &tt, &eps, None).double_value(&[]))
 }
 
@@ -181,16 +172,7 @@ fn the_full_width_path_removes_the_bottleneck_plateau() {
         config.net = small_net(vec![h]);
         config.preconditioning = preconditioning;
         let mut model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
-        fit(
-            &mut model,
-            &data,
-            &TaskBatch {
-                features: None,
-                support_x: None,
-                support_y: None,
-            },
-            &fit_config,
-        );
+        fit(&mut model, &data, &TaskBatch::unconditional(), &fit_config);
         losses.push(loss_at(&model, &data, t));
     }
     let plateau = 1.0 - h as f64 / d as f64;

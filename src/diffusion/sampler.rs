@@ -205,6 +205,14 @@ pub fn sample<D: Denoiser>(
     })
 }
 
+/// sqrt(ᾱ) and sqrt(1 − ᾱ) of one timestep as scalar f32 tensors on `device`.
+fn scalar_coefficients(alpha_bar: f64, device: Device) -> (Tensor, Tensor) {
+    (
+        Tensor::from(alpha_bar.sqrt() as f32).to_device(device),
+        Tensor::from((1.0 - alpha_bar).sqrt() as f32).to_device(device),
+    )
+}
+
 /// One DDPM step from t to t − 1. For ε-prediction this is the proposal's
 /// w_{t−1} = (w_t − (1−α_t)/sqrt(1−ᾱ_t) · ε̂)/sqrt(α_t) + σ_t z with
 /// σ_t² = β̃_t = (1−α_t)(1−ᾱ_{t−1})/(1−ᾱ_t) and z = 0 at t = 1. Other
@@ -229,8 +237,7 @@ fn ddpm_step(
             (w_t - output * ((1.0 - alpha) / (1.0 - alpha_bar).sqrt())) / alpha.sqrt()
         }
         Prediction::X0 | Prediction::V => {
-            let a = Tensor::from(alpha_bar.sqrt() as f32).to_device(device);
-            let b = Tensor::from((1.0 - alpha_bar).sqrt() as f32).to_device(device);
+            let (a, b) = scalar_coefficients(alpha_bar, device);
             let (_, x0) = prediction.to_eps_x0(output, w_t, &a, &b);
             x0 * (alpha_bar_prev.sqrt() * schedule.beta(t) / (1.0 - alpha_bar))
                 + w_t * (alpha.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
@@ -266,8 +273,7 @@ fn ddim_step(
 ) -> Tensor {
     let alpha_bar = schedule.alpha_bar(t);
     let alpha_bar_prev = schedule.alpha_bar(t_prev);
-    let a = Tensor::from(alpha_bar.sqrt() as f32).to_device(device);
-    let b = Tensor::from((1.0 - alpha_bar).sqrt() as f32).to_device(device);
+    let (a, b) = scalar_coefficients(alpha_bar, device);
     let (mut eps, mut x0) = prediction.to_eps_x0(output, w_t, &a, &b);
     if let Some(range) = clip {
         x0 = range.apply(&x0);

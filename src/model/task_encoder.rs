@@ -43,17 +43,13 @@ impl TaskBatch {
         }
     }
 
-    /// Batch size.
-    pub fn len(&self) -> i64 {
-        self.features
-            .as_ref()
-            .or(self.support_x.as_ref())
-            .map_or(0, |t| t.size()[0])
-    }
-
-    /// Whether the batch is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    /// No conditioning inputs at all (an unconditional model).
+    pub fn unconditional() -> Self {
+        Self {
+            features: None,
+            support_x: None,
+            support_y: None,
+        }
     }
 
     /// Rows `index` [n] (int64).

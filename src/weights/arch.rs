@@ -28,14 +28,6 @@ impl DType {
             Self::BF16 => tch::Kind::BFloat16,
         }
     }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-        }
-    }
 }
 
 /// One named tensor.

@@ -9,7 +9,7 @@
 //! zoo models still perform their tasks — not by variance explained: see
 //! [`choose_latent_size`].
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::diffusion::SeededNoise;
 
@@ -189,19 +189,10 @@ pub fn choose_latent_size(
     (chosen, original, reports)
 }
 
-/// Moves a latent to `device`.
-pub fn to_device(latent: &PcaLatent, device: Device) -> PcaLatent {
-    PcaLatent {
-        mean: latent.mean.to_device(device),
-        components: latent.components.to_device(device),
-        scales: latent.scales.to_device(device),
-        explained: latent.explained.clone(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     fn low_rank_zoo(n: i64, d: i64, rank: i64, seed: u64) -> Tensor {
         let mut noise = SeededNoise::new(&[seed], 1);
