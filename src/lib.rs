@@ -4,13 +4,17 @@
 //! The library holds everything; the three binaries in `src/bin/` are thin
 //! `main`s over it. See `docs/ARCHITECTURE.md` for the module map.
 
+pub mod blobs;
+pub mod catalog;
 pub mod client;
 pub mod device;
 pub mod diffusion;
 pub mod model;
 pub mod proto;
 pub mod serve;
+pub mod storage;
 pub mod tasks;
 pub mod telemetry;
 pub mod torch_info;
 pub mod weights;
+pub mod zoo;

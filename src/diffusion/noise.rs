@@ -3,10 +3,11 @@
 //! Every sample of a batch has its own seed, so a request's noise does not
 //! depend on which other requests share its batch. The draws come from a
 //! counter-based generator (SplitMix64 over (seed, draw, element) counters)
-//! evaluated with integer tensor ops on the target device: no global RNG
-//! state, so concurrent users cannot disturb each other, and the integer
-//! part is identical on every device (only the final log/cos may differ in
-//! the last bit between CPU and GPU).
+//! evaluated with integer tensor ops on an accelerator and with plain
+//! threaded Rust on the CPU (where libtorch's int64 passes are slow): no
+//! global RNG state, so concurrent users cannot disturb each other, and the
+//! integer part is identical on every device (only the final log/cos may
+//! differ in the last bit between CPU and GPU).
 
 use tch::{Device, Kind, Tensor};
 
@@ -48,6 +49,83 @@ fn to_unit_pair(z: &Tensor) -> (Tensor, Tensor) {
     ((high + 0.5) * SCALE, (low + 0.5) * SCALE)
 }
 
+/// Box–Muller on the device: the pair counters hashed with tensor ops.
+fn normals_on_device(offsets: &[i64], pairs: i64, per_sample: i64, device: Device) -> Tensor {
+    let offsets = Tensor::from_slice(offsets).to_device(device).unsqueeze(1);
+    let counters = Tensor::arange(pairs, (Kind::Int64, device)).unsqueeze(0) + offsets;
+    let (u1, u2) = to_unit_pair(&splitmix64_tensor(&counters));
+    let radius = (u1.log() * -2.0).sqrt();
+    let angle = u2 * (2.0 * std::f64::consts::PI);
+    Tensor::cat(&[&radius * angle.cos(), radius * angle.sin()], 1).narrow(1, 0, per_sample)
+}
+
+/// The same stream as [`normals_on_device`], computed in Rust on up to
+/// `tch::get_num_threads()` threads: row `i`, pair `j` hashes `offsets[i] + j`,
+/// and its two normals land at `j` and `pairs + j`.
+fn normals_on_cpu(offsets: &[i64], per_sample: usize) -> Tensor {
+    /// Pairs per unit of work: big enough to amortize a thread hand-off.
+    const MIN_PIECE: usize = 1 << 14;
+    let pairs = per_sample.div_ceil(2);
+    let mut values = vec![0f32; offsets.len() * per_sample];
+    let threads = usize::try_from(tch::get_num_threads())
+        .unwrap_or(1)
+        .clamp(1, 64);
+    let piece = (offsets.len() * pairs).div_ceil(threads).max(MIN_PIECE);
+    // Cut every row into (cos half, sin half) pieces of `piece` pairs.
+    let mut pieces: Vec<Piece<'_>> = Vec::new();
+    for (row, &offset) in values.chunks_mut(per_sample.max(1)).zip(offsets) {
+        let (cos_half, sin_half) = row.split_at_mut(pairs);
+        let mut sin_chunks = sin_half.chunks_mut(piece);
+        for (k, cos) in cos_half.chunks_mut(piece).enumerate() {
+            let first = (offset as u64).wrapping_add((k * piece) as u64);
+            pieces.push(Piece {
+                first,
+                cos,
+                sin: sin_chunks.next().unwrap_or_default(),
+            });
+        }
+    }
+    if threads == 1 || pieces.len() == 1 {
+        pieces.into_iter().for_each(Piece::fill);
+    } else {
+        let mut shares: Vec<Vec<Piece<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+        for (i, p) in pieces.into_iter().enumerate() {
+            shares[i % threads].push(p);
+        }
+        std::thread::scope(|scope| {
+            for share in shares {
+                scope.spawn(move || share.into_iter().for_each(Piece::fill));
+            }
+        });
+    }
+    Tensor::from_slice(&values).reshape([offsets.len() as i64, per_sample as i64])
+}
+
+/// A run of consecutive pair counters and the two output slices it fills.
+struct Piece<'a> {
+    first: u64,
+    cos: &'a mut [f32],
+    /// As long as `cos`, or one shorter at the end of an odd-sized row.
+    sin: &'a mut [f32],
+}
+
+impl Piece<'_> {
+    fn fill(self) {
+        const SCALE: f32 = 1.0 / (1u32 << 24) as f32;
+        for (j, cos_out) in self.cos.iter_mut().enumerate() {
+            let z = splitmix64(self.first.wrapping_add(j as u64));
+            let u1 = ((z >> 40) as f32 + 0.5) * SCALE;
+            let u2 = (((z >> 16) & 0xFF_FFFF) as f32 + 0.5) * SCALE;
+            let radius = (-2.0 * u1.ln()).sqrt();
+            let (sin, cos) = (u2 * std::f32::consts::TAU).sin_cos();
+            *cos_out = radius * cos;
+            if let Some(sin_out) = self.sin.get_mut(j) {
+                *sin_out = radius * sin;
+            }
+        }
+    }
+}
+
 /// Per-sample seeded standard normal draws.
 #[derive(Debug, Clone)]
 pub struct SeededNoise {
@@ -86,13 +164,11 @@ impl SeededNoise {
             .map(|&k| splitmix64(k.wrapping_add(self.draws.wrapping_mul(GOLDEN))) as i64)
             .collect();
         self.draws += 1;
-        let offsets = Tensor::from_slice(&offsets).to_device(device).unsqueeze(1);
-        let counters = Tensor::arange(pairs, (Kind::Int64, device)).unsqueeze(0) + offsets;
-        let (u1, u2) = to_unit_pair(&splitmix64_tensor(&counters));
-        let radius = (u1.log() * -2.0).sqrt();
-        let angle = u2 * (2.0 * std::f64::consts::PI);
-        let normal =
-            Tensor::cat(&[&radius * angle.cos(), radius * angle.sin()], 1).narrow(1, 0, per_sample);
+        let normal = if device == Device::Cpu {
+            normals_on_cpu(&offsets, per_sample as usize)
+        } else {
+            normals_on_device(&offsets, pairs, per_sample, device)
+        };
         let mut shape = vec![self.keys.len() as i64];
         shape.extend_from_slice(dims);
         normal.reshape(shape.as_slice())
@@ -114,6 +190,20 @@ mod tests {
                 splitmix64(x),
                 "input {x}"
             );
+        }
+    }
+
+    #[test]
+    fn the_cpu_path_matches_the_tensor_path() {
+        // Odd and even sizes, several rows, pieces that split a row.
+        for per_sample in [1i64, 7, 64, 40_001] {
+            let offsets = [3i64, -5, i64::MAX];
+            let pairs = (per_sample + 1) / 2;
+            let rust = normals_on_cpu(&offsets, per_sample as usize);
+            let tensor = normals_on_device(&offsets, pairs, per_sample, Device::Cpu);
+            assert_eq!(rust.size(), tensor.size());
+            let diff = (&rust - &tensor).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "size {per_sample}: max difference {diff}");
         }
     }
 

@@ -9,8 +9,9 @@ use std::collections::{BTreeMap, HashMap};
 use tch::{Device, Tensor};
 
 use super::conditional::{ConditionalDenoiser, DenoiserConfig};
-use crate::diffusion::ClipRange;
+use super::task_encoder::TaskBatch;
 use crate::diffusion::schedule::ScheduleError;
+use crate::diffusion::{ClipRange, SamplerKind, SamplingConfig, SeededNoise, sample};
 use crate::tasks::FeatureSchema;
 use crate::weights::{
     ArchSpec, CodecError, PcaLatent, Stats, StatsMode, decode_tensors, encode_tensors,
@@ -18,6 +19,10 @@ use crate::weights::{
 
 /// Value of the "format" header entry.
 pub const FORMAT: &str = "weightgen-denoiser-v1";
+
+/// Noise stream of [`DenoiserCheckpoint::generate`] (a seed gives the same
+/// weights whatever else shares its batch).
+pub const SAMPLING_STREAM: u64 = 0;
 
 /// Why a checkpoint cannot be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +94,46 @@ impl DenoiserCheckpoint {
         self.clip.as_ref().map(|(low, high)| ClipRange::Box {
             low: low.shallow_clone(),
             high: high.shallow_clone(),
+        })
+    }
+
+    /// Generates one weight vector per seed, in the architecture's units:
+    /// reverse diffusion in the denoiser's space (x̂₀ clipped to the zoo's
+    /// range when recorded), then the latent decoded (if any) and the
+    /// standardization undone. `condition` holds one row per seed. Returns
+    /// flat f32 weights [B, D] on the model's device, in `arch` order.
+    pub fn generate(
+        &self,
+        condition: &TaskBatch,
+        seeds: &[u64],
+        kind: SamplerKind,
+        guidance_scale: f64,
+    ) -> Tensor {
+        let device = self.model.device();
+        let rows = seeds.len() as i64;
+        let embedded = self.model.embed(condition, rows);
+        let config = SamplingConfig {
+            kind,
+            guidance_scale,
+            clip_x0: self.clip_range(),
+        };
+        let z = sample(
+            &self.model.with_embeddings(),
+            self.model.schedule(),
+            &embedded,
+            self.model.config().dim,
+            &mut SeededNoise::new(seeds, SAMPLING_STREAM),
+            &config,
+            device,
+        );
+        tch::no_grad(|| {
+            let standardized = match &self.latent {
+                Some(latent) => latent.decode(&z),
+                None => z,
+            };
+            self.stats
+                .denormalize(&standardized)
+                .to_kind(tch::Kind::Float)
         })
     }
 

@@ -221,3 +221,48 @@ impl Denoiser for ConditionalDenoiser {
         self.config.prediction
     }
 }
+
+/// Task embeddings computed once for a whole sampling run (the encoder does
+/// not depend on t, so there is no reason to rerun it at every step).
+#[derive(Debug)]
+pub struct Embedded {
+    /// e [B, E].
+    pub embedding: Tensor,
+}
+
+impl ConditionalDenoiser {
+    /// Runs the task encoder once for `rows` samples.
+    pub fn embed(&self, condition: &TaskBatch, rows: i64) -> Embedded {
+        let condition = condition.to_device(self.device());
+        Embedded {
+            embedding: tch::no_grad(|| self.encoder.forward(&condition, rows, None)),
+        }
+    }
+
+    /// This denoiser with embeddings precomputed by [`Self::embed`].
+    pub fn with_embeddings(&self) -> PreEmbedded<'_> {
+        PreEmbedded(self)
+    }
+}
+
+/// A [`ConditionalDenoiser`] whose condition is an [`Embedded`]: the same
+/// outputs as conditioning on the `TaskBatch`, one encoder pass per run.
+#[derive(Debug)]
+pub struct PreEmbedded<'a>(&'a ConditionalDenoiser);
+
+impl Denoiser for PreEmbedded<'_> {
+    type Condition = Embedded;
+
+    fn forward(&self, w_t: &Tensor, t: &Tensor, condition: &Embedded, drop: bool) -> Tensor {
+        let e = if drop {
+            self.0.encoder.null(w_t.size()[0])
+        } else {
+            condition.embedding.shallow_clone()
+        };
+        self.0.output(w_t, t, &e)
+    }
+
+    fn prediction(&self) -> Prediction {
+        self.0.config.prediction
+    }
+}

@@ -65,8 +65,75 @@ impl FitReport {
     }
 }
 
+/// Training state that lives across steps: the optimizer (with Adam's
+/// moments), the batch/timestep/dropout RNG and the noise stream.
+pub struct Trainer {
+    optimizer: nn::Optimizer,
+    rng: StdRng,
+    noise: SeededNoise,
+    config: FitConfig,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Trainer {
+    /// Adam over `model`'s variables, seeded from `config.seed`.
+    pub fn new(model: &ConditionalDenoiser, config: &FitConfig) -> Result<Self, tch::TchError> {
+        Ok(Self {
+            optimizer: nn::Adam::default().build(&model.vs, config.learning_rate)?,
+            rng: StdRng::seed_from_u64(config.seed),
+            noise: SeededNoise::new(&[config.seed], 1),
+            config: config.clone(),
+        })
+    }
+
+    /// One optimizer step on a random batch of `data` [N, D] (on the model's
+    /// device) with its `condition`; returns the loss.
+    pub fn step(
+        &mut self,
+        model: &ConditionalDenoiser,
+        data: &Tensor,
+        condition: &TaskBatch,
+    ) -> f64 {
+        let device = model.device();
+        let (n, dim) = (data.size()[0], data.size()[1]);
+        let timesteps = model.schedule().timesteps() as i64;
+        let b = self.config.batch_size;
+        let rng = &mut self.rng;
+        let index: Vec<i64> = (0..b).map(|_| rng.random_range(0..n)).collect();
+        let t: Vec<i64> = (0..b).map(|_| rng.random_range(1..=timesteps)).collect();
+        let drop: Vec<bool> = (0..b)
+            .map(|_| rng.random::<f64>() < self.config.cond_dropout)
+            .collect();
+        let index = Tensor::from_slice(&index).to_device(device);
+        let t = Tensor::from_slice(&t).to_device(device);
+        let drop = Tensor::from_slice(&drop).to_device(device);
+        let eps = self.noise.draw(&[b, dim], device).squeeze_dim(0);
+        let loss = model.loss(
+            &data.index_select(0, &index),
+            &condition.select(&index),
+            &t,
+            &eps,
+            Some(&drop),
+        );
+        self.optimizer.zero_grad();
+        loss.backward();
+        if let Some(max_norm) = self.config.grad_clip {
+            self.optimizer.clip_grad_norm(max_norm);
+        }
+        self.optimizer.step();
+        loss.double_value(&[])
+    }
+}
+
 /// Trains on rows of `data` [N, D] (standardized weights) with conditions
-/// `condition` (N rows).
+/// `condition` (N rows) for `config.steps` steps.
 pub fn fit(
     model: &mut ConditionalDenoiser,
     data: &Tensor,
@@ -76,40 +143,9 @@ pub fn fit(
     let device = model.device();
     let data = data.to_device(device).to_kind(Kind::Float);
     let condition = condition.to_device(device);
-    let n = data.size()[0];
-    let dim = data.size()[1];
-    let timesteps = model.schedule().timesteps() as i64;
-    let mut optimizer = nn::Adam::default()
-        .build(&model.vs, config.learning_rate)
-        .expect("Adam over the model's variables");
-    let mut rng = StdRng::seed_from_u64(config.seed);
-    let mut noise = SeededNoise::new(&[config.seed], 1);
-    let mut losses = Vec::with_capacity(config.steps);
-    let b = config.batch_size;
-    for _ in 0..config.steps {
-        let index: Vec<i64> = (0..b).map(|_| rng.random_range(0..n)).collect();
-        let t: Vec<i64> = (0..b).map(|_| rng.random_range(1..=timesteps)).collect();
-        let drop: Vec<bool> = (0..b)
-            .map(|_| rng.random::<f64>() < config.cond_dropout)
-            .collect();
-        let index = Tensor::from_slice(&index).to_device(device);
-        let t = Tensor::from_slice(&t).to_device(device);
-        let drop = Tensor::from_slice(&drop).to_device(device);
-        let eps = noise.draw(&[b, dim], device).squeeze_dim(0);
-        let loss = model.loss(
-            &data.index_select(0, &index),
-            &condition.select(&index),
-            &t,
-            &eps,
-            Some(&drop),
-        );
-        optimizer.zero_grad();
-        loss.backward();
-        if let Some(max_norm) = config.grad_clip {
-            optimizer.clip_grad_norm(max_norm);
-        }
-        optimizer.step();
-        losses.push(loss.double_value(&[]));
-    }
+    let mut trainer = Trainer::new(model, config).expect("Adam over the model's variables");
+    let losses = (0..config.steps)
+        .map(|_| trainer.step(model, &data, &condition))
+        .collect();
     FitReport { losses }
 }

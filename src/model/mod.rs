@@ -12,8 +12,8 @@ pub mod task_encoder;
 pub mod tokens;
 
 pub use checkpoint::{CheckpointError, DenoiserCheckpoint};
-pub use conditional::{ConditionalDenoiser, DenoiserConfig, NetConfig};
-pub use fit::{FitConfig, FitReport, fit};
+pub use conditional::{ConditionalDenoiser, DenoiserConfig, Embedded, NetConfig, PreEmbedded};
+pub use fit::{FitConfig, FitReport, Trainer, fit};
 pub use layer_transformer::LayerTransformerConfig;
 pub use mlp_unet::MlpUnetConfig;
 pub use task_encoder::{TaskBatch, TaskEncoderConfig};

@@ -1,7 +1,16 @@
 //! Task families and the descriptor featurizer shared by zoo building,
-//! training, serving and evaluation. This version holds the feature schema
-//! that every denoiser records.
+//! training, serving and evaluation: what a task is, its data and split,
+//! the small networks its zoo models use, how they are trained, and the
+//! feature schema every zoo and denoiser records.
 
+pub mod families;
+pub mod featurizer;
+pub mod nets;
 pub mod schema;
+pub mod train;
 
+pub use families::{Family, TaskError, TaskSpec};
+pub use featurizer::{Descriptor, FeatureError, describe};
+pub use nets::{NetKind, Network};
 pub use schema::{FeatureSchema, FeatureSpec, SupportSpec};
+pub use train::{Objective, TaskData, TrainConfig, TrainedModel};

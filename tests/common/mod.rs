@@ -2,6 +2,8 @@
 //! its own data directory and talk to it as a client would.
 #![allow(dead_code)]
 
+pub mod services;
+
 use std::process::Output;
 use std::time::Duration;
 

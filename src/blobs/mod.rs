@@ -1,0 +1,252 @@
+//! Content-addressed blob storage for checkpoints over `object_store`: a
+//! local directory by default, `s3://bucket/prefix` in production (the usual
+//! `AWS_*` environment: credentials, `AWS_REGION`, `AWS_ENDPOINT`,
+//! `AWS_ALLOW_HTTP`). A blob's key is its SHA-256; a put returns only once
+//! the bytes are durable (fsync'd on a local disk, acknowledged by S3), so a
+//! catalog row written afterwards never points at a missing file; a get
+//! re-hashes the bytes and reports corruption instead of returning them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use sha2::{Digest, Sha256};
+
+/// Why a blob operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    /// No blob with that hash.
+    #[error("blob {0} not found")]
+    NotFound(String),
+    /// The stored bytes do not hash to their key.
+    #[error("blob {expected} is corrupt: its bytes hash to {actual}")]
+    Corrupt {
+        /// The key.
+        expected: String,
+        /// What the bytes hash to.
+        actual: String,
+    },
+    /// A hash argument is not 64 lowercase hex digits.
+    #[error("sha256: {0:?} is not 64 lowercase hex digits")]
+    InvalidHash(String),
+    /// The store URL cannot be used.
+    #[error("blobs: {0}")]
+    InvalidUrl(String),
+    /// The store failed.
+    #[error("blob store: {0}")]
+    Store(#[from] object_store::Error),
+    /// A local file operation failed.
+    #[error("blob store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A stored blob's identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobRef {
+    /// Lowercase hex SHA-256.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn is_sha256(text: &str) -> bool {
+    text.len() == 64
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A content-addressed blob store.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    store: Arc<dyn ObjectStore>,
+    prefix: StorePath,
+    /// Root directory of a local store (for fsync).
+    local_root: Option<PathBuf>,
+    url: String,
+}
+
+impl BlobStore {
+    /// Opens the store a URL names: `s3://bucket[/prefix]`, `file:///dir`
+    /// or a plain directory path (created if missing).
+    pub fn open(url: &str) -> Result<Self, BlobError> {
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.is_empty() {
+                return Err(BlobError::InvalidUrl(format!("{url:?} names no bucket")));
+            }
+            let store = AmazonS3Builder::from_env()
+                .with_bucket_name(bucket)
+                .build()?;
+            return Ok(Self {
+                store: Arc::new(store),
+                prefix: StorePath::from(prefix.trim_matches('/')),
+                local_root: None,
+                url: url.to_owned(),
+            });
+        }
+        if url.contains("://") && !url.starts_with("file://") {
+            return Err(BlobError::InvalidUrl(format!(
+                "unsupported blob store URL {url:?}: expected s3://bucket/prefix or a directory"
+            )));
+        }
+        Self::local(Path::new(url.strip_prefix("file://").unwrap_or(url)))
+    }
+
+    /// A store in a local directory (created if missing).
+    pub fn local(dir: &Path) -> Result<Self, BlobError> {
+        std::fs::create_dir_all(dir)?;
+        let root = dir.canonicalize()?;
+        Ok(Self {
+            store: Arc::new(LocalFileSystem::new_with_prefix(&root)?),
+            prefix: StorePath::default(),
+            url: root.display().to_string(),
+            local_root: Some(root),
+        })
+    }
+
+    /// Where the store is, for messages.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn key(&self, sha256: &str) -> StorePath {
+        let name = format!("sha256/{}/{sha256}", &sha256[..2]);
+        if self.prefix.as_ref().is_empty() {
+            StorePath::from(name)
+        } else {
+            StorePath::from(format!("{}/{name}", self.prefix))
+        }
+    }
+
+    fn checked(sha256: &str) -> Result<(), BlobError> {
+        if is_sha256(sha256) {
+            Ok(())
+        } else {
+            Err(BlobError::InvalidHash(sha256.to_owned()))
+        }
+    }
+
+    /// Stores `bytes` under their hash and returns once they are durable.
+    /// Storing the same bytes again rewrites them (repairing a damaged copy).
+    pub async fn put(&self, bytes: Bytes) -> Result<BlobRef, BlobError> {
+        let sha256 = sha256_hex(&bytes);
+        let size = bytes.len() as u64;
+        let key = self.key(&sha256);
+        self.store.put(&key, PutPayload::from(bytes)).await?;
+        if let Some(root) = &self.local_root {
+            let path = root.join(key.as_ref());
+            tokio::task::spawn_blocking(move || sync_file_and_parent(&path))
+                .await
+                .map_err(|e| BlobError::Io(std::io::Error::other(e)))??;
+        }
+        Ok(BlobRef { sha256, size })
+    }
+
+    /// The bytes stored under `sha256`, verified.
+    pub async fn get(&self, sha256: &str) -> Result<Bytes, BlobError> {
+        Self::checked(sha256)?;
+        let bytes = match self.store.get(&self.key(sha256)).await {
+            Ok(result) => result.bytes().await?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(BlobError::NotFound(sha256.to_owned()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let actual = sha256_hex(&bytes);
+        if actual != sha256 {
+            return Err(BlobError::Corrupt {
+                expected: sha256.to_owned(),
+                actual,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Whether a blob is stored (without reading it).
+    pub async fn exists(&self, sha256: &str) -> Result<bool, BlobError> {
+        Self::checked(sha256)?;
+        match self.store.head(&self.key(sha256)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes a blob (no error if absent).
+    pub async fn delete(&self, sha256: &str) -> Result<(), BlobError> {
+        Self::checked(sha256)?;
+        match self.store.delete(&self.key(sha256)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Hashes of every stored blob, sorted.
+    pub async fn list(&self) -> Result<Vec<String>, BlobError> {
+        let base = if self.prefix.as_ref().is_empty() {
+            StorePath::from("sha256")
+        } else {
+            StorePath::from(format!("{}/sha256", self.prefix))
+        };
+        let mut hashes: Vec<String> = self
+            .store
+            .list(Some(&base))
+            .try_filter_map(|meta| async move {
+                Ok(meta
+                    .location
+                    .filename()
+                    .filter(|name| is_sha256(name))
+                    .map(str::to_owned))
+            })
+            .try_collect()
+            .await?;
+        hashes.sort();
+        Ok(hashes)
+    }
+}
+
+/// fsync of a file and of its directory (so the rename that created it is
+/// durable too).
+fn sync_file_and_parent(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_a_known_vector() {
+        assert_eq!(
+            sha256_hex(b"abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        assert!(is_sha256(&sha256_hex(b"")));
+        assert!(!is_sha256("ABC"));
+    }
+
+    #[test]
+    fn unsupported_urls_are_refused_by_name() {
+        let err = BlobStore::open("gs://bucket/x").unwrap_err().to_string();
+        assert!(err.contains("gs://bucket/x"), "{err}");
+        assert!(BlobStore::open("s3://").is_err());
+    }
+}

@@ -1,0 +1,503 @@
+//! The built-in task families: what a task is, its data and split, its
+//! networks, and the held-out tasks no zoo ever contains.
+//!
+//! - `sinusoid`: y = A·sin(x − φ), A ∈ [0.1, 5], φ ∈ [0, π], x ∈ [−5, 5]
+//!   (the MAML regression benchmark); MLP 1-40-40-1. Held out: the corner
+//!   A ∈ [4, 5] × φ ∈ [2, π].
+//! - `digits`: the 1,797 UCI 8×8 handwritten digits (embedded by smartcore);
+//!   a task is an ordered 5-way subset (label i ↔ class c_i); MLP 64-32-5 and
+//!   a small CNN. Every third image of each class is a test image and never
+//!   trains a zoo model. Held out: every 8th unordered 5-subset of the ten
+//!   classes in lexicographic order, starting at the 4th (32 of 252).
+//! - `digit-inr`: a Fourier-feature coordinate MLP fitting one digit image
+//!   upsampled to 16×16. Held out: the test images.
+
+use std::f64::consts::PI;
+use std::ops::RangeInclusive;
+use std::sync::OnceLock;
+
+use rand::Rng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::nets::{NetKind, Network};
+use super::train::{Objective, TaskData, TrainConfig};
+use crate::weights::ArchSpec;
+
+/// Classes per digits task.
+pub const DIGITS_WAYS: usize = 5;
+/// Amplitudes of sinusoid tasks.
+pub const SINUSOID_AMPLITUDE: RangeInclusive<f64> = 0.1..=5.0;
+/// Phases of sinusoid tasks.
+pub const SINUSOID_PHASE: RangeInclusive<f64> = 0.0..=PI;
+/// Held-out amplitudes (with [`SINUSOID_HELD_OUT_PHASE`]).
+pub const SINUSOID_HELD_OUT_AMPLITUDE: RangeInclusive<f64> = 4.0..=5.0;
+/// Held-out phases (with [`SINUSOID_HELD_OUT_AMPLITUDE`]).
+pub const SINUSOID_HELD_OUT_PHASE: RangeInclusive<f64> = 2.0..=PI;
+/// Training points of a sinusoid task.
+pub const SINUSOID_TRAIN_POINTS: usize = 100;
+/// Evenly spaced test points of a sinusoid task.
+pub const SINUSOID_TEST_POINTS: usize = 200;
+/// Side of the upsampled digit an INR fits.
+pub const INR_SIDE: i64 = 16;
+
+/// A family of tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Family {
+    /// Sine regression.
+    Sinusoid,
+    /// 5-way digit classification.
+    Digits,
+    /// Neural fields of digit images.
+    DigitInr,
+}
+
+/// One task of a family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "kebab-case")]
+pub enum TaskSpec {
+    /// y = amplitude · sin(x − phase).
+    Sinusoid {
+        /// A.
+        amplitude: f64,
+        /// φ.
+        phase: f64,
+    },
+    /// Label i is digit `classes[i]`.
+    Digits {
+        /// The classes, in label order.
+        classes: Vec<u8>,
+    },
+    /// Fit image `image` of the digits set.
+    DigitInr {
+        /// Index into the 1,797 images.
+        image: usize,
+    },
+}
+
+/// Why a task or family cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TaskError {
+    /// Unknown family name.
+    #[error("family: unknown family {0:?} (known: sinusoid, digits, digit-inr)")]
+    UnknownFamily(String),
+    /// Unknown architecture for the family.
+    #[error("architecture: {family} has no architecture {name:?} (known: {known})")]
+    UnknownArchitecture {
+        /// Family.
+        family: &'static str,
+        /// Requested name.
+        name: String,
+        /// Known names.
+        known: String,
+    },
+    /// A task's parameters are out of range.
+    #[error("task: {0}")]
+    InvalidTask(String),
+}
+
+/// The digits data set: inputs [1797, 64] in 0..16 and labels.
+pub struct Digits {
+    /// Row-major pixels.
+    pub pixels: Vec<f32>,
+    /// Class of each image.
+    pub labels: Vec<u8>,
+}
+
+/// The embedded digits, loaded once.
+pub fn digits() -> &'static Digits {
+    static DIGITS: OnceLock<Digits> = OnceLock::new();
+    DIGITS.get_or_init(|| {
+        let data = smartcore::dataset::digits::load_dataset();
+        Digits {
+            pixels: data.data,
+            labels: data.target.iter().map(|&y| y as u8).collect(),
+        }
+    })
+}
+
+/// Whether image `index` is a test image (every third image of its class).
+pub fn is_test_image(index: usize) -> bool {
+    static TEST: OnceLock<Vec<bool>> = OnceLock::new();
+    TEST.get_or_init(|| {
+        let mut seen = [0usize; 10];
+        digits()
+            .labels
+            .iter()
+            .map(|&c| {
+                seen[c as usize] += 1;
+                seen[c as usize] % 3 == 0
+            })
+            .collect()
+    })[index]
+}
+
+/// The held-out unordered class sets of `digits` (sorted).
+pub fn held_out_class_sets() -> &'static [Vec<u8>] {
+    static SETS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    SETS.get_or_init(|| {
+        let mut all = Vec::new();
+        combinations(
+            &(0..10).collect::<Vec<u8>>(),
+            DIGITS_WAYS,
+            &mut Vec::new(),
+            &mut all,
+        );
+        all.into_iter()
+            .enumerate()
+            .filter(|(i, _)| i % 8 == 3)
+            .map(|(_, s)| s)
+            .collect()
+    })
+}
+
+fn combinations(items: &[u8], k: usize, current: &mut Vec<u8>, out: &mut Vec<Vec<u8>>) {
+    if current.len() == k {
+        out.push(current.clone());
+        return;
+    }
+    for (i, &item) in items.iter().enumerate() {
+        current.push(item);
+        combinations(&items[i + 1..], k, current, out);
+        current.pop();
+    }
+}
+
+impl Family {
+    /// Every family.
+    pub const ALL: [Family; 3] = [Family::Sinusoid, Family::Digits, Family::DigitInr];
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sinusoid => "sinusoid",
+            Self::Digits => "digits",
+            Self::DigitInr => "digit-inr",
+        }
+    }
+
+    /// The family called `name`.
+    pub fn parse(name: &str) -> Result<Self, TaskError> {
+        Self::ALL
+            .into_iter()
+            .find(|f| f.name() == name)
+            .ok_or_else(|| TaskError::UnknownFamily(name.to_owned()))
+    }
+
+    /// What its models predict.
+    pub fn objective(self) -> Objective {
+        match self {
+            Self::Digits => Objective::Classification,
+            Self::Sinusoid | Self::DigitInr => Objective::Regression,
+        }
+    }
+
+    /// Its architectures; the first is the default.
+    pub fn networks(self) -> Vec<Network> {
+        let build = || -> Result<Vec<Network>, crate::weights::LayoutError> {
+            Ok(match self {
+                Self::Sinusoid => vec![Network::mlp(
+                    "sinusoid-mlp-1-40-40-1",
+                    "sinusoid",
+                    &[1, 40, 40, 1],
+                )?],
+                Self::Digits => vec![
+                    Network::mlp("digits-mlp-64-32-5", "digits", &[64, 32, DIGITS_WAYS])?,
+                    Network::small_cnn("digits-cnn-8-16-5", "digits", 8, 16, DIGITS_WAYS)?,
+                ],
+                Self::DigitInr => vec![Network {
+                    spec: ArchSpec::sequential_mlp(
+                        "digit-inr-fourier-32-32-32-1",
+                        "digit-inr",
+                        &[32, 32, 32, 1],
+                    )?,
+                    kind: NetKind::FourierMlp {
+                        frequencies: 16,
+                        scale: 1.5,
+                        seed: 2024,
+                    },
+                }],
+            })
+        };
+        build().expect("built-in architectures are valid")
+    }
+
+    /// The architecture called `name` (empty: the default).
+    pub fn network(self, name: &str) -> Result<Network, TaskError> {
+        let all = self.networks();
+        if name.is_empty() {
+            return Ok(all[0].clone());
+        }
+        all.iter()
+            .find(|n| n.spec.name == name)
+            .cloned()
+            .ok_or_else(|| TaskError::UnknownArchitecture {
+                family: self.name(),
+                name: name.to_owned(),
+                known: all
+                    .iter()
+                    .map(|n| n.spec.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// How its zoo models are trained by default.
+    pub fn train_config(self) -> TrainConfig {
+        match self {
+            Self::Sinusoid => TrainConfig {
+                steps: 1000,
+                learning_rate: 1e-2,
+                batch_size: 0,
+                keep_snapshots: 0,
+            },
+            Self::Digits => TrainConfig {
+                steps: 200,
+                learning_rate: 1e-2,
+                batch_size: 0,
+                keep_snapshots: 0,
+            },
+            Self::DigitInr => TrainConfig {
+                steps: 500,
+                learning_rate: 5e-3,
+                batch_size: 0,
+                keep_snapshots: 0,
+            },
+        }
+    }
+
+    /// A random task: from the zoo's side of the split, or a held-out one.
+    pub fn sample_task(self, rng: &mut StdRng, held_out: bool) -> TaskSpec {
+        loop {
+            let task = match self {
+                Self::Sinusoid if held_out => TaskSpec::Sinusoid {
+                    amplitude: rng.random_range(SINUSOID_HELD_OUT_AMPLITUDE),
+                    phase: rng.random_range(SINUSOID_HELD_OUT_PHASE),
+                },
+                Self::Sinusoid => TaskSpec::Sinusoid {
+                    amplitude: rng.random_range(SINUSOID_AMPLITUDE),
+                    phase: rng.random_range(SINUSOID_PHASE),
+                },
+                Self::Digits => {
+                    let mut classes: Vec<u8> = (0..10).collect();
+                    classes.shuffle(rng);
+                    classes.truncate(DIGITS_WAYS);
+                    TaskSpec::Digits { classes }
+                }
+                Self::DigitInr => TaskSpec::DigitInr {
+                    image: rng.random_range(0..digits().labels.len()),
+                },
+            };
+            if self.is_held_out(&task) == held_out {
+                return task;
+            }
+        }
+    }
+
+    /// Whether `task` is on the held-out side of the split.
+    pub fn is_held_out(self, task: &TaskSpec) -> bool {
+        match task {
+            TaskSpec::Sinusoid { amplitude, phase } => {
+                SINUSOID_HELD_OUT_AMPLITUDE.contains(amplitude)
+                    && SINUSOID_HELD_OUT_PHASE.contains(phase)
+            }
+            TaskSpec::Digits { classes } => {
+                let mut set = classes.clone();
+                set.sort_unstable();
+                held_out_class_sets().contains(&set)
+            }
+            TaskSpec::DigitInr { image } => is_test_image(*image),
+        }
+    }
+
+    /// Checks that `task` belongs to this family and is in range.
+    pub fn validate(self, task: &TaskSpec) -> Result<(), TaskError> {
+        let bad = |m: String| Err(TaskError::InvalidTask(m));
+        match (self, task) {
+            (Self::Sinusoid, TaskSpec::Sinusoid { amplitude, phase }) => {
+                if !SINUSOID_AMPLITUDE.contains(amplitude) || !SINUSOID_PHASE.contains(phase) {
+                    return bad(format!(
+                        "amplitude {amplitude} or phase {phase} out of range"
+                    ));
+                }
+            }
+            (Self::Digits, TaskSpec::Digits { classes }) => {
+                let mut set = classes.clone();
+                set.sort_unstable();
+                set.dedup();
+                if classes.len() != DIGITS_WAYS
+                    || set.len() != DIGITS_WAYS
+                    || set.iter().any(|&c| c > 9)
+                {
+                    return bad(format!(
+                        "classes {classes:?} must be {DIGITS_WAYS} distinct digits 0–9"
+                    ));
+                }
+            }
+            (Self::DigitInr, TaskSpec::DigitInr { image }) => {
+                if *image >= digits().labels.len() {
+                    return bad(format!(
+                        "image {image} is not one of the {} images",
+                        digits().labels.len()
+                    ));
+                }
+            }
+            _ => return bad(format!("{task:?} is not a {} task", self.name())),
+        }
+        Ok(())
+    }
+
+    /// The task's data on `device`.
+    pub fn data(self, task: &TaskSpec, device: Device) -> Result<TaskData, TaskError> {
+        self.validate(task)?;
+        Ok(match task {
+            TaskSpec::Sinusoid { amplitude, phase } => {
+                let seed = amplitude.to_bits() ^ phase.to_bits().rotate_left(17);
+                let mut noise = crate::diffusion::SeededNoise::new(&[seed], 0x5150);
+                let u = (noise
+                    .draw(&[SINUSOID_TRAIN_POINTS as i64, 1], Device::Cpu)
+                    .squeeze_dim(0)
+                    / std::f64::consts::SQRT_2)
+                    .erf();
+                let train_x = u * 5.0;
+                let test_x = Tensor::linspace(
+                    -5.0,
+                    5.0,
+                    SINUSOID_TEST_POINTS as i64,
+                    (Kind::Float, Device::Cpu),
+                )
+                .unsqueeze(1);
+                let f = |x: &Tensor| (x - *phase).sin() * *amplitude;
+                TaskData {
+                    train_y: f(&train_x).to_device(device),
+                    test_y: f(&test_x).to_device(device),
+                    train_x: train_x.to_device(device),
+                    test_x: test_x.to_device(device),
+                }
+            }
+            TaskSpec::Digits { classes } => {
+                let d = digits();
+                let mut split = [(Vec::new(), Vec::new()), (Vec::new(), Vec::new())];
+                for (i, &c) in d.labels.iter().enumerate() {
+                    if let Some(label) = classes.iter().position(|&k| k == c) {
+                        let part = &mut split[usize::from(is_test_image(i))];
+                        part.0.extend_from_slice(&d.pixels[i * 64..(i + 1) * 64]);
+                        part.1.push(label as i64);
+                    }
+                }
+                let tensors = |(x, y): &(Vec<f32>, Vec<i64>)| {
+                    (
+                        (Tensor::from_slice(x).reshape([-1, 64]) / 16.0).to_device(device),
+                        Tensor::from_slice(y).to_device(device),
+                    )
+                };
+                let (train_x, train_y) = tensors(&split[0]);
+                let (test_x, test_y) = tensors(&split[1]);
+                TaskData {
+                    train_x,
+                    train_y,
+                    test_x,
+                    test_y,
+                }
+            }
+            TaskSpec::DigitInr { image } => {
+                let (coords, values) = inr_pixels(*image);
+                TaskData {
+                    train_x: coords.to_device(device),
+                    train_y: values.to_device(device),
+                    test_x: coords.to_device(device),
+                    test_y: values.to_device(device),
+                }
+            }
+        })
+    }
+}
+
+/// Coordinates [256, 2] in [−1, 1] and values [256, 1] in [0, 1] of image
+/// `index` upsampled bilinearly to 16×16.
+pub fn inr_pixels(index: usize) -> (Tensor, Tensor) {
+    let d = digits();
+    let image =
+        Tensor::from_slice(&d.pixels[index * 64..(index + 1) * 64]).reshape([1, 1, 8, 8]) / 16.0;
+    let up = image
+        .upsample_bilinear2d([INR_SIDE, INR_SIDE], false, None, None)
+        .reshape([-1, 1]);
+    let axis = Tensor::linspace(-1.0, 1.0, INR_SIDE, (Kind::Float, Device::Cpu));
+    let grid = Tensor::meshgrid_indexing(&[&axis, &axis], "ij");
+    let coords = Tensor::stack(&[grid[0].reshape([-1]), grid[1].reshape([-1])], 1);
+    (coords, up)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn the_digits_are_the_uci_set_and_split_by_class() {
+        let d = digits();
+        assert_eq!((d.labels.len(), d.pixels.len()), (1797, 1797 * 64));
+        assert!(d.pixels.iter().all(|&p| (0.0..=16.0).contains(&p)));
+        let tests = (0..1797).filter(|&i| is_test_image(i)).count();
+        assert!((590..=610).contains(&tests), "{tests} test images");
+        assert_eq!(held_out_class_sets().len(), 32);
+    }
+
+    #[test]
+    fn zoo_tasks_never_fall_in_the_held_out_split() {
+        let mut rng = StdRng::seed_from_u64(1);
+        for family in Family::ALL {
+            for _ in 0..300 {
+                let zoo = family.sample_task(&mut rng, false);
+                assert!(!family.is_held_out(&zoo));
+                family.validate(&zoo).unwrap();
+                let held = family.sample_task(&mut rng, true);
+                assert!(family.is_held_out(&held), "{held:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn task_data_has_the_promised_shapes() {
+        let digits = Family::Digits
+            .data(
+                &TaskSpec::Digits {
+                    classes: vec![3, 1, 4, 0, 9],
+                },
+                Device::Cpu,
+            )
+            .unwrap();
+        assert_eq!(digits.train_x.size()[1], 64);
+        // UCI class counts: 183 + 182 + 181 + 178 + 180.
+        assert_eq!(digits.train_x.size()[0] + digits.test_x.size()[0], 904);
+        assert_eq!(digits.train_y.max().int64_value(&[]), 4);
+        let sine = Family::Sinusoid
+            .data(
+                &TaskSpec::Sinusoid {
+                    amplitude: 2.0,
+                    phase: 1.0,
+                },
+                Device::Cpu,
+            )
+            .unwrap();
+        assert_eq!(sine.train_x.size(), [100, 1]);
+        assert!(sine.train_x.abs().max().double_value(&[]) <= 5.0);
+        let inr = Family::DigitInr
+            .data(&TaskSpec::DigitInr { image: 0 }, Device::Cpu)
+            .unwrap();
+        assert_eq!(inr.train_x.size(), [256, 2]);
+        let err = Family::Digits
+            .data(
+                &TaskSpec::Digits {
+                    classes: vec![1, 1, 2, 3, 4],
+                },
+                Device::Cpu,
+            )
+            .unwrap_err();
+        assert!(err.to_string().starts_with("task:"), "{err}");
+    }
+}

@@ -1,0 +1,512 @@
+//! The one featurizer: a task's dataset → its descriptor (named features in
+//! the family's schema order, plus a support set of K examples). The zoo
+//! builder, the trainer, the server and the evaluation all call this, and
+//! every zoo and denoiser records the schema it used.
+
+use std::collections::BTreeMap;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use super::families::{DIGITS_WAYS, Family, TaskSpec};
+use super::schema::{FeatureSchema, FeatureSpec, SupportSpec};
+use super::train::TaskData;
+
+/// Support examples per class of a digits task.
+pub const DIGITS_SUPPORT_PER_CLASS: usize = 5;
+/// Support pairs of a sinusoid task.
+pub const SINUSOID_SUPPORT: usize = 10;
+/// Support pixels of a digit-inr task.
+pub const INR_SUPPORT: usize = 64;
+/// Most support examples a request may carry.
+pub const MAX_SUPPORT: usize = 256;
+
+/// A task as the denoiser sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Descriptor {
+    /// Named feature values.
+    pub features: BTreeMap<String, Vec<f64>>,
+    /// Support inputs, one row per example.
+    #[serde(default)]
+    pub support_x: Vec<Vec<f32>>,
+    /// Support targets: a class index (as one value) or the target values.
+    #[serde(default)]
+    pub support_y: Vec<Vec<f32>>,
+}
+
+/// Why a descriptor does not fit a schema.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct FeatureError {
+    /// The offending feature, or "support".
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn feature(name: &str, description: &str, length: usize, min: f64, max: f64) -> FeatureSpec {
+    FeatureSpec {
+        name: name.into(),
+        description: description.into(),
+        length,
+        min,
+        max,
+        required: true,
+    }
+}
+
+/// The feature schema of a family.
+pub fn schema(family: Family) -> FeatureSchema {
+    match family {
+        Family::Sinusoid => FeatureSchema {
+            features: vec![
+                feature("target_mean", "mean of the training targets", 1, -5.0, 5.0),
+                feature(
+                    "target_std",
+                    "population standard deviation of the training targets",
+                    1,
+                    0.0,
+                    5.0,
+                ),
+            ],
+            embedding_dim: 0,
+            support: Some(SupportSpec {
+                input_shape: vec![1],
+                target_shape: vec![1],
+                classification: false,
+                min_examples: 1,
+                max_examples: MAX_SUPPORT,
+                required: true,
+            }),
+        },
+        Family::Digits => FeatureSchema {
+            features: vec![
+                feature(
+                    "class_one_hot",
+                    "one-hot of the digit c_i of each label i, label-major (5 × 10)",
+                    DIGITS_WAYS * 10,
+                    0.0,
+                    1.0,
+                ),
+                feature(
+                    "input_mean",
+                    "mean pixel value (0–16) of the training images",
+                    1,
+                    0.0,
+                    16.0,
+                ),
+                feature(
+                    "input_std",
+                    "population standard deviation of the pixels",
+                    1,
+                    0.0,
+                    16.0,
+                ),
+                feature(
+                    "label_histogram",
+                    "share of training images per label",
+                    DIGITS_WAYS,
+                    0.0,
+                    1.0,
+                ),
+            ],
+            embedding_dim: 0,
+            support: Some(SupportSpec {
+                input_shape: vec![64],
+                target_shape: vec![],
+                classification: true,
+                min_examples: 1,
+                max_examples: MAX_SUPPORT,
+                required: false,
+            }),
+        },
+        Family::DigitInr => FeatureSchema {
+            features: vec![
+                feature(
+                    "pixel_mean",
+                    "mean pixel value (0–1) of the 16×16 image",
+                    1,
+                    0.0,
+                    1.0,
+                ),
+                feature(
+                    "pixel_std",
+                    "population standard deviation of the pixels",
+                    1,
+                    0.0,
+                    1.0,
+                ),
+            ],
+            embedding_dim: 0,
+            support: Some(SupportSpec {
+                input_shape: vec![2],
+                target_shape: vec![1],
+                classification: false,
+                min_examples: 1,
+                max_examples: MAX_SUPPORT,
+                required: true,
+            }),
+        },
+    }
+}
+
+fn moments(t: &Tensor) -> (f64, f64) {
+    let t = t.to_kind(Kind::Double);
+    (
+        t.mean(Kind::Double).double_value(&[]),
+        t.std(false).double_value(&[]),
+    )
+}
+
+/// A stable per-task seed for choosing support examples.
+fn task_seed(task: &TaskSpec) -> u64 {
+    let text = serde_json::to_string(task).unwrap_or_default();
+    text.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
+    })
+}
+
+fn rows(t: &Tensor, index: &[i64]) -> Vec<Vec<f32>> {
+    let picked = t
+        .index_select(0, &Tensor::from_slice(index).to_device(t.device()))
+        .to_kind(Kind::Float)
+        .to_device(Device::Cpu);
+    let width = picked.size().iter().skip(1).product::<i64>().max(1);
+    let flat = Vec::<f32>::try_from(picked.reshape([-1])).unwrap_or_default();
+    flat.chunks(width as usize).map(<[f32]>::to_vec).collect()
+}
+
+/// The descriptor of `task` from its data.
+pub fn describe(family: Family, task: &TaskSpec, data: &TaskData) -> Descriptor {
+    let mut features = BTreeMap::new();
+    let mut rng = StdRng::seed_from_u64(task_seed(task));
+    let n = data.train_x.size()[0];
+    let mut order: Vec<i64> = (0..n).collect();
+    order.shuffle(&mut rng);
+    let support: Vec<i64> = match (family, task) {
+        (Family::Digits, TaskSpec::Digits { classes }) => {
+            let mut one_hot = vec![0.0; DIGITS_WAYS * 10];
+            for (label, &c) in classes.iter().enumerate() {
+                one_hot[label * 10 + usize::from(c)] = 1.0;
+            }
+            features.insert("class_one_hot".into(), one_hot);
+            let (mean, std) = moments(&(&data.train_x * 16.0));
+            features.insert("input_mean".into(), vec![mean]);
+            features.insert("input_std".into(), vec![std]);
+            let labels =
+                Vec::<i64>::try_from(data.train_y.to_device(Device::Cpu)).unwrap_or_default();
+            let mut histogram = vec![0.0; DIGITS_WAYS];
+            for &l in &labels {
+                histogram[l as usize] += 1.0 / labels.len().max(1) as f64;
+            }
+            features.insert("label_histogram".into(), histogram);
+            // The first DIGITS_SUPPORT_PER_CLASS shuffled images of each label.
+            let mut taken = [0usize; DIGITS_WAYS];
+            order
+                .iter()
+                .copied()
+                .filter(|&i| {
+                    let label = labels[i as usize] as usize;
+                    taken[label] += 1;
+                    taken[label] <= DIGITS_SUPPORT_PER_CLASS
+                })
+                .collect()
+        }
+        (Family::Sinusoid, _) => {
+            let (mean, std) = moments(&data.train_y);
+            features.insert("target_mean".into(), vec![mean]);
+            features.insert("target_std".into(), vec![std]);
+            order.into_iter().take(SINUSOID_SUPPORT).collect()
+        }
+        _ => {
+            let (mean, std) = moments(&data.train_y);
+            features.insert("pixel_mean".into(), vec![mean]);
+            features.insert("pixel_std".into(), vec![std]);
+            order.into_iter().take(INR_SUPPORT).collect()
+        }
+    };
+    let scale = if family == Family::Digits { 16.0 } else { 1.0 };
+    let support_x: Vec<Vec<f32>> = rows(&(&data.train_x * scale), &support);
+    let support_y = if family.objective() == super::train::Objective::Classification {
+        rows(&data.train_y.to_kind(Kind::Float).unsqueeze(1), &support)
+    } else {
+        rows(&data.train_y, &support)
+    };
+    Descriptor {
+        features,
+        support_x,
+        support_y,
+    }
+}
+
+impl Descriptor {
+    /// The feature values in schema order, after checking every name,
+    /// length, range and value (errors name the feature).
+    pub fn feature_vector(&self, schema: &FeatureSchema) -> Result<Vec<f32>, FeatureError> {
+        let error = |field: &str, reason: String| FeatureError {
+            field: field.to_owned(),
+            reason,
+        };
+        if let Some(unknown) = self
+            .features
+            .keys()
+            .find(|k| !schema.features.iter().any(|f| &f.name == *k))
+        {
+            return Err(error(unknown, "unknown feature for this schema".into()));
+        }
+        let mut out = Vec::with_capacity(schema.feature_width());
+        for spec in &schema.features {
+            let Some(values) = self.features.get(&spec.name) else {
+                if spec.required {
+                    return Err(error(&spec.name, "required and missing".into()));
+                }
+                out.extend(std::iter::repeat_n(0.0, spec.length));
+                continue;
+            };
+            if values.len() != spec.length {
+                return Err(error(
+                    &spec.name,
+                    format!("has {} values, expected {}", values.len(), spec.length),
+                ));
+            }
+            for (i, &v) in values.iter().enumerate() {
+                if !v.is_finite() {
+                    return Err(error(
+                        &spec.name,
+                        format!("value {i} is {v}, not a finite number"),
+                    ));
+                }
+                if v < spec.min || v > spec.max {
+                    return Err(error(
+                        &spec.name,
+                        format!("value {i} is {v}, outside [{}, {}]", spec.min, spec.max),
+                    ));
+                }
+            }
+            out.extend(values.iter().map(|&v| v as f32));
+        }
+        Ok(out)
+    }
+
+    /// The support set as tensors: x [K, in] and y [K, out] (class indices
+    /// one-hot over `ways`), after checking counts, shapes and values.
+    pub fn support_tensors(
+        &self,
+        schema: &FeatureSchema,
+        ways: usize,
+    ) -> Result<Option<(Tensor, Tensor)>, FeatureError> {
+        let error = |reason: String| FeatureError {
+            field: "support".into(),
+            reason,
+        };
+        let Some(spec) = &schema.support else {
+            return if self.support_x.is_empty() {
+                Ok(None)
+            } else {
+                Err(error("this schema takes no support set".into()))
+            };
+        };
+        let k = self.support_x.len();
+        if k == 0 {
+            return if spec.required {
+                Err(error("required and missing".into()))
+            } else {
+                Ok(None)
+            };
+        }
+        if k != self.support_y.len() || k < spec.min_examples || k > spec.max_examples {
+            return Err(error(format!(
+                "{k} inputs and {} targets; expected equal counts in [{}, {}]",
+                self.support_y.len(),
+                spec.min_examples,
+                spec.max_examples
+            )));
+        }
+        let in_width: usize = spec.input_shape.iter().product();
+        let out_width: usize = if spec.classification {
+            1
+        } else {
+            spec.target_shape.iter().product()
+        };
+        let mut xs = Vec::with_capacity(k * in_width);
+        let mut ys = Vec::with_capacity(k * out_width);
+        for (i, (x, y)) in self.support_x.iter().zip(&self.support_y).enumerate() {
+            if x.len() != in_width || y.len() != out_width {
+                return Err(error(format!(
+                    "example {i} has {} input and {} target values, expected {in_width} and {out_width}",
+                    x.len(),
+                    y.len()
+                )));
+            }
+            if let Some(v) = x.iter().chain(y).find(|v| !v.is_finite()) {
+                return Err(error(format!("example {i} holds {v}, not a finite number")));
+            }
+            if spec.classification && (y[0] < 0.0 || y[0] as usize >= ways || y[0].fract() != 0.0) {
+                return Err(error(format!(
+                    "example {i} has label {}, expected 0..{ways}",
+                    y[0]
+                )));
+            }
+            xs.extend_from_slice(x);
+            ys.extend_from_slice(y);
+        }
+        let x = Tensor::from_slice(&xs).reshape([k as i64, in_width as i64]);
+        let y = Tensor::from_slice(&ys).reshape([k as i64, out_width as i64]);
+        let y = if spec.classification {
+            y.squeeze_dim(1)
+                .to_kind(Kind::Int64)
+                .one_hot(ways as i64)
+                .to_kind(Kind::Float)
+        } else {
+            y
+        };
+        Ok(Some((x, y)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_fit_their_schema_and_are_deterministic() {
+        let cases = [
+            (
+                Family::Sinusoid,
+                TaskSpec::Sinusoid {
+                    amplitude: 3.0,
+                    phase: 0.5,
+                },
+                1,
+            ),
+            (
+                Family::Digits,
+                TaskSpec::Digits {
+                    classes: vec![7, 2, 0, 5, 9],
+                },
+                DIGITS_WAYS,
+            ),
+            (Family::DigitInr, TaskSpec::DigitInr { image: 5 }, 1),
+        ];
+        for (family, task, ways) in cases {
+            let data = family.data(&task, Device::Cpu).unwrap();
+            let d = describe(family, &task, &data);
+            assert_eq!(d, describe(family, &task, &data));
+            let schema = schema(family);
+            let v = d.feature_vector(&schema).unwrap();
+            assert_eq!(v.len(), schema.feature_width());
+            let (x, y) = d.support_tensors(&schema, ways).unwrap().unwrap();
+            assert_eq!(x.size()[0], y.size()[0]);
+        }
+        // Digits: the one-hot says which digit each label is.
+        let task = TaskSpec::Digits {
+            classes: vec![7, 2, 0, 5, 9],
+        };
+        let d = describe(
+            Family::Digits,
+            &task,
+            &Family::Digits.data(&task, Device::Cpu).unwrap(),
+        );
+        let one_hot = &d.features["class_one_hot"];
+        assert_eq!(one_hot[7], 1.0);
+        assert_eq!(one_hot[10 + 2], 1.0);
+        assert_eq!(one_hot.iter().sum::<f64>(), 5.0);
+        assert_eq!(d.support_x.len(), DIGITS_WAYS * DIGITS_SUPPORT_PER_CLASS);
+        // Sinusoid: the target spread reflects the amplitude.
+        let task = TaskSpec::Sinusoid {
+            amplitude: 3.0,
+            phase: 0.5,
+        };
+        let d = describe(
+            Family::Sinusoid,
+            &task,
+            &Family::Sinusoid.data(&task, Device::Cpu).unwrap(),
+        );
+        assert!((d.features["target_std"][0] - 3.0 / 2f64.sqrt()).abs() < 0.4);
+    }
+
+    #[test]
+    fn bad_descriptors_name_the_feature_and_the_reason() {
+        let schema = schema(Family::Digits);
+        let task = TaskSpec::Digits {
+            classes: vec![1, 2, 3, 4, 5],
+        };
+        let good = describe(
+            Family::Digits,
+            &task,
+            &Family::Digits.data(&task, Device::Cpu).unwrap(),
+        );
+        let check = |edit: &dyn Fn(&mut Descriptor), field: &str, reason: &str| {
+            let mut d = good.clone();
+            edit(&mut d);
+            let err = d
+                .feature_vector(&schema)
+                .and_then(|_| {
+                    d.support_tensors(&schema, DIGITS_WAYS)
+                        .map(|_| Vec::<f32>::new())
+                })
+                .unwrap_err();
+            assert_eq!(err.field, field, "{err}");
+            assert!(err.reason.contains(reason), "{err}");
+        };
+        check(
+            &|d| {
+                d.features.remove("input_mean");
+            },
+            "input_mean",
+            "missing",
+        );
+        check(
+            &|d| {
+                d.features.insert("bogus".into(), vec![1.0]);
+            },
+            "bogus",
+            "unknown",
+        );
+        check(
+            &|d| {
+                d.features.insert("input_std".into(), vec![1.0, 2.0]);
+            },
+            "input_std",
+            "expected 1",
+        );
+        check(
+            &|d| {
+                d.features.insert("input_std".into(), vec![f64::NAN]);
+            },
+            "input_std",
+            "finite",
+        );
+        check(
+            &|d| {
+                d.features.insert("input_mean".into(), vec![99.0]);
+            },
+            "input_mean",
+            "outside",
+        );
+        check(
+            &|d| {
+                d.support_y[0] = vec![7.0];
+            },
+            "support",
+            "label",
+        );
+        check(
+            &|d| {
+                d.support_x[1].pop();
+            },
+            "support",
+            "example 1",
+        );
+        check(
+            &|d| {
+                d.support_y.pop();
+            },
+            "support",
+            "targets",
+        );
+    }
+}

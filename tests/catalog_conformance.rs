@@ -1,0 +1,512 @@
+//! One conformance suite for the catalog, run against both backends: SQLite
+//! (a file in a temporary directory) and PostgreSQL (a database of its own
+//! inside `DATABASE_URL`, which scripts/test.sh provides).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use serde_json::json;
+use weightgen::catalog::{
+    self, Catalog, CatalogError, DenoiserRecord, ModelSource, PageRequest, Snapshot,
+    ZooModelFilter, ZooModelRecord, ZooPlan,
+};
+use weightgen::weights::ArchSpec;
+
+use common::services::TestDatabase;
+
+/// A catalog of one backend and what keeps it alive.
+struct Backend {
+    catalog: Arc<dyn Catalog>,
+    _dir: Option<tempfile::TempDir>,
+    _db: Option<TestDatabase>,
+}
+
+async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("catalog.db").display());
+    Backend {
+        catalog: catalog::open(&url).await.unwrap(),
+        _dir: Some(dir),
+        _db: None,
+    }
+}
+
+async fn postgres(tag: &str) -> Backend {
+    let db = TestDatabase::create(tag).await;
+    Backend {
+        catalog: catalog::open(&db.url).await.unwrap(),
+        _dir: None,
+        _db: Some(db),
+    }
+}
+
+/// A second connection pool on the same catalog (another worker).
+async fn second_handle(backend: &Backend) -> Arc<dyn Catalog> {
+    match (&backend._dir, &backend._db) {
+        (Some(dir), _) => catalog::open(&format!(
+            "sqlite://{}",
+            dir.path().join("catalog.db").display()
+        ))
+        .await
+        .unwrap(),
+        (_, Some(db)) => catalog::open(&db.url).await.unwrap(),
+        _ => unreachable!(),
+    }
+}
+
+fn arch(name: &str) -> ArchSpec {
+    ArchSpec::sequential_mlp(name, "digits", &[64, 32, 5]).unwrap()
+}
+
+fn sha(n: u64) -> String {
+    weightgen::blobs::sha256_hex(&n.to_le_bytes())
+}
+
+fn model(id: &str, zoo: &str, n: u64) -> ZooModelRecord {
+    ZooModelRecord {
+        id: id.into(),
+        zoo: zoo.into(),
+        architecture: "mlp".into(),
+        family: "digits".into(),
+        source: ModelSource::Built,
+        task: json!({"class_ids": [0, 1, 2, 3, n % 10]}),
+        seed: u64::MAX - n,
+        metrics: BTreeMap::from([("test_accuracy".to_owned(), 0.9 + n as f64 * 1e-4)]),
+        training_config: json!({"epochs": 30, "lr": 0.01}),
+        sha256: sha(n),
+        size_bytes: 1000 + n,
+        created_at_ms: 0,
+    }
+}
+
+async fn architectures_register_once_and_refuse_a_different_spec(c: Arc<dyn Catalog>) {
+    assert!(c.register_architecture(&arch("mlp")).await.unwrap());
+    assert!(!c.register_architecture(&arch("mlp")).await.unwrap());
+    let other = ArchSpec::sequential_mlp("mlp", "digits", &[64, 16, 5]).unwrap();
+    assert!(matches!(
+        c.register_architecture(&other).await,
+        Err(CatalogError::Conflict(_))
+    ));
+    let sinus = ArchSpec::sequential_mlp("sin", "sinusoid", &[1, 40, 40, 1]).unwrap();
+    c.register_architecture(&sinus).await.unwrap();
+    assert_eq!(c.architecture("mlp").await.unwrap(), Some(arch("mlp")));
+    assert_eq!(c.architecture("nope").await.unwrap(), None);
+    let all: Vec<String> = c
+        .architectures(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(all, ["mlp", "sin"]);
+    assert_eq!(c.architectures(Some("sinusoid")).await.unwrap(), [sinus]);
+}
+
+async fn zoo_models_round_trip_dedup_and_page(c: Arc<dyn Catalog>) {
+    c.register_architecture(&arch("mlp")).await.unwrap();
+    let first = c.insert_zoo_model(&model("m0", "z", 0)).await.unwrap();
+    assert!(!first.deduplicated);
+    let mut expected = model("m0", "z", 0);
+    expected.created_at_ms = first.model.created_at_ms;
+    assert_eq!(
+        first.model, expected,
+        "every field round-trips (u64 seed too)"
+    );
+    assert_eq!(c.zoo_model("m0").await.unwrap(), Some(expected.clone()));
+    // The same file again (another id) is deduplicated to the stored row.
+    let again = c.insert_zoo_model(&model("m0-copy", "z", 0)).await.unwrap();
+    assert!(again.deduplicated);
+    assert_eq!(again.model.id, "m0");
+    assert_eq!(c.zoo_model("m0-copy").await.unwrap(), None);
+    // A taken id with a different file is a conflict.
+    assert!(matches!(
+        c.insert_zoo_model(&model("m0", "z", 99)).await,
+        Err(CatalogError::Conflict(_))
+    ));
+    for n in 1..25 {
+        let zoo = if n % 2 == 0 { "z" } else { "other" };
+        c.insert_zoo_model(&model(&format!("m{n}"), zoo, n))
+            .await
+            .unwrap();
+    }
+    // Pages of 7 cover the 13 models of zoo "z" exactly once, newest first.
+    let filter = ZooModelFilter {
+        zoo: Some("z".into()),
+        ..Default::default()
+    };
+    let mut page = PageRequest::first(7);
+    let mut seen = Vec::new();
+    loop {
+        let got = c.zoo_models(&filter, &page).await.unwrap();
+        assert_eq!(got.total, 13);
+        assert!(got.items.len() <= 7);
+        seen.extend(got.items.iter().map(|m| (m.created_at_ms, m.id.clone())));
+        if got.next_token.is_empty() {
+            break;
+        }
+        page.token = got.next_token;
+    }
+    assert_eq!(seen.len(), 13);
+    let mut sorted = seen.clone();
+    sorted.sort_by(|a, b| b.cmp(a));
+    assert_eq!(seen, sorted, "newest first, ties by id");
+    assert_eq!(seen.iter().collect::<BTreeSet<_>>().len(), 13);
+    let by_family = ZooModelFilter {
+        family: Some("digits".into()),
+        architecture: Some("mlp".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.zoo_models(&by_family, &PageRequest::first(0))
+            .await
+            .unwrap()
+            .total,
+        25
+    );
+    // Bad input names its field.
+    let bad_token = PageRequest {
+        size: 5,
+        token: "garbage".into(),
+    };
+    let err = c.zoo_models(&filter, &bad_token).await.unwrap_err();
+    assert!(err.to_string().starts_with("page_token:"), "{err}");
+    let mut bad = model("bad", "z", 500);
+    bad.sha256 = "XYZ".into();
+    let err = c.insert_zoo_model(&bad).await.unwrap_err();
+    assert!(err.to_string().starts_with("sha256:"), "{err}");
+    let mut unknown_arch = model("u", "z", 501);
+    unknown_arch.architecture = "unregistered".into();
+    let err = c.insert_zoo_model(&unknown_arch).await.unwrap_err();
+    assert!(err.to_string().starts_with("architecture:"), "{err}");
+    let mut nan = model("nan", "z", 502);
+    nan.metrics.insert("loss".into(), f64::NAN);
+    assert!(c.insert_zoo_model(&nan).await.is_err());
+    // Snapshots.
+    for epoch in [30, 10, 20] {
+        c.add_snapshot(&Snapshot {
+            model_id: "m0".into(),
+            epoch,
+            sha256: sha(1000 + epoch),
+            size_bytes: 9,
+        })
+        .await
+        .unwrap();
+    }
+    let epochs: Vec<u64> = c
+        .snapshots("m0")
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.epoch)
+        .collect();
+    assert_eq!(epochs, [10, 20, 30]);
+    let missing = Snapshot {
+        model_id: "nope".into(),
+        epoch: 1,
+        sha256: sha(1),
+        size_bytes: 1,
+    };
+    assert!(matches!(
+        c.add_snapshot(&missing).await,
+        Err(CatalogError::NotFound { .. })
+    ));
+    let referenced = c.referenced_blobs().await.unwrap();
+    assert_eq!(referenced.len(), 25 + 3);
+    assert!(referenced.contains(&sha(1010)));
+}
+
+fn plan(name: &str, n: u64) -> (ZooPlan, Vec<serde_json::Value>) {
+    (
+        ZooPlan {
+            name: name.into(),
+            family: "digits".into(),
+            architecture: "mlp".into(),
+            config: json!({"shared_init": true, "epochs": 30}),
+            num_models: n,
+        },
+        (0..n)
+            .map(|i| json!({"seed": i, "classes": [i % 10]}))
+            .collect(),
+    )
+}
+
+async fn zoo_plans_are_idempotent_and_units_resume(c: Arc<dyn Catalog>) {
+    c.register_architecture(&arch("mlp")).await.unwrap();
+    let (p, specs) = plan("z", 5);
+    c.plan_zoo(&p, &specs).await.unwrap();
+    c.plan_zoo(&p, &specs).await.unwrap();
+    assert_eq!(c.zoo("z").await.unwrap(), Some(p.clone()));
+    let mut different = p.clone();
+    different.config = json!({"shared_init": false});
+    let err = c.plan_zoo(&different, &specs).await.unwrap_err();
+    assert!(
+        matches!(err, CatalogError::Conflict(_)) && err.to_string().contains("config"),
+        "{err}"
+    );
+    assert!(c.plan_zoo(&p, &specs[..3]).await.is_err());
+    let progress = c.zoo_progress("z").await.unwrap();
+    assert_eq!((progress.total, progress.pending), (5, 5));
+
+    let far_past = 0;
+    let a = c
+        .claim_unit("z", "worker-a", far_past)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((a.unit, a.attempts), (0, 1));
+    assert_eq!(a.spec, specs[0]);
+    let b = c
+        .claim_unit("z", "worker-b", far_past)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.unit, 1);
+    // Only the holder can complete a unit.
+    let err = c
+        .complete_unit("z", 0, "worker-b", &model("z/0", "z", 0), &[])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CatalogError::Conflict(_)), "{err}");
+    assert_eq!(
+        c.zoo_model("z/0").await.unwrap(),
+        None,
+        "a refused completion adds no row"
+    );
+    let snapshot = Snapshot {
+        model_id: "z/0".into(),
+        epoch: 5,
+        sha256: sha(77),
+        size_bytes: 10,
+    };
+    c.complete_unit(
+        "z",
+        0,
+        "worker-a",
+        &model("z/0", "z", 0),
+        std::slice::from_ref(&snapshot),
+    )
+    .await
+    .unwrap();
+    assert_eq!(c.snapshots("z/0").await.unwrap(), [snapshot]);
+    // worker-b fails and gives its unit back; the next claim gets it again.
+    c.release_unit("z", 1, "worker-b").await.unwrap();
+    let again = c
+        .claim_unit("z", "worker-b", far_past)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((again.unit, again.attempts), (1, 2));
+    // worker-b crashes holding unit 1: a claim made after it counts it as stale.
+    let c2 = c
+        .claim_unit("z", "worker-c", far_past)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(c2.unit, 2);
+    let stale_after_now = catalog::now_ms() + 1;
+    let d = c
+        .claim_unit("z", "worker-d", stale_after_now)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        d.unit, 1,
+        "the oldest open unit, the stale one, comes first"
+    );
+    let err = c
+        .complete_unit("z", 1, "worker-b", &model("z/1", "z", 1), &[])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CatalogError::Conflict(_)),
+        "the dead worker lost its claim: {err}"
+    );
+    assert_eq!(
+        c.release_claims_before("z", stale_after_now).await.unwrap(),
+        2
+    );
+    let progress = c.zoo_progress("z").await.unwrap();
+    assert_eq!(
+        (progress.done, progress.claimed, progress.pending),
+        (1, 0, 4)
+    );
+    // Finish the zoo; then nothing is left to claim.
+    while let Some(unit) = c.claim_unit("z", "worker-e", far_past).await.unwrap() {
+        let id = format!("z/{}", unit.unit);
+        c.complete_unit("z", unit.unit, "worker-e", &model(&id, "z", unit.unit), &[])
+            .await
+            .unwrap();
+    }
+    let progress = c.zoo_progress("z").await.unwrap();
+    assert_eq!((progress.done, progress.total), (5, 5));
+    let zoo = ZooModelFilter {
+        zoo: Some("z".into()),
+        ..Default::default()
+    };
+    assert_eq!(
+        c.zoo_models(&zoo, &PageRequest::first(0))
+            .await
+            .unwrap()
+            .total,
+        5
+    );
+}
+
+async fn two_workers_never_build_the_same_unit(c: Arc<dyn Catalog>, other: Arc<dyn Catalog>) {
+    c.register_architecture(&arch("mlp")).await.unwrap();
+    let (p, specs) = plan("shared", 60);
+    c.plan_zoo(&p, &specs).await.unwrap();
+    let work = |catalog: Arc<dyn Catalog>, worker: &'static str| async move {
+        let mut built = Vec::new();
+        while let Some(unit) = catalog.claim_unit("shared", worker, 0).await.unwrap() {
+            let id = format!("shared/{}", unit.unit);
+            catalog
+                .complete_unit(
+                    "shared",
+                    unit.unit,
+                    worker,
+                    &model(&id, "shared", unit.unit),
+                    &[],
+                )
+                .await
+                .unwrap();
+            built.push(unit.unit);
+        }
+        built
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(work(c.clone(), "w1")),
+        tokio::spawn(work(other, "w2"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let all: BTreeSet<u64> = a.iter().chain(&b).copied().collect();
+    assert_eq!(a.len() + b.len(), 60, "no unit built twice");
+    assert_eq!(all.len(), 60, "every unit built");
+    eprintln!(
+        "{}: worker 1 built {}, worker 2 built {}",
+        c.backend(),
+        a.len(),
+        b.len()
+    );
+}
+
+fn denoiser(id: &str, arch: &str) -> DenoiserRecord {
+    DenoiserRecord {
+        id: id.into(),
+        architecture: arch.into(),
+        sha256: weightgen::blobs::sha256_hex(id.as_bytes()),
+        size_bytes: 123,
+        config: json!({"dim": 2245}),
+        summary: BTreeMap::from([("val_loss".to_owned(), 0.1)]),
+        active: false,
+        created_at_ms: 0,
+    }
+}
+
+async fn one_denoiser_is_active_per_architecture(c: Arc<dyn Catalog>, other: Arc<dyn Catalog>) {
+    c.register_architecture(&arch("mlp")).await.unwrap();
+    c.register_architecture(&arch("mlp2")).await.unwrap();
+    for id in ["d1", "d2", "d3"] {
+        c.insert_denoiser(&denoiser(id, "mlp")).await.unwrap();
+    }
+    c.insert_denoiser(&denoiser("e1", "mlp2")).await.unwrap();
+    assert!(matches!(
+        c.insert_denoiser(&denoiser("d1", "mlp")).await,
+        Err(CatalogError::Conflict(_))
+    ));
+    assert_eq!(c.active_denoiser("mlp").await.unwrap(), None);
+    assert!(c.activate_denoiser("d1").await.unwrap().active);
+    c.activate_denoiser("e1").await.unwrap();
+    // Racing activations leave exactly one active, and never touch mlp2's.
+    let (x, y) = tokio::join!(c.activate_denoiser("d2"), other.activate_denoiser("d3"));
+    x.unwrap();
+    y.unwrap();
+    let page = c
+        .denoisers(Some("mlp"), &PageRequest::first(2))
+        .await
+        .unwrap();
+    assert_eq!((page.items.len(), page.total), (2, 3));
+    let rest = c
+        .denoisers(
+            Some("mlp"),
+            &PageRequest {
+                size: 2,
+                token: page.next_token.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 1);
+    assert!(rest.next_token.is_empty());
+    let active: Vec<_> = page
+        .items
+        .iter()
+        .chain(&rest.items)
+        .filter(|d| d.active)
+        .collect();
+    assert_eq!(active.len(), 1);
+    assert_eq!(
+        c.active_denoiser("mlp").await.unwrap().unwrap().id,
+        active[0].id
+    );
+    assert_eq!(c.active_denoiser("mlp2").await.unwrap().unwrap().id, "e1");
+    assert!(matches!(
+        c.activate_denoiser("missing").await,
+        Err(CatalogError::NotFound { .. })
+    ));
+    let stored = c.denoiser("e1").await.unwrap().unwrap();
+    assert_eq!(stored.config, json!({"dim": 2245}));
+    assert_eq!(stored.summary["val_loss"], 0.1);
+}
+
+macro_rules! conformance {
+    ($($name:ident => |$c:ident, $other:ident| $body:expr;)*) => {
+        mod on_sqlite {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = sqlite().await;
+                    assert_eq!(backend.catalog.backend(), "sqlite");
+                    let $c = backend.catalog.clone();
+                    let $other = second_handle(&backend).await;
+                    let _ = &$other;
+                    $body.await;
+                }
+            )*
+        }
+        mod on_postgres {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let backend = postgres(stringify!($name)).await;
+                    assert_eq!(backend.catalog.backend(), "postgres");
+                    let $c = backend.catalog.clone();
+                    let $other = second_handle(&backend).await;
+                    let _ = &$other;
+                    $body.await;
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    architectures => |c, other| architectures_register_once_and_refuse_a_different_spec(c);
+    zoo_models => |c, other| zoo_models_round_trip_dedup_and_page(c);
+    zoo_units => |c, other| zoo_plans_are_idempotent_and_units_resume(c);
+    concurrent_workers => |c, other| two_workers_never_build_the_same_unit(c, other);
+    denoisers => |c, other| one_denoiser_is_active_per_architecture(c, other);
+}
+
+#[tokio::test]
+async fn unsupported_catalog_urls_name_the_field() {
+    let err = catalog::open("mysql://x").await.unwrap_err().to_string();
+    assert!(
+        err.starts_with("catalog:") && err.contains("mysql://x"),
+        "{err}"
+    );
+}
