@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The main job on embedded defaults: builds everything (release), starts
-# weightgen-server with its data under ./weightgen-data, talks to it as a
-# client (health, metadata, metrics) and stops it with SIGTERM.
+# The main job on embedded defaults: builds everything (release), builds
+# model zoos of two task families into ./weightgen-data (SQLite catalog +
+# blob directory; re-running continues or finds them complete), starts
+# weightgen-server on that data dir, talks to it as a client (health,
+# metadata, metrics) and stops it with SIGTERM.
+# WEIGHTGEN_DEMO_MODELS sets the zoo size (default 200 per family).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo "[demo] $*"; }
@@ -20,6 +23,13 @@ metrics_port="$(free_port)"
 addr="127.0.0.1:$grpc_port"
 log="$data/server.log"
 mkdir -p "$data"
+models="${WEIGHTGEN_DEMO_MODELS:-200}"
+
+for family in digits sinusoid; do
+    step "zoo: $models $family models (weightgen-worker zoo build, data dir $data)"
+    "$bin/weightgen-worker" --log-format text zoo build --family "$family" --models "$models" \
+        --data-dir "$data" 2>"$data/zoo-$family.log"
+done
 
 step "starting weightgen-server on $addr (data dir $data, log $log)"
 "$bin/weightgen-server" --listen "$addr" --metrics-listen "127.0.0.1:$metrics_port" \

@@ -163,6 +163,10 @@ fn server_process_serves_the_cli_and_stops_on_sigterm_with_json_logs() {
         "{text}"
     );
     assert!(data_dir.path().join("data").is_dir(), "data dir created");
+    assert!(
+        data_dir.path().join("data/catalog.db").is_file(),
+        "embedded catalog created"
+    );
 
     let pid = server.0.id().to_string();
     assert!(

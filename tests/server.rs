@@ -339,14 +339,14 @@ async fn shutdown_cuts_off_streams_after_the_grace_period() {
 }
 
 #[tokio::test]
-async fn start_fails_clearly_on_a_busy_port_or_a_missing_gpu() {
+async fn start_fails_clearly_on_a_busy_port_a_missing_gpu_or_a_bad_catalog() {
     let first = spawn_server(|_| {}).await;
     let taken = first.server.grpc_addr();
     let dir = tempfile::tempdir().unwrap();
     let mut config = weightgen::serve::ServerConfig::with_defaults();
     config.listen = taken;
     config.metrics_listen = weightgen::serve::MetricsListen(None);
-    config.data_dir = dir.path().to_owned();
+    config.storage = weightgen::storage::StorageArgs::embedded(dir.path());
     config.device = weightgen::device::DeviceChoice::Cpu;
     let err = weightgen::serve::start(config.clone())
         .await
@@ -360,11 +360,26 @@ async fn start_fails_clearly_on_a_busy_port_or_a_missing_gpu() {
 
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.device = weightgen::device::DeviceChoice::Cuda(99);
-    let err = weightgen::serve::start(config)
+    let err = weightgen::serve::start(config.clone())
         .await
         .err()
         .expect("no cuda:99");
     assert!(matches!(err, ServeError::Device(_)), "{err}");
     assert!(err.to_string().contains("cuda:99"), "{err}");
+
+    config.device = weightgen::device::DeviceChoice::Cpu;
+    config.storage.catalog = Some("mysql://somewhere/db".into());
+    let err = weightgen::serve::start(config.clone())
+        .await
+        .err()
+        .expect("unsupported catalog");
+    assert!(matches!(err, ServeError::Storage(_)), "{err}");
+    assert!(err.to_string().starts_with("catalog:"), "{err}");
+    config.storage.catalog = Some("postgres://postgres@127.0.0.1:1/nowhere".into());
+    let err = weightgen::serve::start(config)
+        .await
+        .err()
+        .expect("unreachable catalog");
+    assert!(err.to_string().contains("catalog database"), "{err}");
     first.server.shutdown().await.unwrap();
 }

@@ -2,13 +2,13 @@
 //! environment variable.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
 
 use crate::device::DeviceChoice;
+use crate::storage::StorageArgs;
 
 /// One mebibyte.
 const MIB: usize = 1024 * 1024;
@@ -47,10 +47,10 @@ pub struct ServerConfig {
     )]
     pub metrics_listen: MetricsListen,
 
-    /// Directory for the embedded catalog (SQLite) and blob store; created if
-    /// missing.
-    #[arg(long, env = "WEIGHTGEN_DATA_DIR", default_value = "./weightgen-data")]
-    pub data_dir: PathBuf,
+    /// Data directory, catalog and blob store (embedded defaults under the
+    /// data directory; `--catalog`/`--blobs` URLs switch backends).
+    #[command(flatten)]
+    pub storage: StorageArgs,
 
     /// Device denoisers run on: auto (first GPU if any, else CPU), cpu, or
     /// cuda:N. A GPU that is asked for but missing stops the server at start.

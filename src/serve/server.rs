@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
@@ -23,6 +24,8 @@ use super::health;
 use super::jobs::JobsApi;
 use super::metrics_http;
 use super::readiness::Readiness;
+use crate::blobs::BlobStore;
+use crate::catalog::Catalog;
 use crate::device::{DeviceError, device_name};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::v1::catalog_service_server::CatalogServiceServer;
@@ -41,6 +44,9 @@ pub enum ServeError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The catalog or the blob store could not be opened.
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     /// A listener could not bind its address.
     #[error("binding the {what} address {addr}: {source}")]
     Bind {
@@ -83,6 +89,8 @@ pub struct ShutdownReport {
 
 /// A started server: its addresses, its readiness flag, and the means to stop it.
 pub struct RunningServer {
+    catalog: Arc<dyn Catalog>,
+    blobs: BlobStore,
     grpc_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     readiness: Readiness,
@@ -92,6 +100,16 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
+    /// The catalog the server opened.
+    pub fn catalog(&self) -> &Arc<dyn Catalog> {
+        &self.catalog
+    }
+
+    /// The blob store the server opened.
+    pub fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
     /// Address the gRPC server listens on (with the real port when 0 was asked).
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
@@ -139,10 +157,12 @@ impl RunningServer {
 /// Starts the server: creates the data directory, checks the device, binds
 /// both listeners and serves in background tasks.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServeError::DataDir {
-        path: config.data_dir.clone(),
+    let data_dir = &config.storage.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| ServeError::DataDir {
+        path: data_dir.clone(),
         source,
     })?;
+    let (catalog_store, blobs) = config.storage.open().await?;
     // Asking libtorch initializes CUDA, which blocks for a while on a GPU host.
     let choice = config.device;
     let (torch, device) = tokio::task::spawn_blocking(move || {
@@ -252,7 +272,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         device = %info.device,
         torch = info.torch.version,
         cuda = info.torch.cuda_available,
-        data_dir = %config.data_dir.display(),
+        data_dir = %data_dir.display(),
+        catalog = catalog_store.backend(),
+        blobs = %blobs.url(),
         "weightgen-server listening"
     );
 
@@ -268,6 +290,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     }));
 
     Ok(RunningServer {
+        catalog: catalog_store,
+        blobs,
         grpc_addr,
         metrics_addr,
         readiness,

@@ -1,14 +1,16 @@
 //! Weight space: architectures as ordered named tensors (`ArchSpec`),
 //! flattening checkpoints to w ∈ R^D and back, per-dimension standardization
-//! over a zoo (`Stats`), and safetensors encoding. Knows nothing about
-//! diffusion or storage.
+//! over a zoo (`Stats`), permutation alignment, and safetensors encoding.
+//! Knows nothing about diffusion or storage.
 
+pub mod align;
 pub mod arch;
 pub mod codec;
 pub mod flat;
 pub mod latent;
 pub mod stats;
 
+pub use align::{AlignError, AlignReport, PermutationSpec, align};
 pub use arch::{ArchSpec, DType, LayerGroup, LayoutError, TensorSpec};
 pub use codec::{
     CodecError, Decoded, decode_safetensors, decode_tensors, encode_safetensors, encode_tensors,

@@ -44,7 +44,7 @@ pub async fn spawn_server(adjust: impl FnOnce(&mut ServerConfig)) -> TestServer 
     let mut config = ServerConfig::with_defaults();
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.metrics_listen = MetricsListen(Some("127.0.0.1:0".parse().unwrap()));
-    config.data_dir = data_dir.path().join("data");
+    config.storage = weightgen::storage::StorageArgs::embedded(data_dir.path().join("data"));
     config.device = weightgen::device::DeviceChoice::Cpu;
     config.shutdown_grace = Duration::from_secs(10);
     adjust(&mut config);
