@@ -65,6 +65,17 @@ fn cases(quick: bool) -> Vec<Case> {
             });
         }
         cases.push(Case {
+            name: format!("noise draw, D={dim}, batch 64"),
+            dim,
+            batch: 64,
+            kind: "noise",
+            steps: 0,
+            timesteps: 1000,
+            repeats: 5,
+            iterations: 0,
+            scale: 1.0,
+        });
+        cases.push(Case {
             name: format!("train step, D={dim}, batch 64"),
             dim,
             batch: 64,
@@ -128,6 +139,12 @@ fn rust_seconds(case: &Case) -> f64 {
     match case.kind {
         "ddim" => timed(case.repeats, || run(SamplerKind::ddim(case.steps, 0.0), &m)),
         "ddpm" => timed(case.repeats, || run(SamplerKind::Ddpm, &m)),
+        "noise" => {
+            let mut noise = SeededNoise::new(&seeds, 0);
+            timed(case.repeats, || {
+                let _ = noise.draw(&[case.dim], Device::Cpu);
+            })
+        }
         _ => {
             // As in the PyTorch twin: one optimizer for all timed steps.
             let data = Tensor::randn([256, case.dim], (Kind::Float, Device::Cpu));
@@ -209,6 +226,9 @@ fn main() {
     for ((case, r), t) in cases.iter().zip(&rust).zip(&torch) {
         let (unit, rv, tv) = if case.kind == "train" {
             ("it/s", 1.0 / r, 1.0 / t)
+        } else if case.kind == "noise" {
+            let millions = (case.batch * case.dim) as f64 / 1e6;
+            ("M normals/s", millions / r, millions / t)
         } else {
             ("samples/s", case.batch as f64 / r, case.batch as f64 / t)
         };

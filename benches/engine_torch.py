@@ -143,6 +143,8 @@ def main():
             seconds = timed(lambda: ddim(model, feats, dim, case["steps"], T), case["repeats"])
         elif kind == "ddpm":
             seconds = timed(lambda: ddpm(model, feats, dim, T), case["repeats"])
+        elif kind == "noise":
+            seconds = timed(lambda: torch.randn(batch, dim), case["repeats"])
         else:
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             data = torch.randn(256, dim)

@@ -16,5 +16,6 @@ pub mod storage;
 pub mod tasks;
 pub mod telemetry;
 pub mod torch_info;
+pub mod train;
 pub mod weights;
 pub mod zoo;

@@ -61,6 +61,10 @@ fn checkpoint(net: NetConfig) -> DenoiserCheckpoint {
             embedding_dim: 0,
             support: None,
         },
+        feature_norm: Some((
+            Tensor::from_slice(&[0.5f32, 1.0, 2.0]),
+            Tensor::from_slice(&[1.0f32, 2.0, 3.0]),
+        )),
         summary: BTreeMap::from([("val_loss".to_owned(), 0.25)]),
     }
 }
@@ -104,6 +108,13 @@ fn checkpoints_round_trip_exactly_for_both_networks() {
         assert!(
             loaded.stats.mean.equal(&original.stats.mean)
                 && loaded.stats.std.equal(&original.stats.std)
+        );
+        let (lf, of) = (
+            loaded.feature_norm.as_ref().unwrap(),
+            original.feature_norm.as_ref().unwrap(),
+        );
+        assert!(
+            lf.0.to_device(Device::Cpu).equal(&of.0) && lf.1.to_device(Device::Cpu).equal(&of.1)
         );
         let (l, o) = (
             loaded.latent.as_ref().unwrap(),

@@ -342,6 +342,7 @@ fn generate_in_a_pca_latent_lands_on_the_asked_mode_for_x0_and_v_prediction() {
             clip: Some((z.amin([0].as_slice(), false), z.amax([0].as_slice(), false))),
             latent: Some(latent.truncated(latent.dim())),
             feature_schema: FeatureSchema::default(),
+            feature_norm: None,
             summary: BTreeMap::new(),
         };
         // What the server does: write, read back, generate.

@@ -106,20 +106,20 @@ async fn a_builder_killed_mid_way_resumes_without_duplicates_or_orphans() {
         "--data-dir",
         data_dir,
     ];
+    // The catalog exists (migrated) before the worker starts; the test
+    // watches it through its own connection.
+    let (catalog, _) = open_sqlite(dir.path()).await;
+    let log = std::fs::File::create(dir.path().join("worker.log")).unwrap();
     let mut child = worker(&args)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(log)
         .spawn()
         .unwrap();
     // Wait until part of the zoo is built, then SIGKILL the worker.
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut done_at_kill = 0;
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if !dir.path().join("catalog.db").exists() {
-            continue;
-        }
-        let (catalog, _) = open_sqlite(dir.path()).await;
         if let Ok(progress) = catalog.zoo_progress("sinusoid").await
             && progress.done >= 10
         {
@@ -127,6 +127,12 @@ async fn a_builder_killed_mid_way_resumes_without_duplicates_or_orphans() {
             child.wait().unwrap();
             done_at_kill = catalog.zoo_progress("sinusoid").await.unwrap().done;
             break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "the worker exited ({status}) before it was killed:\n{}",
+                std::fs::read_to_string(dir.path().join("worker.log")).unwrap_or_default()
+            );
         }
     }
     // (Already dead unless the deadline passed.)

@@ -1,5 +1,5 @@
-//! `weightgen-worker`: background work — building model zoos (denoiser
-//! training arrives with its issue) — and a device check.
+//! `weightgen-worker`: background work — building model zoos, training
+//! and publishing denoisers — and a device check.
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -8,10 +8,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use weightgen::device::{DeviceChoice, device_name};
+use weightgen::model::{FitConfig, MlpUnetConfig, NetConfig};
 use weightgen::storage::StorageArgs;
 use weightgen::tasks::{Family, TrainConfig};
 use weightgen::telemetry::{self, LogArgs};
 use weightgen::torch_info::{TorchInfo, smoke_test};
+use weightgen::train::{TrainDenoiserConfig, train_denoiser};
 use weightgen::zoo::{ZooBuildConfig, build_zoo};
 
 /// Builds model zoos and trains denoisers.
@@ -39,6 +41,130 @@ enum Command {
     /// Model zoos.
     #[command(subcommand)]
     Zoo(ZooCommand),
+    /// Train a denoiser on a zoo, score it zero-shot and publish it.
+    Train(Box<TrainArgs>),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The zoo to train on.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ZOO")]
+    zoo: String,
+    /// Id of the new denoiser version (default: ZOO-UNIX_SECONDS).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_DENOISER_ID")]
+    denoiser_id: Option<String>,
+    /// Optimizer steps (the proposal: 200,000).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_STEPS", default_value_t = 200_000)]
+    steps: usize,
+    /// Batch size (the proposal: 64).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_BATCH_SIZE", default_value_t = weightgen::model::fit::DEFAULT_BATCH_SIZE)]
+    batch_size: i64,
+    /// Adam learning rate (the proposal: 1e-4).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LEARNING_RATE", default_value_t = weightgen::model::fit::DEFAULT_LEARNING_RATE)]
+    learning_rate: f64,
+    /// Share of rows trained unconditionally (classifier-free guidance).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_COND_DROPOUT", default_value_t = weightgen::model::fit::DEFAULT_COND_DROPOUT)]
+    cond_dropout: f64,
+    /// EMA decay of the published weights (0: last weights).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EMA_DECAY", default_value_t = weightgen::train::DEFAULT_EMA_DECAY)]
+    ema_decay: f64,
+    /// Share of zoo models held out for validation.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_VAL_FRACTION", default_value_t = weightgen::train::DEFAULT_VAL_FRACTION)]
+    val_fraction: f64,
+    /// Widths of the MLP U-Net levels, widest first.
+    #[arg(
+        long,
+        env = "WEIGHTGEN_TRAIN_WIDTHS",
+        value_delimiter = ',',
+        default_value = "512,256"
+    )]
+    widths: Vec<i64>,
+    /// Held-out tasks the quality gate scores.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_TASKS", default_value_t = 20)]
+    eval_tasks: usize,
+    /// Classifier-free guidance scale of the quality gate's samples.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_GUIDANCE", default_value_t = 1.0)]
+    eval_guidance: f64,
+    /// Seed of batches, noise and the quality gate.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_SEED", default_value_t = 0)]
+    seed: u64,
+    /// Log and validate every this many steps.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LOG_EVERY", default_value_t = 1000)]
+    log_every: usize,
+    /// Make it the active denoiser of its architecture once published.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ACTIVATE")]
+    activate: bool,
+    /// Device to train on: auto, cpu or cuda:N.
+    #[arg(long, env = "WEIGHTGEN_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+fn train(args: TrainArgs) -> Result<String, String> {
+    let device = args.device.resolve().map_err(|e| e.to_string())?;
+    let denoiser_id = args.denoiser_id.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        format!("{}-{now}", args.zoo)
+    });
+    let config = TrainDenoiserConfig {
+        zoo: args.zoo,
+        denoiser_id,
+        net: NetConfig::MlpUnet(MlpUnetConfig {
+            widths: args.widths,
+            ..Default::default()
+        }),
+        fit: FitConfig {
+            steps: args.steps,
+            batch_size: args.batch_size,
+            learning_rate: args.learning_rate,
+            cond_dropout: args.cond_dropout,
+            seed: args.seed,
+            ..Default::default()
+        },
+        ema_decay: args.ema_decay,
+        val_fraction: args.val_fraction,
+        encoder_hidden: 128,
+        embed_dim: 64,
+        log_every: args.log_every,
+        eval_tasks: args.eval_tasks,
+        eval_guidance: args.eval_guidance,
+        device,
+        activate: args.activate,
+    };
+    let steps = config.fit.steps as u64;
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        let bar = progress_bar(std::io::stderr().is_terminal());
+        bar.set_length(steps);
+        let shown = bar.clone();
+        let outcome = train_denoiser(catalog, blobs, config, move |step, train, val| {
+            shown.set_position(step as u64);
+            shown.set_message(format!("loss {train:.4} val {val:.4}"));
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        bar.finish_and_clear();
+        let q = &outcome.quality;
+        Ok(format!(
+            "published denoiser {} ({}{}); {} zero-shot: zoo tasks DDIM {:.3} DDPM {:.3} nearest-zoo {:.3} chance {:.3}; held-out DDIM {:.3} DDPM {:.3} nearest-zoo {:.3} chance {:.3}",
+            outcome.record.id,
+            outcome.record.architecture,
+            if outcome.record.active { ", active" } else { "" },
+            q.metric,
+            q.zoo_tasks.ddim,
+            q.zoo_tasks.ddpm,
+            q.zoo_tasks.nearest_zoo,
+            q.zoo_tasks.chance,
+            q.held_out.ddim,
+            q.held_out.ddpm,
+            q.held_out.nearest_zoo,
+            q.held_out.chance
+        ))
+    })
 }
 
 #[derive(Subcommand)]
@@ -207,6 +333,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Train(args)) => match train(*args) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weightgen-worker: train: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Zoo(ZooCommand::Build(args))) => match zoo_build(*args) {
             Ok(summary) => {
                 println!("{summary}");

@@ -14,6 +14,8 @@ use sqlx::sqlite::{
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connections a catalog keeps open at most.
 pub const MAX_CONNECTIONS: u32 = 4;
+/// Times a failed migration is retried (another process may be migrating).
+const MIGRATION_RETRIES: u64 = 5;
 
 /// A catalog in a SQLite file.
 #[derive(Debug, Clone)]
@@ -42,7 +44,20 @@ impl SqliteCatalog {
             .max_connections(MAX_CONNECTIONS)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        // Two processes opening a fresh file at once may both see no
+        // migration applied; the loser's CREATE fails. Re-reading the applied
+        // set after a pause then finds nothing left to do.
+        let mut attempt = 0;
+        loop {
+            match sqlx::migrate!("migrations/sqlite").run(&pool).await {
+                Ok(()) => break,
+                Err(_) if attempt < MIGRATION_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(Self { pool })
     }
 

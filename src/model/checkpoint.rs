@@ -1,7 +1,7 @@
 //! The denoiser checkpoint: one safetensors file holding the denoiser and
 //! task-encoder weights ("model.*"), the standardization μ and σ
-//! ("stats.*", f64), the optional PCA latent ("latent.*") and x₀ clip range
-//! ("clip.*"), with JSON metadata in the header: format, config, ArchSpec,
+//! ("stats.*", f64), the optional PCA latent ("latent.*"), x₀ clip range
+//! ("clip.*") and task-feature standardization ("features.*"), with JSON metadata in the header: format, config, ArchSpec,
 //! schedule, feature schema and training summary. Loads onto any device.
 
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +60,9 @@ pub struct DenoiserCheckpoint {
     pub clip: Option<(Tensor, Tensor)>,
     /// Conditioning inputs.
     pub feature_schema: FeatureSchema,
+    /// Mean and std the task features were standardized with (the encoder
+    /// sees (features − mean)/std), if any.
+    pub feature_norm: Option<(Tensor, Tensor)>,
     /// Training summary (losses, metrics).
     pub summary: BTreeMap<String, f64>,
 }
@@ -160,6 +163,10 @@ impl DenoiserCheckpoint {
             tensors.push(("clip.low".into(), low.shallow_clone()));
             tensors.push(("clip.high".into(), high.shallow_clone()));
         }
+        if let Some((mean, std)) = &self.feature_norm {
+            tensors.push(("features.mean".into(), mean.shallow_clone()));
+            tensors.push(("features.std".into(), std.shallow_clone()));
+        }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let mut meta = HashMap::new();
         meta.insert("format".to_owned(), FORMAT.to_owned());
@@ -238,6 +245,13 @@ impl DenoiserCheckpoint {
             (Some(low), Some(high)) => Some((low.to_device(device), high.to_device(device))),
             _ => None,
         };
+        let feature_norm = match (
+            tensors.remove("features.mean"),
+            tensors.remove("features.std"),
+        ) {
+            (Some(mean), Some(std)) => Some((mean.to_device(device), std.to_device(device))),
+            _ => None,
+        };
         Ok(Self {
             model,
             arch,
@@ -245,6 +259,7 @@ impl DenoiserCheckpoint {
             latent,
             clip,
             feature_schema,
+            feature_norm,
             summary,
         })
     }

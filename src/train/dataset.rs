@@ -1,0 +1,197 @@
+//! A zoo loaded for denoiser training: every model's weights (aligned to a
+//! reference unless the zoo shares one initialization), flattened in
+//! `ArchSpec` order, with its task, feature vector and support set.
+
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::TrainError;
+use crate::blobs::BlobStore;
+use crate::catalog::{Catalog, PageRequest, ZooModelFilter, ZooModelRecord};
+use crate::tasks::featurizer::schema;
+use crate::tasks::{Descriptor, Family, FeatureSchema, Network, TaskSpec};
+use crate::weights::{PermutationSpec, align, decode_safetensors};
+
+/// Sweeps of the alignment.
+const ALIGN_SWEEPS: usize = 20;
+
+/// One zoo, ready to train on.
+#[derive(Debug)]
+pub struct ZooDataset {
+    /// The family.
+    pub family: Family,
+    /// The network of every model.
+    pub network: Network,
+    /// The feature schema (from the zoo's plan).
+    pub schema: FeatureSchema,
+    /// Model rows, in id order.
+    pub models: Vec<ZooModelRecord>,
+    /// Their tasks.
+    pub tasks: Vec<TaskSpec>,
+    /// Their descriptors.
+    pub descriptors: Vec<Descriptor>,
+    /// Flat weights [N, D].
+    pub weights: Tensor,
+    /// Raw feature vectors [N, F].
+    pub features: Tensor,
+    /// Support inputs [N, K, in] and targets [N, K, out], when the schema has them.
+    pub support: Option<(Tensor, Tensor)>,
+    /// Whether the models were aligned to the first one.
+    pub aligned: bool,
+}
+
+/// Classes (or 1 for regression) the support targets are encoded over.
+pub fn support_ways(family: Family) -> usize {
+    match family {
+        Family::Digits => crate::tasks::families::DIGITS_WAYS,
+        Family::Sinusoid | Family::DigitInr => 1,
+    }
+}
+
+impl ZooDataset {
+    /// Loads zoo `zoo` from the catalog and blob store.
+    pub async fn load(
+        catalog: &Arc<dyn Catalog>,
+        blobs: &BlobStore,
+        zoo: &str,
+    ) -> Result<Self, TrainError> {
+        let plan = catalog.zoo(zoo).await?.ok_or_else(|| TrainError::Input {
+            field: "zoo",
+            reason: format!("no zoo called {zoo:?}"),
+        })?;
+        let family = Family::parse(&plan.family)?;
+        let network = family.network(&plan.architecture)?;
+        let shared_init = plan.config["shared_init"].as_bool().unwrap_or(false);
+        let schema: FeatureSchema = serde_json::from_value(plan.config["feature_schema"].clone())
+            .unwrap_or_else(|_| schema(family));
+        let filter = ZooModelFilter {
+            zoo: Some(zoo.to_owned()),
+            ..Default::default()
+        };
+        let mut models = Vec::new();
+        let mut page = PageRequest::first(crate::catalog::MAX_PAGE_SIZE);
+        loop {
+            let got = catalog.zoo_models(&filter, &page).await?;
+            models.extend(got.items);
+            if got.next_token.is_empty() {
+                break;
+            }
+            page.token = got.next_token;
+        }
+        models.sort_by(|a, b| a.id.cmp(&b.id));
+        if models.len() < 2 {
+            return Err(TrainError::Input {
+                field: "zoo",
+                reason: format!(
+                    "zoo {zoo:?} has {} models; at least 2 are needed",
+                    models.len()
+                ),
+            });
+        }
+        let mut params: Vec<Vec<Tensor>> = Vec::with_capacity(models.len());
+        let mut tasks: Vec<TaskSpec> = Vec::with_capacity(models.len());
+        let mut descriptors: Vec<Descriptor> = Vec::with_capacity(models.len());
+        for model in &models {
+            let bytes = blobs.get(&model.sha256).await?;
+            let decoded = decode_safetensors(&bytes)?;
+            network.spec.check(
+                decoded
+                    .specs
+                    .iter()
+                    .map(|t| (t.name.as_str(), t.shape.as_slice())),
+            )?;
+            let by_name: std::collections::HashMap<&str, &Tensor> = decoded
+                .tensors
+                .iter()
+                .map(|(n, t)| (n.as_str(), t))
+                .collect();
+            params.push(
+                network
+                    .spec
+                    .tensors
+                    .iter()
+                    .map(|t| by_name[t.name.as_str()].to_kind(Kind::Float))
+                    .collect(),
+            );
+            let corrupt = |what: &str, e: serde_json::Error| TrainError::Input {
+                field: "zoo",
+                reason: format!("model {}: {what}: {e}", model.id),
+            };
+            tasks.push(
+                serde_json::from_value(model.task["spec"].clone())
+                    .map_err(|e| corrupt("task", e))?,
+            );
+            descriptors.push(
+                serde_json::from_value(model.task["descriptor"].clone())
+                    .map_err(|e| corrupt("descriptor", e))?,
+            );
+        }
+        let aligned = !shared_init;
+        if aligned {
+            let spec = PermutationSpec::new(&network.spec)?;
+            let reference: Vec<Tensor> = params[0].iter().map(Tensor::shallow_clone).collect();
+            for p in params.iter_mut().skip(1) {
+                *p = align(&spec, &reference, p, ALIGN_SWEEPS).0;
+            }
+        }
+        let weights = Tensor::stack(
+            &params
+                .iter()
+                .map(|p| Tensor::cat(&p.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0))
+                .collect::<Vec<_>>(),
+            0,
+        );
+        let mut feature_rows = Vec::with_capacity(models.len());
+        let mut support_x = Vec::new();
+        let mut support_y = Vec::new();
+        for (model, d) in models.iter().zip(&descriptors) {
+            let bad = |e: crate::tasks::FeatureError| TrainError::Input {
+                field: "zoo",
+                reason: format!("model {}: {e}", model.id),
+            };
+            feature_rows.push(Tensor::from_slice(&d.feature_vector(&schema).map_err(bad)?));
+            if let Some((x, y)) = d
+                .support_tensors(&schema, support_ways(family))
+                .map_err(bad)?
+            {
+                support_x.push(x);
+                support_y.push(y);
+            }
+        }
+        let support = if support_x.len() == models.len() {
+            let k = support_x[0].size()[0];
+            if support_x.iter().any(|x| x.size()[0] != k) {
+                return Err(TrainError::Input {
+                    field: "zoo",
+                    reason: "support sets of different sizes".into(),
+                });
+            }
+            Some((Tensor::stack(&support_x, 0), Tensor::stack(&support_y, 0)))
+        } else {
+            None
+        };
+        Ok(Self {
+            family,
+            network,
+            schema,
+            models,
+            tasks,
+            descriptors,
+            weights: weights.to_device(Device::Cpu),
+            features: Tensor::stack(&feature_rows, 0),
+            support,
+            aligned,
+        })
+    }
+
+    /// Number of models.
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    /// Whether the zoo is empty (never, once loaded).
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+}

@@ -1,0 +1,334 @@
+//! Turning a zoo into a denoiser: load the zoo (aligned), standardize the
+//! weights and the task features, train the denoiser and task encoder with
+//! an EMA of the weights and a held-out validation split of zoo models,
+//! write the checkpoint, score generated weights zero-shot against chance
+//! and the nearest zoo model (the quality gate), and publish it.
+
+pub mod dataset;
+pub mod ema;
+pub mod quality;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tch::{Device, Kind, Tensor};
+
+pub use dataset::ZooDataset;
+pub use ema::Ema;
+pub use quality::{QualityReport, evaluate_quality};
+
+use crate::blobs::{BlobError, BlobStore};
+use crate::catalog::{Catalog, CatalogError, DenoiserRecord};
+use crate::diffusion::ClipRange;
+use crate::model::{
+    CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig, NetConfig,
+    TaskBatch, TaskEncoderConfig, Trainer,
+};
+use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode};
+
+/// Default EMA decay of the published weights.
+pub const DEFAULT_EMA_DECAY: f64 = 0.999;
+/// Default share of zoo models held out for validation.
+pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
+/// Margin of the x̂₀ clip range, as a share of the zoo's range.
+pub const CLIP_MARGIN: f64 = 0.1;
+
+/// Why training failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A request or stored value is unusable.
+    #[error("{field}: {reason}")]
+    Input {
+        /// Which input.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The blob store failed.
+    #[error(transparent)]
+    Blobs(#[from] BlobError),
+    /// A task or family is unknown.
+    #[error(transparent)]
+    Task(#[from] crate::tasks::TaskError),
+    /// A checkpoint does not fit its architecture.
+    #[error(transparent)]
+    Layout(#[from] crate::weights::LayoutError),
+    /// Alignment is impossible for the architecture.
+    #[error(transparent)]
+    Align(#[from] crate::weights::AlignError),
+    /// A file could not be decoded.
+    #[error(transparent)]
+    Codec(#[from] crate::weights::CodecError),
+    /// Writing the checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// libtorch failed.
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// What to train.
+#[derive(Debug, Clone)]
+pub struct TrainDenoiserConfig {
+    /// The zoo.
+    pub zoo: String,
+    /// Id of the new denoiser version.
+    pub denoiser_id: String,
+    /// The network F.
+    pub net: NetConfig,
+    /// Steps, batch, learning rate, condition dropout, clipping, seed.
+    pub fit: FitConfig,
+    /// EMA decay (0 = no EMA).
+    pub ema_decay: f64,
+    /// Share of zoo models held out for validation.
+    pub val_fraction: f64,
+    /// Task-encoder width and embedding size.
+    pub encoder_hidden: i64,
+    /// Size of e.
+    pub embed_dim: i64,
+    /// Log (and validate) every this many steps.
+    pub log_every: usize,
+    /// Held-out tasks the quality gate samples.
+    pub eval_tasks: usize,
+    /// Classifier-free guidance scale of the quality gate's samples.
+    pub eval_guidance: f64,
+    /// Device to train on.
+    pub device: Device,
+    /// Make it the active denoiser of its architecture once published.
+    pub activate: bool,
+}
+
+/// What training produced.
+pub struct TrainOutcome {
+    /// The checkpoint (EMA weights).
+    pub checkpoint: DenoiserCheckpoint,
+    /// Its catalog row.
+    pub record: DenoiserRecord,
+    /// Zero-shot scores.
+    pub quality: QualityReport,
+    /// (step, train loss, validation loss) at each log point.
+    pub curve: Vec<(usize, f64, f64)>,
+}
+
+/// Rows of the validation split: every model whose index is a multiple of
+/// round(1 / fraction), at least one.
+pub fn validation_rows(n: usize, fraction: f64) -> Vec<i64> {
+    if fraction <= 0.0 {
+        return Vec::new();
+    }
+    let every = (1.0 / fraction).round().max(2.0) as usize;
+    (0..n)
+        .filter(|i| i % every == every / 2)
+        .map(|i| i as i64)
+        .collect()
+}
+
+/// Features standardized with the zoo's mean and std (floored).
+pub fn standardize_features(features: &Tensor, norm: &(Tensor, Tensor)) -> Tensor {
+    (features.to_kind(Kind::Float) - &norm.0) / &norm.1
+}
+
+fn task_batch(data: &ZooDataset, rows: &Tensor, norm: &(Tensor, Tensor)) -> TaskBatch {
+    TaskBatch {
+        features: Some(standardize_features(
+            &data.features.index_select(0, rows),
+            norm,
+        )),
+        support_x: data.support.as_ref().map(|(x, _)| x.index_select(0, rows)),
+        support_y: data.support.as_ref().map(|(_, y)| y.index_select(0, rows)),
+    }
+}
+
+/// Mean loss on `rows` at fixed timesteps and noise (comparable across steps).
+fn validation_loss(model: &ConditionalDenoiser, w: &Tensor, condition: &TaskBatch) -> f64 {
+    let n = w.size()[0];
+    if n == 0 {
+        return f64::NAN;
+    }
+    tch::no_grad(|| {
+        let device = model.device();
+        let timesteps = model.schedule().timesteps() as i64;
+        let t = (Tensor::arange(n, (Kind::Int64, device)) * 7919).remainder(timesteps) + 1;
+        let noise = crate::diffusion::SeededNoise::new(&[0xBA1], 9)
+            .draw(&[n, w.size()[1]], device)
+            .squeeze_dim(0);
+        model
+            .loss(
+                &w.to_device(device),
+                &condition.to_device(device),
+                &t,
+                &noise,
+                None,
+            )
+            .double_value(&[])
+    })
+}
+
+/// Trains a denoiser on `zoo` and publishes it (blob, then catalog row,
+/// then activation when asked).
+pub async fn train_denoiser(
+    catalog: Arc<dyn Catalog>,
+    blobs: BlobStore,
+    config: TrainDenoiserConfig,
+    on_log: impl Fn(usize, f64, f64) + Send + 'static,
+) -> Result<TrainOutcome, TrainError> {
+    let started = Instant::now();
+    let data = ZooDataset::load(&catalog, &blobs, &config.zoo).await?;
+    catalog.register_architecture(&data.network.spec).await?;
+    let n = data.len();
+    let val = validation_rows(n, config.val_fraction);
+    let train: Vec<i64> = (0..n as i64).filter(|i| !val.contains(i)).collect();
+    tracing::info!(
+        zoo = %config.zoo, models = n, train = train.len(), validation = val.len(),
+        aligned = data.aligned, dim = data.weights.size()[1], "zoo loaded"
+    );
+    let config_for_blocking = config.clone();
+    let (checkpoint, curve, quality) = tokio::task::spawn_blocking(move || {
+        train_blocking(data, &train, &val, &config_for_blocking, on_log)
+    })
+    .await
+    .map_err(|e| TrainError::Input {
+        field: "training",
+        reason: e.to_string(),
+    })??;
+    let bytes = Bytes::from(checkpoint.to_bytes()?);
+    let stored = blobs.put(bytes).await?;
+    let mut summary = checkpoint.summary.clone();
+    summary.insert("train_seconds".into(), started.elapsed().as_secs_f64());
+    let record = DenoiserRecord {
+        id: config.denoiser_id.clone(),
+        architecture: checkpoint.arch.name.clone(),
+        sha256: stored.sha256,
+        size_bytes: stored.size,
+        config: serde_json::json!({
+            "zoo": config.zoo,
+            "denoiser": checkpoint.model.config(),
+            "fit": {
+                "steps": config.fit.steps, "batch_size": config.fit.batch_size,
+                "learning_rate": config.fit.learning_rate, "cond_dropout": config.fit.cond_dropout,
+                "seed": config.fit.seed, "ema_decay": config.ema_decay,
+            },
+        }),
+        summary,
+        active: false,
+        created_at_ms: 0,
+    };
+    catalog.insert_denoiser(&record).await?;
+    let record = if config.activate {
+        catalog.activate_denoiser(&record.id).await?
+    } else {
+        catalog.denoiser(&record.id).await?.unwrap_or(record)
+    };
+    Ok(TrainOutcome {
+        checkpoint,
+        record,
+        quality,
+        curve,
+    })
+}
+
+type Trained = (DenoiserCheckpoint, Vec<(usize, f64, f64)>, QualityReport);
+
+fn train_blocking(
+    data: ZooDataset,
+    train: &[i64],
+    val: &[i64],
+    config: &TrainDenoiserConfig,
+    on_log: impl Fn(usize, f64, f64),
+) -> Result<Trained, TrainError> {
+    let device = config.device;
+    let train_rows = Tensor::from_slice(train);
+    let val_rows = Tensor::from_slice(val);
+    let train_w = data.weights.index_select(0, &train_rows);
+    let stats = Stats::fit(
+        &train_w,
+        StatsMode::PerDimension,
+        &data.network.spec,
+        DEFAULT_STD_FLOOR,
+    );
+    let standardized = stats.normalize(&data.weights).to_kind(Kind::Float);
+    let train_features = data.features.index_select(0, &train_rows);
+    let feature_norm = (
+        train_features.mean_dim(0, false, Kind::Float),
+        train_features.std_dim(0, false, false).clamp_min(1e-3),
+    );
+    let support_spec = data.schema.support.as_ref();
+    let encoder = TaskEncoderConfig {
+        feature_dim: data.features.size()[1],
+        support_x_dim: data.support.as_ref().map_or(0, |(x, _)| x.size()[2]),
+        support_y_dim: data.support.as_ref().map_or(0, |(_, y)| y.size()[2]),
+        hidden: config.encoder_hidden,
+        embed_dim: config.embed_dim,
+    };
+    let _ = support_spec;
+    let mut denoiser_config =
+        DenoiserConfig::new(data.weights.size()[1], encoder).with_layout(&data.network.spec);
+    denoiser_config.net = config.net.clone();
+    let model =
+        ConditionalDenoiser::new(denoiser_config, device).map_err(|e| TrainError::Input {
+            field: "schedule",
+            reason: e.to_string(),
+        })?;
+    let train_condition = task_batch(&data, &train_rows, &feature_norm).to_device(device);
+    let val_condition = task_batch(&data, &val_rows, &feature_norm);
+    let train_data = standardized.index_select(0, &train_rows).to_device(device);
+    let val_data = standardized.index_select(0, &val_rows);
+    let mut trainer = Trainer::new(&model, &config.fit)?;
+    let mut ema = Ema::new(&model.vs, config.ema_decay);
+    let mut curve = Vec::new();
+    let mut recent = Vec::new();
+    for step in 1..=config.fit.steps {
+        recent.push(trainer.step(&model, &train_data, &train_condition));
+        ema.update(&model.vs);
+        if step % config.log_every.max(1) == 0 || step == config.fit.steps {
+            let train_loss = recent.iter().sum::<f64>() / recent.len() as f64;
+            recent.clear();
+            let val_loss = ema.with_averaged(&model.vs, || {
+                validation_loss(&model, &val_data, &val_condition)
+            });
+            tracing::info!(step, train_loss, val_loss, "denoiser training");
+            on_log(step, train_loss, val_loss);
+            curve.push((step, train_loss, val_loss));
+        }
+    }
+    ema.copy_into(&model.vs);
+    let clip = ClipRange::from_zoo(&train_data.to_device(Device::Cpu), CLIP_MARGIN);
+    let clip = match clip {
+        ClipRange::Box { low, high } => Some((low, high)),
+        ClipRange::Symmetric(_) => None,
+    };
+    let mut summary = BTreeMap::new();
+    if let Some(&(_, train_loss, val_loss)) = curve.last() {
+        summary.insert("final_train_loss".to_owned(), train_loss);
+        summary.insert("final_val_loss".to_owned(), val_loss);
+    }
+    summary.insert("zoo_models".to_owned(), data.len() as f64);
+    let mut checkpoint = DenoiserCheckpoint {
+        model,
+        arch: data.network.spec.clone(),
+        stats,
+        latent: None,
+        clip,
+        feature_schema: data.schema.clone(),
+        feature_norm: Some(feature_norm),
+        summary,
+    };
+    let quality = evaluate_quality(
+        &checkpoint,
+        &data,
+        train,
+        val,
+        config.eval_tasks,
+        config.eval_guidance,
+        config.fit.seed,
+    );
+    for (key, value) in quality.summary() {
+        checkpoint.summary.insert(key, value);
+    }
+    Ok((checkpoint, curve, quality))
+}

@@ -1,0 +1,294 @@
+//! The quality gate: generated weights scored zero-shot on tasks, next to
+//! chance, the zoo's own models and the nearest zoo model (retrieval by
+//! task features). First on validation zoo tasks (does the condition steer
+//! the sample at all?), then on held-out tasks no zoo contains.
+
+use std::collections::BTreeMap;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tch::{Device, Kind, Tensor};
+
+use super::dataset::{ZooDataset, support_ways};
+use super::standardize_features;
+use crate::diffusion::SamplerKind;
+use crate::model::{DenoiserCheckpoint, TaskBatch};
+use crate::tasks::featurizer::describe;
+use crate::tasks::train::evaluate;
+use crate::tasks::{Descriptor, Objective, TaskSpec};
+
+/// DDIM steps of the quality gate.
+pub const EVAL_DDIM_STEPS: usize = 50;
+
+/// Scores on one set of tasks (means over tasks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitScores {
+    /// Tasks scored.
+    pub tasks: usize,
+    /// Generated with DDIM-50.
+    pub ddim: f64,
+    /// Generated with DDPM (all T steps).
+    pub ddpm: f64,
+    /// The zoo model whose task features are nearest.
+    pub nearest_zoo: f64,
+    /// The zoo's own models on their tasks (zoo tasks only).
+    pub zoo_models: Option<f64>,
+    /// Chance: 1/ways, or the MSE of predicting 0.
+    pub chance: f64,
+}
+
+/// The gate's figures.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QualityReport {
+    /// "test_accuracy" or "test_mse".
+    pub metric: String,
+    /// Validation zoo tasks (their models were not trained on).
+    pub zoo_tasks: SplitScores,
+    /// Held-out tasks.
+    pub held_out: SplitScores,
+}
+
+impl QualityReport {
+    /// Flat figures for the checkpoint summary.
+    pub fn summary(&self) -> BTreeMap<String, f64> {
+        let mut out = BTreeMap::new();
+        for (split, s) in [("zoo_tasks", &self.zoo_tasks), ("held_out", &self.held_out)] {
+            let key = |what: &str| format!("quality.{split}.{what}_{}", self.metric);
+            out.insert(format!("quality.{split}.tasks"), s.tasks as f64);
+            out.insert(key("ddim"), s.ddim);
+            out.insert(key("ddpm"), s.ddpm);
+            out.insert(key("nearest_zoo"), s.nearest_zoo);
+            out.insert(key("chance"), s.chance);
+            if let Some(z) = s.zoo_models {
+                out.insert(key("zoo_models"), z);
+            }
+        }
+        out
+    }
+}
+
+fn metric_name(objective: Objective) -> &'static str {
+    match objective {
+        Objective::Classification => "test_accuracy",
+        Objective::Regression => "test_mse",
+    }
+}
+
+/// Splits flat weights [D] into the architecture's tensors.
+fn unflat(data: &ZooDataset, flat: &Tensor) -> Vec<Tensor> {
+    data.network
+        .spec
+        .offsets()
+        .iter()
+        .zip(&data.network.spec.tensors)
+        .map(|(range, t)| {
+            flat.narrow(0, range.start as i64, (range.end - range.start) as i64)
+                .reshape(t.shape_i64().as_slice())
+        })
+        .collect()
+}
+
+fn score(data: &ZooDataset, task: &TaskSpec, flat: &Tensor) -> f64 {
+    let objective = data.family.objective();
+    match data.family.data(task, Device::Cpu) {
+        Ok(task_data) => evaluate(&data.network, &unflat(data, flat), &task_data, objective)
+            [metric_name(objective)],
+        Err(_) => f64::NAN,
+    }
+}
+
+fn chance(data: &ZooDataset, task: &TaskSpec) -> f64 {
+    match data.family.objective() {
+        Objective::Classification => 1.0 / support_ways(data.family) as f64,
+        Objective::Regression => data
+            .family
+            .data(task, Device::Cpu)
+            .map(|d| d.test_y.square().mean(Kind::Double).double_value(&[]))
+            .unwrap_or(f64::NAN),
+    }
+}
+
+/// The denoiser's condition for `descriptors`, as training standardized it.
+pub fn condition_of(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    descriptors: &[Descriptor],
+) -> TaskBatch {
+    let features: Vec<Tensor> = descriptors
+        .iter()
+        .map(|d| Tensor::from_slice(&d.feature_vector(&data.schema).unwrap_or_default()))
+        .collect();
+    let features = Tensor::stack(&features, 0);
+    let features = match &checkpoint.feature_norm {
+        Some(norm) => standardize_features(&features, norm),
+        None => features,
+    };
+    let supports: Vec<(Tensor, Tensor)> = descriptors
+        .iter()
+        .filter_map(|d| {
+            d.support_tensors(&data.schema, support_ways(data.family))
+                .ok()
+                .flatten()
+        })
+        .collect();
+    let (support_x, support_y) = if supports.len() == descriptors.len() && !supports.is_empty() {
+        let (xs, ys): (Vec<Tensor>, Vec<Tensor>) = supports.into_iter().unzip();
+        (Some(Tensor::stack(&xs, 0)), Some(Tensor::stack(&ys, 0)))
+    } else {
+        (None, None)
+    };
+    TaskBatch {
+        features: Some(features),
+        support_x,
+        support_y,
+    }
+}
+
+/// What every split of the gate shares.
+struct Gate<'a> {
+    checkpoint: &'a DenoiserCheckpoint,
+    data: &'a ZooDataset,
+    train: &'a [i64],
+    guidance: f64,
+}
+
+fn scores_for(
+    gate: &Gate<'_>,
+    tasks: &[TaskSpec],
+    descriptors: &[Descriptor],
+    own: Option<f64>,
+    seed: u64,
+) -> SplitScores {
+    let Gate {
+        checkpoint,
+        data,
+        train,
+        guidance,
+    } = *gate;
+    if tasks.is_empty() {
+        return SplitScores {
+            tasks: 0,
+            ddim: f64::NAN,
+            ddpm: f64::NAN,
+            nearest_zoo: f64::NAN,
+            zoo_models: own,
+            chance: f64::NAN,
+        };
+    }
+    let condition = condition_of(checkpoint, data, descriptors);
+    let seeds: Vec<u64> = (0..tasks.len() as u64)
+        .map(|i| seed.wrapping_add(i))
+        .collect();
+    let mean = |xs: Vec<f64>| xs.iter().sum::<f64>() / xs.len() as f64;
+    let generated = |kind| {
+        let w = checkpoint
+            .generate(&condition, &seeds, kind, guidance)
+            .to_device(Device::Cpu);
+        mean(
+            tasks
+                .iter()
+                .enumerate()
+                .map(|(i, t)| score(data, t, &w.get(i as i64)))
+                .collect(),
+        )
+    };
+    // Retrieval baseline: the training zoo model with the nearest features.
+    let train_rows = Tensor::from_slice(train);
+    let zoo_features = data.features.index_select(0, &train_rows);
+    let asked = Tensor::stack(
+        &descriptors
+            .iter()
+            .map(|d| Tensor::from_slice(&d.feature_vector(&data.schema).unwrap_or_default()))
+            .collect::<Vec<_>>(),
+        0,
+    );
+    let norm = checkpoint.feature_norm.as_ref();
+    let (a, z) = match norm {
+        Some(n) => (
+            standardize_features(&asked, n),
+            standardize_features(&zoo_features, n),
+        ),
+        None => (asked, zoo_features),
+    };
+    let nearest = Tensor::cdist(&a, &z, 2.0, None::<i64>).argmin(1, false);
+    let nearest_zoo = mean(
+        tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let row = train[nearest.int64_value(&[i as i64]) as usize];
+                score(data, t, &data.weights.get(row))
+            })
+            .collect(),
+    );
+    SplitScores {
+        tasks: tasks.len(),
+        ddim: generated(SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0)),
+        ddpm: generated(SamplerKind::Ddpm),
+        nearest_zoo,
+        zoo_models: own,
+        chance: mean(tasks.iter().map(|t| chance(data, t)).collect()),
+    }
+}
+
+/// Scores `checkpoint` on the validation zoo tasks (`val` rows) and on
+/// `held_out_tasks` held-out tasks drawn from `seed`.
+pub fn evaluate_quality(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    train: &[i64],
+    val: &[i64],
+    held_out_tasks: usize,
+    guidance: f64,
+    seed: u64,
+) -> QualityReport {
+    let metric = metric_name(data.family.objective()).to_owned();
+    let val_tasks: Vec<TaskSpec> = val
+        .iter()
+        .map(|&i| data.tasks[i as usize].clone())
+        .collect();
+    let val_descriptors: Vec<Descriptor> = val
+        .iter()
+        .map(|&i| data.descriptors[i as usize].clone())
+        .collect();
+    let own = (!val.is_empty()).then(|| {
+        val.iter()
+            .map(|&i| {
+                data.models[i as usize]
+                    .metrics
+                    .get(&metric)
+                    .copied()
+                    .unwrap_or(f64::NAN)
+            })
+            .sum::<f64>()
+            / val.len() as f64
+    });
+    let gate = Gate {
+        checkpoint,
+        data,
+        train,
+        guidance,
+    };
+    let zoo_tasks = scores_for(&gate, &val_tasks, &val_descriptors, own, seed);
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x4E1D);
+    let held: Vec<TaskSpec> = (0..held_out_tasks)
+        .map(|_| data.family.sample_task(&mut rng, true))
+        .collect();
+    let held_descriptors: Vec<Descriptor> = held
+        .iter()
+        .filter_map(|t| {
+            data.family
+                .data(t, Device::Cpu)
+                .ok()
+                .map(|d| describe(data.family, t, &d))
+        })
+        .collect();
+    let held_out = scores_for(&gate, &held, &held_descriptors, None, seed ^ 1);
+    let report = QualityReport {
+        metric,
+        zoo_tasks,
+        held_out,
+    };
+    tracing::info!(?report, "quality gate");
+    report
+}

@@ -1,0 +1,97 @@
+//! A small denoiser trained by the training pipeline on a small `digits`
+//! zoo, published to the catalog, and scored zero-shot: generated weights
+//! must be far above chance on the zoo's own (validation) tasks and on
+//! held-out class subsets, reported next to the nearest-zoo-model baseline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tch::Device;
+use weightgen::catalog::Catalog;
+use weightgen::model::{DenoiserCheckpoint, FitConfig, MlpUnetConfig, NetConfig};
+use weightgen::storage::StorageArgs;
+use weightgen::tasks::{Family, TrainConfig};
+use weightgen::train::{TrainDenoiserConfig, train_denoiser};
+use weightgen::zoo::{ZooBuildConfig, build_zoo};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
+    tch::set_num_threads(1);
+    let dir = tempfile::tempdir().unwrap();
+    let (catalog, blobs): (Arc<dyn Catalog>, _) =
+        StorageArgs::embedded(dir.path()).open().await.unwrap();
+    let zoo = ZooBuildConfig {
+        zoo: "digits-small".into(),
+        family: Family::Digits,
+        architecture: String::new(),
+        num_models: 1000,
+        seed: 3,
+        shared_init: true,
+        train: TrainConfig {
+            steps: 100,
+            ..Family::Digits.train_config()
+        },
+        worker: "test".into(),
+        jobs: 2,
+        lease: Duration::from_secs(600),
+        device: Device::Cpu,
+        max_models: None,
+    };
+    build_zoo(catalog.clone(), blobs.clone(), zoo, |_| {})
+        .await
+        .unwrap();
+    let config = TrainDenoiserConfig {
+        zoo: "digits-small".into(),
+        denoiser_id: "digits-small-v1".into(),
+        net: NetConfig::MlpUnet(MlpUnetConfig {
+            widths: vec![256, 128],
+            blocks_per_level: 1,
+            time_dim: 64,
+        }),
+        fit: FitConfig {
+            steps: 3000,
+            batch_size: 64,
+            learning_rate: 1e-3,
+            ..Default::default()
+        },
+        ema_decay: 0.995,
+        val_fraction: 0.1,
+        encoder_hidden: 128,
+        embed_dim: 64,
+        log_every: 500,
+        eval_tasks: 30,
+        eval_guidance: 3.0,
+        device: Device::Cpu,
+        activate: true,
+    };
+    let outcome = train_denoiser(catalog.clone(), blobs.clone(), config, |_, _, _| {})
+        .await
+        .unwrap();
+    let q = &outcome.quality;
+    eprintln!("loss curve (step, train, validation): {:?}", outcome.curve);
+    eprintln!("zoo tasks: {:?}", q.zoo_tasks);
+    eprintln!("held-out:  {:?}", q.held_out);
+    // Published and active; the stored file is the checkpoint.
+    let active = catalog
+        .active_denoiser("digits-mlp-64-32-5")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(active.id, "digits-small-v1");
+    let stored =
+        DenoiserCheckpoint::from_bytes(&blobs.get(&active.sha256).await.unwrap(), Device::Cpu)
+            .unwrap();
+    assert!(stored.feature_norm.is_some());
+    assert!(
+        active
+            .summary
+            .contains_key("quality.held_out.ddim_test_accuracy")
+    );
+    // Zero-shot: far above chance (0.2), on the zoo's validation tasks and
+    // on held-out class subsets, with both samplers. Measured: 0.65–0.70,
+    // against 0.74 for retrieving the nearest zoo model (see RESULTS.md).
+    for (split, s) in [("zoo tasks", &q.zoo_tasks), ("held-out", &q.held_out)] {
+        assert!((s.chance - 0.2).abs() < 1e-9, "{split}: {s:?}");
+        assert!(s.ddim > 0.5 && s.ddpm > 0.5, "{split}: {s:?}");
+    }
+}
