@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # The main job on embedded defaults: builds everything (release), builds
-# model zoos of two task families into ./weightgen-data (SQLite catalog +
-# blob directory; re-running continues or finds them complete), starts
-# weightgen-server on that data dir, talks to it as a client (health,
-# metadata, metrics) and stops it with SIGTERM.
-# WEIGHTGEN_DEMO_MODELS sets the zoo size (default 200 per family).
+# model zoos into ./weightgen-data (SQLite catalog + blob directory;
+# re-running continues or finds them complete), trains a small digits
+# denoiser on its zoo, scores it zero-shot and publishes it as active,
+# starts weightgen-server on that data dir, talks to it as a client
+# (health, metadata, metrics) and stops it with SIGTERM.
+# WEIGHTGEN_DEMO_MODELS sets the digits zoo size (default 1000),
+# WEIGHTGEN_DEMO_STEPS the denoiser's training steps (default 2000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo "[demo] $*"; }
@@ -23,13 +25,22 @@ metrics_port="$(free_port)"
 addr="127.0.0.1:$grpc_port"
 log="$data/server.log"
 mkdir -p "$data"
-models="${WEIGHTGEN_DEMO_MODELS:-200}"
+models="${WEIGHTGEN_DEMO_MODELS:-1000}"
+steps="${WEIGHTGEN_DEMO_STEPS:-2000}"
 
-for family in digits sinusoid; do
-    step "zoo: $models $family models (weightgen-worker zoo build, data dir $data)"
-    "$bin/weightgen-worker" --log-format text zoo build --family "$family" --models "$models" \
-        --data-dir "$data" 2>"$data/zoo-$family.log"
-done
+step "zoo: $models digits models from one shared init (weightgen-worker zoo build, data dir $data)"
+"$bin/weightgen-worker" zoo build --family digits --zoo digits-demo --models "$models" --shared-init \
+    --steps 100 --data-dir "$data" 2>"$data/zoo-digits.log"
+step "zoo: 200 sinusoid models"
+"$bin/weightgen-worker" zoo build --family sinusoid --models 200 --data-dir "$data" 2>"$data/zoo-sinusoid.log"
+
+step "denoiser: $steps steps on the digits zoo, zero-shot quality gate, publish as active (log $data/train.log)"
+"$bin/weightgen-worker" train --zoo digits-demo --denoiser-id "digits-demo-$steps" --steps "$steps" \
+    --learning-rate 1e-3 --widths 256,128 --ema-decay 0.995 --eval-tasks 30 --eval-guidance 3 \
+    --log-every 500 --device cpu --activate --data-dir "$data" 2>"$data/train.log" || {
+    # Re-running the demo: this version is already published.
+    grep -q "already exists" "$data/train.log" && step "(digits-demo-$steps is already published)" || exit 1
+}
 
 step "starting weightgen-server on $addr (data dir $data, log $log)"
 "$bin/weightgen-server" --listen "$addr" --metrics-listen "127.0.0.1:$metrics_port" \

@@ -64,9 +64,19 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         device: Device::Cpu,
         activate: true,
     };
-    let outcome = train_denoiser(catalog.clone(), blobs.clone(), config, |_, _, _| {})
+    let outcome = train_denoiser(catalog.clone(), blobs.clone(), config.clone(), |_, _, _| {})
         .await
         .unwrap();
+    // A version id is published once; asking again fails at once, by name.
+    let again = train_denoiser(catalog.clone(), blobs.clone(), config, |_, _, _| {})
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        again.starts_with("denoiser_id:") && again.contains("already exists"),
+        "{again}"
+    );
     let q = &outcome.quality;
     eprintln!("loss curve (step, train, validation): {:?}", outcome.curve);
     eprintln!("zoo tasks: {:?}", q.zoo_tasks);

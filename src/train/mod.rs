@@ -178,6 +178,12 @@ pub async fn train_denoiser(
     on_log: impl Fn(usize, f64, f64) + Send + 'static,
 ) -> Result<TrainOutcome, TrainError> {
     let started = Instant::now();
+    if catalog.denoiser(&config.denoiser_id).await?.is_some() {
+        return Err(TrainError::Input {
+            field: "denoiser_id",
+            reason: format!("denoiser {:?} already exists", config.denoiser_id),
+        });
+    }
     let data = ZooDataset::load(&catalog, &blobs, &config.zoo).await?;
     catalog.register_architecture(&data.network.spec).await?;
     let n = data.len();
