@@ -105,3 +105,73 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         assert!(s.ddim > 0.5 && s.ddpm > 0.5, "{split}: {s:?}");
     }
 }
+
+#[test]
+fn the_train_command_publishes_reports_and_refuses_a_taken_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().to_str().unwrap();
+    let run = |binary: &str, args: &[&str]| {
+        std::process::Command::new(binary)
+            .args(args)
+            .args(["--data-dir", data_dir])
+            .output()
+            .unwrap()
+    };
+    let zoo = run(
+        env!("CARGO_BIN_EXE_weightgen-worker"),
+        &[
+            "zoo",
+            "build",
+            "--family",
+            "digits",
+            "--models",
+            "20",
+            "--shared-init",
+            "--steps",
+            "30",
+        ],
+    );
+    assert!(
+        zoo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&zoo.stderr)
+    );
+    let train_args = [
+        "train",
+        "--zoo",
+        "digits",
+        "--denoiser-id",
+        "cli-v1",
+        "--steps",
+        "40",
+        "--widths",
+        "64,32",
+        "--eval-tasks",
+        "2",
+        "--log-every",
+        "20",
+        "--device",
+        "cpu",
+        "--activate",
+    ];
+    let first = run(env!("CARGO_BIN_EXE_weightgen-worker"), &train_args);
+    let stdout = String::from_utf8_lossy(&first.stdout);
+    assert!(
+        first.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    assert!(
+        stdout.contains("published denoiser cli-v1 (digits-mlp-64-32-5, active)")
+            && stdout.contains("held-out DDIM")
+            && stdout.contains("chance 0.200"),
+        "{stdout}"
+    );
+    let second = run(env!("CARGO_BIN_EXE_weightgen-worker"), &train_args);
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        stderr.contains("denoiser_id: denoiser \"cli-v1\" already exists"),
+        "{stderr}"
+    );
+}
