@@ -263,7 +263,6 @@ fn train_blocking(
         train_features.mean_dim(0, false, Kind::Float),
         train_features.std_dim(0, false, false).clamp_min(1e-3),
     );
-    let support_spec = data.schema.support.as_ref();
     let encoder = TaskEncoderConfig {
         feature_dim: data.features.size()[1],
         support_x_dim: data.support.as_ref().map_or(0, |(x, _)| x.size()[2]),
@@ -271,7 +270,6 @@ fn train_blocking(
         hidden: config.encoder_hidden,
         embed_dim: config.embed_dim,
     };
-    let _ = support_spec;
     let mut denoiser_config =
         DenoiserConfig::new(data.weights.size()[1], encoder).with_layout(&data.network.spec);
     denoiser_config.net = config.net.clone();

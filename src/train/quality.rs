@@ -16,6 +16,7 @@ use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
 use crate::tasks::train::evaluate;
 use crate::tasks::{Descriptor, Objective, TaskSpec};
+use crate::weights::unflatten;
 
 /// DDIM steps of the quality gate.
 pub const EVAL_DDIM_STEPS: usize = 50;
@@ -74,25 +75,16 @@ fn metric_name(objective: Objective) -> &'static str {
     }
 }
 
-/// Splits flat weights [D] into the architecture's tensors.
-fn unflat(data: &ZooDataset, flat: &Tensor) -> Vec<Tensor> {
-    data.network
-        .spec
-        .offsets()
-        .iter()
-        .zip(&data.network.spec.tensors)
-        .map(|(range, t)| {
-            flat.narrow(0, range.start as i64, (range.end - range.start) as i64)
-                .reshape(t.shape_i64().as_slice())
-        })
-        .collect()
-}
-
 fn score(data: &ZooDataset, task: &TaskSpec, flat: &Tensor) -> f64 {
     let objective = data.family.objective();
     match data.family.data(task, Device::Cpu) {
-        Ok(task_data) => evaluate(&data.network, &unflat(data, flat), &task_data, objective)
-            [metric_name(objective)],
+        Ok(task_data) => match unflatten(&data.network.spec, flat) {
+            Ok(named) => {
+                let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
+                evaluate(&data.network, &params, &task_data, objective)[metric_name(objective)]
+            }
+            Err(_) => f64::NAN,
+        },
         Err(_) => f64::NAN,
     }
 }
@@ -108,21 +100,30 @@ fn chance(data: &ZooDataset, task: &TaskSpec) -> f64 {
     }
 }
 
+/// Raw feature vectors [B, F] of `descriptors` in the zoo's schema.
+fn feature_matrix(data: &ZooDataset, descriptors: &[Descriptor]) -> Tensor {
+    let rows: Vec<Tensor> = descriptors
+        .iter()
+        .map(|d| Tensor::from_slice(&d.feature_vector(&data.schema).unwrap_or_default()))
+        .collect();
+    Tensor::stack(&rows, 0)
+}
+
+/// Features standardized as training did (unchanged without a recorded norm).
+fn standardized(checkpoint: &DenoiserCheckpoint, features: &Tensor) -> Tensor {
+    match &checkpoint.feature_norm {
+        Some(norm) => standardize_features(features, norm),
+        None => features.shallow_clone(),
+    }
+}
+
 /// The denoiser's condition for `descriptors`, as training standardized it.
 pub fn condition_of(
     checkpoint: &DenoiserCheckpoint,
     data: &ZooDataset,
     descriptors: &[Descriptor],
 ) -> TaskBatch {
-    let features: Vec<Tensor> = descriptors
-        .iter()
-        .map(|d| Tensor::from_slice(&d.feature_vector(&data.schema).unwrap_or_default()))
-        .collect();
-    let features = Tensor::stack(&features, 0);
-    let features = match &checkpoint.feature_norm {
-        Some(norm) => standardize_features(&features, norm),
-        None => features,
-    };
+    let features = standardized(checkpoint, &feature_matrix(data, descriptors));
     let supports: Vec<(Tensor, Tensor)> = descriptors
         .iter()
         .filter_map(|d| {
@@ -195,21 +196,12 @@ fn scores_for(
     // Retrieval baseline: the training zoo model with the nearest features.
     let train_rows = Tensor::from_slice(train);
     let zoo_features = data.features.index_select(0, &train_rows);
-    let asked = Tensor::stack(
-        &descriptors
-            .iter()
-            .map(|d| Tensor::from_slice(&d.feature_vector(&data.schema).unwrap_or_default()))
-            .collect::<Vec<_>>(),
-        0,
-    );
-    let norm = checkpoint.feature_norm.as_ref();
-    let (a, z) = match norm {
-        Some(n) => (
-            standardize_features(&asked, n),
-            standardize_features(&zoo_features, n),
-        ),
-        None => (asked, zoo_features),
+    // The condition already holds the asked tasks' standardized features.
+    let a = match &condition.features {
+        Some(features) => features.shallow_clone(),
+        None => standardized(checkpoint, &feature_matrix(data, descriptors)),
     };
+    let z = standardized(checkpoint, &zoo_features);
     let nearest = Tensor::cdist(&a, &z, 2.0, None::<i64>).argmin(1, false);
     let nearest_zoo = mean(
         tasks
