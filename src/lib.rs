@@ -5,10 +5,12 @@
 //! `main`s over it. See `docs/ARCHITECTURE.md` for the module map.
 
 pub mod blobs;
+pub mod cancel;
 pub mod catalog;
 pub mod client;
 pub mod device;
 pub mod diffusion;
+pub mod jobs;
 pub mod model;
 pub mod proto;
 pub mod serve;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use serde_json::json;
 use weightgen::catalog::{
-    self, Catalog, CatalogError, DenoiserRecord, ModelSource, PageRequest, Snapshot,
-    ZooModelFilter, ZooModelRecord, ZooPlan,
+    self, Catalog, CatalogError, DenoiserRecord, JobFilter, JobKind, JobOutcome, JobState,
+    ModelSource, NewJob, PageRequest, Snapshot, ZooModelFilter, ZooModelRecord, ZooPlan,
 };
 use weightgen::weights::ArchSpec;
 
@@ -500,6 +500,246 @@ conformance! {
     zoo_units => |c, other| zoo_plans_are_idempotent_and_units_resume(c);
     concurrent_workers => |c, other| two_workers_never_build_the_same_unit(c, other);
     denoisers => |c, other| one_denoiser_is_active_per_architecture(c, other);
+    jobs => |c, other| jobs_are_claimed_heartbeated_retried_and_cancelled(c);
+    concurrent_job_claims => |c, other| two_workers_never_claim_the_same_job(c, other);
+}
+
+fn new_job(id: &str, max_attempts: u32, key: Option<&str>) -> NewJob {
+    NewJob {
+        id: id.to_owned(),
+        kind: JobKind::TrainDenoiser,
+        spec: json!({"zoo": "digits", "steps": 10}),
+        max_attempts,
+        idempotency_key: key.map(str::to_owned),
+    }
+}
+
+/// A lease cut-off that every running job is older than, except `live`,
+/// whose worker heartbeats just after it.
+async fn lease_cut(c: &Arc<dyn Catalog>, live: &str, worker: &str) -> i64 {
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let cut = catalog::now_ms();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    c.heartbeat_job(live, worker, 0.0, "alive").await.unwrap();
+    cut
+}
+
+async fn jobs_are_claimed_heartbeated_retried_and_cancelled(c: Arc<dyn Catalog>) {
+    // Submission: idempotent by key, refused by field when bad.
+    let a = c
+        .submit_job(&new_job("job-a", 2, Some("key-a")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (a.state, a.attempts, a.max_attempts),
+        (JobState::Queued, 0, 2)
+    );
+    let again = c
+        .submit_job(&new_job("job-a2", 2, Some("key-a")))
+        .await
+        .unwrap();
+    assert_eq!(again.id, "job-a");
+    let mut other_spec = new_job("job-a3", 2, Some("key-a"));
+    other_spec.spec = json!({"zoo": "sinusoid"});
+    assert!(matches!(
+        c.submit_job(&other_spec).await.unwrap_err(),
+        CatalogError::InvalidArgument {
+            field: "idempotency_key",
+            ..
+        }
+    ));
+    assert!(matches!(
+        c.submit_job(&new_job("job-a", 1, None)).await.unwrap_err(),
+        CatalogError::Conflict(_)
+    ));
+    assert!(matches!(
+        c.submit_job(&new_job("job-z", 0, None)).await.unwrap_err(),
+        CatalogError::InvalidArgument {
+            field: "max_attempts",
+            ..
+        }
+    ));
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let b = c.submit_job(&new_job("job-b", 1, None)).await.unwrap();
+
+    // Oldest first; a held job is not handed out twice.
+    let far_past = catalog::now_ms() - 3_600_000;
+    let claimed = c.claim_job("w1", far_past).await.unwrap().unwrap();
+    assert_eq!(
+        (claimed.id.as_str(), claimed.state, claimed.attempts),
+        ("job-a", JobState::Running, 1)
+    );
+    assert_eq!(claimed.worker.as_deref(), Some("w1"));
+    let second = c.claim_job("w2", far_past).await.unwrap().unwrap();
+    assert_eq!(second.id, b.id);
+    assert!(c.claim_job("w3", far_past).await.unwrap().is_none());
+
+    // Heartbeats renew and report; only the holder may send them.
+    let beat = c
+        .heartbeat_job("job-a", "w1", 0.25, "step 5/10")
+        .await
+        .unwrap();
+    assert_eq!((beat.progress, beat.message.as_str()), (0.25, "step 5/10"));
+    assert!(matches!(
+        c.heartbeat_job("job-a", "w2", 0.5, "").await.unwrap_err(),
+        CatalogError::Conflict(_)
+    ));
+
+    // A failed attempt with attempts left is queued again, with its reason.
+    let failed = c
+        .finish_job(
+            "job-a",
+            "w1",
+            &JobOutcome::Failed {
+                error: "out of memory".into(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (failed.state, failed.error.as_str()),
+        (JobState::Queued, "out of memory")
+    );
+    assert!(failed.finished_at_ms.is_none());
+
+    // Its next worker dies: once the lease expires (heartbeat older than
+    // stale_before) the job is out of attempts and fails for good.
+    let retry = c.claim_job("w3", far_past).await.unwrap().unwrap();
+    assert_eq!((retry.id.as_str(), retry.attempts), ("job-a", 2));
+    assert!(
+        c.claim_job("w4", far_past).await.unwrap().is_none(),
+        "lease still live"
+    );
+    let cut = lease_cut(&c, &b.id, "w2").await;
+    assert!(c.claim_job("w4", cut).await.unwrap().is_none());
+    let dead = c.job("job-a").await.unwrap().unwrap();
+    assert_eq!(dead.state, JobState::Failed);
+    assert!(dead.error.starts_with("lease expired"), "{}", dead.error);
+    assert!(dead.error.contains("out of memory"), "{}", dead.error);
+    assert!(matches!(
+        c.finish_job(
+            "job-a",
+            "w3",
+            &JobOutcome::Succeeded {
+                denoiser_id: None,
+                models_built: 0
+            }
+        )
+        .await
+        .unwrap_err(),
+        CatalogError::Conflict(_)
+    ));
+
+    // A dead worker's job with attempts left goes to the next worker.
+    let c1 = c.submit_job(&new_job("job-c", 3, None)).await.unwrap();
+    let held = c.claim_job("w5", far_past).await.unwrap().unwrap();
+    assert_eq!(held.id, c1.id);
+    let cut = lease_cut(&c, &b.id, "w2").await;
+    let taken = c.claim_job("w6", cut).await.unwrap().unwrap();
+    assert_eq!(
+        (taken.id.as_str(), taken.attempts, taken.worker.as_deref()),
+        ("job-c", 2, Some("w6"))
+    );
+    assert!(matches!(
+        c.heartbeat_job("job-c", "w5", 0.1, "").await.unwrap_err(),
+        CatalogError::Conflict(_)
+    ));
+    let done = c
+        .finish_job(
+            "job-c",
+            "w6",
+            &JobOutcome::Succeeded {
+                denoiser_id: Some("d1".into()),
+                models_built: 0,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.state, done.progress, done.denoiser_id.as_deref()),
+        (JobState::Succeeded, 1.0, Some("d1"))
+    );
+    assert!(done.finished_at_ms.is_some());
+
+    // Cancelling: a running job's worker learns it on its next heartbeat; a
+    // finished job is returned unchanged; an unknown one is not found.
+    let cancelled = c.cancel_job(&b.id).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let err = c.heartbeat_job(&b.id, "w2", 0.5, "").await.unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(
+        c.cancel_job("job-c").await.unwrap().state,
+        JobState::Succeeded
+    );
+    assert!(matches!(
+        c.cancel_job("nope").await.unwrap_err(),
+        CatalogError::NotFound { .. }
+    ));
+
+    // Listing: newest first, filtered, paged.
+    let all = c
+        .jobs(&JobFilter::default(), &PageRequest::first(2))
+        .await
+        .unwrap();
+    assert_eq!(all.total, 3);
+    assert_eq!(
+        all.items.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        ["job-c", "job-b"]
+    );
+    let rest = c
+        .jobs(
+            &JobFilter::default(),
+            &PageRequest {
+                size: 2,
+                token: all.next_token.clone(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.items.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        ["job-a"]
+    );
+    assert!(rest.next_token.is_empty());
+    let failed_only = c
+        .jobs(
+            &JobFilter {
+                kind: Some(JobKind::TrainDenoiser),
+                state: Some(JobState::Failed),
+            },
+            &PageRequest::first(10),
+        )
+        .await
+        .unwrap();
+    assert_eq!(failed_only.items.len(), 1);
+}
+
+async fn two_workers_never_claim_the_same_job(c: Arc<dyn Catalog>, other: Arc<dyn Catalog>) {
+    for i in 0..20 {
+        c.submit_job(&new_job(&format!("job-{i:02}"), 1, None))
+            .await
+            .unwrap();
+    }
+    let far_past = catalog::now_ms() - 3_600_000;
+    let drain = |cat: Arc<dyn Catalog>, worker: &'static str| async move {
+        let mut got = Vec::new();
+        while let Some(job) = cat.claim_job(worker, far_past).await.unwrap() {
+            got.push(job.id);
+        }
+        got
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(drain(c.clone(), "wa")),
+        tokio::spawn(drain(other.clone(), "wb"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let all: BTreeSet<String> = a.iter().chain(&b).cloned().collect();
+    assert_eq!(
+        a.len() + b.len(),
+        20,
+        "a job was claimed twice: {a:?} {b:?}"
+    );
+    assert_eq!(all.len(), 20);
 }
 
 #[tokio::test]

@@ -36,6 +36,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         lease: Duration::from_secs(600),
         device: Device::Cpu,
         max_models: None,
+        cancel: Default::default(),
     };
     build_zoo(catalog.clone(), blobs.clone(), zoo, |_| {})
         .await
@@ -63,6 +64,9 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         eval_guidance: 3.0,
         device: Device::Cpu,
         activate: true,
+        checkpoint_every: 1000,
+        resume: false,
+        cancel: Default::default(),
     };
     let outcome = train_denoiser(catalog.clone(), blobs.clone(), config.clone(), |_, _, _| {})
         .await
@@ -76,6 +80,43 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
     assert!(
         again.starts_with("denoiser_id:") && again.contains("already exists"),
         "{again}"
+    );
+    // The run's metrics file and loss plot are stored beside it; its
+    // resumable checkpoints are gone once the denoiser is published.
+    assert_eq!(
+        outcome.artifacts,
+        [
+            "training/digits-small-v1/metrics.json",
+            "training/digits-small-v1/loss.png"
+        ]
+    );
+    let metrics: serde_json::Value = serde_json::from_slice(
+        &blobs
+            .get_named(&outcome.artifacts[0])
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(metrics["curve"].as_array().unwrap().len(), 6);
+    assert!(
+        metrics["summary"]["quality.held_out.ddim_test_accuracy"]
+            .as_f64()
+            .unwrap()
+            > 0.5
+    );
+    let png = blobs
+        .get_named(&outcome.artifacts[1])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&png[..4], b"\x89PNG");
+    assert!(
+        blobs
+            .get_named("training/digits-small-v1/state")
+            .await
+            .unwrap()
+            .is_none()
     );
     let q = &outcome.quality;
     eprintln!("loss curve (step, train, validation): {:?}", outcome.curve);

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
+use weightgen::cancel::CancelFlag;
 use weightgen::device::{DeviceChoice, device_name};
-use weightgen::model::{FitConfig, MlpUnetConfig, NetConfig};
+use weightgen::jobs::{RunnerConfig, TrainJob, run_jobs};
 use weightgen::storage::StorageArgs;
 use weightgen::tasks::{Family, TrainConfig};
 use weightgen::telemetry::{self, LogArgs};
 use weightgen::torch_info::{TorchInfo, smoke_test};
-use weightgen::train::{TrainDenoiserConfig, train_denoiser};
+use weightgen::train::train_denoiser;
 use weightgen::zoo::{ZooBuildConfig, build_zoo};
 
 /// Builds model zoos and trains denoisers.
@@ -43,6 +44,69 @@ enum Command {
     Zoo(ZooCommand),
     /// Train a denoiser on a zoo, score it zero-shot and publish it.
     Train(Box<TrainArgs>),
+    /// Consumes zoo-building and training jobs from the catalog's queue.
+    Run(Box<RunArgs>),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// This worker's id (default: host name and process id).
+    #[arg(long, env = "WEIGHTGEN_WORKER_ID")]
+    worker_id: Option<String>,
+    /// A job whose worker has not heartbeated for this long is taken over;
+    /// heartbeats go out every third of it (default `jobs::DEFAULT_LEASE`).
+    #[arg(long, env = "WEIGHTGEN_JOB_LEASE", default_value = "60s", value_parser = humantime::parse_duration)]
+    lease: Duration,
+    /// Pause between claims while the queue is empty.
+    #[arg(long, env = "WEIGHTGEN_JOB_POLL", default_value = "2s", value_parser = humantime::parse_duration)]
+    poll: Duration,
+    /// Exit once no job is queued or running.
+    #[arg(long, env = "WEIGHTGEN_JOB_EXIT_WHEN_IDLE")]
+    exit_when_idle: bool,
+    /// Exit after this many jobs.
+    #[arg(long, env = "WEIGHTGEN_JOB_MAX_JOBS")]
+    max_jobs: Option<usize>,
+    /// Zoo models trained at once (default: the number of CPUs).
+    #[arg(long, env = "WEIGHTGEN_ZOO_JOBS")]
+    zoo_lanes: Option<usize>,
+    #[arg(long, env = "WEIGHTGEN_DEVICE", default_value = "auto")]
+    device: DeviceChoice,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+fn run(args: RunArgs) -> Result<String, String> {
+    let device = args.device.resolve().map_err(|e| e.to_string())?;
+    let config = RunnerConfig {
+        worker: args
+            .worker_id
+            .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id())),
+        lease: args.lease,
+        poll: args.poll,
+        device,
+        zoo_lanes: args
+            .zoo_lanes
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
+        exit_when_idle: args.exit_when_idle,
+        max_jobs: args.max_jobs,
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(async move {
+        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        tracing::info!(worker = %config.worker, lease = ?config.lease, "worker consuming jobs");
+        let report = run_jobs(
+            catalog,
+            blobs,
+            config,
+            weightgen::serve::server::shutdown_signal(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(format!(
+            "jobs: {} succeeded, {} failed, {} abandoned",
+            report.succeeded, report.failed, report.abandoned
+        ))
+    })
 }
 
 #[derive(Args)]
@@ -54,7 +118,7 @@ struct TrainArgs {
     #[arg(long, env = "WEIGHTGEN_TRAIN_DENOISER_ID")]
     denoiser_id: Option<String>,
     /// Optimizer steps (the proposal: 200,000).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_STEPS", default_value_t = 200_000)]
+    #[arg(long, env = "WEIGHTGEN_TRAIN_STEPS", default_value_t = weightgen::jobs::spec::DEFAULT_TRAIN_STEPS)]
     steps: usize,
     /// Batch size (the proposal: 64).
     #[arg(long, env = "WEIGHTGEN_TRAIN_BATCH_SIZE", default_value_t = weightgen::model::fit::DEFAULT_BATCH_SIZE)]
@@ -80,20 +144,32 @@ struct TrainArgs {
     )]
     widths: Vec<i64>,
     /// Held-out tasks the quality gate scores.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_TASKS", default_value_t = 20)]
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_TASKS", default_value_t = weightgen::jobs::spec::DEFAULT_EVAL_TASKS)]
     eval_tasks: usize,
     /// Classifier-free guidance scale of the quality gate's samples.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_GUIDANCE", default_value_t = 1.0)]
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_GUIDANCE", default_value_t = weightgen::jobs::spec::DEFAULT_EVAL_GUIDANCE)]
     eval_guidance: f64,
     /// Seed of batches, noise and the quality gate.
     #[arg(long, env = "WEIGHTGEN_TRAIN_SEED", default_value_t = 0)]
     seed: u64,
     /// Log and validate every this many steps.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_LOG_EVERY", default_value_t = 1000)]
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LOG_EVERY", default_value_t = weightgen::jobs::spec::DEFAULT_LOG_EVERY)]
     log_every: usize,
     /// Make it the active denoiser of its architecture once published.
     #[arg(long, env = "WEIGHTGEN_TRAIN_ACTIVATE")]
     activate: bool,
+    /// Save a resumable training checkpoint every this many steps (0 = never).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_CHECKPOINT_EVERY", default_value_t = weightgen::train::DEFAULT_CHECKPOINT_EVERY)]
+    checkpoint_every: usize,
+    /// Continue the run (same --denoiser-id) from its last checkpoint, if it has one.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_RESUME")]
+    resume: bool,
+    /// auto (fp16 autocast with loss scaling on CUDA, fp32 elsewhere), fp32 or fp16.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_PRECISION", default_value = "auto")]
+    precision: String,
+    /// Also write metrics.json and loss.png of the run into this directory.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_REPORT_DIR")]
+    report_dir: Option<std::path::PathBuf>,
     /// Device to train on: auto, cpu or cuda:N.
     #[arg(long, env = "WEIGHTGEN_DEVICE", default_value = "auto")]
     device: DeviceChoice,
@@ -103,44 +179,48 @@ struct TrainArgs {
 
 fn train(args: TrainArgs) -> Result<String, String> {
     let device = args.device.resolve().map_err(|e| e.to_string())?;
+    if args.resume && args.denoiser_id.is_none() {
+        return Err("--resume needs the --denoiser-id of the run to continue".to_owned());
+    }
     let denoiser_id = args.denoiser_id.unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         format!("{}-{now}", args.zoo)
     });
-    let config = TrainDenoiserConfig {
+    let job = TrainJob {
         zoo: args.zoo,
-        denoiser_id,
-        net: NetConfig::MlpUnet(MlpUnetConfig {
-            widths: args.widths,
-            ..Default::default()
-        }),
-        fit: FitConfig {
-            steps: args.steps,
-            batch_size: args.batch_size,
-            learning_rate: args.learning_rate,
-            cond_dropout: args.cond_dropout,
-            seed: args.seed,
-            ..Default::default()
-        },
+        denoiser_id: None,
+        steps: args.steps,
+        batch_size: args.batch_size,
+        learning_rate: args.learning_rate,
+        cond_dropout: args.cond_dropout,
         ema_decay: args.ema_decay,
         val_fraction: args.val_fraction,
-        encoder_hidden: 128,
-        embed_dim: 64,
-        log_every: args.log_every,
+        widths: args.widths,
+        seed: args.seed,
         eval_tasks: args.eval_tasks,
         eval_guidance: args.eval_guidance,
-        device,
+        log_every: args.log_every,
+        checkpoint_every: args.checkpoint_every,
+        precision: args.precision,
         activate: args.activate,
     };
+    let config = job
+        .to_config(&denoiser_id, device, args.resume, CancelFlag::new())
+        .map_err(|e| e.to_string())?;
+    let report_dir = args.report_dir;
     let steps = config.fit.steps as u64;
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
-        let bar = progress_bar(std::io::stderr().is_terminal());
+        let bar = progress_bar(
+            std::io::stderr().is_terminal(),
+            "[{bar:40}] {pos}/{len} it, {per_sec}, eta {eta} {msg}",
+        );
         bar.set_length(steps);
         let shown = bar.clone();
+        let blobs_for_report = blobs.clone();
         let outcome = train_denoiser(catalog, blobs, config, move |step, train, val| {
             shown.set_position(step as u64);
             shown.set_message(format!("loss {train:.4} val {val:.4}"));
@@ -148,9 +228,24 @@ fn train(args: TrainArgs) -> Result<String, String> {
         .await
         .map_err(|e| e.to_string())?;
         bar.finish_and_clear();
+        if let Some(dir) = &report_dir {
+            std::fs::create_dir_all(dir).map_err(|e| format!("--report-dir {}: {e}", dir.display()))?;
+            for name in &outcome.artifacts {
+                let bytes = blobs_for_report
+                    .get_named(name)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .unwrap_or_default();
+                let file = dir.join(name.rsplit('/').next().unwrap_or(name));
+                std::fs::write(&file, bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+            }
+        }
         let q = &outcome.quality;
+        let resumed = outcome
+            .resumed_from
+            .map_or(String::new(), |step| format!(" (resumed at step {step})"));
         Ok(format!(
-            "published denoiser {} ({}{}); {} zero-shot: zoo tasks DDIM {:.3} DDPM {:.3} nearest-zoo {:.3} chance {:.3}; held-out DDIM {:.3} DDPM {:.3} nearest-zoo {:.3} chance {:.3}",
+            "published denoiser {}{resumed} ({}{}); {} zero-shot: zoo tasks DDIM {:.3} DDPM {:.3} nearest-zoo {:.3} chance {:.3}; held-out DDIM {:.3} DDPM {:.3} nearest-zoo {:.3} chance {:.3}",
             outcome.record.id,
             outcome.record.architecture,
             if outcome.record.active { ", active" } else { "" },
@@ -234,13 +329,13 @@ fn host_name() -> String {
         .unwrap_or_else(|| "worker".to_owned())
 }
 
-fn progress_bar(show: bool) -> ProgressBar {
+fn progress_bar(show: bool, template: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(0);
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} models, {per_sec}, eta {eta}")
+        ProgressStyle::with_template(template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -277,11 +372,15 @@ fn zoo_build(args: BuildArgs) -> Result<String, String> {
         lease: args.lease,
         device,
         max_models: args.max_models,
+        cancel: Default::default(),
     };
     let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     runtime.block_on(async move {
         let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
-        let bar = progress_bar(std::io::stderr().is_terminal());
+        let bar = progress_bar(
+            std::io::stderr().is_terminal(),
+            "{msg} [{bar:40}] {pos}/{len} models, {per_sec}, eta {eta}",
+        );
         bar.set_message(config.zoo.clone());
         let shown = bar.clone();
         let report = build_zoo(catalog, blobs, config, move |r| {
@@ -333,6 +432,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Run(args)) => match run(*args) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weightgen-worker: run: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::Train(args)) => match train(*args) {
             Ok(summary) => {
                 println!("{summary}");

@@ -37,6 +37,9 @@ pub enum BlobError {
     /// The store URL cannot be used.
     #[error("blobs: {0}")]
     InvalidUrl(String),
+    /// A named object's name is unusable.
+    #[error("object name {0:?}: use segments of letters, digits, '.', '_' and '-' joined by '/'")]
+    InvalidName(String),
     /// The store failed.
     #[error("blob store: {0}")]
     Store(#[from] object_store::Error),
@@ -132,6 +135,38 @@ impl BlobStore {
         }
     }
 
+    fn named_key(&self, name: &str) -> Result<StorePath, BlobError> {
+        let valid = !name.is_empty()
+            && name.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            });
+        if !valid {
+            return Err(BlobError::InvalidName(name.to_owned()));
+        }
+        Ok(if self.prefix.as_ref().is_empty() {
+            StorePath::from(format!("named/{name}"))
+        } else {
+            StorePath::from(format!("{}/named/{name}", self.prefix))
+        })
+    }
+
+    /// Writes `bytes` at `key` and, on a local disk, fsyncs file and directory.
+    async fn put_durably(&self, key: &StorePath, bytes: Bytes) -> Result<(), BlobError> {
+        self.store.put(key, PutPayload::from(bytes)).await?;
+        if let Some(root) = &self.local_root {
+            let path = root.join(key.as_ref());
+            tokio::task::spawn_blocking(move || sync_file_and_parent(&path))
+                .await
+                .map_err(|e| BlobError::Io(std::io::Error::other(e)))??;
+        }
+        Ok(())
+    }
+
     fn checked(sha256: &str) -> Result<(), BlobError> {
         if is_sha256(sha256) {
             Ok(())
@@ -145,14 +180,7 @@ impl BlobStore {
     pub async fn put(&self, bytes: Bytes) -> Result<BlobRef, BlobError> {
         let sha256 = sha256_hex(&bytes);
         let size = bytes.len() as u64;
-        let key = self.key(&sha256);
-        self.store.put(&key, PutPayload::from(bytes)).await?;
-        if let Some(root) = &self.local_root {
-            let path = root.join(key.as_ref());
-            tokio::task::spawn_blocking(move || sync_file_and_parent(&path))
-                .await
-                .map_err(|e| BlobError::Io(std::io::Error::other(e)))??;
-        }
+        self.put_durably(&self.key(&sha256), bytes).await?;
         Ok(BlobRef { sha256, size })
     }
 
@@ -190,6 +218,30 @@ impl BlobStore {
     pub async fn delete(&self, sha256: &str) -> Result<(), BlobError> {
         Self::checked(sha256)?;
         match self.store.delete(&self.key(sha256)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes a small mutable object under `name` (outside the
+    /// content-addressed space: pointers, reports); replaces it atomically
+    /// and returns once it is durable.
+    pub async fn put_named(&self, name: &str, bytes: Bytes) -> Result<(), BlobError> {
+        self.put_durably(&self.named_key(name)?, bytes).await
+    }
+
+    /// The object under `name`, if any.
+    pub async fn get_named(&self, name: &str) -> Result<Option<Bytes>, BlobError> {
+        match self.store.get(&self.named_key(name)?).await {
+            Ok(result) => Ok(Some(result.bytes().await?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Removes the object under `name` (no error if absent).
+    pub async fn delete_named(&self, name: &str) -> Result<(), BlobError> {
+        match self.store.delete(&self.named_key(name)?).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }

@@ -1,5 +1,6 @@
 //! The catalog: architectures, zoos and their build units, zoo models,
-//! denoiser versions (rows only; the files live in `blobs`). One [`Catalog`]
+//! denoiser versions (rows only; the files live in `blobs`) and the job
+//! queue ([`jobs`]). One [`Catalog`]
 //! trait with a PostgreSQL and a SQLite implementation that run the same SQL
 //! (numbered `$N` parameters work in both) from migrations under
 //! `migrations/postgres` and `migrations/sqlite`. Where two workers could
@@ -7,6 +8,7 @@
 //! on PostgreSQL) and transactions that check who holds a claim.
 
 mod error;
+pub mod jobs;
 mod postgres;
 mod records;
 mod sql;
@@ -15,6 +17,7 @@ mod sqlite;
 use std::sync::Arc;
 
 pub use error::CatalogError;
+pub use jobs::{JobFilter, JobKind, JobOutcome, JobQueue, JobRecord, JobState, NewJob};
 pub use postgres::PostgresCatalog;
 pub use records::{
     DenoiserRecord, InsertedModel, ModelSource, Page, PageRequest, Snapshot, WorkUnit,
@@ -31,7 +34,7 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 
 /// The catalog's operations, the same on every backend.
 #[async_trait::async_trait]
-pub trait Catalog: Send + Sync + std::fmt::Debug {
+pub trait Catalog: JobQueue + Send + Sync + std::fmt::Debug {
     /// "postgres" or "sqlite".
     fn backend(&self) -> &'static str;
 

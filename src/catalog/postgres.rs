@@ -39,3 +39,9 @@ crate::catalog::sql::impl_catalog!(
     backend = "postgres",
     lock = "FOR UPDATE SKIP LOCKED"
 );
+
+crate::catalog::jobs::impl_job_queue!(
+    PostgresCatalog,
+    sqlx::Postgres,
+    lock = "FOR UPDATE SKIP LOCKED"
+);

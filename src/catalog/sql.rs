@@ -5,7 +5,8 @@
 
 use serde::de::DeserializeOwned;
 
-use super::CatalogError;
+use super::records::Cursor;
+use super::{CatalogError, Page};
 
 pub(crate) const ZOO_MODEL_COLUMNS: &str = "id, zoo, architecture, family, source, task_json, seed, \
      metrics_json, training_config_json, sha256, size_bytes, created_at_ms";
@@ -60,6 +61,26 @@ pub(crate) fn check_id(field: &'static str, id: &str) -> Result<(), CatalogError
     }
 }
 
+/// Splits `limit + 1` fetched rows into a page and its next token.
+pub(crate) fn paged<T>(
+    mut items: Vec<T>,
+    limit: i64,
+    total: i64,
+    key: impl Fn(&T) -> Cursor,
+) -> Page<T> {
+    let more = items.len() as i64 > limit;
+    items.truncate(limit as usize);
+    let next_token = match items.last() {
+        Some(last) if more => key(last).token(),
+        _ => String::new(),
+    };
+    Page {
+        items,
+        next_token,
+        total: total as u64,
+    }
+}
+
 fn json_text<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
@@ -75,8 +96,8 @@ macro_rules! impl_catalog {
         use sqlx::Row as _;
 
         use crate::catalog::sql::{
-            CLAIM_UNIT, DENOISER_COLUMNS, ZOO_MODEL_COLUMNS, check_id, check_sha256, parse_json,
-            to_json,
+            CLAIM_UNIT, DENOISER_COLUMNS, ZOO_MODEL_COLUMNS, check_id, check_sha256, paged,
+            parse_json, to_json,
         };
         use crate::catalog::records::Cursor;
         use crate::catalog::{
@@ -126,22 +147,6 @@ macro_rules! impl_catalog {
         fn arch_from_row(row: &DbRow) -> Result<ArchSpec, CatalogError> {
             let name: String = row.try_get("name")?;
             parse_json(&row.try_get::<String, _>("spec_json")?, &name, "spec_json")
-        }
-
-        /// Splits `limit + 1` fetched rows into a page and its next token.
-        fn paged<T>(
-            mut items: Vec<T>,
-            limit: i64,
-            total: i64,
-            key: impl Fn(&T) -> Cursor,
-        ) -> Page<T> {
-            let more = items.len() as i64 > limit;
-            items.truncate(limit as usize);
-            let next_token = match items.last() {
-                Some(last) if more => key(last).token(),
-                _ => String::new(),
-            };
-            Page { items, next_token, total: total as u64 }
         }
 
         fn model_cursor(m: &ZooModelRecord) -> Cursor {

@@ -68,3 +68,5 @@ impl SqliteCatalog {
 }
 
 crate::catalog::sql::impl_catalog!(SqliteCatalog, sqlx::Sqlite, backend = "sqlite", lock = "");
+
+crate::catalog::jobs::impl_job_queue!(SqliteCatalog, sqlx::Sqlite, lock = "");

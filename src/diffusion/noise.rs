@@ -210,6 +210,12 @@ impl SeededNoise {
         }
     }
 
+    /// Moves to draw number `draws` (0 = the first draw): the stream is a
+    /// function of the draw count, so any position can be reached directly.
+    pub fn seek(&mut self, draws: u64) {
+        self.draws = draws;
+    }
+
     /// Number of samples (seeds).
     pub fn batch(&self) -> usize {
         self.keys.len()

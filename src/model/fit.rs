@@ -1,16 +1,20 @@
 //! A plain training loop for a `ConditionalDenoiser` on in-memory data:
 //! Adam on the proposal's loss with t ~ U{1..T}, condition dropout for
-//! classifier-free guidance and optional gradient clipping. Deterministic
-//! given the seed and the initial weights.
+//! classifier-free guidance, optional gradient clipping and mixed precision
+//! on CUDA. Deterministic given the seed and the initial weights, and
+//! resumable from a saved position.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tch::nn::{self, OptimizerConfig};
+use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
+use super::adam::Adam;
 use super::conditional::ConditionalDenoiser;
+use super::precision::{LossScale, Precision};
 use super::task_encoder::TaskBatch;
 use crate::diffusion::SeededNoise;
+use crate::diffusion::noise::splitmix64;
 
 /// Adam learning rate of the proposal.
 pub const DEFAULT_LEARNING_RATE: f64 = 1e-4;
@@ -34,6 +38,8 @@ pub struct FitConfig {
     pub grad_clip: Option<f64>,
     /// Seed of batches, timesteps, noise and dropout.
     pub seed: u64,
+    /// fp32, or fp16 autocast with loss scaling (CUDA).
+    pub precision: Precision,
 }
 
 impl Default for FitConfig {
@@ -45,6 +51,7 @@ impl Default for FitConfig {
             cond_dropout: DEFAULT_COND_DROPOUT,
             grad_clip: Some(1.0),
             seed: 0,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -65,32 +72,74 @@ impl FitReport {
     }
 }
 
-/// Training state that lives across steps: the optimizer (with Adam's
-/// moments), the batch/timestep/dropout RNG and the noise stream.
-pub struct Trainer {
-    optimizer: nn::Optimizer,
-    rng: StdRng,
-    noise: SeededNoise,
-    config: FitConfig,
+/// Where a `Trainer` stands, apart from tensors: saved with a training
+/// checkpoint so a resumed run continues exactly where it stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TrainerPosition {
+    /// Batches drawn so far (the data-order position).
+    pub batches: u64,
+    /// Optimizer steps taken (fewer than batches when fp16 overflowed).
+    pub optimizer_steps: u64,
+    /// Loss scale of mixed precision.
+    pub loss_scale: LossScale,
 }
 
-impl std::fmt::Debug for Trainer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trainer")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
-    }
+/// Training state that lives across steps: Adam with its moments, the
+/// loss scale, and the data-order position. Every batch's rows, timesteps,
+/// dropout mask and noise are a function of (seed, position), so a run
+/// restored from a checkpoint draws exactly what the uninterrupted run drew.
+#[derive(Debug)]
+pub struct Trainer {
+    adam: Adam,
+    loss_scale: LossScale,
+    batches: u64,
+    noise: SeededNoise,
+    config: FitConfig,
 }
 
 impl Trainer {
     /// Adam over `model`'s variables, seeded from `config.seed`.
     pub fn new(model: &ConditionalDenoiser, config: &FitConfig) -> Result<Self, tch::TchError> {
+        let params: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
         Ok(Self {
-            optimizer: nn::Adam::default().build(&model.vs, config.learning_rate)?,
-            rng: StdRng::seed_from_u64(config.seed),
+            adam: Adam::new(params, config.learning_rate),
+            loss_scale: LossScale::for_precision(config.precision),
+            batches: 0,
             noise: SeededNoise::new(&[config.seed], 1),
             config: config.clone(),
         })
+    }
+
+    /// Where the trainer stands.
+    pub fn position(&self) -> TrainerPosition {
+        TrainerPosition {
+            batches: self.batches,
+            optimizer_steps: self.adam.steps(),
+            loss_scale: self.loss_scale,
+        }
+    }
+
+    /// Adam's moments, named "adam.m.<var>" / "adam.v.<var>".
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.adam
+            .state_tensors()
+            .into_iter()
+            .map(|(name, t)| (format!("adam.{name}"), t))
+            .collect()
+    }
+
+    /// Puts back a position and the moments saved by `state_tensors`.
+    pub fn restore(
+        &mut self,
+        position: TrainerPosition,
+        mut tensor: impl FnMut(&str) -> Option<Tensor>,
+    ) -> Result<(), String> {
+        self.adam.restore(position.optimizer_steps, |name| {
+            tensor(&format!("adam.{name}"))
+        })?;
+        self.batches = position.batches;
+        self.loss_scale = position.loss_scale;
+        Ok(())
     }
 
     /// One optimizer step on a random batch of `data` [N, D] (on the model's
@@ -105,7 +154,9 @@ impl Trainer {
         let (n, dim) = (data.size()[0], data.size()[1]);
         let timesteps = model.schedule().timesteps() as i64;
         let b = self.config.batch_size;
-        let rng = &mut self.rng;
+        let position = self.batches;
+        self.batches += 1;
+        let mut rng = StdRng::seed_from_u64(splitmix64(self.config.seed ^ splitmix64(position)));
         let index: Vec<i64> = (0..b).map(|_| rng.random_range(0..n)).collect();
         let t: Vec<i64> = (0..b).map(|_| rng.random_range(1..=timesteps)).collect();
         let drop: Vec<bool> = (0..b)
@@ -114,20 +165,34 @@ impl Trainer {
         let index = Tensor::from_slice(&index).to_device(device);
         let t = Tensor::from_slice(&t).to_device(device);
         let drop = Tensor::from_slice(&drop).to_device(device);
+        self.noise.seek(position);
         let eps = self.noise.draw(&[b, dim], device).squeeze_dim(0);
-        let loss = model.loss(
-            &data.index_select(0, &index),
-            &condition.select(&index),
-            &t,
-            &eps,
-            Some(&drop),
-        );
-        self.optimizer.zero_grad();
-        loss.backward();
-        if let Some(max_norm) = self.config.grad_clip {
-            self.optimizer.clip_grad_norm(max_norm);
+        let mixed = self.config.precision == Precision::Fp16;
+        let loss = tch::autocast(mixed, || {
+            model.loss(
+                &data.index_select(0, &index),
+                &condition.select(&index),
+                &t,
+                &eps,
+                Some(&drop),
+            )
+        })
+        .to_kind(Kind::Float);
+        self.adam.zero_grad();
+        let scale = self.loss_scale.scale;
+        if scale == 1.0 {
+            loss.backward();
+        } else {
+            (&loss * scale).backward();
+            self.adam.scale_gradients(1.0 / scale);
         }
-        self.optimizer.step();
+        let finite = !mixed || self.adam.gradient_norm().is_finite();
+        if self.loss_scale.update(finite) {
+            if let Some(max_norm) = self.config.grad_clip {
+                self.adam.clip_gradient_norm(max_norm);
+            }
+            self.adam.step();
+        }
         loss.double_value(&[])
     }
 }

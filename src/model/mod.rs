@@ -2,18 +2,21 @@
 //! tch `nn` modules named through `VarStore` paths so checkpoints are
 //! readable. Configs are serde structs saved with the weights.
 
+pub mod adam;
 pub mod blocks;
 pub mod checkpoint;
 pub mod conditional;
 pub mod fit;
 pub mod layer_transformer;
 pub mod mlp_unet;
+pub mod precision;
 pub mod task_encoder;
 pub mod tokens;
 
 pub use checkpoint::{CheckpointError, DenoiserCheckpoint};
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, Embedded, NetConfig, PreEmbedded};
-pub use fit::{FitConfig, FitReport, Trainer, fit};
+pub use fit::{FitConfig, FitReport, Trainer, TrainerPosition, fit};
 pub use layer_transformer::LayerTransformerConfig;
 pub use mlp_unet::MlpUnetConfig;
+pub use precision::{LossScale, Precision, PrecisionChoice};
 pub use task_encoder::{TaskBatch, TaskEncoderConfig};

@@ -1,42 +1,329 @@
-//! `weightgen.v1.JobService`. Its logic arrives with the job queue; until
-//! then every RPC answers UNIMPLEMENTED.
+//! `weightgen.v1.JobService`: submit, inspect and cancel the zoo-building
+//! and training jobs that `weightgen-worker run` consumes from the catalog.
+//! Specs are validated here, so a bad field is refused at submission with
+//! INVALID_ARGUMENT naming it, not discovered by a worker later.
 
+use std::sync::Arc;
+
+use rand::Rng;
 use tonic::{Request, Response, Status};
 
-use super::unimplemented::not_yet;
+use super::status::catalog_status;
+use crate::catalog::jobs::DEFAULT_MAX_ATTEMPTS;
+use crate::catalog::{
+    Catalog, JobFilter, JobKind, JobRecord, JobState, NewJob, PageRequest, now_ms,
+};
+use crate::jobs::{BuildZooJob, TrainJob};
 use crate::proto::v1::job_service_server::JobService;
 use crate::proto::v1::{
-    CancelJobRequest, GetJobRequest, Job, ListJobsRequest, ListJobsResponse, SubmitJobRequest,
+    self as pb, BuildZooSpec, CancelJobRequest, GetJobRequest, Job, ListJobsRequest,
+    ListJobsResponse, SubmitJobRequest, TrainDenoiserSpec,
 };
 
-/// The job service.
-#[derive(Debug, Clone, Default)]
-pub struct JobsApi;
+/// The job service over the catalog's queue.
+#[derive(Debug, Clone)]
+pub struct JobsApi {
+    catalog: Arc<dyn Catalog>,
+}
+
+impl JobsApi {
+    /// The service for `catalog`.
+    pub fn new(catalog: Arc<dyn Catalog>) -> Self {
+        Self { catalog }
+    }
+}
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+/// The stored spec of a BuildZoo request.
+fn build_zoo_job(spec: &BuildZooSpec) -> Result<BuildZooJob, Status> {
+    if spec.keep_last_checkpoints > 1000 {
+        return Err(invalid("build_zoo.keep_last_checkpoints", "at most 1000"));
+    }
+    let job = BuildZooJob {
+        zoo: spec.zoo.clone(),
+        family: spec.family.clone(),
+        architecture: spec.architecture.clone(),
+        num_models: u64::from(spec.num_models),
+        shared_init: spec.shared_init,
+        seed: spec.seed,
+        steps: (spec.steps > 0).then_some(spec.steps as usize),
+        learning_rate: (spec.learning_rate != 0.0).then_some(spec.learning_rate),
+        keep_snapshots: spec.keep_last_checkpoints as usize,
+    };
+    job.validate().map_err(|e| invalid(&e.field, e.reason))?;
+    Ok(job)
+}
+
+/// The stored spec of a TrainDenoiser request.
+fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
+    if !matches!(spec.kind.as_str(), "" | "mlp_unet") {
+        return Err(invalid(
+            "train_denoiser.kind",
+            format!(
+                "{:?}: the worker trains \"mlp_unet\" denoisers so far",
+                spec.kind
+            ),
+        ));
+    }
+    if !matches!(spec.timesteps, 0 | 1000) || !matches!(spec.schedule.as_str(), "" | "cosine") {
+        return Err(invalid(
+            "train_denoiser.timesteps",
+            "the worker trains the proposal's schedule (T = 1000, cosine) so far",
+        ));
+    }
+    if spec.latent_dim != 0 {
+        return Err(invalid(
+            "train_denoiser.latent_dim",
+            "the worker trains on the standardized weights (latent_dim 0) so far",
+        ));
+    }
+    let mut json =
+        serde_json::json!({ "zoo": spec.zoo, "seed": spec.seed, "activate": spec.activate });
+    let fields = json.as_object_mut().expect("an object literal");
+    if !spec.config_json.trim().is_empty() {
+        let extra: serde_json::Value = serde_json::from_str(&spec.config_json)
+            .map_err(|e| invalid("train_denoiser.config_json", e))?;
+        let extra = extra
+            .as_object()
+            .ok_or_else(|| invalid("train_denoiser.config_json", "must be a JSON object"))?;
+        for (key, value) in extra {
+            if matches!(
+                key.as_str(),
+                "zoo"
+                    | "denoiser_id"
+                    | "steps"
+                    | "batch_size"
+                    | "learning_rate"
+                    | "seed"
+                    | "activate"
+            ) {
+                return Err(invalid(
+                    "train_denoiser.config_json",
+                    format!("{key:?} has its own field in TrainDenoiserSpec"),
+                ));
+            }
+            fields.insert(key.clone(), value.clone());
+        }
+    }
+    if !spec.denoiser_id.is_empty() {
+        fields.insert("denoiser_id".into(), spec.denoiser_id.clone().into());
+    }
+    if spec.iterations > 0 {
+        fields.insert("steps".into(), spec.iterations.into());
+    }
+    if spec.batch_size > 0 {
+        fields.insert("batch_size".into(), spec.batch_size.into());
+    }
+    if spec.learning_rate != 0.0 {
+        fields.insert("learning_rate".into(), spec.learning_rate.into());
+    }
+    let job: TrainJob =
+        serde_json::from_value(json).map_err(|e| invalid("train_denoiser.config_json", e))?;
+    job.validate().map_err(|e| invalid(&e.field, e.reason))?;
+    Ok(job)
+}
+
+fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
+    ms.map(|ms| prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+fn kind_to_proto(kind: JobKind) -> pb::JobKind {
+    match kind {
+        JobKind::BuildZoo => pb::JobKind::BuildZoo,
+        JobKind::TrainDenoiser => pb::JobKind::TrainDenoiser,
+    }
+}
+
+fn state_to_proto(state: JobState) -> pb::JobState {
+    match state {
+        JobState::Queued => pb::JobState::Queued,
+        JobState::Running => pb::JobState::Running,
+        JobState::Succeeded => pb::JobState::Succeeded,
+        JobState::Failed => pb::JobState::Failed,
+        JobState::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+/// A stored job as the API shows it.
+pub fn job_to_proto(job: &JobRecord) -> Job {
+    let spec = match job.kind {
+        JobKind::BuildZoo => serde_json::from_value::<BuildZooJob>(job.spec.clone())
+            .ok()
+            .map(|s| {
+                pb::job::Spec::BuildZoo(BuildZooSpec {
+                    family: s.family.clone(),
+                    architecture: s.architecture.clone(),
+                    num_models: s.num_models.min(u64::from(u32::MAX)) as u32,
+                    shared_init: s.shared_init,
+                    seed: s.seed,
+                    keep_last_checkpoints: s.keep_snapshots as u32,
+                    zoo: s.zoo_name(),
+                    steps: s.steps.unwrap_or(0) as u32,
+                    learning_rate: s.learning_rate.unwrap_or(0.0),
+                })
+            }),
+        JobKind::TrainDenoiser => serde_json::from_value::<TrainJob>(job.spec.clone())
+            .ok()
+            .map(|s| {
+                pb::job::Spec::TrainDenoiser(TrainDenoiserSpec {
+                    architecture: String::new(),
+                    kind: "mlp_unet".into(),
+                    iterations: s.steps as u32,
+                    batch_size: s.batch_size as u32,
+                    learning_rate: s.learning_rate,
+                    timesteps: 1000,
+                    schedule: "cosine".into(),
+                    seed: s.seed,
+                    latent_dim: 0,
+                    activate: s.activate,
+                    config_json: job.spec.to_string(),
+                    zoo: s.zoo.clone(),
+                    denoiser_id: s.denoiser_id.clone().unwrap_or_default(),
+                })
+            }),
+    };
+    Job {
+        id: job.id.clone(),
+        kind: kind_to_proto(job.kind) as i32,
+        state: state_to_proto(job.state) as i32,
+        spec,
+        attempts: job.attempts,
+        max_attempts: job.max_attempts,
+        progress: job.progress,
+        message: job.message.clone(),
+        error: job.error.clone(),
+        worker_id: job.worker.clone().unwrap_or_default(),
+        created_at: timestamp(Some(job.created_at_ms)),
+        started_at: timestamp(job.started_at_ms),
+        finished_at: timestamp(job.finished_at_ms),
+        heartbeat_at: timestamp(job.heartbeat_at_ms),
+        denoiser_id: job.denoiser_id.clone().unwrap_or_default(),
+        models_built: job.models_built,
+    }
+}
+
+fn new_job_id() -> String {
+    format!("job-{}-{:08x}", now_ms(), rand::rng().random::<u32>())
+}
 
 #[tonic::async_trait]
 impl JobService for JobsApi {
     async fn submit_job(
         &self,
-        _request: Request<SubmitJobRequest>,
+        request: Request<SubmitJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        Err(not_yet("weightgen.v1.JobService/SubmitJob"))
+        let request = request.into_inner();
+        let (kind, spec) = match &request.spec {
+            Some(pb::submit_job_request::Spec::BuildZoo(spec)) => (
+                JobKind::BuildZoo,
+                serde_json::to_value(build_zoo_job(spec)?),
+            ),
+            Some(pb::submit_job_request::Spec::TrainDenoiser(spec)) => {
+                let job = train_job(spec)?;
+                let zoo = if spec.architecture.is_empty() {
+                    None
+                } else {
+                    self.catalog.zoo(&job.zoo).await.map_err(catalog_status)?
+                };
+                if let Some(zoo) = zoo.filter(|z| z.architecture != spec.architecture) {
+                    return Err(invalid(
+                        "train_denoiser.architecture",
+                        format!(
+                            "{:?}, but zoo {:?} holds {:?} models",
+                            spec.architecture, job.zoo, zoo.architecture
+                        ),
+                    ));
+                }
+                (JobKind::TrainDenoiser, serde_json::to_value(job))
+            }
+            None => return Err(invalid("spec", "required: build_zoo or train_denoiser")),
+        };
+        let spec = spec.map_err(|e| Status::internal(e.to_string()))?;
+        let job = NewJob {
+            id: new_job_id(),
+            kind,
+            spec,
+            max_attempts: if request.max_attempts == 0 {
+                DEFAULT_MAX_ATTEMPTS
+            } else {
+                request.max_attempts
+            },
+            idempotency_key: (!request.idempotency_key.is_empty())
+                .then_some(request.idempotency_key),
+        };
+        let stored = self
+            .catalog
+            .submit_job(&job)
+            .await
+            .map_err(catalog_status)?;
+        tracing::info!(job = %stored.id, kind = stored.kind.as_str(), "job submitted");
+        Ok(Response::new(job_to_proto(&stored)))
     }
 
-    async fn get_job(&self, _request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
-        Err(not_yet("weightgen.v1.JobService/GetJob"))
+    async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(invalid("id", "required"));
+        }
+        match self.catalog.job(&id).await.map_err(catalog_status)? {
+            Some(job) => Ok(Response::new(job_to_proto(&job))),
+            None => Err(Status::not_found(format!("job {id:?} not found"))),
+        }
     }
 
     async fn list_jobs(
         &self,
-        _request: Request<ListJobsRequest>,
+        request: Request<ListJobsRequest>,
     ) -> Result<Response<ListJobsResponse>, Status> {
-        Err(not_yet("weightgen.v1.JobService/ListJobs"))
+        let request = request.into_inner();
+        let kind = match pb::JobKind::try_from(request.kind) {
+            Ok(pb::JobKind::Unspecified) => None,
+            Ok(pb::JobKind::BuildZoo) => Some(JobKind::BuildZoo),
+            Ok(pb::JobKind::TrainDenoiser) => Some(JobKind::TrainDenoiser),
+            Err(_) => return Err(invalid("kind", format!("unknown value {}", request.kind))),
+        };
+        let state = match pb::JobState::try_from(request.state) {
+            Ok(pb::JobState::Unspecified) => None,
+            Ok(pb::JobState::Queued) => Some(JobState::Queued),
+            Ok(pb::JobState::Running) => Some(JobState::Running),
+            Ok(pb::JobState::Succeeded) => Some(JobState::Succeeded),
+            Ok(pb::JobState::Failed) => Some(JobState::Failed),
+            Ok(pb::JobState::Cancelled) => Some(JobState::Cancelled),
+            Err(_) => return Err(invalid("state", format!("unknown value {}", request.state))),
+        };
+        let page = request.page.unwrap_or_default();
+        let page = self
+            .catalog
+            .jobs(
+                &JobFilter { kind, state },
+                &PageRequest {
+                    size: page.page_size,
+                    token: page.page_token,
+                },
+            )
+            .await
+            .map_err(catalog_status)?;
+        Ok(Response::new(ListJobsResponse {
+            jobs: page.items.iter().map(job_to_proto).collect(),
+            next_page_token: page.next_token,
+        }))
     }
 
     async fn cancel_job(
         &self,
-        _request: Request<CancelJobRequest>,
+        request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
-        Err(not_yet("weightgen.v1.JobService/CancelJob"))
+        let id = request.into_inner().id;
+        if id.is_empty() {
+            return Err(invalid("id", "required"));
+        }
+        let job = self.catalog.cancel_job(&id).await.map_err(catalog_status)?;
+        Ok(Response::new(job_to_proto(&job)))
     }
 }

@@ -13,6 +13,7 @@ pub mod jobs;
 pub mod metrics_http;
 pub mod readiness;
 pub mod server;
+pub mod status;
 mod unimplemented;
 
 pub use config::{MetricsListen, ServerConfig};

@@ -232,7 +232,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let catalog = CatalogServiceServer::new(CatalogApi)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_response_bytes);
-    let jobs = JobServiceServer::new(JobsApi)
+    let jobs = JobServiceServer::new(JobsApi::new(catalog_store.clone()))
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_response_bytes);
 

@@ -36,6 +36,34 @@ impl Ema {
         });
     }
 
+    /// The averaged weights, in name order (shallow handles).
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.shadow
+            .iter()
+            .map(|(name, t)| (name.clone(), t.shallow_clone()))
+            .collect()
+    }
+
+    /// Overwrites the averages with saved ones (`tensor` looks them up by
+    /// variable name).
+    pub fn restore(
+        &mut self,
+        mut tensor: impl FnMut(&str) -> Option<Tensor>,
+    ) -> Result<(), String> {
+        for (name, shadow) in &mut self.shadow {
+            let saved = tensor(name).ok_or_else(|| format!("missing EMA of {name}"))?;
+            if saved.size() != shadow.size() {
+                return Err(format!(
+                    "EMA of {name}: shape {:?}, expected {:?}",
+                    saved.size(),
+                    shadow.size()
+                ));
+            }
+            tch::no_grad(|| shadow.copy_(&saved));
+        }
+        Ok(())
+    }
+
     /// Writes the averaged weights into `vs`.
     pub fn copy_into(&self, vs: &VarStore) {
         let mut variables = vs.variables();

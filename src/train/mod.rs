@@ -7,6 +7,8 @@
 pub mod dataset;
 pub mod ema;
 pub mod quality;
+pub mod report;
+pub mod run_state;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 pub use dataset::ZooDataset;
 pub use ema::Ema;
 pub use quality::{QualityReport, evaluate_quality};
+pub use run_state::RunState;
 
 use crate::blobs::{BlobError, BlobStore};
 use crate::catalog::{Catalog, CatalogError, DenoiserRecord};
@@ -34,6 +37,8 @@ pub const DEFAULT_EMA_DECAY: f64 = 0.999;
 pub const DEFAULT_VAL_FRACTION: f64 = 0.1;
 /// Margin of the x̂₀ clip range, as a share of the zoo's range.
 pub const CLIP_MARGIN: f64 = 0.1;
+/// Default number of steps between training checkpoints.
+pub const DEFAULT_CHECKPOINT_EVERY: usize = 5000;
 
 /// Why training failed.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +75,12 @@ pub enum TrainError {
     /// libtorch failed.
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    /// Stopping was asked for (the run's last checkpoint stays resumable).
+    #[error("training cancelled at step {step}")]
+    Cancelled {
+        /// Steps completed.
+        step: usize,
+    },
 }
 
 /// What to train.
@@ -101,6 +112,48 @@ pub struct TrainDenoiserConfig {
     pub device: Device,
     /// Make it the active denoiser of its architecture once published.
     pub activate: bool,
+    /// Save a resumable checkpoint every this many steps (0 = never).
+    pub checkpoint_every: usize,
+    /// Continue from the run's last checkpoint when it has one (without
+    /// this, finding one is an error rather than a silent restart).
+    pub resume: bool,
+    /// Checked every step: once set, training stops with `Cancelled`.
+    pub cancel: crate::cancel::CancelFlag,
+}
+
+impl TrainDenoiserConfig {
+    /// The settings that shape training (not its length, logging cadence
+    /// of checkpoints, or evaluation); a resumed run must match them.
+    pub fn fingerprint(&self) -> serde_json::Value {
+        serde_json::json!({
+            "zoo": self.zoo,
+            "net": self.net,
+            "batch_size": self.fit.batch_size,
+            "learning_rate": self.fit.learning_rate,
+            "cond_dropout": self.fit.cond_dropout,
+            "grad_clip": self.fit.grad_clip,
+            "seed": self.fit.seed,
+            "precision": self.fit.precision,
+            "ema_decay": self.ema_decay,
+            "val_fraction": self.val_fraction,
+            "encoder_hidden": self.encoder_hidden,
+            "embed_dim": self.embed_dim,
+            "log_every": self.log_every,
+        })
+    }
+}
+
+/// The first setting where a checkpoint's fingerprint and this run's differ.
+fn fingerprint_mismatch(saved: &serde_json::Value, wanted: &serde_json::Value) -> Option<String> {
+    let (Some(saved), Some(wanted)) = (saved.as_object(), wanted.as_object()) else {
+        return Some("the checkpoint records no settings".to_owned());
+    };
+    wanted.iter().find_map(|(key, value)| {
+        let before = saved.get(key).unwrap_or(&serde_json::Value::Null);
+        (before != value).then(|| {
+            format!("the checkpoint was trained with {key} = {before}, this run asks for {value}")
+        })
+    })
 }
 
 /// What training produced.
@@ -113,6 +166,27 @@ pub struct TrainOutcome {
     pub quality: QualityReport,
     /// (step, train loss, validation loss) at each log point.
     pub curve: Vec<(usize, f64, f64)>,
+    /// Step of the checkpoint the run resumed from, if it did.
+    pub resumed_from: Option<usize>,
+    /// Names of the metrics file and loss plot in the blob store.
+    pub artifacts: Vec<String>,
+}
+
+/// Checks a denoiser id: 1 to 128 letters, digits, '.', '_' or '-' (it
+/// names the run's objects in the blob store).
+pub fn check_denoiser_id(id: &str) -> Result<(), String> {
+    let ok = (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !id.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} must be 1 to 128 letters, digits, '.', '_' or '-' (not starting with '.')"
+        ))
+    }
 }
 
 /// Rows of the validation split: every model whose index is a multiple of
@@ -178,12 +252,45 @@ pub async fn train_denoiser(
     on_log: impl Fn(usize, f64, f64) + Send + 'static,
 ) -> Result<TrainOutcome, TrainError> {
     let started = Instant::now();
+    check_denoiser_id(&config.denoiser_id).map_err(|reason| TrainError::Input {
+        field: "denoiser_id",
+        reason,
+    })?;
     if catalog.denoiser(&config.denoiser_id).await?.is_some() {
         return Err(TrainError::Input {
             field: "denoiser_id",
             reason: format!("denoiser {:?} already exists", config.denoiser_id),
         });
     }
+    let resume_state = match run_state::latest_step(&blobs, &config.denoiser_id).await? {
+        None => None,
+        Some(step) if !config.resume => {
+            return Err(TrainError::Input {
+                field: "resume",
+                reason: format!(
+                    "run {:?} has a checkpoint at step {step}; pass --resume to continue it, or choose another denoiser id",
+                    config.denoiser_id
+                ),
+            });
+        }
+        Some(_) => {
+            let state = run_state::load(&blobs, &config.denoiser_id)
+                .await?
+                .ok_or_else(|| TrainError::Input {
+                    field: "resume",
+                    reason: "the run's checkpoint vanished while being read".to_owned(),
+                })?;
+            if let Some(reason) = fingerprint_mismatch(&state.fingerprint, &config.fingerprint()) {
+                return Err(TrainError::Input {
+                    field: "resume",
+                    reason,
+                });
+            }
+            tracing::info!(denoiser = %config.denoiser_id, step = state.step, "resuming from checkpoint");
+            Some(state)
+        }
+    };
+    let resumed_from = resume_state.as_ref().map(|s| s.step);
     let data = ZooDataset::load(&catalog, &blobs, &config.zoo).await?;
     catalog.register_architecture(&data.network.spec).await?;
     let n = data.len();
@@ -194,8 +301,20 @@ pub async fn train_denoiser(
         aligned = data.aligned, dim = data.weights.size()[1], "zoo loaded"
     );
     let config_for_blocking = config.clone();
+    let runtime = tokio::runtime::Handle::current();
+    let (save_blobs, run_id) = (blobs.clone(), config.denoiser_id.clone());
+    let save =
+        move |state: &RunState| runtime.block_on(run_state::save(&save_blobs, &run_id, state));
     let (checkpoint, curve, quality) = tokio::task::spawn_blocking(move || {
-        train_blocking(data, &train, &val, &config_for_blocking, on_log)
+        train_blocking(
+            data,
+            &train,
+            &val,
+            &config_for_blocking,
+            resume_state,
+            save,
+            on_log,
+        )
     })
     .await
     .map_err(|e| TrainError::Input {
@@ -230,12 +349,72 @@ pub async fn train_denoiser(
     } else {
         catalog.denoiser(&record.id).await?.unwrap_or(record)
     };
+    let artifacts = write_artifacts(&blobs, &record, &config.zoo, &curve).await?;
+    run_state::clear(&blobs, &config.denoiser_id).await?;
     Ok(TrainOutcome {
         checkpoint,
         record,
         quality,
         curve,
+        resumed_from,
+        artifacts,
     })
+}
+
+/// Writes the metrics file and the loss plot beside the run; returns their names.
+async fn write_artifacts(
+    blobs: &BlobStore,
+    record: &DenoiserRecord,
+    zoo: &str,
+    curve: &[(usize, f64, f64)],
+) -> Result<Vec<String>, TrainError> {
+    let metrics = report::metrics_json(&record.id, zoo, curve, &record.summary);
+    let metrics_name = run_state::run_object(&record.id, "metrics.json");
+    let bytes = serde_json::to_vec_pretty(&metrics).map_err(|e| TrainError::Input {
+        field: "metrics",
+        reason: e.to_string(),
+    })?;
+    blobs.put_named(&metrics_name, Bytes::from(bytes)).await?;
+    let mut names = vec![metrics_name];
+    let title = format!("{} on {zoo}", record.id);
+    match report::loss_plot_png(&title, curve) {
+        Ok(png) => {
+            let plot_name = run_state::run_object(&record.id, "loss.png");
+            blobs.put_named(&plot_name, Bytes::from(png)).await?;
+            names.push(plot_name);
+        }
+        Err(e) => tracing::warn!(error = %e, "loss plot not drawn"),
+    }
+    Ok(names)
+}
+
+/// Puts a checkpoint's weights, EMA and optimizer state back.
+fn restore_run(
+    state: &RunState,
+    model: &ConditionalDenoiser,
+    ema: &mut Ema,
+    trainer: &mut Trainer,
+) -> Result<(), TrainError> {
+    let broken = |reason: String| TrainError::Input {
+        field: "resume",
+        reason: format!("training checkpoint does not fit this model: {reason}"),
+    };
+    for (name, mut var) in model.vs.variables() {
+        let saved = state
+            .tensor("model", &name)
+            .ok_or_else(|| broken(format!("missing model.{name}")))?;
+        if saved.size() != var.size() {
+            return Err(broken(format!("model.{name} has shape {:?}", saved.size())));
+        }
+        tch::no_grad(|| var.copy_(&saved));
+    }
+    ema.restore(|name| state.tensor("ema", name))
+        .map_err(broken)?;
+    trainer
+        .restore(state.position, |name| {
+            state.tensors.get(name).map(Tensor::shallow_clone)
+        })
+        .map_err(broken)
 }
 
 type Trained = (DenoiserCheckpoint, Vec<(usize, f64, f64)>, QualityReport);
@@ -245,6 +424,8 @@ fn train_blocking(
     train: &[i64],
     val: &[i64],
     config: &TrainDenoiserConfig,
+    resume: Option<RunState>,
+    mut save: impl FnMut(&RunState) -> Result<(), TrainError>,
     on_log: impl Fn(usize, f64, f64),
 ) -> Result<Trained, TrainError> {
     let device = config.device;
@@ -273,6 +454,9 @@ fn train_blocking(
     let mut denoiser_config =
         DenoiserConfig::new(data.weights.size()[1], encoder).with_layout(&data.network.spec);
     denoiser_config.net = config.net.clone();
+    // The initial weights come from libtorch's global generator: seed it so
+    // a run is reproducible (and a resumed run comparable to a fresh one).
+    tch::manual_seed(config.fit.seed as i64);
     let model =
         ConditionalDenoiser::new(denoiser_config, device).map_err(|e| TrainError::Input {
             field: "schedule",
@@ -286,7 +470,18 @@ fn train_blocking(
     let mut ema = Ema::new(&model.vs, config.ema_decay);
     let mut curve = Vec::new();
     let mut recent = Vec::new();
-    for step in 1..=config.fit.steps {
+    let mut first_step = 1;
+    if let Some(state) = resume {
+        restore_run(&state, &model, &mut ema, &mut trainer)?;
+        first_step = state.step + 1;
+        curve = state.curve;
+        recent = state.recent;
+    }
+    let fingerprint = config.fingerprint();
+    for step in first_step..=config.fit.steps {
+        if config.cancel.is_cancelled() {
+            return Err(TrainError::Cancelled { step: step - 1 });
+        }
         recent.push(trainer.step(&model, &train_data, &train_condition));
         ema.update(&model.vs);
         if step % config.log_every.max(1) == 0 || step == config.fit.steps {
@@ -298,6 +493,28 @@ fn train_blocking(
             tracing::info!(step, train_loss, val_loss, "denoiser training");
             on_log(step, train_loss, val_loss);
             curve.push((step, train_loss, val_loss));
+        }
+        if config.checkpoint_every > 0
+            && step % config.checkpoint_every == 0
+            && step < config.fit.steps
+        {
+            let mut tensors = std::collections::HashMap::new();
+            for (name, t) in model.vs.variables() {
+                tensors.insert(format!("model.{name}"), t.detach());
+            }
+            for (name, t) in ema.state_tensors() {
+                tensors.insert(format!("ema.{name}"), t);
+            }
+            tensors.extend(trainer.state_tensors());
+            save(&RunState {
+                step,
+                position: trainer.position(),
+                curve: curve.clone(),
+                recent: recent.clone(),
+                fingerprint: fingerprint.clone(),
+                tensors,
+            })?;
+            tracing::info!(step, "training checkpoint saved");
         }
     }
     ema.copy_into(&model.vs);

@@ -58,6 +58,8 @@ pub struct ZooBuildConfig {
     pub device: Device,
     /// Stop after this many models (None: until the zoo is complete).
     pub max_models: Option<u64>,
+    /// Stop claiming units once set (models in training finish first).
+    pub cancel: crate::cancel::CancelFlag,
 }
 
 /// What a build did.
@@ -308,7 +310,7 @@ pub async fn build_zoo(
                     std::sync::atomic::Ordering::SeqCst,
                     |b| b.checked_sub(1),
                 );
-                if take.is_err() {
+                if take.is_err() || config.cancel.is_cancelled() {
                     return Ok::<(), ZooError>(());
                 }
                 let stale_before = now_ms() - config.lease.as_millis() as i64;

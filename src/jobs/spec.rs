@@ -1,0 +1,388 @@
+//! What a job asks for, as stored (JSON) in the catalog's `jobs.spec_json`,
+//! with the defaults of the proposal, and its translation into the zoo
+//! builder's and the trainer's configs. `weightgen-worker train` builds its
+//! config through [`TrainJob`] too, so a job and the command train alike.
+
+use serde::{Deserialize, Serialize};
+use tch::Device;
+
+use crate::cancel::CancelFlag;
+use crate::model::fit::{DEFAULT_BATCH_SIZE, DEFAULT_COND_DROPOUT, DEFAULT_LEARNING_RATE};
+use crate::model::{FitConfig, MlpUnetConfig, NetConfig, PrecisionChoice};
+use crate::tasks::{Family, TrainConfig};
+use crate::train::{
+    DEFAULT_CHECKPOINT_EVERY, DEFAULT_EMA_DECAY, DEFAULT_VAL_FRACTION, TrainDenoiserConfig,
+};
+use crate::zoo::ZooBuildConfig;
+
+/// Training iterations of the proposal.
+pub const DEFAULT_TRAIN_STEPS: usize = 200_000;
+/// Widths of the default MLP U-Net.
+pub const DEFAULT_WIDTHS: [i64; 2] = [512, 256];
+/// Held-out tasks the quality gate samples.
+pub const DEFAULT_EVAL_TASKS: usize = 20;
+/// Guidance scale of the quality gate.
+pub const DEFAULT_EVAL_GUIDANCE: f64 = 1.0;
+/// Steps between log points.
+pub const DEFAULT_LOG_EVERY: usize = 1000;
+/// Most zoo models one job may ask for.
+pub const MAX_ZOO_MODELS: u64 = 1_000_000;
+
+/// A spec field that cannot be used.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SpecError {
+    /// The field, as the API names it.
+    pub field: String,
+    /// Why.
+    pub reason: String,
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> SpecError {
+    SpecError {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Build (or finish) a zoo of a built-in task family.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildZooJob {
+    /// Zoo name ("" = the family's name).
+    #[serde(default)]
+    pub zoo: String,
+    /// Task family.
+    pub family: String,
+    /// Architecture ("" = the family's default).
+    #[serde(default)]
+    pub architecture: String,
+    /// Models the zoo has when the job ends.
+    pub num_models: u64,
+    /// One initialization for the whole zoo.
+    #[serde(default)]
+    pub shared_init: bool,
+    /// Base seed.
+    #[serde(default)]
+    pub seed: u64,
+    /// Training steps per model (None = the family's default).
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// Learning rate of each model (None = the family's default).
+    #[serde(default)]
+    pub learning_rate: Option<f64>,
+    /// Snapshots kept per model.
+    #[serde(default)]
+    pub keep_snapshots: usize,
+}
+
+impl BuildZooJob {
+    /// Checks the spec, naming the first bad field.
+    pub fn validate(&self) -> Result<Family, SpecError> {
+        let family =
+            Family::parse(&self.family).map_err(|e| invalid("build_zoo.family", e.to_string()))?;
+        family
+            .network(&self.architecture)
+            .map_err(|e| invalid("build_zoo.architecture", e.to_string()))?;
+        if !(1..=MAX_ZOO_MODELS).contains(&self.num_models) {
+            return Err(invalid(
+                "build_zoo.num_models",
+                format!("{} is not in 1..={MAX_ZOO_MODELS}", self.num_models),
+            ));
+        }
+        if self.steps == Some(0) {
+            return Err(invalid("build_zoo.steps", "must be positive"));
+        }
+        if let Some(lr) = self
+            .learning_rate
+            .filter(|lr| !(lr.is_finite() && *lr > 0.0))
+        {
+            return Err(invalid(
+                "build_zoo.learning_rate",
+                format!("{lr} is not a positive number"),
+            ));
+        }
+        Ok(family)
+    }
+
+    /// The builder's config for `worker`, with `lanes` models at a time.
+    pub fn to_config(
+        &self,
+        worker: &str,
+        lanes: usize,
+        lease: std::time::Duration,
+        device: Device,
+        cancel: CancelFlag,
+    ) -> Result<ZooBuildConfig, SpecError> {
+        let family = self.validate()?;
+        let defaults = family.train_config();
+        Ok(ZooBuildConfig {
+            zoo: self.zoo_name(),
+            family,
+            architecture: self.architecture.clone(),
+            num_models: self.num_models,
+            seed: self.seed,
+            shared_init: self.shared_init,
+            train: TrainConfig {
+                steps: self.steps.unwrap_or(defaults.steps),
+                learning_rate: self.learning_rate.unwrap_or(defaults.learning_rate),
+                batch_size: defaults.batch_size,
+                keep_snapshots: self.keep_snapshots,
+            },
+            worker: worker.to_owned(),
+            jobs: lanes.max(1),
+            lease,
+            device,
+            max_models: None,
+            cancel,
+        })
+    }
+
+    /// The zoo's name.
+    pub fn zoo_name(&self) -> String {
+        if self.zoo.is_empty() {
+            self.family.clone()
+        } else {
+            self.zoo.clone()
+        }
+    }
+}
+
+fn default_steps() -> usize {
+    DEFAULT_TRAIN_STEPS
+}
+fn default_batch_size() -> i64 {
+    DEFAULT_BATCH_SIZE
+}
+fn default_learning_rate() -> f64 {
+    DEFAULT_LEARNING_RATE
+}
+fn default_cond_dropout() -> f64 {
+    DEFAULT_COND_DROPOUT
+}
+fn default_ema_decay() -> f64 {
+    DEFAULT_EMA_DECAY
+}
+fn default_val_fraction() -> f64 {
+    DEFAULT_VAL_FRACTION
+}
+fn default_widths() -> Vec<i64> {
+    DEFAULT_WIDTHS.to_vec()
+}
+fn default_eval_tasks() -> usize {
+    DEFAULT_EVAL_TASKS
+}
+fn default_eval_guidance() -> f64 {
+    DEFAULT_EVAL_GUIDANCE
+}
+fn default_log_every() -> usize {
+    DEFAULT_LOG_EVERY
+}
+fn default_checkpoint_every() -> usize {
+    DEFAULT_CHECKPOINT_EVERY
+}
+fn default_precision() -> String {
+    "auto".to_owned()
+}
+
+/// Train a denoiser on a zoo and publish it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainJob {
+    /// The zoo to learn.
+    pub zoo: String,
+    /// Id of the published version (None = derived from the job id, so a
+    /// retried job resumes the same run).
+    #[serde(default)]
+    pub denoiser_id: Option<String>,
+    /// Optimizer steps.
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// Rows per step.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: i64,
+    /// Adam learning rate.
+    #[serde(default = "default_learning_rate")]
+    pub learning_rate: f64,
+    /// Share of rows trained with the null condition.
+    #[serde(default = "default_cond_dropout")]
+    pub cond_dropout: f64,
+    /// EMA decay.
+    #[serde(default = "default_ema_decay")]
+    pub ema_decay: f64,
+    /// Share of zoo models held out for validation.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+    /// Widths of the MLP U-Net levels.
+    #[serde(default = "default_widths")]
+    pub widths: Vec<i64>,
+    /// Seed of initialization, batches and noise.
+    #[serde(default)]
+    pub seed: u64,
+    /// Held-out tasks of the quality gate.
+    #[serde(default = "default_eval_tasks")]
+    pub eval_tasks: usize,
+    /// Guidance of the quality gate.
+    #[serde(default = "default_eval_guidance")]
+    pub eval_guidance: f64,
+    /// Steps between log points.
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    /// Steps between resumable checkpoints.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: usize,
+    /// "auto", "fp32" or "fp16".
+    #[serde(default = "default_precision")]
+    pub precision: String,
+    /// Make the result the active denoiser of its architecture.
+    #[serde(default)]
+    pub activate: bool,
+}
+
+impl TrainJob {
+    /// A job with the proposal's defaults for `zoo`.
+    pub fn new(zoo: &str) -> Self {
+        serde_json::from_value(serde_json::json!({ "zoo": zoo }))
+            .expect("every other field has a default")
+    }
+
+    /// Checks the spec, naming the first bad field.
+    pub fn validate(&self) -> Result<PrecisionChoice, SpecError> {
+        let positive = |field: &str, x: f64| {
+            if x.is_finite() && x > 0.0 {
+                Ok(())
+            } else {
+                Err(invalid(field, format!("{x} is not a positive number")))
+            }
+        };
+        let fraction = |field: &str, x: f64| {
+            if (0.0..1.0).contains(&x) {
+                Ok(())
+            } else {
+                Err(invalid(field, format!("{x} is not in [0, 1)")))
+            }
+        };
+        if self.zoo.is_empty() {
+            return Err(invalid("train_denoiser.zoo", "required"));
+        }
+        if let Some(id) = &self.denoiser_id {
+            crate::train::check_denoiser_id(id)
+                .map_err(|e| invalid("train_denoiser.denoiser_id", e))?;
+        }
+        if self.steps == 0 {
+            return Err(invalid("train_denoiser.iterations", "must be positive"));
+        }
+        if self.batch_size <= 0 {
+            return Err(invalid("train_denoiser.batch_size", "must be positive"));
+        }
+        positive("train_denoiser.learning_rate", self.learning_rate)?;
+        fraction("train_denoiser.cond_dropout", self.cond_dropout)?;
+        fraction("train_denoiser.ema_decay", self.ema_decay)?;
+        fraction("train_denoiser.val_fraction", self.val_fraction)?;
+        if self.widths.is_empty() || self.widths.iter().any(|&w| w <= 0) {
+            return Err(invalid(
+                "train_denoiser.widths",
+                format!("{:?} must be positive widths", self.widths),
+            ));
+        }
+        if self.eval_guidance.is_nan() || self.eval_guidance < 0.0 {
+            return Err(invalid("train_denoiser.eval_guidance", "must be ≥ 0"));
+        }
+        self.precision
+            .parse()
+            .map_err(|e: String| invalid("train_denoiser.precision", e))
+    }
+
+    /// The trainer's config for the denoiser `denoiser_id` on `device`.
+    pub fn to_config(
+        &self,
+        denoiser_id: &str,
+        device: Device,
+        resume: bool,
+        cancel: CancelFlag,
+    ) -> Result<TrainDenoiserConfig, SpecError> {
+        let precision = self
+            .validate()?
+            .resolve(device)
+            .map_err(|e| invalid("train_denoiser.precision", e))?;
+        Ok(TrainDenoiserConfig {
+            zoo: self.zoo.clone(),
+            denoiser_id: denoiser_id.to_owned(),
+            net: NetConfig::MlpUnet(MlpUnetConfig {
+                widths: self.widths.clone(),
+                ..Default::default()
+            }),
+            fit: FitConfig {
+                steps: self.steps,
+                batch_size: self.batch_size,
+                learning_rate: self.learning_rate,
+                cond_dropout: self.cond_dropout,
+                seed: self.seed,
+                precision,
+                ..Default::default()
+            },
+            ema_decay: self.ema_decay,
+            val_fraction: self.val_fraction,
+            encoder_hidden: 128,
+            embed_dim: 64,
+            log_every: self.log_every,
+            eval_tasks: self.eval_tasks,
+            eval_guidance: self.eval_guidance,
+            device,
+            activate: self.activate,
+            checkpoint_every: self.checkpoint_every,
+            resume,
+            cancel,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_train_job_gets_the_proposal_defaults() {
+        let job = TrainJob::new("digits");
+        assert_eq!(job.steps, 200_000);
+        assert_eq!(job.batch_size, 64);
+        assert_eq!(job.learning_rate, 1e-4);
+        assert_eq!(job.widths, vec![512, 256]);
+        let config = job
+            .to_config("d", Device::Cpu, true, CancelFlag::new())
+            .unwrap();
+        assert!(config.resume);
+        assert_eq!(config.fit.precision, crate::model::Precision::Fp32);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut job = TrainJob::new("digits");
+        job.learning_rate = -1.0;
+        assert_eq!(
+            job.validate().unwrap_err().field,
+            "train_denoiser.learning_rate"
+        );
+        let unknown: Result<TrainJob, _> =
+            serde_json::from_value(serde_json::json!({"zoo": "z", "stepz": 3}));
+        assert!(unknown.unwrap_err().to_string().contains("stepz"));
+        let zoo = BuildZooJob {
+            zoo: String::new(),
+            family: "sinusoid".into(),
+            architecture: String::new(),
+            num_models: 0,
+            shared_init: false,
+            seed: 0,
+            steps: None,
+            learning_rate: None,
+            keep_snapshots: 0,
+        };
+        assert_eq!(zoo.validate().unwrap_err().field, "build_zoo.num_models");
+        let zoo = BuildZooJob {
+            family: "cifar".into(),
+            num_models: 3,
+            ..zoo
+        };
+        assert_eq!(zoo.validate().unwrap_err().field, "build_zoo.family");
+    }
+}
