@@ -76,7 +76,7 @@ fn cases(quick: bool) -> Vec<Case> {
             scale: 1.0,
         });
         cases.push(Case {
-            name: format!("train step, D={dim}, batch 64"),
+            name: format!("train step (Adam, clip, EMA), D={dim}, batch 64"),
             dim,
             batch: 64,
             kind: "train",
@@ -153,10 +153,13 @@ fn rust_seconds(case: &Case) -> f64 {
                 batch_size: case.batch,
                 ..Default::default()
             };
+            // The worker's step: Adam with clipping, then the EMA update.
             let mut trainer = Trainer::new(&m, &config).expect("optimizer");
+            let mut ema = weightgen::train::Ema::new(&m.vs, weightgen::train::DEFAULT_EMA_DECAY);
             timed(case.repeats, || {
                 for _ in 0..case.iterations {
                     trainer.step(&m, &data, &condition);
+                    ema.update(&m.vs);
                 }
             }) / case.iterations as f64
         }

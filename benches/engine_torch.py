@@ -148,6 +148,7 @@ def main():
         else:
             opt = torch.optim.Adam(model.parameters(), lr=1e-4)
             data = torch.randn(256, dim)
+            ema = [p.detach().clone() for p in model.parameters()]
 
             def step():
                 idx = torch.randint(0, 256, (batch,))
@@ -160,6 +161,9 @@ def main():
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
+                with torch.no_grad():
+                    for e, p in zip(ema, model.parameters()):
+                        e.mul_(0.999).add_(p, alpha=0.001)
 
             seconds = timed(lambda: [step() for _ in range(case["iterations"])], case["repeats"]) / case["iterations"]
         print(json.dumps({"name": case["name"], "seconds": seconds}), flush=True)

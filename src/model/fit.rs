@@ -40,6 +40,9 @@ pub struct FitConfig {
     pub seed: u64,
     /// fp32, or fp16 autocast with loss scaling (CUDA).
     pub precision: Precision,
+    /// K: when the condition's support sets hold more examples (a pool per
+    /// row), each row of each batch sees a fresh random K-subset of its pool.
+    pub support_examples: Option<usize>,
 }
 
 impl Default for FitConfig {
@@ -52,6 +55,7 @@ impl Default for FitConfig {
             grad_clip: Some(1.0),
             seed: 0,
             precision: Precision::Fp32,
+            support_examples: None,
         }
     }
 }
@@ -162,16 +166,27 @@ impl Trainer {
         let drop: Vec<bool> = (0..b)
             .map(|_| rng.random::<f64>() < self.config.cond_dropout)
             .collect();
+        let subsets = self.config.support_examples.and_then(|k| {
+            let pool = condition.support_x.as_ref()?.size()[1] as usize;
+            (pool > k).then(|| random_subsets(&mut rng, b as usize, pool, k))
+        });
         let index = Tensor::from_slice(&index).to_device(device);
         let t = Tensor::from_slice(&t).to_device(device);
         let drop = Tensor::from_slice(&drop).to_device(device);
         self.noise.seek(position);
         let eps = self.noise.draw(&[b, dim], device).squeeze_dim(0);
+        let mut batch_condition = condition.select(&index);
+        if let Some(subsets) = subsets {
+            let pick = Tensor::from_slice(&subsets.1)
+                .view([b, subsets.0 as i64])
+                .to_device(device);
+            batch_condition = batch_condition.with_support_subsets(&pick);
+        }
         let mixed = self.config.precision == Precision::Fp16;
         let loss = tch::autocast(mixed, || {
             model.loss(
                 &data.index_select(0, &index),
-                &condition.select(&index),
+                &batch_condition,
                 &t,
                 &eps,
                 Some(&drop),
@@ -195,6 +210,20 @@ impl Trainer {
         }
         loss.double_value(&[])
     }
+}
+
+/// `rows` random K-subsets of 0..pool (distinct within a row), flattened.
+fn random_subsets(rng: &mut StdRng, rows: usize, pool: usize, k: usize) -> (usize, Vec<i64>) {
+    let mut picks = Vec::with_capacity(rows * k);
+    let mut order: Vec<i64> = (0..pool as i64).collect();
+    for _ in 0..rows {
+        for j in 0..k {
+            let r = rng.random_range(j..pool);
+            order.swap(j, r);
+        }
+        picks.extend_from_slice(&order[..k]);
+    }
+    (k, picks)
 }
 
 /// Trains on rows of `data` [N, D] (standardized weights) with conditions

@@ -65,6 +65,26 @@ impl TaskBatch {
         }
     }
 
+    /// Keeps, for each row b, the support examples `pick[b, :]` (a [B, K]
+    /// index into the row's support set).
+    pub fn with_support_subsets(self, pick: &Tensor) -> Self {
+        let gather = |t: Option<Tensor>| {
+            t.map(|t| {
+                let (b, k, width) = (pick.size()[0], pick.size()[1], t.size()[2]);
+                let index = pick
+                    .to_device(t.device())
+                    .unsqueeze(-1)
+                    .expand([b, k, width], false);
+                t.gather(1, &index, false)
+            })
+        };
+        Self {
+            features: self.features,
+            support_x: gather(self.support_x),
+            support_y: gather(self.support_y),
+        }
+    }
+
     /// The batch on `device`.
     pub fn to_device(&self, device: tch::Device) -> Self {
         let mv = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_device(device));
@@ -161,5 +181,26 @@ impl TaskEncoder {
         self.null
             .unsqueeze(0)
             .expand([batch, self.config.embed_dim], false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn support_subsets_keep_the_picked_examples_of_each_row() {
+        // Row r's example j holds the value 10·r + j.
+        let x = Tensor::from_slice(&[0.0f32, 1.0, 2.0, 10.0, 11.0, 12.0]).view([2, 3, 1]);
+        let batch = TaskBatch {
+            features: None,
+            support_x: Some(x.shallow_clone()),
+            support_y: Some(x),
+        };
+        let pick = Tensor::from_slice(&[2i64, 0, 1, 2]).view([2, 2]);
+        let kept = batch.with_support_subsets(&pick);
+        let got = Vec::<f32>::try_from(kept.support_x.unwrap().reshape([-1])).unwrap();
+        assert_eq!(got, vec![2.0, 0.0, 11.0, 12.0]);
+        assert_eq!(kept.support_y.unwrap().size(), vec![2, 2, 1]);
     }
 }

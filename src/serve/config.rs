@@ -100,6 +100,15 @@ pub struct ServerConfig {
     /// termination grace period.
     #[arg(long, env = "WEIGHTGEN_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// How often the server checks the catalog for a newly activated
+    /// denoiser and swaps it in (requests in flight finish on the old one).
+    #[arg(long, env = "WEIGHTGEN_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
+
+    /// Most samples one GenerateInit request may ask for.
+    #[arg(long, env = "WEIGHTGEN_MAX_SAMPLES", default_value_t = super::generate::DEFAULT_MAX_SAMPLES)]
+    pub max_samples: u32,
 }
 
 /// Parses a `ServerConfig` alone, for [`ServerConfig::with_defaults`].
@@ -128,6 +137,8 @@ mod tests {
         assert_eq!(config.max_request_bytes, 4 * MIB);
         assert_eq!(config.shutdown_grace, Duration::from_secs(30));
         assert_eq!(config.device, DeviceChoice::Auto);
+        assert_eq!(config.reload_interval, Duration::from_secs(5));
+        assert_eq!(config.max_samples, 64);
     }
 
     #[test]

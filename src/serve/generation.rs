@@ -1,18 +1,24 @@
-//! `weightgen.v1.GenerationService`: liveness, readiness and server metadata
-//! now; GenerateInit and the denoiser metadata arrive with the sampler.
+//! `weightgen.v1.GenerationService`: GenerateInit on the served denoisers,
+//! liveness, readiness, and server, architecture and denoiser metadata.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
+use super::convert::{arch_to_proto, schema_to_proto};
+use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
+use super::generate::{DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for};
 use super::readiness::Readiness;
-use super::unimplemented::not_yet;
+use super::status::catalog_status;
+use crate::catalog::Catalog;
 use crate::proto::v1::generation_service_server::GenerationService;
 use crate::proto::v1::{
     ArchitectureMetadataRequest, ArchitectureSpec, DenoiserInfo, DenoiserMetadataRequest,
     DenoiserReadyRequest, DenoiserReadyResponse, GenerateInitRequest, GenerateInitResponse,
-    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    Sampler, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
     ServerReadyRequest, ServerReadyResponse,
 };
 use crate::torch_info::TorchInfo;
@@ -31,12 +37,45 @@ pub struct ServerInfo {
 pub struct GenerationApi {
     info: ServerInfo,
     readiness: Readiness,
+    registry: Arc<DenoiserRegistry>,
+    catalog: Arc<dyn Catalog>,
+    max_samples: u32,
 }
 
 impl GenerationApi {
-    /// A service reporting `info` and the readiness flag.
-    pub fn new(info: ServerInfo, readiness: Readiness) -> Self {
-        Self { info, readiness }
+    /// A service over the served denoisers of `registry`.
+    pub fn new(
+        info: ServerInfo,
+        readiness: Readiness,
+        registry: Arc<DenoiserRegistry>,
+        catalog: Arc<dyn Catalog>,
+        max_samples: u32,
+    ) -> Self {
+        Self {
+            info,
+            readiness,
+            registry,
+            catalog,
+            max_samples,
+        }
+    }
+
+    /// The denoiser a metadata request names: its id, or the active one of
+    /// its architecture.
+    fn named(
+        &self,
+        architecture: &str,
+        denoiser_id: &str,
+    ) -> Result<Option<Arc<LoadedDenoiser>>, Status> {
+        if !denoiser_id.is_empty() {
+            return Ok(self.registry.by_id(denoiser_id));
+        }
+        if architecture.is_empty() {
+            return Err(Status::invalid_argument(
+                "architecture: required when denoiser_id is empty",
+            ));
+        }
+        Ok(self.registry.active(architecture))
     }
 }
 
@@ -44,15 +83,55 @@ impl GenerationApi {
 pub type GenerateInitStream =
     Pin<Box<dyn Stream<Item = Result<GenerateInitResponse, Status>> + Send + 'static>>;
 
+/// What DenoiserMetadata reports about a loaded denoiser.
+pub fn denoiser_info(d: &LoadedDenoiser) -> DenoiserInfo {
+    let facts = &d.facts;
+    DenoiserInfo {
+        id: d.record.id.clone(),
+        version: d.version,
+        architecture: d.record.architecture.clone(),
+        active: true,
+        feature_schema: Some(schema_to_proto(&facts.schema)),
+        timesteps: facts.timesteps as u32,
+        schedule: facts.schedule.clone(),
+        kind: facts.kind.clone(),
+        latent_dim: facts.latent_dim as u32,
+        default_sampler: Sampler::Ddim as i32,
+        default_steps: DEFAULT_DDIM_STEPS.min(facts.timesteps) as u32,
+        metrics: d
+            .record
+            .summary
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        zoo_models: d.record.summary.get("zoo_models").copied().unwrap_or(0.0) as u64,
+        config_json: d.record.config.to_string(),
+        sha256: d.record.sha256.clone(),
+        size_bytes: d.record.size_bytes,
+        created_at: Some(prost_types::Timestamp {
+            seconds: d.record.created_at_ms.div_euclid(1000),
+            nanos: (d.record.created_at_ms.rem_euclid(1000) * 1_000_000) as i32,
+        }),
+    }
+}
+
 #[tonic::async_trait]
 impl GenerationService for GenerationApi {
     type GenerateInitStream = GenerateInitStream;
 
     async fn generate_init(
         &self,
-        _request: Request<GenerateInitRequest>,
+        request: Request<GenerateInitRequest>,
     ) -> Result<Response<Self::GenerateInitStream>, Status> {
-        Err(not_yet("weightgen.v1.GenerationService/GenerateInit"))
+        let received = Instant::now();
+        let request = request.into_inner();
+        let denoiser = denoiser_for(&self.registry, &self.catalog, &request).await?;
+        let (job, choice) = job_for(&request, &denoiser, self.max_samples)?;
+        let messages = generate(denoiser, job, choice, received).await?;
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            messages.into_iter().map(Ok),
+        ))))
     }
 
     async fn server_live(
@@ -73,9 +152,13 @@ impl GenerationService for GenerationApi {
 
     async fn denoiser_ready(
         &self,
-        _request: Request<DenoiserReadyRequest>,
+        request: Request<DenoiserReadyRequest>,
     ) -> Result<Response<DenoiserReadyResponse>, Status> {
-        Err(not_yet("weightgen.v1.GenerationService/DenoiserReady"))
+        let request = request.into_inner();
+        let ready = self
+            .named(&request.architecture, &request.denoiser_id)?
+            .is_some();
+        Ok(Response::new(DenoiserReadyResponse { ready }))
     }
 
     async fn server_metadata(
@@ -94,17 +177,40 @@ impl GenerationService for GenerationApi {
 
     async fn architecture_metadata(
         &self,
-        _request: Request<ArchitectureMetadataRequest>,
+        request: Request<ArchitectureMetadataRequest>,
     ) -> Result<Response<ArchitectureSpec>, Status> {
-        Err(not_yet(
-            "weightgen.v1.GenerationService/ArchitectureMetadata",
-        ))
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("name: required"));
+        }
+        match self
+            .catalog
+            .architecture(&name)
+            .await
+            .map_err(catalog_status)?
+        {
+            Some(arch) => Ok(Response::new(arch_to_proto(&arch))),
+            None => Err(Status::not_found(format!(
+                "architecture {name:?} not found"
+            ))),
+        }
     }
 
     async fn denoiser_metadata(
         &self,
-        _request: Request<DenoiserMetadataRequest>,
+        request: Request<DenoiserMetadataRequest>,
     ) -> Result<Response<DenoiserInfo>, Status> {
-        Err(not_yet("weightgen.v1.GenerationService/DenoiserMetadata"))
+        let request = request.into_inner();
+        match self.named(&request.architecture, &request.denoiser_id)? {
+            Some(loaded) => Ok(Response::new(denoiser_info(&loaded))),
+            None if !request.denoiser_id.is_empty() => Err(Status::not_found(format!(
+                "denoiser_id: {:?} is not loaded on this server",
+                request.denoiser_id
+            ))),
+            None => Err(Status::not_found(format!(
+                "architecture: no denoiser is loaded for {:?}",
+                request.architecture
+            ))),
+        }
     }
 }

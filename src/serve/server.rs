@@ -18,11 +18,13 @@ use tower::ServiceBuilder;
 use super::admission::Admission;
 use super::catalog::CatalogApi;
 use super::config::ServerConfig;
+use super::denoisers::{DenoiserRegistry, reload_loop};
 use super::generation::{GenerationApi, ServerInfo};
 use super::grpc_metrics::{GrpcMetricsLayer, KnownMethods};
 use super::health;
 use super::jobs::JobsApi;
 use super::metrics_http;
+use super::model_thread::ModelThread;
 use super::readiness::Readiness;
 use crate::blobs::BlobStore;
 use crate::catalog::Catalog;
@@ -175,9 +177,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         (torch, device)
     })
     .await?;
+    let device = device?;
     let info = ServerInfo {
         torch,
-        device: device_name(device?),
+        device: device_name(device),
     };
 
     let prometheus = metrics_http::recorder().map_err(|detail| ServeError::Setup {
@@ -207,6 +210,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     };
 
     let readiness = Readiness::new();
+    let model = ModelThread::spawn(device).map_err(|e| ServeError::Setup {
+        what: "the model thread",
+        detail: e.to_string(),
+    })?;
+    let registry = Arc::new(DenoiserRegistry::new(model, readiness.clone()));
+    if let Err(e) = registry.refresh(&catalog_store, &blobs).await {
+        tracing::warn!(error = %e, "loading the active denoisers failed; retrying in the background");
+    }
     let admission = Admission::new(config.max_concurrent_requests);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_running(&reporter, readiness.is_ready()).await;
@@ -225,10 +236,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
                 detail: e.to_string(),
             })?;
 
-    let generation =
-        GenerationServiceServer::new(GenerationApi::new(info.clone(), readiness.clone()))
-            .max_decoding_message_size(config.max_request_bytes)
-            .max_encoding_message_size(config.max_response_bytes);
+    let generation = GenerationServiceServer::new(GenerationApi::new(
+        info.clone(),
+        readiness.clone(),
+        registry.clone(),
+        catalog_store.clone(),
+        config.max_samples,
+    ))
+    .max_decoding_message_size(config.max_request_bytes)
+    .max_encoding_message_size(config.max_response_bytes);
     let catalog = CatalogServiceServer::new(CatalogApi)
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_response_bytes);
@@ -259,6 +275,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         });
 
     let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(reload_loop(
+        registry.clone(),
+        catalog_store.clone(),
+        blobs.clone(),
+        config.reload_interval,
+        stop_rx.clone(),
+    ));
     let metrics_task = metrics_listener.map(|listener| {
         let mut stop_rx = stop_rx.clone();
         tokio::spawn(metrics_http::serve(listener, prometheus, async move {

@@ -37,6 +37,23 @@ pub struct Descriptor {
     pub support_y: Vec<Vec<f32>>,
 }
 
+/// A checked support set as flat values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SupportValues {
+    /// K.
+    pub examples: usize,
+    /// Values per input.
+    pub input_width: usize,
+    /// Values per target (1 for a class index).
+    pub target_width: usize,
+    /// Whether targets are class indices.
+    pub classification: bool,
+    /// K × input_width values.
+    pub inputs: Vec<f32>,
+    /// K × target_width values.
+    pub targets: Vec<f32>,
+}
+
 /// Why a descriptor does not fit a schema.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{field}: {reason}")]
@@ -228,18 +245,47 @@ pub fn describe(family: Family, task: &TaskSpec, data: &TaskData) -> Descriptor 
             order.into_iter().take(INR_SUPPORT).collect()
         }
     };
-    let scale = if family == Family::Digits { 16.0 } else { 1.0 };
-    let support_x: Vec<Vec<f32>> = rows(&(&data.train_x * scale), &support);
-    let support_y = if family.objective() == super::train::Objective::Classification {
-        rows(&data.train_y.to_kind(Kind::Float).unsqueeze(1), &support)
-    } else {
-        rows(&data.train_y, &support)
-    };
+    let (support_x, support_y) = support_rows(family, data, &support);
     Descriptor {
         features,
         support_x,
         support_y,
     }
+}
+
+/// Training examples `indices` of `data` as support rows, in the units a
+/// descriptor carries them (digits pixels 0–16, class indices as values).
+fn support_rows(
+    family: Family,
+    data: &TaskData,
+    indices: &[i64],
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let scale = if family == Family::Digits { 16.0 } else { 1.0 };
+    let support_x: Vec<Vec<f32>> = rows(&(&data.train_x * scale), indices);
+    let support_y = if family.objective() == super::train::Objective::Classification {
+        rows(&data.train_y.to_kind(Kind::Float).unsqueeze(1), indices)
+    } else {
+        rows(&data.train_y, indices)
+    };
+    (support_x, support_y)
+}
+
+/// Up to `size` training examples of `task` (in the task's shuffled order),
+/// as a descriptor's support rows: the pool that training draws random
+/// K-subsets from, so the encoder learns from any K examples of a task, not
+/// one fixed set.
+pub fn support_pool(
+    family: Family,
+    task: &TaskSpec,
+    data: &TaskData,
+    size: usize,
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let mut rng = StdRng::seed_from_u64(task_seed(task));
+    let n = data.train_x.size()[0];
+    let mut order: Vec<i64> = (0..n).collect();
+    order.shuffle(&mut rng);
+    order.truncate(size);
+    support_rows(family, data, &order)
 }
 
 impl Descriptor {
@@ -291,13 +337,13 @@ impl Descriptor {
         Ok(out)
     }
 
-    /// The support set as tensors: x [K, in] and y [K, out] (class indices
-    /// one-hot over `ways`), after checking counts, shapes and values.
-    pub fn support_tensors(
+    /// The support set's values after checking counts, shapes, values and
+    /// labels against the schema (errors name "support"); no tensors.
+    pub fn support_values(
         &self,
         schema: &FeatureSchema,
         ways: usize,
-    ) -> Result<Option<(Tensor, Tensor)>, FeatureError> {
+    ) -> Result<Option<SupportValues>, FeatureError> {
         let error = |reason: String| FeatureError {
             field: "support".into(),
             reason,
@@ -353,9 +399,34 @@ impl Descriptor {
             xs.extend_from_slice(x);
             ys.extend_from_slice(y);
         }
-        let x = Tensor::from_slice(&xs).reshape([k as i64, in_width as i64]);
-        let y = Tensor::from_slice(&ys).reshape([k as i64, out_width as i64]);
-        let y = if spec.classification {
+        Ok(Some(SupportValues {
+            examples: k,
+            input_width: in_width,
+            target_width: out_width,
+            classification: spec.classification,
+            inputs: xs,
+            targets: ys,
+        }))
+    }
+
+    /// The support set as tensors: x [K, in] and y [K, out] (class indices
+    /// one-hot over `ways`), after the checks of `support_values`.
+    pub fn support_tensors(
+        &self,
+        schema: &FeatureSchema,
+        ways: usize,
+    ) -> Result<Option<(Tensor, Tensor)>, FeatureError> {
+        let Some(v) = self.support_values(schema, ways)? else {
+            return Ok(None);
+        };
+        let (k, in_width, out_width) = (
+            v.examples as i64,
+            v.input_width as i64,
+            v.target_width as i64,
+        );
+        let x = Tensor::from_slice(&v.inputs).reshape([k, in_width]);
+        let y = Tensor::from_slice(&v.targets).reshape([k, out_width]);
+        let y = if v.classification {
             y.squeeze_dim(1)
                 .to_kind(Kind::Int64)
                 .one_hot(ways as i64)

@@ -37,8 +37,77 @@ pub struct ZooDataset {
     pub features: Tensor,
     /// Support inputs [N, K, in] and targets [N, K, out], when the schema has them.
     pub support: Option<(Tensor, Tensor)>,
+    /// Pools of P ≥ K training examples per model [N, P, in] / [N, P, out]
+    /// that training draws random K-subsets from (with `support`).
+    pub support_pool: Option<(Tensor, Tensor)>,
     /// Whether the models were aligned to the first one.
     pub aligned: bool,
+}
+
+/// Most training examples per model that support subsets are drawn from.
+pub const SUPPORT_POOL_SIZE: usize = 128;
+
+/// The support pools of `tasks` [N, P, in] / [N, P, out], P the smallest
+/// pool (at most `SUPPORT_POOL_SIZE`); tasks shared by models are read once.
+fn support_pools(
+    family: Family,
+    schema: &FeatureSchema,
+    tasks: &[TaskSpec],
+) -> Result<(Tensor, Tensor), TrainError> {
+    let mut by_task: std::collections::HashMap<String, Descriptor> =
+        std::collections::HashMap::new();
+    let mut pools = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let key = serde_json::to_string(task).unwrap_or_default();
+        if !by_task.contains_key(&key) {
+            let data = family.data(task, Device::Cpu)?;
+            let (support_x, support_y) =
+                crate::tasks::featurizer::support_pool(family, task, &data, SUPPORT_POOL_SIZE);
+            by_task.insert(
+                key.clone(),
+                Descriptor {
+                    features: Default::default(),
+                    support_x,
+                    support_y,
+                },
+            );
+        }
+        pools.push(key);
+    }
+    let size = by_task
+        .values()
+        .map(|d| d.support_x.len())
+        .min()
+        .unwrap_or(0);
+    let mut tensors: std::collections::HashMap<&str, (Tensor, Tensor)> =
+        std::collections::HashMap::new();
+    for (key, d) in &by_task {
+        let trimmed = Descriptor {
+            features: Default::default(),
+            support_x: d.support_x[..size].to_vec(),
+            support_y: d.support_y[..size].to_vec(),
+        };
+        let pair = trimmed
+            .support_tensors(schema, support_ways(family))
+            .map_err(|e| TrainError::Input {
+                field: "zoo",
+                reason: format!("support pool: {e}"),
+            })?
+            .ok_or_else(|| TrainError::Input {
+                field: "zoo",
+                reason: "support pool: the schema takes no support set".into(),
+            })?;
+        tensors.insert(key.as_str(), pair);
+    }
+    let xs: Vec<Tensor> = pools
+        .iter()
+        .map(|k| tensors[k.as_str()].0.shallow_clone())
+        .collect();
+    let ys: Vec<Tensor> = pools
+        .iter()
+        .map(|k| tensors[k.as_str()].1.shallow_clone())
+        .collect();
+    Ok((Tensor::stack(&xs, 0), Tensor::stack(&ys, 0)))
 }
 
 /// Classes (or 1 for regression) the support targets are encoded over.
@@ -171,6 +240,10 @@ impl ZooDataset {
         } else {
             None
         };
+        let support_pool = match &support {
+            Some(_) => Some(support_pools(family, &schema, &tasks)?),
+            None => None,
+        };
         Ok(Self {
             family,
             network,
@@ -181,6 +254,7 @@ impl ZooDataset {
             weights: weights.to_device(Device::Cpu),
             features: Tensor::stack(&feature_rows, 0),
             support,
+            support_pool,
             aligned,
         })
     }

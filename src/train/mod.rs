@@ -207,14 +207,26 @@ pub fn standardize_features(features: &Tensor, norm: &(Tensor, Tensor)) -> Tenso
     (features.to_kind(Kind::Float) - &norm.0) / &norm.1
 }
 
-fn task_batch(data: &ZooDataset, rows: &Tensor, norm: &(Tensor, Tensor)) -> TaskBatch {
+/// The condition of zoo rows `rows`: standardized features and the fixed
+/// support sets, or (`pooled`) the support pools training draws subsets from.
+fn task_batch(
+    data: &ZooDataset,
+    rows: &Tensor,
+    norm: &(Tensor, Tensor),
+    pooled: bool,
+) -> TaskBatch {
+    let support = if pooled {
+        data.support_pool.as_ref().or(data.support.as_ref())
+    } else {
+        data.support.as_ref()
+    };
     TaskBatch {
         features: Some(standardize_features(
             &data.features.index_select(0, rows),
             norm,
         )),
-        support_x: data.support.as_ref().map(|(x, _)| x.index_select(0, rows)),
-        support_y: data.support.as_ref().map(|(_, y)| y.index_select(0, rows)),
+        support_x: support.map(|(x, _)| x.index_select(0, rows)),
+        support_y: support.map(|(_, y)| y.index_select(0, rows)),
     }
 }
 
@@ -462,11 +474,15 @@ fn train_blocking(
             field: "schedule",
             reason: e.to_string(),
         })?;
-    let train_condition = task_batch(&data, &train_rows, &feature_norm).to_device(device);
-    let val_condition = task_batch(&data, &val_rows, &feature_norm);
+    let train_condition = task_batch(&data, &train_rows, &feature_norm, true).to_device(device);
+    let val_condition = task_batch(&data, &val_rows, &feature_norm, false);
     let train_data = standardized.index_select(0, &train_rows).to_device(device);
     let val_data = standardized.index_select(0, &val_rows);
-    let mut trainer = Trainer::new(&model, &config.fit)?;
+    // Support-set conditioning sees a fresh random K-subset of each zoo
+    // model's training examples at every step (K = the descriptors' K).
+    let mut fit = config.fit.clone();
+    fit.support_examples = data.support.as_ref().map(|(x, _)| x.size()[1] as usize);
+    let mut trainer = Trainer::new(&model, &fit)?;
     let mut ema = Ema::new(&model.vs, config.ema_decay);
     let mut curve = Vec::new();
     let mut recent = Vec::new();

@@ -1,0 +1,87 @@
+//! Library types as their `weightgen.v1` messages.
+
+use crate::proto::v1 as pb;
+use crate::tasks::schema::FeatureSchema;
+use crate::weights::{ArchSpec, DType};
+
+/// The wire form of a dtype.
+pub fn dtype_to_proto(dtype: DType) -> pb::DType {
+    match dtype {
+        DType::F32 => pb::DType::DtypeF32,
+        DType::F16 => pb::DType::DtypeF16,
+        DType::BF16 => pb::DType::DtypeBf16,
+    }
+}
+
+/// The tensors of `arch`, each reported in `dtype`, with its layer.
+pub fn tensor_specs(arch: &ArchSpec, dtype: DType) -> Vec<pb::TensorSpec> {
+    arch.tensors
+        .iter()
+        .map(|t| pb::TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.iter().map(|&d| d as u64).collect(),
+            dtype: dtype_to_proto(dtype) as i32,
+            layer: arch
+                .layers
+                .iter()
+                .find(|l| l.tensors.contains(&t.name))
+                .map(|l| l.name.clone())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
+/// The wire form of an architecture.
+pub fn arch_to_proto(arch: &ArchSpec) -> pb::ArchitectureSpec {
+    let tensors = arch
+        .tensors
+        .iter()
+        .zip(tensor_specs(arch, DType::F32))
+        .map(|(t, mut spec)| {
+            spec.dtype = dtype_to_proto(t.dtype) as i32;
+            spec
+        })
+        .collect();
+    pb::ArchitectureSpec {
+        name: arch.name.clone(),
+        family: arch.family.clone(),
+        tensors,
+        layers: arch
+            .layers
+            .iter()
+            .map(|l| pb::LayerGroup {
+                name: l.name.clone(),
+                kind: l.kind.clone(),
+                tensors: l.tensors.clone(),
+            })
+            .collect(),
+        num_parameters: arch.num_parameters() as u64,
+    }
+}
+
+/// The wire form of a feature schema.
+pub fn schema_to_proto(schema: &FeatureSchema) -> pb::FeatureSchema {
+    pb::FeatureSchema {
+        features: schema
+            .features
+            .iter()
+            .map(|f| pb::FeatureSpec {
+                name: f.name.clone(),
+                description: f.description.clone(),
+                length: f.length as u32,
+                min: f.min,
+                max: f.max,
+                required: f.required,
+            })
+            .collect(),
+        embedding_dim: schema.embedding_dim as u32,
+        support: schema.support.as_ref().map(|s| pb::SupportSpec {
+            input_shape: s.input_shape.iter().map(|&d| d as u64).collect(),
+            target_shape: s.target_shape.iter().map(|&d| d as u64).collect(),
+            classification: s.classification,
+            min_examples: s.min_examples as u32,
+            max_examples: s.max_examples as u32,
+            required: s.required,
+        }),
+    }
+}

@@ -1,0 +1,221 @@
+//! The denoisers a server serves: the active version of each architecture,
+//! loaded onto the model thread, and the reloader that notices a newly
+//! activated version in the catalog and swaps it in.
+//!
+//! A request takes an `Arc` of the entry it starts on and keeps it until it
+//! is answered, so a swap never disturbs it: requests in flight finish on the
+//! old version, new ones get the new one, and the old checkpoint is freed on
+//! the model thread when the last request holding it is done.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::model_thread::{CheckpointFacts, ModelThread};
+use super::readiness::Readiness;
+use crate::blobs::BlobStore;
+use crate::catalog::{Catalog, DenoiserRecord, PageRequest};
+
+/// Default interval between checks of the catalog for activations.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A denoiser version loaded on the model thread. Dropping the last handle
+/// unloads it there.
+#[derive(Debug)]
+pub struct LoadedDenoiser {
+    /// Its catalog row (as of loading).
+    pub record: DenoiserRecord,
+    /// 1 for the first version of its architecture, then increasing.
+    pub version: u32,
+    /// What the checkpoint holds.
+    pub facts: CheckpointFacts,
+    model: ModelThread,
+}
+
+impl LoadedDenoiser {
+    /// An entry for a checkpoint already loaded on `model` under `record.id`.
+    pub fn new(
+        record: DenoiserRecord,
+        version: u32,
+        facts: CheckpointFacts,
+        model: ModelThread,
+    ) -> Self {
+        Self {
+            record,
+            version,
+            facts,
+            model,
+        }
+    }
+
+    /// The model thread it lives on.
+    pub fn model(&self) -> &ModelThread {
+        &self.model
+    }
+}
+
+impl Drop for LoadedDenoiser {
+    fn drop(&mut self) {
+        self.model.unload(&self.record.id);
+    }
+}
+
+/// The active denoiser of each architecture.
+#[derive(Debug)]
+pub struct DenoiserRegistry {
+    active: RwLock<HashMap<String, Arc<LoadedDenoiser>>>,
+    model: ModelThread,
+    readiness: Readiness,
+}
+
+impl DenoiserRegistry {
+    /// An empty registry on `model`, reporting into `readiness`.
+    pub fn new(model: ModelThread, readiness: Readiness) -> Self {
+        Self {
+            active: RwLock::new(HashMap::new()),
+            model,
+            readiness,
+        }
+    }
+
+    /// The active denoiser of `architecture`, if one is loaded.
+    pub fn active(&self, architecture: &str) -> Option<Arc<LoadedDenoiser>> {
+        self.active.read().ok()?.get(architecture).cloned()
+    }
+
+    /// The loaded denoiser with this id, if any.
+    pub fn by_id(&self, id: &str) -> Option<Arc<LoadedDenoiser>> {
+        self.active
+            .read()
+            .ok()?
+            .values()
+            .find(|d| d.record.id == id)
+            .cloned()
+    }
+
+    /// Every loaded denoiser.
+    pub fn loaded(&self) -> Vec<Arc<LoadedDenoiser>> {
+        self.active
+            .read()
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Makes the catalog's active denoisers the served ones: loads each one
+    /// not loaded yet and swaps it in. Returns the ids swapped in. A version
+    /// that fails to load is logged and the previous one keeps serving.
+    pub async fn refresh(
+        &self,
+        catalog: &Arc<dyn Catalog>,
+        blobs: &BlobStore,
+    ) -> Result<Vec<String>, crate::catalog::CatalogError> {
+        let mut swapped = Vec::new();
+        for arch in catalog.architectures(None).await? {
+            let Some(record) = catalog.active_denoiser(&arch.name).await? else {
+                continue;
+            };
+            if self
+                .active(&arch.name)
+                .is_some_and(|d| d.record.id == record.id)
+            {
+                continue;
+            }
+            match self.load(catalog, blobs, record).await {
+                Ok(loaded) => {
+                    tracing::info!(
+                        architecture = %arch.name, denoiser = %loaded.record.id,
+                        version = loaded.version, "denoiser loaded and swapped in"
+                    );
+                    metrics::gauge!(
+                        "weightgen_denoiser_version",
+                        "architecture" => arch.name.clone()
+                    )
+                    .set(f64::from(loaded.version));
+                    metrics::counter!(
+                        "weightgen_denoiser_swaps_total",
+                        "architecture" => arch.name.clone()
+                    )
+                    .increment(1);
+                    swapped.push(loaded.record.id.clone());
+                    if let Ok(mut active) = self.active.write() {
+                        active.insert(arch.name.clone(), Arc::new(loaded));
+                    }
+                }
+                Err(reason) => {
+                    tracing::error!(architecture = %arch.name, %reason, "active denoiser not loaded");
+                }
+            }
+        }
+        if !swapped.is_empty() {
+            self.readiness.set_denoiser_loaded(true);
+        }
+        Ok(swapped)
+    }
+
+    async fn load(
+        &self,
+        catalog: &Arc<dyn Catalog>,
+        blobs: &BlobStore,
+        record: DenoiserRecord,
+    ) -> Result<LoadedDenoiser, String> {
+        let bytes = blobs.get(&record.sha256).await.map_err(|e| e.to_string())?;
+        let facts = self
+            .model
+            .load(&record.id, bytes)
+            .await
+            .map_err(|e| e.to_string())?;
+        let version = version_of(catalog, &record)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(LoadedDenoiser::new(
+            record,
+            version,
+            facts,
+            self.model.clone(),
+        ))
+    }
+}
+
+/// The version number of `record`: its rank among its architecture's
+/// denoisers by creation time, from 1.
+async fn version_of(
+    catalog: &Arc<dyn Catalog>,
+    record: &DenoiserRecord,
+) -> Result<u32, crate::catalog::CatalogError> {
+    let mut page = PageRequest::first(crate::catalog::MAX_PAGE_SIZE);
+    let mut older = 0u32;
+    loop {
+        let listed = catalog.denoisers(Some(&record.architecture), &page).await?;
+        older += listed
+            .items
+            .iter()
+            .filter(|d| (d.created_at_ms, &d.id) <= (record.created_at_ms, &record.id))
+            .count() as u32;
+        if listed.next_token.is_empty() {
+            return Ok(older.max(1));
+        }
+        page.token = listed.next_token;
+    }
+}
+
+/// Checks the catalog every `interval` and swaps in newly activated
+/// denoisers until `stop` turns true.
+pub async fn reload_loop(
+    registry: Arc<DenoiserRegistry>,
+    catalog: Arc<dyn Catalog>,
+    blobs: BlobStore,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if let Err(e) = registry.refresh(&catalog, &blobs).await {
+            tracing::warn!(error = %e, "checking the catalog for denoisers failed");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}

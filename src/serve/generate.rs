@@ -1,0 +1,497 @@
+//! GenerateInit: check a request against the denoiser that will serve it,
+//! run it on the model thread, and stream each sample's safetensors file as
+//! header, chunks of at most 1 MiB, and a trailer with every file's SHA-256.
+//! (One request is one reverse diffusion here; merging concurrent requests
+//! into one batch comes with the batcher.)
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::Status;
+
+use super::convert::{arch_to_proto, dtype_to_proto, tensor_specs};
+use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
+use super::model_thread::{GenerateJob, ModelError};
+use crate::blobs::sha256_hex;
+use crate::catalog::Catalog;
+use crate::diffusion::SamplerKind;
+use crate::proto::v1 as pb;
+use crate::tasks::featurizer::Descriptor;
+use crate::weights::DType;
+
+/// Largest chunk of a sample file in one message.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+/// DDIM steps when the request leaves them unset.
+pub const DEFAULT_DDIM_STEPS: usize = 50;
+/// Samples one request may ask for, unless configured otherwise.
+pub const DEFAULT_MAX_SAMPLES: u32 = 64;
+
+fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+/// The denoiser a request names: its pin, or the active one of its
+/// architecture.
+pub async fn denoiser_for(
+    registry: &DenoiserRegistry,
+    catalog: &Arc<dyn Catalog>,
+    request: &pb::GenerateInitRequest,
+) -> Result<Arc<LoadedDenoiser>, Status> {
+    let task = request
+        .task
+        .as_ref()
+        .ok_or_else(|| invalid("task", "required"))?;
+    if task.architecture.is_empty() {
+        return Err(invalid("task.architecture", "required"));
+    }
+    if !request.denoiser_id.is_empty() {
+        let loaded = registry.by_id(&request.denoiser_id).ok_or_else(|| {
+            Status::not_found(format!(
+                "denoiser_id: {:?} is not loaded on this server (it serves the active version of each architecture)",
+                request.denoiser_id
+            ))
+        })?;
+        if loaded.record.architecture != task.architecture {
+            return Err(invalid(
+                "denoiser_id",
+                format!(
+                    "{:?} generates {:?}, not {:?}",
+                    request.denoiser_id, loaded.record.architecture, task.architecture
+                ),
+            ));
+        }
+        return Ok(loaded);
+    }
+    if let Some(loaded) = registry.active(&task.architecture) {
+        return Ok(loaded);
+    }
+    let known = catalog
+        .architecture(&task.architecture)
+        .await
+        .map_err(super::status::catalog_status)?;
+    match known {
+        None => Err(Status::not_found(format!(
+            "task.architecture: unknown architecture {:?}",
+            task.architecture
+        ))),
+        Some(_) => Err(Status::unavailable(format!(
+            "no denoiser is loaded for architecture {:?} yet",
+            task.architecture
+        ))),
+    }
+}
+
+/// What the header reports about how the samples were drawn.
+#[derive(Debug, Clone)]
+pub struct SamplingChoice {
+    /// Sampler.
+    pub sampler: pb::Sampler,
+    /// Reverse steps.
+    pub steps: usize,
+    /// DDIM η.
+    pub eta: f64,
+    /// Guidance scale.
+    pub guidance: f64,
+    /// First seed.
+    pub seed: u64,
+    /// Samples.
+    pub num_samples: u32,
+    /// Output dtype.
+    pub dtype: DType,
+}
+
+fn descriptor(task: &pb::TaskDescriptor) -> Result<Descriptor, Status> {
+    let features: BTreeMap<String, Vec<f64>> = task
+        .features
+        .iter()
+        .map(|(k, v)| (k.clone(), v.values.clone()))
+        .collect();
+    let (support_x, support_y) = match &task.support {
+        None => (Vec::new(), Vec::new()),
+        Some(set) => {
+            let rows =
+                |t: &Option<pb::FloatTensor>, field: &str| -> Result<Vec<Vec<f32>>, Status> {
+                    let Some(t) = t else {
+                        return Err(invalid(field, "required with a support set"));
+                    };
+                    let k = *t
+                        .shape
+                        .first()
+                        .ok_or_else(|| invalid(field, "shape is empty"))?
+                        as usize;
+                    let count: u64 = t.shape.iter().product();
+                    if count != t.values.len() as u64 {
+                        return Err(invalid(
+                            field,
+                            format!(
+                                "shape {:?} needs {count} values, got {}",
+                                t.shape,
+                                t.values.len()
+                            ),
+                        ));
+                    }
+                    if k == 0 {
+                        return Ok(Vec::new());
+                    }
+                    let width = t.values.len() / k;
+                    Ok(t.values.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
+                };
+            (
+                rows(&set.inputs, "task.support.inputs")?,
+                rows(&set.targets, "task.support.targets")?,
+            )
+        }
+    };
+    Ok(Descriptor {
+        features,
+        support_x,
+        support_y,
+    })
+}
+
+/// Checks `request` against `denoiser` and returns the job and how it samples.
+pub fn job_for(
+    request: &pb::GenerateInitRequest,
+    denoiser: &LoadedDenoiser,
+    max_samples: u32,
+) -> Result<(GenerateJob, SamplingChoice), Status> {
+    let task = request
+        .task
+        .as_ref()
+        .ok_or_else(|| invalid("task", "required"))?;
+    let schema = &denoiser.facts.schema;
+    if task.embedding.len() != schema.embedding_dim {
+        return Err(invalid(
+            "task.embedding",
+            format!(
+                "has {} values, the denoiser takes {}",
+                task.embedding.len(),
+                schema.embedding_dim
+            ),
+        ));
+    }
+    let descriptor = descriptor(task)?;
+    let features = descriptor
+        .feature_vector(schema)
+        .map_err(|e| invalid(&format!("task.features.{}", e.field), e.reason))?;
+    let ways = match &schema.support {
+        Some(s) if s.classification && !descriptor.support_x.is_empty() => {
+            if task.num_classes < 2 {
+                return Err(invalid(
+                    "task.num_classes",
+                    "at least 2 with a classification support set",
+                ));
+            }
+            task.num_classes as usize
+        }
+        _ => 1,
+    };
+    // Shapes, counts and labels of the support set, checked before queueing
+    // (pure Rust: all tch work happens on the model thread).
+    descriptor
+        .support_values(schema, ways)
+        .map_err(|e| invalid(&format!("task.{}", e.field), e.reason))?;
+
+    let options = request.options.unwrap_or_default();
+    let num_samples = if options.num_samples == 0 {
+        1
+    } else {
+        options.num_samples
+    };
+    if num_samples > max_samples {
+        return Err(invalid(
+            "options.num_samples",
+            format!("{num_samples} is more than this server's limit of {max_samples}"),
+        ));
+    }
+    let timesteps = denoiser.facts.timesteps;
+    let eta = f64::from(options.eta.unwrap_or(0.0));
+    let guidance = f64::from(options.guidance_scale.unwrap_or(1.0));
+    if !(guidance.is_finite() && guidance >= 0.0) {
+        return Err(invalid(
+            "options.guidance_scale",
+            format!("{guidance} is not a number ≥ 0"),
+        ));
+    }
+    let sampler = pb::Sampler::try_from(options.sampler).map_err(|_| {
+        invalid(
+            "options.sampler",
+            format!("unknown value {}", options.sampler),
+        )
+    })?;
+    let (sampler, kind, steps) = match sampler {
+        pb::Sampler::Ddpm => {
+            if options.steps != 0 && options.steps as usize != timesteps {
+                return Err(invalid(
+                    "options.steps",
+                    format!("DDPM runs all T = {timesteps} steps; got {}", options.steps),
+                ));
+            }
+            if options.eta.is_some() {
+                return Err(invalid("options.eta", "applies to DDIM only"));
+            }
+            (pb::Sampler::Ddpm, SamplerKind::Ddpm, timesteps)
+        }
+        pb::Sampler::Unspecified | pb::Sampler::Ddim => {
+            let steps = if options.steps == 0 {
+                DEFAULT_DDIM_STEPS.min(timesteps)
+            } else {
+                options.steps as usize
+            };
+            if steps > timesteps {
+                return Err(invalid(
+                    "options.steps",
+                    format!("{steps} is more than T = {timesteps}"),
+                ));
+            }
+            if !(0.0..=1.0).contains(&eta) {
+                return Err(invalid("options.eta", format!("{eta} is not in [0, 1]")));
+            }
+            (pb::Sampler::Ddim, SamplerKind::ddim(steps, eta), steps)
+        }
+    };
+    let dtype = match pb::DType::try_from(options.output_dtype) {
+        Ok(pb::DType::DtypeUnspecified | pb::DType::DtypeF32) => DType::F32,
+        Ok(pb::DType::DtypeF16) => DType::F16,
+        Ok(pb::DType::DtypeBf16) => DType::BF16,
+        Err(_) => {
+            return Err(invalid(
+                "options.output_dtype",
+                format!("unknown value {}", options.output_dtype),
+            ));
+        }
+    };
+    let seed = options.seed.unwrap_or_else(rand::random);
+    let seeds = (0..u64::from(num_samples))
+        .map(|i| seed.wrapping_add(i))
+        .collect();
+    Ok((
+        GenerateJob {
+            descriptor,
+            features,
+            ways,
+            seeds,
+            sampler: kind,
+            guidance,
+            dtype,
+        },
+        SamplingChoice {
+            sampler,
+            steps,
+            eta,
+            guidance,
+            seed,
+            num_samples,
+            dtype,
+        },
+    ))
+}
+
+/// Runs the job on `denoiser` and returns the response messages in order.
+pub async fn generate(
+    denoiser: Arc<LoadedDenoiser>,
+    job: GenerateJob,
+    choice: SamplingChoice,
+    received: Instant,
+) -> Result<Vec<pb::GenerateInitResponse>, Status> {
+    let queued = Instant::now();
+    let generated = denoiser
+        .model()
+        .generate(&denoiser.record.id, job)
+        .await
+        .map_err(|e| match e {
+            ModelError::Feature(f) => invalid(&format!("task.{}", f.field), f.reason),
+            other => Status::internal(other.to_string()),
+        })?;
+    let queue_ms = (queued.elapsed().as_secs_f64() * 1e3 - generated.sampling_ms).max(0.0);
+    let part = |p: pb::generate_init_response::Part| pb::GenerateInitResponse { part: Some(p) };
+    let arch = &denoiser.facts.arch;
+    let mut messages = vec![part(pb::generate_init_response::Part::Header(
+        pb::GenerateInitHeader {
+            denoiser_id: denoiser.record.id.clone(),
+            denoiser_version: denoiser.version,
+            architecture: Some(arch_to_proto(arch)),
+            tensors: tensor_specs(arch, choice.dtype),
+            seed: choice.seed,
+            sampler: choice.sampler as i32,
+            steps: choice.steps as u32,
+            eta: choice.eta as f32,
+            guidance_scale: choice.guidance as f32,
+            num_samples: choice.num_samples,
+            output_dtype: dtype_to_proto(choice.dtype) as i32,
+        },
+    ))];
+    let mut digests = Vec::with_capacity(generated.files.len());
+    for (index, file) in generated.files.iter().enumerate() {
+        for (n, data) in file.chunks(MAX_CHUNK_BYTES).enumerate() {
+            messages.push(part(pb::generate_init_response::Part::Chunk(
+                pb::SampleChunk {
+                    sample_index: index as u32,
+                    offset: (n * MAX_CHUNK_BYTES) as u64,
+                    data: data.to_vec(),
+                },
+            )));
+        }
+        digests.push(pb::SampleDigest {
+            sample_index: index as u32,
+            size_bytes: file.len() as u64,
+            sha256: sha256_hex(file),
+        });
+    }
+    messages.push(part(pb::generate_init_response::Part::Trailer(
+        pb::GenerateInitTrailer {
+            samples: digests,
+            queue_ms,
+            sampling_ms: generated.sampling_ms,
+            total_ms: received.elapsed().as_secs_f64() * 1e3,
+            batch_size: choice.num_samples,
+        },
+    )));
+    Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::DenoiserRecord;
+    use crate::serve::model_thread::{CheckpointFacts, ModelThread};
+    use crate::tasks::Family;
+    use crate::tasks::families::TaskSpec;
+    use crate::tasks::featurizer::{describe, schema};
+
+    fn digits_denoiser() -> LoadedDenoiser {
+        let family = Family::Digits;
+        let facts = CheckpointFacts {
+            arch: family.network("").unwrap().spec,
+            schema: schema(family),
+            timesteps: 1000,
+            schedule: "cosine".into(),
+            kind: "mlp_unet".into(),
+            latent_dim: 0,
+        };
+        let record = DenoiserRecord {
+            id: "d1".into(),
+            architecture: facts.arch.name.clone(),
+            sha256: "0".repeat(64),
+            size_bytes: 1,
+            config: serde_json::json!({}),
+            summary: Default::default(),
+            active: true,
+            created_at_ms: 0,
+        };
+        LoadedDenoiser::new(
+            record,
+            1,
+            facts,
+            ModelThread::spawn(tch::Device::Cpu).unwrap(),
+        )
+    }
+
+    fn request() -> pb::GenerateInitRequest {
+        let task = TaskSpec::Digits {
+            classes: vec![0, 1, 2, 3, 4],
+        };
+        let data = Family::Digits.data(&task, tch::Device::Cpu).unwrap();
+        let d = describe(Family::Digits, &task, &data);
+        pb::GenerateInitRequest {
+            task: Some(pb::TaskDescriptor {
+                architecture: "digits-mlp-64-32-5".into(),
+                features: d
+                    .features
+                    .into_iter()
+                    .map(|(k, values)| (k, pb::FeatureValue { values }))
+                    .collect(),
+                num_classes: 5,
+                ..Default::default()
+            }),
+            options: Some(pb::SamplingOptions {
+                num_samples: 3,
+                seed: Some(40),
+                ..Default::default()
+            }),
+            denoiser_id: String::new(),
+        }
+    }
+
+    fn refused(change: impl FnOnce(&mut pb::GenerateInitRequest)) -> String {
+        let mut r = request();
+        change(&mut r);
+        let err = job_for(&r, &digits_denoiser(), 8).unwrap_err();
+        assert_eq!(
+            err.code(),
+            tonic::Code::InvalidArgument,
+            "{}",
+            err.message()
+        );
+        err.message().to_owned()
+    }
+
+    #[test]
+    fn a_valid_request_gets_ddim_50_and_consecutive_seeds() {
+        let (job, choice) = job_for(&request(), &digits_denoiser(), 8).unwrap();
+        assert_eq!(job.seeds, vec![40, 41, 42]);
+        assert_eq!(
+            (choice.sampler, choice.steps, choice.guidance),
+            (pb::Sampler::Ddim, 50, 1.0)
+        );
+        assert_eq!(job.features.len(), schema(Family::Digits).feature_width());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        assert!(refused(|r| r.task = None).starts_with("task: required"));
+        assert!(
+            refused(|r| {
+                r.task
+                    .as_mut()
+                    .unwrap()
+                    .features
+                    .insert("colour".into(), pb::FeatureValue { values: vec![1.0] });
+            })
+            .starts_with("task.features.colour: unknown feature")
+        );
+        assert!(
+            refused(|r| {
+                r.task
+                    .as_mut()
+                    .unwrap()
+                    .features
+                    .get_mut("input_mean")
+                    .unwrap()
+                    .values = vec![f64::NAN];
+            })
+            .starts_with("task.features.input_mean: value 0 is NaN")
+        );
+        assert!(
+            refused(|r| r.task.as_mut().unwrap().embedding = vec![1.0])
+                .starts_with("task.embedding:")
+        );
+        assert!(
+            refused(|r| r.options.as_mut().unwrap().num_samples = 9)
+                .starts_with("options.num_samples:")
+        );
+        assert!(
+            refused(|r| {
+                let o = r.options.as_mut().unwrap();
+                o.sampler = pb::Sampler::Ddpm as i32;
+                o.steps = 50;
+            })
+            .starts_with("options.steps: DDPM runs all T = 1000")
+        );
+        assert!(
+            refused(|r| r.options.as_mut().unwrap().eta = Some(1.5)).starts_with("options.eta:")
+        );
+        assert!(
+            refused(|r| r.options.as_mut().unwrap().guidance_scale = Some(-1.0))
+                .starts_with("options.guidance_scale:")
+        );
+        assert!(
+            refused(|r| r.options.as_mut().unwrap().output_dtype = 9)
+                .starts_with("options.output_dtype:")
+        );
+        assert!(
+            refused(|r| r.options.as_mut().unwrap().steps = 1001).starts_with("options.steps:")
+        );
+    }
+}

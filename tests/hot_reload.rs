@@ -1,0 +1,322 @@
+//! A running server picks up denoisers the worker publishes, without a
+//! restart: first the initial one (the server turns ready and reports its
+//! zero-shot quality), then a newer version swapped in while clients keep
+//! generating — no request fails, requests finish on the version they
+//! started on, and every request that starts after the swap gets the new one.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{combined_output, metric_value, spawn_server};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use weightgen::blobs::sha256_hex;
+use weightgen::proto::v1::generation_service_client::GenerationServiceClient;
+use weightgen::proto::v1::{
+    DenoiserMetadataRequest, FeatureValue, GenerateInitRequest, Sampler, SamplingOptions,
+    ServerReadyRequest, TaskDescriptor, generate_init_response::Part,
+};
+use weightgen::tasks::families::{Family, TaskSpec};
+use weightgen::tasks::featurizer::describe;
+
+const WORKER: &str = env!("CARGO_BIN_EXE_weightgen-worker");
+const ARCH: &str = "digits-mlp-64-32-5";
+
+type Client = GenerationServiceClient<tonic::transport::Channel>;
+
+fn worker(data: &Path, args: &[&str]) -> String {
+    let output = Command::new(WORKER)
+        .args(["--log-format", "json"])
+        .args(args)
+        .env("WEIGHTGEN_DATA_DIR", data)
+        .output()
+        .unwrap();
+    let text = combined_output(&output);
+    assert!(output.status.success(), "{text}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn train(data: &Path, id: &str, seed: &str) -> String {
+    worker(
+        data,
+        &[
+            "train",
+            "--zoo",
+            "digits",
+            "--denoiser-id",
+            id,
+            "--steps",
+            "300",
+            "--widths",
+            "64,32",
+            "--learning-rate",
+            "1e-3",
+            "--eval-tasks",
+            "4",
+            "--log-every",
+            "100",
+            "--seed",
+            seed,
+            "--activate",
+            "--device",
+            "cpu",
+        ],
+    )
+}
+
+/// A task descriptor of a digits task, from the featurizer.
+fn descriptor() -> TaskDescriptor {
+    let family = Family::Digits;
+    let task = TaskSpec::Digits {
+        classes: vec![0, 1, 2, 3, 4],
+    };
+    let data = family.data(&task, tch::Device::Cpu).unwrap();
+    let d = describe(family, &task, &data);
+    TaskDescriptor {
+        architecture: ARCH.into(),
+        features: d
+            .features
+            .into_iter()
+            .map(|(k, values)| (k, FeatureValue { values }))
+            .collect(),
+        num_classes: 5,
+        ..Default::default()
+    }
+}
+
+struct Answer {
+    started: Instant,
+    finished: Instant,
+    denoiser: String,
+    files: Vec<Vec<u8>>,
+}
+
+/// One GenerateInit call, with every file reassembled and checked against
+/// the trailer's digest and the architecture's tensor names.
+async fn generate(
+    client: &mut Client,
+    task: &TaskDescriptor,
+    seed: u64,
+) -> Result<Answer, tonic::Status> {
+    let started = Instant::now();
+    let mut stream = client
+        .generate_init(GenerateInitRequest {
+            task: Some(task.clone()),
+            options: Some(SamplingOptions {
+                num_samples: 2,
+                sampler: Sampler::Ddim as i32,
+                steps: 100,
+                seed: Some(seed),
+                ..Default::default()
+            }),
+            denoiser_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    let mut denoiser = String::new();
+    let mut names = Vec::new();
+    let mut files: HashMap<u32, Vec<u8>> = HashMap::new();
+    let mut digests = Vec::new();
+    while let Some(message) = stream.next().await {
+        match message?.part.unwrap() {
+            Part::Header(h) => {
+                denoiser = h.denoiser_id;
+                names = h.tensors.into_iter().map(|t| t.name).collect::<Vec<_>>();
+            }
+            Part::Chunk(c) => {
+                let file = files.entry(c.sample_index).or_default();
+                assert_eq!(c.offset as usize, file.len());
+                assert!(c.data.len() <= 1 << 20);
+                file.extend_from_slice(&c.data);
+            }
+            Part::Trailer(t) => digests = t.samples,
+        }
+    }
+    assert_eq!(digests.len(), 2);
+    let mut out = Vec::new();
+    for digest in digests {
+        let file = files.remove(&digest.sample_index).unwrap();
+        assert_eq!(sha256_hex(&file), digest.sha256);
+        let parsed = safetensors::SafeTensors::deserialize(&file).unwrap();
+        let mut stored: Vec<String> = parsed.names().into_iter().map(str::to_owned).collect();
+        stored.sort();
+        let mut expected = names.clone();
+        expected.sort();
+        assert_eq!(stored, expected);
+        out.push(file);
+    }
+    Ok(Answer {
+        started,
+        finished: Instant::now(),
+        denoiser,
+        files: out,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn published_denoisers_are_picked_up_and_swapped_under_load() {
+    let test = spawn_server(|c| c.reload_interval = Duration::from_millis(200)).await;
+    let data = test.data_dir.path().join("data");
+    let mut client = Client::new(test.channel().await);
+    // Built once: the test keeps libtorch off its own threads while the
+    // server's model thread runs.
+    let task = descriptor();
+    worker(
+        &data,
+        &[
+            "zoo",
+            "build",
+            "--family",
+            "digits",
+            "--models",
+            "40",
+            "--shared-init",
+            "--steps",
+            "30",
+        ],
+    );
+
+    // No denoiser yet: not ready; a known architecture is UNAVAILABLE, an
+    // unknown one NOT_FOUND.
+    let ready = |client: &mut Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .server_ready(ServerReadyRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .ready
+        }
+    };
+    assert!(!ready(&mut client).await);
+    assert_eq!(
+        generate(&mut client, &task, 1).await.err().unwrap().code(),
+        Code::Unavailable
+    );
+    let mut unknown = GenerateInitRequest {
+        task: Some(task.clone()),
+        ..Default::default()
+    };
+    unknown.task.as_mut().unwrap().architecture = "nope".into();
+    let err = client.generate_init(unknown).await.err().unwrap();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+
+    // The worker publishes v1; the running server loads it.
+    let out = train(&data, "digits-v1", "1");
+    assert!(out.contains("published denoiser digits-v1"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready(&mut client).await {
+        assert!(Instant::now() < deadline, "v1 never loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let info = client
+        .denoiser_metadata(DenoiserMetadataRequest {
+            architecture: ARCH.into(),
+            denoiser_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.id.as_str(), info.version, info.timesteps),
+        ("digits-v1", 1, 1000)
+    );
+    let held_out = info.metrics["quality.held_out.ddim_test_accuracy"];
+    let chance = info.metrics["quality.held_out.chance_test_accuracy"];
+    eprintln!("v1 zero-shot held-out accuracy (DDIM): {held_out:.3} (chance {chance:.3})");
+    assert!((0.0..=1.0).contains(&held_out));
+    assert!((chance - 0.2).abs() < 1e-9);
+
+    // Same request and seed: the same bytes.
+    let a = generate(&mut client, &task, 7).await.unwrap();
+    let b = generate(&mut client, &task, 7).await.unwrap();
+    assert_eq!(a.files, b.files);
+
+    // Load: four clients generating back to back while v2 is published.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut loaders = Vec::new();
+    for c in 0..4u64 {
+        let (mut client, stop, task) = (
+            Client::new(test.channel().await),
+            stop.clone(),
+            task.clone(),
+        );
+        loaders.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let mut seed = c * 1000;
+            while !stop.load(Ordering::SeqCst) {
+                seed += 1;
+                answers.push(generate(&mut client, &task, seed).await);
+            }
+            answers
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let data_for_train = data.clone();
+    let out = tokio::task::spawn_blocking(move || train(&data_for_train, "digits-v2", "2"))
+        .await
+        .unwrap();
+    assert!(out.contains("published denoiser digits-v2"), "{out}");
+    // Keep the load on until v2 has answered several requests.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = client
+            .denoiser_metadata(DenoiserMetadataRequest {
+                architecture: ARCH.into(),
+                denoiser_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if info.id == "digits-v2" {
+            assert_eq!(info.version, 2);
+            break;
+        }
+        assert!(Instant::now() < deadline, "v2 never swapped in");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut answers = Vec::new();
+    for loader in loaders {
+        for answer in loader.await.unwrap() {
+            answers.push(answer.expect("no request fails during the swap"));
+        }
+    }
+    let count = |id: &str| answers.iter().filter(|a| a.denoiser == id).count();
+    eprintln!(
+        "{} requests under load: {} on v1, {} on v2",
+        answers.len(),
+        count("digits-v1"),
+        count("digits-v2")
+    );
+    assert!(count("digits-v1") > 0 && count("digits-v2") > 0);
+    // Once v2 answered anything, every request started after that got v2.
+    let first_v2 = answers
+        .iter()
+        .filter(|a| a.denoiser == "digits-v2")
+        .map(|a| a.finished)
+        .min()
+        .unwrap();
+    for a in answers.iter().filter(|a| a.started > first_v2) {
+        assert_eq!(a.denoiser, "digits-v2");
+    }
+    let text = test.metrics().await;
+    assert_eq!(
+        metric_value(
+            &text,
+            "weightgen_denoiser_version",
+            &[("architecture", ARCH)]
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    test.server.shutdown().await.unwrap();
+}
