@@ -2,7 +2,8 @@
 //! restart: first the initial one (the server turns ready and reports its
 //! zero-shot quality), then a newer version swapped in while clients keep
 //! generating — no request fails, requests finish on the version they
-//! started on, and every request that starts after the swap gets the new one.
+//! started on, and every request that starts after the swap gets the new one
+//! — and finally v1 re-activated through the catalog RPCs and swapped back.
 
 mod common;
 
@@ -17,10 +18,12 @@ use common::{combined_output, metric_value, spawn_server};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use weightgen::blobs::sha256_hex;
+use weightgen::proto::v1::catalog_service_client::CatalogServiceClient;
 use weightgen::proto::v1::generation_service_client::GenerationServiceClient;
 use weightgen::proto::v1::{
-    DenoiserMetadataRequest, FeatureValue, GenerateInitRequest, Sampler, SamplingOptions,
-    ServerReadyRequest, TaskDescriptor, generate_init_response::Part,
+    ActivateDenoiserRequest, DenoiserMetadataRequest, FeatureValue, GenerateInitRequest,
+    ListDenoisersRequest, Sampler, SamplingOptions, ServerReadyRequest, TaskDescriptor,
+    generate_init_response::Part,
 };
 use weightgen::tasks::families::{Family, TaskSpec};
 use weightgen::tasks::featurizer::describe;
@@ -318,5 +321,52 @@ async fn published_denoisers_are_picked_up_and_swapped_under_load() {
         Some(2.0),
         "{text}"
     );
+
+    // Rollback: earlier versions stay listed and can be re-activated; the
+    // server swaps v1 back in.
+    let mut catalog = CatalogServiceClient::new(test.channel().await);
+    let listed = catalog
+        .list_denoisers(ListDenoisersRequest {
+            architecture: ARCH.into(),
+            page: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let versions: Vec<(String, u32, bool)> = listed
+        .denoisers
+        .iter()
+        .map(|d| (d.id.clone(), d.version, d.active))
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("digits-v2".to_owned(), 2, true),
+            ("digits-v1".to_owned(), 1, false)
+        ]
+    );
+    let back = catalog
+        .activate_denoiser(ActivateDenoiserRequest {
+            id: "digits-v1".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (back.id.as_str(), back.version, back.active),
+        ("digits-v1", 1, true)
+    );
+    let err = catalog
+        .activate_denoiser(ActivateDenoiserRequest {
+            id: "digits-v9".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while generate(&mut client, &task, 3).await.unwrap().denoiser != "digits-v1" {
+        assert!(Instant::now() < deadline, "v1 never swapped back in");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     test.server.shutdown().await.unwrap();
 }

@@ -118,11 +118,18 @@ impl Adam {
                 if !g.defined() {
                     continue;
                 }
+                // In place, with two temporaries per parameter (PyTorch's
+                // single-tensor Adam has three): at D = 100k the moments are
+                // hundreds of MB and memory traffic is the cost.
                 let _ = m.lerp_(&g, 1.0 - self.beta1);
                 let _ = v.g_mul_scalar_(self.beta2);
-                let _ = v.g_add_(&(&g * &g * (1.0 - self.beta2)));
-                let denom = v.sqrt() / bias2_sqrt + self.eps;
-                let _ = p.g_sub_(&(&*m / denom * step_size));
+                let _ = v.addcmul_(&(&g * (1.0 - self.beta2)), &g);
+                let mut denom = v.sqrt();
+                let _ = denom.g_div_scalar_(bias2_sqrt);
+                let _ = denom.g_add_scalar_(self.eps);
+                // p += m / (denom · (−1/step)) = p − step · m / denom.
+                let _ = denom.g_mul_scalar_(-1.0 / step_size);
+                let _ = p.addcdiv_(m, &denom);
             }
         });
     }

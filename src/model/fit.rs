@@ -243,3 +243,145 @@ pub fn fit(
         .collect();
     FitReport { losses }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DenoiserConfig, MlpUnetConfig, NetConfig, TaskEncoderConfig};
+    use tch::Device;
+
+    /// A small model with fixed weights (not from the global RNG, which
+    /// tests running in parallel share).
+    fn small_model(seed: i64) -> ConditionalDenoiser {
+        let encoder = TaskEncoderConfig {
+            feature_dim: 2,
+            support_x_dim: 1,
+            support_y_dim: 1,
+            hidden: 8,
+            embed_dim: 8,
+        };
+        let mut config = DenoiserConfig::new(6, encoder);
+        config.net = NetConfig::MlpUnet(MlpUnetConfig {
+            widths: vec![16],
+            blocks_per_level: 1,
+            time_dim: 8,
+        });
+        let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
+        let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (i, (_, var)) in vars.iter_mut().enumerate() {
+                let n = var.numel() as i64;
+                let values = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37
+                    + (seed + i as i64) as f64)
+                    .sin()
+                    * 0.2;
+                var.copy_(&values.view(var.size().as_slice()));
+            }
+        });
+        model
+    }
+
+    fn data() -> (Tensor, TaskBatch) {
+        let w = Tensor::arange(60, (Kind::Float, Device::Cpu)).view([10, 6]) / 60.0;
+        let features = Tensor::arange(20, (Kind::Float, Device::Cpu)).view([10, 2]) / 20.0;
+        // A pool of 7 support examples per row; training keeps 3 of them.
+        let pool = Tensor::arange(70, (Kind::Float, Device::Cpu)).view([10, 7, 1]) / 70.0;
+        let condition = TaskBatch {
+            features: Some(features),
+            support_x: Some(pool.shallow_clone()),
+            support_y: Some(pool),
+        };
+        (w, condition)
+    }
+
+    fn weights(model: &ConditionalDenoiser) -> Vec<Tensor> {
+        let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        vars.into_iter().map(|(_, t)| t.copy()).collect()
+    }
+
+    fn train(config: &FitConfig, steps: usize) -> Vec<Tensor> {
+        let model = small_model(5);
+        let (w, condition) = data();
+        let mut trainer = Trainer::new(&model, config).unwrap();
+        for _ in 0..steps {
+            trainer.step(&model, &w, &condition);
+        }
+        weights(&model)
+    }
+
+    fn config() -> FitConfig {
+        FitConfig {
+            batch_size: 4,
+            learning_rate: 1e-2,
+            support_examples: Some(3),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_same_seed_trains_the_same_weights_and_another_does_not() {
+        let a = train(&config(), 15);
+        let b = train(&config(), 15);
+        assert!(a.iter().zip(&b).all(|(x, y)| x.equal(y)));
+        let other = FitConfig {
+            seed: 1,
+            ..config()
+        };
+        let c = train(&other, 15);
+        assert!(a.iter().zip(&c).any(|(x, y)| !x.equal(y)));
+    }
+
+    #[test]
+    fn a_restored_trainer_continues_exactly() {
+        let straight = train(&config(), 12);
+        let model = small_model(5);
+        let (w, condition) = data();
+        let mut first = Trainer::new(&model, &config()).unwrap();
+        for _ in 0..5 {
+            first.step(&model, &w, &condition);
+        }
+        let saved: Vec<(String, Tensor)> = first
+            .state_tensors()
+            .into_iter()
+            .map(|(k, t)| (k, t.copy()))
+            .collect();
+        let position = first.position();
+        assert_eq!((position.batches, position.optimizer_steps), (5, 5));
+        let mut second = Trainer::new(&model, &config()).unwrap();
+        second
+            .restore(position, |k| {
+                saved.iter().find(|(n, _)| n == k).map(|(_, t)| t.copy())
+            })
+            .unwrap();
+        for _ in 0..7 {
+            second.step(&model, &w, &condition);
+        }
+        assert!(
+            straight
+                .iter()
+                .zip(&weights(&model))
+                .all(|(x, y)| x.equal(y))
+        );
+    }
+
+    #[test]
+    fn loss_scaling_by_a_power_of_two_changes_nothing_in_fp32() {
+        // Off CUDA, autocast is a no-op, so the fp16 path differs from fp32
+        // only by the loss scale, which must cancel exactly.
+        let plain = train(&config(), 10);
+        let scaled = FitConfig {
+            precision: Precision::Fp16,
+            ..config()
+        };
+        let model = small_model(5);
+        let (w, condition) = data();
+        let mut trainer = Trainer::new(&model, &scaled).unwrap();
+        for _ in 0..10 {
+            trainer.step(&model, &w, &condition);
+        }
+        assert_eq!(trainer.position().loss_scale.scale, 65_536.0);
+        assert!(plain.iter().zip(&weights(&model)).all(|(x, y)| x.equal(y)));
+    }
+}

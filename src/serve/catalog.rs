@@ -1,12 +1,20 @@
-//! `weightgen.v1.CatalogService`. Its logic arrives with the catalog and blob
-//! store; until then every RPC answers UNIMPLEMENTED.
+//! `weightgen.v1.CatalogService`: denoiser versions (list, get, activate —
+//! earlier versions stay listed and can be re-activated; running servers
+//! swap the activated one in). The zoo-model RPCs answer UNIMPLEMENTED until
+//! their issue lands.
 
 use std::pin::Pin;
 
 use futures_util::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use std::sync::Arc;
+
+use super::convert::denoiser_record_to_proto;
+use super::denoisers::version_of;
+use super::status::catalog_status;
 use super::unimplemented::not_yet;
+use crate::catalog::{Catalog, DenoiserRecord, PageRequest};
 use crate::proto::v1::catalog_service_server::CatalogService;
 use crate::proto::v1::{
     ActivateDenoiserRequest, DenoiserInfo, DownloadCheckpointRequest, DownloadCheckpointResponse,
@@ -16,8 +24,32 @@ use crate::proto::v1::{
 };
 
 /// The catalog service.
-#[derive(Debug, Clone, Default)]
-pub struct CatalogApi;
+#[derive(Debug, Clone)]
+pub struct CatalogApi {
+    catalog: Arc<dyn Catalog>,
+}
+
+impl CatalogApi {
+    /// The service over `catalog`.
+    pub fn new(catalog: Arc<dyn Catalog>) -> Self {
+        Self { catalog }
+    }
+
+    async fn info(&self, record: &DenoiserRecord) -> Result<DenoiserInfo, Status> {
+        let version = version_of(&self.catalog, record)
+            .await
+            .map_err(catalog_status)?;
+        Ok(denoiser_record_to_proto(record, version))
+    }
+}
+
+fn required_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() {
+        Err(Status::invalid_argument("id: required"))
+    } else {
+        Ok(())
+    }
+}
 
 /// The stream type of DownloadCheckpoint.
 pub type DownloadStream =
@@ -64,22 +96,57 @@ impl CatalogService for CatalogApi {
 
     async fn list_denoisers(
         &self,
-        _request: Request<ListDenoisersRequest>,
+        request: Request<ListDenoisersRequest>,
     ) -> Result<Response<ListDenoisersResponse>, Status> {
-        Err(not_yet("weightgen.v1.CatalogService/ListDenoisers"))
+        let request = request.into_inner();
+        let page = request.page.unwrap_or_default();
+        let architecture =
+            (!request.architecture.is_empty()).then_some(request.architecture.as_str());
+        let listed = self
+            .catalog
+            .denoisers(
+                architecture,
+                &PageRequest {
+                    size: page.page_size,
+                    token: page.page_token,
+                },
+            )
+            .await
+            .map_err(catalog_status)?;
+        let mut denoisers = Vec::with_capacity(listed.items.len());
+        for record in &listed.items {
+            denoisers.push(self.info(record).await?);
+        }
+        Ok(Response::new(ListDenoisersResponse {
+            denoisers,
+            next_page_token: listed.next_token,
+        }))
     }
 
     async fn get_denoiser(
         &self,
-        _request: Request<GetDenoiserRequest>,
+        request: Request<GetDenoiserRequest>,
     ) -> Result<Response<DenoiserInfo>, Status> {
-        Err(not_yet("weightgen.v1.CatalogService/GetDenoiser"))
+        let id = request.into_inner().id;
+        required_id(&id)?;
+        match self.catalog.denoiser(&id).await.map_err(catalog_status)? {
+            Some(record) => Ok(Response::new(self.info(&record).await?)),
+            None => Err(Status::not_found(format!("denoiser {id:?} not found"))),
+        }
     }
 
     async fn activate_denoiser(
         &self,
-        _request: Request<ActivateDenoiserRequest>,
+        request: Request<ActivateDenoiserRequest>,
     ) -> Result<Response<DenoiserInfo>, Status> {
-        Err(not_yet("weightgen.v1.CatalogService/ActivateDenoiser"))
+        let id = request.into_inner().id;
+        required_id(&id)?;
+        let record = self
+            .catalog
+            .activate_denoiser(&id)
+            .await
+            .map_err(catalog_status)?;
+        tracing::info!(denoiser = %id, architecture = %record.architecture, "denoiser activated");
+        Ok(Response::new(self.info(&record).await?))
     }
 }

@@ -1,5 +1,6 @@
 //! Library types as their `weightgen.v1` messages.
 
+use crate::catalog::DenoiserRecord;
 use crate::proto::v1 as pb;
 use crate::tasks::schema::FeatureSchema;
 use crate::weights::{ArchSpec, DType};
@@ -83,5 +84,47 @@ pub fn schema_to_proto(schema: &FeatureSchema) -> pb::FeatureSchema {
             max_examples: s.max_examples as u32,
             required: s.required,
         }),
+    }
+}
+
+/// A unix-ms time as a protobuf timestamp.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+/// What the catalog row of a denoiser says about it (the feature schema
+/// comes with its checkpoint: see `serve::generation::denoiser_info`).
+pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::DenoiserInfo {
+    let config = &record.config["denoiser"];
+    let timesteps = config["timesteps"].as_u64().unwrap_or(0) as u32;
+    pb::DenoiserInfo {
+        id: record.id.clone(),
+        version,
+        architecture: record.architecture.clone(),
+        active: record.active,
+        feature_schema: None,
+        timesteps,
+        schedule: config["schedule"].as_str().unwrap_or_default().to_owned(),
+        kind: config["net"]["kind"]
+            .as_str()
+            .unwrap_or("mlp_unet")
+            .to_owned(),
+        latent_dim: 0,
+        default_sampler: pb::Sampler::Ddim as i32,
+        default_steps: 50.min(timesteps),
+        metrics: record
+            .summary
+            .iter()
+            .filter(|(_, v)| v.is_finite())
+            .map(|(k, v)| (k.clone(), *v))
+            .collect(),
+        zoo_models: record.summary.get("zoo_models").copied().unwrap_or(0.0) as u64,
+        config_json: record.config.to_string(),
+        sha256: record.sha256.clone(),
+        size_bytes: record.size_bytes,
+        created_at: Some(timestamp(record.created_at_ms)),
     }
 }

@@ -180,7 +180,7 @@ impl DenoiserRegistry {
 
 /// The version number of `record`: its rank among its architecture's
 /// denoisers by creation time, from 1.
-async fn version_of(
+pub async fn version_of(
     catalog: &Arc<dyn Catalog>,
     record: &DenoiserRecord,
 ) -> Result<u32, crate::catalog::CatalogError> {

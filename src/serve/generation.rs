@@ -8,7 +8,7 @@ use std::time::Instant;
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
-use super::convert::{arch_to_proto, schema_to_proto};
+use super::convert::{arch_to_proto, denoiser_record_to_proto, schema_to_proto};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::generate::{DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for};
 use super::readiness::Readiness;
@@ -18,7 +18,7 @@ use crate::proto::v1::generation_service_server::GenerationService;
 use crate::proto::v1::{
     ArchitectureMetadataRequest, ArchitectureSpec, DenoiserInfo, DenoiserMetadataRequest,
     DenoiserReadyRequest, DenoiserReadyResponse, GenerateInitRequest, GenerateInitResponse,
-    Sampler, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
     ServerReadyRequest, ServerReadyResponse,
 };
 use crate::torch_info::TorchInfo;
@@ -83,36 +83,19 @@ impl GenerationApi {
 pub type GenerateInitStream =
     Pin<Box<dyn Stream<Item = Result<GenerateInitResponse, Status>> + Send + 'static>>;
 
-/// What DenoiserMetadata reports about a loaded denoiser.
+/// What DenoiserMetadata reports about a loaded denoiser: its row, with
+/// what its checkpoint holds.
 pub fn denoiser_info(d: &LoadedDenoiser) -> DenoiserInfo {
     let facts = &d.facts;
     DenoiserInfo {
-        id: d.record.id.clone(),
-        version: d.version,
-        architecture: d.record.architecture.clone(),
         active: true,
         feature_schema: Some(schema_to_proto(&facts.schema)),
         timesteps: facts.timesteps as u32,
         schedule: facts.schedule.clone(),
         kind: facts.kind.clone(),
         latent_dim: facts.latent_dim as u32,
-        default_sampler: Sampler::Ddim as i32,
         default_steps: DEFAULT_DDIM_STEPS.min(facts.timesteps) as u32,
-        metrics: d
-            .record
-            .summary
-            .iter()
-            .filter(|(_, v)| v.is_finite())
-            .map(|(k, v)| (k.clone(), *v))
-            .collect(),
-        zoo_models: d.record.summary.get("zoo_models").copied().unwrap_or(0.0) as u64,
-        config_json: d.record.config.to_string(),
-        sha256: d.record.sha256.clone(),
-        size_bytes: d.record.size_bytes,
-        created_at: Some(prost_types::Timestamp {
-            seconds: d.record.created_at_ms.div_euclid(1000),
-            nanos: (d.record.created_at_ms.rem_euclid(1000) * 1_000_000) as i32,
-        }),
+        ..denoiser_record_to_proto(&d.record, d.version)
     }
 }
 

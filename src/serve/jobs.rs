@@ -127,10 +127,7 @@ fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
 }
 
 fn timestamp(ms: Option<i64>) -> Option<prost_types::Timestamp> {
-    ms.map(|ms| prost_types::Timestamp {
-        seconds: ms.div_euclid(1000),
-        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
-    })
+    ms.map(super::convert::timestamp)
 }
 
 fn kind_to_proto(kind: JobKind) -> pb::JobKind {

@@ -29,8 +29,8 @@ impl Ema {
         tch::no_grad(|| {
             for (name, shadow) in &mut self.shadow {
                 if let Some(current) = variables.get(name) {
-                    *shadow *= self.decay;
-                    *shadow += current * (1.0 - self.decay);
+                    // decay·shadow + (1 − decay)·current, in one in-place pass.
+                    let _ = shadow.lerp_(current, 1.0 - self.decay);
                 }
             }
         });
