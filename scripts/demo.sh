@@ -48,20 +48,19 @@ step "starting weightgen-server on $addr (data dir $data, log $log)"
 pid=$!
 trap 'kill $pid 2>/dev/null || true' EXIT
 
-step "waiting for health"
-"$bin/weightgen" --addr "$addr" health --wait 60s
+step "waiting until the server has loaded the active denoiser (GenerationService SERVING)"
+"$bin/weightgen" --addr "$addr" health --service weightgen.v1.GenerationService --wait 60s
 "$bin/weightgen" --addr "$addr" server-info
-for service in weightgen.v1.CatalogService weightgen.v1.JobService weightgen.v1.GenerationService; do
+for service in weightgen.v1.CatalogService weightgen.v1.JobService; do
     "$bin/weightgen" --addr "$addr" health --service "$service" || true
 done
-step "(GenerationService stays NOT_SERVING until a denoiser is loaded)"
 
 step "metrics on 127.0.0.1:$metrics_port/metrics:"
 python3 - "$metrics_port" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
 for line in text.splitlines():
-    if line.startswith(("weightgen_grpc_requests_total", "weightgen_build_info")):
+    if line.startswith(("weightgen_grpc_requests_total", "weightgen_build_info", "weightgen_denoiser_version")):
         print("  " + line)
 PY
 
