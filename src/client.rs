@@ -1,5 +1,6 @@
 //! Client helpers shared by the `weightgen` CLI, the demo and the tests:
-//! connecting, health checks and server metadata.
+//! connecting, health checks, server metadata, and GenerateInit with its
+//! streamed files reassembled and checked against the trailer.
 
 use std::time::{Duration, Instant};
 
@@ -8,8 +9,12 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::blobs::sha256_hex;
 use crate::proto::v1::generation_service_client::GenerationServiceClient;
-use crate::proto::v1::{ServerMetadataRequest, ServerMetadataResponse};
+use crate::proto::v1::{
+    GenerateInitHeader, GenerateInitRequest, GenerateInitTrailer, ServerMetadataRequest,
+    ServerMetadataResponse, generate_init_response::Part,
+};
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,8 +36,12 @@ pub enum ClientError {
         source: tonic::transport::Error,
     },
     /// The server answered with an error.
-    #[error("{0}")]
+    #[error("{:?}: {}", .0.code(), .0.message())]
     Rpc(#[from] tonic::Status),
+    /// The response stream broke the protocol (missing header or trailer,
+    /// chunks out of order, a digest that does not match).
+    #[error("malformed GenerateInit response: {0}")]
+    Protocol(String),
     /// The wait for a status ran out.
     #[error("{service:?} did not become SERVING within {waited:?} (last: {last})")]
     Timeout {
@@ -121,6 +130,92 @@ pub async fn server_metadata(channel: Channel) -> Result<ServerMetadataResponse,
         .server_metadata(ServerMetadataRequest {})
         .await?
         .into_inner())
+}
+
+/// What GenerateInit returned: the header, each sample's file (checked
+/// against the trailer's size and SHA-256), and the trailer.
+#[derive(Debug, Clone)]
+pub struct GeneratedInits {
+    /// Denoiser, architecture, tensors, seed and sampler.
+    pub header: GenerateInitHeader,
+    /// One safetensors file per sample, in sample order.
+    pub files: Vec<Vec<u8>>,
+    /// Digests, queue and sampling times, batch size.
+    pub trailer: GenerateInitTrailer,
+}
+
+/// Calls GenerateInit and reassembles the streamed files; `on_chunk`
+/// sees the bytes received so far (for progress).
+pub async fn generate(
+    channel: Channel,
+    request: GenerateInitRequest,
+    mut on_chunk: impl FnMut(u64),
+) -> Result<GeneratedInits, ClientError> {
+    let bad = |reason: String| ClientError::Protocol(reason);
+    let mut stream = GenerationServiceClient::new(channel)
+        .max_decoding_message_size(8 << 20)
+        .generate_init(request)
+        .await?
+        .into_inner();
+    let mut header = None;
+    let mut files: Vec<Vec<u8>> = Vec::new();
+    let mut received = 0u64;
+    let mut trailer = None;
+    while let Some(message) = stream.message().await? {
+        match message.part {
+            Some(Part::Header(h)) => {
+                files = vec![Vec::new(); h.num_samples as usize];
+                header = Some(h);
+            }
+            Some(Part::Chunk(c)) => {
+                let file = files.get_mut(c.sample_index as usize).ok_or_else(|| {
+                    bad(format!(
+                        "chunk for sample {} before a header naming it",
+                        c.sample_index
+                    ))
+                })?;
+                if c.offset != file.len() as u64 {
+                    return Err(bad(format!(
+                        "sample {} chunk at offset {}, expected {}",
+                        c.sample_index,
+                        c.offset,
+                        file.len()
+                    )));
+                }
+                received += c.data.len() as u64;
+                file.extend_from_slice(&c.data);
+                on_chunk(received);
+            }
+            Some(Part::Trailer(t)) => trailer = Some(t),
+            None => return Err(bad("an empty message".into())),
+        }
+    }
+    let header = header.ok_or_else(|| bad("no header".into()))?;
+    let trailer = trailer.ok_or_else(|| bad("no trailer".into()))?;
+    if trailer.samples.len() != files.len() {
+        return Err(bad(format!(
+            "{} digests for {} samples",
+            trailer.samples.len(),
+            files.len()
+        )));
+    }
+    for digest in &trailer.samples {
+        let file = files
+            .get(digest.sample_index as usize)
+            .ok_or_else(|| bad(format!("digest for unknown sample {}", digest.sample_index)))?;
+        if file.len() as u64 != digest.size_bytes || sha256_hex(file) != digest.sha256 {
+            return Err(bad(format!(
+                "sample {} does not match its digest (got {} bytes)",
+                digest.sample_index,
+                file.len()
+            )));
+        }
+    }
+    Ok(GeneratedInits {
+        header,
+        files,
+        trailer,
+    })
 }
 
 #[cfg(test)]

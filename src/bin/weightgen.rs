@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use weightgen::client;
+use weightgen::proto::v1 as pb;
 use weightgen::storage::StorageArgs;
 use weightgen::zoo::ingest_dir;
 
@@ -43,9 +44,236 @@ enum Command {
     },
     /// Print the server's version, libtorch version and device.
     ServerInfo,
+    /// Generate initializations for a task and write them as safetensors.
+    Generate(Box<GenerateArgs>),
     /// Model zoo operations on the catalog and blob store directly.
     #[command(subcommand)]
     Zoo(ZooCommand),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Architecture to generate weights for.
+    #[arg(long)]
+    architecture: String,
+    /// A task feature, NAME=V1,V2,… (repeat for each feature).
+    #[arg(long = "feature", value_name = "NAME=VALUES")]
+    features: Vec<String>,
+    /// Few-shot support set: a JSON file {"inputs": [[…], …], "targets": [label, …] or [[…], …]}.
+    #[arg(long)]
+    support: Option<PathBuf>,
+    /// Number of classes of a classification task.
+    #[arg(long, default_value_t = 0)]
+    num_classes: u32,
+    /// Initializations to generate.
+    #[arg(long, default_value_t = 1)]
+    samples: u32,
+    /// ddim or ddpm.
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Reverse steps (default: DDIM 50, DDPM T).
+    #[arg(long)]
+    steps: Option<u32>,
+    /// DDIM stochasticity in [0, 1].
+    #[arg(long)]
+    eta: Option<f32>,
+    /// Classifier-free guidance scale (1 = plain conditional sampling).
+    #[arg(long)]
+    guidance: Option<f32>,
+    /// Seed (default: drawn by the server and printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Pin one loaded denoiser version instead of the active one.
+    #[arg(long)]
+    denoiser_id: Option<String>,
+    /// Output file; with several samples, NAME-0.safetensors, NAME-1.safetensors, …
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+/// The GenerateInit request the flags describe (errors name the flag).
+fn generate_request(args: &GenerateArgs) -> Result<pb::GenerateInitRequest, String> {
+    let mut features = std::collections::HashMap::new();
+    for arg in &args.features {
+        let (name, values) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("--feature {arg:?}: expected NAME=V1,V2,…"))?;
+        let values = values
+            .split(',')
+            .map(|v| v.trim().parse::<f64>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("--feature {name}: {e}"))?;
+        features.insert(name.to_owned(), pb::FeatureValue { values });
+    }
+    let support = match &args.support {
+        None => None,
+        Some(path) => {
+            Some(support_set(path).map_err(|e| format!("--support {}: {e}", path.display()))?)
+        }
+    };
+    let sampler = match args.sampler.as_str() {
+        "ddim" => pb::Sampler::Ddim,
+        "ddpm" => pb::Sampler::Ddpm,
+        other => return Err(format!("--sampler {other:?}: expected ddim or ddpm")),
+    };
+    let dtype = match args.dtype.as_str() {
+        "f32" => pb::DType::DtypeF32,
+        "f16" => pb::DType::DtypeF16,
+        "bf16" => pb::DType::DtypeBf16,
+        other => return Err(format!("--dtype {other:?}: expected f32, f16 or bf16")),
+    };
+    Ok(pb::GenerateInitRequest {
+        task: Some(pb::TaskDescriptor {
+            architecture: args.architecture.clone(),
+            features,
+            embedding: Vec::new(),
+            support,
+            num_classes: args.num_classes,
+        }),
+        options: Some(pb::SamplingOptions {
+            num_samples: args.samples,
+            sampler: sampler as i32,
+            steps: args.steps.unwrap_or(0),
+            eta: args.eta,
+            guidance_scale: args.guidance,
+            seed: args.seed,
+            output_dtype: dtype as i32,
+        }),
+        denoiser_id: args.denoiser_id.clone().unwrap_or_default(),
+    })
+}
+
+/// A support set from JSON: rows of inputs, and class labels or rows of targets.
+fn support_set(path: &std::path::Path) -> Result<pb::SupportSet, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    let tensor = |key: &str| -> Result<pb::FloatTensor, String> {
+        let rows = json[key]
+            .as_array()
+            .ok_or_else(|| format!("{key:?} must be an array"))?;
+        let mut values = Vec::new();
+        let mut width = None;
+        for (i, row) in rows.iter().enumerate() {
+            let row: Vec<f32> = match row {
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|v| v.as_f64().map(|x| x as f32))
+                    .collect::<Option<_>>()
+                    .ok_or_else(|| format!("{key}[{i}] must hold numbers"))?,
+                other => vec![
+                    other
+                        .as_f64()
+                        .ok_or_else(|| format!("{key}[{i}] must be a number"))?
+                        as f32,
+                ],
+            };
+            let first = *width.get_or_insert(row.len());
+            if first != row.len() {
+                return Err(format!(
+                    "{key}[{i}] has {} values, the first row {first}",
+                    row.len()
+                ));
+            }
+            values.extend(row);
+        }
+        let shape = if rows.iter().all(|r| !r.is_array()) {
+            vec![rows.len() as u64]
+        } else {
+            vec![rows.len() as u64, width.unwrap_or(0) as u64]
+        };
+        Ok(pb::FloatTensor { shape, values })
+    };
+    Ok(pb::SupportSet {
+        inputs: Some(tensor("inputs")?),
+        targets: Some(tensor("targets")?),
+    })
+}
+
+/// Writes the generated files; returns their paths.
+fn write_samples(output: &std::path::Path, files: &[Vec<u8>]) -> Result<Vec<PathBuf>, String> {
+    let paths: Vec<PathBuf> = if files.len() == 1 {
+        vec![output.to_path_buf()]
+    } else {
+        let stem = output
+            .file_stem()
+            .map_or_else(|| "init".into(), |s| s.to_string_lossy().into_owned());
+        let ext = output.extension().map_or_else(
+            || "safetensors".into(),
+            |e| e.to_string_lossy().into_owned(),
+        );
+        (0..files.len())
+            .map(|i| output.with_file_name(format!("{stem}-{i}.{ext}")))
+            .collect()
+    };
+    for (path, bytes) in paths.iter().zip(files) {
+        std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(paths)
+}
+
+async fn generate(
+    addr: &str,
+    timeout: Duration,
+    args: GenerateArgs,
+) -> Result<ExitCode, client::ClientError> {
+    let request = match generate_request(&args) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("weightgen: generate: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let channel = client::connect(addr, Some(timeout)).await?;
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_message("sampling");
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let shown = bar.clone();
+    let generated = client::generate(channel, request, move |bytes| {
+        shown.set_message(format!("receiving: {bytes} bytes"));
+    })
+    .await;
+    bar.finish_and_clear();
+    let generated = generated?;
+    let paths = match write_samples(&args.output, &generated.files) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("weightgen: generate: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    for (path, digest) in paths.iter().zip(&generated.trailer.samples) {
+        println!(
+            "wrote {} ({} bytes, sha256 {})",
+            path.display(),
+            digest.size_bytes,
+            digest.sha256
+        );
+    }
+    let h = &generated.header;
+    let sampler = if h.sampler == pb::Sampler::Ddpm as i32 {
+        "DDPM"
+    } else {
+        "DDIM"
+    };
+    println!(
+        "denoiser {} v{} ({}), seed {}, {sampler} {} steps, guidance {}, batch {}, sampling {:.0} ms",
+        h.denoiser_id,
+        h.denoiser_version,
+        h.architecture.as_ref().map_or("", |a| a.name.as_str()),
+        h.seed,
+        h.steps,
+        h.guidance_scale,
+        generated.trailer.batch_size,
+        generated.trailer.sampling_ms
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand)]
@@ -107,6 +335,7 @@ async fn zoo(command: ZooCommand) -> Result<ExitCode, String> {
 
 async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
     match cli.command {
+        Command::Generate(args) => generate(&cli.addr, cli.timeout, *args).await,
         Command::Zoo(command) => Ok(zoo(command).await.unwrap_or_else(|e| {
             eprintln!("weightgen: zoo: {e}");
             ExitCode::FAILURE

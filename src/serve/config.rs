@@ -106,6 +106,20 @@ pub struct ServerConfig {
     #[arg(long, env = "WEIGHTGEN_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 
+    /// Most samples one reverse diffusion runs (concurrent compatible
+    /// requests are merged up to it).
+    #[arg(long, env = "WEIGHTGEN_MAX_BATCH", default_value_t = super::model_thread::DEFAULT_MAX_BATCH)]
+    pub max_batch: usize,
+
+    /// How long a batch waits for more requests to join it.
+    #[arg(long, env = "WEIGHTGEN_MAX_WAIT", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+
+    /// GenerateInit requests that may wait for the model; past it new ones
+    /// get RESOURCE_EXHAUSTED at once.
+    #[arg(long, env = "WEIGHTGEN_MAX_QUEUE", default_value_t = super::model_thread::DEFAULT_MAX_QUEUE)]
+    pub max_queue: usize,
+
     /// Most samples one GenerateInit request may ask for.
     #[arg(long, env = "WEIGHTGEN_MAX_SAMPLES", default_value_t = super::generate::DEFAULT_MAX_SAMPLES)]
     pub max_samples: u32,

@@ -1,8 +1,8 @@
 //! GenerateInit: check a request against the denoiser that will serve it,
 //! run it on the model thread, and stream each sample's safetensors file as
 //! header, chunks of at most 1 MiB, and a trailer with every file's SHA-256.
-//! (One request is one reverse diffusion here; merging concurrent requests
-//! into one batch comes with the batcher.)
+//! The model thread merges concurrent compatible requests into one reverse
+//! diffusion (see `serve::model_thread`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -295,16 +295,15 @@ pub async fn generate(
     choice: SamplingChoice,
     received: Instant,
 ) -> Result<Vec<pb::GenerateInitResponse>, Status> {
-    let queued = Instant::now();
     let generated = denoiser
         .model()
         .generate(&denoiser.record.id, job)
         .await
         .map_err(|e| match e {
             ModelError::Feature(f) => invalid(&format!("task.{}", f.field), f.reason),
+            ModelError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
             other => Status::internal(other.to_string()),
         })?;
-    let queue_ms = (queued.elapsed().as_secs_f64() * 1e3 - generated.sampling_ms).max(0.0);
     let part = |p: pb::generate_init_response::Part| pb::GenerateInitResponse { part: Some(p) };
     let arch = &denoiser.facts.arch;
     let mut messages = vec![part(pb::generate_init_response::Part::Header(
@@ -342,10 +341,10 @@ pub async fn generate(
     messages.push(part(pb::generate_init_response::Part::Trailer(
         pb::GenerateInitTrailer {
             samples: digests,
-            queue_ms,
+            queue_ms: generated.queue_ms,
             sampling_ms: generated.sampling_ms,
             total_ms: received.elapsed().as_secs_f64() * 1e3,
-            batch_size: choice.num_samples,
+            batch_size: generated.batch_size as u32,
         },
     )));
     Ok(messages)
@@ -384,7 +383,7 @@ mod tests {
             record,
             1,
             facts,
-            ModelThread::spawn(tch::Device::Cpu).unwrap(),
+            ModelThread::spawn(tch::Device::Cpu, Default::default()).unwrap(),
         )
     }
 

@@ -2,9 +2,16 @@
 //! server: loading checkpoints, reverse diffusion, encoding samples as
 //! safetensors. Async code talks to it through a channel and gets plain
 //! bytes back, so no tensor ever crosses an `.await`.
+//!
+//! Generation is batched: the first waiting request, the compatible ones
+//! behind it (same denoiser, sampler, guidance and support-set size) and
+//! those arriving within `max_wait` share one reverse diffusion of up to
+//! `max_batch` samples. Each sample's noise comes from its own seed, so a
+//! request's bytes do not depend on what it was batched with.
 
-use std::collections::HashMap;
-use std::sync::mpsc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -58,9 +65,41 @@ pub struct GenerateJob {
 pub struct Generated {
     /// One file per seed.
     pub files: Vec<Bytes>,
-    /// Time in reverse diffusion and encoding.
+    /// Time in reverse diffusion and encoding (of the whole batch).
     pub sampling_ms: f64,
+    /// Time the request waited before its batch started.
+    pub queue_ms: f64,
+    /// Samples in the batch this request was sampled in.
+    pub batch_size: usize,
 }
+
+/// How the model thread merges requests.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BatchConfig {
+    /// Most samples one reverse diffusion runs.
+    pub max_batch: usize,
+    /// How long the first request of a batch waits for others.
+    pub max_wait: std::time::Duration,
+    /// Requests that may wait; past it new ones are refused at once.
+    pub max_queue: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: DEFAULT_MAX_BATCH,
+            max_wait: DEFAULT_MAX_WAIT,
+            max_queue: DEFAULT_MAX_QUEUE,
+        }
+    }
+}
+
+/// Default most samples per batch.
+pub const DEFAULT_MAX_BATCH: usize = 64;
+/// Default wait for a batch to fill.
+pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(5);
+/// Default requests that may wait.
+pub const DEFAULT_MAX_QUEUE: usize = 256;
 
 /// Why the model thread could not do a job.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +116,9 @@ pub enum ModelError {
     /// libtorch failed (the thread keeps serving).
     #[error("libtorch: {0}")]
     Torch(String),
+    /// Too many requests are waiting.
+    #[error("the generation queue is full ({0} requests waiting); retry later")]
+    QueueFull(usize),
     /// The thread is gone.
     #[error("the model thread has stopped")]
     Stopped,
@@ -91,11 +133,26 @@ enum Message {
     Unload {
         id: String,
     },
-    Generate {
-        id: String,
-        job: Box<GenerateJob>,
-        reply: oneshot::Sender<Result<Generated, ModelError>>,
-    },
+    Generate(Box<Pending>),
+}
+
+/// A generation waiting for its batch.
+struct Pending {
+    id: String,
+    job: GenerateJob,
+    reply: oneshot::Sender<Result<Generated, ModelError>>,
+    enqueued: Instant,
+}
+
+impl Pending {
+    /// Whether `other` can share this one's reverse diffusion: same
+    /// denoiser, sampler, guidance and support-set size.
+    fn joins(&self, other: &Pending) -> bool {
+        self.id == other.id
+            && self.job.sampler == other.job.sampler
+            && self.job.guidance.to_bits() == other.job.guidance.to_bits()
+            && self.job.descriptor.support_x.len() == other.job.descriptor.support_x.len()
+    }
 }
 
 /// Handle to the model thread; clones share it. The thread stops when the
@@ -103,6 +160,8 @@ enum Message {
 #[derive(Debug, Clone)]
 pub struct ModelThread {
     tx: mpsc::Sender<Message>,
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
 }
 
 impl std::fmt::Debug for Message {
@@ -110,19 +169,30 @@ impl std::fmt::Debug for Message {
         match self {
             Self::Load { id, .. } => write!(f, "Load({id})"),
             Self::Unload { id } => write!(f, "Unload({id})"),
-            Self::Generate { id, .. } => write!(f, "Generate({id})"),
+            Self::Generate(p) => write!(f, "Generate({})", p.id),
         }
     }
 }
 
 impl ModelThread {
     /// Starts the thread; models live on `device`.
-    pub fn spawn(device: Device) -> std::io::Result<Self> {
+    pub fn spawn(device: Device, batching: BatchConfig) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let counter = queued.clone();
         std::thread::Builder::new()
             .name("weightgen-model".into())
-            .spawn(move || serve(rx, device))?;
-        Ok(Self { tx })
+            .spawn(move || serve(rx, device, batching, counter))?;
+        Ok(Self {
+            tx,
+            queued,
+            max_queue: batching.max_queue,
+        })
+    }
+
+    /// Requests waiting for a batch.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
     }
 
     /// Loads (parses, places on the device) a checkpoint under `id`.
@@ -143,23 +213,50 @@ impl ModelThread {
         let _ = self.tx.send(Message::Unload { id: id.to_owned() });
     }
 
-    /// Runs `job` on denoiser `id`.
+    /// Runs `job` on denoiser `id`, batched with concurrent compatible
+    /// requests. A full queue answers `QueueFull` at once; dropping the
+    /// returned future (a client that went away) drops the queued work.
     pub async fn generate(&self, id: &str, job: GenerateJob) -> Result<Generated, ModelError> {
+        let waiting = self.queued.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            metrics::counter!("weightgen_generate_rejected_total", "reason" => "queue_full")
+                .increment(1);
+            return Err(ModelError::QueueFull(self.max_queue));
+        }
+        metrics::gauge!("weightgen_queue_depth").set((waiting + 1) as f64);
         let (reply, answer) = oneshot::channel();
-        self.tx
-            .send(Message::Generate {
-                id: id.to_owned(),
-                job: Box::new(job),
-                reply,
-            })
-            .map_err(|_| ModelError::Stopped)?;
+        let sent = self.tx.send(Message::Generate(Box::new(Pending {
+            id: id.to_owned(),
+            job,
+            reply,
+            enqueued: Instant::now(),
+        })));
+        if sent.is_err() {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(ModelError::Stopped);
+        }
         answer.await.map_err(|_| ModelError::Stopped)?
     }
 }
 
-fn serve(rx: mpsc::Receiver<Message>, device: Device) {
+fn serve(
+    rx: mpsc::Receiver<Message>,
+    device: Device,
+    batching: BatchConfig,
+    queued: Arc<AtomicUsize>,
+) {
     let mut loaded: HashMap<String, DenoiserCheckpoint> = HashMap::new();
-    while let Ok(message) = rx.recv() {
+    // Messages read while filling a batch that did not join it, in order.
+    let mut backlog: VecDeque<Message> = VecDeque::new();
+    loop {
+        let message = match backlog.pop_front() {
+            Some(m) => m,
+            None => match rx.recv() {
+                Ok(m) => m,
+                Err(_) => return,
+            },
+        };
         match message {
             Message::Load { id, bytes, reply } => {
                 let result = guarded(|| {
@@ -178,18 +275,140 @@ fn serve(rx: mpsc::Receiver<Message>, device: Device) {
                     tracing::info!(denoiser = %id, "denoiser unloaded");
                 }
             }
-            Message::Generate { id, job, reply } => {
-                // A client that went away no longer waits for the answer.
-                if reply.is_closed() {
-                    continue;
-                }
-                let result = match loaded.get(&id) {
-                    Some(checkpoint) => guarded(|| run(checkpoint, &job)),
-                    None => Err(ModelError::NotLoaded(id)),
-                };
-                let _ = reply.send(result);
+            Message::Generate(first) => {
+                let batch = fill_batch(*first, &rx, &mut backlog, batching);
+                let left = queued.fetch_sub(batch.len(), Ordering::SeqCst) - batch.len();
+                metrics::gauge!("weightgen_queue_depth").set(left as f64);
+                run_batch(&loaded, batch);
             }
         }
+    }
+}
+
+/// `first` and the compatible requests already waiting or arriving within
+/// `max_wait`, up to `max_batch` samples. Others go to the backlog.
+fn fill_batch(
+    first: Pending,
+    rx: &mpsc::Receiver<Message>,
+    backlog: &mut VecDeque<Message>,
+    batching: BatchConfig,
+) -> Vec<Pending> {
+    let mut rows = first.job.seeds.len();
+    let mut batch = vec![first];
+    let mut kept = VecDeque::with_capacity(backlog.len());
+    while let Some(message) = backlog.pop_front() {
+        match message {
+            Message::Generate(p)
+                if batch[0].joins(&p) && rows + p.job.seeds.len() <= batching.max_batch =>
+            {
+                rows += p.job.seeds.len();
+                batch.push(*p);
+            }
+            other => kept.push_back(other),
+        }
+    }
+    *backlog = kept;
+    let deadline = Instant::now() + batching.max_wait;
+    while rows < batching.max_batch {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match rx.recv_timeout(left) {
+            Ok(Message::Generate(p))
+                if batch[0].joins(&p) && rows + p.job.seeds.len() <= batching.max_batch =>
+            {
+                rows += p.job.seeds.len();
+                batch.push(*p);
+            }
+            Ok(other) => backlog.push_back(other),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Samples a batch in one reverse diffusion and answers each request with
+/// its own samples. Requests whose client went away are dropped first;
+/// one whose support set does not fit is answered with its error alone.
+fn run_batch(loaded: &HashMap<String, DenoiserCheckpoint>, batch: Vec<Pending>) {
+    let began = Instant::now();
+    let (live, gone): (Vec<Pending>, Vec<Pending>) =
+        batch.into_iter().partition(|p| !p.reply.is_closed());
+    if !gone.is_empty() {
+        metrics::counter!("weightgen_generate_dropped_total").increment(gone.len() as u64);
+    }
+    let Some(first) = live.first() else {
+        return;
+    };
+    let Some(checkpoint) = loaded.get(&first.id) else {
+        let id = first.id.clone();
+        for p in live {
+            let _ = p.reply.send(Err(ModelError::NotLoaded(id.clone())));
+        }
+        return;
+    };
+    let mut members = Vec::with_capacity(live.len());
+    let mut conditions = Vec::with_capacity(live.len());
+    for p in live {
+        match guarded(|| Ok(condition(checkpoint, &p.job, p.job.seeds.len() as i64)?)) {
+            Ok(c) => {
+                conditions.push(c);
+                members.push(p);
+            }
+            Err(e) => {
+                let _ = p.reply.send(Err(e));
+            }
+        }
+    }
+    if members.is_empty() {
+        return;
+    }
+    let seeds: Vec<u64> = members
+        .iter()
+        .flat_map(|p| p.job.seeds.iter().copied())
+        .collect();
+    let rows = seeds.len();
+    metrics::histogram!("weightgen_batch_samples").record(rows as f64);
+    let (sampler, guidance) = (members[0].job.sampler, members[0].job.guidance);
+    let flat = guarded(|| {
+        let condition = concat(&conditions);
+        Ok(checkpoint
+            .generate(&condition, &seeds, sampler, guidance)
+            .to_device(Device::Cpu))
+    });
+    let sampled_ms = began.elapsed().as_secs_f64() * 1e3;
+    metrics::histogram!("weightgen_sampling_seconds").record(sampled_ms / 1e3);
+    let mut offset = 0i64;
+    for p in members {
+        let n = p.job.seeds.len() as i64;
+        let queue_ms = began.duration_since(p.enqueued).as_secs_f64() * 1e3;
+        metrics::histogram!("weightgen_queue_wait_seconds").record(queue_ms / 1e3);
+        let result = match &flat {
+            Ok(flat) => guarded(|| encode(checkpoint, &flat.narrow(0, offset, n), p.job.dtype))
+                .map(|files| Generated {
+                    files,
+                    sampling_ms: sampled_ms,
+                    queue_ms,
+                    batch_size: rows,
+                }),
+            Err(e) => Err(ModelError::Torch(e.to_string())),
+        };
+        offset += n;
+        let _ = p.reply.send(result);
+    }
+}
+
+/// One condition of all rows of `parts`, in order.
+fn concat(parts: &[TaskBatch]) -> TaskBatch {
+    let cat = |pick: fn(&TaskBatch) -> Option<&Tensor>| -> Option<Tensor> {
+        let tensors: Option<Vec<&Tensor>> = parts.iter().map(pick).collect();
+        tensors.map(|t| Tensor::cat(&t, 0))
+    };
+    TaskBatch {
+        features: cat(|b| b.features.as_ref()),
+        support_x: cat(|b| b.support_x.as_ref()),
+        support_y: cat(|b| b.support_y.as_ref()),
     }
 }
 
@@ -262,26 +481,23 @@ fn condition(
     })
 }
 
-fn run(checkpoint: &DenoiserCheckpoint, job: &GenerateJob) -> Result<Generated, ModelError> {
-    let began = Instant::now();
-    let rows = job.seeds.len() as i64;
-    let condition = condition(checkpoint, job, rows)?;
-    let flat = checkpoint
-        .generate(&condition, &job.seeds, job.sampler, job.guidance)
-        .to_device(Device::Cpu);
-    let mut files = Vec::with_capacity(job.seeds.len());
+/// Each row of `flat` [n, D] as a safetensors file of `dtype` tensors.
+fn encode(
+    checkpoint: &DenoiserCheckpoint,
+    flat: &Tensor,
+    dtype: DType,
+) -> Result<Vec<Bytes>, ModelError> {
+    let rows = flat.size()[0];
+    let mut files = Vec::with_capacity(rows as usize);
     for i in 0..rows {
         let tensors = unflatten(&checkpoint.arch, &flat.get(i))
             .map_err(|e| ModelError::Checkpoint(e.to_string()))?
             .into_iter()
-            .map(|(name, t)| (name, t.to_kind(job.dtype.kind()).contiguous()))
+            .map(|(name, t)| (name, t.to_kind(dtype.kind()).contiguous()))
             .collect::<Vec<_>>();
         let bytes = encode_tensors(&tensors, &HashMap::new())
             .map_err(|e| ModelError::Checkpoint(e.to_string()))?;
         files.push(Bytes::from(bytes));
     }
-    Ok(Generated {
-        files,
-        sampling_ms: began.elapsed().as_secs_f64() * 1e3,
-    })
+    Ok(files)
 }

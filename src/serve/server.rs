@@ -24,7 +24,7 @@ use super::grpc_metrics::{GrpcMetricsLayer, KnownMethods};
 use super::health;
 use super::jobs::JobsApi;
 use super::metrics_http;
-use super::model_thread::ModelThread;
+use super::model_thread::{BatchConfig, ModelThread};
 use super::readiness::Readiness;
 use crate::blobs::BlobStore;
 use crate::catalog::Catalog;
@@ -210,7 +210,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     };
 
     let readiness = Readiness::new();
-    let model = ModelThread::spawn(device).map_err(|e| ServeError::Setup {
+    let batching = BatchConfig {
+        max_batch: config.max_batch.max(1),
+        max_wait: config.max_wait,
+        max_queue: config.max_queue.max(1),
+    };
+    let model = ModelThread::spawn(device, batching).map_err(|e| ServeError::Setup {
         what: "the model thread",
         detail: e.to_string(),
     })?;

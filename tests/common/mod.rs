@@ -2,6 +2,7 @@
 //! its own data directory and talk to it as a client would.
 #![allow(dead_code)]
 
+pub mod generation;
 pub mod services;
 
 use std::process::Output;
