@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::generation::{Client, descriptor, generate_with, train, worker};
+use common::generation::{Client, descriptor, generate_with, small_digits_zoo, train};
 use common::{metric_value, spawn_server};
 use tonic::Code;
 use weightgen::proto::v1::{GenerateInitRequest, Sampler, SamplingOptions, ServerReadyRequest};
@@ -79,20 +79,7 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     })
     .await;
     let data = batching.data_dir.path().join("data");
-    worker(
-        &data,
-        &[
-            "zoo",
-            "build",
-            "--family",
-            "digits",
-            "--models",
-            "40",
-            "--shared-init",
-            "--steps",
-            "30",
-        ],
-    );
+    small_digits_zoo(&data);
     let out = train(&data, "digits-b1", "1");
     assert!(out.contains("published denoiser digits-b1"), "{out}");
     let task = descriptor();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::generation::{ARCH, Client, descriptor, generate, train, worker};
+use common::generation::{ARCH, Client, descriptor, generate, small_digits_zoo, train};
 use common::{metric_value, spawn_server};
 use tonic::Code;
 use weightgen::proto::v1::catalog_service_client::CatalogServiceClient;
@@ -28,20 +28,7 @@ async fn published_denoisers_are_picked_up_and_swapped_under_load() {
     // Built once: the test keeps libtorch off its own threads while the
     // server's model thread runs.
     let task = descriptor();
-    worker(
-        &data,
-        &[
-            "zoo",
-            "build",
-            "--family",
-            "digits",
-            "--models",
-            "40",
-            "--shared-init",
-            "--steps",
-            "30",
-        ],
-    );
+    small_digits_zoo(&data);
 
     // No denoiser yet: not ready; a known architecture is UNAVAILABLE, an
     // unknown one NOT_FOUND.

@@ -36,6 +36,25 @@ pub fn worker(data: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// A 40-model `digits` zoo from one shared init (30 steps each), built by
+/// the worker binary into `data`.
+pub fn small_digits_zoo(data: &Path) -> String {
+    worker(
+        data,
+        &[
+            "zoo",
+            "build",
+            "--family",
+            "digits",
+            "--models",
+            "40",
+            "--shared-init",
+            "--steps",
+            "30",
+        ],
+    )
+}
+
 pub fn train(data: &Path, id: &str, seed: &str) -> String {
     worker(
         data,
