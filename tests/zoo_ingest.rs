@@ -82,12 +82,12 @@ async fn checkpoints_are_validated_deduplicated_and_refused_one_by_one() {
     expect("added      a.safetensors");
     expect("added      b.safetensors");
     expect("duplicate  a-copy.safetensors is already stored as mine/");
-    expect("refused    nan.safetensors: tensor \"0.");
+    expect("refused    nan.safetensors: tensors: tensor \"0.");
     expect("holds NaN or infinite values");
-    expect("refused    wrong.safetensors: checkpoint does not match architecture");
+    expect("refused    wrong.safetensors: tensors: checkpoint does not match architecture");
     expect("tensor \"0.weight\" has shape [16, 64], expected [32, 64]");
     expect("missing tensor \"2.weight\"");
-    expect("refused    garbage.safetensors: safetensors:");
+    expect("refused    garbage.safetensors: file: not a safetensors file");
     expect("refused    missing.safetensors: file:");
     expect("refused    x.safetensors: architecture: \"nope\" is not registered");
     expect("metadata.jsonl:9: metadata:");

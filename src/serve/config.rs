@@ -120,6 +120,10 @@ pub struct ServerConfig {
     #[arg(long, env = "WEIGHTGEN_MAX_QUEUE", default_value_t = super::model_thread::DEFAULT_MAX_QUEUE)]
     pub max_queue: usize,
 
+    /// Largest checkpoint UploadCheckpoint accepts, in bytes.
+    #[arg(long, env = "WEIGHTGEN_MAX_UPLOAD_BYTES", default_value_t = super::catalog::DEFAULT_MAX_UPLOAD_BYTES)]
+    pub max_upload_bytes: u64,
+
     /// Most samples one GenerateInit request may ask for.
     #[arg(long, env = "WEIGHTGEN_MAX_SAMPLES", default_value_t = super::generate::DEFAULT_MAX_SAMPLES)]
     pub max_samples: u32,

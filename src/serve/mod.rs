@@ -18,7 +18,6 @@ pub mod model_thread;
 pub mod readiness;
 pub mod server;
 pub mod status;
-mod unimplemented;
 
 pub use config::{MetricsListen, ServerConfig};
 pub use readiness::Readiness;

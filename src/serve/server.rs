@@ -250,9 +250,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     ))
     .max_decoding_message_size(config.max_request_bytes)
     .max_encoding_message_size(config.max_response_bytes);
-    let catalog = CatalogServiceServer::new(CatalogApi::new(catalog_store.clone()))
-        .max_decoding_message_size(config.max_request_bytes)
-        .max_encoding_message_size(config.max_response_bytes);
+    let catalog = CatalogServiceServer::new(CatalogApi::new(
+        catalog_store.clone(),
+        blobs.clone(),
+        config.max_upload_bytes,
+    ))
+    .max_decoding_message_size(config.max_request_bytes)
+    .max_encoding_message_size(config.max_response_bytes);
     let jobs = JobServiceServer::new(JobsApi::new(catalog_store.clone()))
         .max_decoding_message_size(config.max_request_bytes)
         .max_encoding_message_size(config.max_response_bytes);

@@ -12,9 +12,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 
 use crate::blobs::{BlobStore, sha256_hex};
-use crate::catalog::{Catalog, ModelSource, ZooModelRecord};
+use crate::catalog::{Catalog, InsertedModel, ModelSource, ZooModelRecord};
 use crate::tasks::Family;
-use crate::weights::decode_safetensors;
 
 /// Default name of the metadata file inside the directory.
 pub const METADATA_FILE: &str = "metadata.jsonl";
@@ -103,6 +102,136 @@ pub async fn ingest_dir(
     Ok(report)
 }
 
+/// Why a checkpoint was not added.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AddError {
+    /// The file or its description does not fit (the field named).
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// What is wrong: "architecture", "file", "tensors", ….
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The architecture is neither registered nor built in.
+    #[error("architecture: {0:?} is not registered")]
+    UnknownArchitecture(String),
+    /// The catalog or blob store failed.
+    #[error("storage: {0}")]
+    Storage(String),
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> AddError {
+    AddError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Names and shapes of a safetensors file's tensors (by name), after
+/// checking every value is finite; read without libtorch (so request
+/// threads never touch it).
+fn inspect(bytes: &[u8]) -> Result<Vec<(String, Vec<usize>)>, AddError> {
+    use safetensors::Dtype;
+    let file = safetensors::SafeTensors::deserialize(bytes)
+        .map_err(|e| invalid("file", format!("not a safetensors file: {e}")))?;
+    let mut tensors = file.tensors();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut specs = Vec::new();
+    for (name, view) in tensors {
+        let data = view.data();
+        let finite = match view.dtype() {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+            Dtype::F64 => data.chunks_exact(8).all(|b| {
+                f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]).is_finite()
+            }),
+            // An exponent of all ones is ∞ or NaN.
+            Dtype::F16 => data
+                .chunks_exact(2)
+                .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 != 0x7C00),
+            Dtype::BF16 => data
+                .chunks_exact(2)
+                .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 != 0x7F80),
+            other => {
+                return Err(invalid(
+                    "tensors",
+                    format!("tensor {name:?} has dtype {other:?}; expected F32, F16, BF16 or F64"),
+                ));
+            }
+        };
+        if !finite {
+            return Err(invalid(
+                "tensors",
+                format!("tensor {name:?} holds NaN or infinite values"),
+            ));
+        }
+        specs.push((name, view.shape().to_vec()));
+    }
+    Ok(specs)
+}
+
+/// The architecture called `name`: registered, or a built-in family's
+/// (registered on first use).
+pub async fn resolve_architecture(
+    catalog: &Arc<dyn Catalog>,
+    name: &str,
+) -> Result<crate::weights::ArchSpec, AddError> {
+    let storage = |e: &dyn std::fmt::Display| AddError::Storage(e.to_string());
+    if let Some(arch) = catalog.architecture(name).await.map_err(|e| storage(&e))? {
+        return Ok(arch);
+    }
+    let builtin = Family::ALL
+        .iter()
+        .flat_map(|f| f.networks())
+        .find(|n| n.spec.name == name)
+        .ok_or_else(|| AddError::UnknownArchitecture(name.to_owned()))?;
+    catalog
+        .register_architecture(&builtin.spec)
+        .await
+        .map_err(|e| storage(&e))?;
+    Ok(builtin.spec)
+}
+
+/// Checks a checkpoint against its architecture (names, shapes, finite
+/// values), stores it by content and records it in zoo `zoo`. A file already
+/// stored for the architecture comes back with `deduplicated` set; a
+/// refused one stores nothing.
+pub async fn add_checkpoint(
+    catalog: &Arc<dyn Catalog>,
+    blobs: &BlobStore,
+    bytes: Bytes,
+    meta: &IngestLine,
+    zoo: &str,
+) -> Result<InsertedModel, AddError> {
+    let storage = |e: &dyn std::fmt::Display| AddError::Storage(e.to_string());
+    let arch = resolve_architecture(catalog, &meta.architecture).await?;
+    let specs = inspect(&bytes)?;
+    arch.check(specs.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
+        .map_err(|e| invalid("tensors", e.to_string()))?;
+    let sha256 = sha256_hex(&bytes);
+    let record = ZooModelRecord {
+        id: format!("{zoo}/{}", &sha256[..16]),
+        zoo: zoo.to_owned(),
+        architecture: arch.name.clone(),
+        family: meta.family.clone(),
+        source: ModelSource::Ingested,
+        task: meta.task.clone(),
+        seed: meta.seed,
+        metrics: meta.metrics.clone(),
+        training_config: meta.training_config.clone(),
+        sha256,
+        size_bytes: bytes.len() as u64,
+        created_at_ms: 0,
+    };
+    blobs.put(bytes).await.map_err(|e| storage(&e))?;
+    catalog
+        .insert_zoo_model(&record)
+        .await
+        .map_err(|e| storage(&e))
+}
+
 async fn ingest_one(
     catalog: &Arc<dyn Catalog>,
     blobs: &BlobStore,
@@ -113,64 +242,11 @@ async fn ingest_one(
     if entry.file.contains('/') || entry.file.contains("..") {
         return Err("file: must be a plain file name inside the directory".into());
     }
-    let arch = match catalog
-        .architecture(&entry.architecture)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        Some(arch) => arch,
-        None => {
-            // A built-in family's architecture is registered on first use.
-            let builtin = Family::ALL
-                .iter()
-                .flat_map(|f| f.networks())
-                .find(|n| n.spec.name == entry.architecture)
-                .ok_or_else(|| {
-                    format!("architecture: {:?} is not registered", entry.architecture)
-                })?;
-            catalog
-                .register_architecture(&builtin.spec)
-                .await
-                .map_err(|e| e.to_string())?;
-            builtin.spec
-        }
-    };
-    let bytes = std::fs::read(dir.join(&entry.file)).map_err(|e| format!("file: {e}"))?;
-    let decoded = decode_safetensors(&bytes).map_err(|e| e.to_string())?;
-    arch.check(
-        decoded
-            .specs
-            .iter()
-            .map(|t| (t.name.as_str(), t.shape.as_slice())),
-    )
-    .map_err(|e| e.to_string())?;
-    for (name, tensor) in &decoded.tensors {
-        let finite = tch::no_grad(|| tensor.isfinite().all().int64_value(&[]) == 1);
-        if !finite {
-            return Err(format!("tensor {name:?} holds NaN or infinite values"));
-        }
-    }
-    let sha256 = sha256_hex(&bytes);
-    let record = ZooModelRecord {
-        id: format!("{zoo}/{}", &sha256[..16]),
-        zoo: zoo.to_owned(),
-        architecture: arch.name.clone(),
-        family: entry.family.clone(),
-        source: ModelSource::Ingested,
-        task: entry.task.clone(),
-        seed: entry.seed,
-        metrics: entry.metrics.clone(),
-        training_config: entry.training_config.clone(),
-        sha256,
-        size_bytes: bytes.len() as u64,
-        created_at_ms: 0,
-    };
-    blobs
-        .put(Bytes::from(bytes))
+    resolve_architecture(catalog, &entry.architecture)
         .await
         .map_err(|e| e.to_string())?;
-    let inserted = catalog
-        .insert_zoo_model(&record)
+    let bytes = std::fs::read(dir.join(&entry.file)).map_err(|e| format!("file: {e}"))?;
+    let inserted = add_checkpoint(catalog, blobs, Bytes::from(bytes), entry, zoo)
         .await
         .map_err(|e| e.to_string())?;
     Ok((inserted.model.id, inserted.deduplicated))

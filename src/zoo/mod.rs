@@ -6,4 +6,4 @@ pub mod builder;
 pub mod ingest;
 
 pub use builder::{BuildReport, ZooBuildConfig, ZooError, build_zoo, plan_units};
-pub use ingest::{IngestReport, ingest_dir};
+pub use ingest::{AddError, IngestLine, IngestReport, add_checkpoint, ingest_dir};
