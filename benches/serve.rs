@@ -1,0 +1,263 @@
+//! GenerateInit under load, end to end over gRPC on loopback: latency p50 /
+//! p99 and throughput for DDIM-50 and DDPM-1000 at 1, 8 and 64 concurrent
+//! single-sample clients, one request of 64 samples for comparison (the
+//! batching target: 64 concurrent clients reach ≥ 0.8 of it), and the
+//! server's resident memory across many requests. Prints a Markdown table
+//! (docs/BENCHMARKS.md). Run through `scripts/bench-serve.sh`.
+//!
+//! The denoiser is the demo's size (MLP U-Net 256/128 on the digits MLP,
+//! D = 2,245), trained for a few steps only: speed does not depend on how
+//! well it was trained. `WEIGHTGEN_BENCH_REQUESTS` sets the memory run's
+//! request count (default 10,000).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tch::Device;
+use tokio_stream::StreamExt;
+use weightgen::model::{FitConfig, MlpUnetConfig, NetConfig};
+use weightgen::proto::v1::generation_service_client::GenerationServiceClient;
+use weightgen::proto::v1::{
+    FeatureValue, GenerateInitRequest, Sampler, SamplingOptions, TaskDescriptor,
+};
+use weightgen::serve::{self, MetricsListen, ServerConfig};
+use weightgen::storage::StorageArgs;
+use weightgen::tasks::families::TaskSpec;
+use weightgen::tasks::featurizer::describe;
+use weightgen::tasks::{Family, TrainConfig};
+use weightgen::train::{TrainDenoiserConfig, train_denoiser};
+use weightgen::zoo::{ZooBuildConfig, build_zoo};
+
+type Client = GenerationServiceClient<tonic::transport::Channel>;
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn prepare(dir: &std::path::Path) {
+    let (catalog, blobs) = StorageArgs::embedded(dir).open().await.unwrap();
+    let zoo = ZooBuildConfig {
+        zoo: "digits".into(),
+        family: Family::Digits,
+        architecture: String::new(),
+        num_models: 40,
+        seed: 1,
+        shared_init: true,
+        train: TrainConfig {
+            steps: 30,
+            ..Family::Digits.train_config()
+        },
+        worker: "bench".into(),
+        jobs: 2,
+        lease: Duration::from_secs(600),
+        device: Device::Cpu,
+        max_models: None,
+        cancel: Default::default(),
+    };
+    build_zoo(catalog.clone(), blobs.clone(), zoo, |_| {})
+        .await
+        .unwrap();
+    let config = TrainDenoiserConfig {
+        zoo: "digits".into(),
+        denoiser_id: "bench".into(),
+        net: NetConfig::MlpUnet(MlpUnetConfig {
+            widths: vec![256, 128],
+            ..Default::default()
+        }),
+        fit: FitConfig {
+            steps: 50,
+            ..Default::default()
+        },
+        ema_decay: 0.99,
+        val_fraction: 0.1,
+        encoder_hidden: 128,
+        embed_dim: 64,
+        log_every: 50,
+        eval_tasks: 1,
+        eval_guidance: 1.0,
+        device: Device::Cpu,
+        activate: true,
+        checkpoint_every: 0,
+        resume: false,
+        cancel: Default::default(),
+    };
+    train_denoiser(catalog, blobs, config, |_, _, _| {})
+        .await
+        .unwrap();
+}
+
+fn task() -> TaskDescriptor {
+    let task = TaskSpec::Digits {
+        classes: vec![0, 1, 2, 3, 4],
+    };
+    let data = Family::Digits.data(&task, Device::Cpu).unwrap();
+    let d = describe(Family::Digits, &task, &data);
+    TaskDescriptor {
+        architecture: "digits-mlp-64-32-5".into(),
+        features: d
+            .features
+            .into_iter()
+            .map(|(k, values)| (k, FeatureValue { values }))
+            .collect(),
+        num_classes: 5,
+        ..Default::default()
+    }
+}
+
+async fn call(
+    client: &mut Client,
+    task: &TaskDescriptor,
+    sampler: Sampler,
+    samples: u32,
+    seed: u64,
+) {
+    let mut stream = client
+        .generate_init(GenerateInitRequest {
+            task: Some(task.clone()),
+            options: Some(SamplingOptions {
+                num_samples: samples,
+                sampler: sampler as i32,
+                seed: Some(seed),
+                ..Default::default()
+            }),
+            denoiser_id: String::new(),
+        })
+        .await
+        .expect("GenerateInit")
+        .into_inner();
+    while let Some(m) = stream.next().await {
+        m.expect("stream");
+    }
+}
+
+struct Measured {
+    p50_ms: f64,
+    p99_ms: f64,
+    samples_per_s: f64,
+}
+
+/// `clients` concurrent clients, each sending `per_client` requests of
+/// `samples` samples back to back.
+async fn run(
+    addr: &str,
+    task: &TaskDescriptor,
+    sampler: Sampler,
+    clients: usize,
+    per_client: usize,
+    samples: u32,
+) -> Measured {
+    let began = Instant::now();
+    let mut handles = Vec::new();
+    for c in 0..clients {
+        let channel = weightgen::client::connect(addr, Some(Duration::from_secs(600)))
+            .await
+            .unwrap();
+        let task = task.clone();
+        handles.push(tokio::spawn(async move {
+            let mut client = Client::new(channel);
+            let mut latencies = Vec::with_capacity(per_client);
+            for i in 0..per_client {
+                let start = Instant::now();
+                call(
+                    &mut client,
+                    &task,
+                    sampler,
+                    samples,
+                    (c * 100_000 + i) as u64,
+                )
+                .await;
+                latencies.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            latencies
+        }));
+    }
+    let mut latencies = Vec::new();
+    for h in handles {
+        latencies.extend(h.await.unwrap());
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    latencies.sort_by(f64::total_cmp);
+    let pick = |q: f64| latencies[((latencies.len() as f64 - 1.0) * q).round() as usize];
+    Measured {
+        p50_ms: pick(0.5),
+        p99_ms: pick(0.99),
+        samples_per_s: (clients * per_client) as f64 * f64::from(samples) / seconds,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let dir = tempfile::tempdir().unwrap();
+    prepare(dir.path()).await;
+    let task = task();
+    let mut config = ServerConfig::with_defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.metrics_listen = MetricsListen(None);
+    config.storage = StorageArgs::embedded(dir.path());
+    config.device = weightgen::device::DeviceChoice::Cpu;
+    config.max_concurrent_requests = 1024;
+    let server = serve::start(config).await.unwrap();
+    let addr = server.grpc_addr().to_string();
+    weightgen::client::wait_until_serving(
+        &addr,
+        "weightgen.v1.GenerationService",
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    println!("| sampler | clients × samples | requests | p50 latency | p99 latency | throughput |");
+    println!("|---|---|---|---|---|---|");
+    let mut results = std::collections::HashMap::new();
+    for (sampler, name, per) in [
+        (Sampler::Ddim, "DDIM-50", 64usize),
+        (Sampler::Ddpm, "DDPM-1000", 4),
+    ] {
+        for (clients, samples, requests) in
+            [(1, 1, per), (8, 1, per), (64, 1, per), (1, 64, per / 4)]
+        {
+            let per_client = (requests / clients).max(1);
+            let m = run(&addr, &task, sampler, clients, per_client, samples).await;
+            println!(
+                "| {name} | {clients} × {samples} | {} | {:.0} ms | {:.0} ms | {:.1} samples/s |",
+                clients * per_client,
+                m.p50_ms,
+                m.p99_ms,
+                m.samples_per_s
+            );
+            results.insert((name, clients, samples), m.samples_per_s);
+        }
+    }
+    for name in ["DDIM-50", "DDPM-1000"] {
+        let one = results[&(name, 1, 1)];
+        let many = results[&(name, 64, 1)];
+        let batch = results[&(name, 1, 64)];
+        println!(
+            "{name}: batching gain (64 clients ÷ 1 client) {:.1}×; 64 clients ÷ one 64-sample request {:.2}",
+            many / one,
+            many / batch
+        );
+    }
+    // Memory: the server's process (this one) across many requests.
+    let requests: usize = std::env::var("WEIGHTGEN_BENCH_REQUESTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let warm = rss_mib();
+    let began = Instant::now();
+    let m = Arc::new(run(&addr, &task, Sampler::Ddim, 64, requests / 64, 1).await);
+    println!(
+        "memory: RSS {warm:.0} MiB after warm-up, {:.0} MiB after {} more DDIM-50 requests from 64 clients ({:.0} s, {:.1} samples/s)",
+        rss_mib(),
+        (requests / 64) * 64,
+        began.elapsed().as_secs_f64(),
+        m.samples_per_s
+    );
+    server.shutdown().await.unwrap();
+}
