@@ -29,6 +29,8 @@ use weightgen::train::{TrainDenoiserConfig, train_denoiser};
 use weightgen::zoo::{ZooBuildConfig, build_zoo};
 
 type Client = GenerationServiceClient<tonic::transport::Channel>;
+/// A sampler, its name, and (clients, samples per request, requests) runs.
+type Plan = (Sampler, &'static str, [(usize, u32, usize); 4]);
 
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
@@ -215,13 +217,22 @@ async fn main() {
     println!("| sampler | clients × samples | requests | p50 latency | p99 latency | throughput |");
     println!("|---|---|---|---|---|---|");
     let mut results = std::collections::HashMap::new();
-    for (sampler, name, per) in [
-        (Sampler::Ddim, "DDIM-50", 64usize),
-        (Sampler::Ddpm, "DDPM-1000", 4),
-    ] {
-        for (clients, samples, requests) in
-            [(1, 1, per), (8, 1, per), (64, 1, per), (1, 64, per / 4)]
-        {
+    // (clients, samples per request, requests) per sampler: the concurrent
+    // runs send several rounds so batches form in steady state.
+    let plans: [Plan; 2] = [
+        (
+            Sampler::Ddim,
+            "DDIM-50",
+            [(1, 1, 64), (8, 1, 64), (64, 1, 256), (1, 64, 16)],
+        ),
+        (
+            Sampler::Ddpm,
+            "DDPM-1000",
+            [(1, 1, 4), (8, 1, 16), (64, 1, 192), (1, 64, 3)],
+        ),
+    ];
+    for (sampler, name, runs) in plans {
+        for (clients, samples, requests) in runs {
             let per_client = (requests / clients).max(1);
             let m = run(&addr, &task, sampler, clients, per_client, samples).await;
             println!(
