@@ -93,11 +93,16 @@ impl Adam {
     /// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
     pub fn clip_gradient_norm(&self, max_norm: f64) -> f64 {
         let total = self.gradient_norm();
+        self.clip_known_norm(max_norm, total);
+        total
+    }
+
+    /// Clipping when the joint norm `total` is already known.
+    pub fn clip_known_norm(&self, max_norm: f64, total: f64) {
         let coefficient = max_norm / (total + 1e-6);
         if coefficient < 1.0 {
             self.scale_gradients(coefficient);
         }
-        total
     }
 
     /// One Adam update of every parameter that has a gradient.

@@ -201,10 +201,12 @@ impl Trainer {
             (&loss * scale).backward();
             self.adam.scale_gradients(1.0 / scale);
         }
-        let finite = !mixed || self.adam.gradient_norm().is_finite();
+        // One norm serves the overflow check (fp16) and the clipping.
+        let norm = (mixed || self.config.grad_clip.is_some()).then(|| self.adam.gradient_norm());
+        let finite = !mixed || norm.is_some_and(f64::is_finite);
         if self.loss_scale.update(finite) {
-            if let Some(max_norm) = self.config.grad_clip {
-                self.adam.clip_gradient_norm(max_norm);
+            if let (Some(max_norm), Some(norm)) = (self.config.grad_clip, norm) {
+                self.adam.clip_known_norm(max_norm, norm);
             }
             self.adam.step();
         }

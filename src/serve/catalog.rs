@@ -10,8 +10,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{arch_to_proto, denoiser_record_to_proto, timestamp};
-use super::denoisers::version_of;
+use super::convert::{arch_to_proto, denoiser_record_to_proto, descriptor_from_proto, timestamp};
+use super::denoisers::{version_of, versions};
 use super::status::catalog_status;
 use crate::blobs::{BlobError, BlobStore, sha256_hex};
 use crate::catalog::{
@@ -120,42 +120,16 @@ pub fn zoo_model_to_proto(m: &ZooModelRecord) -> ZooModel {
     }
 }
 
-/// The stored descriptor of an uploaded task.
+/// The stored form of an uploaded task (`{"descriptor": …}`, as built zoo
+/// models store theirs).
 fn task_from_proto(task: Option<pb::TaskDescriptor>) -> Result<serde_json::Value, Status> {
-    let Some(task) = task else {
-        return Ok(serde_json::Value::Null);
-    };
-    let rows = |t: Option<pb::FloatTensor>, field: &str| -> Result<Vec<Vec<f32>>, Status> {
-        let Some(t) = t else { return Ok(Vec::new()) };
-        let k = t.shape.first().copied().unwrap_or(0) as usize;
-        if k == 0 || t.values.len() % k != 0 {
-            return Err(invalid(
-                field,
-                format!("shape {:?} does not fit {} values", t.shape, t.values.len()),
-            ));
+    match task {
+        None => Ok(serde_json::Value::Null),
+        Some(task) => {
+            let descriptor = descriptor_from_proto(&task, "header.task")?;
+            Ok(serde_json::json!({ "descriptor": descriptor }))
         }
-        Ok(t.values
-            .chunks(t.values.len() / k)
-            .map(<[f32]>::to_vec)
-            .collect())
-    };
-    let (support_x, support_y) = match task.support {
-        Some(s) => (
-            rows(s.inputs, "header.task.support.inputs")?,
-            rows(s.targets, "header.task.support.targets")?,
-        ),
-        None => (Vec::new(), Vec::new()),
-    };
-    let descriptor = Descriptor {
-        features: task
-            .features
-            .into_iter()
-            .map(|(k, v)| (k, v.values))
-            .collect(),
-        support_x,
-        support_y,
-    };
-    Ok(serde_json::json!({ "descriptor": descriptor }))
+    }
 }
 
 /// The stream type of DownloadCheckpoint.
@@ -413,8 +387,23 @@ impl CatalogService for CatalogApi {
             .await
             .map_err(catalog_status)?;
         let mut denoisers = Vec::with_capacity(listed.items.len());
+        // One listing per architecture numbers every row of the page.
+        let mut numbered: std::collections::HashMap<
+            String,
+            std::collections::HashMap<String, u32>,
+        > = std::collections::HashMap::new();
         for record in &listed.items {
-            denoisers.push(self.info(record).await?);
+            if !numbered.contains_key(&record.architecture) {
+                let found = versions(&self.catalog, &record.architecture)
+                    .await
+                    .map_err(catalog_status)?;
+                numbered.insert(record.architecture.clone(), found);
+            }
+            let version = numbered[&record.architecture]
+                .get(&record.id)
+                .copied()
+                .unwrap_or(1);
+            denoisers.push(denoiser_record_to_proto(record, version));
         }
         Ok(Response::new(ListDenoisersResponse {
             denoisers,

@@ -1,7 +1,10 @@
 //! Library types as their `weightgen.v1` messages.
 
+use tonic::Status;
+
 use crate::catalog::DenoiserRecord;
 use crate::proto::v1 as pb;
+use crate::tasks::featurizer::Descriptor;
 use crate::tasks::schema::FeatureSchema;
 use crate::weights::{ArchSpec, DType};
 
@@ -127,4 +130,54 @@ pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::De
         size_bytes: record.size_bytes,
         created_at: Some(timestamp(record.created_at_ms)),
     }
+}
+
+/// A request's task as the featurizer's `Descriptor`: features by name and
+/// the support set as rows. Errors name the field under `prefix` (e.g.
+/// "task" or "header.task").
+pub fn descriptor_from_proto(
+    task: &pb::TaskDescriptor,
+    prefix: &str,
+) -> Result<Descriptor, Status> {
+    let invalid = |field: &str, reason: String| {
+        Status::invalid_argument(format!("{prefix}.support.{field}: {reason}"))
+    };
+    let rows = |t: &Option<pb::FloatTensor>, field: &str| -> Result<Vec<Vec<f32>>, Status> {
+        let Some(t) = t else {
+            return Err(invalid(field, "required with a support set".into()));
+        };
+        let k = *t
+            .shape
+            .first()
+            .ok_or_else(|| invalid(field, "shape is empty".into()))? as usize;
+        let count: u64 = t.shape.iter().product();
+        if count != t.values.len() as u64 {
+            return Err(invalid(
+                field,
+                format!(
+                    "shape {:?} needs {count} values, got {}",
+                    t.shape,
+                    t.values.len()
+                ),
+            ));
+        }
+        if k == 0 {
+            return Ok(Vec::new());
+        }
+        let width = t.values.len() / k;
+        Ok(t.values.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
+    };
+    let (support_x, support_y) = match &task.support {
+        None => (Vec::new(), Vec::new()),
+        Some(set) => (rows(&set.inputs, "inputs")?, rows(&set.targets, "targets")?),
+    };
+    Ok(Descriptor {
+        features: task
+            .features
+            .iter()
+            .map(|(k, v)| (k.clone(), v.values.clone()))
+            .collect(),
+        support_x,
+        support_y,
+    })
 }

@@ -178,26 +178,37 @@ impl DenoiserRegistry {
     }
 }
 
-/// The version number of `record`: its rank among its architecture's
-/// denoisers by creation time, from 1.
+/// Version numbers of every denoiser of `architecture`: rank by creation
+/// time (then id), from 1. One listing serves any number of lookups.
+pub async fn versions(
+    catalog: &Arc<dyn Catalog>,
+    architecture: &str,
+) -> Result<HashMap<String, u32>, crate::catalog::CatalogError> {
+    let mut page = PageRequest::first(crate::catalog::MAX_PAGE_SIZE);
+    let mut all = Vec::new();
+    loop {
+        let listed = catalog.denoisers(Some(architecture), &page).await?;
+        all.extend(listed.items.into_iter().map(|d| (d.created_at_ms, d.id)));
+        if listed.next_token.is_empty() {
+            break;
+        }
+        page.token = listed.next_token;
+    }
+    all.sort();
+    Ok(all
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, id))| (id, i as u32 + 1))
+        .collect())
+}
+
+/// The version number of `record` (see [`versions`]).
 pub async fn version_of(
     catalog: &Arc<dyn Catalog>,
     record: &DenoiserRecord,
 ) -> Result<u32, crate::catalog::CatalogError> {
-    let mut page = PageRequest::first(crate::catalog::MAX_PAGE_SIZE);
-    let mut older = 0u32;
-    loop {
-        let listed = catalog.denoisers(Some(&record.architecture), &page).await?;
-        older += listed
-            .items
-            .iter()
-            .filter(|d| (d.created_at_ms, &d.id) <= (record.created_at_ms, &record.id))
-            .count() as u32;
-        if listed.next_token.is_empty() {
-            return Ok(older.max(1));
-        }
-        page.token = listed.next_token;
-    }
+    let versions = versions(catalog, &record.architecture).await?;
+    Ok(versions.get(&record.id).copied().unwrap_or(1))
 }
 
 /// Checks the catalog every `interval` and swaps in newly activated

@@ -4,20 +4,18 @@
 //! The model thread merges concurrent compatible requests into one reverse
 //! diffusion (see `serve::model_thread`).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::Status;
 
-use super::convert::{arch_to_proto, dtype_to_proto, tensor_specs};
+use super::convert::{arch_to_proto, descriptor_from_proto, dtype_to_proto, tensor_specs};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::model_thread::{GenerateJob, ModelError};
 use crate::blobs::sha256_hex;
 use crate::catalog::Catalog;
 use crate::diffusion::SamplerKind;
 use crate::proto::v1 as pb;
-use crate::tasks::featurizer::Descriptor;
 use crate::weights::DType;
 
 /// Largest chunk of a sample file in one message.
@@ -101,55 +99,6 @@ pub struct SamplingChoice {
     pub dtype: DType,
 }
 
-fn descriptor(task: &pb::TaskDescriptor) -> Result<Descriptor, Status> {
-    let features: BTreeMap<String, Vec<f64>> = task
-        .features
-        .iter()
-        .map(|(k, v)| (k.clone(), v.values.clone()))
-        .collect();
-    let (support_x, support_y) = match &task.support {
-        None => (Vec::new(), Vec::new()),
-        Some(set) => {
-            let rows =
-                |t: &Option<pb::FloatTensor>, field: &str| -> Result<Vec<Vec<f32>>, Status> {
-                    let Some(t) = t else {
-                        return Err(invalid(field, "required with a support set"));
-                    };
-                    let k = *t
-                        .shape
-                        .first()
-                        .ok_or_else(|| invalid(field, "shape is empty"))?
-                        as usize;
-                    let count: u64 = t.shape.iter().product();
-                    if count != t.values.len() as u64 {
-                        return Err(invalid(
-                            field,
-                            format!(
-                                "shape {:?} needs {count} values, got {}",
-                                t.shape,
-                                t.values.len()
-                            ),
-                        ));
-                    }
-                    if k == 0 {
-                        return Ok(Vec::new());
-                    }
-                    let width = t.values.len() / k;
-                    Ok(t.values.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
-                };
-            (
-                rows(&set.inputs, "task.support.inputs")?,
-                rows(&set.targets, "task.support.targets")?,
-            )
-        }
-    };
-    Ok(Descriptor {
-        features,
-        support_x,
-        support_y,
-    })
-}
-
 /// Checks `request` against `denoiser` and returns the job and how it samples.
 pub fn job_for(
     request: &pb::GenerateInitRequest,
@@ -171,7 +120,7 @@ pub fn job_for(
             ),
         ));
     }
-    let descriptor = descriptor(task)?;
+    let descriptor = descriptor_from_proto(task, "task")?;
     let features = descriptor
         .feature_vector(schema)
         .map_err(|e| invalid(&format!("task.features.{}", e.field), e.reason))?;
