@@ -13,9 +13,10 @@ use weightgen::diffusion::{
 };
 use weightgen::model::{
     ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig, LayerTransformerConfig,
-    MlpUnetConfig, NetConfig, TaskBatch, TaskEncoderConfig, fit,
+    MlpUnetConfig, NetConfig, TaskBatch, TaskEncoderConfig, Trainer, fit,
 };
 use weightgen::tasks::FeatureSchema;
+use weightgen::train::Ema;
 use weightgen::weights::{ArchSpec, DEFAULT_STD_FLOOR, PcaLatent, Stats, StatsMode};
 
 fn encoder(feature_dim: i64) -> TaskEncoderConfig {
@@ -71,7 +72,7 @@ fn reproduces_a_gaussian(net: NetConfig, seed: u64) {
     config = config.with_layout(&ArchSpec::sequential_mlp("mlp-3-3-1", "", &[3, 3, 1]).unwrap());
     // The CUDA path when a GPU is present; the same test on CPU otherwise.
     let device = Device::cuda_if_available();
-    let mut model = ConditionalDenoiser::new(config, device).unwrap();
+    let model = ConditionalDenoiser::new(config, device).unwrap();
     let errors = |model: &ConditionalDenoiser, kind: SamplerKind| {
         let seeds: Vec<u64> = (0..2000).collect();
         let config = SamplingConfig {
@@ -103,8 +104,26 @@ fn reproduces_a_gaussian(net: NetConfig, seed: u64) {
         cond_dropout: 0.0,
         ..Default::default()
     };
-    let report = fit(&mut model, &data, &TaskBatch::unconditional(), &fit_config);
-    assert!(report.final_loss(0.1) < report.losses[0], "loss fell");
+    // Sample from the EMA of the weights, as published denoisers do: the
+    // last Adam step alone wanders enough at lr 1e-3 for DDIM's mean to
+    // move by ~0.1 between CPUs with different SIMD widths.
+    let mut trainer = Trainer::new(&model, &fit_config).unwrap();
+    let mut ema = Ema::new(&model.vs, 0.995);
+    let condition = TaskBatch::unconditional();
+    let data_on_device = data.to_device(device);
+    let losses: Vec<f64> = (0..fit_config.steps)
+        .map(|_| {
+            let loss = trainer.step(&model, &data_on_device, &condition);
+            ema.update(&model.vs);
+            loss
+        })
+        .collect();
+    let tail = &losses[losses.len() * 9 / 10..];
+    assert!(
+        tail.iter().sum::<f64>() / (tail.len() as f64) < losses[0],
+        "loss fell"
+    );
+    ema.copy_into(&model.vs);
     for kind in [SamplerKind::Ddpm, SamplerKind::ddim(50, 0.0)] {
         let (mean_err, cov_err) = errors(&model, kind);
         eprintln!(
@@ -114,7 +133,7 @@ fn reproduces_a_gaussian(net: NetConfig, seed: u64) {
         // Coordinates have σ ≈ 0.6; a trained model must be several times
         // closer than the untrained one.
         assert!(
-            mean_err < 0.3 && mean_err < untrained_mean / 3.0,
+            mean_err < 0.15 && mean_err < untrained_mean / 3.0,
             "{kind:?}: mean off by {mean_err}"
         );
         assert!(
