@@ -24,4 +24,27 @@ weightgen_tools() {
     export WEIGHTGEN_TOOLS_BIN="$venv/bin"
 }
 
+# The Python client's build and run dependencies (clients/python), pinned,
+# into the torch venv of scripts/bootstrap.sh (source that first): the
+# client's tests run its example with that venv's torch. setuptools stays
+# below 82 because torch 2.11 requires it.
+weightgen_python_client_deps() {
+    local step="[tools]"
+    local venv="${WEIGHTGEN_TORCH_VENV:-}"
+    local packages=("grpcio==1.85.1" "grpcio-tools==1.85.1" "setuptools<82")
+    if [ -z "$venv" ]; then
+        echo "$step no torch venv (LIBTORCH set?): the Python client tests need scripts/bootstrap.sh's venv" >&2
+        return 0
+    fi
+    local stamp="$venv/.weightgen-client-deps"
+    if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "${packages[*]}" ]; then
+        echo "$step python client deps ${packages[*]} already installed"
+        return 0
+    fi
+    echo "$step installing python client deps ${packages[*]} into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "${packages[@]}" || return 1
+    echo "${packages[*]}" >"$stamp"
+}
+
 weightgen_tools
+weightgen_python_client_deps

@@ -10,6 +10,7 @@ pub mod catalog;
 pub mod client;
 pub mod device;
 pub mod diffusion;
+pub mod eval;
 pub mod jobs;
 pub mod model;
 pub mod proto;

@@ -7,44 +7,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::generation::{Client, descriptor, generate_with, small_digits_zoo, train};
+use common::generation::{
+    Client, descriptor, generate_with, request, small_digits_zoo, train, wait_ready,
+};
 use common::{metric_value, spawn_server};
 use tonic::Code;
-use weightgen::proto::v1::{GenerateInitRequest, Sampler, SamplingOptions, ServerReadyRequest};
-
-fn request(
-    task: &weightgen::proto::v1::TaskDescriptor,
-    sampler: Sampler,
-    samples: u32,
-    seed: u64,
-) -> GenerateInitRequest {
-    GenerateInitRequest {
-        task: Some(task.clone()),
-        options: Some(SamplingOptions {
-            num_samples: samples,
-            sampler: sampler as i32,
-            seed: Some(seed),
-            ..Default::default()
-        }),
-        denoiser_id: String::new(),
-    }
-}
-
-async fn wait_ready(client: &mut Client) {
-    for _ in 0..600 {
-        if client
-            .server_ready(ServerReadyRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .ready
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("no denoiser loaded within 30 s");
-}
+use weightgen::proto::v1::Sampler;
 
 /// Largest absolute difference between two f32 safetensors files with the
 /// same tensors.

@@ -78,6 +78,17 @@ pub enum TaskSpec {
     },
 }
 
+impl TaskSpec {
+    /// The family it belongs to.
+    pub fn family(&self) -> Family {
+        match self {
+            Self::Sinusoid { .. } => Family::Sinusoid,
+            Self::Digits { .. } => Family::Digits,
+            Self::DigitInr { .. } => Family::DigitInr,
+        }
+    }
+}
+
 /// Why a task or family cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TaskError {

@@ -12,7 +12,7 @@ use weightgen::blobs::sha256_hex;
 use weightgen::proto::v1::generation_service_client::GenerationServiceClient;
 use weightgen::proto::v1::{
     FeatureValue, GenerateInitRequest, GenerateInitTrailer, Sampler, SamplingOptions,
-    TaskDescriptor, generate_init_response::Part,
+    ServerReadyRequest, TaskDescriptor, generate_init_response::Part,
 };
 use weightgen::tasks::families::{Family, TaskSpec};
 use weightgen::tasks::featurizer::describe;
@@ -185,4 +185,40 @@ pub async fn generate_with(
         files: out,
         trailer,
     })
+}
+
+/// A request for `samples` samples of `task` with `sampler` and `seed`.
+pub fn request(
+    task: &TaskDescriptor,
+    sampler: Sampler,
+    samples: u32,
+    seed: u64,
+) -> GenerateInitRequest {
+    GenerateInitRequest {
+        task: Some(task.clone()),
+        options: Some(SamplingOptions {
+            num_samples: samples,
+            sampler: sampler as i32,
+            seed: Some(seed),
+            ..Default::default()
+        }),
+        denoiser_id: String::new(),
+    }
+}
+
+/// Waits until the server has a denoiser loaded (ServerReady).
+pub async fn wait_ready(client: &mut Client) {
+    for _ in 0..600 {
+        if client
+            .server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no denoiser loaded within 30 s");
 }

@@ -4,14 +4,18 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use weightgen::client;
+use weightgen::client::{self, TaskFile};
 use weightgen::proto::v1 as pb;
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// Architecture to generate weights for.
+    /// A task file (from `weightgen task`): architecture, features, support
+    /// set and class count; the flags below override what it says.
     #[arg(long)]
-    architecture: String,
+    task: Option<PathBuf>,
+    /// Architecture to generate weights for (required without --task).
+    #[arg(long, required_unless_present = "task")]
+    architecture: Option<String>,
     /// A task feature, NAME=V1,V2,… (repeat for each feature).
     #[arg(long = "feature", value_name = "NAME=VALUES")]
     features: Vec<String>,
@@ -19,8 +23,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     support: Option<PathBuf>,
     /// Number of classes of a classification task.
-    #[arg(long, default_value_t = 0)]
-    num_classes: u32,
+    #[arg(long)]
+    num_classes: Option<u32>,
     /// Initializations to generate.
     #[arg(long, default_value_t = 1)]
     samples: u32,
@@ -52,7 +56,18 @@ pub struct GenerateArgs {
 
 /// The GenerateInit request the flags describe (errors name the flag).
 fn generate_request(args: &GenerateArgs) -> Result<pb::GenerateInitRequest, String> {
-    let mut features = std::collections::HashMap::new();
+    let mut task = match &args.task {
+        Some(path) => TaskFile::read(path)
+            .map_err(|e| format!("--task {e}"))?
+            .to_proto(),
+        None => pb::TaskDescriptor::default(),
+    };
+    if let Some(architecture) = &args.architecture {
+        task.architecture = architecture.clone();
+    }
+    if let Some(num_classes) = args.num_classes {
+        task.num_classes = num_classes;
+    }
     for arg in &args.features {
         let (name, values) = arg
             .split_once('=')
@@ -62,14 +77,13 @@ fn generate_request(args: &GenerateArgs) -> Result<pb::GenerateInitRequest, Stri
             .map(|v| v.trim().parse::<f64>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("--feature {name}: {e}"))?;
-        features.insert(name.to_owned(), pb::FeatureValue { values });
+        task.features
+            .insert(name.to_owned(), pb::FeatureValue { values });
     }
-    let support = match &args.support {
-        None => None,
-        Some(path) => {
-            Some(support_set(path).map_err(|e| format!("--support {}: {e}", path.display()))?)
-        }
-    };
+    if let Some(path) = &args.support {
+        task.support =
+            Some(support_set(path).map_err(|e| format!("--support {}: {e}", path.display()))?);
+    }
     let sampler = match args.sampler.as_str() {
         "ddim" => pb::Sampler::Ddim,
         "ddpm" => pb::Sampler::Ddpm,
@@ -82,13 +96,7 @@ fn generate_request(args: &GenerateArgs) -> Result<pb::GenerateInitRequest, Stri
         other => return Err(format!("--dtype {other:?}: expected f32, f16 or bf16")),
     };
     Ok(pb::GenerateInitRequest {
-        task: Some(pb::TaskDescriptor {
-            architecture: args.architecture.clone(),
-            features,
-            embedding: Vec::new(),
-            support,
-            num_classes: args.num_classes,
-        }),
+        task: Some(task),
         options: Some(pb::SamplingOptions {
             num_samples: args.samples,
             sampler: sampler as i32,

@@ -6,10 +6,16 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use weightgen::client;
 
+mod catalog;
+mod compare;
 mod generate;
+mod jobs;
+mod task;
 mod zoo;
 
+use compare::{CompareArgs, compare};
 use generate::{GenerateArgs, generate};
+use task::{TaskArgs, task};
 use zoo::{ZooCommand, zoo};
 
 /// Talks to a weightgen server.
@@ -48,18 +54,57 @@ enum Command {
     ServerInfo,
     /// Generate initializations for a task and write them as safetensors.
     Generate(Box<GenerateArgs>),
+    /// Write a built-in family's task (descriptor and data) as a task file
+    /// for `generate --task`, `compare --task` and the Python client.
+    Task(Box<TaskArgs>),
+    /// Request inits for tasks over gRPC, fine-tune them next to random
+    /// inits, and print zero-shot scores and steps to 90% of the fully
+    /// trained result.
+    Compare(Box<CompareArgs>),
     /// Model zoo operations on the catalog and blob store directly.
     #[command(subcommand)]
     Zoo(ZooCommand),
+    /// List the architectures registered in the server's catalog.
+    Architectures(catalog::ArchitecturesArgs),
+    /// Zoo models in the server's catalog: list, get, download, upload.
+    #[command(subcommand)]
+    Models(catalog::ModelsCommand),
+    /// Denoiser versions in the server's catalog: list, get, download,
+    /// activate.
+    #[command(subcommand)]
+    Denoisers(catalog::DenoisersCommand),
+    /// Background jobs (zoo building, denoiser training): submit, list, get,
+    /// cancel, wait.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
     match cli.command {
         Command::Generate(args) => generate(&cli.addr, cli.timeout, *args).await,
+        Command::Task(args) => Ok(match task(&args) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weightgen: task: {e}");
+                ExitCode::from(2)
+            }
+        }),
+        Command::Compare(args) => compare(&cli.addr, cli.timeout, *args).await,
         Command::Zoo(command) => Ok(zoo(command).await.unwrap_or_else(|e| {
             eprintln!("weightgen: zoo: {e}");
             ExitCode::FAILURE
         })),
+        Command::Architectures(args) => {
+            Ok(catalog::architectures(&cli.addr, cli.timeout, args).await)
+        }
+        Command::Models(command) => Ok(catalog::models(&cli.addr, cli.timeout, command).await),
+        Command::Denoisers(command) => {
+            Ok(catalog::denoisers(&cli.addr, cli.timeout, command).await)
+        }
+        Command::Jobs(command) => Ok(jobs::jobs(&cli.addr, cli.timeout, command).await),
         Command::Health { service, wait } => {
             if let Some(wait) = wait {
                 client::wait_until_serving(&cli.addr, &service, wait).await?;

@@ -4,6 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+pub mod task_file;
+
+pub use task_file::{TaskFile, TaskFileError};
+
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;

@@ -1,0 +1,190 @@
+"""GenerateInit over gRPC: the streamed header, chunks and trailer are
+reassembled into one safetensors file per sample and checked against the
+trailer's size and SHA-256 before anything is returned."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import grpc
+
+from weightgen.v1 import generation_pb2, generation_pb2_grpc, common_pb2
+
+_SAMPLERS = {"ddim": generation_pb2.SAMPLER_DDIM, "ddpm": generation_pb2.SAMPLER_DDPM}
+_DTYPES = {"f32": common_pb2.DTYPE_F32, "f16": common_pb2.DTYPE_F16, "bf16": common_pb2.DTYPE_BF16}
+
+
+class WeightgenError(Exception):
+    """The server refused or failed a call: `code` is the gRPC status code
+    (e.g. grpc.StatusCode.INVALID_ARGUMENT), `details` names the field."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class ProtocolError(Exception):
+    """The response broke the stream protocol or a file does not match its digest."""
+
+
+def load_task(path: str) -> dict:
+    """Reads a task file written by `weightgen task` (JSON: architecture,
+    num_classes, features, support, and optionally data)."""
+    with open(path) as f:
+        return json.load(f)
+
+
+def _tensor(rows: list) -> common_pb2.FloatTensor:
+    width = len(rows[0]) if rows and isinstance(rows[0], list) else None
+    values = [float(v) for row in rows for v in (row if width is not None else [row])]
+    shape = [len(rows), width] if width is not None else [len(rows)]
+    return common_pb2.FloatTensor(shape=shape, values=values)
+
+
+def task_descriptor(task: dict) -> common_pb2.TaskDescriptor:
+    """The proto TaskDescriptor of a task dict in the task-file format."""
+    descriptor = common_pb2.TaskDescriptor(
+        architecture=task["architecture"], num_classes=int(task.get("num_classes", 0))
+    )
+    for name, values in task.get("features", {}).items():
+        descriptor.features[name].values.extend(float(v) for v in values)
+    descriptor.embedding.extend(float(v) for v in task.get("embedding", []))
+    support = task.get("support")
+    if support:
+        descriptor.support.inputs.CopyFrom(_tensor(support["inputs"]))
+        descriptor.support.targets.CopyFrom(_tensor(support["targets"]))
+    return descriptor
+
+
+@dataclass
+class GeneratedInits:
+    """One GenerateInit answer: the header (denoiser, architecture, tensor
+    list, seed, sampler), one verified safetensors file per sample, and the
+    trailer (digests, queue and sampling times, batch size)."""
+
+    header: Any
+    files: list
+    trailer: Any
+
+    def state_dicts(self, device: str = "cpu") -> list:
+        """The files as PyTorch state dicts (needs torch)."""
+        from safetensors.torch import load
+
+        return [{k: v.to(device) for k, v in load(f).items()} for f in self.files]
+
+    def save(self, paths: Iterable[str]) -> None:
+        """Writes the files to `paths`, one per sample."""
+        for path, data in zip(paths, self.files):
+            with open(path, "wb") as f:
+                f.write(data)
+
+
+class WeightgenClient:
+    """A connection to a weightgen server, e.g. WeightgenClient("127.0.0.1:50051")."""
+
+    def __init__(self, addr: str, timeout: float = 120.0):
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(
+            addr, options=[("grpc.max_receive_message_length", 8 << 20)]
+        )
+        self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "WeightgenClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Blocks until the server answers (channel connected)."""
+        grpc.channel_ready_future(self._channel).result(timeout=timeout)
+
+    def server_metadata(self):
+        """Server name, version, torch version and device."""
+        return self._call(
+            lambda: self._generation.ServerMetadata(
+                generation_pb2.ServerMetadataRequest(), timeout=self.timeout
+            )
+        )
+
+    def generate_init(
+        self,
+        task: dict,
+        num_samples: int = 1,
+        sampler: str = "ddim",
+        steps: int = 0,
+        eta: Optional[float] = None,
+        guidance: Optional[float] = None,
+        seed: Optional[int] = None,
+        dtype: str = "f32",
+        denoiser_id: str = "",
+        on_chunk: Optional[Callable[[int], None]] = None,
+    ) -> GeneratedInits:
+        """Requests `num_samples` initializations for `task` (a task-file
+        dict) and returns them verified. Raises WeightgenError with the
+        server's status (INVALID_ARGUMENT naming the field, NOT_FOUND,
+        UNAVAILABLE, RESOURCE_EXHAUSTED, ...)."""
+        if sampler not in _SAMPLERS:
+            raise ValueError(f"sampler {sampler!r}: expected one of {sorted(_SAMPLERS)}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
+        options = generation_pb2.SamplingOptions(
+            num_samples=num_samples, sampler=_SAMPLERS[sampler], steps=steps,
+            output_dtype=_DTYPES[dtype],
+        )
+        if eta is not None:
+            options.eta = eta
+        if guidance is not None:
+            options.guidance_scale = guidance
+        if seed is not None:
+            options.seed = seed
+        request = generation_pb2.GenerateInitRequest(
+            task=task_descriptor(task), options=options, denoiser_id=denoiser_id
+        )
+        return self._call(lambda: self._collect(request, on_chunk))
+
+    def _collect(self, request, on_chunk) -> GeneratedInits:
+        header, trailer, files, received = None, None, [], 0
+        for message in self._generation.GenerateInit(request, timeout=self.timeout):
+            part = message.WhichOneof("part")
+            if part == "header":
+                header = message.header
+                files = [bytearray() for _ in range(header.num_samples)]
+            elif part == "chunk":
+                chunk = message.chunk
+                if chunk.sample_index >= len(files):
+                    raise ProtocolError(f"chunk for sample {chunk.sample_index} before a header naming it")
+                file = files[chunk.sample_index]
+                if chunk.offset != len(file):
+                    raise ProtocolError(
+                        f"sample {chunk.sample_index}: chunk at offset {chunk.offset}, expected {len(file)}"
+                    )
+                file.extend(chunk.data)
+                received += len(chunk.data)
+                if on_chunk:
+                    on_chunk(received)
+            elif part == "trailer":
+                trailer = message.trailer
+        if header is None or trailer is None:
+            raise ProtocolError("the stream ended without a header and a trailer")
+        if len(trailer.samples) != len(files):
+            raise ProtocolError(f"{len(trailer.samples)} digests for {len(files)} samples")
+        for digest in trailer.samples:
+            file = files[digest.sample_index]
+            if len(file) != digest.size_bytes or hashlib.sha256(file).hexdigest() != digest.sha256:
+                raise ProtocolError(f"sample {digest.sample_index} does not match its digest")
+        return GeneratedInits(header=header, files=[bytes(f) for f in files], trailer=trailer)
+
+    @staticmethod
+    def _call(fn):
+        try:
+            return fn()
+        except grpc.RpcError as e:
+            raise WeightgenError(e.code(), e.details()) from None

@@ -1,0 +1,96 @@
+//! `weightgen task`: a built-in family's task as a task file (descriptor
+//! from the shared featurizer, plus the task's data).
+
+use std::path::PathBuf;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use weightgen::client::TaskFile;
+use weightgen::tasks::{Family, TaskSpec};
+
+#[derive(clap::Args)]
+pub struct TaskArgs {
+    /// Task family: sinusoid, digits or digit-inr.
+    #[arg(long)]
+    pub family: String,
+    /// Architecture (default: the family's first).
+    #[arg(long)]
+    pub architecture: Option<String>,
+    /// digits: the classes in label order, e.g. 3,5,6,8,9.
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<u8>>,
+    /// sinusoid: amplitude.
+    #[arg(long, requires = "phase")]
+    pub amplitude: Option<f64>,
+    /// sinusoid: phase.
+    #[arg(long, requires = "amplitude")]
+    pub phase: Option<f64>,
+    /// digit-inr: index of the image.
+    #[arg(long)]
+    pub image: Option<usize>,
+    /// Instead of a given task, a random held-out one (no zoo model saw
+    /// it), drawn from this seed.
+    #[arg(long, conflicts_with_all = ["classes", "amplitude", "image"])]
+    pub held_out_seed: Option<u64>,
+    /// Output file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+/// The family, its architecture and the asked task.
+pub fn resolve(args: &TaskArgs) -> Result<(Family, String, TaskSpec), String> {
+    let family = Family::parse(&args.family).map_err(|e| format!("--family: {e}"))?;
+    let architecture = match &args.architecture {
+        Some(a) => family
+            .network(a)
+            .map_err(|e| format!("--architecture: {e}"))?
+            .spec
+            .name
+            .clone(),
+        None => family
+            .networks()
+            .first()
+            .map(|n| n.spec.name.clone())
+            .ok_or_else(|| format!("--family {}: no architecture", family.name()))?,
+    };
+    let task = match (family, args.held_out_seed) {
+        (_, Some(seed)) => family.sample_task(&mut StdRng::seed_from_u64(seed), true),
+        (Family::Digits, None) => TaskSpec::Digits {
+            classes: args
+                .classes
+                .clone()
+                .ok_or("--classes is required for digits")?,
+        },
+        (Family::Sinusoid, None) => TaskSpec::Sinusoid {
+            amplitude: args
+                .amplitude
+                .ok_or("--amplitude and --phase are required for sinusoid")?,
+            phase: args.phase.unwrap_or_default(),
+        },
+        (Family::DigitInr, None) => TaskSpec::DigitInr {
+            image: args.image.ok_or("--image is required for digit-inr")?,
+        },
+    };
+    family.validate(&task).map_err(|e| format!("task: {e}"))?;
+    Ok((family, architecture, task))
+}
+
+/// Writes the task file; returns a line describing it.
+pub fn task(args: &TaskArgs) -> Result<String, String> {
+    let (family, architecture, task) = resolve(args)?;
+    let file = TaskFile::of_task(family, &architecture, &task).map_err(|e| e.to_string())?;
+    file.write(&args.output).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "wrote {}: {} task {} for {architecture} ({} features, {} support examples{})",
+        args.output.display(),
+        family.name(),
+        serde_json::to_string(&task).unwrap_or_default(),
+        file.features.len(),
+        file.support.as_ref().map_or(0, |s| s.inputs.len()),
+        if family.is_held_out(&task) {
+            ", held out"
+        } else {
+            ""
+        }
+    ))
+}

@@ -1,0 +1,455 @@
+//! GenerateInit end to end over real gRPC with a small digits denoiser
+//! trained by the worker: status codes before a denoiser exists, every
+//! validation error with its code and field, files with the architecture's
+//! names, shapes and dtypes, determinism by seed, the Python client (stubs
+//! built from the proto at install time) loading an init strictly into a
+//! PyTorch module and fine-tuning it, and `weightgen compare`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+
+use common::generation::{
+    ARCH, Client, descriptor, generate_with, request, small_digits_zoo, train, wait_ready,
+};
+use common::{combined_output, spawn_server};
+use tonic::Code;
+use weightgen::client::TaskFile;
+use weightgen::proto::v1::{self as pb, DType, GenerateInitRequest, Sampler};
+use weightgen::tasks::{Family, TaskSpec};
+
+const CLI: &str = env!("CARGO_BIN_EXE_weightgen");
+
+fn task_of(r: &mut GenerateInitRequest) -> &mut pb::TaskDescriptor {
+    r.task.as_mut().unwrap()
+}
+
+fn options_of(r: &mut GenerateInitRequest) -> &mut pb::SamplingOptions {
+    r.options.as_mut().unwrap()
+}
+
+fn support(inputs: (Vec<u64>, Vec<f32>), targets: (Vec<u64>, Vec<f32>)) -> pb::SupportSet {
+    pb::SupportSet {
+        inputs: Some(pb::FloatTensor {
+            shape: inputs.0,
+            values: inputs.1,
+        }),
+        targets: Some(pb::FloatTensor {
+            shape: targets.0,
+            values: targets.1,
+        }),
+    }
+}
+
+/// The status of a call that must fail.
+async fn refused(client: &mut Client, request: GenerateInitRequest) -> tonic::Status {
+    match generate_with(client, request).await {
+        Ok(_) => panic!("the call succeeded"),
+        Err(status) => status,
+    }
+}
+
+fn python() -> String {
+    let venv = std::env::var("WEIGHTGEN_TORCH_VENV")
+        .expect("WEIGHTGEN_TORCH_VENV is unset: run the tests through scripts/test.sh (it bootstraps the torch venv)");
+    format!("{venv}/bin/python")
+}
+
+/// Installs clients/python into `target` the way a user would (pip builds
+/// the stubs from the proto with grpcio-tools), offline.
+fn install_python_client(target: &Path) {
+    let output = Command::new(python())
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-build-isolation",
+            "--no-deps",
+            "--no-index",
+            "--target",
+        ])
+        .arg(target)
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "pip install clients/python (needs grpcio-tools from scripts/tools.sh):\n{}",
+        combined_output(&output)
+    );
+}
+
+fn run_python(site: &Path, args: &[&str]) -> String {
+    let output = Command::new(python())
+        .args(args)
+        .env("PYTHONPATH", site)
+        .output()
+        .unwrap();
+    let text = combined_output(&output);
+    assert!(output.status.success(), "python {args:?} failed:\n{text}");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Tensor names, shapes and safetensors dtype names of a file.
+fn layout(file: &[u8]) -> Vec<(String, Vec<usize>, String)> {
+    let parsed = safetensors::SafeTensors::deserialize(file).unwrap();
+    let mut out: Vec<_> = parsed
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec(), format!("{:?}", view.dtype())))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_init_end_to_end() {
+    let server = spawn_server(|c| c.reload_interval = std::time::Duration::from_millis(100)).await;
+    let data = server.data_dir.path().join("data");
+    let task = descriptor();
+    let mut client = Client::new(server.channel().await);
+
+    // No zoo yet: the architecture is unknown. A zoo but no denoiser:
+    // unavailable, not unknown.
+    let status = refused(&mut client, request(&task, Sampler::Ddim, 1, 1)).await;
+    assert_eq!(status.code(), Code::NotFound, "{}", status.message());
+    assert!(
+        status.message().starts_with("task.architecture: unknown"),
+        "{}",
+        status.message()
+    );
+    small_digits_zoo(&data);
+    let status = refused(&mut client, request(&task, Sampler::Ddim, 1, 1)).await;
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(
+        status.message().contains("no denoiser is loaded"),
+        "{}",
+        status.message()
+    );
+    train(&data, "digits-e2e", "3");
+    wait_ready(&mut client).await;
+
+    // Every validation error: its code and the field it names.
+    type Edit = Box<dyn Fn(&mut GenerateInitRequest)>;
+    let cases: Vec<(Edit, Code, &str)> = vec![
+        (
+            Box::new(|r| r.task = None),
+            Code::InvalidArgument,
+            "task: required",
+        ),
+        (
+            Box::new(|r| task_of(r).architecture.clear()),
+            Code::InvalidArgument,
+            "task.architecture: required",
+        ),
+        (
+            Box::new(|r| task_of(r).architecture = "resnet-1000".into()),
+            Code::NotFound,
+            "task.architecture: unknown architecture",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).features.remove("input_mean");
+            }),
+            Code::InvalidArgument,
+            "task.features.input_mean: required and missing",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r)
+                    .features
+                    .insert("colour".into(), pb::FeatureValue { values: vec![1.0] });
+            }),
+            Code::InvalidArgument,
+            "task.features.colour: unknown feature",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).features.get_mut("input_std").unwrap().values = vec![f64::INFINITY];
+            }),
+            Code::InvalidArgument,
+            "task.features.input_std: value 0 is inf, not a finite number",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).features.get_mut("input_mean").unwrap().values = vec![99.0];
+            }),
+            Code::InvalidArgument,
+            "task.features.input_mean: value 0 is 99, outside [0, 16]",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).features.get_mut("class_one_hot").unwrap().values = vec![1.0; 3];
+            }),
+            Code::InvalidArgument,
+            "task.features.class_one_hot: has 3 values, expected 50",
+        ),
+        (
+            Box::new(|r| task_of(r).embedding = vec![0.5; 4]),
+            Code::InvalidArgument,
+            "task.embedding: has 4 values, the denoiser takes 0",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).support = Some(support(
+                    (vec![2, 3], vec![1.0; 6]),
+                    (vec![2], vec![0.0, 1.0]),
+                ));
+            }),
+            Code::InvalidArgument,
+            "task.support: example 0 has 3 input and 1 target values, expected 64 and 1",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).support = Some(support(
+                    (vec![2, 64], vec![1.0; 100]),
+                    (vec![2], vec![0.0, 1.0]),
+                ));
+            }),
+            Code::InvalidArgument,
+            "task.support.inputs: shape [2, 64] needs 128 values, got 100",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).support =
+                    Some(support((vec![1, 64], vec![1.0; 64]), (vec![1], vec![7.0])));
+            }),
+            Code::InvalidArgument,
+            "task.support: example 0 has label 7, expected 0..5",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).support =
+                    Some(support((vec![2, 64], vec![1.0; 128]), (vec![1], vec![0.0])));
+            }),
+            Code::InvalidArgument,
+            "task.support: 2 inputs and 1 targets",
+        ),
+        (
+            Box::new(|r| options_of(r).num_samples = 65),
+            Code::InvalidArgument,
+            "options.num_samples: 65 is more than this server's limit of 64",
+        ),
+        (
+            Box::new(|r| options_of(r).steps = 5000),
+            Code::InvalidArgument,
+            "options.steps: 5000 is more than T = 1000",
+        ),
+        (
+            Box::new(|r| options_of(r).eta = Some(2.0)),
+            Code::InvalidArgument,
+            "options.eta: 2 is not in [0, 1]",
+        ),
+        (
+            Box::new(|r| options_of(r).guidance_scale = Some(f32::NAN)),
+            Code::InvalidArgument,
+            "options.guidance_scale:",
+        ),
+        (
+            Box::new(|r| options_of(r).sampler = 9),
+            Code::InvalidArgument,
+            "options.sampler: unknown value 9",
+        ),
+        (
+            Box::new(|r| options_of(r).output_dtype = 9),
+            Code::InvalidArgument,
+            "options.output_dtype: unknown value 9",
+        ),
+        (
+            Box::new(|r| r.denoiser_id = "digits-v99".into()),
+            Code::NotFound,
+            "denoiser_id: \"digits-v99\" is not loaded",
+        ),
+    ];
+    for (edit, code, message) in &cases {
+        let mut bad = request(&task, Sampler::Ddim, 1, 1);
+        edit(&mut bad);
+        let status = refused(&mut client, bad).await;
+        assert_eq!(status.code(), *code, "{message}: got {}", status.message());
+        assert!(
+            status.message().starts_with(message),
+            "expected {message:?}, got {:?}",
+            status.message()
+        );
+    }
+
+    // Files: the architecture's names and shapes in the asked dtype.
+    let net = Family::Digits.network(ARCH).unwrap();
+    let expected = |dtype: &str| {
+        let mut v: Vec<_> = net
+            .spec
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), t.shape.clone(), dtype.to_owned()))
+            .collect();
+        v.sort();
+        v
+    };
+    for (dtype, name) in [
+        (DType::DtypeF32, "F32"),
+        (DType::DtypeF16, "F16"),
+        (DType::DtypeBf16, "BF16"),
+    ] {
+        let mut asked = request(&task, Sampler::Ddim, 2, 11);
+        asked.options.as_mut().unwrap().output_dtype = dtype as i32;
+        let answer = generate_with(&mut client, asked).await.unwrap();
+        assert_eq!(answer.denoiser, "digits-e2e");
+        for file in &answer.files {
+            assert_eq!(layout(file), expected(name));
+        }
+    }
+
+    // Determinism: same request and seed, same bytes; another seed, other
+    // bytes; sample i of a multi-sample call is seed + i alone (up to
+    // batched rounding).
+    let first = generate_with(&mut client, request(&task, Sampler::Ddim, 1, 42))
+        .await
+        .unwrap();
+    let again = generate_with(&mut client, request(&task, Sampler::Ddim, 1, 42))
+        .await
+        .unwrap();
+    assert_eq!(first.files, again.files);
+    assert_eq!(
+        first.trailer.samples[0].sha256,
+        again.trailer.samples[0].sha256
+    );
+    let other = generate_with(&mut client, request(&task, Sampler::Ddim, 1, 43))
+        .await
+        .unwrap();
+    assert_ne!(first.files, other.files);
+    let ddpm = generate_with(&mut client, request(&task, Sampler::Ddpm, 1, 42))
+        .await
+        .unwrap();
+    let ddpm_again = generate_with(&mut client, request(&task, Sampler::Ddpm, 1, 42))
+        .await
+        .unwrap();
+    assert_eq!(ddpm.files, ddpm_again.files);
+    assert_ne!(ddpm.files, first.files);
+
+    // A task file (as `weightgen task` writes it) through the Python client:
+    // it builds its stubs at install time, gets the same bytes as the Rust
+    // client, loads them strictly into nn.Sequential and fine-tunes.
+    let dir = server.data_dir.path();
+    let task_path = dir.join("task.json");
+    let output = Command::new(CLI)
+        .args(["task", "--family", "digits", "--classes", "0,1,2,3,4", "-o"])
+        .arg(&task_path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", combined_output(&output));
+    let task_file = TaskFile::read(&task_path).unwrap();
+    assert_eq!(
+        task_file,
+        TaskFile::of_task(
+            Family::Digits,
+            ARCH,
+            &TaskSpec::Digits {
+                classes: vec![0, 1, 2, 3, 4]
+            }
+        )
+        .unwrap()
+    );
+    let mut from_file = request(&task_file.to_proto(), Sampler::Ddim, 1, 42);
+    from_file.options.as_mut().unwrap().guidance_scale = Some(2.0);
+    let rust_bytes = generate_with(&mut client, from_file).await.unwrap().files[0].clone();
+
+    let site = dir.join("python-site");
+    install_python_client(&site);
+    let saved = dir.join("python.safetensors");
+    let out = run_python(
+        &site,
+        &[
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/clients/python/examples/finetune.py"
+            ),
+            "--addr",
+            &server.addr(),
+            "--task",
+            task_path.to_str().unwrap(),
+            "--seed",
+            "42",
+            "--guidance",
+            "2",
+            "--steps",
+            "100",
+            "--lr",
+            "1e-2",
+            "--save",
+            saved.to_str().unwrap(),
+        ],
+    );
+    eprintln!("{out}");
+    assert_eq!(std::fs::read(&saved).unwrap(), rust_bytes);
+    let summary: serde_json::Value =
+        serde_json::from_str(out.lines().last().unwrap()).expect("a JSON summary");
+    let tensors: HashMap<String, (Vec<usize>, String)> =
+        serde_json::from_value(summary["tensors"].clone()).unwrap();
+    for (name, shape, _) in expected("F32") {
+        assert_eq!(tensors[&name], (shape, "float32".to_owned()), "{name}");
+    }
+    // Fine-tuning from the generated init learns the task.
+    let final_generated = summary["final"]["generated"].as_f64().unwrap();
+    assert!(final_generated > 0.8, "{out}");
+
+    // The Python client raises the server's status, naming the field.
+    let script = r#"
+import sys, grpc
+from weightgen_client import WeightgenClient, WeightgenError, load_task
+task = load_task(sys.argv[2])
+task["features"]["input_mean"] = [99.0]
+try:
+    WeightgenClient(sys.argv[1]).generate_init(task, dtype="bf16")
+except WeightgenError as e:
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT, e
+    print("refused:", e.details)
+task = load_task(sys.argv[2])
+answer = WeightgenClient(sys.argv[1]).generate_init(task, num_samples=2, dtype="bf16", seed=7)
+print("dtypes:", sorted({str(t.dtype) for sd in answer.state_dicts() for t in sd.values()}))
+"#;
+    let out = run_python(
+        &site,
+        &["-c", script, &server.addr(), task_path.to_str().unwrap()],
+    );
+    assert!(
+        out.contains("refused: task.features.input_mean: value 0 is 99"),
+        "{out}"
+    );
+    assert!(out.contains("dtypes: ['torch.bfloat16']"), "{out}");
+
+    // `weightgen compare`: inits for held-out tasks over gRPC, fine-tuned
+    // next to random inits, as a table.
+    let output = Command::new(CLI)
+        .args(["--addr", &server.addr(), "compare", "--held-out", "2"])
+        .args([
+            "--finetune-steps",
+            "40",
+            "--full-steps",
+            "80",
+            "--seed",
+            "5",
+        ])
+        .output()
+        .unwrap();
+    let text = combined_output(&output);
+    assert!(output.status.success(), "{text}");
+    eprintln!("{text}");
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("{\"family\":\"digits\""))
+        .collect();
+    assert_eq!(rows.len(), 2, "{text}");
+    for row in rows {
+        let numbers: Vec<&str> = row.split_whitespace().skip(1).collect();
+        let zero_shot: f64 = numbers[0].parse().unwrap();
+        let full: f64 = numbers[4].parse().unwrap();
+        assert!((0.0..=1.0).contains(&zero_shot), "{row}");
+        assert!(full > 0.8, "random init trained 80 steps: {row}");
+    }
+    assert!(text.contains("median steps to target"), "{text}");
+    server.server.shutdown().await.unwrap();
+}
