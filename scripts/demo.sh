@@ -3,10 +3,13 @@
 # model zoos into ./weightgen-data (SQLite catalog + blob directory;
 # re-running continues or finds them complete), trains a small digits
 # denoiser on its zoo, scores it zero-shot and publishes it as active,
-# starts weightgen-server on that data dir, talks to it as a client
-# (health, metadata, metrics) and stops it with SIGTERM.
+# starts weightgen-server on that data dir, requests inits for held-out
+# tasks over gRPC and fine-tunes them next to random inits (`weightgen
+# compare`: zero-shot accuracy and steps to 90% of the fully trained
+# accuracy), shows health and metrics, and stops the server with SIGTERM.
 # WEIGHTGEN_DEMO_MODELS sets the digits zoo size (default 1000),
-# WEIGHTGEN_DEMO_STEPS the denoiser's training steps (default 2000).
+# WEIGHTGEN_DEMO_STEPS the denoiser's training steps (default 2000),
+# WEIGHTGEN_DEMO_TASKS the number of held-out tasks compared (default 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 step() { echo "[demo] $*"; }
@@ -55,12 +58,18 @@ for service in weightgen.v1.CatalogService weightgen.v1.JobService; do
     "$bin/weightgen" --addr "$addr" health --service "$service" || true
 done
 
+held_out="${WEIGHTGEN_DEMO_TASKS:-8}"
+step "held-out tasks: $held_out inits over gRPC (DDIM-50, guidance 3), fine-tuned next to random init"
+"$bin/weightgen" --addr "$addr" --timeout 120s compare --family digits --held-out "$held_out" --seed 1 \
+    --guidance 3 --learning-rate 1e-3 --finetune-steps 300 --full-steps 1000
+
 step "metrics on 127.0.0.1:$metrics_port/metrics:"
 python3 - "$metrics_port" <<'PY'
 import sys, urllib.request
 text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
 for line in text.splitlines():
-    if line.startswith(("weightgen_grpc_requests_total", "weightgen_build_info", "weightgen_denoiser_version")):
+    if line.startswith(("weightgen_grpc_requests_total", "weightgen_build_info", "weightgen_denoiser_version",
+                        "weightgen_batch_samples_count", "weightgen_sampling_seconds_sum")):
         print("  " + line)
 PY
 

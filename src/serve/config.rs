@@ -111,8 +111,9 @@ pub struct ServerConfig {
     #[arg(long, env = "WEIGHTGEN_MAX_BATCH", default_value_t = super::model_thread::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
 
-    /// How long a batch waits for more requests to join it.
-    #[arg(long, env = "WEIGHTGEN_MAX_WAIT", default_value = "5ms", value_parser = humantime::parse_duration)]
+    /// Longest a batch waits for more requests to join it, while it holds
+    /// fewer samples than the previous batch (a lone client never waits).
+    #[arg(long, env = "WEIGHTGEN_MAX_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
 
     /// GenerateInit requests that may wait for the model; past it new ones

@@ -110,7 +110,11 @@ pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::De
         active: record.active,
         feature_schema: None,
         timesteps,
-        schedule: config["schedule"].as_str().unwrap_or_default().to_owned(),
+        // `ScheduleKind` serializes as {"kind": "cosine", ...}.
+        schedule: config["schedule"]["kind"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
         kind: config["net"]["kind"]
             .as_str()
             .unwrap_or("mlp_unet")

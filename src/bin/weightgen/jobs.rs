@@ -11,9 +11,10 @@ use tonic::transport::Channel;
 use weightgen::client;
 use weightgen::proto::v1 as pb;
 
-use crate::catalog::{
-    Failure, collect_pages, exit_code, number_text, on_terminal, out, print_fields, print_json,
-    print_table, short_name, spinner, time_json, time_text,
+use crate::output::{
+    Failure, GetArgs, ListOptions, collect_pages, exit_code, json_object_flag, number_text,
+    on_terminal, out, print_fields, print_json, print_table, short_name, spinner, time_json,
+    time_text,
 };
 use pb::job_service_client::JobServiceClient;
 
@@ -33,21 +34,11 @@ pub enum JobsCommand {
         /// Only jobs of this kind.
         #[arg(long, value_enum)]
         kind: Option<KindArg>,
-        /// Most jobs to list; 0 lists them all.
-        #[arg(long, default_value_t = 100)]
-        limit: u64,
-        /// Print one JSON object per job and line (proto field names).
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        options: ListOptions,
     },
     /// Describe one job: state, progress, attempts, spec, result or error.
-    Get {
-        /// Job id.
-        id: String,
-        /// Print the job as one JSON object (proto field names).
-        #[arg(long)]
-        json: bool,
-    },
+    Get(GetArgs),
     /// Cancel a queued or running job (a finished job is left as it is).
     Cancel {
         /// Job id.
@@ -213,13 +204,9 @@ pub async fn jobs(addr: &str, timeout: Duration, command: JobsCommand) -> ExitCo
         JobsCommand::List {
             state,
             kind,
-            limit,
-            json,
-        } => (
-            "jobs list",
-            list(addr, timeout, state, kind, limit, json).await,
-        ),
-        JobsCommand::Get { id, json } => ("jobs get", get(addr, timeout, id, json).await),
+            options,
+        } => ("jobs list", list(addr, timeout, state, kind, options).await),
+        JobsCommand::Get(GetArgs { id, json }) => ("jobs get", get(addr, timeout, id, json).await),
         JobsCommand::Cancel { id } => ("jobs cancel", cancel(addr, timeout, id).await),
         JobsCommand::Wait { id, poll, max_wait } => {
             ("jobs wait", wait(addr, timeout, id, poll, max_wait).await)
@@ -476,19 +463,7 @@ fn build_zoo_spec(args: &SubmitZooArgs) -> Result<pb::BuildZooSpec, Failure> {
 }
 
 fn train_spec(args: &SubmitTrainArgs) -> Result<pb::TrainDenoiserSpec, Failure> {
-    let config_json = match &args.config_json {
-        None => String::new(),
-        Some(text) => {
-            let value: Value = serde_json::from_str(text)
-                .map_err(|e| Failure::Usage(format!("--config-json: {e}")))?;
-            if !value.is_object() {
-                return Err(Failure::Usage(
-                    "--config-json: must be a JSON object".into(),
-                ));
-            }
-            value.to_string()
-        }
-    };
+    let config_json = json_object_flag("config-json", args.config_json.as_deref())?;
     Ok(pb::TrainDenoiserSpec {
         architecture: args.architecture.clone().unwrap_or_default(),
         kind: args.kind.clone().unwrap_or_default(),
@@ -557,8 +532,7 @@ async fn list(
     timeout: Duration,
     state: Option<StateArg>,
     kind: Option<KindArg>,
-    limit: u64,
-    json: bool,
+    ListOptions { limit, json }: ListOptions,
 ) -> Result<ExitCode, Failure> {
     let jobs = job_client(addr, timeout).await?;
     let state = state.map_or(pb::JobState::Unspecified, pb::JobState::from);

@@ -6,10 +6,13 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use weightgen::client;
 
-mod catalog;
+mod architectures;
 mod compare;
+mod denoisers;
 mod generate;
 mod jobs;
+mod models;
+mod output;
 mod task;
 mod zoo;
 
@@ -65,14 +68,14 @@ enum Command {
     #[command(subcommand)]
     Zoo(ZooCommand),
     /// List the architectures registered in the server's catalog.
-    Architectures(catalog::ArchitecturesArgs),
+    Architectures(architectures::ArchitecturesArgs),
     /// Zoo models in the server's catalog: list, get, download, upload.
     #[command(subcommand)]
-    Models(catalog::ModelsCommand),
+    Models(models::ModelsCommand),
     /// Denoiser versions in the server's catalog: list, get, download,
     /// activate.
     #[command(subcommand)]
-    Denoisers(catalog::DenoisersCommand),
+    Denoisers(denoisers::DenoisersCommand),
     /// Background jobs (zoo building, denoiser training): submit, list, get,
     /// cancel, wait.
     #[command(subcommand)]
@@ -98,11 +101,11 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
             ExitCode::FAILURE
         })),
         Command::Architectures(args) => {
-            Ok(catalog::architectures(&cli.addr, cli.timeout, args).await)
+            Ok(architectures::architectures(&cli.addr, cli.timeout, args).await)
         }
-        Command::Models(command) => Ok(catalog::models(&cli.addr, cli.timeout, command).await),
+        Command::Models(command) => Ok(models::models(&cli.addr, cli.timeout, command).await),
         Command::Denoisers(command) => {
-            Ok(catalog::denoisers(&cli.addr, cli.timeout, command).await)
+            Ok(denoisers::denoisers(&cli.addr, cli.timeout, command).await)
         }
         Command::Jobs(command) => Ok(jobs::jobs(&cli.addr, cli.timeout, command).await),
         Command::Health { service, wait } => {
