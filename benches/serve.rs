@@ -19,6 +19,7 @@ use weightgen::model::{FitConfig, MlpUnetConfig, NetConfig};
 use weightgen::proto::v1::generation_service_client::GenerationServiceClient;
 use weightgen::proto::v1::{
     FeatureValue, GenerateInitRequest, Sampler, SamplingOptions, TaskDescriptor,
+    generate_init_response::Part,
 };
 use weightgen::serve::{self, MetricsListen, ServerConfig};
 use weightgen::storage::StorageArgs;
@@ -119,7 +120,7 @@ async fn call(
     sampler: Sampler,
     samples: u32,
     seed: u64,
-) {
+) -> u32 {
     let mut stream = client
         .generate_init(GenerateInitRequest {
             task: Some(task.clone()),
@@ -134,15 +135,21 @@ async fn call(
         .await
         .expect("GenerateInit")
         .into_inner();
+    let mut batch_size = 0;
     while let Some(m) = stream.next().await {
-        m.expect("stream");
+        if let Some(Part::Trailer(t)) = m.expect("stream").part {
+            batch_size = t.batch_size;
+        }
     }
+    batch_size
 }
 
 struct Measured {
     p50_ms: f64,
     p99_ms: f64,
     samples_per_s: f64,
+    /// Mean samples in the reverse diffusion that served a request.
+    mean_batch: f64,
 }
 
 /// `clients` concurrent clients, each sending `per_client` requests of
@@ -165,9 +172,10 @@ async fn run(
         handles.push(tokio::spawn(async move {
             let mut client = Client::new(channel);
             let mut latencies = Vec::with_capacity(per_client);
+            let mut batches = Vec::with_capacity(per_client);
             for i in 0..per_client {
                 let start = Instant::now();
-                call(
+                let batch = call(
                     &mut client,
                     &task,
                     sampler,
@@ -176,13 +184,17 @@ async fn run(
                 )
                 .await;
                 latencies.push(start.elapsed().as_secs_f64() * 1e3);
+                batches.push(f64::from(batch));
             }
-            latencies
+            (latencies, batches)
         }));
     }
     let mut latencies = Vec::new();
+    let mut batches = Vec::new();
     for h in handles {
-        latencies.extend(h.await.unwrap());
+        let (l, b) = h.await.unwrap();
+        latencies.extend(l);
+        batches.extend(b);
     }
     let seconds = began.elapsed().as_secs_f64();
     latencies.sort_by(f64::total_cmp);
@@ -191,6 +203,7 @@ async fn run(
         p50_ms: pick(0.5),
         p99_ms: pick(0.99),
         samples_per_s: (clients * per_client) as f64 * f64::from(samples) / seconds,
+        mean_batch: batches.iter().sum::<f64>() / batches.len().max(1) as f64,
     }
 }
 
@@ -214,8 +227,10 @@ async fn main() {
     )
     .await
     .unwrap();
-    println!("| sampler | clients × samples | requests | p50 latency | p99 latency | throughput |");
-    println!("|---|---|---|---|---|---|");
+    println!(
+        "| sampler | clients × samples | requests | p50 latency | p99 latency | throughput | mean batch |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let mut results = std::collections::HashMap::new();
     // (clients, samples per request, requests) per sampler: the concurrent
     // runs send several rounds so batches form in steady state.
@@ -236,11 +251,12 @@ async fn main() {
             let per_client = (requests / clients).max(1);
             let m = run(&addr, &task, sampler, clients, per_client, samples).await;
             println!(
-                "| {name} | {clients} × {samples} | {} | {:.0} ms | {:.0} ms | {:.1} samples/s |",
+                "| {name} | {clients} × {samples} | {} | {:.0} ms | {:.0} ms | {:.1} samples/s | {:.1} |",
                 clients * per_client,
                 m.p50_ms,
                 m.p99_ms,
-                m.samples_per_s
+                m.samples_per_s,
+                m.mean_batch
             );
             results.insert((name, clients, samples), m.samples_per_s);
         }

@@ -61,9 +61,9 @@ start cpu "$cpu_port"
 results="$work/results.tsv"
 : >"$results"
 for sampler in ddim ddpm; do
-    for device in "$gpu" cpu; do
-        port=$([ "$device" = "$gpu" ] && echo "$gpu_port" || echo "$cpu_port")
-        out="$work/$sampler-${device/:/}"
+    for role in gpu cpu; do
+        port=$([ "$role" = gpu ] && echo "$gpu_port" || echo "$cpu_port")
+        out="$work/$sampler-$role"
         mkdir -p "$out"
         # A warm-up call, then the measured one (same seed on both devices).
         "$bin/weightgen" --addr "127.0.0.1:$port" --timeout 600s generate --task "$work/task.json" \
@@ -71,7 +71,7 @@ for sampler in ddim ddpm; do
         line="$("$bin/weightgen" --addr "127.0.0.1:$port" --timeout 600s generate --task "$work/task.json" \
             --samples "$samples" --sampler "$sampler" --guidance 3 --seed 1 -o "$out/init.safetensors" | tail -1)"
         ms="$(sed -n 's/.*sampling \([0-9.]*\) ms.*/\1/p' <<<"$line")"
-        printf '%s\t%s\t%s\t%s\n' "$device" "$sampler" "$ms" "$out" >>"$results"
+        printf '%s\t%s\t%s\t%s\n' "$role" "$sampler" "$ms" "$out" >>"$results"
     done
 done
 
@@ -106,27 +106,27 @@ failed = False
 print(f"{'sampler':<10}{'device':<10}{'samples':>8}{'sampling ms':>13}{'samples/s':>11}{'speed-up':>10}{'0-shot acc':>12}")
 for sampler in ("ddim", "ddpm"):
     sets = {}
-    for device in (gpu, "cpu"):
-        ms, out = by[(device, sampler)]
+    for role in ("gpu", "cpu"):
+        ms, out = by[(role, sampler)]
         files = sorted(glob.glob(f"{out}/init-*.safetensors"), key=lambda p: int(p.rsplit("-", 1)[1].split(".")[0]))
-        sets[device] = [read(f) for f in files]
+        sets[role] = [read(f) for f in files]
     cpu_rate = samples / (by[("cpu", sampler)][0] / 1000)
-    for device in (gpu, "cpu"):
-        ms = by[(device, sampler)][0]
+    for role, device in (("gpu", gpu), ("cpu", "cpu")):
+        ms = by[(role, sampler)][0]
         rate = samples / (ms / 1000)
-        acc = sum(map(accuracy, sets[device])) / len(sets[device])
+        acc = sum(map(accuracy, sets[role])) / len(sets[role])
         name = "DDIM-50" if sampler == "ddim" else "DDPM-1000"
         print(f"{name:<10}{device:<10}{samples:>8}{ms:>13.0f}{rate:>11.1f}{rate / cpu_rate:>9.1f}x{acc:>12.3f}")
     # Same seeds, same noise: per-sample relative L2 distance, and the
     # zero-shot accuracy of the two sets.
     rel = []
-    for a, b in zip(sets[gpu], sets["cpu"]):
+    for a, b in zip(sets["gpu"], sets["cpu"]):
         va = torch.cat([a[k].flatten() for k in sorted(a)]); vb = torch.cat([b[k].flatten() for k in sorted(b)])
         rel.append(((va - vb).norm() / vb.norm()).item())
     rel.sort()
-    acc_gpu = sum(map(accuracy, sets[gpu])) / samples
+    acc_gpu = sum(map(accuracy, sets["gpu"])) / samples
     acc_cpu = sum(map(accuracy, sets["cpu"])) / samples
-    mean_gap = max(abs(torch.stack([s[k] for s in sets[gpu]]).mean(0) - torch.stack([s[k] for s in sets["cpu"]]).mean(0)).max().item() for k in sets[gpu][0])
+    mean_gap = max(abs(torch.stack([s[k] for s in sets["gpu"]]).mean(0) - torch.stack([s[k] for s in sets["cpu"]]).mean(0)).max().item() for k in sets["gpu"][0])
     ok = rel[len(rel) // 2] < 0.05 and abs(acc_gpu - acc_cpu) < 0.05
     failed |= not ok
     print(f"  {sampler}: per-sample relative L2 GPU vs CPU median {rel[len(rel)//2]:.2e} (max {rel[-1]:.2e}); "

@@ -306,39 +306,53 @@ fn fill_batch(
     batching: BatchConfig,
     expected_rows: usize,
 ) -> Vec<Pending> {
+    let max_batch = batching.max_batch;
     let mut rows = first.job.seeds.len();
     let mut batch = vec![first];
-    let mut kept = VecDeque::with_capacity(backlog.len());
-    while let Some(message) = backlog.pop_front() {
-        match message {
-            Message::Generate(p)
-                if batch[0].joins(&p) && rows + p.job.seeds.len() <= batching.max_batch =>
-            {
-                rows += p.job.seeds.len();
-                batch.push(*p);
-            }
-            other => kept.push_back(other),
+    for message in std::mem::take(backlog) {
+        if let Some(other) = offer(&mut batch, &mut rows, max_batch, message) {
+            backlog.push_back(other);
         }
     }
-    *backlog = kept;
+    // Everything already waiting joins, whatever the previous batch held.
+    while rows < max_batch {
+        let Ok(message) = rx.try_recv() else { break };
+        if let Some(other) = offer(&mut batch, &mut rows, max_batch, message) {
+            backlog.push_back(other);
+        }
+    }
     let deadline = Instant::now() + batching.max_wait;
-    while rows < batching.max_batch.min(expected_rows) {
+    while rows < max_batch.min(expected_rows) {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             break;
         }
-        match rx.recv_timeout(left) {
-            Ok(Message::Generate(p))
-                if batch[0].joins(&p) && rows + p.job.seeds.len() <= batching.max_batch =>
-            {
-                rows += p.job.seeds.len();
-                batch.push(*p);
-            }
-            Ok(other) => backlog.push_back(other),
-            Err(_) => break,
+        let Ok(message) = rx.recv_timeout(left) else {
+            break;
+        };
+        if let Some(other) = offer(&mut batch, &mut rows, max_batch, message) {
+            backlog.push_back(other);
         }
     }
     batch
+}
+
+/// Adds `message` to `batch` when it is a compatible request that fits in
+/// `max_batch` samples; otherwise hands it back.
+fn offer(
+    batch: &mut Vec<Pending>,
+    rows: &mut usize,
+    max_batch: usize,
+    message: Message,
+) -> Option<Message> {
+    match message {
+        Message::Generate(p) if batch[0].joins(&p) && *rows + p.job.seeds.len() <= max_batch => {
+            *rows += p.job.seeds.len();
+            batch.push(*p);
+            None
+        }
+        other => Some(other),
+    }
 }
 
 /// Samples a batch in one reverse diffusion and answers each request with
@@ -568,6 +582,18 @@ mod tests {
         let batch = fill_batch(first, &rx, &mut backlog, config(10_000), 1);
         assert_eq!(batch.len(), 1);
         assert!(started.elapsed() < Duration::from_secs(1));
+        // Requests already waiting join even when the previous batch held
+        // one sample.
+        let (tx_now, rx_now) = mpsc::channel();
+        for _ in 0..3 {
+            let (p, r) = pending("a", 1);
+            replies.push(r);
+            tx_now.send(Message::Generate(Box::new(p))).unwrap();
+        }
+        let (first, r) = pending("a", 1);
+        replies.push(r);
+        let batch = fill_batch(first, &rx_now, &mut backlog, config(10_000), 1);
+        assert_eq!(batch.len(), 4);
         // Expecting 3 samples: two arrive later and join; the batch starts
         // as soon as it has them.
         let (first, r) = pending("a", 1);
