@@ -32,12 +32,19 @@ fn trained_models_align_without_changing_their_function() {
         let (aligned, report) = align(&spec, &reference.params, &model.params, 20);
         let before = net.forward(&model.params, &data.test_x);
         let after = net.forward(&aligned, &data.test_x);
-        let change = (before - after).abs().max().double_value(&[]);
+        let change = (&before - after).abs().max().double_value(&[]);
+        // Permuted sums round differently in f32: compare with the outputs'
+        // own size (a wrong permutation changes them by about that much).
+        let scale = before.abs().max().double_value(&[]).max(1.0);
         eprintln!(
             "{}: distance to the reference {:.3} → {:.3} in {} sweeps; max output change {change:.2e}",
             net.spec.name, report.distance_before, report.distance_after, report.sweeps
         );
-        assert!(change < 1e-5, "{}: {change}", net.spec.name);
+        assert!(
+            change < 1e-5 * scale,
+            "{}: {change} (outputs up to {scale})",
+            net.spec.name
+        );
         assert!(
             report.distance_after < 0.95 * report.distance_before,
             "{}: {report:?}",

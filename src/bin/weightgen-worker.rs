@@ -46,6 +46,129 @@ enum Command {
     Train(Box<TrainArgs>),
     /// Consumes zoo-building and training jobs from the catalog's queue.
     Run(Box<RunArgs>),
+    /// Evaluate a published denoiser against baselines on held-out tasks
+    /// (zero-shot, steps to target at two learning rates, few-shot,
+    /// novelty) and write the report's Markdown section.
+    Eval(Box<EvalArgs>),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// The zoo the denoiser learned (its architecture picks the denoiser).
+    #[arg(long, env = "WEIGHTGEN_EVAL_ZOO")]
+    zoo: String,
+    /// Denoiser to evaluate (default: the active one of the zoo's architecture).
+    #[arg(long, env = "WEIGHTGEN_EVAL_DENOISER_ID")]
+    denoiser_id: Option<String>,
+    /// The quick profile (minutes on 2 CPU cores; checks the harness, not the numbers).
+    #[arg(long, env = "WEIGHTGEN_EVAL_QUICK")]
+    quick: bool,
+    /// Held-out tasks (default: 20, quick 3).
+    #[arg(long)]
+    tasks: Option<usize>,
+    /// Seeds per task (default: 3, quick 1).
+    #[arg(long)]
+    seeds: Option<usize>,
+    /// Fine-tuning budget in steps (default: 500, quick 40).
+    #[arg(long)]
+    finetune_steps: Option<usize>,
+    /// Steps that train random init fully (default: 2000, quick 80).
+    #[arg(long)]
+    full_steps: Option<usize>,
+    /// Guidance scale of the guided rows.
+    #[arg(long, default_value_t = 3.0)]
+    guidance: f64,
+    /// Seed of task draws, sampling and random inits.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Markdown file whose `eval:ZOO` section gets the report (replaced in place).
+    #[arg(long, env = "WEIGHTGEN_EVAL_OUTPUT")]
+    output: Option<std::path::PathBuf>,
+    /// Device to sample on: auto, cpu or cuda:N (fine-tuning runs on the CPU).
+    #[arg(long, env = "WEIGHTGEN_DEVICE", default_value = "cpu")]
+    device: DeviceChoice,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn eval(args: EvalArgs) -> Result<String, String> {
+    let device = args.device.resolve().map_err(|e| e.to_string())?;
+    let mut config = if args.quick {
+        weightgen::eval::EvalConfig::quick()
+    } else {
+        weightgen::eval::EvalConfig::full()
+    };
+    config.tasks = args.tasks.unwrap_or(config.tasks);
+    config.seeds = args.seeds.unwrap_or(config.seeds);
+    config.finetune_steps = args.finetune_steps.unwrap_or(config.finetune_steps);
+    config.full_steps = args.full_steps.unwrap_or(config.full_steps);
+    config.guidance = args.guidance;
+    config.seed = args.seed;
+    if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
+        return Err("--tasks, --seeds and --finetune-steps must be at least 1".into());
+    }
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let subject = runtime.block_on(async {
+        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        weightgen::eval::load_subject(
+            &catalog,
+            &blobs,
+            &args.zoo,
+            args.denoiser_id.as_deref(),
+            device,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })?;
+    let started = std::time::Instant::now();
+    let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
+        .map_err(|e| e.to_string())?;
+    let who = weightgen::eval::Provenance {
+        title: format!(
+            "`{}` (zoo `{}`, {} models, {})",
+            subject.data.family.name(),
+            args.zoo,
+            subject.data.len(),
+            subject.data.network.spec.name
+        ),
+        // The program by its name, the arguments as given.
+        command: std::env::args()
+            .enumerate()
+            .map(|(i, a)| match i {
+                0 => a.rsplit('/').next().unwrap_or_default().to_owned(),
+                _ => a,
+            })
+            .collect::<Vec<_>>()
+            .join(" "),
+        commit: commit(),
+        machine: format!(
+            "{} CPU cores, sampling on {} ({:.0} s)",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            device_name(device),
+            started.elapsed().as_secs_f64()
+        ),
+        denoiser: subject.record.id.clone(),
+    };
+    let text = weightgen::eval::markdown(&report, &config, &who);
+    if let Some(path) = &args.output {
+        weightgen::eval::write_section(
+            path,
+            &format!("{}:{}", subject.data.family.name(), args.zoo),
+            &text,
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(text)
 }
 
 #[derive(Args)]
@@ -439,6 +562,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("weightgen-worker: run: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Eval(args)) => match eval(*args) {
+            Ok(text) => {
+                println!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weightgen-worker: eval: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -1,9 +1,19 @@
-//! Measuring inits: fine-tuning curves from a given initialization and the
-//! steps they need to reach a target.
+//! Measuring inits: fine-tuning curves and steps to a target, the
+//! evaluation harness against baselines (`weightgen-worker eval`), novelty
+//! against the zoo, confidence intervals, and the Markdown report.
 
 pub mod finetune;
+pub mod harness;
+pub mod novelty;
+pub mod report;
+pub mod stats;
+pub mod subject;
 
 pub use finetune::{
     DEFAULT_TARGET_FRACTION, FinetuneConfig, InitFileError, curve, params_from_safetensors,
     steps_to_target, target_of,
 };
+pub use harness::{EvalConfig, EvalReport, Method, evaluate};
+pub use report::{Provenance, markdown, write_section};
+pub use stats::MeanCi;
+pub use subject::{Subject, SubjectError, load_subject};

@@ -145,6 +145,29 @@ pub fn condition_of(
     }
 }
 
+/// For each of `descriptors`, the zoo row among `rows` whose task features
+/// are nearest (Euclidean, standardized as the denoiser's training did):
+/// the retrieval baseline.
+pub fn nearest_by_features(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    rows: &[i64],
+    descriptors: &[Descriptor],
+) -> Vec<i64> {
+    if rows.is_empty() || descriptors.is_empty() {
+        return Vec::new();
+    }
+    let zoo = standardized(
+        checkpoint,
+        &data.features.index_select(0, &Tensor::from_slice(rows)),
+    );
+    let asked = standardized(checkpoint, &feature_matrix(data, descriptors));
+    let nearest = Tensor::cdist(&asked, &zoo, 2.0, None::<i64>).argmin(1, false);
+    (0..descriptors.len() as i64)
+        .map(|i| rows[nearest.int64_value(&[i]) as usize])
+        .collect()
+}
+
 /// What every split of the gate shares.
 struct Gate<'a> {
     checkpoint: &'a DenoiserCheckpoint,
@@ -194,23 +217,12 @@ fn scores_for(
         )
     };
     // Retrieval baseline: the training zoo model with the nearest features.
-    let train_rows = Tensor::from_slice(train);
-    let zoo_features = data.features.index_select(0, &train_rows);
-    // The condition already holds the asked tasks' standardized features.
-    let a = match &condition.features {
-        Some(features) => features.shallow_clone(),
-        None => standardized(checkpoint, &feature_matrix(data, descriptors)),
-    };
-    let z = standardized(checkpoint, &zoo_features);
-    let nearest = Tensor::cdist(&a, &z, 2.0, None::<i64>).argmin(1, false);
+    let nearest = nearest_by_features(checkpoint, data, train, descriptors);
     let nearest_zoo = mean(
         tasks
             .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                let row = train[nearest.int64_value(&[i as i64]) as usize];
-                score(data, t, &data.weights.get(row))
-            })
+            .zip(&nearest)
+            .map(|(t, &row)| score(data, t, &data.weights.get(row)))
             .collect(),
     );
     SplitScores {

@@ -1,0 +1,513 @@
+//! The evaluation harness: inits from weightgen and from baselines on
+//! held-out tasks no zoo model saw, fine-tuned under one protocol, with
+//! means and 95 % intervals over tasks × seeds, and the novelty of the
+//! generated weights against the zoo.
+//!
+//! Protocol. The learning rate for fine-tuning is chosen for *random
+//! init* on separate validation tasks (held-out tasks, other seed) from
+//! `lr_grid`, by the best mean test score after `finetune_steps`; every
+//! method is then fine-tuned at that rate and at the proposal's 1e-4.
+//! "Fully trained" is random init after `full_steps` at the chosen rate;
+//! the target is 90 % of its test accuracy (or an MSE within 1/0.9 of it).
+//! A run that does not reach the target counts as `finetune_steps` (a lower
+//! bound), and the share that reached it is reported.
+
+use std::collections::BTreeMap;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use tch::{Device, Kind, Tensor};
+
+use super::finetune::{DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_target, target_of};
+use super::novelty::{agreement, mean_pairwise_cosine, nearest_zoo};
+use super::stats::MeanCi;
+use crate::diffusion::SamplerKind;
+use crate::model::DenoiserCheckpoint;
+use crate::tasks::featurizer::describe;
+use crate::tasks::train::{Objective, TaskData};
+use crate::tasks::{Descriptor, TaskSpec};
+use crate::train::dataset::ZooDataset;
+use crate::train::quality::{EVAL_DDIM_STEPS, condition_of, nearest_by_features};
+use crate::weights::unflatten;
+
+/// The proposal's fine-tuning learning rate.
+pub const PROPOSAL_FINETUNE_LR: f64 = 1e-4;
+
+/// What the harness runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalConfig {
+    /// Held-out tasks scored.
+    pub tasks: usize,
+    /// Seeds per task (sampling seeds and random-init seeds).
+    pub seeds: usize,
+    /// Held-out tasks (another draw) that choose the learning rate.
+    pub validation_tasks: usize,
+    /// Learning rates tried for random init.
+    pub lr_grid: Vec<f64>,
+    /// Fine-tuning budget in full-batch Adam steps.
+    pub finetune_steps: usize,
+    /// Steps that train random init "fully" (the reference).
+    pub full_steps: usize,
+    /// Support-set sizes K of the few-shot runs.
+    pub few_shot: Vec<usize>,
+    /// Fine-tuning steps of a few-shot run.
+    pub few_shot_steps: usize,
+    /// Guidance scale of the guided weightgen rows.
+    pub guidance: f64,
+    /// σ of the noise-added baseline, per weight, as a multiple of the
+    /// zoo's per-weight standard deviation.
+    pub noise_scale: f64,
+    /// Seed of task draws and everything else.
+    pub seed: u64,
+}
+
+impl EvalConfig {
+    /// The full profile.
+    pub fn full() -> Self {
+        Self {
+            tasks: 20,
+            seeds: 3,
+            validation_tasks: 5,
+            lr_grid: vec![1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+            finetune_steps: 500,
+            full_steps: 2000,
+            few_shot: vec![10, 100],
+            few_shot_steps: 100,
+            guidance: 3.0,
+            noise_scale: 0.1,
+            seed: 0,
+        }
+    }
+
+    /// A profile that checks the harness end to end in minutes (CI).
+    pub fn quick() -> Self {
+        Self {
+            tasks: 3,
+            seeds: 1,
+            validation_tasks: 2,
+            lr_grid: vec![1e-3, 1e-2],
+            finetune_steps: 40,
+            full_steps: 80,
+            few_shot: vec![10, 100],
+            few_shot_steps: 20,
+            guidance: 3.0,
+            noise_scale: 0.1,
+            seed: 0,
+        }
+    }
+}
+
+/// Where an init comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Method {
+    /// weightgen, DDIM-50, guidance 1, conditioned on the task metadata.
+    WeightgenDdim,
+    /// weightgen, DDIM-50 with the configured guidance.
+    WeightgenDdimGuided,
+    /// weightgen, DDPM with all T steps, configured guidance.
+    WeightgenDdpmGuided,
+    /// The network's PyTorch-default initialization.
+    Random,
+    /// The zoo model whose task features are nearest (retrieval).
+    NearestZoo,
+    /// That model plus Gaussian noise.
+    NearestZooNoise,
+    /// The mean of the (aligned) zoo.
+    ZooAverage,
+}
+
+impl Method {
+    /// Every method, in report order.
+    pub const ALL: [Method; 7] = [
+        Method::WeightgenDdim,
+        Method::WeightgenDdimGuided,
+        Method::WeightgenDdpmGuided,
+        Method::Random,
+        Method::NearestZoo,
+        Method::NearestZooNoise,
+        Method::ZooAverage,
+    ];
+
+    /// Its row label.
+    pub fn label(self, guidance: f64) -> String {
+        match self {
+            Self::WeightgenDdim => "weightgen DDIM-50".into(),
+            Self::WeightgenDdimGuided => format!("weightgen DDIM-50, guidance {guidance}"),
+            Self::WeightgenDdpmGuided => format!("weightgen DDPM-1000, guidance {guidance}"),
+            Self::Random => "random init (PyTorch default)".into(),
+            Self::NearestZoo => "nearest zoo model (by descriptor)".into(),
+            Self::NearestZooNoise => "nearest zoo model + noise".into(),
+            Self::ZooAverage => "average of the zoo".into(),
+        }
+    }
+
+    /// Whether it is one of weightgen's.
+    pub fn is_generated(self) -> bool {
+        matches!(
+            self,
+            Self::WeightgenDdim | Self::WeightgenDdimGuided | Self::WeightgenDdpmGuided
+        )
+    }
+}
+
+/// One method's figures over tasks × seeds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodScores {
+    /// Test score before fine-tuning.
+    pub zero_shot: MeanCi,
+    /// Steps to target at the proposal's learning rate.
+    pub steps_proposal_lr: MeanCi,
+    /// Share of runs that reached it.
+    pub reached_proposal_lr: f64,
+    /// Speed-up over random init (geometric mean of per-run ratios of
+    /// steps + 1) at the proposal's rate.
+    pub speedup_proposal_lr: MeanCi,
+    /// Steps to target at the chosen learning rate.
+    pub steps_best_lr: MeanCi,
+    /// Share of runs that reached it.
+    pub reached_best_lr: f64,
+    /// Speed-up over random init at the chosen rate.
+    pub speedup_best_lr: MeanCi,
+    /// Test score after few-shot fine-tuning, per K.
+    pub few_shot: BTreeMap<usize, MeanCi>,
+    /// Novelty, for generated and retrieved inits.
+    pub novelty: Option<Novelty>,
+}
+
+/// How close a method's inits are to the zoo.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Novelty {
+    /// Centered cosine similarity to the nearest zoo model.
+    pub cosine_to_nearest: MeanCi,
+    /// L2 distance to it.
+    pub l2_to_nearest: MeanCi,
+    /// Share of test inputs where its prediction equals the nearest zoo
+    /// model's (classification).
+    pub agreement_with_nearest: MeanCi,
+    /// Mean centered cosine similarity between its inits (diversity).
+    pub pairwise_cosine: f64,
+}
+
+/// Everything the harness measured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalReport {
+    /// "accuracy" or "MSE".
+    pub metric: &'static str,
+    /// Classification or regression.
+    pub objective: Objective,
+    /// The learning rate chosen for random init, and the grid's scores.
+    pub chosen_lr: f64,
+    /// Mean validation score per learning rate.
+    pub lr_scores: Vec<(f64, f64)>,
+    /// Fully trained reference score (mean over tasks).
+    pub fully_trained: MeanCi,
+    /// Per method.
+    pub methods: BTreeMap<Method, MethodScores>,
+    /// Nearest-neighbour statistics between zoo models (the yardstick for
+    /// novelty): centered cosine and L2.
+    pub zoo_to_zoo_cosine: MeanCi,
+    /// L2 between zoo models and their nearest other zoo model.
+    pub zoo_to_zoo_l2: MeanCi,
+    /// Held-out tasks, seeds.
+    pub tasks: usize,
+    /// Seeds per task.
+    pub seeds: usize,
+}
+
+fn params(data: &ZooDataset, flat: &Tensor) -> Vec<Tensor> {
+    unflatten(&data.network.spec, flat)
+        .map(|named| named.into_iter().map(|(_, t)| t).collect())
+        .unwrap_or_default()
+}
+
+fn flat_of(params: &[Tensor]) -> Tensor {
+    Tensor::cat(
+        &params.iter().map(|p| p.flatten(0, -1)).collect::<Vec<_>>(),
+        0,
+    )
+}
+
+/// The first `k` training examples of `data` in a seeded shuffled order.
+fn few_shot_data(data: &TaskData, k: usize, seed: u64) -> TaskData {
+    let n = data.train_x.size()[0] as usize;
+    let mut order: Vec<i64> = (0..n as i64).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    order.truncate(k.min(n));
+    let index = Tensor::from_slice(&order);
+    TaskData {
+        train_x: data.train_x.index_select(0, &index),
+        train_y: data.train_y.index_select(0, &index),
+        test_x: data.test_x.shallow_clone(),
+        test_y: data.test_y.shallow_clone(),
+    }
+}
+
+fn better(objective: Objective, a: f64, b: f64) -> bool {
+    match objective {
+        Objective::Classification => a > b,
+        Objective::Regression => a < b,
+    }
+}
+
+/// The learning rate whose random-init runs score best on `tasks` after
+/// `steps`, and every rate's mean score.
+fn choose_lr(
+    data: &ZooDataset,
+    tasks: &[(TaskSpec, TaskData)],
+    config: &EvalConfig,
+) -> Result<(f64, Vec<(f64, f64)>), tch::TchError> {
+    let objective = data.family.objective();
+    let mut scores = Vec::new();
+    for &lr in &config.lr_grid {
+        let mut total = 0.0;
+        for (i, (_, task_data)) in tasks.iter().enumerate() {
+            let init = data
+                .network
+                .init(config.seed ^ (0xA11 + i as u64), Device::Cpu);
+            let c = curve(
+                &data.network,
+                &init,
+                task_data,
+                objective,
+                &FinetuneConfig {
+                    steps: config.finetune_steps,
+                    learning_rate: lr,
+                },
+            )?;
+            total += c.last().copied().unwrap_or(f64::NAN);
+        }
+        scores.push((lr, total / tasks.len().max(1) as f64));
+    }
+    let best = scores
+        .iter()
+        .copied()
+        .reduce(|a, b| if better(objective, b.1, a.1) { b } else { a })
+        .map_or(PROPOSAL_FINETUNE_LR, |(lr, _)| lr);
+    Ok((best, scores))
+}
+
+fn held_out(data: &ZooDataset, count: usize, seed: u64) -> Vec<(TaskSpec, TaskData, Descriptor)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .filter_map(|_| {
+            let task = data.family.sample_task(&mut rng, true);
+            let task_data = data.family.data(&task, Device::Cpu).ok()?;
+            let descriptor = describe(data.family, &task, &task_data);
+            Some((task, task_data, descriptor))
+        })
+        .collect()
+}
+
+/// Per-run figures before aggregation.
+#[derive(Default)]
+struct Runs {
+    zero_shot: Vec<f64>,
+    steps_proposal: Vec<f64>,
+    reached_proposal: Vec<f64>,
+    steps_best: Vec<f64>,
+    reached_best: Vec<f64>,
+    few_shot: BTreeMap<usize, Vec<f64>>,
+    cosine: Vec<f64>,
+    l2: Vec<f64>,
+    agreement: Vec<f64>,
+    inits: Vec<Tensor>,
+}
+
+/// Runs the harness for `checkpoint` on the zoo `data`.
+pub fn evaluate(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    config: &EvalConfig,
+) -> Result<EvalReport, tch::TchError> {
+    let objective = data.family.objective();
+    let net = &data.network;
+    let validation: Vec<(TaskSpec, TaskData)> =
+        held_out(data, config.validation_tasks, config.seed ^ 0x5EED)
+            .into_iter()
+            .map(|(t, d, _)| (t, d))
+            .collect();
+    let (chosen_lr, lr_scores) = choose_lr(data, &validation, config)?;
+    tracing::info!(chosen_lr, ?lr_scores, "learning rate for random init");
+    let tasks = held_out(data, config.tasks, config.seed);
+    let all_rows: Vec<i64> = (0..data.len() as i64).collect();
+    let zoo_weights = data.weights.to_kind(Kind::Float);
+    let center = zoo_weights.mean_dim(0, false, Kind::Float);
+    let zoo_std = zoo_weights.std_dim(0, false, false);
+    let descriptors: Vec<Descriptor> = tasks.iter().map(|(_, _, d)| d.clone()).collect();
+    let nearest_rows = nearest_by_features(checkpoint, data, &all_rows, &descriptors);
+    let condition = condition_of(checkpoint, data, &descriptors);
+
+    let mut runs: BTreeMap<Method, Runs> =
+        Method::ALL.iter().map(|&m| (m, Runs::default())).collect();
+    let mut fully_trained = Vec::new();
+    for seed_index in 0..config.seeds as u64 {
+        let seed = config.seed.wrapping_add(seed_index * 1_000_003);
+        let seeds: Vec<u64> = (0..tasks.len() as u64)
+            .map(|i| seed.wrapping_add(i))
+            .collect();
+        let ddim = SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0);
+        let generated = |kind, guidance| {
+            checkpoint
+                .generate(&condition, &seeds, kind, guidance)
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Float)
+        };
+        let samples: BTreeMap<Method, Tensor> = [
+            (Method::WeightgenDdim, generated(ddim, 1.0)),
+            (
+                Method::WeightgenDdimGuided,
+                generated(ddim, config.guidance),
+            ),
+            (
+                Method::WeightgenDdpmGuided,
+                generated(SamplerKind::Ddpm, config.guidance),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        for (t, (_, task_data, _)) in tasks.iter().enumerate() {
+            let run_seed = seeds[t];
+            let random = net.init(run_seed, Device::Cpu);
+            let reference = curve(
+                net,
+                &random,
+                task_data,
+                objective,
+                &FinetuneConfig {
+                    steps: config.full_steps,
+                    learning_rate: chosen_lr,
+                },
+            )?;
+            let full = reference.last().copied().unwrap_or(f64::NAN);
+            fully_trained.push(full);
+            let target = target_of(objective, full, DEFAULT_TARGET_FRACTION);
+            let nearest = data.weights.get(nearest_rows[t]).to_kind(Kind::Float);
+            // Noise from this run's seed (torch's global generator).
+            tch::manual_seed(run_seed as i64);
+            let noise = Tensor::randn_like(&nearest) * &zoo_std * config.noise_scale;
+            for method in Method::ALL {
+                let init: Vec<Tensor> = match method {
+                    Method::Random => random.iter().map(Tensor::copy).collect(),
+                    Method::NearestZoo => params(data, &nearest),
+                    Method::NearestZooNoise => params(data, &(&nearest + &noise)),
+                    Method::ZooAverage => params(data, &center),
+                    generated => params(data, &samples[&generated].get(t as i64)),
+                };
+                let r = runs.get_mut(&method).expect("every method has runs");
+                let run = |lr: f64, steps: usize, d: &TaskData| {
+                    curve(
+                        net,
+                        &init,
+                        d,
+                        objective,
+                        &FinetuneConfig {
+                            steps,
+                            learning_rate: lr,
+                        },
+                    )
+                };
+                let at_proposal = run(PROPOSAL_FINETUNE_LR, config.finetune_steps, task_data)?;
+                let at_best = run(chosen_lr, config.finetune_steps, task_data)?;
+                r.zero_shot.push(at_proposal[0]);
+                for (curve, steps, reached) in [
+                    (&at_proposal, &mut r.steps_proposal, &mut r.reached_proposal),
+                    (&at_best, &mut r.steps_best, &mut r.reached_best),
+                ] {
+                    let hit = steps_to_target(curve, objective, target);
+                    steps.push(hit.unwrap_or(config.finetune_steps) as f64);
+                    reached.push(if hit.is_some() { 1.0 } else { 0.0 });
+                }
+                for &k in &config.few_shot {
+                    let few = few_shot_data(task_data, k, run_seed);
+                    let c = run(chosen_lr, config.few_shot_steps, &few)?;
+                    r.few_shot
+                        .entry(k)
+                        .or_default()
+                        .push(c.last().copied().unwrap_or(f64::NAN));
+                }
+                if method.is_generated() || method == Method::NearestZooNoise {
+                    let flat = flat_of(&init);
+                    let n = nearest_zoo(&flat.unsqueeze(0), &zoo_weights, &center, None)[0];
+                    r.cosine.push(n.cosine);
+                    r.l2.push(n.l2);
+                    if objective == Objective::Classification {
+                        let mine = net.forward(&init, &task_data.test_x);
+                        let theirs =
+                            net.forward(&params(data, &zoo_weights.get(n.row)), &task_data.test_x);
+                        r.agreement.push(agreement(&mine, &theirs));
+                    }
+                    r.inits.push(flat);
+                }
+            }
+        }
+    }
+
+    // Zoo-to-zoo: each of up to 200 zoo models against its nearest other.
+    let sample: Vec<i64> = (0..data.len().min(200) as i64).collect();
+    let own = nearest_zoo(
+        &zoo_weights.index_select(0, &Tensor::from_slice(&sample)),
+        &zoo_weights,
+        &center,
+        Some(&sample),
+    );
+    let zoo_to_zoo_cosine = MeanCi::of(&own.iter().map(|n| n.cosine).collect::<Vec<_>>());
+    let zoo_to_zoo_l2 = MeanCi::of(&own.iter().map(|n| n.l2).collect::<Vec<_>>());
+
+    let random_runs = (
+        runs[&Method::Random].steps_proposal.clone(),
+        runs[&Method::Random].steps_best.clone(),
+    );
+    let speedup = |random: &[f64], mine: &[f64]| {
+        MeanCi::geometric(
+            &random
+                .iter()
+                .zip(mine)
+                .map(|(r, m)| (r + 1.0) / (m + 1.0))
+                .collect::<Vec<_>>(),
+        )
+    };
+    let share = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let methods = runs
+        .into_iter()
+        .map(|(method, r)| {
+            let novelty = (!r.cosine.is_empty()).then(|| Novelty {
+                cosine_to_nearest: MeanCi::of(&r.cosine),
+                l2_to_nearest: MeanCi::of(&r.l2),
+                agreement_with_nearest: MeanCi::of(&r.agreement),
+                pairwise_cosine: mean_pairwise_cosine(&Tensor::stack(&r.inits, 0), &center),
+            });
+            let scores = MethodScores {
+                zero_shot: MeanCi::of(&r.zero_shot),
+                steps_proposal_lr: MeanCi::of(&r.steps_proposal),
+                reached_proposal_lr: share(&r.reached_proposal),
+                speedup_proposal_lr: speedup(&random_runs.0, &r.steps_proposal),
+                steps_best_lr: MeanCi::of(&r.steps_best),
+                reached_best_lr: share(&r.reached_best),
+                speedup_best_lr: speedup(&random_runs.1, &r.steps_best),
+                few_shot: r
+                    .few_shot
+                    .iter()
+                    .map(|(k, v)| (*k, MeanCi::of(v)))
+                    .collect(),
+                novelty,
+            };
+            (method, scores)
+        })
+        .collect();
+    Ok(EvalReport {
+        metric: match objective {
+            Objective::Classification => "accuracy",
+            Objective::Regression => "MSE",
+        },
+        objective,
+        chosen_lr,
+        lr_scores,
+        fully_trained: MeanCi::of(&fully_trained),
+        methods,
+        zoo_to_zoo_cosine,
+        zoo_to_zoo_l2,
+        tasks: tasks.len(),
+        seeds: config.seeds,
+    })
+}

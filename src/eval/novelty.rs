@@ -1,0 +1,108 @@
+//! Novelty: how close generated models sit to the zoo they came from,
+//! against how close zoo models sit to each other (Zeng et al. 2025). All
+//! in the zoo's weight space — aligned to its first model when the zoo was
+//! aligned, the shared initialization's frame otherwise — on weights
+//! centered by the zoo mean.
+
+use tch::{Kind, Tensor};
+
+/// A model's nearest zoo model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Nearest {
+    /// Row of the zoo model.
+    pub row: i64,
+    /// Cosine similarity of the centered weights.
+    pub cosine: f64,
+    /// Euclidean distance of the weights.
+    pub l2: f64,
+}
+
+fn unit_rows(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2.0, [1], true).clamp_min(1e-12)
+}
+
+/// For each row of `models` [B, D], the zoo model (rows of `zoo` [N, D])
+/// with the highest cosine similarity after subtracting `center` [D];
+/// `exclude[i]` (zoo-to-zoo) is a row model i may not pick.
+pub fn nearest_zoo(
+    models: &Tensor,
+    zoo: &Tensor,
+    center: &Tensor,
+    exclude: Option<&[i64]>,
+) -> Vec<Nearest> {
+    tch::no_grad(|| {
+        let models = models.to_kind(Kind::Double);
+        let zoo = zoo.to_kind(Kind::Double);
+        let center = center.to_kind(Kind::Double);
+        let sims = unit_rows(&(&models - &center)).matmul(&unit_rows(&(&zoo - &center)).tr());
+        if let Some(exclude) = exclude {
+            for (i, &row) in exclude.iter().enumerate() {
+                let _ = sims.get(i as i64).get(row).fill_(f64::NEG_INFINITY);
+            }
+        }
+        let (best, rows) = sims.max_dim(1, false);
+        (0..models.size()[0])
+            .map(|i| {
+                let row = rows.int64_value(&[i]);
+                Nearest {
+                    row,
+                    cosine: best.double_value(&[i]),
+                    l2: (models.get(i) - zoo.get(row)).norm().double_value(&[]),
+                }
+            })
+            .collect()
+    })
+}
+
+/// Mean cosine similarity over distinct pairs of centered `models` [B, D]
+/// (the proposal's diversity figure; NaN for fewer than two).
+pub fn mean_pairwise_cosine(models: &Tensor, center: &Tensor) -> f64 {
+    let b = models.size()[0];
+    if b < 2 {
+        return f64::NAN;
+    }
+    tch::no_grad(|| {
+        let u = unit_rows(&(models.to_kind(Kind::Double) - center.to_kind(Kind::Double)));
+        let sims = u.matmul(&u.tr());
+        let off_diagonal = sims.sum(Kind::Double).double_value(&[]) - b as f64;
+        off_diagonal / (b * (b - 1)) as f64
+    })
+}
+
+/// Share of inputs on which two classifiers' outputs [B, C] pick the same
+/// class.
+pub fn agreement(outputs_a: &Tensor, outputs_b: &Tensor) -> f64 {
+    outputs_a
+        .argmax(1, false)
+        .eq_tensor(&outputs_b.argmax(1, false))
+        .to_kind(Kind::Double)
+        .mean(Kind::Double)
+        .double_value(&[])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn a_copy_is_nearest_to_its_original_and_zoo_rows_skip_themselves() {
+        let zoo = Tensor::randn([20, 50], (Kind::Float, Device::Cpu));
+        let center = zoo.mean_dim(0, false, Kind::Float);
+        let copy = zoo.get(7).unsqueeze(0);
+        let n = nearest_zoo(&copy, &zoo, &center, None);
+        assert_eq!(n[0].row, 7);
+        assert!((n[0].cosine - 1.0).abs() < 1e-9);
+        assert!(n[0].l2 < 1e-5);
+        let rows: Vec<i64> = (0..20).collect();
+        let own = nearest_zoo(&zoo, &zoo, &center, Some(&rows));
+        assert!(own.iter().enumerate().all(|(i, n)| n.row != i as i64));
+        assert!(own.iter().all(|n| n.cosine < 0.9));
+        // Identical models are perfectly similar; opposite ones are not.
+        let same = Tensor::cat(&[&copy, &copy], 0);
+        assert!((mean_pairwise_cosine(&same, &center) - 1.0).abs() < 1e-9);
+        let a = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).reshape([2, 2]);
+        let b = Tensor::from_slice(&[2.0f32, 0.0, 1.0, 0.0]).reshape([2, 2]);
+        assert_eq!(agreement(&a, &b), 0.5);
+    }
+}

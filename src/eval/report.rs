@@ -1,0 +1,267 @@
+//! The harness's report as Markdown, and its place in a results file
+//! (between markers, so re-running replaces only its own section).
+
+use std::path::Path;
+
+use super::harness::{EvalConfig, EvalReport, Method, PROPOSAL_FINETUNE_LR};
+use super::stats::MeanCi;
+use crate::tasks::Objective;
+
+/// Who produced a report: shown above its tables.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Provenance {
+    /// Family and zoo.
+    pub title: String,
+    /// The command line.
+    pub command: String,
+    /// Commit of the code.
+    pub commit: String,
+    /// Machine and device.
+    pub machine: String,
+    /// Denoiser id.
+    pub denoiser: String,
+}
+
+fn lr(x: f64) -> String {
+    format!("{x:e}").replace("e-", "e-")
+}
+
+fn steps(m: &MeanCi, reached: f64) -> String {
+    format!("{} ({:.0} %)", m.show(1), reached * 100.0)
+}
+
+/// The report's Markdown.
+pub fn markdown(report: &EvalReport, config: &EvalConfig, who: &Provenance) -> String {
+    let metric = report.metric;
+    let digits = if report.objective == Objective::Classification {
+        3
+    } else {
+        4
+    };
+    let mut out = String::new();
+    let push = |out: &mut String, line: String| {
+        out.push_str(&line);
+        out.push('\n');
+    };
+    push(&mut out, format!("### {}", who.title));
+    push(&mut out, String::new());
+    push(
+        &mut out,
+        format!(
+            "Command: `{}` · commit {} · seed {} · {} · denoiser `{}` · {} held-out tasks × {} seeds.",
+            who.command,
+            who.commit,
+            config.seed,
+            who.machine,
+            who.denoiser,
+            report.tasks,
+            report.seeds
+        ),
+    );
+    push(&mut out, String::new());
+    let grid: Vec<String> = report
+        .lr_scores
+        .iter()
+        .map(|(l, s)| format!("{}: {s:.digits$}", lr(*l)))
+        .collect();
+    push(
+        &mut out,
+        format!(
+            "Learning rate for random init, chosen on {} other held-out tasks by test {metric} after {} steps: {} → **{}**. \
+             Fully trained (random init, {} full-batch Adam steps at {}): {metric} {}. Target: 90 % of it \
+             (MSE: within 1/0.9). Steps are counted up to {}; a run that does not reach the target counts as \
+             {} and the share that reached it is in brackets. Speed-up: geometric mean over runs of \
+             (random's steps + 1) / (the method's steps + 1). Few-shot: fine-tuned {} steps at the chosen rate on K \
+             training examples.",
+            config.validation_tasks,
+            config.finetune_steps,
+            grid.join(", "),
+            lr(report.chosen_lr),
+            config.full_steps,
+            lr(report.chosen_lr),
+            report.fully_trained.show(digits),
+            config.finetune_steps,
+            config.finetune_steps,
+            config.few_shot_steps,
+        ),
+    );
+    push(&mut out, String::new());
+    let ks: Vec<usize> = config.few_shot.clone();
+    let mut header = format!(
+        "| method | zero-shot {metric} | steps to target @ {} | speed-up @ {} | steps to target @ {} | speed-up @ {} |",
+        lr(PROPOSAL_FINETUNE_LR),
+        lr(PROPOSAL_FINETUNE_LR),
+        lr(report.chosen_lr),
+        lr(report.chosen_lr)
+    );
+    for k in &ks {
+        header.push_str(&format!(" K = {k} |"));
+    }
+    push(&mut out, header);
+    push(
+        &mut out,
+        format!("|---|---|---|---|---|---|{}", "---|".repeat(ks.len())),
+    );
+    for (method, s) in &report.methods {
+        let mut row = format!(
+            "| {} | {} | {} | {}× | {} | {}× |",
+            method.label(config.guidance),
+            s.zero_shot.show(digits),
+            steps(&s.steps_proposal_lr, s.reached_proposal_lr),
+            s.speedup_proposal_lr.show(2),
+            steps(&s.steps_best_lr, s.reached_best_lr),
+            s.speedup_best_lr.show(2),
+        );
+        for k in &ks {
+            let cell = s.few_shot.get(k).map_or("—".into(), |m| m.show(digits));
+            row.push_str(&format!(" {cell} |"));
+        }
+        push(&mut out, row);
+    }
+    push(&mut out, String::new());
+    push(
+        &mut out,
+        "Novelty (weights centered by the zoo mean, in the zoo's frame; prediction agreement on the task's test inputs):"
+            .into(),
+    );
+    push(&mut out, String::new());
+    push(
+        &mut out,
+        "| inits | cosine to nearest zoo model | L2 to nearest zoo model | agreement with its predictions | mean pairwise cosine |"
+            .into(),
+    );
+    push(&mut out, "|---|---|---|---|---|".into());
+    push(
+        &mut out,
+        format!(
+            "| zoo model vs its nearest other zoo model | {} | {} | — | — |",
+            report.zoo_to_zoo_cosine.show(3),
+            report.zoo_to_zoo_l2.show(2)
+        ),
+    );
+    for (method, s) in &report.methods {
+        if let Some(n) = &s.novelty {
+            push(
+                &mut out,
+                format!(
+                    "| {} | {} | {} | {} | {:.3} |",
+                    method.label(config.guidance),
+                    n.cosine_to_nearest.show(3),
+                    n.l2_to_nearest.show(2),
+                    n.agreement_with_nearest.show(3),
+                    n.pairwise_cosine
+                ),
+            );
+        }
+    }
+    push(&mut out, String::new());
+    for line in verdicts(report, config) {
+        push(&mut out, format!("- {line}"));
+    }
+    out
+}
+
+/// Plain statements of where the best weightgen row loses to a baseline.
+pub fn verdicts(report: &EvalReport, config: &EvalConfig) -> Vec<String> {
+    let higher_is_better = report.objective == Objective::Classification;
+    let better = |a: f64, b: f64| if higher_is_better { a > b } else { a < b };
+    let generated: Vec<_> = report
+        .methods
+        .iter()
+        .filter(|(m, _)| m.is_generated())
+        .collect();
+    let Some((best_method, best)) = generated.iter().copied().reduce(|a, b| {
+        if better(b.1.zero_shot.mean, a.1.zero_shot.mean) {
+            b
+        } else {
+            a
+        }
+    }) else {
+        return Vec::new();
+    };
+    let label = best_method.label(config.guidance);
+    let mut out = Vec::new();
+    for (method, s) in report.methods.iter().filter(|(m, _)| !m.is_generated()) {
+        if better(s.zero_shot.mean, best.zero_shot.mean) {
+            out.push(format!(
+                "weightgen loses zero-shot: {} scores {} against {} for {label} ({:+.3}).",
+                method.label(config.guidance),
+                s.zero_shot.show(3),
+                best.zero_shot.show(3),
+                best.zero_shot.mean - s.zero_shot.mean
+            ));
+        }
+        if *method != Method::Random && s.speedup_best_lr.mean > best.speedup_best_lr.mean {
+            out.push(format!(
+                "weightgen converges slower at the chosen rate than {}: speed-up {}× against {}× for {label}.",
+                method.label(config.guidance),
+                s.speedup_best_lr.show(2),
+                best.speedup_best_lr.show(2)
+            ));
+        }
+    }
+    if best.speedup_best_lr.mean < 1.0 {
+        out.push(format!(
+            "At the chosen learning rate {label} needs more steps than random init (speed-up {}×).",
+            best.speedup_best_lr.show(2)
+        ));
+    }
+    if let Some(n) = &best.novelty
+        && n.cosine_to_nearest.mean > report.zoo_to_zoo_cosine.mean
+    {
+        out.push(format!(
+            "{label}'s inits sit closer to their nearest zoo model (cosine {}) than zoo models sit to each other ({}): \
+             closer to retrieval than the zoo's own spread.",
+            n.cosine_to_nearest.show(3),
+            report.zoo_to_zoo_cosine.show(3)
+        ));
+    }
+    if out.is_empty() {
+        out.push(format!(
+            "{label} beats every baseline here on zero-shot {} and convergence speed.",
+            report.metric
+        ));
+    }
+    out
+}
+
+/// Replaces (or appends) the section `key` of the Markdown file `path` with
+/// `text`, between `<!-- eval:KEY:begin -->` and `<!-- eval:KEY:end -->`.
+pub fn write_section(path: &Path, key: &str, text: &str) -> std::io::Result<()> {
+    let begin = format!("<!-- eval:{key}:begin -->");
+    let end = format!("<!-- eval:{key}:end -->");
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let block = format!("{begin}\n{text}{end}\n");
+    let new = match (old.find(&begin), old.find(&end)) {
+        (Some(a), Some(b)) if b > a => {
+            let after = old[b + end.len()..]
+                .strip_prefix('\n')
+                .unwrap_or(&old[b + end.len()..]);
+            format!("{}{block}{after}", &old[..a])
+        }
+        _ if old.is_empty() => block,
+        _ => format!("{}\n{block}", old.trim_end_matches('\n').to_owned() + "\n"),
+    };
+    std::fs::write(path, new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_are_replaced_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("RESULTS.md");
+        std::fs::write(&path, "# Results\n\nintro\n").unwrap();
+        write_section(&path, "digits", "first\n").unwrap();
+        write_section(&path, "sinusoid", "sine\n").unwrap();
+        write_section(&path, "digits", "second\n").unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("# Results\n\nintro\n"));
+        assert!(text.contains("<!-- eval:digits:begin -->\nsecond\n<!-- eval:digits:end -->"));
+        assert!(!text.contains("first"));
+        assert!(text.contains("sine\n"));
+        assert!(text.find("second").unwrap() < text.find("sine").unwrap());
+    }
+}

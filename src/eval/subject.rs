@@ -1,0 +1,86 @@
+//! What an evaluation runs on: a zoo and a published denoiser of its
+//! architecture, loaded from the catalog and blob store.
+
+use std::sync::Arc;
+
+use tch::Device;
+
+use crate::blobs::BlobStore;
+use crate::catalog::{Catalog, DenoiserRecord};
+use crate::model::DenoiserCheckpoint;
+use crate::train::dataset::ZooDataset;
+
+/// Why the subject of an evaluation cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SubjectError {
+    /// The zoo or denoiser is missing, or they do not match.
+    #[error("{field}: {reason}")]
+    Input {
+        /// The flag at fault.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Loading failed.
+    #[error("{0}")]
+    Load(String),
+}
+
+/// A zoo, the denoiser evaluated and its catalog row.
+pub struct Subject {
+    /// The zoo (aligned as training saw it).
+    pub data: ZooDataset,
+    /// The denoiser.
+    pub checkpoint: DenoiserCheckpoint,
+    /// Its row.
+    pub record: DenoiserRecord,
+}
+
+/// Loads zoo `zoo` and the denoiser `denoiser_id` (default: the active one
+/// of the zoo's architecture) onto `device`.
+pub async fn load_subject(
+    catalog: &Arc<dyn Catalog>,
+    blobs: &BlobStore,
+    zoo: &str,
+    denoiser_id: Option<&str>,
+    device: Device,
+) -> Result<Subject, SubjectError> {
+    let load = |e: &dyn std::fmt::Display| SubjectError::Load(e.to_string());
+    let data = ZooDataset::load(catalog, blobs, zoo)
+        .await
+        .map_err(|e| SubjectError::Input {
+            field: "zoo",
+            reason: e.to_string(),
+        })?;
+    let architecture = data.network.spec.name.clone();
+    let record = match denoiser_id {
+        Some(id) => catalog.denoiser(id).await.map_err(|e| load(&e))?,
+        None => catalog
+            .active_denoiser(&architecture)
+            .await
+            .map_err(|e| load(&e))?,
+    }
+    .ok_or_else(|| SubjectError::Input {
+        field: "denoiser-id",
+        reason: match denoiser_id {
+            Some(id) => format!("no denoiser {id:?}"),
+            None => format!("no active denoiser for {architecture:?}"),
+        },
+    })?;
+    if record.architecture != architecture {
+        return Err(SubjectError::Input {
+            field: "denoiser-id",
+            reason: format!(
+                "{:?} generates {:?}, the zoo holds {architecture:?}",
+                record.id, record.architecture
+            ),
+        });
+    }
+    let bytes = blobs.get(&record.sha256).await.map_err(|e| load(&e))?;
+    let checkpoint = DenoiserCheckpoint::from_bytes(&bytes, device).map_err(|e| load(&e))?;
+    Ok(Subject {
+        data,
+        checkpoint,
+        record,
+    })
+}

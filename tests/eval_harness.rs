@@ -1,0 +1,105 @@
+//! `weightgen-worker eval --quick` end to end on a small digits zoo and
+//! denoiser trained by the worker: every method's row, the learning-rate
+//! choice, few-shot columns, novelty against the zoo, and the report's
+//! section written into (and replaced in) a Markdown file. It checks the
+//! harness, not the figures of a real evaluation.
+
+mod common;
+
+use common::generation::{small_digits_zoo, train, worker};
+
+/// The numbers in the cells of a Markdown row (the "±" halves included).
+fn numbers(row: &str) -> Vec<f64> {
+    row.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
+        .filter_map(|t| t.parse::<f64>().ok())
+        .collect()
+}
+
+#[test]
+fn the_quick_profile_writes_every_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    small_digits_zoo(&data);
+    train(&data, "digits-eval", "5");
+    let results = dir.path().join("RESULTS.md");
+    std::fs::write(&results, "# Results\n\nkept\n").unwrap();
+    let data_dir = data.to_str().unwrap();
+    let args = [
+        "eval",
+        "--zoo",
+        "digits",
+        "--quick",
+        "--data-dir",
+        data_dir,
+        "--output",
+        results.to_str().unwrap(),
+    ];
+    let printed = worker(&data, &args);
+    let file = std::fs::read_to_string(&results).unwrap();
+    assert!(file.starts_with("# Results\n\nkept\n"), "{file}");
+    assert!(file.contains("<!-- eval:digits:digits:begin -->"), "{file}");
+    assert!(file.contains("denoiser `digits-eval`"), "{file}");
+    assert!(file.contains("3 held-out tasks × 1 seeds"), "{file}");
+    assert!(
+        printed.contains("| method | zero-shot accuracy |"),
+        "{printed}"
+    );
+
+    let row = |label: &str| -> Vec<f64> {
+        let line = file
+            .lines()
+            .find(|l| l.starts_with(&format!("| {label} |")))
+            .unwrap_or_else(|| panic!("no row {label:?} in\n{file}"));
+        numbers(line.trim_start_matches(&format!("| {label} |")))
+    };
+    for label in [
+        "weightgen DDIM-50",
+        "weightgen DDIM-50, guidance 3",
+        "weightgen DDPM-1000, guidance 3",
+        "random init (PyTorch default)",
+        "nearest zoo model (by descriptor)",
+        "nearest zoo model + noise",
+        "average of the zoo",
+    ] {
+        // zero-shot ±, steps ± (reached %), speed-up ± at two rates, K = 10 ±, K = 100 ±.
+        let n = row(label);
+        assert_eq!(n.len(), 16, "{label}: {n:?}");
+        assert!((0.0..=1.0).contains(&n[0]), "{label}: zero-shot {}", n[0]);
+        for steps in [n[2], n[7]] {
+            assert!((0.0..=40.0).contains(&steps), "{label}: steps {steps}");
+        }
+        for k in [n[12], n[14]] {
+            assert!((0.0..=1.0).contains(&k), "{label}: few-shot {k}");
+        }
+    }
+    // Random init is its own yardstick: speed-up exactly 1, near chance
+    // before fine-tuning.
+    let random = row("random init (PyTorch default)");
+    assert!(random[0] < 0.5, "random zero-shot {}", random[0]);
+    assert_eq!((random[5], random[10]), (1.0, 1.0));
+    // Novelty: the noised nearest model sits almost on a zoo model; cosines
+    // are cosines.
+    let noise = row("nearest zoo model + noise");
+    let novelty = file
+        .lines()
+        .filter(|l| l.starts_with("| nearest zoo model + noise |"))
+        .nth(1)
+        .expect("a novelty row for the noised baseline");
+    let cosine = numbers(novelty.trim_start_matches("| nearest zoo model + noise |"))[0];
+    assert!(cosine > 0.9, "{novelty}");
+    assert!(noise[0] >= 0.0);
+    let zoo = file
+        .lines()
+        .find(|l| l.starts_with("| zoo model vs its nearest other zoo model |"))
+        .expect("the zoo-to-zoo row");
+    let zoo_cosine =
+        numbers(zoo.trim_start_matches("| zoo model vs its nearest other zoo model |"))[0];
+    assert!((-1.0..=1.0).contains(&zoo_cosine), "{zoo}");
+
+    // A second run replaces its section instead of appending another.
+    let again = ["--seed", "1"];
+    worker(&data, &[&args[..], &again[..]].concat());
+    let file = std::fs::read_to_string(&results).unwrap();
+    assert_eq!(file.matches("<!-- eval:digits:digits:begin -->").count(), 1);
+    assert!(file.contains("seed 1"), "{file}");
+}
