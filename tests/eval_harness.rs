@@ -60,6 +60,9 @@ fn the_quick_profile_writes_every_table() {
         "nearest zoo model (by descriptor)",
         "nearest zoo model + noise",
         "average of the zoo",
+        "Reptile (meta-learned on the zoo tasks)",
+        "first-order MAML (meta-learned on the zoo tasks)",
+        "hypernetwork (task → weights regression)",
     ] {
         // zero-shot ±, steps ± (reached %), speed-up ± at two rates, K = 10 ±, K = 100 ±.
         let n = row(label);
@@ -88,6 +91,14 @@ fn the_quick_profile_writes_every_table() {
     let cosine = numbers(novelty.trim_start_matches("| nearest zoo model + noise |"))[0];
     assert!(cosine > 0.9, "{novelty}");
     assert!(noise[0] >= 0.0);
+    // The hypernetwork is deterministic given the task: it has a novelty row.
+    assert!(
+        file.lines()
+            .filter(|l| l.starts_with("| hypernetwork (task → weights regression) |"))
+            .count()
+            == 2,
+        "{file}"
+    );
     let zoo = file
         .lines()
         .find(|l| l.starts_with("| zoo model vs its nearest other zoo model |"))

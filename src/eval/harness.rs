@@ -19,6 +19,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use tch::{Device, Kind, Tensor};
 
+use super::baselines::{Hypernetwork, MetaConfig, fomaml, reptile};
 use super::finetune::{DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_target, target_of};
 use super::novelty::{agreement, mean_pairwise_cosine, nearest_zoo};
 use super::stats::MeanCi;
@@ -58,6 +59,10 @@ pub struct EvalConfig {
     /// σ of the noise-added baseline, per weight, as a multiple of the
     /// zoo's per-weight standard deviation.
     pub noise_scale: f64,
+    /// Reptile and first-order MAML training.
+    pub meta: MetaConfig,
+    /// Adam steps of the hypernetwork (batch 64, lr 1e-3).
+    pub hypernetwork_steps: usize,
     /// Seed of task draws and everything else.
     pub seed: u64,
 }
@@ -76,6 +81,15 @@ impl EvalConfig {
             few_shot_steps: 100,
             guidance: 3.0,
             noise_scale: 0.1,
+            meta: MetaConfig {
+                meta_steps: 2000,
+                inner_steps: 5,
+                inner_lr: 0.05,
+                outer_lr: 1.0,
+                fomaml_lr: 0.01,
+                batch_size: 0,
+            },
+            hypernetwork_steps: 3000,
             seed: 0,
         }
     }
@@ -93,9 +107,23 @@ impl EvalConfig {
             few_shot_steps: 20,
             guidance: 3.0,
             noise_scale: 0.1,
+            meta: MetaConfig {
+                meta_steps: 30,
+                inner_steps: 5,
+                inner_lr: 0.05,
+                outer_lr: 1.0,
+                fomaml_lr: 0.01,
+                batch_size: 0,
+            },
+            hypernetwork_steps: 100,
             seed: 0,
         }
     }
+}
+
+/// A task's identity as a string (cache key).
+pub fn task_key(task: &TaskSpec) -> String {
+    serde_json::to_string(task).unwrap_or_default()
 }
 
 /// Where an init comes from.
@@ -115,11 +143,17 @@ pub enum Method {
     NearestZooNoise,
     /// The mean of the (aligned) zoo.
     ZooAverage,
+    /// Reptile's meta-learned init (one for every task).
+    Reptile,
+    /// First-order MAML's meta-learned init.
+    Fomaml,
+    /// A deterministic regression from the task to the weights.
+    Hypernetwork,
 }
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 10] = [
         Method::WeightgenDdim,
         Method::WeightgenDdimGuided,
         Method::WeightgenDdpmGuided,
@@ -127,6 +161,9 @@ impl Method {
         Method::NearestZoo,
         Method::NearestZooNoise,
         Method::ZooAverage,
+        Method::Reptile,
+        Method::Fomaml,
+        Method::Hypernetwork,
     ];
 
     /// Its row label.
@@ -139,6 +176,9 @@ impl Method {
             Self::NearestZoo => "nearest zoo model (by descriptor)".into(),
             Self::NearestZooNoise => "nearest zoo model + noise".into(),
             Self::ZooAverage => "average of the zoo".into(),
+            Self::Reptile => "Reptile (meta-learned on the zoo tasks)".into(),
+            Self::Fomaml => "first-order MAML (meta-learned on the zoo tasks)".into(),
+            Self::Hypernetwork => "hypernetwork (task → weights regression)".into(),
         }
     }
 
@@ -366,6 +406,11 @@ pub fn evaluate(
         ]
         .into_iter()
         .collect();
+        let reptile_init = reptile(data, &config.meta, seed);
+        let fomaml_init = fomaml(data, &config.meta, seed);
+        let hypernetwork =
+            Hypernetwork::train(checkpoint, data, config.hypernetwork_steps, 64, 1e-3, seed)?
+                .predict(checkpoint, &condition, tasks.len() as i64);
         for (t, (_, task_data, _)) in tasks.iter().enumerate() {
             let run_seed = seeds[t];
             let random = net.init(run_seed, Device::Cpu);
@@ -392,6 +437,9 @@ pub fn evaluate(
                     Method::NearestZoo => params(data, &nearest),
                     Method::NearestZooNoise => params(data, &(&nearest + &noise)),
                     Method::ZooAverage => params(data, &center),
+                    Method::Reptile => reptile_init.iter().map(Tensor::copy).collect(),
+                    Method::Fomaml => fomaml_init.iter().map(Tensor::copy).collect(),
+                    Method::Hypernetwork => params(data, &hypernetwork.get(t as i64)),
                     generated => params(data, &samples[&generated].get(t as i64)),
                 };
                 let r = runs.get_mut(&method).expect("every method has runs");
@@ -426,7 +474,9 @@ pub fn evaluate(
                         .or_default()
                         .push(c.last().copied().unwrap_or(f64::NAN));
                 }
-                if method.is_generated() || method == Method::NearestZooNoise {
+                if method.is_generated()
+                    || matches!(method, Method::NearestZooNoise | Method::Hypernetwork)
+                {
                     let flat = flat_of(&init);
                     let n = nearest_zoo(&flat.unsqueeze(0), &zoo_weights, &center, None)[0];
                     r.cosine.push(n.cosine);

@@ -2,6 +2,7 @@
 //! evaluation harness against baselines (`weightgen-worker eval`), novelty
 //! against the zoo, confidence intervals, and the Markdown report.
 
+pub mod baselines;
 pub mod finetune;
 pub mod harness;
 pub mod novelty;

@@ -1,0 +1,241 @@
+//! Learned baselines for the harness, trained on the same zoo tasks the
+//! denoiser learned from: Reptile and first-order MAML meta-learned inits
+//! (one init for every task), and a task-conditioned hypernetwork — a
+//! deterministic regression from the task to the weights through the
+//! denoiser's own task-encoder architecture.
+
+use std::collections::HashMap;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tch::nn::{self, Module, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+
+use super::harness::task_key;
+use crate::model::task_encoder::TaskEncoder;
+use crate::model::{DenoiserCheckpoint, TaskBatch};
+use crate::tasks::train::{Objective, TaskData, loss};
+use crate::tasks::{Network, TaskSpec};
+use crate::train::dataset::ZooDataset;
+use crate::train::quality::condition_of;
+
+/// How the meta-learners train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetaConfig {
+    /// Outer iterations (one task each).
+    pub meta_steps: usize,
+    /// Inner SGD steps per task.
+    pub inner_steps: usize,
+    /// Inner learning rate.
+    pub inner_lr: f64,
+    /// Reptile's outer step size ε (annealed linearly to 0).
+    pub outer_lr: f64,
+    /// First-order MAML's outer SGD step β.
+    pub fomaml_lr: f64,
+    /// Examples per inner step (0 = the task's whole training set).
+    pub batch_size: usize,
+}
+
+/// Task data of zoo tasks, read once each.
+struct TaskCache<'a> {
+    data: &'a ZooDataset,
+    cached: HashMap<String, TaskData>,
+}
+
+impl<'a> TaskCache<'a> {
+    fn new(data: &'a ZooDataset) -> Self {
+        Self {
+            data,
+            cached: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, task: &TaskSpec) -> Option<&TaskData> {
+        let key = task_key(task);
+        if !self.cached.contains_key(&key) {
+            let d = self.data.family.data(task, Device::Cpu).ok()?;
+            self.cached.insert(key.clone(), d);
+        }
+        self.cached.get(&key)
+    }
+}
+
+fn batch(data: &TaskData, size: usize, rng: &mut StdRng) -> (Tensor, Tensor) {
+    let n = data.train_x.size()[0];
+    if size == 0 || size as i64 >= n {
+        return (data.train_x.shallow_clone(), data.train_y.shallow_clone());
+    }
+    let index: Vec<i64> = (0..size).map(|_| rng.random_range(0..n)).collect();
+    let index = Tensor::from_slice(&index);
+    (
+        data.train_x.index_select(0, &index),
+        data.train_y.index_select(0, &index),
+    )
+}
+
+/// Gradient of the task loss at `params` on (x, y).
+fn gradient(
+    net: &Network,
+    params: &[Tensor],
+    objective: Objective,
+    x: &Tensor,
+    y: &Tensor,
+) -> Vec<Tensor> {
+    let l = loss(objective, &net.forward(params, x), y);
+    Tensor::run_backward(&[l], params, false, false)
+}
+
+/// `steps` of plain SGD from `init` on `data`.
+fn adapt(
+    net: &Network,
+    init: &[Tensor],
+    data: &TaskData,
+    objective: Objective,
+    config: &MetaConfig,
+    rng: &mut StdRng,
+) -> Vec<Tensor> {
+    let mut phi: Vec<Tensor> = init
+        .iter()
+        .map(|t| t.detach().copy().set_requires_grad(true))
+        .collect();
+    for _ in 0..config.inner_steps {
+        let (x, y) = batch(data, config.batch_size, rng);
+        let grads = gradient(net, &phi, objective, &x, &y);
+        phi = phi
+            .iter()
+            .zip(grads)
+            .map(|(p, g)| (p.detach() - g * config.inner_lr).set_requires_grad(true))
+            .collect();
+    }
+    phi.iter().map(Tensor::detach).collect()
+}
+
+/// The zoo's tasks, in model order.
+fn zoo_tasks(data: &ZooDataset) -> &[TaskSpec] {
+    &data.tasks
+}
+
+/// Reptile (Nichol et al. 2018): θ ← θ + ε (φ − θ), φ = θ after SGD on a
+/// random zoo task; ε annealed linearly to 0.
+pub fn reptile(data: &ZooDataset, config: &MetaConfig, seed: u64) -> Vec<Tensor> {
+    let net = &data.network;
+    let objective = data.family.objective();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cache = TaskCache::new(data);
+    let mut theta = net.init(seed, Device::Cpu);
+    let tasks = zoo_tasks(data);
+    for step in 0..config.meta_steps {
+        let task = &tasks[rng.random_range(0..tasks.len())];
+        let Some(task_data) = cache.get(task) else {
+            continue;
+        };
+        let phi = adapt(net, &theta, task_data, objective, config, &mut rng);
+        let epsilon = config.outer_lr * (1.0 - step as f64 / config.meta_steps as f64);
+        theta = theta
+            .iter()
+            .zip(&phi)
+            .map(|(t, p)| t + (p - t) * epsilon)
+            .collect();
+    }
+    theta
+}
+
+/// First-order MAML (Finn et al. 2017, first-order): adapt on one batch of
+/// a random zoo task, then θ ← θ − β ∇L(φ) on another batch of it.
+pub fn fomaml(data: &ZooDataset, config: &MetaConfig, seed: u64) -> Vec<Tensor> {
+    let net = &data.network;
+    let objective = data.family.objective();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut cache = TaskCache::new(data);
+    let mut theta = net.init(seed, Device::Cpu);
+    let tasks = zoo_tasks(data);
+    for _ in 0..config.meta_steps {
+        let task = &tasks[rng.random_range(0..tasks.len())];
+        let Some(task_data) = cache.get(task) else {
+            continue;
+        };
+        let phi: Vec<Tensor> = adapt(net, &theta, task_data, objective, config, &mut rng)
+            .into_iter()
+            .map(|p| p.set_requires_grad(true))
+            .collect();
+        let (x, y) = batch(task_data, config.batch_size, &mut rng);
+        let grads = gradient(net, &phi, objective, &x, &y);
+        theta = theta
+            .iter()
+            .zip(grads)
+            .map(|(t, g)| t - g * config.fomaml_lr)
+            .collect();
+    }
+    theta
+}
+
+/// A task-conditioned hypernetwork: the denoiser's task-encoder
+/// architecture plus a linear head, regressing the zoo's standardized
+/// weights from its tasks (MSE, Adam).
+pub struct Hypernetwork {
+    vs: nn::VarStore,
+    encoder: TaskEncoder,
+    head: nn::Linear,
+}
+
+impl Hypernetwork {
+    /// Trains it on every zoo model for `steps` Adam steps of `batch_size`.
+    pub fn train(
+        checkpoint: &DenoiserCheckpoint,
+        data: &ZooDataset,
+        steps: usize,
+        batch_size: i64,
+        learning_rate: f64,
+        seed: u64,
+    ) -> Result<Self, tch::TchError> {
+        tch::manual_seed(seed as i64);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let encoder_config = checkpoint.model.config().encoder.clone();
+        let encoder = TaskEncoder::new(&(vs.root() / "encoder"), &encoder_config);
+        let dim = data.weights.size()[1];
+        let head = nn::linear(
+            vs.root() / "head",
+            encoder_config.embed_dim,
+            dim,
+            Default::default(),
+        );
+        let mut optimizer = nn::Adam::default().build(&vs, learning_rate)?;
+        let condition = condition_of(checkpoint, data, &data.descriptors).to_device(Device::Cpu);
+        let targets = checkpoint
+            .stats
+            .normalize(&data.weights.to_device(Device::Cpu))
+            .to_kind(Kind::Float);
+        let n = targets.size()[0];
+        let mut rng = StdRng::seed_from_u64(seed);
+        for _ in 0..steps {
+            let index: Vec<i64> = (0..batch_size.min(n))
+                .map(|_| rng.random_range(0..n))
+                .collect();
+            let index = Tensor::from_slice(&index);
+            let rows = index.size()[0];
+            let embedded = encoder.forward(&condition.select(&index), rows, None);
+            let predicted = head.forward(&embedded);
+            let l = predicted.mse_loss(&targets.index_select(0, &index), tch::Reduction::Mean);
+            optimizer.backward_step(&l);
+        }
+        Ok(Self { vs, encoder, head })
+    }
+
+    /// Flat weights for `condition` rows (as `condition_of` builds them).
+    pub fn predict(
+        &self,
+        checkpoint: &DenoiserCheckpoint,
+        condition: &TaskBatch,
+        rows: i64,
+    ) -> Tensor {
+        tch::no_grad(|| {
+            let embedded = self
+                .encoder
+                .forward(&condition.to_device(self.vs.device()), rows, None);
+            checkpoint
+                .stats
+                .denormalize(&self.head.forward(&embedded))
+                .to_device(Device::Cpu)
+        })
+    }
+}
