@@ -107,6 +107,14 @@ fn the_quick_profile_writes_every_table() {
         numbers(zoo.trim_start_matches("| zoo model vs its nearest other zoo model |"))[0];
     assert!((-1.0..=1.0).contains(&zoo_cosine), "{zoo}");
 
+    // The plots sit beside the results file and are linked from it.
+    for plot in ["curves", "steps", "novelty"] {
+        let name = format!("eval/digits-digits-{plot}.png");
+        assert!(file.contains(&format!("]({name})")), "{file}");
+        let png = std::fs::read(dir.path().join(&name)).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+    }
+
     // A second run replaces its section instead of appending another.
     let again = ["--seed", "1"];
     worker(&data, &[&args[..], &again[..]].concat());

@@ -81,7 +81,8 @@ struct EvalArgs {
     /// Seed of task draws, sampling and random inits.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Markdown file whose `eval:ZOO` section gets the report (replaced in place).
+    /// Markdown file whose `eval:FAMILY:ZOO` section gets the report
+    /// (replaced in place); the plots go to `eval/` beside it.
     #[arg(long, env = "WEIGHTGEN_EVAL_OUTPUT")]
     output: Option<std::path::PathBuf>,
     /// Device to sample on: auto, cpu or cuda:N (fine-tuning runs on the CPU).
@@ -159,14 +160,25 @@ fn eval(args: EvalArgs) -> Result<String, String> {
         ),
         denoiser: subject.record.id.clone(),
     };
-    let text = weightgen::eval::markdown(&report, &config, &who);
+    let key = format!("{}:{}", subject.data.family.name(), args.zoo);
+    let plots = match &args.output {
+        Some(path) => {
+            let dir = path
+                .parent()
+                .unwrap_or_else(|| std::path::Path::new("."))
+                .join("eval");
+            let stem = key.replace(':', "-");
+            weightgen::eval::draw_plots(&report, &config, &dir, &stem)?
+                .into_iter()
+                .map(|(caption, file)| (caption, format!("eval/{file}")))
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let text = weightgen::eval::markdown(&report, &config, &who, &plots);
     if let Some(path) = &args.output {
-        weightgen::eval::write_section(
-            path,
-            &format!("{}:{}", subject.data.family.name(), args.zoo),
-            &text,
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        weightgen::eval::write_section(path, &key, &text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(text)
 }

@@ -253,6 +253,15 @@ pub struct EvalReport {
     pub tasks: usize,
     /// Seeds per task.
     pub seeds: usize,
+    /// Mean test score per fine-tuning step at the chosen rate, per method.
+    pub curves: BTreeMap<Method, Vec<f64>>,
+    /// Steps to target at the chosen rate, per run and method.
+    pub steps_runs: BTreeMap<Method, Vec<f64>>,
+    /// Cosine to the nearest zoo model, per init, for the methods with a
+    /// novelty row.
+    pub cosine_runs: BTreeMap<Method, Vec<f64>>,
+    /// Cosine of zoo models to their nearest other zoo model.
+    pub zoo_to_zoo_cosines: Vec<f64>,
 }
 
 fn params(data: &ZooDataset, flat: &Tensor) -> Vec<Tensor> {
@@ -352,6 +361,8 @@ struct Runs {
     l2: Vec<f64>,
     agreement: Vec<f64>,
     inits: Vec<Tensor>,
+    curve_sum: Vec<f64>,
+    curves: usize,
 }
 
 /// Runs the harness for `checkpoint` on the zoo `data`.
@@ -458,6 +469,13 @@ pub fn evaluate(
                 let at_proposal = run(PROPOSAL_FINETUNE_LR, config.finetune_steps, task_data)?;
                 let at_best = run(chosen_lr, config.finetune_steps, task_data)?;
                 r.zero_shot.push(at_proposal[0]);
+                if r.curve_sum.len() < at_best.len() {
+                    r.curve_sum.resize(at_best.len(), 0.0);
+                }
+                for (sum, v) in r.curve_sum.iter_mut().zip(&at_best) {
+                    *sum += v;
+                }
+                r.curves += 1;
                 for (curve, steps, reached) in [
                     (&at_proposal, &mut r.steps_proposal, &mut r.reached_proposal),
                     (&at_best, &mut r.steps_best, &mut r.reached_best),
@@ -501,7 +519,8 @@ pub fn evaluate(
         &center,
         Some(&sample),
     );
-    let zoo_to_zoo_cosine = MeanCi::of(&own.iter().map(|n| n.cosine).collect::<Vec<_>>());
+    let zoo_to_zoo_cosines: Vec<f64> = own.iter().map(|n| n.cosine).collect();
+    let zoo_to_zoo_cosine = MeanCi::of(&zoo_to_zoo_cosines);
     let zoo_to_zoo_l2 = MeanCi::of(&own.iter().map(|n| n.l2).collect::<Vec<_>>());
 
     let random_runs = (
@@ -518,6 +537,22 @@ pub fn evaluate(
         )
     };
     let share = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+    let curves = runs
+        .iter()
+        .map(|(m, r)| {
+            let n = r.curves.max(1) as f64;
+            (*m, r.curve_sum.iter().map(|v| v / n).collect())
+        })
+        .collect();
+    let steps_runs = runs
+        .iter()
+        .map(|(m, r)| (*m, r.steps_best.clone()))
+        .collect();
+    let cosine_runs = runs
+        .iter()
+        .filter(|(_, r)| !r.cosine.is_empty())
+        .map(|(m, r)| (*m, r.cosine.clone()))
+        .collect();
     let methods = runs
         .into_iter()
         .map(|(method, r)| {
@@ -559,5 +594,9 @@ pub fn evaluate(
         zoo_to_zoo_l2,
         tasks: tasks.len(),
         seeds: config.seeds,
+        curves,
+        steps_runs,
+        cosine_runs,
+        zoo_to_zoo_cosines,
     })
 }

@@ -6,6 +6,7 @@ pub mod baselines;
 pub mod finetune;
 pub mod harness;
 pub mod novelty;
+pub mod plots;
 pub mod report;
 pub mod stats;
 pub mod subject;
@@ -15,6 +16,6 @@ pub use finetune::{
     steps_to_target, target_of,
 };
 pub use harness::{EvalConfig, EvalReport, Method, evaluate};
-pub use report::{Provenance, markdown, write_section};
+pub use report::{Provenance, draw_plots, markdown, write_section};
 pub use stats::MeanCi;
 pub use subject::{Subject, SubjectError, load_subject};

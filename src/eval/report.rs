@@ -30,8 +30,69 @@ fn steps(m: &MeanCi, reached: f64) -> String {
     format!("{} ({:.0} %)", m.show(1), reached * 100.0)
 }
 
-/// The report's Markdown.
-pub fn markdown(report: &EvalReport, config: &EvalConfig, who: &Provenance) -> String {
+/// Draws the learning curves, steps-to-target and novelty plots of
+/// `report` into `dir` as `STEM-curves.png`, `STEM-steps.png` and
+/// `STEM-novelty.png`; returns (caption, file name) of each.
+pub fn draw_plots(
+    report: &EvalReport,
+    config: &EvalConfig,
+    dir: &Path,
+    stem: &str,
+) -> Result<Vec<(String, String)>, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let label = |m: &Method| m.label(config.guidance);
+    let lr_text = lr(report.chosen_lr);
+    let curves: Vec<(String, Vec<f64>)> = report
+        .curves
+        .iter()
+        .map(|(m, c)| (label(m), c.clone()))
+        .collect();
+    let steps: Vec<(String, Vec<f64>)> = report
+        .steps_runs
+        .iter()
+        .map(|(m, s)| (label(m), s.clone()))
+        .collect();
+    let mut novelty: Vec<(String, Vec<f64>)> = vec![(
+        "zoo model vs nearest other".to_owned(),
+        report.zoo_to_zoo_cosines.clone(),
+    )];
+    novelty.extend(
+        report
+            .cosine_runs
+            .iter()
+            .map(|(m, c)| (label(m), c.clone())),
+    );
+    let files = [
+        (
+            format!(
+                "mean test {} while fine-tuning at lr {lr_text}",
+                report.metric
+            ),
+            format!("{stem}-curves.png"),
+        ),
+        (
+            format!("steps to target at lr {lr_text}, per run (bar: mean)"),
+            format!("{stem}-steps.png"),
+        ),
+        (
+            "cosine to the nearest zoo model (centered weights)".to_owned(),
+            format!("{stem}-novelty.png"),
+        ),
+    ];
+    super::plots::learning_curves(&dir.join(&files[0].1), &files[0].0, report.metric, &curves)?;
+    super::plots::strips(&dir.join(&files[1].1), &files[1].0, "steps", &steps)?;
+    super::plots::histograms(&dir.join(&files[2].1), &files[2].0, "cosine", &novelty, 20)?;
+    Ok(files.into_iter().collect())
+}
+
+/// The report's Markdown; `plots` are (caption, path relative to the
+/// Markdown file) of pictures to link.
+pub fn markdown(
+    report: &EvalReport,
+    config: &EvalConfig,
+    who: &Provenance,
+    plots: &[(String, String)],
+) -> String {
     let metric = report.metric;
     let digits = if report.objective == Objective::Classification {
         3
@@ -155,6 +216,12 @@ pub fn markdown(report: &EvalReport, config: &EvalConfig, who: &Provenance) -> S
         }
     }
     push(&mut out, String::new());
+    for (caption, file) in plots {
+        push(&mut out, format!("![{caption}]({file})"));
+    }
+    if !plots.is_empty() {
+        push(&mut out, String::new());
+    }
     for line in verdicts(report, config) {
         push(&mut out, format!("- {line}"));
     }

@@ -44,7 +44,8 @@ fn finite_or_null(x: f64) -> serde_json::Value {
     }
 }
 
-fn font_available() -> bool {
+/// Whether a font for labels could be registered (the system DejaVu fonts).
+pub(crate) fn font_available() -> bool {
     static LOADED: OnceLock<bool> = OnceLock::new();
     *LOADED.get_or_init(|| {
         for path in FONT_PATHS {
