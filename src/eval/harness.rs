@@ -209,6 +209,13 @@ pub struct MethodScores {
     pub reached_best_lr: f64,
     /// Speed-up over random init at the chosen rate.
     pub speedup_best_lr: MeanCi,
+    /// Compute to reach the target at the chosen rate, sampling included,
+    /// as random init's ÷ this method's (geometric mean over runs; FLOPs
+    /// counted as 2 per weight per row for every dense forward pass, 3×
+    /// that for a training step).
+    pub compute_ratio_best_lr: MeanCi,
+    /// Wall time to produce one init (sampling; 0 for stored ones).
+    pub init_seconds: f64,
     /// Test score after few-shot fine-tuning, per K.
     pub few_shot: BTreeMap<usize, MeanCi>,
     /// Novelty, for generated and retrieved inits.
@@ -363,6 +370,8 @@ struct Runs {
     inits: Vec<Tensor>,
     curve_sum: Vec<f64>,
     curves: usize,
+    flops_best: Vec<f64>,
+    init_seconds: Vec<f64>,
 }
 
 /// Runs the harness for `checkpoint` on the zoo `data`.
@@ -389,6 +398,27 @@ pub fn evaluate(
     let nearest_rows = nearest_by_features(checkpoint, data, &all_rows, &descriptors);
     let condition = condition_of(checkpoint, data, &descriptors);
 
+    let net_params = data.weights.size()[1] as f64;
+    let denoiser_params: f64 = checkpoint
+        .model
+        .vs
+        .variables()
+        .values()
+        .map(|t| t.numel() as f64)
+        .sum();
+    let timesteps = checkpoint.model.schedule().timesteps() as f64;
+    // One reverse step: a dense forward of the denoiser per row, twice with
+    // guidance (conditional and unconditional).
+    let sampling_flops = |method: Method, guidance: f64| {
+        let forward = 2.0 * denoiser_params;
+        let guided = if guidance == 1.0 { 1.0 } else { 2.0 };
+        match method {
+            Method::WeightgenDdim => forward * EVAL_DDIM_STEPS as f64,
+            Method::WeightgenDdimGuided => forward * guided * EVAL_DDIM_STEPS as f64,
+            Method::WeightgenDdpmGuided => forward * guided * timesteps,
+            _ => 0.0,
+        }
+    };
     let mut runs: BTreeMap<Method, Runs> =
         Method::ALL.iter().map(|&m| (m, Runs::default())).collect();
     let mut fully_trained = Vec::new();
@@ -398,21 +428,26 @@ pub fn evaluate(
             .map(|i| seed.wrapping_add(i))
             .collect();
         let ddim = SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0);
-        let generated = |kind, guidance| {
-            checkpoint
+        let mut sampling_seconds = BTreeMap::new();
+        let mut generated = |method, kind, guidance| {
+            let began = std::time::Instant::now();
+            let w = checkpoint
                 .generate(&condition, &seeds, kind, guidance)
                 .to_device(Device::Cpu)
-                .to_kind(Kind::Float)
+                .to_kind(Kind::Float);
+            sampling_seconds.insert(
+                method,
+                began.elapsed().as_secs_f64() / seeds.len().max(1) as f64,
+            );
+            (method, w)
         };
         let samples: BTreeMap<Method, Tensor> = [
-            (Method::WeightgenDdim, generated(ddim, 1.0)),
-            (
-                Method::WeightgenDdimGuided,
-                generated(ddim, config.guidance),
-            ),
-            (
+            generated(Method::WeightgenDdim, ddim, 1.0),
+            generated(Method::WeightgenDdimGuided, ddim, config.guidance),
+            generated(
                 Method::WeightgenDdpmGuided,
-                generated(SamplerKind::Ddpm, config.guidance),
+                SamplerKind::Ddpm,
+                config.guidance,
             ),
         ]
         .into_iter()
@@ -424,6 +459,8 @@ pub fn evaluate(
                 .predict(checkpoint, &condition, tasks.len() as i64);
         for (t, (_, task_data, _)) in tasks.iter().enumerate() {
             let run_seed = seeds[t];
+            // A full-batch training step: forward + backward ≈ 3 forwards.
+            let step_flops = 3.0 * 2.0 * net_params * task_data.train_x.size()[0] as f64;
             let random = net.init(run_seed, Device::Cpu);
             let reference = curve(
                 net,
@@ -484,6 +521,11 @@ pub fn evaluate(
                     steps.push(hit.unwrap_or(config.finetune_steps) as f64);
                     reached.push(if hit.is_some() { 1.0 } else { 0.0 });
                 }
+                let steps_taken = r.steps_best.last().copied().unwrap_or(f64::NAN);
+                r.flops_best
+                    .push(sampling_flops(method, config.guidance) + steps_taken * step_flops);
+                r.init_seconds
+                    .push(sampling_seconds.get(&method).copied().unwrap_or(0.0));
                 for &k in &config.few_shot {
                     let few = few_shot_data(task_data, k, run_seed);
                     let c = run(chosen_lr, config.few_shot_steps, &few)?;
@@ -527,6 +569,7 @@ pub fn evaluate(
         runs[&Method::Random].steps_proposal.clone(),
         runs[&Method::Random].steps_best.clone(),
     );
+    let random_flops = runs[&Method::Random].flops_best.clone();
     let speedup = |random: &[f64], mine: &[f64]| {
         MeanCi::geometric(
             &random
@@ -570,6 +613,14 @@ pub fn evaluate(
                 steps_best_lr: MeanCi::of(&r.steps_best),
                 reached_best_lr: share(&r.reached_best),
                 speedup_best_lr: speedup(&random_runs.1, &r.steps_best),
+                compute_ratio_best_lr: MeanCi::geometric(
+                    &random_flops
+                        .iter()
+                        .zip(&r.flops_best)
+                        .map(|(r, m)| (r + 1.0) / (m + 1.0))
+                        .collect::<Vec<_>>(),
+                ),
+                init_seconds: share(&r.init_seconds),
                 few_shot: r
                     .few_shot
                     .iter()

@@ -133,7 +133,10 @@ pub fn markdown(
              (MSE: within 1/0.9). Steps are counted up to {}; a run that does not reach the target counts as \
              {} and the share that reached it is in brackets. Speed-up: geometric mean over runs of \
              (random's steps + 1) / (the method's steps + 1). Few-shot: fine-tuned {} steps at the chosen rate on K \
-             training examples.",
+             training examples. Compute: FLOPs of sampling plus fine-tuning to the target at the chosen rate, \
+             random init's ÷ the method's (dense-layer count: 2 per weight per row and forward, 3 forwards per \
+             training step; stored inits cost nothing, meta-training and hypernetwork training are not charged \
+             per task).",
             config.validation_tasks,
             config.finetune_steps,
             grid.join(", "),
@@ -158,10 +161,14 @@ pub fn markdown(
     for k in &ks {
         header.push_str(&format!(" K = {k} |"));
     }
+    header.push_str(" compute to target vs random | time per init |");
     push(&mut out, header);
     push(
         &mut out,
-        format!("|---|---|---|---|---|---|{}", "---|".repeat(ks.len())),
+        format!(
+            "|---|---|---|---|---|---|{}---|---|",
+            "---|".repeat(ks.len())
+        ),
     );
     for (method, s) in &report.methods {
         let mut row = format!(
@@ -177,6 +184,11 @@ pub fn markdown(
             let cell = s.few_shot.get(k).map_or("—".into(), |m| m.show(digits));
             row.push_str(&format!(" {cell} |"));
         }
+        row.push_str(&format!(
+            " {}× | {:.3} s |",
+            s.compute_ratio_best_lr.show(2),
+            s.init_seconds
+        ));
         push(&mut out, row);
     }
     push(&mut out, String::new());
