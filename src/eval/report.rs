@@ -26,6 +26,15 @@ fn lr(x: f64) -> String {
     format!("{x:e}").replace("e-", "e-")
 }
 
+/// Three significant digits ("0.00213", "24.3", "inf").
+fn significant(x: f64) -> String {
+    if !x.is_finite() || x == 0.0 {
+        return format!("{x}");
+    }
+    let decimals = (2 - x.abs().log10().floor() as i32).max(0) as usize;
+    format!("{x:.decimals$}")
+}
+
 fn steps(m: &MeanCi, reached: f64) -> String {
     format!("{} ({:.0} %)", m.show(1), reached * 100.0)
 }
@@ -134,7 +143,7 @@ pub fn markdown(
              {} and the share that reached it is in brackets. Speed-up: geometric mean over runs of \
              (random's steps + 1) / (the method's steps + 1). Few-shot: fine-tuned {} steps at the chosen rate on K \
              training examples. Compute: FLOPs of sampling plus fine-tuning to the target at the chosen rate, \
-             random init's ÷ the method's (dense-layer count: 2 per weight per row and forward, 3 forwards per \
+             random init's total ÷ the method's total (dense-layer count: 2 per weight per row and forward, 3 forwards per \
              training step; stored inits cost nothing, meta-training and hypernetwork training are not charged \
              per task).",
             config.validation_tasks,
@@ -186,7 +195,7 @@ pub fn markdown(
         }
         row.push_str(&format!(
             " {}× | {:.3} s |",
-            s.compute_ratio_best_lr.show(2),
+            significant(s.compute_ratio_best_lr),
             s.init_seconds
         ));
         push(&mut out, row);
@@ -327,6 +336,14 @@ pub fn write_section(path: &Path, key: &str, text: &str) -> std::io::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ratios_keep_three_significant_digits() {
+        assert_eq!(significant(0.002134), "0.00213");
+        assert_eq!(significant(24.28), "24.3");
+        assert_eq!(significant(1.0), "1.00");
+        assert_eq!(significant(f64::INFINITY), "inf");
+    }
 
     #[test]
     fn sections_are_replaced_in_place() {
