@@ -110,63 +110,59 @@ fn adapt(
     phi.iter().map(Tensor::detach).collect()
 }
 
-/// The zoo's tasks, in model order.
-fn zoo_tasks(data: &ZooDataset) -> &[TaskSpec] {
-    &data.tasks
-}
-
-/// Reptile (Nichol et al. 2018): θ ← θ + ε (φ − θ), φ = θ after SGD on a
-/// random zoo task; ε annealed linearly to 0.
-pub fn reptile(data: &ZooDataset, config: &MetaConfig, seed: u64) -> Vec<Tensor> {
+/// The loop both meta-learners share: from a fresh init, `meta_steps`
+/// times pick a random zoo task, adapt to it with SGD (φ), and let `outer`
+/// turn (step, θ, φ, the task's data) into the next θ.
+fn meta_learn(
+    data: &ZooDataset,
+    config: &MetaConfig,
+    seed: u64,
+    mut outer: impl FnMut(usize, &[Tensor], Vec<Tensor>, &TaskData, &mut StdRng) -> Vec<Tensor>,
+) -> Vec<Tensor> {
     let net = &data.network;
     let objective = data.family.objective();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cache = TaskCache::new(data);
     let mut theta = net.init(seed, Device::Cpu);
-    let tasks = zoo_tasks(data);
+    let tasks = &data.tasks;
     for step in 0..config.meta_steps {
         let task = &tasks[rng.random_range(0..tasks.len())];
         let Some(task_data) = cache.get(task) else {
             continue;
         };
         let phi = adapt(net, &theta, task_data, objective, config, &mut rng);
+        theta = outer(step, &theta, phi, task_data, &mut rng);
+    }
+    theta
+}
+
+/// Reptile (Nichol et al. 2018): θ ← θ + ε (φ − θ), φ = θ after SGD on a
+/// random zoo task; ε annealed linearly to 0.
+pub fn reptile(data: &ZooDataset, config: &MetaConfig, seed: u64) -> Vec<Tensor> {
+    meta_learn(data, config, seed, |step, theta, phi, _, _| {
         let epsilon = config.outer_lr * (1.0 - step as f64 / config.meta_steps as f64);
-        theta = theta
+        theta
             .iter()
             .zip(&phi)
             .map(|(t, p)| t + (p - t) * epsilon)
-            .collect();
-    }
-    theta
+            .collect()
+    })
 }
 
 /// First-order MAML (Finn et al. 2017, first-order): adapt on one batch of
 /// a random zoo task, then θ ← θ − β ∇L(φ) on another batch of it.
 pub fn fomaml(data: &ZooDataset, config: &MetaConfig, seed: u64) -> Vec<Tensor> {
-    let net = &data.network;
     let objective = data.family.objective();
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut cache = TaskCache::new(data);
-    let mut theta = net.init(seed, Device::Cpu);
-    let tasks = zoo_tasks(data);
-    for _ in 0..config.meta_steps {
-        let task = &tasks[rng.random_range(0..tasks.len())];
-        let Some(task_data) = cache.get(task) else {
-            continue;
-        };
-        let phi: Vec<Tensor> = adapt(net, &theta, task_data, objective, config, &mut rng)
-            .into_iter()
-            .map(|p| p.set_requires_grad(true))
-            .collect();
-        let (x, y) = batch(task_data, config.batch_size, &mut rng);
-        let grads = gradient(net, &phi, objective, &x, &y);
-        theta = theta
+    meta_learn(data, config, seed, |_, theta, phi, task_data, rng| {
+        let phi: Vec<Tensor> = phi.into_iter().map(|p| p.set_requires_grad(true)).collect();
+        let (x, y) = batch(task_data, config.batch_size, rng);
+        let grads = gradient(&data.network, &phi, objective, &x, &y);
+        theta
             .iter()
             .zip(grads)
             .map(|(t, g)| t - g * config.fomaml_lr)
-            .collect();
-    }
-    theta
+            .collect()
+    })
 }
 
 /// A task-conditioned hypernetwork: the denoiser's task-encoder

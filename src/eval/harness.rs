@@ -29,7 +29,7 @@ use crate::tasks::featurizer::describe;
 use crate::tasks::train::{Objective, TaskData};
 use crate::tasks::{Descriptor, TaskSpec};
 use crate::train::dataset::ZooDataset;
-use crate::train::quality::{EVAL_DDIM_STEPS, condition_of, nearest_by_features};
+use crate::train::quality::{EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features};
 use crate::weights::unflatten;
 
 /// The proposal's fine-tuning learning rate.
@@ -396,8 +396,9 @@ pub fn evaluate(
     let center = zoo_weights.mean_dim(0, false, Kind::Float);
     let zoo_std = zoo_weights.std_dim(0, false, false);
     let descriptors: Vec<Descriptor> = tasks.iter().map(|(_, _, d)| d.clone()).collect();
-    let nearest_rows = nearest_by_features(checkpoint, data, &all_rows, &descriptors);
     let condition = condition_of(checkpoint, data, &descriptors);
+    let asked = asked_features(checkpoint, data, &condition, &descriptors);
+    let nearest_rows = nearest_by_features(checkpoint, data, &all_rows, &asked);
 
     let net_params = data.weights.size()[1] as f64;
     let denoiser_params: f64 = checkpoint
@@ -480,6 +481,12 @@ pub fn evaluate(
             // Noise from this run's seed (torch's global generator).
             tch::manual_seed(run_seed as i64);
             let noise = Tensor::randn_like(&nearest) * &zoo_std * config.noise_scale;
+            // The same K examples for every method.
+            let few_shot: Vec<(usize, TaskData)> = config
+                .few_shot
+                .iter()
+                .map(|&k| (k, few_shot_data(task_data, k, run_seed)))
+                .collect();
             for method in Method::ALL {
                 let init: Vec<Tensor> = match method {
                     Method::Random => random.iter().map(Tensor::copy).collect(),
@@ -527,11 +534,10 @@ pub fn evaluate(
                     .push(sampling_flops(method, config.guidance) + steps_taken * step_flops);
                 r.init_seconds
                     .push(sampling_seconds.get(&method).copied().unwrap_or(0.0));
-                for &k in &config.few_shot {
-                    let few = few_shot_data(task_data, k, run_seed);
-                    let c = run(chosen_lr, config.few_shot_steps, &few)?;
+                for (k, few) in &few_shot {
+                    let c = run(chosen_lr, config.few_shot_steps, few)?;
                     r.few_shot
-                        .entry(k)
+                        .entry(*k)
                         .or_default()
                         .push(c.last().copied().unwrap_or(f64::NAN));
                 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::train::report::font_available;
+use crate::train::report::chart_builder;
 
 /// One colour per series, cycling.
 const COLOURS: [RGBColor; 10] = [
@@ -61,16 +61,7 @@ pub fn learning_curves(
         .max(2);
     let (low, high) = finite_range(series.iter().flat_map(|(_, v)| v.iter().copied()));
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let labelled = font_available();
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(15);
-    if labelled {
-        builder
-            .caption(title, ("sans-serif", 20))
-            .x_label_area_size(40)
-            .y_label_area_size(60);
-    }
+    let (mut builder, labelled) = chart_builder(&root, title, 60)?;
     let mut chart = builder
         .build_cartesian_2d(0usize..steps - 1, low..high)
         .map_err(|e| err(&e))?;
@@ -121,16 +112,7 @@ pub fn strips(
     let (low, high) = finite_range(groups.iter().flat_map(|(_, v)| v.iter().copied()));
     let rows = groups.len().max(1) as f64;
     let root = BitMapBackend::new(path, (900, 120 + 40 * groups.len() as u32)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let labelled = font_available();
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(15);
-    if labelled {
-        builder
-            .caption(title, ("sans-serif", 20))
-            .x_label_area_size(40)
-            .y_label_area_size(330);
-    }
+    let (mut builder, labelled) = chart_builder(&root, title, 330)?;
     let mut chart = builder
         .build_cartesian_2d(low..high, -0.5..rows - 0.5)
         .map_err(|e| err(&e))?;
@@ -215,16 +197,7 @@ pub fn histograms(
         .max(0.05)
         * 1.1;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let labelled = font_available();
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(15);
-    if labelled {
-        builder
-            .caption(title, ("sans-serif", 20))
-            .x_label_area_size(40)
-            .y_label_area_size(60);
-    }
+    let (mut builder, labelled) = chart_builder(&root, title, 60)?;
     let mut chart = builder
         .build_cartesian_2d(low..high, 0.0..top)
         .map_err(|e| err(&e))?;

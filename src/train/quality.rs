@@ -145,27 +145,42 @@ pub fn condition_of(
     }
 }
 
-/// For each of `descriptors`, the zoo row among `rows` whose task features
-/// are nearest (Euclidean, standardized as the denoiser's training did):
-/// the retrieval baseline.
+/// For each asked task (`asked`: its features standardized as the
+/// denoiser's training did, e.g. a condition's), the zoo row among `rows`
+/// whose features are nearest (Euclidean): the retrieval baseline.
 pub fn nearest_by_features(
     checkpoint: &DenoiserCheckpoint,
     data: &ZooDataset,
     rows: &[i64],
-    descriptors: &[Descriptor],
+    asked: &Tensor,
 ) -> Vec<i64> {
-    if rows.is_empty() || descriptors.is_empty() {
+    let count = asked.size().first().copied().unwrap_or(0);
+    if rows.is_empty() || count == 0 {
         return Vec::new();
     }
     let zoo = standardized(
         checkpoint,
         &data.features.index_select(0, &Tensor::from_slice(rows)),
     );
-    let asked = standardized(checkpoint, &feature_matrix(data, descriptors));
-    let nearest = Tensor::cdist(&asked, &zoo, 2.0, None::<i64>).argmin(1, false);
-    (0..descriptors.len() as i64)
+    let nearest =
+        Tensor::cdist(&asked.to_device(zoo.device()), &zoo, 2.0, None::<i64>).argmin(1, false);
+    (0..count)
         .map(|i| rows[nearest.int64_value(&[i]) as usize])
         .collect()
+}
+
+/// The standardized features of a condition built by `condition_of`, or of
+/// `descriptors` when it has none.
+pub fn asked_features(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    condition: &TaskBatch,
+    descriptors: &[Descriptor],
+) -> Tensor {
+    match &condition.features {
+        Some(features) => features.shallow_clone(),
+        None => standardized(checkpoint, &feature_matrix(data, descriptors)),
+    }
 }
 
 /// What every split of the gate shares.
@@ -217,7 +232,9 @@ fn scores_for(
         )
     };
     // Retrieval baseline: the training zoo model with the nearest features.
-    let nearest = nearest_by_features(checkpoint, data, train, descriptors);
+    // The condition already holds the asked tasks' standardized features.
+    let asked = asked_features(checkpoint, data, &condition, descriptors);
+    let nearest = nearest_by_features(checkpoint, data, train, &asked);
     let nearest_zoo = mean(
         tasks
             .iter()

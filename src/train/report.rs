@@ -45,7 +45,7 @@ fn finite_or_null(x: f64) -> serde_json::Value {
 }
 
 /// Whether a font for labels could be registered (the system DejaVu fonts).
-pub(crate) fn font_available() -> bool {
+fn font_available() -> bool {
     static LOADED: OnceLock<bool> = OnceLock::new();
     *LOADED.get_or_init(|| {
         for path in FONT_PATHS {
@@ -58,6 +58,28 @@ pub(crate) fn font_available() -> bool {
         }
         false
     })
+}
+
+/// Fills `root` white and starts a chart on it with a 15-pixel margin and,
+/// when a font could be loaded, the `title` and room for axis labels
+/// (`y_label_area` pixels left of the plot); returns it and whether
+/// labels can be drawn.
+pub(crate) fn chart_builder<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    title: &str,
+    y_label_area: u32,
+) -> Result<(ChartBuilder<'a, 'b, BitMapBackend<'b>>, bool), String> {
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let labelled = font_available();
+    let mut builder = ChartBuilder::on(root);
+    builder.margin(15);
+    if labelled {
+        builder
+            .caption(title, ("sans-serif", 20))
+            .x_label_area_size(40)
+            .y_label_area_size(y_label_area);
+    }
+    Ok((builder, labelled))
 }
 
 /// PNG bytes of the loss curves (log-scale loss against step).
@@ -90,16 +112,7 @@ fn draw(path: &std::path::Path, title: &str, curve: &[(usize, f64, f64)]) -> Res
     };
     let last_step = curve.last().map_or(1, |c| c.0.max(1));
     let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| err(&e))?;
-    let labelled = font_available();
-    let mut builder = ChartBuilder::on(&root);
-    builder.margin(15);
-    if labelled {
-        builder
-            .caption(title, ("sans-serif", 20))
-            .x_label_area_size(40)
-            .y_label_area_size(60);
-    }
+    let (mut builder, labelled) = chart_builder(&root, title, 60)?;
     let mut chart = builder
         .build_cartesian_2d(0usize..last_step, (low..high).log_scale())
         .map_err(|e| err(&e))?;

@@ -16,6 +16,8 @@ use weightgen::eval::{
 use weightgen::proto::v1 as pb;
 use weightgen::tasks::{Family, Objective};
 
+use crate::generate::parse_sampler;
+
 #[derive(clap::Args)]
 pub struct CompareArgs {
     /// Task files to compare on (from `weightgen task`); without any,
@@ -76,14 +78,12 @@ fn tasks(args: &CompareArgs) -> Result<Vec<(Family, TaskFile)>, String> {
             .collect();
     }
     let family = Family::parse(&args.family).map_err(|e| format!("--family: {e}"))?;
-    let architecture = match &args.architecture {
-        Some(a) => a.clone(),
-        None => family
-            .networks()
-            .first()
-            .map(|n| n.spec.name.clone())
-            .ok_or("the family has no architecture")?,
-    };
+    // An empty name picks the family's first architecture.
+    let architecture = family
+        .network(args.architecture.as_deref().unwrap_or_default())
+        .map_err(|e| format!("--architecture: {e}"))?
+        .spec
+        .name;
     let mut rng = StdRng::seed_from_u64(args.seed);
     (0..args.held_out)
         .map(|_| {
@@ -120,10 +120,9 @@ pub async fn compare(
         eprintln!("weightgen: compare: {e}");
         Ok(ExitCode::FAILURE)
     };
-    let sampler = match args.sampler.as_str() {
-        "ddim" => pb::Sampler::Ddim,
-        "ddpm" => pb::Sampler::Ddpm,
-        other => return fail(format!("--sampler {other:?}: expected ddim or ddpm")),
+    let sampler = match parse_sampler(&args.sampler) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
     };
     let tasks = match tasks(&args) {
         Ok(t) => t,

@@ -54,6 +54,15 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
+/// `--sampler`: ddim or ddpm.
+pub fn parse_sampler(name: &str) -> Result<pb::Sampler, String> {
+    match name {
+        "ddim" => Ok(pb::Sampler::Ddim),
+        "ddpm" => Ok(pb::Sampler::Ddpm),
+        other => Err(format!("--sampler {other:?}: expected ddim or ddpm")),
+    }
+}
+
 /// The GenerateInit request the flags describe (errors name the flag).
 fn generate_request(args: &GenerateArgs) -> Result<pb::GenerateInitRequest, String> {
     let mut task = match &args.task {
@@ -84,11 +93,7 @@ fn generate_request(args: &GenerateArgs) -> Result<pb::GenerateInitRequest, Stri
         task.support =
             Some(support_set(path).map_err(|e| format!("--support {}: {e}", path.display()))?);
     }
-    let sampler = match args.sampler.as_str() {
-        "ddim" => pb::Sampler::Ddim,
-        "ddpm" => pb::Sampler::Ddpm,
-        other => return Err(format!("--sampler {other:?}: expected ddim or ddpm")),
-    };
+    let sampler = parse_sampler(&args.sampler)?;
     let dtype = match args.dtype.as_str() {
         "f32" => pb::DType::DtypeF32,
         "f16" => pb::DType::DtypeF16,

@@ -40,19 +40,12 @@ pub struct TaskArgs {
 /// The family, its architecture and the asked task.
 pub fn resolve(args: &TaskArgs) -> Result<(Family, String, TaskSpec), String> {
     let family = Family::parse(&args.family).map_err(|e| format!("--family: {e}"))?;
-    let architecture = match &args.architecture {
-        Some(a) => family
-            .network(a)
-            .map_err(|e| format!("--architecture: {e}"))?
-            .spec
-            .name
-            .clone(),
-        None => family
-            .networks()
-            .first()
-            .map(|n| n.spec.name.clone())
-            .ok_or_else(|| format!("--family {}: no architecture", family.name()))?,
-    };
+    // An empty name picks the family's first architecture.
+    let architecture = family
+        .network(args.architecture.as_deref().unwrap_or_default())
+        .map_err(|e| format!("--architecture: {e}"))?
+        .spec
+        .name;
     let task = match (family, args.held_out_seed) {
         (_, Some(seed)) => family.sample_task(&mut StdRng::seed_from_u64(seed), true),
         (Family::Digits, None) => TaskSpec::Digits {
