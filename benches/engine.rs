@@ -97,6 +97,7 @@ fn model(dim: i64, timesteps: usize) -> ConditionalDenoiser {
         support_y_dim: 0,
         hidden: 64,
         embed_dim: 32,
+        prototypes: false,
     };
     let mut config = DenoiserConfig::new(dim, encoder);
     config.timesteps = timesteps;

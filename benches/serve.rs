@@ -74,6 +74,9 @@ async fn prepare(dir: &std::path::Path) {
             widths: vec![256, 128],
             ..Default::default()
         }),
+        timesteps: weightgen::diffusion::schedule::DEFAULT_TIMESTEPS,
+        schedule: weightgen::diffusion::schedule::ScheduleKind::cosine(),
+        load: Default::default(),
         fit: FitConfig {
             steps: 50,
             ..Default::default()

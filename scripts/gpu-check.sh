@@ -46,15 +46,15 @@ step "denoiser: 2000 steps on $gpu, mixed precision where CUDA"
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-start() { # device port
+start() { # device port max-samples
     "$bin/weightgen-server" --listen "127.0.0.1:$2" --metrics-listen "127.0.0.1:0" --data-dir "$data" \
-        --device "$1" --max-samples "$samples" 2>"$work/server-${1/:/}.log" &
+        --device "$1" --max-samples "$3" 2>"$work/server-${1/:/}.log" &
     pids+=($!)
     "$bin/weightgen" --addr "127.0.0.1:$2" health --service weightgen.v1.GenerationService --wait 120s >/dev/null
 }
 gpu_port="$(free_port)"; cpu_port="$(free_port)"
-start "$gpu" "$gpu_port"
-start cpu "$cpu_port"
+start "$gpu" "$gpu_port" 1024
+start cpu "$cpu_port" "$samples"
 "$bin/weightgen" --addr "127.0.0.1:$gpu_port" server-info
 "$bin/weightgen" task --family digits --held-out-seed 7 -o "$work/task.json"
 
@@ -74,6 +74,23 @@ for sampler in ddim ddpm; do
         printf '%s\t%s\t%s\t%s\n' "$role" "$sampler" "$ms" "$out" >>"$results"
     done
 done
+
+# GPU memory of the GPU server (nvidia-smi: CUDA context + torch's caching
+# allocator, which keeps its peak): after loading, then after one request of
+# each batch size (DDIM-50, guidance 3).
+if command -v nvidia-smi >/dev/null && [ "$gpu" != cpu ]; then
+    gpu_mem() { nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits |
+        awk -F', ' -v pid="${pids[0]}" '$1 == pid { print $2 }'; }
+    step "GPU memory of the cuda server after the runs above: $(gpu_mem) MiB"
+    for n in 1 64 256 1024; do
+        line="$("$bin/weightgen" --addr "127.0.0.1:$gpu_port" --timeout 600s generate --task "$work/task.json" \
+            --samples "$n" --sampler ddim --guidance 3 --seed 5 -o "$work/mem-$n.safetensors" 2>&1 | tail -1)" ||
+            line="failed: $line"
+        step "GPU memory after a $n-sample DDIM-50 request: $(gpu_mem) MiB ($line)"
+    done
+    nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
 
 step "GPU ($gpu) vs CPU: same requests, same seeds"
 "$py" - "$results" "$work/task.json" "$gpu" "$samples" <<'PY'

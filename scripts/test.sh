@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a warm one: installs what it
-# needs (libtorch wheel, client tools), then checks formatting and lints and
-# runs every test. CI runs exactly this (.ci/run).
+# needs (libtorch wheel, client and deployment-check tools), then checks
+# formatting and lints, runs every test and checks the deployment files
+# offline. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
@@ -22,6 +23,9 @@ step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
 
 step "cargo test"
 cargo test --locked
+
+step "deployment files, offline (hadolint, kustomize, schemas, compose, image libraries)"
+scripts/check-deploy.sh
 
 step "reflection and health through an independent client (buf curl)"
 scripts/check-reflection.sh

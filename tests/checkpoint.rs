@@ -28,6 +28,7 @@ fn checkpoint(net: NetConfig) -> DenoiserCheckpoint {
         support_y_dim: 3,
         hidden: 16,
         embed_dim: 8,
+        prototypes: false,
     };
     let mut config = DenoiserConfig::new(latent.dim(), encoder);
     config.net = net;
@@ -74,6 +75,7 @@ fn condition(device: Device) -> TaskBatch {
         features: Some(Tensor::ones([2, 3], (Kind::Float, device))),
         support_x: Some(Tensor::ones([2, 5, 8], (Kind::Float, device)) * 0.5),
         support_y: Some(Tensor::zeros([2, 5, 3], (Kind::Float, device))),
+        features_dropped: None,
     }
 }
 

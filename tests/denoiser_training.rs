@@ -26,6 +26,7 @@ fn encoder(feature_dim: i64) -> TaskEncoderConfig {
         support_y_dim: 0,
         hidden: 32,
         embed_dim: 16,
+        prototypes: false,
     }
 }
 
@@ -34,6 +35,7 @@ fn small_net(widths: Vec<i64>) -> NetConfig {
         widths,
         blocks_per_level: 1,
         time_dim: 32,
+        ..Default::default()
     })
 }
 

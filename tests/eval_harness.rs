@@ -56,9 +56,11 @@ fn the_quick_profile_writes_every_table() {
         "weightgen DDIM-50",
         "weightgen DDIM-50, guidance 3",
         "weightgen DDPM-1000, guidance 3",
+        "weightgen DDIM-50, guidance 3, support set only",
         "random init (PyTorch default)",
         "nearest zoo model (by descriptor)",
         "nearest zoo model + noise",
+        "nearest zoo model + noise as far as weightgen's sample",
         "average of the zoo",
         "Reptile (meta-learned on the zoo tasks)",
         "first-order MAML (meta-learned on the zoo tasks)",
@@ -93,6 +95,26 @@ fn the_quick_profile_writes_every_table() {
     let cosine = numbers(novelty.trim_start_matches("| nearest zoo model + noise |"))[0];
     assert!(cosine > 0.9, "{novelty}");
     assert!(noise[0] >= 0.0);
+    // The matched noise puts the nearest model as far from the zoo as
+    // weightgen's DDPM samples are (the cosine it was solved for).
+    let novelty_cosine = |label: &str| {
+        let line = file
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {label} |")))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no novelty row {label:?} in\n{file}"));
+        numbers(line.trim_start_matches(&format!("| {label} |")))[0]
+    };
+    let generated = novelty_cosine("weightgen DDPM-1000, guidance 3");
+    let matched = novelty_cosine("nearest zoo model + noise as far as weightgen's sample");
+    assert!(
+        (matched - generated).abs() < 0.1 && matched < 0.9,
+        "matched noise cosine {matched} vs weightgen {generated}"
+    );
+    assert!(
+        file.contains("support-only row conditions on the K = 10"),
+        "{file}"
+    );
     // The hypernetwork is deterministic given the task: it has a novelty row.
     assert!(
         file.lines()

@@ -227,7 +227,7 @@ async fn failures_are_retried_to_their_limit_and_cancelled_jobs_stop_their_worke
         (
             Some(Spec::TrainDenoiser(TrainDenoiserSpec {
                 zoo: "z".into(),
-                kind: "layer_transformer".into(),
+                kind: "resnet".into(),
                 ..Default::default()
             })),
             "train_denoiser.kind",

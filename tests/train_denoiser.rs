@@ -48,7 +48,11 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
             widths: vec![256, 128],
             blocks_per_level: 1,
             time_dim: 64,
+            ..Default::default()
         }),
+        timesteps: weightgen::diffusion::schedule::DEFAULT_TIMESTEPS,
+        schedule: weightgen::diffusion::schedule::ScheduleKind::cosine(),
+        load: Default::default(),
         fit: FitConfig {
             steps: 3000,
             batch_size: 64,

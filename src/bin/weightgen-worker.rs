@@ -81,6 +81,11 @@ struct EvalArgs {
     /// Seed of task draws, sampling and random inits.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Ablation mode: evaluate these denoisers (trained on the zoo with one
+    /// design choice changed each) on the same tasks, random init and the
+    /// guided DDIM row only, into one table (section `eval:FAMILY:ZOO:ablation`).
+    #[arg(long, value_delimiter = ',', conflicts_with = "denoiser_id")]
+    ablation: Vec<String>,
     /// Markdown file whose `eval:FAMILY:ZOO` section gets the report
     /// (replaced in place); the plots go to `eval/` beside it.
     #[arg(long, env = "WEIGHTGEN_EVAL_OUTPUT")]
@@ -102,39 +107,15 @@ fn commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn eval(args: EvalArgs) -> Result<String, String> {
-    let device = args.device.resolve().map_err(|e| e.to_string())?;
-    let mut config = if args.quick {
-        weightgen::eval::EvalConfig::quick()
-    } else {
-        weightgen::eval::EvalConfig::full()
-    };
-    config.tasks = args.tasks.unwrap_or(config.tasks);
-    config.seeds = args.seeds.unwrap_or(config.seeds);
-    config.finetune_steps = args.finetune_steps.unwrap_or(config.finetune_steps);
-    config.full_steps = args.full_steps.unwrap_or(config.full_steps);
-    config.guidance = args.guidance;
-    config.seed = args.seed;
-    if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
-        return Err("--tasks, --seeds and --finetune-steps must be at least 1".into());
-    }
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-    let subject = runtime.block_on(async {
-        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
-        weightgen::eval::load_subject(
-            &catalog,
-            &blobs,
-            &args.zoo,
-            args.denoiser_id.as_deref(),
-            device,
-        )
-        .await
-        .map_err(|e| e.to_string())
-    })?;
-    let started = std::time::Instant::now();
-    let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
-        .map_err(|e| e.to_string())?;
-    let who = weightgen::eval::Provenance {
+/// Who produced a report: the zoo, the command as given, commit, machine.
+fn provenance(
+    args: &EvalArgs,
+    subject: &weightgen::eval::Subject,
+    device: tch::Device,
+    started: std::time::Instant,
+    denoiser: &str,
+) -> weightgen::eval::Provenance {
+    weightgen::eval::Provenance {
         title: format!(
             "`{}` (zoo `{}`, {} models, {})",
             subject.data.family.name(),
@@ -158,8 +139,95 @@ fn eval(args: EvalArgs) -> Result<String, String> {
             device_name(device),
             started.elapsed().as_secs_f64()
         ),
-        denoiser: subject.record.id.clone(),
+        denoiser: denoiser.to_owned(),
+    }
+}
+
+/// `eval --ablation`: each listed denoiser through the harness (random init
+/// and the guided DDIM row), one table.
+fn eval_ablation(
+    args: &EvalArgs,
+    mut config: weightgen::eval::EvalConfig,
+    device: tch::Device,
+    runtime: &tokio::runtime::Runtime,
+) -> Result<String, String> {
+    config.only = Some(vec![weightgen::eval::ABLATION_METHOD]);
+    let started = std::time::Instant::now();
+    let mut rows = Vec::new();
+    let mut last = None;
+    for id in &args.ablation {
+        let subject = runtime.block_on(async {
+            let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+            weightgen::eval::load_subject(&catalog, &blobs, &args.zoo, Some(id), device)
+                .await
+                .map_err(|e| e.to_string())
+        })?;
+        tracing::info!(denoiser = %id, "ablation: evaluating");
+        let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
+            .map_err(|e| format!("{id}: {e}"))?;
+        rows.push(weightgen::eval::AblationRow {
+            denoiser: id.clone(),
+            variant: weightgen::eval::Variant::of(
+                subject.checkpoint.model.config(),
+                &subject.record.config,
+                subject
+                    .record
+                    .summary
+                    .get("zoo_models")
+                    .copied()
+                    .unwrap_or(0.0),
+            ),
+            report,
+        });
+        last = Some(subject);
+    }
+    let subject = last.ok_or("--ablation lists no denoiser")?;
+    let who = provenance(args, &subject, device, started, &args.ablation.join(", "));
+    let text = weightgen::eval::ablation_markdown(&rows, &config, &who);
+    if let Some(path) = &args.output {
+        let key = format!("{}:{}:ablation", subject.data.family.name(), args.zoo);
+        weightgen::eval::write_section(path, &key, &text)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(text)
+}
+
+fn eval(args: EvalArgs) -> Result<String, String> {
+    let device = args.device.resolve().map_err(|e| e.to_string())?;
+    let mut config = if args.quick {
+        weightgen::eval::EvalConfig::quick()
+    } else {
+        weightgen::eval::EvalConfig::full()
     };
+    config.tasks = args.tasks.unwrap_or(config.tasks);
+    config.seeds = args.seeds.unwrap_or(config.seeds);
+    config.finetune_steps = args.finetune_steps.unwrap_or(config.finetune_steps);
+    config.full_steps = args.full_steps.unwrap_or(config.full_steps);
+    config.guidance = args.guidance;
+    config.seed = args.seed;
+    if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
+        return Err("--tasks, --seeds and --finetune-steps must be at least 1".into());
+    }
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    if !args.ablation.is_empty() {
+        return eval_ablation(&args, config, device, &runtime);
+    }
+    let subject = runtime.block_on(async {
+        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        weightgen::eval::load_subject(
+            &catalog,
+            &blobs,
+            &args.zoo,
+            args.denoiser_id.as_deref(),
+            device,
+        )
+        .await
+        .map_err(|e| e.to_string())
+    })?;
+    let started = std::time::Instant::now();
+    let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
+        .map_err(|e| e.to_string())?;
+    let who = provenance(&args, &subject, device, started, &subject.record.id);
     let key = format!("{}:{}", subject.data.family.name(), args.zoo);
     let plots = match &args.output {
         Some(path) => {
@@ -264,6 +332,32 @@ struct TrainArgs {
     /// Share of rows trained unconditionally (classifier-free guidance).
     #[arg(long, env = "WEIGHTGEN_TRAIN_COND_DROPOUT", default_value_t = weightgen::model::fit::DEFAULT_COND_DROPOUT)]
     cond_dropout: f64,
+    /// Share of rows whose descriptor features are withheld (support set
+    /// kept), so the denoiser can also be conditioned on a support set alone.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_FEATURE_DROPOUT", default_value_t = 0.0)]
+    feature_dropout: f64,
+    /// Denoiser network: mlp_unet (the proposal) or layer_transformer.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_KIND", default_value = "mlp_unet")]
+    kind: String,
+    /// How the MLP U-Net takes in the condition: film (the proposal) or concat.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_CONDITIONING", default_value = "film")]
+    conditioning: String,
+    /// Diffusion steps T (the proposal: 1000).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_TIMESTEPS", default_value_t = weightgen::diffusion::schedule::DEFAULT_TIMESTEPS)]
+    timesteps: usize,
+    /// Noise schedule: cosine (the proposal) or linear.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_SCHEDULE", default_value = "cosine")]
+    schedule: String,
+    /// Size E of the task embedding.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EMBED_DIM", default_value_t = weightgen::jobs::spec::DEFAULT_EMBED_DIM)]
+    embed_dim: i64,
+    /// Permutation alignment of the zoo: auto (unless built from one shared
+    /// init), always or never.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ALIGN", default_value = "auto")]
+    align: String,
+    /// Train on the first N zoo models only (by id).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_MAX_MODELS")]
+    max_models: Option<usize>,
     /// EMA decay of the published weights (0: last weights).
     #[arg(long, env = "WEIGHTGEN_TRAIN_EMA_DECAY", default_value_t = weightgen::train::DEFAULT_EMA_DECAY)]
     ema_decay: f64,
@@ -330,6 +424,14 @@ fn train(args: TrainArgs) -> Result<String, String> {
         batch_size: args.batch_size,
         learning_rate: args.learning_rate,
         cond_dropout: args.cond_dropout,
+        feature_dropout: args.feature_dropout,
+        kind: args.kind,
+        conditioning: args.conditioning,
+        timesteps: args.timesteps,
+        schedule: args.schedule,
+        embed_dim: args.embed_dim,
+        align: args.align,
+        max_models: args.max_models,
         ema_decay: args.ema_decay,
         val_fraction: args.val_fraction,
         widths: args.widths,

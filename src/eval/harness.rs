@@ -24,12 +24,15 @@ use super::finetune::{DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_t
 use super::novelty::{agreement, mean_pairwise_cosine, nearest_zoo};
 use super::stats::MeanCi;
 use crate::diffusion::SamplerKind;
-use crate::model::DenoiserCheckpoint;
+use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
+use crate::tasks::featurizer::support_descriptor;
 use crate::tasks::train::{Objective, TaskData};
 use crate::tasks::{Descriptor, TaskSpec};
 use crate::train::dataset::ZooDataset;
-use crate::train::quality::{EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features};
+use crate::train::quality::{
+    EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features, support_condition,
+};
 use crate::weights::unflatten;
 
 /// The proposal's fine-tuning learning rate.
@@ -65,6 +68,9 @@ pub struct EvalConfig {
     pub hypernetwork_steps: usize,
     /// Seed of task draws and everything else.
     pub seed: u64,
+    /// Evaluate only these methods (random init always runs: it is the
+    /// yardstick); None = every method.
+    pub only: Option<Vec<Method>>,
 }
 
 impl EvalConfig {
@@ -91,6 +97,7 @@ impl EvalConfig {
             },
             hypernetwork_steps: 3000,
             seed: 0,
+            only: None,
         }
     }
 
@@ -117,6 +124,7 @@ impl EvalConfig {
             },
             hypernetwork_steps: 100,
             seed: 0,
+            only: None,
         }
     }
 }
@@ -135,12 +143,19 @@ pub enum Method {
     WeightgenDdimGuided,
     /// weightgen, DDPM with all T steps, configured guidance.
     WeightgenDdpmGuided,
+    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
+    /// smallest few-shot support set alone (no task metadata): exactly what
+    /// Reptile and MAML see.
+    WeightgenSupportOnly,
     /// The network's PyTorch-default initialization.
     Random,
     /// The zoo model whose task features are nearest (retrieval).
     NearestZoo,
     /// That model plus Gaussian noise.
     NearestZooNoise,
+    /// That model plus Gaussian noise whose size puts it as far from the
+    /// zoo as weightgen's DDPM sample for the same run (Zeng et al.).
+    NearestZooNoiseMatched,
     /// The mean of the (aligned) zoo.
     ZooAverage,
     /// Reptile's meta-learned init (one for every task).
@@ -153,13 +168,15 @@ pub enum Method {
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 10] = [
+    pub const ALL: [Method; 12] = [
         Method::WeightgenDdim,
         Method::WeightgenDdimGuided,
         Method::WeightgenDdpmGuided,
+        Method::WeightgenSupportOnly,
         Method::Random,
         Method::NearestZoo,
         Method::NearestZooNoise,
+        Method::NearestZooNoiseMatched,
         Method::ZooAverage,
         Method::Reptile,
         Method::Fomaml,
@@ -172,9 +189,15 @@ impl Method {
             Self::WeightgenDdim => "weightgen DDIM-50".into(),
             Self::WeightgenDdimGuided => format!("weightgen DDIM-50, guidance {guidance}"),
             Self::WeightgenDdpmGuided => format!("weightgen DDPM-1000, guidance {guidance}"),
+            Self::WeightgenSupportOnly => {
+                format!("weightgen DDIM-50, guidance {guidance}, support set only")
+            }
             Self::Random => "random init (PyTorch default)".into(),
             Self::NearestZoo => "nearest zoo model (by descriptor)".into(),
             Self::NearestZooNoise => "nearest zoo model + noise".into(),
+            Self::NearestZooNoiseMatched => {
+                "nearest zoo model + noise as far as weightgen's sample".into()
+            }
             Self::ZooAverage => "average of the zoo".into(),
             Self::Reptile => "Reptile (meta-learned on the zoo tasks)".into(),
             Self::Fomaml => "first-order MAML (meta-learned on the zoo tasks)".into(),
@@ -186,7 +209,10 @@ impl Method {
     pub fn is_generated(self) -> bool {
         matches!(
             self,
-            Self::WeightgenDdim | Self::WeightgenDdimGuided | Self::WeightgenDdpmGuided
+            Self::WeightgenDdim
+                | Self::WeightgenDdimGuided
+                | Self::WeightgenDdpmGuided
+                | Self::WeightgenSupportOnly
         )
     }
 }
@@ -270,6 +296,11 @@ pub struct EvalReport {
     pub cosine_runs: BTreeMap<Method, Vec<f64>>,
     /// Cosine of zoo models to their nearest other zoo model.
     pub zoo_to_zoo_cosines: Vec<f64>,
+    /// Noise σ of the matched noise baseline, as a multiple of the zoo's
+    /// per-weight standard deviation.
+    pub matched_noise_scale: MeanCi,
+    /// Support examples K the support-only rows were conditioned on.
+    pub support_only_k: Option<usize>,
 }
 
 fn params(data: &ZooDataset, flat: &Tensor) -> Vec<Tensor> {
@@ -399,6 +430,23 @@ pub fn evaluate(
     let condition = condition_of(checkpoint, data, &descriptors);
     let asked = asked_features(checkpoint, data, &condition, &descriptors);
     let nearest_rows = nearest_by_features(checkpoint, data, &all_rows, &asked);
+    // The support-only rows need a denoiser whose encoder reads support sets.
+    let support_only_k = (checkpoint.model.config().encoder.support_x_dim > 0)
+        .then(|| config.few_shot.iter().copied().min())
+        .flatten();
+    let asked = |m: &Method| {
+        *m == Method::Random || config.only.as_ref().is_none_or(|only| only.contains(m))
+    };
+    let methods: Vec<Method> = Method::ALL
+        .into_iter()
+        .filter(|m| asked(m))
+        .filter(|m| *m != Method::WeightgenSupportOnly || support_only_k.is_some())
+        // The matched noise is solved against the DDPM sample.
+        .filter(|m| *m != Method::NearestZooNoiseMatched || asked(&Method::WeightgenDdpmGuided))
+        .collect();
+    let wanted = |m: Method| methods.contains(&m);
+    let zoo_std_norm = zoo_std.square().sum(Kind::Double).sqrt().double_value(&[]);
+    let mut matched_scales = Vec::new();
 
     let net_params = data.weights.size()[1] as f64;
     let denoiser_params: f64 = checkpoint
@@ -418,11 +466,11 @@ pub fn evaluate(
             Method::WeightgenDdim => forward * EVAL_DDIM_STEPS as f64,
             Method::WeightgenDdimGuided => forward * guided * EVAL_DDIM_STEPS as f64,
             Method::WeightgenDdpmGuided => forward * guided * timesteps,
+            Method::WeightgenSupportOnly => forward * guided * EVAL_DDIM_STEPS as f64,
             _ => 0.0,
         }
     };
-    let mut runs: BTreeMap<Method, Runs> =
-        Method::ALL.iter().map(|&m| (m, Runs::default())).collect();
+    let mut runs: BTreeMap<Method, Runs> = methods.iter().map(|&m| (m, Runs::default())).collect();
     let mut fully_trained = Vec::new();
     for seed_index in 0..config.seeds as u64 {
         let seed = config.seed.wrapping_add(seed_index * 1_000_003);
@@ -431,10 +479,22 @@ pub fn evaluate(
             .collect();
         let ddim = SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0);
         let mut sampling_seconds = BTreeMap::new();
-        let mut generated = |method, kind, guidance| {
+        // Support-only: each task's K examples of this seed's few-shot
+        // draw (the same examples the few-shot runs fine-tune on).
+        let support_only = support_only_k
+            .filter(|_| wanted(Method::WeightgenSupportOnly))
+            .map(|k| {
+                let descriptors: Vec<Descriptor> = tasks
+                    .iter()
+                    .zip(&seeds)
+                    .map(|((_, d, _), &s)| support_descriptor(data.family, &few_shot_data(d, k, s)))
+                    .collect();
+                support_condition(data, &descriptors)
+            });
+        let mut generated = |method, condition: &TaskBatch, kind, guidance| {
             let began = std::time::Instant::now();
             let w = checkpoint
-                .generate(&condition, &seeds, kind, guidance)
+                .generate(condition, &seeds, kind, guidance)
                 .to_device(Device::Cpu)
                 .to_kind(Kind::Float);
             sampling_seconds.insert(
@@ -443,22 +503,40 @@ pub fn evaluate(
             );
             (method, w)
         };
-        let samples: BTreeMap<Method, Tensor> = [
-            generated(Method::WeightgenDdim, ddim, 1.0),
-            generated(Method::WeightgenDdimGuided, ddim, config.guidance),
-            generated(
+        let mut samples: BTreeMap<Method, Tensor> = BTreeMap::new();
+        for (method, kind, guidance) in [
+            (Method::WeightgenDdim, ddim, 1.0),
+            (Method::WeightgenDdimGuided, ddim, config.guidance),
+            (
                 Method::WeightgenDdpmGuided,
                 SamplerKind::Ddpm,
                 config.guidance,
             ),
-        ]
-        .into_iter()
-        .collect();
-        let reptile_init = reptile(data, &config.meta, seed);
-        let fomaml_init = fomaml(data, &config.meta, seed);
-        let hypernetwork =
-            Hypernetwork::train(checkpoint, data, config.hypernetwork_steps, 64, 1e-3, seed)?
-                .predict(checkpoint, &condition, tasks.len() as i64);
+        ] {
+            if wanted(method) {
+                let (method, w) = generated(method, &condition, kind, guidance);
+                samples.insert(method, w);
+            }
+        }
+        if let Some(support_only) = &support_only {
+            let (method, w) = generated(
+                Method::WeightgenSupportOnly,
+                support_only,
+                ddim,
+                config.guidance,
+            );
+            samples.insert(method, w);
+        }
+        let reptile_init = wanted(Method::Reptile).then(|| reptile(data, &config.meta, seed));
+        let fomaml_init = wanted(Method::Fomaml).then(|| fomaml(data, &config.meta, seed));
+        let hypernetwork = if wanted(Method::Hypernetwork) {
+            Some(
+                Hypernetwork::train(checkpoint, data, config.hypernetwork_steps, 64, 1e-3, seed)?
+                    .predict(checkpoint, &condition, tasks.len() as i64),
+            )
+        } else {
+            None
+        };
         for (t, (_, task_data, _)) in tasks.iter().enumerate() {
             let run_seed = seeds[t];
             // A full-batch training step: forward + backward ≈ 3 forwards.
@@ -480,23 +558,50 @@ pub fn evaluate(
             let nearest = data.weights.get(nearest_rows[t]).to_kind(Kind::Float);
             // Noise from this run's seed (torch's global generator).
             tch::manual_seed(run_seed as i64);
-            let noise = Tensor::randn_like(&nearest) * &zoo_std * config.noise_scale;
+            let noise = Tensor::randn_like(&nearest) * &zoo_std;
+            // σ for which E[cos(a, a + n)] = c, with a the centered nearest
+            // model and c the DDPM sample's cosine to its nearest zoo model:
+            // cos ≈ ‖a‖ / sqrt(‖a‖² + s²·Σσ_i²)  ⇒  s = ‖a‖·sqrt(1/c² − 1) / sqrt(Σσ_i²).
+            let noise_matched = samples.get(&Method::WeightgenDdpmGuided).map(|ddpm| {
+                let reference = ddpm.get(t as i64).unsqueeze(0);
+                let c = nearest_zoo(&reference, &zoo_weights, &center, None)[0]
+                    .cosine
+                    .clamp(0.01, 0.999);
+                let a_norm = (&nearest - &center).norm().double_value(&[]);
+                let scale = a_norm * (1.0 / (c * c) - 1.0).sqrt() / zoo_std_norm.max(1e-12);
+                matched_scales.push(scale);
+                &noise * scale
+            });
+            let noise = &noise * config.noise_scale;
             // The same K examples for every method.
             let few_shot: Vec<(usize, TaskData)> = config
                 .few_shot
                 .iter()
                 .map(|&k| (k, few_shot_data(task_data, k, run_seed)))
                 .collect();
-            for method in Method::ALL {
+            for &method in &methods {
+                let copy = |p: &Option<Vec<Tensor>>| -> Vec<Tensor> {
+                    p.iter().flatten().map(Tensor::copy).collect()
+                };
                 let init: Vec<Tensor> = match method {
                     Method::Random => random.iter().map(Tensor::copy).collect(),
                     Method::NearestZoo => params(data, &nearest),
                     Method::NearestZooNoise => params(data, &(&nearest + &noise)),
+                    Method::NearestZooNoiseMatched => match &noise_matched {
+                        Some(n) => params(data, &(&nearest + n)),
+                        None => continue,
+                    },
                     Method::ZooAverage => params(data, &center),
-                    Method::Reptile => reptile_init.iter().map(Tensor::copy).collect(),
-                    Method::Fomaml => fomaml_init.iter().map(Tensor::copy).collect(),
-                    Method::Hypernetwork => params(data, &hypernetwork.get(t as i64)),
-                    generated => params(data, &samples[&generated].get(t as i64)),
+                    Method::Reptile => copy(&reptile_init),
+                    Method::Fomaml => copy(&fomaml_init),
+                    Method::Hypernetwork => match &hypernetwork {
+                        Some(h) => params(data, &h.get(t as i64)),
+                        None => continue,
+                    },
+                    generated => match samples.get(&generated) {
+                        Some(w) => params(data, &w.get(t as i64)),
+                        None => continue,
+                    },
                 };
                 let r = runs.get_mut(&method).expect("every method has runs");
                 let run = |lr: f64, steps: usize, d: &TaskData| {
@@ -542,7 +647,12 @@ pub fn evaluate(
                         .push(c.last().copied().unwrap_or(f64::NAN));
                 }
                 if method.is_generated()
-                    || matches!(method, Method::NearestZooNoise | Method::Hypernetwork)
+                    || matches!(
+                        method,
+                        Method::NearestZooNoise
+                            | Method::NearestZooNoiseMatched
+                            | Method::Hypernetwork
+                    )
                 {
                     let flat = flat_of(&init);
                     let n = nearest_zoo(&flat.unsqueeze(0), &zoo_weights, &center, None)[0];
@@ -651,5 +761,7 @@ pub fn evaluate(
         steps_runs,
         cosine_runs,
         zoo_to_zoo_cosines,
+        matched_noise_scale: MeanCi::of(&matched_scales),
+        support_only_k: support_only_k.filter(|_| wanted(Method::WeightgenSupportOnly)),
     })
 }

@@ -2,6 +2,7 @@
 //! evaluation harness against baselines (`weightgen-worker eval`), novelty
 //! against the zoo, confidence intervals, and the Markdown report.
 
+pub mod ablation;
 pub mod baselines;
 pub mod finetune;
 pub mod harness;
@@ -11,6 +12,7 @@ pub mod report;
 pub mod stats;
 pub mod subject;
 
+pub use ablation::{ABLATION_METHOD, AblationRow, Variant, ablation_markdown};
 pub use finetune::{
     DEFAULT_TARGET_FRACTION, FinetuneConfig, InitFileError, curve, params_from_safetensors,
     steps_to_target, target_of,

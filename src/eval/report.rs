@@ -159,6 +159,25 @@ pub fn markdown(
         ),
     );
     push(&mut out, String::new());
+    let mut baselines = format!(
+        "Baselines: nearest zoo model by standardized descriptor; that model plus Gaussian noise of σ = {} × the zoo's \
+         per-weight standard deviation, and plus noise scaled per run so that it sits as far from the zoo as \
+         weightgen's DDPM sample for the same run (σ = {} × the zoo's, mean ± 95 % CI); the zoo's mean; Reptile and \
+         first-order MAML meta-trained on the zoo's tasks; a hypernetwork (the denoiser's task encoder + a linear head) \
+         regressed on the zoo.",
+        config.noise_scale,
+        report.matched_noise_scale.show(3),
+    );
+    match report.support_only_k {
+        Some(k) => baselines.push_str(&format!(
+            " The support-only row conditions on the K = {k} few-shot examples of each run alone (no task metadata), \
+             the same examples the K = {k} few-shot runs of every method fine-tune on; its convergence runs start from \
+             that init too."
+        )),
+        None => baselines.push_str(" The denoiser reads no support set, so there is no support-only row."),
+    }
+    push(&mut out, baselines);
+    push(&mut out, String::new());
     let ks: Vec<usize> = config.few_shot.clone();
     let mut header = format!(
         "| method | zero-shot {metric} | steps to target @ {} | speed-up @ {} | steps to target @ {} | speed-up @ {} |",
@@ -286,6 +305,32 @@ pub fn verdicts(report: &EvalReport, config: &EvalConfig) -> Vec<String> {
                 s.speedup_best_lr.show(2),
                 best.speedup_best_lr.show(2)
             ));
+        }
+    }
+    // The fair few-shot comparison: support set only against meta-learning.
+    if let Some(support_only) = report.methods.get(&Method::WeightgenSupportOnly) {
+        for meta in [Method::Reptile, Method::Fomaml] {
+            let Some(m) = report.methods.get(&meta) else {
+                continue;
+            };
+            for (k, mine) in &support_only.few_shot {
+                let Some(theirs) = m.few_shot.get(k) else {
+                    continue;
+                };
+                let verb = if better(mine.mean, theirs.mean) {
+                    "beats"
+                } else {
+                    "loses to"
+                };
+                out.push(format!(
+                    "Few-shot K = {k}, same information: {} {verb} {} ({} against {}, {:+.3}).",
+                    Method::WeightgenSupportOnly.label(config.guidance),
+                    meta.label(config.guidance),
+                    mine.show(3),
+                    theirs.show(3),
+                    mine.mean - theirs.mean
+                ));
+            }
         }
     }
     if best.speedup_best_lr.mean < 1.0 {

@@ -7,9 +7,13 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use crate::cancel::CancelFlag;
+use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, ScheduleKind};
 use crate::model::fit::{DEFAULT_BATCH_SIZE, DEFAULT_COND_DROPOUT, DEFAULT_LEARNING_RATE};
-use crate::model::{FitConfig, MlpUnetConfig, NetConfig, PrecisionChoice};
+use crate::model::{
+    Conditioning, FitConfig, LayerTransformerConfig, MlpUnetConfig, NetConfig, PrecisionChoice,
+};
 use crate::tasks::{Family, TrainConfig};
+use crate::train::dataset::{AlignChoice, LoadOptions};
 use crate::train::{
     DEFAULT_CHECKPOINT_EVERY, DEFAULT_EMA_DECAY, DEFAULT_VAL_FRACTION, TrainDenoiserConfig,
 };
@@ -25,6 +29,10 @@ pub const DEFAULT_EVAL_TASKS: usize = 20;
 pub const DEFAULT_EVAL_GUIDANCE: f64 = 1.0;
 /// Steps between log points.
 pub const DEFAULT_LOG_EVERY: usize = 1000;
+/// Size E of the task embedding.
+pub const DEFAULT_EMBED_DIM: i64 = 64;
+/// Hidden width of the task encoder.
+pub const DEFAULT_ENCODER_HIDDEN: i64 = 128;
 /// Most zoo models one job may ask for.
 pub const MAX_ZOO_MODELS: u64 = 1_000_000;
 
@@ -184,6 +192,24 @@ fn default_checkpoint_every() -> usize {
 fn default_precision() -> String {
     "auto".to_owned()
 }
+fn default_kind() -> String {
+    "mlp_unet".to_owned()
+}
+fn default_conditioning() -> String {
+    "film".to_owned()
+}
+fn default_timesteps() -> usize {
+    DEFAULT_TIMESTEPS
+}
+fn default_schedule() -> String {
+    "cosine".to_owned()
+}
+fn default_embed_dim() -> i64 {
+    DEFAULT_EMBED_DIM
+}
+fn default_align() -> String {
+    "auto".to_owned()
+}
 
 /// Train a denoiser on a zoo and publish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,6 +263,32 @@ pub struct TrainJob {
     /// Make the result the active denoiser of its architecture.
     #[serde(default)]
     pub activate: bool,
+    /// Denoiser network: "mlp_unet" (the proposal) or "layer_transformer".
+    #[serde(default = "default_kind")]
+    pub kind: String,
+    /// How the MLP U-Net takes in the condition: "film" or "concat".
+    #[serde(default = "default_conditioning")]
+    pub conditioning: String,
+    /// Diffusion steps T.
+    #[serde(default = "default_timesteps")]
+    pub timesteps: usize,
+    /// Noise schedule: "cosine" or "linear".
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// Size E of the task embedding.
+    #[serde(default = "default_embed_dim")]
+    pub embed_dim: i64,
+    /// Share of rows whose descriptor features are withheld (support set
+    /// kept), so the denoiser can be conditioned on a support set alone.
+    #[serde(default)]
+    pub feature_dropout: f64,
+    /// Permutation alignment of the zoo: "auto" (unless built from one
+    /// shared init), "always" or "never".
+    #[serde(default = "default_align")]
+    pub align: String,
+    /// Train on the first N zoo models only (by id; None = all).
+    #[serde(default)]
+    pub max_models: Option<usize>,
 }
 
 impl TrainJob {
@@ -277,6 +329,27 @@ impl TrainJob {
         }
         positive("train_denoiser.learning_rate", self.learning_rate)?;
         fraction("train_denoiser.cond_dropout", self.cond_dropout)?;
+        fraction("train_denoiser.feature_dropout", self.feature_dropout)?;
+        self.net()?;
+        self.schedule_kind()?;
+        if self.timesteps < 2 || self.timesteps > 100_000 {
+            return Err(invalid(
+                "train_denoiser.timesteps",
+                format!("{} is not in [2, 100000]", self.timesteps),
+            ));
+        }
+        if self.embed_dim <= 0 || self.embed_dim > 4096 {
+            return Err(invalid(
+                "train_denoiser.embed_dim",
+                format!("{} is not in [1, 4096]", self.embed_dim),
+            ));
+        }
+        self.align
+            .parse::<AlignChoice>()
+            .map_err(|e| invalid("train_denoiser.align", e))?;
+        if self.max_models.is_some_and(|n| n < 2) {
+            return Err(invalid("train_denoiser.max_models", "at least 2"));
+        }
         fraction("train_denoiser.ema_decay", self.ema_decay)?;
         fraction("train_denoiser.val_fraction", self.val_fraction)?;
         if self.widths.is_empty() || self.widths.iter().any(|&w| w <= 0) {
@@ -291,6 +364,44 @@ impl TrainJob {
         self.precision
             .parse()
             .map_err(|e: String| invalid("train_denoiser.precision", e))
+    }
+
+    /// The denoiser network the spec names.
+    fn net(&self) -> Result<NetConfig, SpecError> {
+        let conditioning: Conditioning = self
+            .conditioning
+            .parse()
+            .map_err(|e| invalid("train_denoiser.conditioning", e))?;
+        match self.kind.as_str() {
+            "mlp_unet" => Ok(NetConfig::MlpUnet(MlpUnetConfig {
+                widths: self.widths.clone(),
+                conditioning,
+                ..Default::default()
+            })),
+            "layer_transformer" if conditioning == Conditioning::Film => Ok(
+                NetConfig::LayerTransformer(LayerTransformerConfig::default()),
+            ),
+            "layer_transformer" => Err(invalid(
+                "train_denoiser.conditioning",
+                "the layer transformer conditions by adaLN; only \"film\" applies",
+            )),
+            other => Err(invalid(
+                "train_denoiser.kind",
+                format!("{other:?} is not \"mlp_unet\" or \"layer_transformer\""),
+            )),
+        }
+    }
+
+    /// The noise schedule the spec names.
+    fn schedule_kind(&self) -> Result<ScheduleKind, SpecError> {
+        match self.schedule.as_str() {
+            "cosine" => Ok(ScheduleKind::cosine()),
+            "linear" => Ok(ScheduleKind::linear()),
+            other => Err(invalid(
+                "train_denoiser.schedule",
+                format!("{other:?} is not \"cosine\" or \"linear\""),
+            )),
+        }
     }
 
     /// The trainer's config for the denoiser `denoiser_id` on `device`.
@@ -308,23 +419,30 @@ impl TrainJob {
         Ok(TrainDenoiserConfig {
             zoo: self.zoo.clone(),
             denoiser_id: denoiser_id.to_owned(),
-            net: NetConfig::MlpUnet(MlpUnetConfig {
-                widths: self.widths.clone(),
-                ..Default::default()
-            }),
+            net: self.net()?,
+            timesteps: self.timesteps,
+            schedule: self.schedule_kind()?,
+            load: LoadOptions {
+                align: self
+                    .align
+                    .parse()
+                    .map_err(|e| invalid("train_denoiser.align", e))?,
+                max_models: self.max_models,
+            },
             fit: FitConfig {
                 steps: self.steps,
                 batch_size: self.batch_size,
                 learning_rate: self.learning_rate,
                 cond_dropout: self.cond_dropout,
+                feature_dropout: self.feature_dropout,
                 seed: self.seed,
                 precision,
                 ..Default::default()
             },
             ema_decay: self.ema_decay,
             val_fraction: self.val_fraction,
-            encoder_hidden: 128,
-            embed_dim: 64,
+            encoder_hidden: DEFAULT_ENCODER_HIDDEN,
+            embed_dim: self.embed_dim,
             log_every: self.log_every,
             eval_tasks: self.eval_tasks,
             eval_guidance: self.eval_guidance,
@@ -363,6 +481,53 @@ mod tests {
             job.validate().unwrap_err().field,
             "train_denoiser.learning_rate"
         );
+        for (field, job) in [
+            (
+                "train_denoiser.kind",
+                TrainJob {
+                    kind: "resnet".into(),
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.conditioning",
+                TrainJob {
+                    kind: "layer_transformer".into(),
+                    conditioning: "concat".into(),
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.schedule",
+                TrainJob {
+                    schedule: "sigmoid".into(),
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.timesteps",
+                TrainJob {
+                    timesteps: 1,
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.align",
+                TrainJob {
+                    align: "maybe".into(),
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.feature_dropout",
+                TrainJob {
+                    feature_dropout: 1.5,
+                    ..TrainJob::new("z")
+                },
+            ),
+        ] {
+            assert_eq!(job.validate().unwrap_err().field, field);
+        }
         let unknown: Result<TrainJob, _> =
             serde_json::from_value(serde_json::json!({"zoo": "z", "stepz": 3}));
         assert!(unknown.unwrap_err().to_string().contains("stepz"));

@@ -1,6 +1,7 @@
 //! Building blocks shared by the denoisers: the sinusoidal time embedding
 //! τ(t) and the FiLM-conditioned residual MLP block.
 
+use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
@@ -59,32 +60,76 @@ pub fn zero_linear(path: nn::Path, input: i64, output: i64) -> nn::Linear {
     )
 }
 
+/// How a block takes in the condition c.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Conditioning {
+    /// FiLM: scale and shift of the normalized activations (the proposal).
+    #[default]
+    Film,
+    /// c concatenated to the normalized activations before the MLP (the
+    /// ablation baseline).
+    Concat,
+}
+
+impl std::str::FromStr for Conditioning {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "film" => Ok(Self::Film),
+            "concat" => Ok(Self::Concat),
+            other => Err(format!("{other:?} is not \"film\" or \"concat\"")),
+        }
+    }
+}
+
 /// Residual block h ← h + MLP(FiLM(LayerNorm(h); c)), where
 /// FiLM(x; c) = x ⊙ (1 + γ(c)) + β(c) and c carries τ(t) and e. (Pre-norm
 /// form of the proposal's h ← LayerNorm(h); h ← h + MLP(h ⊙ FiLM(e, τ(t))).)
+/// With `Conditioning::Concat` the MLP reads [LayerNorm(h), c] instead.
 #[derive(Debug)]
 pub struct FilmBlock {
     norm: nn::LayerNorm,
-    film: nn::Linear,
+    film: Option<nn::Linear>,
     up: nn::Linear,
     down: nn::Linear,
 }
 
 impl FilmBlock {
-    /// A block of `width` conditioned on a `cond_dim` vector.
+    /// A FiLM block of `width` conditioned on a `cond_dim` vector.
     pub fn new(vs: &nn::Path, width: i64, cond_dim: i64) -> Self {
+        Self::with_conditioning(vs, width, cond_dim, Conditioning::Film)
+    }
+
+    /// A block of `width` taking a `cond_dim` vector as `conditioning` says.
+    pub fn with_conditioning(
+        vs: &nn::Path,
+        width: i64,
+        cond_dim: i64,
+        conditioning: Conditioning,
+    ) -> Self {
+        let (film, up_input) = match conditioning {
+            Conditioning::Film => (Some(zero_linear(vs / "film", cond_dim, 2 * width)), width),
+            Conditioning::Concat => (None, width + cond_dim),
+        };
         Self {
             norm: nn::layer_norm(vs / "norm", vec![width], Default::default()),
-            film: zero_linear(vs / "film", cond_dim, 2 * width),
-            up: nn::linear(vs / "up", width, 2 * width, Default::default()),
+            film,
+            up: nn::linear(vs / "up", up_input, 2 * width, Default::default()),
             down: zero_linear(vs / "down", 2 * width, width),
         }
     }
 
     /// h [B, width], c [B, cond_dim].
     pub fn forward(&self, h: &Tensor, c: &Tensor) -> Tensor {
-        let modulation = self.film.forward(c).chunk(2, 1);
-        let x = self.norm.forward(h) * (1.0 + &modulation[0]) + &modulation[1];
+        let x = match &self.film {
+            Some(film) => {
+                let modulation = film.forward(c).chunk(2, 1);
+                self.norm.forward(h) * (1.0 + &modulation[0]) + &modulation[1]
+            }
+            None => Tensor::cat(&[self.norm.forward(h), c.shallow_clone()], 1),
+        };
         h + self.down.forward(&self.up.forward(&x).silu())
     }
 }
@@ -115,5 +160,7 @@ mod tests {
         let h = Tensor::randn([4, 6], (Kind::Float, Device::Cpu));
         let c = Tensor::randn([4, 3], (Kind::Float, Device::Cpu));
         assert!(block.forward(&h, &c).equal(&h));
+        let concat = FilmBlock::with_conditioning(&vs.root(), 6, 3, Conditioning::Concat);
+        assert!(concat.forward(&h, &c).equal(&h));
     }
 }

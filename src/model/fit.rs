@@ -34,6 +34,10 @@ pub struct FitConfig {
     pub learning_rate: f64,
     /// Probability that a row's condition is replaced by the null one.
     pub cond_dropout: f64,
+    /// Probability that a row's descriptor features are withheld (its
+    /// support set kept), so the denoiser can also be conditioned on the
+    /// support set alone. 0 draws nothing (the batch stream is unchanged).
+    pub feature_dropout: f64,
     /// Clip the gradient norm to this value.
     pub grad_clip: Option<f64>,
     /// Seed of batches, timesteps, noise and dropout.
@@ -52,6 +56,7 @@ impl Default for FitConfig {
             batch_size: DEFAULT_BATCH_SIZE,
             learning_rate: DEFAULT_LEARNING_RATE,
             cond_dropout: DEFAULT_COND_DROPOUT,
+            feature_dropout: 0.0,
             grad_clip: Some(1.0),
             seed: 0,
             precision: Precision::Fp32,
@@ -147,7 +152,8 @@ impl Trainer {
     }
 
     /// One optimizer step on a random batch of `data` [N, D] (on the model's
-    /// device) with its `condition`; returns the loss.
+    /// device) with its `condition`; returns the loss. With fp16 it computes
+    /// in the caller's autocast scope (`Precision::scope` around the run).
     pub fn step(
         &mut self,
         model: &ConditionalDenoiser,
@@ -170,6 +176,12 @@ impl Trainer {
             let pool = condition.support_x.as_ref()?.size()[1] as usize;
             (pool > k).then(|| random_subsets(&mut rng, b as usize, pool, k))
         });
+        let features_dropped: Option<Vec<bool>> =
+            (self.config.feature_dropout > 0.0 && condition.features.is_some()).then(|| {
+                (0..b)
+                    .map(|_| rng.random::<f64>() < self.config.feature_dropout)
+                    .collect()
+            });
         let index = Tensor::from_slice(&index).to_device(device);
         let t = Tensor::from_slice(&t).to_device(device);
         let drop = Tensor::from_slice(&drop).to_device(device);
@@ -182,17 +194,21 @@ impl Trainer {
                 .to_device(device);
             batch_condition = batch_condition.with_support_subsets(&pick);
         }
+        if let Some(dropped) = features_dropped {
+            batch_condition.features_dropped = Some(Tensor::from_slice(&dropped).to_device(device));
+        }
         let mixed = self.config.precision == Precision::Fp16;
-        let loss = tch::autocast(mixed, || {
-            model.loss(
+        // The weights changed at the last step: no stale fp16 copies.
+        self.config.precision.fresh_casts();
+        let loss = model
+            .loss(
                 &data.index_select(0, &index),
                 &batch_condition,
                 &t,
                 &eps,
                 Some(&drop),
             )
-        })
-        .to_kind(Kind::Float);
+            .to_kind(Kind::Float);
         self.adam.zero_grad();
         let scale = self.loss_scale.scale;
         if scale == 1.0 {
@@ -240,9 +256,11 @@ pub fn fit(
     let data = data.to_device(device).to_kind(Kind::Float);
     let condition = condition.to_device(device);
     let mut trainer = Trainer::new(model, config).expect("Adam over the model's variables");
-    let losses = (0..config.steps)
-        .map(|_| trainer.step(model, &data, &condition))
-        .collect();
+    let losses = config.precision.scope(|| {
+        (0..config.steps)
+            .map(|_| trainer.step(model, &data, &condition))
+            .collect()
+    });
     FitReport { losses }
 }
 
@@ -261,12 +279,14 @@ mod tests {
             support_y_dim: 1,
             hidden: 8,
             embed_dim: 8,
+            prototypes: false,
         };
         let mut config = DenoiserConfig::new(6, encoder);
         config.net = NetConfig::MlpUnet(MlpUnetConfig {
             widths: vec![16],
             blocks_per_level: 1,
             time_dim: 8,
+            ..Default::default()
         });
         let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
         let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
@@ -293,6 +313,7 @@ mod tests {
             features: Some(features),
             support_x: Some(pool.shallow_clone()),
             support_y: Some(pool),
+            features_dropped: None,
         };
         (w, condition)
     }

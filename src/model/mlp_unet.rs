@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 use tch::nn::{self, Module};
 
-use super::blocks::{FilmBlock, TimeCondition, zero_linear};
+use super::blocks::{Conditioning, FilmBlock, TimeCondition, zero_linear};
 
 /// Shape of the MLP U-Net.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -21,6 +21,9 @@ pub struct MlpUnetConfig {
     pub blocks_per_level: usize,
     /// Size of the time embedding τ(t).
     pub time_dim: i64,
+    /// How blocks take in the condition (FiLM in the proposal).
+    #[serde(default)]
+    pub conditioning: Conditioning,
 }
 
 impl Default for MlpUnetConfig {
@@ -29,6 +32,7 @@ impl Default for MlpUnetConfig {
             widths: vec![512, 256],
             blocks_per_level: 2,
             time_dim: 128,
+            conditioning: Conditioning::Film,
         }
     }
 }
@@ -57,7 +61,14 @@ impl MlpUnet {
         let levels = widths.len();
         let blocks = |prefix: &str, level: usize| -> Vec<FilmBlock> {
             (0..config.blocks_per_level)
-                .map(|b| FilmBlock::new(&(vs / prefix / level / b), widths[level], c_dim))
+                .map(|b| {
+                    FilmBlock::with_conditioning(
+                        &(vs / prefix / level / b),
+                        widths[level],
+                        c_dim,
+                        config.conditioning,
+                    )
+                })
                 .collect()
         };
         Self {
@@ -74,7 +85,12 @@ impl MlpUnet {
                     )
                 })
                 .collect(),
-            middle: FilmBlock::new(&(vs / "middle"), widths[levels - 1], c_dim),
+            middle: FilmBlock::with_conditioning(
+                &(vs / "middle"),
+                widths[levels - 1],
+                c_dim,
+                config.conditioning,
+            ),
             up_proj: (0..levels - 1)
                 .map(|l| {
                     nn::linear(

@@ -13,6 +13,7 @@ pub mod precision;
 pub mod task_encoder;
 pub mod tokens;
 
+pub use blocks::Conditioning;
 pub use checkpoint::{CheckpointError, DenoiserCheckpoint};
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, Embedded, NetConfig, PreEmbedded};
 pub use fit::{FitConfig, FitReport, Trainer, TrainerPosition, fit};

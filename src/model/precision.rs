@@ -22,6 +22,33 @@ pub enum Precision {
     Fp16,
 }
 
+impl Precision {
+    /// Runs `f` under fp16 autocast when this is `Fp16`, plainly otherwise.
+    /// Open it once around a whole training run, not per step: libtorch
+    /// 2.11 prints a deprecation warning for every autocast toggle that tch
+    /// makes (thousands of lines over a run).
+    ///
+    /// Inside one scope autocast keeps fp16 copies of the weights it casts
+    /// (libtorch empties that cache only when the outermost scope closes), so
+    /// call `fresh_casts` before every forward pass whose weights may have
+    /// changed since the last one (after an optimizer step, around EMA swaps).
+    pub fn scope<T>(self, f: impl FnOnce() -> T) -> T {
+        match self {
+            Self::Fp16 => tch::autocast(true, f),
+            Self::Fp32 => f(),
+        }
+    }
+
+    /// Empties autocast's cache of fp16 weight copies (a no-op for fp32).
+    pub fn fresh_casts(self) {
+        if self == Self::Fp16 && tch::Cuda::is_available() {
+            // SAFETY: a plain call into libtorch's autocast state, which
+            // has no preconditions (at::autocast::clear_cache).
+            unsafe { torch_sys::at_autocast_clear_cache() };
+        }
+    }
+}
+
 /// What the user asked for: a precision, or `auto` (fp16 on CUDA, fp32 otherwise).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PrecisionChoice {

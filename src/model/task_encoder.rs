@@ -20,6 +20,12 @@ pub struct TaskEncoderConfig {
     pub hidden: i64,
     /// Embedding size E.
     pub embed_dim: i64,
+    /// For classification support sets (one-hot targets over several
+    /// labels): also encode the per-label mean input ("prototypes",
+    /// [labels × X] flattened), which states plainly which inputs each label
+    /// stands for. A mean over φ([x, y]) can only learn that slowly.
+    #[serde(default)]
+    pub prototypes: bool,
 }
 
 /// The conditioning inputs of a batch (rows aligned with the weights).
@@ -31,6 +37,11 @@ pub struct TaskBatch {
     pub support_x: Option<Tensor>,
     /// Support targets [B, K, Y].
     pub support_y: Option<Tensor>,
+    /// Rows [B] (bool) whose features are withheld: the features path adds
+    /// nothing there, as when `features` is absent. Training sets it
+    /// (feature dropout) so the encoder also learns the task from the
+    /// support set alone.
+    pub features_dropped: Option<Tensor>,
 }
 
 impl TaskBatch {
@@ -40,6 +51,7 @@ impl TaskBatch {
             features: Some(features),
             support_x: None,
             support_y: None,
+            features_dropped: None,
         }
     }
 
@@ -49,6 +61,16 @@ impl TaskBatch {
             features: None,
             support_x: None,
             support_y: None,
+            features_dropped: None,
+        }
+    }
+
+    /// The support set alone: what a few-shot learner sees.
+    pub fn support_only(self) -> Self {
+        Self {
+            features: None,
+            features_dropped: None,
+            ..self
         }
     }
 
@@ -62,6 +84,7 @@ impl TaskBatch {
             features: pick(&self.features),
             support_x: pick(&self.support_x),
             support_y: pick(&self.support_y),
+            features_dropped: pick(&self.features_dropped),
         }
     }
 
@@ -82,6 +105,7 @@ impl TaskBatch {
             features: self.features,
             support_x: gather(self.support_x),
             support_y: gather(self.support_y),
+            features_dropped: self.features_dropped,
         }
     }
 
@@ -92,6 +116,7 @@ impl TaskBatch {
             features: mv(&self.features),
             support_x: mv(&self.support_x),
             support_y: mv(&self.support_y),
+            features_dropped: mv(&self.features_dropped),
         }
     }
 }
@@ -103,6 +128,7 @@ pub struct TaskEncoder {
     features: Option<(nn::Linear, nn::Linear)>,
     phi: Option<(nn::Linear, nn::Linear)>,
     rho: Option<nn::Linear>,
+    prototypes: Option<(nn::Linear, nn::Linear)>,
     null: Tensor,
 }
 
@@ -130,11 +156,26 @@ impl TaskEncoder {
         });
         let rho =
             (config.support_x_dim > 0).then(|| nn::linear(vs / "rho", h, e, Default::default()));
+        let prototypes = (config.prototypes
+            && config.support_x_dim > 0
+            && config.support_y_dim > 1)
+            .then(|| {
+                (
+                    nn::linear(
+                        vs / "prototypes" / "0",
+                        config.support_x_dim * config.support_y_dim,
+                        h,
+                        Default::default(),
+                    ),
+                    nn::linear(vs / "prototypes" / "1", h, e, Default::default()),
+                )
+            });
         Self {
             config: config.clone(),
             features,
             phi,
             rho,
+            prototypes,
             null: vs.var(
                 "null",
                 &[e],
@@ -154,7 +195,13 @@ impl TaskEncoder {
         let device = self.null.device();
         let mut e = Tensor::zeros([b, self.config.embed_dim], (Kind::Float, device));
         if let (Some((l0, l1)), Some(f)) = (&self.features, &batch.features) {
-            e += l1.forward(&l0.forward(f).silu());
+            let from_features = l1.forward(&l0.forward(f).silu());
+            e += match &batch.features_dropped {
+                Some(dropped) => from_features
+                    .zeros_like()
+                    .where_self(&dropped.to_device(device).unsqueeze(1), &from_features),
+                None => from_features,
+            };
         }
         if let (Some((p0, p1)), Some(rho), Some(x), Some(y)) =
             (&self.phi, &self.rho, &batch.support_x, &batch.support_y)
@@ -165,6 +212,18 @@ impl TaskEncoder {
                     .silu()
                     .mean_dim(1, false, Kind::Float);
             e += rho.forward(&pooled);
+        }
+        if let (Some((l0, l1)), Some(x), Some(y)) =
+            (&self.prototypes, &batch.support_x, &batch.support_y)
+        {
+            // y [B, K, W] one-hot, x [B, K, X]: mean x per label [B, W, X];
+            // a label without examples gets zeros.
+            let counts = y
+                .sum_dim_intlist(1, false, Kind::Float)
+                .clamp_min(1.0)
+                .unsqueeze(-1);
+            let means = y.transpose(1, 2).matmul(x) / counts;
+            e += l1.forward(&l0.forward(&means.flatten(1, -1)).silu());
         }
         let null = self
             .null
@@ -196,11 +255,80 @@ mod tests {
             features: None,
             support_x: Some(x.shallow_clone()),
             support_y: Some(x),
+            features_dropped: None,
         };
         let pick = Tensor::from_slice(&[2i64, 0, 1, 2]).view([2, 2]);
         let kept = batch.with_support_subsets(&pick);
         let got = Vec::<f32>::try_from(kept.support_x.unwrap().reshape([-1])).unwrap();
         assert_eq!(got, vec![2.0, 0.0, 11.0, 12.0]);
         assert_eq!(kept.support_y.unwrap().size(), vec![2, 2, 1]);
+    }
+
+    #[test]
+    fn a_row_with_dropped_features_embeds_its_support_set_alone() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let encoder = TaskEncoder::new(
+            &vs.root(),
+            &TaskEncoderConfig {
+                feature_dim: 3,
+                support_x_dim: 2,
+                support_y_dim: 1,
+                hidden: 8,
+                embed_dim: 4,
+                prototypes: false,
+            },
+        );
+        let full = || TaskBatch {
+            features: Some(Tensor::from_slice(&[1.0f32, -2.0, 0.5, 3.0, 0.0, -1.0]).view([2, 3])),
+            support_x: Some(Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4]).view([2, 1, 2])),
+            support_y: Some(Tensor::from_slice(&[1.0f32, 0.0]).view([2, 1, 1])),
+            features_dropped: None,
+        };
+        let both = encoder.forward(&full(), 2, None);
+        let support = encoder.forward(&full().support_only(), 2, None);
+        let dropped = TaskBatch {
+            features_dropped: Some(Tensor::from_slice(&[true, false])),
+            ..full()
+        };
+        let mixed = encoder.forward(&dropped, 2, None);
+        assert!(mixed.get(0).allclose(&support.get(0), 1e-6, 1e-6, false));
+        assert!(mixed.get(1).allclose(&both.get(1), 1e-6, 1e-6, false));
+        // The features do move the embedding (so the test can fail).
+        assert!(!both.get(0).allclose(&support.get(0), 1e-3, 1e-3, false));
+    }
+
+    #[test]
+    fn prototypes_see_which_inputs_each_label_stands_for() {
+        let vs = nn::VarStore::new(tch::Device::Cpu);
+        let encoder = TaskEncoder::new(
+            &vs.root(),
+            &TaskEncoderConfig {
+                feature_dim: 0,
+                support_x_dim: 2,
+                support_y_dim: 2,
+                hidden: 8,
+                embed_dim: 4,
+                prototypes: true,
+            },
+        );
+        assert!(encoder.prototypes.is_some());
+        let batch = |x: &[f32], y: &[f32]| TaskBatch {
+            features: None,
+            support_x: Some(Tensor::from_slice(x).view([1, 3, 2])),
+            support_y: Some(Tensor::from_slice(y).view([1, 3, 2])),
+            features_dropped: None,
+        };
+        let x = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.2];
+        let labels = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0];
+        let e = encoder.forward(&batch(&x, &labels), 1, None);
+        // The same examples in another order: the same embedding.
+        let shuffled_x = [0.0f32, 1.0, 1.0, 0.2, 1.0, 0.0];
+        let shuffled_y = [0.0f32, 1.0, 1.0, 0.0, 1.0, 0.0];
+        let same = encoder.forward(&batch(&shuffled_x, &shuffled_y), 1, None);
+        assert!(e.allclose(&same, 1e-6, 1e-6, false));
+        // The labels swapped: another task, another embedding.
+        let swapped = [0.0f32, 1.0, 1.0, 0.0, 0.0, 1.0];
+        let other = encoder.forward(&batch(&x, &swapped), 1, None);
+        assert!(!e.allclose(&other, 1e-3, 1e-3, false));
     }
 }

@@ -59,21 +59,6 @@ fn build_zoo_job(spec: &BuildZooSpec) -> Result<BuildZooJob, Status> {
 
 /// The stored spec of a TrainDenoiser request.
 fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
-    if !matches!(spec.kind.as_str(), "" | "mlp_unet") {
-        return Err(invalid(
-            "train_denoiser.kind",
-            format!(
-                "{:?}: the worker trains \"mlp_unet\" denoisers so far",
-                spec.kind
-            ),
-        ));
-    }
-    if !matches!(spec.timesteps, 0 | 1000) || !matches!(spec.schedule.as_str(), "" | "cosine") {
-        return Err(invalid(
-            "train_denoiser.timesteps",
-            "the worker trains the proposal's schedule (T = 1000, cosine) so far",
-        ));
-    }
     if spec.latent_dim != 0 {
         return Err(invalid(
             "train_denoiser.latent_dim",
@@ -99,6 +84,9 @@ fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
                     | "learning_rate"
                     | "seed"
                     | "activate"
+                    | "kind"
+                    | "timesteps"
+                    | "schedule"
             ) {
                 return Err(invalid(
                     "train_denoiser.config_json",
@@ -119,6 +107,15 @@ fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
     }
     if spec.learning_rate != 0.0 {
         fields.insert("learning_rate".into(), spec.learning_rate.into());
+    }
+    if !spec.kind.is_empty() {
+        fields.insert("kind".into(), spec.kind.clone().into());
+    }
+    if spec.timesteps > 0 {
+        fields.insert("timesteps".into(), spec.timesteps.into());
+    }
+    if !spec.schedule.is_empty() {
+        fields.insert("schedule".into(), spec.schedule.clone().into());
     }
     let job: TrainJob =
         serde_json::from_value(json).map_err(|e| invalid("train_denoiser.config_json", e))?;
@@ -170,12 +167,12 @@ pub fn job_to_proto(job: &JobRecord) -> Job {
             .map(|s| {
                 pb::job::Spec::TrainDenoiser(TrainDenoiserSpec {
                     architecture: String::new(),
-                    kind: "mlp_unet".into(),
+                    kind: s.kind.clone(),
                     iterations: s.steps as u32,
                     batch_size: s.batch_size as u32,
                     learning_rate: s.learning_rate,
-                    timesteps: 1000,
-                    schedule: "cosine".into(),
+                    timesteps: s.timesteps as u32,
+                    schedule: s.schedule.clone(),
                     seed: s.seed,
                     latent_dim: 0,
                     activate: s.activate,

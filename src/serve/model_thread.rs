@@ -436,6 +436,7 @@ fn concat(parts: &[TaskBatch]) -> TaskBatch {
         features: cat(|b| b.features.as_ref()),
         support_x: cat(|b| b.support_x.as_ref()),
         support_y: cat(|b| b.support_y.as_ref()),
+        features_dropped: None,
     }
 }
 
@@ -505,6 +506,7 @@ fn condition(
         features: (!job.features.is_empty()).then(|| repeat(features)),
         support_x: support.as_ref().map(|(x, _)| repeat(x.shallow_clone())),
         support_y: support.as_ref().map(|(_, y)| repeat(y.shallow_clone())),
+        features_dropped: None,
     })
 }
 

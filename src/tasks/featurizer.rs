@@ -270,6 +270,18 @@ fn support_rows(
     (support_x, support_y)
 }
 
+/// Every training example of `data` as a descriptor with a support set and
+/// no features: what a few-shot learner is given.
+pub fn support_descriptor(family: Family, data: &TaskData) -> Descriptor {
+    let all: Vec<i64> = (0..data.train_x.size()[0]).collect();
+    let (support_x, support_y) = support_rows(family, data, &all);
+    Descriptor {
+        features: Default::default(),
+        support_x,
+        support_y,
+    }
+}
+
 /// Up to `size` training examples of `task` (in the task's shuffled order),
 /// as a descriptor's support rows: the pool that training draws random
 /// K-subsets from, so the encoder learns from any K examples of a task, not

@@ -4,6 +4,8 @@
 
 use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
+
 use tch::{Device, Kind, Tensor};
 
 use super::TrainError;
@@ -42,6 +44,42 @@ pub struct ZooDataset {
     pub support_pool: Option<(Tensor, Tensor)>,
     /// Whether the models were aligned to the first one.
     pub aligned: bool,
+}
+
+/// Whether to align the zoo's models by permutation before training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AlignChoice {
+    /// Align unless the zoo was built from one shared initialization (its
+    /// models then already share a basin and a labelling of units).
+    #[default]
+    Auto,
+    /// Always align (the ablation "alignment on").
+    Always,
+    /// Never align (the ablation "alignment off").
+    Never,
+}
+
+impl std::str::FromStr for AlignChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            "never" => Ok(Self::Never),
+            other => Err(format!("{other:?} is not auto, always or never")),
+        }
+    }
+}
+
+/// How a zoo is loaded for training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadOptions {
+    /// Permutation alignment.
+    pub align: AlignChoice,
+    /// Keep only the first N models (by id); None = all.
+    pub max_models: Option<usize>,
 }
 
 /// Most training examples per model that support subsets are drawn from.
@@ -119,11 +157,22 @@ pub fn support_ways(family: Family) -> usize {
 }
 
 impl ZooDataset {
-    /// Loads zoo `zoo` from the catalog and blob store.
+    /// Loads zoo `zoo` from the catalog and blob store (every model,
+    /// aligned unless it was built from one shared init).
     pub async fn load(
         catalog: &Arc<dyn Catalog>,
         blobs: &BlobStore,
         zoo: &str,
+    ) -> Result<Self, TrainError> {
+        Self::load_with(catalog, blobs, zoo, &LoadOptions::default()).await
+    }
+
+    /// Loads zoo `zoo` as `options` say.
+    pub async fn load_with(
+        catalog: &Arc<dyn Catalog>,
+        blobs: &BlobStore,
+        zoo: &str,
+        options: &LoadOptions,
     ) -> Result<Self, TrainError> {
         let plan = catalog.zoo(zoo).await?.ok_or_else(|| TrainError::Input {
             field: "zoo",
@@ -149,6 +198,9 @@ impl ZooDataset {
             page.token = got.next_token;
         }
         models.sort_by(|a, b| a.id.cmp(&b.id));
+        if let Some(n) = options.max_models {
+            models.truncate(n);
+        }
         if models.len() < 2 {
             return Err(TrainError::Input {
                 field: "zoo",
@@ -196,7 +248,11 @@ impl ZooDataset {
                     .map_err(|e| corrupt("descriptor", e))?,
             );
         }
-        let aligned = !shared_init;
+        let aligned = match options.align {
+            AlignChoice::Auto => !shared_init,
+            AlignChoice::Always => true,
+            AlignChoice::Never => false,
+        };
         if aligned {
             let spec = PermutationSpec::new(&network.spec)?;
             let reference: Vec<Tensor> = params[0].iter().map(Tensor::shallow_clone).collect();

@@ -92,6 +92,12 @@ pub struct TrainDenoiserConfig {
     pub denoiser_id: String,
     /// The network F.
     pub net: NetConfig,
+    /// Diffusion steps T.
+    pub timesteps: usize,
+    /// Noise schedule.
+    pub schedule: crate::diffusion::schedule::ScheduleKind,
+    /// Alignment and zoo subset.
+    pub load: dataset::LoadOptions,
     /// Steps, batch, learning rate, condition dropout, clipping, seed.
     pub fit: FitConfig,
     /// EMA decay (0 = no EMA).
@@ -128,6 +134,10 @@ impl TrainDenoiserConfig {
         serde_json::json!({
             "zoo": self.zoo,
             "net": self.net,
+            "timesteps": self.timesteps,
+            "schedule": self.schedule,
+            "load": self.load,
+            "feature_dropout": self.fit.feature_dropout,
             "batch_size": self.fit.batch_size,
             "learning_rate": self.fit.learning_rate,
             "cond_dropout": self.fit.cond_dropout,
@@ -204,7 +214,9 @@ pub fn validation_rows(n: usize, fraction: f64) -> Vec<i64> {
 
 /// Features standardized with the zoo's mean and std (floored).
 pub fn standardize_features(features: &Tensor, norm: &(Tensor, Tensor)) -> Tensor {
-    (features.to_kind(Kind::Float) - &norm.0) / &norm.1
+    // The norm lives wherever the checkpoint was loaded (e.g. cuda:0); the
+    // features usually come from the CPU.
+    (features.to_device(norm.0.device()).to_kind(Kind::Float) - &norm.0) / &norm.1
 }
 
 /// The condition of zoo rows `rows`: standardized features and the fixed
@@ -227,6 +239,7 @@ fn task_batch(
         )),
         support_x: support.map(|(x, _)| x.index_select(0, rows)),
         support_y: support.map(|(_, y)| y.index_select(0, rows)),
+        features_dropped: None,
     }
 }
 
@@ -303,7 +316,7 @@ pub async fn train_denoiser(
         }
     };
     let resumed_from = resume_state.as_ref().map(|s| s.step);
-    let data = ZooDataset::load(&catalog, &blobs, &config.zoo).await?;
+    let data = ZooDataset::load_with(&catalog, &blobs, &config.zoo, &config.load).await?;
     catalog.register_architecture(&data.network.spec).await?;
     let n = data.len();
     let val = validation_rows(n, config.val_fraction);
@@ -348,8 +361,10 @@ pub async fn train_denoiser(
             "fit": {
                 "steps": config.fit.steps, "batch_size": config.fit.batch_size,
                 "learning_rate": config.fit.learning_rate, "cond_dropout": config.fit.cond_dropout,
+                "feature_dropout": config.fit.feature_dropout,
                 "seed": config.fit.seed, "ema_decay": config.ema_decay,
             },
+            "zoo_load": config.load,
         }),
         summary,
         active: false,
@@ -462,10 +477,14 @@ fn train_blocking(
         support_y_dim: data.support.as_ref().map_or(0, |(_, y)| y.size()[2]),
         hidden: config.encoder_hidden,
         embed_dim: config.embed_dim,
+        // Used where the support targets are labels (digits).
+        prototypes: true,
     };
     let mut denoiser_config =
         DenoiserConfig::new(data.weights.size()[1], encoder).with_layout(&data.network.spec);
     denoiser_config.net = config.net.clone();
+    denoiser_config.timesteps = config.timesteps;
+    denoiser_config.schedule = config.schedule;
     // The initial weights come from libtorch's global generator: seed it so
     // a run is reproducible (and a resumed run comparable to a fresh one).
     tch::manual_seed(config.fit.seed as i64);
@@ -494,45 +513,55 @@ fn train_blocking(
         recent = state.recent;
     }
     let fingerprint = config.fingerprint();
-    for step in first_step..=config.fit.steps {
-        if config.cancel.is_cancelled() {
-            return Err(TrainError::Cancelled { step: step - 1 });
-        }
-        recent.push(trainer.step(&model, &train_data, &train_condition));
-        ema.update(&model.vs);
-        if step % config.log_every.max(1) == 0 || step == config.fit.steps {
-            let train_loss = recent.iter().sum::<f64>() / recent.len() as f64;
-            recent.clear();
-            let val_loss = ema.with_averaged(&model.vs, || {
-                validation_loss(&model, &val_data, &val_condition)
-            });
-            tracing::info!(step, train_loss, val_loss, "denoiser training");
-            on_log(step, train_loss, val_loss);
-            curve.push((step, train_loss, val_loss));
-        }
-        if config.checkpoint_every > 0
-            && step % config.checkpoint_every == 0
-            && step < config.fit.steps
-        {
-            let mut tensors = std::collections::HashMap::new();
-            for (name, t) in model.vs.variables() {
-                tensors.insert(format!("model.{name}"), t.detach());
+    // One autocast scope for the whole run (fp16 on CUDA): see `Precision::scope`.
+    config.fit.precision.scope(|| -> Result<(), TrainError> {
+        for step in first_step..=config.fit.steps {
+            if config.cancel.is_cancelled() {
+                return Err(TrainError::Cancelled { step: step - 1 });
             }
-            for (name, t) in ema.state_tensors() {
-                tensors.insert(format!("ema.{name}"), t);
+            recent.push(trainer.step(&model, &train_data, &train_condition));
+            ema.update(&model.vs);
+            if step % config.log_every.max(1) == 0 || step == config.fit.steps {
+                let train_loss = recent.iter().sum::<f64>() / recent.len() as f64;
+                recent.clear();
+                let precision = config.fit.precision;
+                let val_loss = ema.with_averaged(&model.vs, || {
+                    // Casts of the EMA weights, not the training ones, and none
+                    // left behind for the next training step.
+                    precision.fresh_casts();
+                    let loss = validation_loss(&model, &val_data, &val_condition);
+                    precision.fresh_casts();
+                    loss
+                });
+                tracing::info!(step, train_loss, val_loss, "denoiser training");
+                on_log(step, train_loss, val_loss);
+                curve.push((step, train_loss, val_loss));
             }
-            tensors.extend(trainer.state_tensors());
-            save(&RunState {
-                step,
-                position: trainer.position(),
-                curve: curve.clone(),
-                recent: recent.clone(),
-                fingerprint: fingerprint.clone(),
-                tensors,
-            })?;
-            tracing::info!(step, "training checkpoint saved");
+            if config.checkpoint_every > 0
+                && step % config.checkpoint_every == 0
+                && step < config.fit.steps
+            {
+                let mut tensors = std::collections::HashMap::new();
+                for (name, t) in model.vs.variables() {
+                    tensors.insert(format!("model.{name}"), t.detach());
+                }
+                for (name, t) in ema.state_tensors() {
+                    tensors.insert(format!("ema.{name}"), t);
+                }
+                tensors.extend(trainer.state_tensors());
+                save(&RunState {
+                    step,
+                    position: trainer.position(),
+                    curve: curve.clone(),
+                    recent: recent.clone(),
+                    fingerprint: fingerprint.clone(),
+                    tensors,
+                })?;
+                tracing::info!(step, "training checkpoint saved");
+            }
         }
-    }
+        Ok(())
+    })?;
     ema.copy_into(&model.vs);
     let clip = ClipRange::from_zoo(&train_data.to_device(Device::Cpu), CLIP_MARGIN);
     let clip = match clip {

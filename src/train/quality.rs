@@ -124,6 +124,33 @@ pub fn condition_of(
     descriptors: &[Descriptor],
 ) -> TaskBatch {
     let features = standardized(checkpoint, &feature_matrix(data, descriptors));
+    let (support_x, support_y) = support_batch(data, descriptors);
+    TaskBatch {
+        features: Some(features),
+        support_x,
+        support_y,
+        features_dropped: None,
+    }
+}
+
+/// The denoiser's condition for support sets alone (descriptors without
+/// features): what a few-shot learner sees.
+pub fn support_condition(data: &ZooDataset, descriptors: &[Descriptor]) -> TaskBatch {
+    let (support_x, support_y) = support_batch(data, descriptors);
+    TaskBatch {
+        features: None,
+        support_x,
+        support_y,
+        features_dropped: None,
+    }
+}
+
+/// Support tensors [B, K, X] / [B, K, Y] of `descriptors`, when every one
+/// has a valid support set of the same size.
+fn support_batch(
+    data: &ZooDataset,
+    descriptors: &[Descriptor],
+) -> (Option<Tensor>, Option<Tensor>) {
     let supports: Vec<(Tensor, Tensor)> = descriptors
         .iter()
         .filter_map(|d| {
@@ -132,16 +159,14 @@ pub fn condition_of(
                 .flatten()
         })
         .collect();
-    let (support_x, support_y) = if supports.len() == descriptors.len() && !supports.is_empty() {
+    let same_size = supports
+        .windows(2)
+        .all(|pair| pair[0].0.size() == pair[1].0.size());
+    if supports.len() == descriptors.len() && !supports.is_empty() && same_size {
         let (xs, ys): (Vec<Tensor>, Vec<Tensor>) = supports.into_iter().unzip();
         (Some(Tensor::stack(&xs, 0)), Some(Tensor::stack(&ys, 0)))
     } else {
         (None, None)
-    };
-    TaskBatch {
-        features: Some(features),
-        support_x,
-        support_y,
     }
 }
 

@@ -182,8 +182,9 @@ pub struct SubmitTrainArgs {
     #[arg(long)]
     activate: bool,
     /// Further trainer settings as a JSON object: ema_decay, cond_dropout,
-    /// val_fraction, widths, eval_tasks, eval_guidance, log_every,
-    /// checkpoint_every, precision.
+    /// feature_dropout, val_fraction, widths, conditioning, embed_dim, align,
+    /// max_models, eval_tasks, eval_guidance, log_every, checkpoint_every,
+    /// precision.
     #[arg(long, value_name = "JSON")]
     config_json: Option<String>,
     /// Id of the published denoiser version (default: "<zoo>-<job id>").

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The full evaluation profile behind docs/RESULTS.md: builds a zoo per family
+# (and an independent-init digits zoo for the alignment ablation), trains a
+# denoiser per family, runs `weightgen-worker eval` on each, then trains the
+# ablation denoisers (one design choice changed each) and evaluates them as
+# one table per zoo. Every section of the output file is replaced in place.
+#
+# Re-running reuses the zoos and the published denoisers of the data dir.
+# Settings (environment):
+#   WEIGHTGEN_BIN            binaries (default target/release, built when missing)
+#   WEIGHTGEN_EVAL_DATA      data dir (default ./weightgen-eval-data)
+#   WEIGHTGEN_EVAL_OUTPUT    Markdown file (default docs/RESULTS.md)
+#   WEIGHTGEN_EVAL_STEPS     training steps of the main denoisers (default 4000)
+#   WEIGHTGEN_ABLATION_STEPS training steps of each ablation denoiser (default 2000)
+#   WEIGHTGEN_EVAL_ONLY      "main", "ablation" or empty for both
+set -euo pipefail
+cd "$(dirname "$0")/.."
+step() { echo "[eval-all] $* ($(date +%T))"; }
+
+bin="${WEIGHTGEN_BIN:-target/release}"
+data="${WEIGHTGEN_EVAL_DATA:-./weightgen-eval-data}"
+out="${WEIGHTGEN_EVAL_OUTPUT:-docs/RESULTS.md}"
+steps="${WEIGHTGEN_EVAL_STEPS:-4000}"
+ablation_steps="${WEIGHTGEN_ABLATION_STEPS:-2000}"
+only="${WEIGHTGEN_EVAL_ONLY:-}"
+mkdir -p "$data"
+
+if [ ! -x "$bin/weightgen-worker" ]; then
+    . scripts/bootstrap.sh >/dev/null
+    step "cargo build --release"
+    cargo build --release --locked --bins
+fi
+worker() { "$bin/weightgen-worker" "$@" --data-dir "$data"; }
+
+zoo() { # name family models [flags]
+    local name="$1" family="$2" models="$3"
+    shift 3
+    step "zoo $name: $models $family models $*"
+    worker zoo build --family "$family" --zoo "$name" --models "$models" "$@" 2>"$data/zoo-$name.log"
+}
+
+# Trains and publishes denoiser ID on ZOO; an already published ID is kept.
+train() { # id zoo steps [flags]
+    local id="$1" zoo="$2" n="$3"
+    shift 3
+    step "denoiser $id on $zoo: $n steps $*"
+    worker train --zoo "$zoo" --denoiser-id "$id" --steps "$n" --learning-rate 1e-3 --widths 256,128 \
+        --ema-decay 0.995 --eval-tasks 10 --eval-guidance 3 --log-every 500 --device cpu "$@" \
+        2>"$data/train-$id.log" | tail -1 || {
+        grep -q "already exists" "$data/train-$id.log" && step "($id is already published)" || {
+            tail -5 "$data/train-$id.log" >&2
+            exit 1
+        }
+    }
+}
+
+zoo digits-eval digits 1000 --shared-init --steps 100
+zoo sinusoid-eval sinusoid 1000
+zoo digit-inr-eval digit-inr 1000
+
+if [ "$only" != ablation ]; then
+    for family in digits sinusoid digit-inr; do
+        train "$family-$steps" "$family-eval" "$steps"
+        step "eval $family (full profile)"
+        worker eval --zoo "$family-eval" --denoiser-id "$family-$steps" --output "$out" 2>"$data/eval-$family.log" |
+            grep -E "^\| (weightgen|random|nearest|Reptile|first-order|hypernetwork)" | head -20
+    done
+fi
+
+if [ "$only" != main ]; then
+    # One choice changed per row, against the baseline abl-base (the main
+    # recipe at the ablation's step count).
+    train abl-base digits-eval "$ablation_steps"
+    train abl-t100 digits-eval "$ablation_steps" --timesteps 100
+    train abl-linear digits-eval "$ablation_steps" --schedule linear
+    train abl-transformer digits-eval "$ablation_steps" --kind layer_transformer
+    train abl-concat digits-eval "$ablation_steps" --conditioning concat
+    train abl-e16 digits-eval "$ablation_steps" --embed-dim 16
+    train abl-e256 digits-eval "$ablation_steps" --embed-dim 256
+    train abl-zoo250 digits-eval "$ablation_steps" --max-models 250
+    train abl-fdrop digits-eval "$ablation_steps" --feature-dropout 0.3
+    step "eval ablations on digits-eval"
+    worker eval --zoo digits-eval --tasks 10 --seeds 2 --output "$out" \
+        --ablation abl-base,abl-t100,abl-linear,abl-transformer,abl-concat,abl-e16,abl-e256,abl-zoo250,abl-fdrop \
+        2>"$data/eval-ablation.log" | tail -14
+
+    # Alignment matters only when models start from different inits.
+    zoo digits-indep digits 1000 --steps 100
+    train abl-aligned digits-indep "$ablation_steps" --align always
+    train abl-unaligned digits-indep "$ablation_steps" --align never
+    step "eval alignment ablation on digits-indep"
+    worker eval --zoo digits-indep --tasks 10 --seeds 2 --output "$out" --ablation abl-aligned,abl-unaligned \
+        2>"$data/eval-ablation-indep.log" | tail -5
+fi
+step "done: $out"

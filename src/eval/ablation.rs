@@ -1,0 +1,199 @@
+//! Ablations: several denoisers that differ in one design choice (T, the
+//! schedule, the network, the conditioning, alignment, E, the zoo size),
+//! each evaluated by the harness on the same held-out tasks against the
+//! same random inits, as one table with a row per denoiser.
+
+use serde_json::Value;
+
+use super::harness::{EvalConfig, EvalReport, Method};
+use super::report::Provenance;
+use crate::diffusion::schedule::ScheduleKind;
+use crate::model::{DenoiserConfig, NetConfig};
+use crate::tasks::train::Objective;
+
+/// The method an ablation row reports: the guided DDIM sample, the
+/// proposal's fast sampler.
+pub const ABLATION_METHOD: Method = Method::WeightgenDdimGuided;
+
+/// One evaluated denoiser.
+#[derive(Debug, Clone)]
+pub struct AblationRow {
+    /// Its id.
+    pub denoiser: String,
+    /// Its design choices, in the table's column order.
+    pub variant: Variant,
+    /// What the harness measured.
+    pub report: EvalReport,
+}
+
+/// The design choices an ablation varies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    /// Diffusion steps T.
+    pub timesteps: usize,
+    /// "cosine" or "linear".
+    pub schedule: &'static str,
+    /// The network and, for the MLP U-Net, its conditioning.
+    pub network: String,
+    /// Embedding size E.
+    pub embed_dim: i64,
+    /// Alignment as trained ("auto", "always", "never").
+    pub align: String,
+    /// Zoo models it was trained on (train + validation).
+    pub zoo_models: usize,
+    /// Share of rows trained without descriptor features.
+    pub feature_dropout: f64,
+}
+
+impl Variant {
+    /// The choices of a denoiser from its model config and its catalog
+    /// row's config (`zoo_load`, `fit`) and summary (`zoo_models`).
+    pub fn of(model: &DenoiserConfig, record_config: &Value, zoo_models: f64) -> Self {
+        let network = match &model.net {
+            NetConfig::MlpUnet(c) => format!(
+                "MLP U-Net {:?}, {}",
+                c.widths,
+                serde_json::to_value(c.conditioning)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ),
+            NetConfig::LayerTransformer(c) => {
+                format!("layer transformer d{} h{}", c.depth, c.hidden)
+            }
+        };
+        Self {
+            timesteps: model.timesteps,
+            schedule: match model.schedule {
+                ScheduleKind::Cosine { .. } => "cosine",
+                ScheduleKind::Linear { .. } => "linear",
+            },
+            network,
+            embed_dim: model.encoder.embed_dim,
+            align: record_config["zoo_load"]["align"]
+                .as_str()
+                .unwrap_or("auto")
+                .to_owned(),
+            zoo_models: zoo_models as usize,
+            feature_dropout: record_config["fit"]["feature_dropout"]
+                .as_f64()
+                .unwrap_or(0.0),
+        }
+    }
+}
+
+/// The ablation table in Markdown.
+pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Provenance) -> String {
+    let Some(first) = rows.first() else {
+        return String::new();
+    };
+    let metric = first.report.metric;
+    let digits = if first.report.objective == Objective::Classification {
+        3
+    } else {
+        4
+    };
+    let k = config.few_shot.iter().copied().min();
+    let mut out = vec![
+        format!("### Ablations: {}", who.title),
+        String::new(),
+        format!(
+            "Command: `{}` · commit {} · seed {} · {} · {} held-out tasks × {} seeds, the same tasks, seeds and \
+             random inits for every row. Each row is one denoiser, sampled with {} and fine-tuned at the \
+             learning rate chosen for random init ({}); \"speed-up\" is over random init on the same runs. \
+             Cosines are to the nearest model of the zoo as the harness loads it (aligned unless built from one \
+             shared init), next to the zoo's own nearest-neighbour cosine.",
+            who.command,
+            who.commit,
+            config.seed,
+            who.machine,
+            first.report.tasks,
+            first.report.seeds,
+            ABLATION_METHOD.label(config.guidance),
+            first.report.chosen_lr
+        ),
+        String::new(),
+        format!(
+            "| denoiser | T | schedule | network | E | alignment | zoo models | feature dropout | zero-shot {metric} | \
+             random init zero-shot | speed-up | K = {} | cosine to nearest zoo model (zoo-to-zoo) |",
+            k.map_or("—".into(), |k| k.to_string())
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_owned(),
+    ];
+    for row in rows {
+        let Some(s) = row.report.methods.get(&ABLATION_METHOD) else {
+            continue;
+        };
+        let random = row.report.methods.get(&Method::Random);
+        let v = &row.variant;
+        let few = k
+            .and_then(|k| s.few_shot.get(&k))
+            .map_or("—".into(), |m| m.show(digits));
+        let cosine = s.novelty.as_ref().map_or("—".into(), |n| {
+            format!(
+                "{} ({})",
+                n.cosine_to_nearest.show(3),
+                row.report.zoo_to_zoo_cosine.show(3)
+            )
+        });
+        out.push(format!(
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}× | {} | {} |",
+            row.denoiser,
+            v.timesteps,
+            v.schedule,
+            v.network,
+            v.embed_dim,
+            v.align,
+            v.zoo_models,
+            v.feature_dropout,
+            s.zero_shot.show(digits),
+            random.map_or("—".into(), |r| r.zero_shot.show(digits)),
+            s.speedup_best_lr.show(2),
+            few,
+            cosine
+        ));
+    }
+    out.push(String::new());
+    out.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Conditioning, MlpUnetConfig, TaskEncoderConfig};
+
+    #[test]
+    fn a_variant_reads_the_model_and_the_catalog_row() {
+        let mut model = DenoiserConfig::new(
+            10,
+            TaskEncoderConfig {
+                feature_dim: 2,
+                support_x_dim: 0,
+                support_y_dim: 0,
+                hidden: 8,
+                embed_dim: 16,
+                prototypes: false,
+            },
+        );
+        model.net = NetConfig::MlpUnet(MlpUnetConfig {
+            conditioning: Conditioning::Concat,
+            ..Default::default()
+        });
+        model.schedule = ScheduleKind::linear();
+        model.timesteps = 100;
+        let row = serde_json::json!({
+            "zoo_load": {"align": "never", "max_models": 250},
+            "fit": {"feature_dropout": 0.5}
+        });
+        let v = Variant::of(&model, &row, 250.0);
+        assert_eq!(v.timesteps, 100);
+        assert_eq!(v.schedule, "linear");
+        assert_eq!(v.network, "MLP U-Net [512, 256], concat");
+        assert_eq!((v.embed_dim, v.zoo_models), (16, 250));
+        assert_eq!(v.align, "never");
+        assert_eq!(v.feature_dropout, 0.5);
+        // An older row without the fields reads as the defaults.
+        let v = Variant::of(&model, &serde_json::json!({}), 1000.0);
+        assert_eq!((v.align.as_str(), v.feature_dropout), ("auto", 0.0));
+    }
+}
