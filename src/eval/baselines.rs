@@ -12,6 +12,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use super::harness::task_key;
+use crate::model::fit::random_subsets;
 use crate::model::task_encoder::TaskEncoder;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::train::{Objective, TaskData, loss};
@@ -196,7 +197,20 @@ impl Hypernetwork {
             Default::default(),
         );
         let mut optimizer = nn::Adam::default().build(&vs, learning_rate)?;
-        let condition = condition_of(checkpoint, data, &data.descriptors).to_device(Device::Cpu);
+        let mut condition =
+            condition_of(checkpoint, data, &data.descriptors).to_device(Device::Cpu);
+        // Like the denoiser's training: each row sees a fresh random K-subset
+        // of its model's pool of training examples, not one fixed support set
+        // it could memorize.
+        let k = data.support.as_ref().map(|(x, _)| x.size()[1] as usize);
+        if let (Some(_), Some((pool_x, pool_y))) = (k, &data.support_pool) {
+            condition.support_x = Some(pool_x.shallow_clone());
+            condition.support_y = Some(pool_y.shallow_clone());
+        }
+        let pool = condition
+            .support_x
+            .as_ref()
+            .map_or(0, |x| x.size()[1] as usize);
         let targets = checkpoint
             .stats
             .normalize(&data.weights.to_device(Device::Cpu))
@@ -209,7 +223,13 @@ impl Hypernetwork {
                 .collect();
             let index = Tensor::from_slice(&index);
             let rows = index.size()[0];
-            let embedded = encoder.forward(&condition.select(&index), rows, None);
+            let mut batch = condition.select(&index);
+            if let Some(k) = k.filter(|&k| pool > k) {
+                let (k, pick) = random_subsets(&mut rng, rows as usize, pool, k);
+                batch =
+                    batch.with_support_subsets(&Tensor::from_slice(&pick).view([rows, k as i64]));
+            }
+            let embedded = encoder.forward(&batch, rows, None);
             let predicted = head.forward(&embedded);
             let l = predicted.mse_loss(&targets.index_select(0, &index), tch::Reduction::Mean);
             optimizer.backward_step(&l);

@@ -231,7 +231,12 @@ impl Trainer {
 }
 
 /// `rows` random K-subsets of 0..pool (distinct within a row), flattened.
-fn random_subsets(rng: &mut StdRng, rows: usize, pool: usize, k: usize) -> (usize, Vec<i64>) {
+pub(crate) fn random_subsets(
+    rng: &mut StdRng,
+    rows: usize,
+    pool: usize,
+    k: usize,
+) -> (usize, Vec<i64>) {
     let mut picks = Vec::with_capacity(rows * k);
     let mut order: Vec<i64> = (0..pool as i64).collect();
     for _ in 0..rows {
