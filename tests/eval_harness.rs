@@ -55,6 +55,7 @@ fn the_quick_profile_writes_every_table() {
     for label in [
         "weightgen DDIM-50",
         "weightgen DDIM-50, guidance 3",
+        "weightgen DDPM-1000",
         "weightgen DDPM-1000, guidance 3",
         "weightgen DDIM-50, guidance 3, support set only",
         "random init (PyTorch default)",

@@ -141,6 +141,8 @@ pub enum Method {
     WeightgenDdim,
     /// weightgen, DDIM-50 with the configured guidance.
     WeightgenDdimGuided,
+    /// weightgen, DDPM with all T steps, guidance 1.
+    WeightgenDdpm,
     /// weightgen, DDPM with all T steps, configured guidance.
     WeightgenDdpmGuided,
     /// weightgen, DDIM-50 with the configured guidance, conditioned on the
@@ -168,9 +170,10 @@ pub enum Method {
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 12] = [
+    pub const ALL: [Method; 13] = [
         Method::WeightgenDdim,
         Method::WeightgenDdimGuided,
+        Method::WeightgenDdpm,
         Method::WeightgenDdpmGuided,
         Method::WeightgenSupportOnly,
         Method::Random,
@@ -188,6 +191,7 @@ impl Method {
         match self {
             Self::WeightgenDdim => "weightgen DDIM-50".into(),
             Self::WeightgenDdimGuided => format!("weightgen DDIM-50, guidance {guidance}"),
+            Self::WeightgenDdpm => "weightgen DDPM-1000".into(),
             Self::WeightgenDdpmGuided => format!("weightgen DDPM-1000, guidance {guidance}"),
             Self::WeightgenSupportOnly => {
                 format!("weightgen DDIM-50, guidance {guidance}, support set only")
@@ -211,6 +215,7 @@ impl Method {
             self,
             Self::WeightgenDdim
                 | Self::WeightgenDdimGuided
+                | Self::WeightgenDdpm
                 | Self::WeightgenDdpmGuided
                 | Self::WeightgenSupportOnly
         )
@@ -465,6 +470,7 @@ pub fn evaluate(
         match method {
             Method::WeightgenDdim => forward * EVAL_DDIM_STEPS as f64,
             Method::WeightgenDdimGuided => forward * guided * EVAL_DDIM_STEPS as f64,
+            Method::WeightgenDdpm => forward * timesteps,
             Method::WeightgenDdpmGuided => forward * guided * timesteps,
             Method::WeightgenSupportOnly => forward * guided * EVAL_DDIM_STEPS as f64,
             _ => 0.0,
@@ -507,6 +513,7 @@ pub fn evaluate(
         for (method, kind, guidance) in [
             (Method::WeightgenDdim, ddim, 1.0),
             (Method::WeightgenDdimGuided, ddim, config.guidance),
+            (Method::WeightgenDdpm, SamplerKind::Ddpm, 1.0),
             (
                 Method::WeightgenDdpmGuided,
                 SamplerKind::Ddpm,
