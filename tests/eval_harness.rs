@@ -1,7 +1,8 @@
 //! `weightgen-worker eval --quick` end to end on a small digits zoo and
 //! denoiser trained by the worker: every method's row, the learning-rate
 //! choice, few-shot columns, novelty against the zoo, and the report's
-//! section written into (and replaced in) a Markdown file. It checks the
+//! section written into (and replaced in) a Markdown file; then the
+//! ablation table of two denoisers on the same tasks. It checks the
 //! harness, not the figures of a real evaluation.
 
 mod common;
@@ -138,6 +139,92 @@ fn the_quick_profile_writes_every_table() {
         assert!(file.contains(&format!("]({name})")), "{file}");
         let png = std::fs::read(dir.path().join(&name)).unwrap();
         assert_eq!(&png[1..4], b"PNG");
+    }
+
+    // Ablation mode: a second denoiser with T = 100, both through the same
+    // tasks in one table. Random init is measured once and shared, and
+    // sharing changes no figure: the `digits-eval` row repeats the main
+    // table's guided DDIM row, and random init's column its random row.
+    worker(
+        &data,
+        &[
+            "train",
+            "--zoo",
+            "digits",
+            "--denoiser-id",
+            "digits-t100",
+            "--steps",
+            "300",
+            "--widths",
+            "64,32",
+            "--learning-rate",
+            "1e-3",
+            "--eval-tasks",
+            "4",
+            "--timesteps",
+            "100",
+            "--device",
+            "cpu",
+        ],
+    );
+    let ablation = [
+        "eval",
+        "--zoo",
+        "digits",
+        "--quick",
+        "--ablation",
+        "digits-eval,digits-t100",
+        "--data-dir",
+        data_dir,
+        "--output",
+        results.to_str().unwrap(),
+    ];
+    worker(&data, &ablation);
+    let file = std::fs::read_to_string(&results).unwrap();
+    assert_eq!(
+        file.matches("<!-- eval:digits:digits:ablation:begin -->")
+            .count(),
+        1,
+        "{file}"
+    );
+    assert_eq!(file.matches("<!-- eval:digits:digits:begin -->").count(), 1);
+    let cells = |id: &str| -> Vec<String> {
+        let line = file
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{id}` |")))
+            .unwrap_or_else(|| panic!("no ablation row {id:?} in\n{file}"));
+        line.split('|').map(|c| c.trim().to_owned()).collect()
+    };
+    // Cells: "", denoiser, T, schedule, network, E, alignment, zoo models,
+    // feature dropout, zero-shot, random zero-shot, speed-up, K = 10, cosine.
+    let (base, t100) = (cells("digits-eval"), cells("digits-t100"));
+    assert_eq!((base[2].as_str(), t100[2].as_str()), ("1000", "100"));
+    assert_eq!(base[3], "cosine");
+    assert!(base[4].starts_with("MLP U-Net [64, 32]"), "{base:?}");
+    let first = |cell: &str| numbers(cell)[0];
+    let guided = row("weightgen DDIM-50, guidance 3");
+    let random = row("random init (PyTorch default)");
+    assert!(
+        (first(&base[9]) - guided[0]).abs() < 1e-9,
+        "{base:?} vs {guided:?}"
+    );
+    assert!(
+        (first(&base[11]) - guided[10]).abs() < 1e-9,
+        "{base:?} vs {guided:?}"
+    );
+    assert!(
+        (first(&base[12]) - guided[12]).abs() < 1e-9,
+        "{base:?} vs {guided:?}"
+    );
+    assert_eq!(base[10], t100[10], "one random init for every row");
+    assert!(
+        (first(&base[10]) - random[0]).abs() < 1e-9,
+        "{base:?} vs {random:?}"
+    );
+    for row in [&base, &t100] {
+        let cosine = numbers(&row[13]);
+        assert!((-1.0..=1.0).contains(&cosine[0]), "{row:?}");
+        assert!(first(&row[11]) > 0.0, "{row:?}");
     }
 
     // A second run replaces its section instead of appending another.

@@ -144,7 +144,8 @@ fn provenance(
 }
 
 /// `eval --ablation`: each listed denoiser through the harness (random init
-/// and the guided DDIM row), one table.
+/// and the guided DDIM row), one table. The zoo is loaded once and random
+/// init's figures are measured once for all rows.
 fn eval_ablation(
     args: &EvalArgs,
     mut config: weightgen::eval::EvalConfig,
@@ -153,35 +154,45 @@ fn eval_ablation(
 ) -> Result<String, String> {
     config.only = Some(vec![weightgen::eval::ABLATION_METHOD]);
     let started = std::time::Instant::now();
+    let (catalog, blobs) = runtime
+        .block_on(args.storage.open())
+        .map_err(|e| e.to_string())?;
+    let data = runtime
+        .block_on(weightgen::eval::load_zoo(&catalog, &blobs, &args.zoo))
+        .map_err(|e| e.to_string())?;
+    let mut yardstick = weightgen::eval::Yardstick::default();
     let mut rows = Vec::new();
     let mut last = None;
     for id in &args.ablation {
-        let subject = runtime.block_on(async {
-            let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
-            weightgen::eval::load_subject(&catalog, &blobs, &args.zoo, Some(id), device)
-                .await
-                .map_err(|e| e.to_string())
-        })?;
+        let (checkpoint, record) = runtime
+            .block_on(weightgen::eval::load_denoiser(
+                &catalog,
+                &blobs,
+                &data,
+                Some(id),
+                device,
+            ))
+            .map_err(|e| e.to_string())?;
         tracing::info!(denoiser = %id, "ablation: evaluating");
-        let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
+        let report = weightgen::eval::evaluate_with(&checkpoint, &data, &config, &mut yardstick)
             .map_err(|e| format!("{id}: {e}"))?;
         rows.push(weightgen::eval::AblationRow {
             denoiser: id.clone(),
             variant: weightgen::eval::Variant::of(
-                subject.checkpoint.model.config(),
-                &subject.record.config,
-                subject
-                    .record
-                    .summary
-                    .get("zoo_models")
-                    .copied()
-                    .unwrap_or(0.0),
+                checkpoint.model.config(),
+                &record.config,
+                record.summary.get("zoo_models").copied().unwrap_or(0.0),
             ),
             report,
         });
-        last = Some(subject);
+        last = Some((checkpoint, record));
     }
-    let subject = last.ok_or("--ablation lists no denoiser")?;
+    let (checkpoint, record) = last.ok_or("--ablation lists no denoiser")?;
+    let subject = weightgen::eval::Subject {
+        data,
+        checkpoint,
+        record,
+    };
     let who = provenance(args, &subject, device, started, &args.ablation.join(", "));
     let text = weightgen::eval::ablation_markdown(&rows, &config, &who);
     if let Some(path) = &args.output {

@@ -411,20 +411,95 @@ struct Runs {
     init_seconds: Vec<f64>,
 }
 
+/// Random init's fine-tuning on one held-out run (task × seed).
+#[derive(Debug, Clone)]
+struct RandomRun {
+    /// The fully trained reference's final score.
+    full: f64,
+    /// Curves at the proposal's and at the chosen learning rate.
+    at_proposal: Vec<f64>,
+    at_best: Vec<f64>,
+    /// Final score after few-shot fine-tuning, per K in config order.
+    few_shot: Vec<f64>,
+}
+
+/// What random init measures on a zoo's held-out tasks under one
+/// configuration: the learning rate chosen for it, the fully trained
+/// references and its own fine-tuning runs. They do not depend on the
+/// denoiser, so evaluating several denoisers on one zoo (an ablation)
+/// computes them once; see [`evaluate_with`]. Reused only for the same zoo
+/// and configuration (`only` aside), recomputed otherwise.
+#[derive(Debug, Default)]
+pub struct Yardstick {
+    /// The zoo and configuration the figures belong to.
+    key: Option<(String, EvalConfig)>,
+    lr: Option<(f64, Vec<(f64, f64)>)>,
+    runs: BTreeMap<(u64, usize), RandomRun>,
+}
+
+impl Yardstick {
+    /// Forgets everything measured for another zoo or configuration.
+    fn keep_only_for(&mut self, data: &ZooDataset, config: &EvalConfig) {
+        let zoo = format!(
+            "{}:{}:{}",
+            data.family.name(),
+            data.network.spec.name,
+            data.len()
+        );
+        let config = EvalConfig {
+            only: None,
+            ..config.clone()
+        };
+        let key = Some((zoo, config));
+        if self.key != key {
+            *self = Self {
+                key,
+                ..Self::default()
+            };
+        }
+    }
+
+    /// Runs of random init measured so far.
+    pub fn measured_runs(&self) -> usize {
+        self.runs.len()
+    }
+}
+
 /// Runs the harness for `checkpoint` on the zoo `data`.
 pub fn evaluate(
     checkpoint: &DenoiserCheckpoint,
     data: &ZooDataset,
     config: &EvalConfig,
 ) -> Result<EvalReport, tch::TchError> {
+    evaluate_with(checkpoint, data, config, &mut Yardstick::default())
+}
+
+/// [`evaluate`], taking random init's figures (learning rate, references,
+/// its own runs) from `yardstick` where it has them and storing those it
+/// measures: the same figures as a fresh evaluation, without redoing them
+/// for every denoiser on one zoo.
+pub fn evaluate_with(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    config: &EvalConfig,
+    yardstick: &mut Yardstick,
+) -> Result<EvalReport, tch::TchError> {
     let objective = data.family.objective();
     let net = &data.network;
-    let validation: Vec<(TaskSpec, TaskData)> =
-        held_out(data, config.validation_tasks, config.seed ^ 0x5EED)
-            .into_iter()
-            .map(|(t, d, _)| (t, d))
-            .collect();
-    let (chosen_lr, lr_scores) = choose_lr(data, &validation, config)?;
+    yardstick.keep_only_for(data, config);
+    let (chosen_lr, lr_scores) = match &yardstick.lr {
+        Some(chosen) => chosen.clone(),
+        None => {
+            let validation: Vec<(TaskSpec, TaskData)> =
+                held_out(data, config.validation_tasks, config.seed ^ 0x5EED)
+                    .into_iter()
+                    .map(|(t, d, _)| (t, d))
+                    .collect();
+            let chosen = choose_lr(data, &validation, config)?;
+            yardstick.lr = Some(chosen.clone());
+            chosen
+        }
+    };
     tracing::info!(chosen_lr, ?lr_scores, "learning rate for random init");
     let tasks = held_out(data, config.tasks, config.seed);
     let all_rows: Vec<i64> = (0..data.len() as i64).collect();
@@ -549,17 +624,23 @@ pub fn evaluate(
             // A full-batch training step: forward + backward ≈ 3 forwards.
             let step_flops = 3.0 * 2.0 * net_params * task_data.train_x.size()[0] as f64;
             let random = net.init(run_seed, Device::Cpu);
-            let reference = curve(
-                net,
-                &random,
-                task_data,
-                objective,
-                &FinetuneConfig {
-                    steps: config.full_steps,
-                    learning_rate: chosen_lr,
-                },
-            )?;
-            let full = reference.last().copied().unwrap_or(f64::NAN);
+            let measured = yardstick.runs.get(&(seed_index, t)).cloned();
+            let full = match &measured {
+                Some(m) => m.full,
+                None => curve(
+                    net,
+                    &random,
+                    task_data,
+                    objective,
+                    &FinetuneConfig {
+                        steps: config.full_steps,
+                        learning_rate: chosen_lr,
+                    },
+                )?
+                .last()
+                .copied()
+                .unwrap_or(f64::NAN),
+            };
             fully_trained.push(full);
             let target = target_of(objective, full, DEFAULT_TARGET_FRACTION);
             let nearest = data.weights.get(nearest_rows[t]).to_kind(Kind::Float);
@@ -623,8 +704,16 @@ pub fn evaluate(
                         },
                     )
                 };
-                let at_proposal = run(PROPOSAL_FINETUNE_LR, config.finetune_steps, task_data)?;
-                let at_best = run(chosen_lr, config.finetune_steps, task_data)?;
+                // Random init's runs come from the yardstick when measured.
+                let measured = measured.as_ref().filter(|_| method == Method::Random);
+                let at_proposal = match measured {
+                    Some(m) => m.at_proposal.clone(),
+                    None => run(PROPOSAL_FINETUNE_LR, config.finetune_steps, task_data)?,
+                };
+                let at_best = match measured {
+                    Some(m) => m.at_best.clone(),
+                    None => run(chosen_lr, config.finetune_steps, task_data)?,
+                };
                 r.zero_shot.push(at_proposal[0]);
                 if r.curve_sum.len() < at_best.len() {
                     r.curve_sum.resize(at_best.len(), 0.0);
@@ -646,12 +735,28 @@ pub fn evaluate(
                     .push(sampling_flops(method, config.guidance) + steps_taken * step_flops);
                 r.init_seconds
                     .push(sampling_seconds.get(&method).copied().unwrap_or(0.0));
-                for (k, few) in &few_shot {
-                    let c = run(chosen_lr, config.few_shot_steps, few)?;
-                    r.few_shot
-                        .entry(*k)
-                        .or_default()
-                        .push(c.last().copied().unwrap_or(f64::NAN));
+                let mut few_shot_scores = Vec::new();
+                for (i, (k, few)) in few_shot.iter().enumerate() {
+                    let score = match measured.and_then(|m| m.few_shot.get(i)) {
+                        Some(&score) => score,
+                        None => run(chosen_lr, config.few_shot_steps, few)?
+                            .last()
+                            .copied()
+                            .unwrap_or(f64::NAN),
+                    };
+                    r.few_shot.entry(*k).or_default().push(score);
+                    few_shot_scores.push(score);
+                }
+                if method == Method::Random && measured.is_none() {
+                    yardstick.runs.insert(
+                        (seed_index, t),
+                        RandomRun {
+                            full,
+                            at_proposal: at_proposal.clone(),
+                            at_best: at_best.clone(),
+                            few_shot: few_shot_scores,
+                        },
+                    );
                 }
                 if method.is_generated()
                     || matches!(

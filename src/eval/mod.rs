@@ -17,7 +17,7 @@ pub use finetune::{
     DEFAULT_TARGET_FRACTION, FinetuneConfig, InitFileError, curve, params_from_safetensors,
     steps_to_target, target_of,
 };
-pub use harness::{EvalConfig, EvalReport, Method, evaluate};
+pub use harness::{EvalConfig, EvalReport, Method, Yardstick, evaluate, evaluate_with};
 pub use report::{Provenance, draw_plots, markdown, write_section};
 pub use stats::MeanCi;
-pub use subject::{Subject, SubjectError, load_subject};
+pub use subject::{Subject, SubjectError, load_denoiser, load_subject, load_zoo};

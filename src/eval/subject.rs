@@ -45,18 +45,46 @@ pub async fn load_subject(
     denoiser_id: Option<&str>,
     device: Device,
 ) -> Result<Subject, SubjectError> {
-    let load = |e: &dyn std::fmt::Display| SubjectError::Load(e.to_string());
-    let data = ZooDataset::load(catalog, blobs, zoo)
+    let data = load_zoo(catalog, blobs, zoo).await?;
+    let (checkpoint, record) = load_denoiser(catalog, blobs, &data, denoiser_id, device).await?;
+    Ok(Subject {
+        data,
+        checkpoint,
+        record,
+    })
+}
+
+/// Loads zoo `zoo` as training sees it (aligned unless built from one
+/// shared init).
+pub async fn load_zoo(
+    catalog: &Arc<dyn Catalog>,
+    blobs: &BlobStore,
+    zoo: &str,
+) -> Result<ZooDataset, SubjectError> {
+    ZooDataset::load(catalog, blobs, zoo)
         .await
         .map_err(|e| SubjectError::Input {
             field: "zoo",
             reason: e.to_string(),
-        })?;
-    let architecture = data.network.spec.name.clone();
+        })
+}
+
+/// Loads the denoiser `denoiser_id` (default: the active one of the zoo's
+/// architecture) onto `device`, checking that it generates the zoo's
+/// architecture.
+pub async fn load_denoiser(
+    catalog: &Arc<dyn Catalog>,
+    blobs: &BlobStore,
+    data: &ZooDataset,
+    denoiser_id: Option<&str>,
+    device: Device,
+) -> Result<(DenoiserCheckpoint, DenoiserRecord), SubjectError> {
+    let load = |e: &dyn std::fmt::Display| SubjectError::Load(e.to_string());
+    let architecture = &data.network.spec.name;
     let record = match denoiser_id {
         Some(id) => catalog.denoiser(id).await.map_err(|e| load(&e))?,
         None => catalog
-            .active_denoiser(&architecture)
+            .active_denoiser(architecture)
             .await
             .map_err(|e| load(&e))?,
     }
@@ -67,7 +95,7 @@ pub async fn load_subject(
             None => format!("no active denoiser for {architecture:?}"),
         },
     })?;
-    if record.architecture != architecture {
+    if &record.architecture != architecture {
         return Err(SubjectError::Input {
             field: "denoiser-id",
             reason: format!(
@@ -78,9 +106,5 @@ pub async fn load_subject(
     }
     let bytes = blobs.get(&record.sha256).await.map_err(|e| load(&e))?;
     let checkpoint = DenoiserCheckpoint::from_bytes(&bytes, device).map_err(|e| load(&e))?;
-    Ok(Subject {
-        data,
-        checkpoint,
-        record,
-    })
+    Ok((checkpoint, record))
 }
