@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::generation::{small_digits_zoo, train, worker};
+use common::generation::{small_digits_zoo, train, train_with, worker};
 
 /// The numbers in the cells of a Markdown row (the "±" halves included).
 fn numbers(row: &str) -> Vec<f64> {
@@ -145,28 +145,7 @@ fn the_quick_profile_writes_every_table() {
     // tasks in one table. Random init is measured once and shared, and
     // sharing changes no figure: the `digits-eval` row repeats the main
     // table's guided DDIM row, and random init's column its random row.
-    worker(
-        &data,
-        &[
-            "train",
-            "--zoo",
-            "digits",
-            "--denoiser-id",
-            "digits-t100",
-            "--steps",
-            "300",
-            "--widths",
-            "64,32",
-            "--learning-rate",
-            "1e-3",
-            "--eval-tasks",
-            "4",
-            "--timesteps",
-            "100",
-            "--device",
-            "cpu",
-        ],
-    );
+    train_with(&data, "digits-t100", "5", &["--timesteps", "100"]);
     let ablation = [
         "eval",
         "--zoo",

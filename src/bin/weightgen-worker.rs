@@ -110,7 +110,7 @@ fn commit() -> String {
 /// Who produced a report: the zoo, the command as given, commit, machine.
 fn provenance(
     args: &EvalArgs,
-    subject: &weightgen::eval::Subject,
+    data: &weightgen::train::dataset::ZooDataset,
     device: tch::Device,
     started: std::time::Instant,
     denoiser: &str,
@@ -118,10 +118,10 @@ fn provenance(
     weightgen::eval::Provenance {
         title: format!(
             "`{}` (zoo `{}`, {} models, {})",
-            subject.data.family.name(),
+            data.family.name(),
             args.zoo,
-            subject.data.len(),
-            subject.data.network.spec.name
+            data.len(),
+            data.network.spec.name
         ),
         // The program by its name, the arguments as given.
         command: std::env::args()
@@ -162,7 +162,6 @@ fn eval_ablation(
         .map_err(|e| e.to_string())?;
     let mut yardstick = weightgen::eval::Yardstick::default();
     let mut rows = Vec::new();
-    let mut last = None;
     for id in &args.ablation {
         let (checkpoint, record) = runtime
             .block_on(weightgen::eval::load_denoiser(
@@ -185,18 +184,11 @@ fn eval_ablation(
             ),
             report,
         });
-        last = Some((checkpoint, record));
     }
-    let (checkpoint, record) = last.ok_or("--ablation lists no denoiser")?;
-    let subject = weightgen::eval::Subject {
-        data,
-        checkpoint,
-        record,
-    };
-    let who = provenance(args, &subject, device, started, &args.ablation.join(", "));
+    let who = provenance(args, &data, device, started, &args.ablation.join(", "));
     let text = weightgen::eval::ablation_markdown(&rows, &config, &who);
     if let Some(path) = &args.output {
-        let key = format!("{}:{}:ablation", subject.data.family.name(), args.zoo);
+        let key = format!("{}:{}:ablation", data.family.name(), args.zoo);
         weightgen::eval::write_section(path, &key, &text)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
@@ -238,7 +230,7 @@ fn eval(args: EvalArgs) -> Result<String, String> {
     let started = std::time::Instant::now();
     let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
         .map_err(|e| e.to_string())?;
-    let who = provenance(&args, &subject, device, started, &subject.record.id);
+    let who = provenance(&args, &subject.data, device, started, &subject.record.id);
     let key = format!("{}:{}", subject.data.family.name(), args.zoo);
     let plots = match &args.output {
         Some(path) => {

@@ -458,11 +458,6 @@ impl Yardstick {
             };
         }
     }
-
-    /// Runs of random init measured so far.
-    pub fn measured_runs(&self) -> usize {
-        self.runs.len()
-    }
 }
 
 /// Runs the harness for `checkpoint` on the zoo `data`.

@@ -55,32 +55,35 @@ pub fn small_digits_zoo(data: &Path) -> String {
     )
 }
 
+/// Trains and activates denoiser `id` on the small zoo.
 pub fn train(data: &Path, id: &str, seed: &str) -> String {
-    worker(
-        data,
-        &[
-            "train",
-            "--zoo",
-            "digits",
-            "--denoiser-id",
-            id,
-            "--steps",
-            "300",
-            "--widths",
-            "64,32",
-            "--learning-rate",
-            "1e-3",
-            "--eval-tasks",
-            "4",
-            "--log-every",
-            "100",
-            "--seed",
-            seed,
-            "--activate",
-            "--device",
-            "cpu",
-        ],
-    )
+    train_with(data, id, seed, &["--activate"])
+}
+
+/// Trains denoiser `id` on the small zoo with `extra` flags.
+pub fn train_with(data: &Path, id: &str, seed: &str, extra: &[&str]) -> String {
+    let args = [
+        "train",
+        "--zoo",
+        "digits",
+        "--denoiser-id",
+        id,
+        "--steps",
+        "300",
+        "--widths",
+        "64,32",
+        "--learning-rate",
+        "1e-3",
+        "--eval-tasks",
+        "4",
+        "--log-every",
+        "100",
+        "--seed",
+        seed,
+        "--device",
+        "cpu",
+    ];
+    worker(data, &[&args[..], extra].concat())
 }
 
 /// A task descriptor of a digits task, from the featurizer.
