@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs, once, the external tools the test suite uses (buf, SeaweedFS) into a venv
-# under ${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}/tools, and puts it on PATH; and the
-# deployment checks' tools into a second venv beside it (weightgen_deploy_tools).
+# under ${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}/tools and exports its bin directory as
+# WEIGHTGEN_TOOLS_BIN (PATH is left alone); and the deployment checks' tools into a
+# second venv beside it (weightgen_deploy_tools).
 # Source it. Pinned versions keep CI reproducible.
 
 weightgen_tools() {

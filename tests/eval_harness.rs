@@ -117,6 +117,34 @@ fn the_quick_profile_writes_every_table() {
         file.contains("support-only row conditions on the K = 10"),
         "{file}"
     );
+    // The hypernetwork's encoder is chosen on the validation tasks: both
+    // variants scored, the better one named.
+    let choice = file
+        .lines()
+        .find_map(|l| {
+            l.split_once("The hypernetwork's encoder was chosen on the validation tasks by zero-shot accuracy: ")
+                .map(|(_, rest)| rest)
+        })
+        .unwrap_or_else(|| panic!("no hypernetwork choice in\n{file}"));
+    let (with, without) = (
+        numbers(
+            choice
+                .split_once("with the label-prototype branch ")
+                .unwrap()
+                .1,
+        )[0],
+        numbers(
+            choice
+                .split_once("without the label-prototype branch ")
+                .unwrap()
+                .1,
+        )[0],
+    );
+    let chosen = if with >= without { "with" } else { "without" };
+    assert!(
+        choice.contains(&format!("→ **{chosen} the label-prototype branch**")),
+        "{choice}"
+    );
     // The hypernetwork is deterministic given the task: it has a novelty row.
     assert!(
         file.lines()

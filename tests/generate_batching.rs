@@ -44,6 +44,9 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     let batching = spawn_server(|c| {
         c.max_wait = Duration::from_millis(100);
         c.reload_interval = Duration::from_millis(100);
+        // The 32-sample DDPM-1000 request below runs for tens of seconds on
+        // a loaded debug build; the default 60 s limit is for clients.
+        c.request_timeout = Duration::from_secs(600);
     })
     .await;
     let data = batching.data_dir.path().join("data");

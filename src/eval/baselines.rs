@@ -176,7 +176,24 @@ pub struct Hypernetwork {
 }
 
 impl Hypernetwork {
-    /// Trains it on every zoo model for `steps` Adam steps of `batch_size`.
+    /// The encoder variants worth training for `checkpoint`, as values of
+    /// the label-prototype switch: the denoiser's own encoder, and the same
+    /// without its prototype branch where it has one (a regression may
+    /// do better without it than a denoiser does).
+    pub fn encoder_variants(checkpoint: &DenoiserCheckpoint) -> Vec<bool> {
+        let encoder = &checkpoint.model.config().encoder;
+        let has_prototypes =
+            encoder.prototypes && encoder.support_x_dim > 0 && encoder.support_y_dim > 1;
+        if has_prototypes {
+            vec![true, false]
+        } else {
+            vec![false]
+        }
+    }
+
+    /// Trains it on every zoo model for `steps` Adam steps of `batch_size`,
+    /// with the denoiser's encoder architecture, its label-prototype branch
+    /// on or off.
     pub fn train(
         checkpoint: &DenoiserCheckpoint,
         data: &ZooDataset,
@@ -184,10 +201,12 @@ impl Hypernetwork {
         batch_size: i64,
         learning_rate: f64,
         seed: u64,
+        prototypes: bool,
     ) -> Result<Self, tch::TchError> {
         tch::manual_seed(seed as i64);
         let vs = nn::VarStore::new(Device::Cpu);
-        let encoder_config = checkpoint.model.config().encoder.clone();
+        let mut encoder_config = checkpoint.model.config().encoder.clone();
+        encoder_config.prototypes = prototypes;
         let encoder = TaskEncoder::new(&(vs.root() / "encoder"), &encoder_config);
         let dim = data.weights.size()[1];
         let head = nn::linear(

@@ -27,7 +27,7 @@ use crate::diffusion::SamplerKind;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
 use crate::tasks::featurizer::support_descriptor;
-use crate::tasks::train::{Objective, TaskData};
+use crate::tasks::train::{Objective, TaskData, evaluate as evaluate_params};
 use crate::tasks::{Descriptor, TaskSpec};
 use crate::train::dataset::ZooDataset;
 use crate::train::quality::{
@@ -37,6 +37,12 @@ use crate::weights::unflatten;
 
 /// The proposal's fine-tuning learning rate.
 pub const PROPOSAL_FINETUNE_LR: f64 = 1e-4;
+
+/// Batch size of the hypernetwork baseline's regression.
+pub const HYPERNETWORK_BATCH: i64 = 64;
+
+/// Adam learning rate of the hypernetwork baseline's regression.
+pub const HYPERNETWORK_LR: f64 = 1e-3;
 
 /// What the harness runs.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,7 +70,8 @@ pub struct EvalConfig {
     pub noise_scale: f64,
     /// Reptile and first-order MAML training.
     pub meta: MetaConfig,
-    /// Adam steps of the hypernetwork (batch 64, lr 1e-3).
+    /// Adam steps of the hypernetwork (batch [`HYPERNETWORK_BATCH`], lr
+    /// [`HYPERNETWORK_LR`]).
     pub hypernetwork_steps: usize,
     /// Seed of task draws and everything else.
     pub seed: u64,
@@ -306,6 +313,20 @@ pub struct EvalReport {
     pub matched_noise_scale: MeanCi,
     /// Support examples K the support-only rows were conditioned on.
     pub support_only_k: Option<usize>,
+    /// The hypernetwork's encoder variant, chosen on the validation tasks
+    /// (None when the hypernetwork was not evaluated or the denoiser's
+    /// encoder has no label-prototype branch to leave out).
+    pub hypernetwork_choice: Option<HypernetworkChoice>,
+}
+
+/// Which encoder the hypernetwork baseline used, chosen like random
+/// init's learning rate: on the validation tasks, never the held-out ones.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HypernetworkChoice {
+    /// Whether the chosen encoder has the label-prototype branch.
+    pub prototypes: bool,
+    /// Mean zero-shot validation score per variant (prototypes on/off).
+    pub validation: Vec<(bool, f64)>,
 }
 
 fn params(data: &ZooDataset, flat: &Tensor) -> Vec<Tensor> {
@@ -347,14 +368,14 @@ fn better(objective: Objective, a: f64, b: f64) -> bool {
 /// `steps`, and every rate's mean score.
 fn choose_lr(
     data: &ZooDataset,
-    tasks: &[(TaskSpec, TaskData)],
+    tasks: &[(TaskSpec, TaskData, Descriptor)],
     config: &EvalConfig,
 ) -> Result<(f64, Vec<(f64, f64)>), tch::TchError> {
     let objective = data.family.objective();
     let mut scores = Vec::new();
     for &lr in &config.lr_grid {
         let mut total = 0.0;
-        for (i, (_, task_data)) in tasks.iter().enumerate() {
+        for (i, (_, task_data, _)) in tasks.iter().enumerate() {
             let init = data
                 .network
                 .init(config.seed ^ (0xA11 + i as u64), Device::Cpu);
@@ -378,6 +399,78 @@ fn choose_lr(
         .reduce(|a, b| if better(objective, b.1, a.1) { b } else { a })
         .map_or(PROPOSAL_FINETUNE_LR, |(lr, _)| lr);
     Ok((best, scores))
+}
+
+/// Trains the hypernetwork once per encoder variant with `config.seed` and
+/// keeps the variant with the best mean zero-shot score on `validation`
+/// (the trained model comes back too: it is the first seed's).
+fn choose_hypernetwork(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    validation: &[(TaskSpec, TaskData, Descriptor)],
+    config: &EvalConfig,
+) -> Result<(HypernetworkChoice, Hypernetwork), tch::TchError> {
+    let objective = data.family.objective();
+    let descriptors: Vec<Descriptor> = validation.iter().map(|(_, _, d)| d.clone()).collect();
+    let condition = condition_of(checkpoint, data, &descriptors);
+    let mut scores = Vec::new();
+    let mut best: Option<(f64, bool, Hypernetwork)> = None;
+    for prototypes in Hypernetwork::encoder_variants(checkpoint) {
+        let hypernetwork = train_hypernetwork(checkpoint, data, config, config.seed, prototypes)?;
+        let weights = hypernetwork.predict(checkpoint, &condition, descriptors.len() as i64);
+        let total: f64 = validation
+            .iter()
+            .enumerate()
+            .map(|(i, (_, task_data, _))| {
+                zero_shot(data, &params(data, &weights.get(i as i64)), task_data)
+            })
+            .sum();
+        let score = total / validation.len().max(1) as f64;
+        scores.push((prototypes, score));
+        if best
+            .as_ref()
+            .is_none_or(|(top, _, _)| better(objective, score, *top))
+        {
+            best = Some((score, prototypes, hypernetwork));
+        }
+    }
+    let (_, prototypes, hypernetwork) = best.expect("at least one encoder variant");
+    tracing::info!(prototypes, ?scores, "hypernetwork encoder");
+    Ok((
+        HypernetworkChoice {
+            prototypes,
+            validation: scores,
+        },
+        hypernetwork,
+    ))
+}
+
+fn train_hypernetwork(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    config: &EvalConfig,
+    seed: u64,
+    prototypes: bool,
+) -> Result<Hypernetwork, tch::TchError> {
+    Hypernetwork::train(
+        checkpoint,
+        data,
+        config.hypernetwork_steps,
+        HYPERNETWORK_BATCH,
+        HYPERNETWORK_LR,
+        seed,
+        prototypes,
+    )
+}
+
+/// Test accuracy or MSE of `init` without fine-tuning.
+fn zero_shot(data: &ZooDataset, init: &[Tensor], task_data: &TaskData) -> f64 {
+    let objective = data.family.objective();
+    let scores = evaluate_params(&data.network, init, task_data, objective);
+    match objective {
+        Objective::Classification => scores["test_accuracy"],
+        Objective::Regression => scores["test_mse"],
+    }
 }
 
 fn held_out(data: &ZooDataset, count: usize, seed: u64) -> Vec<(TaskSpec, TaskData, Descriptor)> {
@@ -482,14 +575,10 @@ pub fn evaluate_with(
     let objective = data.family.objective();
     let net = &data.network;
     yardstick.keep_only_for(data, config);
+    let validation = held_out(data, config.validation_tasks, config.seed ^ 0x5EED);
     let (chosen_lr, lr_scores) = match &yardstick.lr {
         Some(chosen) => chosen.clone(),
         None => {
-            let validation: Vec<(TaskSpec, TaskData)> =
-                held_out(data, config.validation_tasks, config.seed ^ 0x5EED)
-                    .into_iter()
-                    .map(|(t, d, _)| (t, d))
-                    .collect();
             let chosen = choose_lr(data, &validation, config)?;
             yardstick.lr = Some(chosen.clone());
             chosen
@@ -520,6 +609,14 @@ pub fn evaluate_with(
         .filter(|m| *m != Method::NearestZooNoiseMatched || asked(&Method::WeightgenDdpmGuided))
         .collect();
     let wanted = |m: Method| methods.contains(&m);
+    // With a single encoder variant there is nothing to choose.
+    let choose = Hypernetwork::encoder_variants(checkpoint).len() > 1;
+    let (hypernetwork_choice, mut chosen_hypernetwork) = if wanted(Method::Hypernetwork) && choose {
+        let (choice, first) = choose_hypernetwork(checkpoint, data, &validation, config)?;
+        (Some(choice), Some(first))
+    } else {
+        (None, None)
+    };
     let zoo_std_norm = zoo_std.square().sum(Kind::Double).sqrt().double_value(&[]);
     let mut matched_scales = Vec::new();
 
@@ -607,10 +704,12 @@ pub fn evaluate_with(
         let reptile_init = wanted(Method::Reptile).then(|| reptile(data, &config.meta, seed));
         let fomaml_init = wanted(Method::Fomaml).then(|| fomaml(data, &config.meta, seed));
         let hypernetwork = if wanted(Method::Hypernetwork) {
-            Some(
-                Hypernetwork::train(checkpoint, data, config.hypernetwork_steps, 64, 1e-3, seed)?
-                    .predict(checkpoint, &condition, tasks.len() as i64),
-            )
+            let prototypes = hypernetwork_choice.as_ref().is_some_and(|c| c.prototypes);
+            let trained = match chosen_hypernetwork.take().filter(|_| seed == config.seed) {
+                Some(first) => first,
+                None => train_hypernetwork(checkpoint, data, config, seed, prototypes)?,
+            };
+            Some(trained.predict(checkpoint, &condition, tasks.len() as i64))
         } else {
             None
         };
@@ -870,5 +969,6 @@ pub fn evaluate_with(
         zoo_to_zoo_cosines,
         matched_noise_scale: MeanCi::of(&matched_scales),
         support_only_k: support_only_k.filter(|_| wanted(Method::WeightgenSupportOnly)),
+        hypernetwork_choice,
     })
 }

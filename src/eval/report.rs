@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::harness::{EvalConfig, EvalReport, Method, PROPOSAL_FINETUNE_LR};
+use super::harness::{EvalConfig, EvalReport, HypernetworkChoice, Method, PROPOSAL_FINETUNE_LR};
 use super::stats::MeanCi;
 use crate::tasks::Objective;
 
@@ -33,6 +33,28 @@ fn significant(x: f64) -> String {
     }
     let decimals = (2 - x.abs().log10().floor() as i32).max(0) as usize;
     format!("{x:.decimals$}")
+}
+
+/// " Its encoder was chosen on the validation tasks: …" for the
+/// baselines paragraph.
+fn hypernetwork_choice_text(choice: &HypernetworkChoice, metric: &str, digits: usize) -> String {
+    let variant = |prototypes: bool| {
+        if prototypes {
+            "with the label-prototype branch"
+        } else {
+            "without the label-prototype branch"
+        }
+    };
+    let scores: Vec<String> = choice
+        .validation
+        .iter()
+        .map(|(p, score)| format!("{} {score:.digits$}", variant(*p)))
+        .collect();
+    format!(
+        " The hypernetwork's encoder was chosen on the validation tasks by zero-shot {metric}: {} → **{}**.",
+        scores.join(", "),
+        variant(choice.prototypes)
+    )
 }
 
 fn steps(m: &MeanCi, reached: f64) -> String {
@@ -168,6 +190,9 @@ pub fn markdown(
         config.noise_scale,
         report.matched_noise_scale.show(3),
     );
+    if let Some(choice) = &report.hypernetwork_choice {
+        baselines.push_str(&hypernetwork_choice_text(choice, metric, digits));
+    }
     match report.support_only_k {
         Some(k) => baselines.push_str(&format!(
             " The support-only row conditions on the K = {k} few-shot examples of each run alone (no task metadata), \
