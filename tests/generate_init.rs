@@ -357,6 +357,28 @@ async fn generate_init_end_to_end() {
     from_file.options.as_mut().unwrap().guidance_scale = Some(2.0);
     let rust_bytes = generate_with(&mut client, from_file).await.unwrap().files[0].clone();
 
+    // The same task without its features: conditioned on the support set
+    // alone (deterministic, the architecture's layout, not the answer the
+    // features give).
+    let mut support_only = task_file.to_proto();
+    assert!(support_only.support.is_some());
+    support_only.features.clear();
+    let alone = generate_with(&mut client, request(&support_only, Sampler::Ddim, 1, 42))
+        .await
+        .unwrap();
+    let alone_again = generate_with(&mut client, request(&support_only, Sampler::Ddim, 1, 42))
+        .await
+        .unwrap();
+    assert_eq!(alone.files, alone_again.files);
+    assert_eq!(layout(&alone.files[0]), expected("F32"));
+    let with_features = generate_with(
+        &mut client,
+        request(&task_file.to_proto(), Sampler::Ddim, 1, 42),
+    )
+    .await
+    .unwrap();
+    assert_ne!(alone.files, with_features.files);
+
     let site = dir.join("python-site");
     install_python_client(&site);
     let saved = dir.join("python.safetensors");

@@ -121,9 +121,19 @@ pub fn job_for(
         ));
     }
     let descriptor = descriptor_from_proto(task, "task")?;
-    let features = descriptor
-        .feature_vector(schema)
-        .map_err(|e| invalid(&format!("task.features.{}", e.field), e.reason))?;
+    // No features at all but a support set, for a denoiser that reads
+    // support sets: condition on the support set alone (what the harness's
+    // support-only row measures). Otherwise the features are checked.
+    let support_only = descriptor.features.is_empty()
+        && !descriptor.support_x.is_empty()
+        && schema.support.is_some();
+    let features = if support_only {
+        Vec::new()
+    } else {
+        descriptor
+            .feature_vector(schema)
+            .map_err(|e| invalid(&format!("task.features.{}", e.field), e.reason))?
+    };
     let ways = match &schema.support {
         Some(s) if s.classification && !descriptor.support_x.is_empty() => {
             if task.num_classes < 2 {
@@ -384,6 +394,38 @@ mod tests {
             (pb::Sampler::Ddim, 50, 1.0)
         );
         assert_eq!(job.features.len(), schema(Family::Digits).feature_width());
+    }
+
+    #[test]
+    fn a_support_set_without_features_conditions_on_the_support_set_alone() {
+        let task = TaskSpec::Digits {
+            classes: vec![0, 1, 2, 3, 4],
+        };
+        let data = Family::Digits.data(&task, tch::Device::Cpu).unwrap();
+        let d = describe(Family::Digits, &task, &data);
+        let k = d.support_x.len() as u64;
+        let mut r = request();
+        let t = r.task.as_mut().unwrap();
+        t.features.clear();
+        t.support = Some(pb::SupportSet {
+            inputs: Some(pb::FloatTensor {
+                shape: vec![k, 64],
+                values: d.support_x.concat(),
+            }),
+            targets: Some(pb::FloatTensor {
+                shape: vec![k],
+                values: d.support_y.iter().map(|y| y[0]).collect(),
+            }),
+        });
+        let (job, _) = job_for(&r, &digits_denoiser(), 8).unwrap();
+        assert!(job.features.is_empty());
+        assert_eq!((job.descriptor.support_x.len(), job.ways), (k as usize, 5));
+        // Neither features nor a support set: the features are required.
+        let message = refused(|r| r.task.as_mut().unwrap().features.clear());
+        assert!(
+            message.starts_with("task.features.") && message.contains("required and missing"),
+            "{message}"
+        );
     }
 
     #[test]

@@ -153,12 +153,14 @@ struct Pending {
 
 impl Pending {
     /// Whether `other` can share this one's reverse diffusion: same
-    /// denoiser, sampler, guidance and support-set size.
+    /// denoiser, sampler, guidance and support-set size, and both with
+    /// features or both conditioned on their support set alone.
     fn joins(&self, other: &Pending) -> bool {
         self.id == other.id
             && self.job.sampler == other.job.sampler
             && self.job.guidance.to_bits() == other.job.guidance.to_bits()
             && self.job.descriptor.support_x.len() == other.job.descriptor.support_x.len()
+            && self.job.features.is_empty() == other.job.features.is_empty()
     }
 }
 
@@ -488,11 +490,6 @@ fn condition(
     rows: i64,
 ) -> Result<TaskBatch, FeatureError> {
     let device = checkpoint.model.device();
-    let features = Tensor::from_slice(&job.features).view([1, -1]);
-    let features = match &checkpoint.feature_norm {
-        Some(norm) => crate::train::standardize_features(&features, norm),
-        None => features,
-    };
     let support = job
         .descriptor
         .support_tensors(&checkpoint.feature_schema, job.ways)?;
@@ -501,9 +498,18 @@ fn condition(
         shape.extend(std::iter::repeat_n(1, t.dim()));
         t.unsqueeze(0).repeat(shape.as_slice()).to_device(device)
     };
-    let features = features.squeeze_dim(0);
+    // No features: a support-only request (the encoder adds nothing for
+    // them, as in the harness's support-only row).
+    let features = (!job.features.is_empty()).then(|| {
+        let features = Tensor::from_slice(&job.features).view([1, -1]);
+        let features = match &checkpoint.feature_norm {
+            Some(norm) => crate::train::standardize_features(&features, norm),
+            None => features,
+        };
+        repeat(features.squeeze_dim(0))
+    });
     Ok(TaskBatch {
-        features: (!job.features.is_empty()).then(|| repeat(features)),
+        features,
         support_x: support.as_ref().map(|(x, _)| repeat(x.shallow_clone())),
         support_y: support.as_ref().map(|(_, y)| repeat(y.shallow_clone())),
         features_dropped: None,
@@ -630,5 +636,21 @@ mod tests {
         assert_eq!(rows, 7);
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert_eq!(backlog.len(), 2);
+    }
+
+    #[test]
+    fn support_only_requests_batch_only_with_each_other() {
+        let (mut with_features, _r1) = pending("a", 1);
+        let (mut also_with, _r2) = pending("a", 1);
+        let (mut support_only, _r3) = pending("a", 1);
+        let (mut also_support_only, _r4) = pending("a", 1);
+        with_features.job.features = vec![0.5, 1.0];
+        also_with.job.features = vec![0.25, 2.0];
+        support_only.job.features.clear();
+        also_support_only.job.features.clear();
+        assert!(with_features.joins(&also_with));
+        assert!(support_only.joins(&also_support_only));
+        assert!(!with_features.joins(&support_only));
+        assert!(!support_only.joins(&with_features));
     }
 }
