@@ -181,10 +181,7 @@ impl Hypernetwork {
     /// without its prototype branch where it has one (a regression may
     /// do better without it than a denoiser does).
     pub fn encoder_variants(checkpoint: &DenoiserCheckpoint) -> Vec<bool> {
-        let encoder = &checkpoint.model.config().encoder;
-        let has_prototypes =
-            encoder.prototypes && encoder.support_x_dim > 0 && encoder.support_y_dim > 1;
-        if has_prototypes {
+        if checkpoint.model.config().encoder.has_prototypes() {
             vec![true, false]
         } else {
             vec![false]

@@ -21,6 +21,16 @@ pub struct FinetuneConfig {
     pub learning_rate: f64,
 }
 
+/// The test metric of `params` on `data`: accuracy for classification,
+/// MSE for regression.
+pub fn test_metric(net: &Network, params: &[Tensor], data: &TaskData, objective: Objective) -> f64 {
+    let scores = evaluate(net, params, data, objective);
+    match objective {
+        Objective::Classification => scores["test_accuracy"],
+        Objective::Regression => scores["test_mse"],
+    }
+}
+
 /// The test metric (accuracy or MSE) of `init` fine-tuned on `data`, before
 /// the first step and after each of `config.steps` full-batch Adam steps.
 pub fn curve(
@@ -41,13 +51,7 @@ pub fn curve(
         })
         .collect();
     let mut optimizer = nn::Adam::default().build(&vs, config.learning_rate)?;
-    let metric = |params: &[Tensor]| {
-        let scores = evaluate(net, params, data, objective);
-        match objective {
-            Objective::Classification => scores["test_accuracy"],
-            Objective::Regression => scores["test_mse"],
-        }
-    };
+    let metric = |params: &[Tensor]| test_metric(net, params, data, objective);
     let mut out = Vec::with_capacity(config.steps + 1);
     out.push(metric(&params));
     for _ in 0..config.steps {

@@ -20,14 +20,16 @@ use rand::seq::SliceRandom;
 use tch::{Device, Kind, Tensor};
 
 use super::baselines::{Hypernetwork, MetaConfig, fomaml, reptile};
-use super::finetune::{DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_target, target_of};
+use super::finetune::{
+    DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_target, target_of, test_metric,
+};
 use super::novelty::{agreement, mean_pairwise_cosine, nearest_zoo};
 use super::stats::MeanCi;
 use crate::diffusion::SamplerKind;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
 use crate::tasks::featurizer::support_descriptor;
-use crate::tasks::train::{Objective, TaskData, evaluate as evaluate_params};
+use crate::tasks::train::{Objective, TaskData};
 use crate::tasks::{Descriptor, TaskSpec};
 use crate::train::dataset::ZooDataset;
 use crate::train::quality::{
@@ -422,7 +424,8 @@ fn choose_hypernetwork(
             .iter()
             .enumerate()
             .map(|(i, (_, task_data, _))| {
-                zero_shot(data, &params(data, &weights.get(i as i64)), task_data)
+                let init = params(data, &weights.get(i as i64));
+                test_metric(&data.network, &init, task_data, objective)
             })
             .sum();
         let score = total / validation.len().max(1) as f64;
@@ -463,14 +466,13 @@ fn train_hypernetwork(
     )
 }
 
-/// Test accuracy or MSE of `init` without fine-tuning.
-fn zero_shot(data: &ZooDataset, init: &[Tensor], task_data: &TaskData) -> f64 {
-    let objective = data.family.objective();
-    let scores = evaluate_params(&data.network, init, task_data, objective);
-    match objective {
-        Objective::Classification => scores["test_accuracy"],
-        Objective::Regression => scores["test_mse"],
-    }
+/// The validation tasks: held-out tasks of another seed, on which random
+/// init's learning rate and the hypernetwork's encoder are chosen.
+fn validation_tasks(
+    data: &ZooDataset,
+    config: &EvalConfig,
+) -> Vec<(TaskSpec, TaskData, Descriptor)> {
+    held_out(data, config.validation_tasks, config.seed ^ 0x5EED)
 }
 
 fn held_out(data: &ZooDataset, count: usize, seed: u64) -> Vec<(TaskSpec, TaskData, Descriptor)> {
@@ -575,11 +577,14 @@ pub fn evaluate_with(
     let objective = data.family.objective();
     let net = &data.network;
     yardstick.keep_only_for(data, config);
-    let validation = held_out(data, config.validation_tasks, config.seed ^ 0x5EED);
+    // Drawn only when something is chosen on them (not for an ablation row
+    // whose learning rate the yardstick already has).
+    let mut validation = None;
     let (chosen_lr, lr_scores) = match &yardstick.lr {
         Some(chosen) => chosen.clone(),
         None => {
-            let chosen = choose_lr(data, &validation, config)?;
+            let tasks = validation.get_or_insert_with(|| validation_tasks(data, config));
+            let chosen = choose_lr(data, tasks, config)?;
             yardstick.lr = Some(chosen.clone());
             chosen
         }
@@ -612,7 +617,8 @@ pub fn evaluate_with(
     // With a single encoder variant there is nothing to choose.
     let choose = Hypernetwork::encoder_variants(checkpoint).len() > 1;
     let (hypernetwork_choice, mut chosen_hypernetwork) = if wanted(Method::Hypernetwork) && choose {
-        let (choice, first) = choose_hypernetwork(checkpoint, data, &validation, config)?;
+        let tasks = validation.get_or_insert_with(|| validation_tasks(data, config));
+        let (choice, first) = choose_hypernetwork(checkpoint, data, tasks, config)?;
         (Some(choice), Some(first))
     } else {
         (None, None)

@@ -28,6 +28,14 @@ pub struct TaskEncoderConfig {
     pub prototypes: bool,
 }
 
+impl TaskEncoderConfig {
+    /// Whether the encoder builds the label-prototype branch: asked for,
+    /// and the support targets are one-hots over several labels.
+    pub fn has_prototypes(&self) -> bool {
+        self.prototypes && self.support_x_dim > 0 && self.support_y_dim > 1
+    }
+}
+
 /// The conditioning inputs of a batch (rows aligned with the weights).
 #[derive(Debug)]
 pub struct TaskBatch {
@@ -156,20 +164,17 @@ impl TaskEncoder {
         });
         let rho =
             (config.support_x_dim > 0).then(|| nn::linear(vs / "rho", h, e, Default::default()));
-        let prototypes = (config.prototypes
-            && config.support_x_dim > 0
-            && config.support_y_dim > 1)
-            .then(|| {
-                (
-                    nn::linear(
-                        vs / "prototypes" / "0",
-                        config.support_x_dim * config.support_y_dim,
-                        h,
-                        Default::default(),
-                    ),
-                    nn::linear(vs / "prototypes" / "1", h, e, Default::default()),
-                )
-            });
+        let prototypes = config.has_prototypes().then(|| {
+            (
+                nn::linear(
+                    vs / "prototypes" / "0",
+                    config.support_x_dim * config.support_y_dim,
+                    h,
+                    Default::default(),
+                ),
+                nn::linear(vs / "prototypes" / "1", h, e, Default::default()),
+            )
+        });
         Self {
             config: config.clone(),
             features,
