@@ -75,6 +75,8 @@ async fn prepare(dir: &std::path::Path) {
             ..Default::default()
         }),
         timesteps: weightgen::diffusion::schedule::DEFAULT_TIMESTEPS,
+        // The weights themselves, as the figures in BENCHMARKS.md were measured.
+        latent: weightgen::train::LatentChoice::None,
         schedule: weightgen::diffusion::schedule::ScheduleKind::cosine(),
         load: Default::default(),
         fit: FitConfig {

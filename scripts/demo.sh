@@ -38,11 +38,11 @@ step "zoo: 200 sinusoid models"
 "$bin/weightgen-worker" zoo build --family sinusoid --models 200 --data-dir "$data" 2>"$data/zoo-sinusoid.log"
 
 step "denoiser: $steps steps on the digits zoo, zero-shot quality gate, publish as active (log $data/train.log)"
-"$bin/weightgen-worker" train --zoo digits-demo --denoiser-id "digits-demo-$steps" --steps "$steps" \
+"$bin/weightgen-worker" train --zoo digits-demo --denoiser-id "digits-demo-v2-$steps" --steps "$steps" \
     --learning-rate 1e-3 --widths 256,128 --ema-decay 0.995 --eval-tasks 30 --eval-guidance 3 \
     --log-every 500 --device cpu --activate --data-dir "$data" 2>"$data/train.log" || {
     # Re-running the demo: this version is already published.
-    grep -q "already exists" "$data/train.log" && step "(digits-demo-$steps is already published)" || exit 1
+    grep -q "already exists" "$data/train.log" && step "(digits-demo-v2-$steps is already published)" || exit 1
 }
 
 step "starting weightgen-server on $addr (data dir $data, log $log)"
@@ -59,9 +59,11 @@ for service in weightgen.v1.CatalogService weightgen.v1.JobService; do
 done
 
 held_out="${WEIGHTGEN_DEMO_TASKS:-8}"
-step "held-out tasks: $held_out inits over gRPC (DDIM-50, guidance 3), fine-tuned next to random init"
-"$bin/weightgen" --addr "$addr" --timeout 120s compare --family digits --held-out "$held_out" --seed 1 \
-    --guidance 3 --learning-rate 1e-3 --finetune-steps 300 --full-steps 1000
+for form in features both; do
+    step "held-out tasks: $held_out inits over gRPC (DDIM-50, guidance 3, request with $form), fine-tuned next to random init"
+    "$bin/weightgen" --addr "$addr" --timeout 120s compare --family digits --held-out "$held_out" --seed 1 \
+        --guidance 3 --learning-rate 1e-3 --finetune-steps 300 --full-steps 1000 --form "$form"
+done
 
 step "metrics on 127.0.0.1:$metrics_port/metrics:"
 python3 - "$metrics_port" <<'PY'

@@ -76,6 +76,7 @@ fn condition(device: Device) -> TaskBatch {
         support_x: Some(Tensor::ones([2, 5, 8], (Kind::Float, device)) * 0.5),
         support_y: Some(Tensor::zeros([2, 5, 3], (Kind::Float, device))),
         features_dropped: None,
+        support_dropped: None,
     }
 }
 

@@ -59,6 +59,8 @@ fn the_quick_profile_writes_every_table() {
         "weightgen DDPM-1000",
         "weightgen DDPM-1000, guidance 3",
         "weightgen DDIM-50, guidance 3, support set only",
+        "weightgen DDIM-50, guidance 3, features only",
+        "control: weightgen DDIM-50, guidance 3, another task's descriptor",
         "random init (PyTorch default)",
         "nearest zoo model (by descriptor)",
         "nearest zoo model + noise",
@@ -115,6 +117,16 @@ fn the_quick_profile_writes_every_table() {
     );
     assert!(
         file.contains("support-only row conditions on the K = 10"),
+        "{file}"
+    );
+    // Every request form is a row, and the control says whether the
+    // condition matters.
+    assert!(
+        file.contains("The features-only row conditions on the task metadata alone"),
+        "{file}"
+    );
+    assert!(
+        file.contains("- Control: another task's descriptor scores"),
         "{file}"
     );
     // The hypernetwork's encoder is chosen on the validation tasks: both

@@ -34,6 +34,7 @@ use crate::tasks::{Descriptor, TaskSpec};
 use crate::train::dataset::ZooDataset;
 use crate::train::quality::{
     EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features, support_condition,
+    wrong_tasks,
 };
 use crate::weights::unflatten;
 
@@ -158,6 +159,15 @@ pub enum Method {
     /// smallest few-shot support set alone (no task metadata): exactly what
     /// Reptile and MAML see.
     WeightgenSupportOnly,
+    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
+    /// task features alone (no support set): what a client with no
+    /// examples sends (the README's `generate --feature` example).
+    WeightgenFeaturesOnly,
+    /// The control: weightgen, DDIM-50 with the configured guidance,
+    /// conditioned on another held-out task's descriptor (features and
+    /// support set). Scoring near the true descriptor means the condition
+    /// is not used.
+    WeightgenWrongTask,
     /// The network's PyTorch-default initialization.
     Random,
     /// The zoo model whose task features are nearest (retrieval).
@@ -179,12 +189,14 @@ pub enum Method {
 
 impl Method {
     /// Every method, in report order.
-    pub const ALL: [Method; 13] = [
+    pub const ALL: [Method; 15] = [
         Method::WeightgenDdim,
         Method::WeightgenDdimGuided,
         Method::WeightgenDdpm,
         Method::WeightgenDdpmGuided,
         Method::WeightgenSupportOnly,
+        Method::WeightgenFeaturesOnly,
+        Method::WeightgenWrongTask,
         Method::Random,
         Method::NearestZoo,
         Method::NearestZooNoise,
@@ -204,6 +216,14 @@ impl Method {
             Self::WeightgenDdpmGuided => format!("weightgen DDPM-1000, guidance {guidance}"),
             Self::WeightgenSupportOnly => {
                 format!("weightgen DDIM-50, guidance {guidance}, support set only")
+            }
+            Self::WeightgenFeaturesOnly => {
+                format!("weightgen DDIM-50, guidance {guidance}, features only")
+            }
+            Self::WeightgenWrongTask => {
+                format!(
+                    "control: weightgen DDIM-50, guidance {guidance}, another task's descriptor"
+                )
             }
             Self::Random => "random init (PyTorch default)".into(),
             Self::NearestZoo => "nearest zoo model (by descriptor)".into(),
@@ -227,6 +247,8 @@ impl Method {
                 | Self::WeightgenDdpm
                 | Self::WeightgenDdpmGuided
                 | Self::WeightgenSupportOnly
+                | Self::WeightgenFeaturesOnly
+                | Self::WeightgenWrongTask
         )
     }
 }
@@ -597,6 +619,11 @@ pub fn evaluate_with(
     let zoo_std = zoo_weights.std_dim(0, false, false);
     let descriptors: Vec<Descriptor> = tasks.iter().map(|(_, _, d)| d.clone()).collect();
     let condition = condition_of(checkpoint, data, &descriptors);
+    let features_only = TaskBatch {
+        features: condition.features.as_ref().map(Tensor::shallow_clone),
+        ..TaskBatch::unconditional()
+    };
+    let wrong_task = condition_of(checkpoint, data, &wrong_tasks(&descriptors));
     let asked = asked_features(checkpoint, data, &condition, &descriptors);
     let nearest_rows = nearest_by_features(checkpoint, data, &all_rows, &asked);
     // The support-only rows need a denoiser whose encoder reads support sets.
@@ -610,6 +637,8 @@ pub fn evaluate_with(
         .into_iter()
         .filter(|m| asked(m))
         .filter(|m| *m != Method::WeightgenSupportOnly || support_only_k.is_some())
+        // Features only differs from the main rows where they carry a support set.
+        .filter(|m| *m != Method::WeightgenFeaturesOnly || condition.support_x.is_some())
         // The matched noise is solved against the DDPM sample.
         .filter(|m| *m != Method::NearestZooNoiseMatched || asked(&Method::WeightgenDdpmGuided))
         .collect();
@@ -645,7 +674,9 @@ pub fn evaluate_with(
             Method::WeightgenDdimGuided => forward * guided * EVAL_DDIM_STEPS as f64,
             Method::WeightgenDdpm => forward * timesteps,
             Method::WeightgenDdpmGuided => forward * guided * timesteps,
-            Method::WeightgenSupportOnly => forward * guided * EVAL_DDIM_STEPS as f64,
+            Method::WeightgenSupportOnly
+            | Method::WeightgenFeaturesOnly
+            | Method::WeightgenWrongTask => forward * guided * EVAL_DDIM_STEPS as f64,
             _ => 0.0,
         }
     };
@@ -683,29 +714,47 @@ pub fn evaluate_with(
             (method, w)
         };
         let mut samples: BTreeMap<Method, Tensor> = BTreeMap::new();
-        for (method, kind, guidance) in [
-            (Method::WeightgenDdim, ddim, 1.0),
-            (Method::WeightgenDdimGuided, ddim, config.guidance),
-            (Method::WeightgenDdpm, SamplerKind::Ddpm, 1.0),
+        let mut to_sample: Vec<(Method, &TaskBatch, SamplerKind, f64)> = vec![
+            (Method::WeightgenDdim, &condition, ddim, 1.0),
+            (
+                Method::WeightgenDdimGuided,
+                &condition,
+                ddim,
+                config.guidance,
+            ),
+            (Method::WeightgenDdpm, &condition, SamplerKind::Ddpm, 1.0),
             (
                 Method::WeightgenDdpmGuided,
+                &condition,
                 SamplerKind::Ddpm,
                 config.guidance,
             ),
-        ] {
-            if wanted(method) {
-                let (method, w) = generated(method, &condition, kind, guidance);
-                samples.insert(method, w);
-            }
-        }
+            (
+                Method::WeightgenFeaturesOnly,
+                &features_only,
+                ddim,
+                config.guidance,
+            ),
+            (
+                Method::WeightgenWrongTask,
+                &wrong_task,
+                ddim,
+                config.guidance,
+            ),
+        ];
         if let Some(support_only) = &support_only {
-            let (method, w) = generated(
+            to_sample.push((
                 Method::WeightgenSupportOnly,
                 support_only,
                 ddim,
                 config.guidance,
-            );
-            samples.insert(method, w);
+            ));
+        }
+        for (method, condition, kind, guidance) in to_sample {
+            if wanted(method) {
+                let (method, w) = generated(method, condition, kind, guidance);
+                samples.insert(method, w);
+            }
         }
         let reptile_init = wanted(Method::Reptile).then(|| reptile(data, &config.meta, seed));
         let fomaml_init = wanted(Method::Fomaml).then(|| fomaml(data, &config.meta, seed));

@@ -201,6 +201,18 @@ pub fn markdown(
         )),
         None => baselines.push_str(" The denoiser reads no support set, so there is no support-only row."),
     }
+    if report.methods.contains_key(&Method::WeightgenFeaturesOnly) {
+        baselines.push_str(
+            " The features-only row conditions on the task metadata alone (no support set): the request of a \
+             client with no examples.",
+        );
+    }
+    if report.methods.contains_key(&Method::WeightgenWrongTask) {
+        baselines.push_str(
+            " The control row conditions each task on another held-out task's descriptor (features and support \
+             set): if it scores near the true descriptor, the condition is not being used.",
+        );
+    }
     push(&mut out, baselines);
     push(&mut out, String::new());
     let ks: Vec<usize> = config.few_shot.clone();
@@ -293,14 +305,16 @@ pub fn markdown(
     out
 }
 
-/// Plain statements of where the best weightgen row loses to a baseline.
+/// Plain statements of where the best weightgen row loses to a baseline,
+/// how the few-shot rows compare, and whether the condition matters (the
+/// wrong-task control).
 pub fn verdicts(report: &EvalReport, config: &EvalConfig) -> Vec<String> {
     let higher_is_better = report.objective == Objective::Classification;
     let better = |a: f64, b: f64| if higher_is_better { a > b } else { a < b };
     let generated: Vec<_> = report
         .methods
         .iter()
-        .filter(|(m, _)| m.is_generated())
+        .filter(|(m, _)| m.is_generated() && **m != Method::WeightgenWrongTask)
         .collect();
     let Some((best_method, best)) = generated.iter().copied().reduce(|a, b| {
         if better(b.1.zero_shot.mean, a.1.zero_shot.mean) {
@@ -331,6 +345,24 @@ pub fn verdicts(report: &EvalReport, config: &EvalConfig) -> Vec<String> {
                 best.speedup_best_lr.show(2)
             ));
         }
+    }
+    // The control: does the right descriptor matter?
+    if let Some(wrong) = report.methods.get(&Method::WeightgenWrongTask) {
+        let right = &best.zero_shot;
+        let apart = if better(right.mean, wrong.zero_shot.mean) {
+            if right.separated_from(&wrong.zero_shot) {
+                "the condition matters: the intervals are apart"
+            } else {
+                "the intervals overlap: the condition barely matters"
+            }
+        } else {
+            "the wrong descriptor does as well: the condition is not used"
+        };
+        out.push(format!(
+            "Control: another task's descriptor scores {} zero-shot against {} for {label}; {apart}.",
+            wrong.zero_shot.show(3),
+            right.show(3),
+        ));
     }
     // The fair few-shot comparison: support set only against meta-learning.
     if let Some(support_only) = report.methods.get(&Method::WeightgenSupportOnly) {

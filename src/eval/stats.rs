@@ -59,6 +59,11 @@ impl MeanCi {
         }
     }
 
+    /// Whether the two 95 % intervals do not overlap.
+    pub fn separated_from(&self, other: &Self) -> bool {
+        (self.mean - other.mean).abs() > self.half_width + other.half_width
+    }
+
     /// "0.748 ± 0.031", with `digits` decimals.
     pub fn show(&self, digits: usize) -> String {
         if self.mean.is_nan() {
@@ -90,5 +95,7 @@ mod tests {
         let g = MeanCi::geometric(&[2.0, 8.0]);
         assert!((g.mean - 4.0).abs() < 1e-12);
         assert!(g.half_width > 0.0);
+        assert!(MeanCi::of(&[1.0, 1.1]).separated_from(&MeanCi::of(&[3.0, 3.1])));
+        assert!(!MeanCi::of(&[1.0, 3.0]).separated_from(&MeanCi::of(&[2.0, 2.5])));
     }
 }

@@ -15,7 +15,8 @@ use crate::model::{
 use crate::tasks::{Family, TrainConfig};
 use crate::train::dataset::{AlignChoice, LoadOptions};
 use crate::train::{
-    DEFAULT_CHECKPOINT_EVERY, DEFAULT_EMA_DECAY, DEFAULT_VAL_FRACTION, TrainDenoiserConfig,
+    DEFAULT_CHECKPOINT_EVERY, DEFAULT_EMA_DECAY, DEFAULT_VAL_FRACTION, LatentChoice,
+    TrainDenoiserConfig,
 };
 use crate::zoo::ZooBuildConfig;
 
@@ -29,10 +30,19 @@ pub const DEFAULT_EVAL_TASKS: usize = 20;
 pub const DEFAULT_EVAL_GUIDANCE: f64 = 1.0;
 /// Steps between log points.
 pub const DEFAULT_LOG_EVERY: usize = 1000;
-/// Size E of the task embedding.
-pub const DEFAULT_EMBED_DIM: i64 = 64;
+/// Size E of the task embedding (the best of 16/64/256 in the digits
+/// ablation, docs/RESULTS.md).
+pub const DEFAULT_EMBED_DIM: i64 = 256;
 /// Hidden width of the task encoder.
 pub const DEFAULT_ENCODER_HIDDEN: i64 = 128;
+/// Default space of diffusion (see `LatentChoice`).
+pub const DEFAULT_LATENT: &str = "pca:auto";
+/// Default share of rows trained on the support set alone (features
+/// withheld), where the zoo's descriptors have both.
+pub const DEFAULT_FEATURE_DROPOUT: f64 = 0.25;
+/// Default share of rows trained on the features alone (support set
+/// withheld), where the zoo's descriptors have both.
+pub const DEFAULT_SUPPORT_DROPOUT: f64 = 0.25;
 /// Most zoo models one job may ask for.
 pub const MAX_ZOO_MODELS: u64 = 1_000_000;
 
@@ -210,6 +220,15 @@ fn default_embed_dim() -> i64 {
 fn default_align() -> String {
     "auto".to_owned()
 }
+fn default_latent() -> String {
+    DEFAULT_LATENT.to_owned()
+}
+fn default_feature_dropout() -> f64 {
+    DEFAULT_FEATURE_DROPOUT
+}
+fn default_support_dropout() -> f64 {
+    DEFAULT_SUPPORT_DROPOUT
+}
 
 /// Train a denoiser on a zoo and publish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,8 +299,16 @@ pub struct TrainJob {
     pub embed_dim: i64,
     /// Share of rows whose descriptor features are withheld (support set
     /// kept), so the denoiser can be conditioned on a support set alone.
-    #[serde(default)]
+    #[serde(default = "default_feature_dropout")]
     pub feature_dropout: f64,
+    /// Share of rows whose support set is withheld (features kept), so the
+    /// denoiser can be conditioned on the features alone.
+    #[serde(default = "default_support_dropout")]
+    pub support_dropout: f64,
+    /// Space of diffusion: "none" (the standardized weights), "pca:K" or
+    /// "pca:auto" (a PCA latent fitted on the training zoo).
+    #[serde(default = "default_latent")]
+    pub latent: String,
     /// Permutation alignment of the zoo: "auto" (unless built from one
     /// shared init), "always" or "never".
     #[serde(default = "default_align")]
@@ -330,6 +357,17 @@ impl TrainJob {
         positive("train_denoiser.learning_rate", self.learning_rate)?;
         fraction("train_denoiser.cond_dropout", self.cond_dropout)?;
         fraction("train_denoiser.feature_dropout", self.feature_dropout)?;
+        fraction("train_denoiser.support_dropout", self.support_dropout)?;
+        if self.feature_dropout + self.support_dropout >= 1.0 {
+            return Err(invalid(
+                "train_denoiser.support_dropout",
+                format!(
+                    "feature_dropout + support_dropout = {} leaves no row with both inputs",
+                    self.feature_dropout + self.support_dropout
+                ),
+            ));
+        }
+        self.latent_choice()?;
         self.net()?;
         self.schedule_kind()?;
         if self.timesteps < 2 || self.timesteps > 100_000 {
@@ -392,6 +430,13 @@ impl TrainJob {
         }
     }
 
+    /// The latent the spec names.
+    fn latent_choice(&self) -> Result<LatentChoice, SpecError> {
+        self.latent
+            .parse()
+            .map_err(|e| invalid("train_denoiser.latent", e))
+    }
+
     /// The noise schedule the spec names.
     fn schedule_kind(&self) -> Result<ScheduleKind, SpecError> {
         match self.schedule.as_str() {
@@ -422,6 +467,7 @@ impl TrainJob {
             net: self.net()?,
             timesteps: self.timesteps,
             schedule: self.schedule_kind()?,
+            latent: self.latent_choice()?,
             load: LoadOptions {
                 align: self
                     .align
@@ -435,6 +481,7 @@ impl TrainJob {
                 learning_rate: self.learning_rate,
                 cond_dropout: self.cond_dropout,
                 feature_dropout: self.feature_dropout,
+                support_dropout: self.support_dropout,
                 seed: self.seed,
                 precision,
                 ..Default::default()

@@ -38,6 +38,12 @@ pub struct FitConfig {
     /// support set kept), so the denoiser can also be conditioned on the
     /// support set alone. 0 draws nothing (the batch stream is unchanged).
     pub feature_dropout: f64,
+    /// Probability that a row's support set is withheld (its features
+    /// kept), so the denoiser can also be conditioned on the features alone.
+    /// Drawn with the same number as feature dropout: a row loses its
+    /// features with probability `feature_dropout`, else its support set with
+    /// probability `support_dropout`, never both (that is `cond_dropout`).
+    pub support_dropout: f64,
     /// Clip the gradient norm to this value.
     pub grad_clip: Option<f64>,
     /// Seed of batches, timesteps, noise and dropout.
@@ -57,6 +63,7 @@ impl Default for FitConfig {
             learning_rate: DEFAULT_LEARNING_RATE,
             cond_dropout: DEFAULT_COND_DROPOUT,
             feature_dropout: 0.0,
+            support_dropout: 0.0,
             grad_clip: Some(1.0),
             seed: 0,
             precision: Precision::Fp32,
@@ -176,10 +183,21 @@ impl Trainer {
             let pool = condition.support_x.as_ref()?.size()[1] as usize;
             (pool > k).then(|| random_subsets(&mut rng, b as usize, pool, k))
         });
-        let features_dropped: Option<Vec<bool>> =
-            (self.config.feature_dropout > 0.0 && condition.features.is_some()).then(|| {
+        let (feature_p, support_p) = (self.config.feature_dropout, self.config.support_dropout);
+        // Which input each row keeps (0: both, 1: support only, 2: features only).
+        let withheld: Option<Vec<u8>> =
+            ((feature_p > 0.0 || support_p > 0.0) && condition.features.is_some()).then(|| {
                 (0..b)
-                    .map(|_| rng.random::<f64>() < self.config.feature_dropout)
+                    .map(|_| {
+                        let u = rng.random::<f64>();
+                        if u < feature_p {
+                            1
+                        } else if u < feature_p + support_p && condition.support_x.is_some() {
+                            2
+                        } else {
+                            0
+                        }
+                    })
                     .collect()
             });
         let index = Tensor::from_slice(&index).to_device(device);
@@ -194,8 +212,15 @@ impl Trainer {
                 .to_device(device);
             batch_condition = batch_condition.with_support_subsets(&pick);
         }
-        if let Some(dropped) = features_dropped {
-            batch_condition.features_dropped = Some(Tensor::from_slice(&dropped).to_device(device));
+        if let Some(withheld) = withheld {
+            let mask = |which: u8| {
+                let rows: Vec<bool> = withheld.iter().map(|&w| w == which).collect();
+                Some(Tensor::from_slice(&rows).to_device(device))
+            };
+            batch_condition.features_dropped = mask(1);
+            if batch_condition.support_x.is_some() {
+                batch_condition.support_dropped = mask(2);
+            }
         }
         let mixed = self.config.precision == Precision::Fp16;
         // The weights changed at the last step: no stale fp16 copies.
@@ -319,6 +344,7 @@ mod tests {
             support_x: Some(pool.shallow_clone()),
             support_y: Some(pool),
             features_dropped: None,
+            support_dropped: None,
         };
         (w, condition)
     }

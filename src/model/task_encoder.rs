@@ -50,6 +50,11 @@ pub struct TaskBatch {
     /// (feature dropout) so the encoder also learns the task from the
     /// support set alone.
     pub features_dropped: Option<Tensor>,
+    /// Rows [B] (bool) whose support set is withheld: the support paths add
+    /// nothing there, as when the support set is absent. Training sets it
+    /// (support dropout) so the encoder also learns the task from the
+    /// features alone — the request form of a client with no examples.
+    pub support_dropped: Option<Tensor>,
 }
 
 impl TaskBatch {
@@ -60,6 +65,7 @@ impl TaskBatch {
             support_x: None,
             support_y: None,
             features_dropped: None,
+            support_dropped: None,
         }
     }
 
@@ -70,6 +76,7 @@ impl TaskBatch {
             support_x: None,
             support_y: None,
             features_dropped: None,
+            support_dropped: None,
         }
     }
 
@@ -78,6 +85,16 @@ impl TaskBatch {
         Self {
             features: None,
             features_dropped: None,
+            ..self
+        }
+    }
+
+    /// The features alone: what a client with no examples sends.
+    pub fn features_only(self) -> Self {
+        Self {
+            support_x: None,
+            support_y: None,
+            support_dropped: None,
             ..self
         }
     }
@@ -93,6 +110,7 @@ impl TaskBatch {
             support_x: pick(&self.support_x),
             support_y: pick(&self.support_y),
             features_dropped: pick(&self.features_dropped),
+            support_dropped: pick(&self.support_dropped),
         }
     }
 
@@ -114,6 +132,7 @@ impl TaskBatch {
             support_x: gather(self.support_x),
             support_y: gather(self.support_y),
             features_dropped: self.features_dropped,
+            support_dropped: self.support_dropped,
         }
     }
 
@@ -125,7 +144,18 @@ impl TaskBatch {
             support_x: mv(&self.support_x),
             support_y: mv(&self.support_y),
             features_dropped: mv(&self.features_dropped),
+            support_dropped: mv(&self.support_dropped),
         }
+    }
+}
+
+/// A path's contribution [B, E] with the `dropped` rows zeroed.
+fn kept(contribution: Tensor, dropped: &Option<Tensor>, device: tch::Device) -> Tensor {
+    match dropped {
+        Some(dropped) => contribution
+            .zeros_like()
+            .where_self(&dropped.to_device(device).unsqueeze(1), &contribution),
+        None => contribution,
     }
 }
 
@@ -200,13 +230,11 @@ impl TaskEncoder {
         let device = self.null.device();
         let mut e = Tensor::zeros([b, self.config.embed_dim], (Kind::Float, device));
         if let (Some((l0, l1)), Some(f)) = (&self.features, &batch.features) {
-            let from_features = l1.forward(&l0.forward(f).silu());
-            e += match &batch.features_dropped {
-                Some(dropped) => from_features
-                    .zeros_like()
-                    .where_self(&dropped.to_device(device).unsqueeze(1), &from_features),
-                None => from_features,
-            };
+            e += kept(
+                l1.forward(&l0.forward(f).silu()),
+                &batch.features_dropped,
+                device,
+            );
         }
         if let (Some((p0, p1)), Some(rho), Some(x), Some(y)) =
             (&self.phi, &self.rho, &batch.support_x, &batch.support_y)
@@ -216,7 +244,7 @@ impl TaskEncoder {
                 p1.forward(&p0.forward(&pairs).silu())
                     .silu()
                     .mean_dim(1, false, Kind::Float);
-            e += rho.forward(&pooled);
+            e += kept(rho.forward(&pooled), &batch.support_dropped, device);
         }
         if let (Some((l0, l1)), Some(x), Some(y)) =
             (&self.prototypes, &batch.support_x, &batch.support_y)
@@ -228,7 +256,11 @@ impl TaskEncoder {
                 .clamp_min(1.0)
                 .unsqueeze(-1);
             let means = y.transpose(1, 2).matmul(x) / counts;
-            e += l1.forward(&l0.forward(&means.flatten(1, -1)).silu());
+            e += kept(
+                l1.forward(&l0.forward(&means.flatten(1, -1)).silu()),
+                &batch.support_dropped,
+                device,
+            );
         }
         let null = self
             .null
@@ -261,6 +293,7 @@ mod tests {
             support_x: Some(x.shallow_clone()),
             support_y: Some(x),
             features_dropped: None,
+            support_dropped: None,
         };
         let pick = Tensor::from_slice(&[2i64, 0, 1, 2]).view([2, 2]);
         let kept = batch.with_support_subsets(&pick);
@@ -270,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_with_dropped_features_embeds_its_support_set_alone() {
+    fn a_row_with_a_dropped_input_embeds_the_other_alone() {
         let vs = nn::VarStore::new(tch::Device::Cpu);
         let encoder = TaskEncoder::new(
             &vs.root(),
@@ -288,6 +321,7 @@ mod tests {
             support_x: Some(Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4]).view([2, 1, 2])),
             support_y: Some(Tensor::from_slice(&[1.0f32, 0.0]).view([2, 1, 1])),
             features_dropped: None,
+            support_dropped: None,
         };
         let both = encoder.forward(&full(), 2, None);
         let support = encoder.forward(&full().support_only(), 2, None);
@@ -298,6 +332,15 @@ mod tests {
         let mixed = encoder.forward(&dropped, 2, None);
         assert!(mixed.get(0).allclose(&support.get(0), 1e-6, 1e-6, false));
         assert!(mixed.get(1).allclose(&both.get(1), 1e-6, 1e-6, false));
+        let features = encoder.forward(&full().features_only(), 2, None);
+        let withheld = TaskBatch {
+            support_dropped: Some(Tensor::from_slice(&[false, true])),
+            ..full()
+        };
+        let mixed = encoder.forward(&withheld, 2, None);
+        assert!(mixed.get(0).allclose(&both.get(0), 1e-6, 1e-6, false));
+        assert!(mixed.get(1).allclose(&features.get(1), 1e-6, 1e-6, false));
+        assert!(!both.get(1).allclose(&features.get(1), 1e-3, 1e-3, false));
         // The features do move the embedding (so the test can fail).
         assert!(!both.get(0).allclose(&support.get(0), 1e-3, 1e-3, false));
     }
@@ -322,6 +365,7 @@ mod tests {
             support_x: Some(Tensor::from_slice(x).view([1, 3, 2])),
             support_y: Some(Tensor::from_slice(y).view([1, 3, 2])),
             features_dropped: None,
+            support_dropped: None,
         };
         let x = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.2];
         let labels = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0];

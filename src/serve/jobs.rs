@@ -59,12 +59,6 @@ fn build_zoo_job(spec: &BuildZooSpec) -> Result<BuildZooJob, Status> {
 
 /// The stored spec of a TrainDenoiser request.
 fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
-    if spec.latent_dim != 0 {
-        return Err(invalid(
-            "train_denoiser.latent_dim",
-            "the worker trains on the standardized weights (latent_dim 0) so far",
-        ));
-    }
     let mut json =
         serde_json::json!({ "zoo": spec.zoo, "seed": spec.seed, "activate": spec.activate });
     let fields = json.as_object_mut().expect("an object literal");
@@ -87,7 +81,8 @@ fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
                     | "kind"
                     | "timesteps"
                     | "schedule"
-            ) {
+            ) || (key == "latent" && spec.latent_dim != 0)
+            {
                 return Err(invalid(
                     "train_denoiser.config_json",
                     format!("{key:?} has its own field in TrainDenoiserSpec"),
@@ -98,6 +93,9 @@ fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
     }
     if !spec.denoiser_id.is_empty() {
         fields.insert("denoiser_id".into(), spec.denoiser_id.clone().into());
+    }
+    if spec.latent_dim != 0 {
+        fields.insert("latent".into(), format!("pca:{}", spec.latent_dim).into());
     }
     if spec.iterations > 0 {
         fields.insert("steps".into(), spec.iterations.into());
@@ -174,7 +172,11 @@ pub fn job_to_proto(job: &JobRecord) -> Job {
                     timesteps: s.timesteps as u32,
                     schedule: s.schedule.clone(),
                     seed: s.seed,
-                    latent_dim: 0,
+                    latent_dim: s
+                        .latent
+                        .strip_prefix("pca:")
+                        .and_then(|k| k.parse().ok())
+                        .unwrap_or(0),
                     activate: s.activate,
                     config_json: job.spec.to_string(),
                     zoo: s.zoo.clone(),

@@ -439,6 +439,7 @@ fn concat(parts: &[TaskBatch]) -> TaskBatch {
         support_x: cat(|b| b.support_x.as_ref()),
         support_y: cat(|b| b.support_y.as_ref()),
         features_dropped: None,
+        support_dropped: None,
     }
 }
 
@@ -513,6 +514,7 @@ fn condition(
         support_x: support.as_ref().map(|(x, _)| repeat(x.shallow_clone())),
         support_y: support.as_ref().map(|(_, y)| repeat(y.shallow_clone())),
         features_dropped: None,
+        support_dropped: None,
     })
 }
 

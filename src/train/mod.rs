@@ -6,6 +6,7 @@
 
 pub mod dataset;
 pub mod ema;
+pub mod latent;
 pub mod quality;
 pub mod report;
 pub mod run_state;
@@ -19,6 +20,7 @@ use tch::{Device, Kind, Tensor};
 
 pub use dataset::ZooDataset;
 pub use ema::Ema;
+pub use latent::LatentChoice;
 pub use quality::{QualityReport, evaluate_quality};
 pub use run_state::RunState;
 
@@ -96,6 +98,8 @@ pub struct TrainDenoiserConfig {
     pub timesteps: usize,
     /// Noise schedule.
     pub schedule: crate::diffusion::schedule::ScheduleKind,
+    /// The space diffusion runs in (standardized weights or a PCA latent).
+    pub latent: LatentChoice,
     /// Alignment and zoo subset.
     pub load: dataset::LoadOptions,
     /// Steps, batch, learning rate, condition dropout, clipping, seed.
@@ -138,6 +142,8 @@ impl TrainDenoiserConfig {
             "schedule": self.schedule,
             "load": self.load,
             "feature_dropout": self.fit.feature_dropout,
+            "support_dropout": self.fit.support_dropout,
+            "latent": self.latent.to_string(),
             "batch_size": self.fit.batch_size,
             "learning_rate": self.fit.learning_rate,
             "cond_dropout": self.fit.cond_dropout,
@@ -240,6 +246,7 @@ fn task_batch(
         support_x: support.map(|(x, _)| x.index_select(0, rows)),
         support_y: support.map(|(_, y)| y.index_select(0, rows)),
         features_dropped: None,
+        support_dropped: None,
     }
 }
 
@@ -362,9 +369,11 @@ pub async fn train_denoiser(
                 "steps": config.fit.steps, "batch_size": config.fit.batch_size,
                 "learning_rate": config.fit.learning_rate, "cond_dropout": config.fit.cond_dropout,
                 "feature_dropout": config.fit.feature_dropout,
+                "support_dropout": config.fit.support_dropout,
                 "seed": config.fit.seed, "ema_decay": config.ema_decay,
             },
             "zoo_load": config.load,
+            "latent": config.latent.to_string(),
         }),
         summary,
         active: false,
@@ -466,6 +475,20 @@ fn train_blocking(
         DEFAULT_STD_FLOOR,
     );
     let standardized = stats.normalize(&data.weights).to_kind(Kind::Float);
+    // Diffusion runs in the latent when there is one: fitted on the
+    // training split only, so validation models are as unseen as any task.
+    let latent = latent::fit_latent(
+        config.latent,
+        &standardized.index_select(0, &train_rows),
+        train,
+        &data,
+        &stats,
+        config.fit.seed,
+    );
+    let diffused = match &latent {
+        Some(latent) => tch::no_grad(|| latent.encode(&standardized)),
+        None => standardized,
+    };
     let train_features = data.features.index_select(0, &train_rows);
     let feature_norm = (
         train_features.mean_dim(0, false, Kind::Float),
@@ -480,8 +503,11 @@ fn train_blocking(
         // Used where the support targets are labels (digits).
         prototypes: true,
     };
-    let mut denoiser_config =
-        DenoiserConfig::new(data.weights.size()[1], encoder).with_layout(&data.network.spec);
+    let mut denoiser_config = DenoiserConfig::new(diffused.size()[1], encoder);
+    if latent.is_none() {
+        // The layer layout only means something for the weights themselves.
+        denoiser_config = denoiser_config.with_layout(&data.network.spec);
+    }
     denoiser_config.net = config.net.clone();
     denoiser_config.timesteps = config.timesteps;
     denoiser_config.schedule = config.schedule;
@@ -495,8 +521,8 @@ fn train_blocking(
         })?;
     let train_condition = task_batch(&data, &train_rows, &feature_norm, true).to_device(device);
     let val_condition = task_batch(&data, &val_rows, &feature_norm, false);
-    let train_data = standardized.index_select(0, &train_rows).to_device(device);
-    let val_data = standardized.index_select(0, &val_rows);
+    let train_data = diffused.index_select(0, &train_rows).to_device(device);
+    let val_data = diffused.index_select(0, &val_rows);
     // Support-set conditioning sees a fresh random K-subset of each zoo
     // model's training examples at every step (K = the descriptors' K).
     let mut fit = config.fit.clone();
@@ -578,7 +604,7 @@ fn train_blocking(
         model,
         arch: data.network.spec.clone(),
         stats,
-        latent: None,
+        latent,
         clip,
         feature_schema: data.schema.clone(),
         feature_norm: Some(feature_norm),

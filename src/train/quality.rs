@@ -30,12 +30,39 @@ pub struct SplitScores {
     pub ddim: f64,
     /// Generated with DDPM (all T steps).
     pub ddpm: f64,
+    /// DDIM-50 conditioned on the features alone (no support set), when the
+    /// denoiser reads both.
+    pub ddim_features_only: Option<f64>,
+    /// DDIM-50 conditioned on the support set alone (no features), when the
+    /// denoiser reads both.
+    pub ddim_support_only: Option<f64>,
+    /// The control: DDIM-50 conditioned on another task's descriptor. Near
+    /// the true descriptor's score means the condition is not used.
+    pub ddim_wrong_task: f64,
     /// The zoo model whose task features are nearest.
     pub nearest_zoo: f64,
     /// The zoo's own models on their tasks (zoo tasks only).
     pub zoo_models: Option<f64>,
     /// Chance: 1/ways, or the MSE of predicting 0.
     pub chance: f64,
+}
+
+impl std::fmt::Display for SplitScores {
+    /// "DDIM a (features only b, support only c, wrong task d) DDPM e nearest-zoo f chance g".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DDIM {:.3} (", self.ddim)?;
+        if let Some(v) = self.ddim_features_only {
+            write!(f, "features only {v:.3}, ")?;
+        }
+        if let Some(v) = self.ddim_support_only {
+            write!(f, "support only {v:.3}, ")?;
+        }
+        write!(
+            f,
+            "wrong task {:.3}) DDPM {:.3} nearest-zoo {:.3} chance {:.3}",
+            self.ddim_wrong_task, self.ddpm, self.nearest_zoo, self.chance
+        )
+    }
 }
 
 /// The gate's figures.
@@ -58,6 +85,13 @@ impl QualityReport {
             out.insert(format!("quality.{split}.tasks"), s.tasks as f64);
             out.insert(key("ddim"), s.ddim);
             out.insert(key("ddpm"), s.ddpm);
+            out.insert(key("ddim_wrong_task"), s.ddim_wrong_task);
+            if let Some(v) = s.ddim_features_only {
+                out.insert(key("ddim_features_only"), v);
+            }
+            if let Some(v) = s.ddim_support_only {
+                out.insert(key("ddim_support_only"), v);
+            }
             out.insert(key("nearest_zoo"), s.nearest_zoo);
             out.insert(key("chance"), s.chance);
             if let Some(z) = s.zoo_models {
@@ -75,7 +109,8 @@ fn metric_name(objective: Objective) -> &'static str {
     }
 }
 
-fn score(data: &ZooDataset, task: &TaskSpec, flat: &Tensor) -> f64 {
+/// The task metric of flat weights `flat` [D] on `task` (NaN if unusable).
+pub(crate) fn score(data: &ZooDataset, task: &TaskSpec, flat: &Tensor) -> f64 {
     let objective = data.family.objective();
     match data.family.data(task, Device::Cpu) {
         Ok(task_data) => match unflatten(&data.network.spec, flat) {
@@ -130,6 +165,7 @@ pub fn condition_of(
         support_x,
         support_y,
         features_dropped: None,
+        support_dropped: None,
     }
 }
 
@@ -142,6 +178,7 @@ pub fn support_condition(data: &ZooDataset, descriptors: &[Descriptor]) -> TaskB
         support_x,
         support_y,
         features_dropped: None,
+        support_dropped: None,
     }
 }
 
@@ -208,6 +245,41 @@ pub fn asked_features(
     }
 }
 
+/// The descriptors shifted by one: task i gets task i+1's (the last gets
+/// the first's). A wrong descriptor for every task, from the same
+/// distribution as the right ones.
+pub fn wrong_tasks(descriptors: &[Descriptor]) -> Vec<Descriptor> {
+    let mut shifted = descriptors.to_vec();
+    if !shifted.is_empty() {
+        shifted.rotate_left(1);
+    }
+    shifted
+}
+
+/// `condition` keeping only its features (`features`) or only its support set.
+fn one_input(condition: &TaskBatch, features: bool) -> TaskBatch {
+    let copy = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
+    TaskBatch {
+        features: if features {
+            copy(&condition.features)
+        } else {
+            None
+        },
+        support_x: if features {
+            None
+        } else {
+            copy(&condition.support_x)
+        },
+        support_y: if features {
+            None
+        } else {
+            copy(&condition.support_y)
+        },
+        features_dropped: None,
+        support_dropped: None,
+    }
+}
+
 /// What every split of the gate shares.
 struct Gate<'a> {
     checkpoint: &'a DenoiserCheckpoint,
@@ -234,6 +306,9 @@ fn scores_for(
             tasks: 0,
             ddim: f64::NAN,
             ddpm: f64::NAN,
+            ddim_features_only: None,
+            ddim_support_only: None,
+            ddim_wrong_task: f64::NAN,
             nearest_zoo: f64::NAN,
             zoo_models: own,
             chance: f64::NAN,
@@ -244,9 +319,9 @@ fn scores_for(
         .map(|i| seed.wrapping_add(i))
         .collect();
     let mean = |xs: Vec<f64>| xs.iter().sum::<f64>() / xs.len() as f64;
-    let generated = |kind| {
+    let generated = |condition: &TaskBatch, kind| {
         let w = checkpoint
-            .generate(&condition, &seeds, kind, guidance)
+            .generate(condition, &seeds, kind, guidance)
             .to_device(Device::Cpu);
         mean(
             tasks
@@ -267,10 +342,17 @@ fn scores_for(
             .map(|(t, &row)| score(data, t, &data.weights.get(row)))
             .collect(),
     );
+    let ddim = SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0);
+    // Both inputs present: the single-input forms are measured too.
+    let both = condition.features.is_some() && condition.support_x.is_some();
+    let wrong = condition_of(checkpoint, data, &wrong_tasks(descriptors));
     SplitScores {
         tasks: tasks.len(),
-        ddim: generated(SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0)),
-        ddpm: generated(SamplerKind::Ddpm),
+        ddim: generated(&condition, ddim),
+        ddpm: generated(&condition, SamplerKind::Ddpm),
+        ddim_features_only: both.then(|| generated(&one_input(&condition, true), ddim)),
+        ddim_support_only: both.then(|| generated(&one_input(&condition, false), ddim)),
+        ddim_wrong_task: generated(&wrong, ddim),
         nearest_zoo,
         zoo_models: own,
         chance: mean(tasks.iter().map(|t| chance(data, t)).collect()),

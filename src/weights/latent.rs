@@ -147,22 +147,26 @@ pub enum MetricGoal {
     LowerIsBetter,
 }
 
-/// Rebuilds the zoo through a latent of each candidate size, scores the
-/// rebuilt models with `evaluate` (standardized weights [N, D] → metric,
-/// e.g. mean test accuracy after denormalizing), and picks the smallest size
-/// whose metric is within `tolerance` (absolute) of the original zoo's.
-/// Returns `None` when no candidate qualifies: diffuse the weights directly.
+/// Fits latents of each candidate size to the whole zoo, rebuilds its first
+/// `probe` models through each, scores them with `evaluate` (standardized
+/// weights [probe, D] → metric, e.g. mean test accuracy after
+/// denormalizing), and picks the smallest size whose metric is within
+/// `tolerance` (absolute) of the original models'. Returns `None` when no
+/// candidate qualifies: diffuse the weights directly.
 pub fn choose_latent_size(
     zoo: &Tensor,
+    probe: i64,
     candidates: &[i64],
     mut evaluate: impl FnMut(&Tensor) -> f64,
     goal: MetricGoal,
     tolerance: f64,
     seed: u64,
 ) -> (Option<i64>, f64, Vec<LatentSizeReport>) {
-    let original = evaluate(zoo);
+    let probed = zoo.narrow(0, 0, probe.clamp(1, zoo.size()[0]));
+    let original = evaluate(&probed);
     let largest = candidates.iter().copied().max().unwrap_or(1);
     let full = PcaLatent::fit(zoo, largest, seed);
+    let zoo = &probed;
     let mut sizes: Vec<i64> = candidates.to_vec();
     sizes.sort_unstable();
     sizes.dedup();
@@ -256,6 +260,7 @@ mod tests {
         };
         let (chosen, original, reports) = choose_latent_size(
             &zoo,
+            300,
             &[10, 40, 45, 50],
             evaluate,
             MetricGoal::LowerIsBetter,

@@ -51,6 +51,34 @@ pub struct CompareArgs {
     /// Steps that train random init "fully": the reference result.
     #[arg(long, default_value_t = 1000)]
     pub full_steps: usize,
+    /// What each request carries of the task file: both (features and
+    /// support set), features (no support set: the `generate --feature`
+    /// request) or support (the support set alone).
+    #[arg(long, default_value = "both", hide_possible_values = true)]
+    pub form: RequestForm,
+}
+
+/// Which parts of a task descriptor a request sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RequestForm {
+    /// Features and support set.
+    Both,
+    /// Features only.
+    Features,
+    /// Support set only.
+    Support,
+}
+
+impl RequestForm {
+    /// `task` with what this form leaves out removed.
+    fn apply(self, mut task: pb::TaskDescriptor) -> pb::TaskDescriptor {
+        match self {
+            Self::Both => {}
+            Self::Features => task.support = None,
+            Self::Support => task.features.clear(),
+        }
+        task
+    }
 }
 
 /// One task's figures.
@@ -143,7 +171,7 @@ pub async fn compare(
         objective = task_objective;
         let seed = args.seed.wrapping_add(i as u64);
         let request = pb::GenerateInitRequest {
-            task: Some(file.to_proto()),
+            task: Some(args.form.apply(file.to_proto())),
             options: Some(pb::SamplingOptions {
                 num_samples: 1,
                 sampler: sampler as i32,
@@ -194,8 +222,9 @@ pub async fn compare(
         Objective::Regression => "MSE",
     };
     println!(
-        "held-out tasks: {} ({} at lr {}, fully trained = random init after {} steps, target {:.0}% of it)",
+        "held-out tasks: {} ({:?} form of the request, {} at lr {}, fully trained = random init after {} steps, target {:.0}% of it)",
         rows.len(),
+        args.form,
         args.sampler.to_uppercase(),
         args.learning_rate,
         args.full_steps,
