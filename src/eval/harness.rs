@@ -33,8 +33,8 @@ use crate::tasks::train::{Objective, TaskData};
 use crate::tasks::{Descriptor, TaskSpec};
 use crate::train::dataset::ZooDataset;
 use crate::train::quality::{
-    EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features, support_condition,
-    wrong_tasks,
+    EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features, one_input,
+    support_condition, wrong_tasks,
 };
 use crate::weights::unflatten;
 
@@ -619,10 +619,7 @@ pub fn evaluate_with(
     let zoo_std = zoo_weights.std_dim(0, false, false);
     let descriptors: Vec<Descriptor> = tasks.iter().map(|(_, _, d)| d.clone()).collect();
     let condition = condition_of(checkpoint, data, &descriptors);
-    let features_only = TaskBatch {
-        features: condition.features.as_ref().map(Tensor::shallow_clone),
-        ..TaskBatch::unconditional()
-    };
+    let features_only = one_input(&condition, true);
     let wrong_task = condition_of(checkpoint, data, &wrong_tasks(&descriptors));
     let asked = asked_features(checkpoint, data, &condition, &descriptors);
     let nearest_rows = nearest_by_features(checkpoint, data, &all_rows, &asked);

@@ -257,7 +257,7 @@ pub fn wrong_tasks(descriptors: &[Descriptor]) -> Vec<Descriptor> {
 }
 
 /// `condition` keeping only its features (`features`) or only its support set.
-fn one_input(condition: &TaskBatch, features: bool) -> TaskBatch {
+pub fn one_input(condition: &TaskBatch, features: bool) -> TaskBatch {
     let copy = |t: &Option<Tensor>| t.as_ref().map(Tensor::shallow_clone);
     TaskBatch {
         features: if features {
