@@ -8,7 +8,7 @@
 # compare`: zero-shot accuracy and steps to 90% of the fully trained
 # accuracy), shows health and metrics, and stops the server with SIGTERM.
 # WEIGHTGEN_DEMO_MODELS sets the digits zoo size (default 1000),
-# WEIGHTGEN_DEMO_STEPS the denoiser's training steps (default 2000),
+# WEIGHTGEN_DEMO_STEPS the denoiser's training steps (default 6000),
 # WEIGHTGEN_DEMO_TASKS the number of held-out tasks compared (default 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ addr="127.0.0.1:$grpc_port"
 log="$data/server.log"
 mkdir -p "$data"
 models="${WEIGHTGEN_DEMO_MODELS:-1000}"
-steps="${WEIGHTGEN_DEMO_STEPS:-2000}"
+steps="${WEIGHTGEN_DEMO_STEPS:-6000}"
 
 step "zoo: $models digits models from one shared init (weightgen-worker zoo build, data dir $data)"
 "$bin/weightgen-worker" zoo build --family digits --zoo digits-demo --models "$models" --shared-init \
@@ -38,11 +38,12 @@ step "zoo: 200 sinusoid models"
 "$bin/weightgen-worker" zoo build --family sinusoid --models 200 --data-dir "$data" 2>"$data/zoo-sinusoid.log"
 
 step "denoiser: $steps steps on the digits zoo, zero-shot quality gate, publish as active (log $data/train.log)"
-"$bin/weightgen-worker" train --zoo digits-demo --denoiser-id "digits-demo-v2-$steps" --steps "$steps" \
+# One intra-op thread: this small denoiser trains 1.5x faster so (BENCHMARKS.md).
+"$bin/weightgen-worker" train --zoo digits-demo --denoiser-id "digits-demo-v3-$steps" --steps "$steps" \
     --learning-rate 1e-3 --widths 256,128 --ema-decay 0.995 --eval-tasks 30 --eval-guidance 3 \
-    --log-every 500 --device cpu --activate --data-dir "$data" 2>"$data/train.log" || {
+    --log-every 500 --device cpu --threads 1 --activate --data-dir "$data" 2>"$data/train.log" || {
     # Re-running the demo: this version is already published.
-    grep -q "already exists" "$data/train.log" && step "(digits-demo-v2-$steps is already published)" || exit 1
+    grep -q "already exists" "$data/train.log" && step "(digits-demo-v3-$steps is already published)" || exit 1
 }
 
 step "starting weightgen-server on $addr (data dir $data, log $log)"

@@ -13,7 +13,8 @@ use weightgen::model::{
 };
 use weightgen::tasks::{FeatureSchema, FeatureSpec};
 use weightgen::weights::{
-    ArchSpec, DEFAULT_STD_FLOOR, PcaLatent, Stats, StatsMode, decode_tensors, encode_tensors,
+    ArchSpec, DEFAULT_STD_FLOOR, PcaLatent, Stats, StatsMode, ZooReference, decode_tensors,
+    encode_tensors,
 };
 
 fn checkpoint(net: NetConfig) -> DenoiserCheckpoint {
@@ -67,6 +68,7 @@ fn checkpoint(net: NetConfig) -> DenoiserCheckpoint {
             Tensor::from_slice(&[1.0f32, 2.0, 3.0]),
         )),
         summary: BTreeMap::from([("val_loss".to_owned(), 0.25)]),
+        zoo_reference: ZooReference::fit(&zoo, 1 << 20, 0.95),
     }
 }
 
@@ -125,6 +127,12 @@ fn checkpoints_round_trip_exactly_for_both_networks() {
         );
         assert!(l.components.to_device(Device::Cpu).equal(&o.components));
         assert_eq!(l.explained, o.explained);
+        let (l, o) = (
+            loaded.zoo_reference.as_ref().unwrap(),
+            original.zoo_reference.as_ref().unwrap(),
+        );
+        assert_eq!(l.spread, o.spread);
+        assert!(l.weights.to_device(Device::Cpu).equal(&o.weights) && l.len() == 40);
         let (a, b) = (output(&original, Device::Cpu), output(&loaded, device));
         if device == Device::Cpu {
             assert!(a.equal(&b), "same outputs after reload");

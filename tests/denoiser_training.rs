@@ -365,6 +365,7 @@ fn generate_in_a_pca_latent_lands_on_the_asked_mode_for_x0_and_v_prediction() {
             feature_schema: FeatureSchema::default(),
             feature_norm: None,
             summary: BTreeMap::new(),
+            zoo_reference: None,
         };
         // What the server does: write, read back, generate.
         let checkpoint =

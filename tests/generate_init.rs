@@ -260,6 +260,11 @@ async fn generate_init_end_to_end() {
             "options.output_dtype: unknown value 9",
         ),
         (
+            Box::new(|r| options_of(r).max_redraws = 9),
+            Code::InvalidArgument,
+            "options.max_redraws: 9 is more than 8",
+        ),
+        (
             Box::new(|r| r.denoiser_id = "digits-v99".into()),
             Code::NotFound,
             "denoiser_id: \"digits-v99\" is not loaded",
@@ -328,6 +333,55 @@ async fn generate_init_end_to_end() {
         .await
         .unwrap();
     assert_eq!(ddpm.files, ddpm_again.files);
+
+    // The memorization guard: every sample carries its nearness to the
+    // training zoo, judged by the zoo's own spread (a zoo model's leave-one-
+    // out neighbour); asking for redraws keeps answers deterministic, and a
+    // sample is redrawn only while it is too close, at most max_redraws times.
+    let spread = first
+        .trailer
+        .zoo_spread
+        .expect("a zoo spread in the trailer");
+    assert!(spread.reference_models >= 2 && (spread.quantile - 0.95).abs() < 1e-6);
+    assert!(spread.mean_cosine <= spread.too_close_cosine && spread.too_close_cosine <= 1.0);
+    assert!(spread.too_close_l2 > 0.0);
+    let mut guarded = request(&task, Sampler::Ddim, 8, 500);
+    options_of(&mut guarded).max_redraws = 3;
+    let guarded_answer = generate_with(&mut client, guarded.clone()).await.unwrap();
+    let guarded_again = generate_with(&mut client, guarded).await.unwrap();
+    assert_eq!(guarded_answer.files, guarded_again.files);
+    let plain = generate_with(&mut client, request(&task, Sampler::Ddim, 8, 500))
+        .await
+        .unwrap();
+    for (i, (digest, unguarded)) in guarded_answer
+        .trailer
+        .samples
+        .iter()
+        .zip(&plain.trailer.samples)
+        .enumerate()
+    {
+        let near = digest.nearest_zoo.expect("nearness of every sample");
+        let first_draw = unguarded.nearest_zoo.unwrap();
+        assert!(
+            (-1.0..=1.0001).contains(&near.cosine) && near.l2 >= 0.0,
+            "{near:?}"
+        );
+        assert_eq!(
+            first_draw.too_close,
+            first_draw.cosine > spread.too_close_cosine || first_draw.l2 < spread.too_close_l2
+        );
+        assert_eq!(first_draw.redraws, 0);
+        if first_draw.too_close {
+            assert!(near.redraws >= 1 && near.redraws <= 3, "{near:?}");
+            assert!(!near.too_close || near.redraws == 3, "{near:?}");
+        } else {
+            assert_eq!(
+                near.redraws, 0,
+                "sample {i} was not too close: {first_draw:?}"
+            );
+            assert_eq!(guarded_answer.files[i], plain.files[i]);
+        }
+    }
     assert_ne!(ddpm.files, first.files);
 
     // A task file (as `weightgen task` writes it) through the Python client:

@@ -332,6 +332,10 @@ struct TrainArgs {
     /// Adam learning rate (the proposal: 1e-4).
     #[arg(long, env = "WEIGHTGEN_TRAIN_LEARNING_RATE", default_value_t = weightgen::model::fit::DEFAULT_LEARNING_RATE)]
     learning_rate: f64,
+    /// Learning-rate schedule: constant (the proposal) or cosine (down to a
+    /// tenth of --learning-rate at the last step).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LR_SCHEDULE", default_value = weightgen::jobs::spec::DEFAULT_LR_SCHEDULE)]
+    lr_schedule: String,
     /// Share of rows trained unconditionally (classifier-free guidance).
     #[arg(long, env = "WEIGHTGEN_TRAIN_COND_DROPOUT", default_value_t = weightgen::model::fit::DEFAULT_COND_DROPOUT)]
     cond_dropout: f64,
@@ -414,12 +418,20 @@ struct TrainArgs {
     /// Device to train on: auto, cpu or cuda:N.
     #[arg(long, env = "WEIGHTGEN_DEVICE", default_value = "auto")]
     device: DeviceChoice,
+    /// libtorch's intra-op CPU threads (0: libtorch's default, one per
+    /// core). Small denoisers train faster on one thread: thread hand-offs
+    /// cost more than their matrices (BENCHMARKS.md).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_THREADS", default_value_t = 0)]
+    threads: usize,
     #[command(flatten)]
     storage: StorageArgs,
 }
 
 fn train(args: TrainArgs) -> Result<String, String> {
     let device = args.device.resolve().map_err(|e| e.to_string())?;
+    if args.threads > 0 {
+        tch::set_num_threads(i32::try_from(args.threads).unwrap_or(i32::MAX));
+    }
     if args.resume && args.denoiser_id.is_none() {
         return Err("--resume needs the --denoiser-id of the run to continue".to_owned());
     }
@@ -435,6 +447,7 @@ fn train(args: TrainArgs) -> Result<String, String> {
         steps: args.steps,
         batch_size: args.batch_size,
         learning_rate: args.learning_rate,
+        lr_schedule: args.lr_schedule,
         cond_dropout: args.cond_dropout,
         feature_dropout: args.feature_dropout,
         support_dropout: args.support_dropout,

@@ -10,7 +10,8 @@ use crate::cancel::CancelFlag;
 use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, ScheduleKind};
 use crate::model::fit::{DEFAULT_BATCH_SIZE, DEFAULT_COND_DROPOUT, DEFAULT_LEARNING_RATE};
 use crate::model::{
-    Conditioning, FitConfig, LayerTransformerConfig, MlpUnetConfig, NetConfig, PrecisionChoice,
+    Conditioning, FitConfig, LayerTransformerConfig, LrSchedule, MlpUnetConfig, NetConfig,
+    PrecisionChoice,
 };
 use crate::tasks::{Family, TrainConfig};
 use crate::train::dataset::{AlignChoice, LoadOptions};
@@ -37,6 +38,9 @@ pub const DEFAULT_EMBED_DIM: i64 = 256;
 pub const DEFAULT_ENCODER_HIDDEN: i64 = 128;
 /// Default space of diffusion (see `LatentChoice`).
 pub const DEFAULT_LATENT: &str = "pca:auto";
+/// Learning-rate schedule of a training job: "constant" (the proposal's)
+/// or "cosine" (down to `COSINE_FINAL_FRACTION` of the rate).
+pub const DEFAULT_LR_SCHEDULE: &str = "constant";
 /// Default share of rows trained on the support set alone (features
 /// withheld), where the zoo's descriptors have both.
 pub const DEFAULT_FEATURE_DROPOUT: f64 = 0.25;
@@ -223,6 +227,9 @@ fn default_align() -> String {
 fn default_latent() -> String {
     DEFAULT_LATENT.to_owned()
 }
+fn default_lr_schedule() -> String {
+    DEFAULT_LR_SCHEDULE.to_owned()
+}
 fn default_feature_dropout() -> f64 {
     DEFAULT_FEATURE_DROPOUT
 }
@@ -249,6 +256,9 @@ pub struct TrainJob {
     /// Adam learning rate.
     #[serde(default = "default_learning_rate")]
     pub learning_rate: f64,
+    /// Learning-rate schedule: "constant" or "cosine".
+    #[serde(default = "default_lr_schedule")]
+    pub lr_schedule: String,
     /// Share of rows trained with the null condition.
     #[serde(default = "default_cond_dropout")]
     pub cond_dropout: f64,
@@ -355,6 +365,7 @@ impl TrainJob {
             return Err(invalid("train_denoiser.batch_size", "must be positive"));
         }
         positive("train_denoiser.learning_rate", self.learning_rate)?;
+        self.lr_schedule_kind()?;
         fraction("train_denoiser.cond_dropout", self.cond_dropout)?;
         fraction("train_denoiser.feature_dropout", self.feature_dropout)?;
         fraction("train_denoiser.support_dropout", self.support_dropout)?;
@@ -430,6 +441,16 @@ impl TrainJob {
         }
     }
 
+    /// The learning-rate schedule the spec names.
+    fn lr_schedule_kind(&self) -> Result<LrSchedule, SpecError> {
+        LrSchedule::parse(&self.lr_schedule).ok_or_else(|| {
+            invalid(
+                "train_denoiser.lr_schedule",
+                format!("{:?} is not \"constant\" or \"cosine\"", self.lr_schedule),
+            )
+        })
+    }
+
     /// The latent the spec names.
     fn latent_choice(&self) -> Result<LatentChoice, SpecError> {
         self.latent
@@ -479,6 +500,7 @@ impl TrainJob {
                 steps: self.steps,
                 batch_size: self.batch_size,
                 learning_rate: self.learning_rate,
+                lr_schedule: self.lr_schedule_kind()?,
                 cond_dropout: self.cond_dropout,
                 feature_dropout: self.feature_dropout,
                 support_dropout: self.support_dropout,
@@ -548,6 +570,13 @@ mod tests {
                 "train_denoiser.schedule",
                 TrainJob {
                     schedule: "sigmoid".into(),
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.lr_schedule",
+                TrainJob {
+                    lr_schedule: "step".into(),
                     ..TrainJob::new("z")
                 },
             ),

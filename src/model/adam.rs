@@ -44,6 +44,11 @@ impl Adam {
         }
     }
 
+    /// Sets the learning rate of the next steps (a schedule's).
+    pub fn set_learning_rate(&mut self, learning_rate: f64) {
+        self.learning_rate = learning_rate;
+    }
+
     /// Optimizer steps taken.
     pub fn steps(&self) -> u64 {
         self.steps

@@ -1,7 +1,9 @@
 //! The denoiser checkpoint: one safetensors file holding the denoiser and
 //! task-encoder weights ("model.*"), the standardization μ and σ
 //! ("stats.*", f64), the optional PCA latent ("latent.*"), x₀ clip range
-//! ("clip.*") and task-feature standardization ("features.*"), with JSON metadata in the header: format, config, ArchSpec,
+//! ("clip.*"), task-feature standardization ("features.*") and the zoo
+//! reference of the memorization guard ("novelty.zoo", with its spread in
+//! the header), with JSON metadata in the header: format, config, ArchSpec,
 //! schedule, feature schema and training summary. Loads onto any device.
 
 use std::collections::{BTreeMap, HashMap};
@@ -14,7 +16,8 @@ use crate::diffusion::schedule::ScheduleError;
 use crate::diffusion::{ClipRange, SamplerKind, SamplingConfig, SeededNoise, sample};
 use crate::tasks::FeatureSchema;
 use crate::weights::{
-    ArchSpec, CodecError, PcaLatent, Stats, StatsMode, decode_tensors, encode_tensors,
+    ArchSpec, CodecError, PcaLatent, Stats, StatsMode, ZooReference, ZooSpread, decode_tensors,
+    encode_tensors,
 };
 
 /// Value of the "format" header entry.
@@ -65,6 +68,9 @@ pub struct DenoiserCheckpoint {
     pub feature_norm: Option<(Tensor, Tensor)>,
     /// Training summary (losses, metrics).
     pub summary: BTreeMap<String, f64>,
+    /// The training zoo, kept to score samples' nearness to it (absent in
+    /// checkpoints written before the memorization guard).
+    pub zoo_reference: Option<ZooReference>,
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -167,6 +173,9 @@ impl DenoiserCheckpoint {
             tensors.push(("features.mean".into(), mean.shallow_clone()));
             tensors.push(("features.std".into(), std.shallow_clone()));
         }
+        if let Some(reference) = &self.zoo_reference {
+            tensors.push(("novelty.zoo".into(), reference.weights.shallow_clone()));
+        }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let mut meta = HashMap::new();
         meta.insert("format".to_owned(), FORMAT.to_owned());
@@ -180,6 +189,9 @@ impl DenoiserCheckpoint {
         meta.insert("summary".to_owned(), json(&self.summary));
         if let Some(latent) = &self.latent {
             meta.insert("latent_explained".to_owned(), json(&latent.explained));
+        }
+        if let Some(reference) = &self.zoo_reference {
+            meta.insert("novelty_spread".to_owned(), json(&reference.spread));
         }
         Ok(encode_tensors(&tensors, &meta)?)
     }
@@ -252,6 +264,19 @@ impl DenoiserCheckpoint {
             (Some(mean), Some(std)) => Some((mean.to_device(device), std.to_device(device))),
             _ => None,
         };
+        let zoo_reference = match tensors.remove("novelty.zoo") {
+            Some(weights) => {
+                let spread: ZooSpread = header(&meta, "novelty_spread")?;
+                let weights = weights.to_kind(tch::Kind::Float).to_device(device);
+                let mean = weights.mean_dim(0, false, tch::Kind::Float);
+                Some(ZooReference {
+                    weights,
+                    mean,
+                    spread,
+                })
+            }
+            None => None,
+        };
         Ok(Self {
             model,
             arch,
@@ -261,6 +286,7 @@ impl DenoiserCheckpoint {
             feature_schema,
             feature_norm,
             summary,
+            zoo_reference,
         })
     }
 }

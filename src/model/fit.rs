@@ -22,6 +22,51 @@ pub const DEFAULT_LEARNING_RATE: f64 = 1e-4;
 pub const DEFAULT_BATCH_SIZE: i64 = 64;
 /// Share of rows trained with the null condition.
 pub const DEFAULT_COND_DROPOUT: f64 = 0.1;
+/// Where the cosine schedule ends, as a share of the starting rate.
+pub const COSINE_FINAL_FRACTION: f64 = 0.1;
+
+/// How the learning rate moves over a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    /// The same rate at every step (the proposal).
+    #[default]
+    Constant,
+    /// Half a cosine from the rate down to `COSINE_FINAL_FRACTION` of it at
+    /// the last step.
+    Cosine,
+}
+
+impl LrSchedule {
+    /// "constant" or "cosine".
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "constant" => Some(Self::Constant),
+            "cosine" => Some(Self::Cosine),
+            _ => None,
+        }
+    }
+
+    /// The name `parse` reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Constant => "constant",
+            Self::Cosine => "cosine",
+        }
+    }
+
+    /// The factor on the learning rate at 0-based `step` of `steps`.
+    pub fn factor(self, step: u64, steps: usize) -> f64 {
+        match self {
+            Self::Constant => 1.0,
+            Self::Cosine => {
+                let progress = (step as f64 / (steps.max(2) - 1) as f64).min(1.0);
+                let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+                COSINE_FINAL_FRACTION + (1.0 - COSINE_FINAL_FRACTION) * cosine
+            }
+        }
+    }
+}
 
 /// Training settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,8 +75,10 @@ pub struct FitConfig {
     pub steps: usize,
     /// Rows per step.
     pub batch_size: i64,
-    /// Adam learning rate.
+    /// Adam learning rate (at the first step).
     pub learning_rate: f64,
+    /// How the learning rate moves over the `steps`.
+    pub lr_schedule: LrSchedule,
     /// Probability that a row's condition is replaced by the null one.
     pub cond_dropout: f64,
     /// Probability that a row's descriptor features are withheld (its
@@ -61,6 +108,7 @@ impl Default for FitConfig {
             steps: 1000,
             batch_size: DEFAULT_BATCH_SIZE,
             learning_rate: DEFAULT_LEARNING_RATE,
+            lr_schedule: LrSchedule::Constant,
             cond_dropout: DEFAULT_COND_DROPOUT,
             feature_dropout: 0.0,
             support_dropout: 0.0,
@@ -249,6 +297,9 @@ impl Trainer {
             if let (Some(max_norm), Some(norm)) = (self.config.grad_clip, norm) {
                 self.adam.clip_known_norm(max_norm, norm);
             }
+            let factor = self.config.lr_schedule.factor(position, self.config.steps);
+            self.adam
+                .set_learning_rate(self.config.learning_rate * factor);
             self.adam.step();
         }
         loss.double_value(&[])
@@ -372,6 +423,35 @@ mod tests {
             support_examples: Some(3),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_cosine_schedule_falls_from_the_rate_to_its_final_fraction() {
+        let cosine = LrSchedule::Cosine;
+        assert_eq!(cosine.factor(0, 101), 1.0);
+        assert!((cosine.factor(50, 101) - (1.0 + COSINE_FINAL_FRACTION) / 2.0).abs() < 1e-12);
+        assert!((cosine.factor(100, 101) - COSINE_FINAL_FRACTION).abs() < 1e-12);
+        assert!((cosine.factor(500, 101) - COSINE_FINAL_FRACTION).abs() < 1e-12);
+        assert!((1..101).all(|s| cosine.factor(s, 101) < cosine.factor(s - 1, 101)));
+        assert_eq!(LrSchedule::Constant.factor(77, 101), 1.0);
+        for s in [LrSchedule::Constant, LrSchedule::Cosine] {
+            assert_eq!(LrSchedule::parse(s.name()), Some(s));
+        }
+        assert_eq!(LrSchedule::parse("linear"), None);
+        // A schedule changes the run; the same schedule repeats it.
+        let decayed = FitConfig {
+            steps: 15,
+            lr_schedule: LrSchedule::Cosine,
+            ..config()
+        };
+        let constant = FitConfig {
+            steps: 15,
+            ..config()
+        };
+        let (a, b) = (train(&decayed, 15), train(&decayed, 15));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.equal(y)));
+        let c = train(&constant, 15);
+        assert!(a.iter().zip(&c).any(|(x, y)| !x.equal(y)));
     }
 
     #[test]

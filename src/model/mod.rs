@@ -16,7 +16,7 @@ pub mod tokens;
 pub use blocks::Conditioning;
 pub use checkpoint::{CheckpointError, DenoiserCheckpoint};
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, Embedded, NetConfig, PreEmbedded};
-pub use fit::{FitConfig, FitReport, Trainer, TrainerPosition, fit};
+pub use fit::{FitConfig, FitReport, LrSchedule, Trainer, TrainerPosition, fit};
 pub use layer_transformer::LayerTransformerConfig;
 pub use mlp_unet::MlpUnetConfig;
 pub use precision::{LossScale, Precision, PrecisionChoice};

@@ -11,7 +11,7 @@ use tonic::Status;
 
 use super::convert::{arch_to_proto, descriptor_from_proto, dtype_to_proto, tensor_specs};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
-use super::model_thread::{GenerateJob, ModelError};
+use super::model_thread::{GenerateJob, MAX_REDRAWS, ModelError, SampleNearness};
 use crate::blobs::sha256_hex;
 use crate::catalog::Catalog;
 use crate::diffusion::SamplerKind;
@@ -221,6 +221,19 @@ pub fn job_for(
             ));
         }
     };
+    if options.max_redraws > MAX_REDRAWS {
+        return Err(invalid(
+            "options.max_redraws",
+            format!("{} is more than {MAX_REDRAWS}", options.max_redraws),
+        ));
+    }
+    if options.max_redraws > 0 && denoiser.facts.zoo_spread.is_none() {
+        return Err(Status::failed_precondition(format!(
+            "options.max_redraws: denoiser {:?} carries no zoo reference (it was trained before \
+             the memorization guard); retrain it, or leave max_redraws at 0",
+            denoiser.record.id
+        )));
+    }
     let seed = options.seed.unwrap_or_else(rand::random);
     let seeds = (0..u64::from(num_samples))
         .map(|i| seed.wrapping_add(i))
@@ -234,6 +247,7 @@ pub fn job_for(
             sampler: kind,
             guidance,
             dtype,
+            max_redraws: options.max_redraws,
         },
         SamplingChoice {
             sampler,
@@ -295,6 +309,11 @@ pub async fn generate(
             sample_index: index as u32,
             size_bytes: file.len() as u64,
             sha256: sha256_hex(file),
+            nearest_zoo: generated
+                .nearness
+                .as_ref()
+                .and_then(|all| all.get(index))
+                .map(nearest_zoo_to_proto),
         });
     }
     messages.push(part(pb::generate_init_response::Part::Trailer(
@@ -304,9 +323,28 @@ pub async fn generate(
             sampling_ms: generated.sampling_ms,
             total_ms: received.elapsed().as_secs_f64() * 1e3,
             batch_size: generated.batch_size as u32,
+            zoo_spread: denoiser
+                .facts
+                .zoo_spread
+                .map(|(spread, models)| pb::ZooSpread {
+                    quantile: spread.quantile as f32,
+                    too_close_cosine: spread.cosine as f32,
+                    too_close_l2: spread.l2 as f32,
+                    mean_cosine: spread.mean_cosine as f32,
+                    reference_models: models as u32,
+                }),
         },
     )));
     Ok(messages)
+}
+
+fn nearest_zoo_to_proto(n: &SampleNearness) -> pb::NearestZoo {
+    pb::NearestZoo {
+        cosine: n.nearness.cosine as f32,
+        l2: n.nearness.l2 as f32,
+        too_close: n.too_close,
+        redraws: n.redraws,
+    }
 }
 
 #[cfg(test)]
@@ -327,6 +365,7 @@ mod tests {
             schedule: "cosine".into(),
             kind: "mlp_unet".into(),
             latent_dim: 0,
+            zoo_spread: None,
         };
         let record = DenoiserRecord {
             id: "d1".into(),
@@ -425,6 +464,24 @@ mod tests {
         assert!(
             message.starts_with("task.features.") && message.contains("required and missing"),
             "{message}"
+        );
+    }
+
+    #[test]
+    fn redraws_are_bounded_and_need_a_zoo_reference() {
+        assert!(
+            refused(|r| r.options.as_mut().unwrap().max_redraws = MAX_REDRAWS + 1)
+                .starts_with("options.max_redraws: 9 is more than 8")
+        );
+        let mut r = request();
+        r.options.as_mut().unwrap().max_redraws = 2;
+        let err = job_for(&r, &digits_denoiser(), 8).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            err.message()
+                .starts_with("options.max_redraws: denoiser \"d1\" carries no zoo reference"),
+            "{}",
+            err.message()
         );
     }
 

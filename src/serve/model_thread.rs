@@ -23,10 +23,11 @@ use tch::{Device, Tensor};
 use tokio::sync::oneshot;
 
 use crate::diffusion::SamplerKind;
+use crate::diffusion::noise::splitmix64;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::{Descriptor, FeatureError};
 use crate::tasks::schema::FeatureSchema;
-use crate::weights::{ArchSpec, DType, encode_tensors, unflatten};
+use crate::weights::{ArchSpec, DType, Nearness, ZooSpread, encode_tensors, unflatten};
 
 /// What a loaded checkpoint is, for the async side (no tensors).
 #[derive(Debug, Clone)]
@@ -43,6 +44,9 @@ pub struct CheckpointFacts {
     pub kind: String,
     /// Latent size (0 = the standardized weights).
     pub latent_dim: usize,
+    /// The zoo spread of the memorization guard, with the reference's
+    /// size, when the checkpoint carries a zoo reference.
+    pub zoo_spread: Option<(ZooSpread, usize)>,
 }
 
 /// One generation: a task, the samples' seeds and how to sample.
@@ -62,6 +66,23 @@ pub struct GenerateJob {
     pub guidance: f64,
     /// Element type of the returned tensors.
     pub dtype: DType,
+    /// Most times a sample too close to a zoo model is redrawn (checked
+    /// against `MAX_REDRAWS` and the checkpoint before queueing).
+    pub max_redraws: u32,
+}
+
+/// Most redraws per sample the memorization guard allows.
+pub const MAX_REDRAWS: u32 = 8;
+
+/// A sample's nearness to the training zoo and how often it was redrawn.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SampleNearness {
+    /// Nearest-zoo cosine and L2.
+    pub nearness: Nearness,
+    /// Still closer than the zoo's spread allows.
+    pub too_close: bool,
+    /// Redraws it took.
+    pub redraws: u32,
 }
 
 /// Generated samples, each a safetensors file.
@@ -75,6 +96,9 @@ pub struct Generated {
     pub queue_ms: f64,
     /// Samples in the batch this request was sampled in.
     pub batch_size: usize,
+    /// Each sample's nearness to the zoo, when the checkpoint carries a
+    /// zoo reference.
+    pub nearness: Option<Vec<SampleNearness>>,
 }
 
 /// How the model thread merges requests.
@@ -400,11 +424,18 @@ fn run_batch(loaded: &HashMap<String, DenoiserCheckpoint>, batch: Vec<Pending>) 
     let rows = seeds.len();
     metrics::histogram!("weightgen_batch_samples").record(rows as f64);
     let (sampler, guidance) = (members[0].job.sampler, members[0].job.guidance);
-    let flat = guarded(|| {
+    let budgets: Vec<u32> = members
+        .iter()
+        .flat_map(|p| std::iter::repeat_n(p.job.max_redraws, p.job.seeds.len()))
+        .collect();
+    let sampled = guarded(|| {
         let condition = concat(&conditions);
-        Ok(checkpoint
+        let flat = checkpoint
             .generate(&condition, &seeds, sampler, guidance)
-            .to_device(Device::Cpu))
+            .to_device(Device::Cpu);
+        Ok(redraw_near_copies(
+            checkpoint, flat, &condition, &seeds, &budgets, sampler, guidance,
+        ))
     });
     let sampled_ms = began.elapsed().as_secs_f64() * 1e3;
     metrics::histogram!("weightgen_sampling_seconds").record(sampled_ms / 1e3);
@@ -413,19 +444,91 @@ fn run_batch(loaded: &HashMap<String, DenoiserCheckpoint>, batch: Vec<Pending>) 
         let n = p.job.seeds.len() as i64;
         let queue_ms = began.duration_since(p.enqueued).as_secs_f64() * 1e3;
         metrics::histogram!("weightgen_queue_wait_seconds").record(queue_ms / 1e3);
-        let result = match &flat {
-            Ok(flat) => guarded(|| encode(checkpoint, &flat.narrow(0, offset, n), p.job.dtype))
-                .map(|files| Generated {
-                    files,
-                    sampling_ms: sampled_ms,
-                    queue_ms,
-                    batch_size: rows,
-                }),
+        let result = match &sampled {
+            Ok((flat, nearness)) => {
+                guarded(|| encode(checkpoint, &flat.narrow(0, offset, n), p.job.dtype)).map(
+                    |files| Generated {
+                        files,
+                        sampling_ms: sampled_ms,
+                        queue_ms,
+                        batch_size: rows,
+                        nearness: nearness
+                            .as_ref()
+                            .map(|all| all[offset as usize..(offset + n) as usize].to_vec()),
+                    },
+                )
+            }
             Err(e) => Err(ModelError::Torch(e.to_string())),
         };
         offset += n;
         let _ = p.reply.send(result);
     }
+}
+
+/// The seed of redraw `attempt` (1, 2, …) of the sample seeded `seed`: a
+/// function of both, so a guarded request is as reproducible as any.
+pub fn redraw_seed(seed: u64, attempt: u32) -> u64 {
+    splitmix64(seed ^ splitmix64(0x9E37_79B9_7F4A_7C15 ^ u64::from(attempt)))
+}
+
+/// The memorization guard: scores each row of `flat` [B, D] against the
+/// checkpoint's zoo reference and redraws the rows that are too close, as
+/// long as their `budgets` allow (each round samples only those rows).
+/// Without a zoo reference the weights are returned as they are.
+fn redraw_near_copies(
+    checkpoint: &DenoiserCheckpoint,
+    mut flat: Tensor,
+    condition: &TaskBatch,
+    seeds: &[u64],
+    budgets: &[u32],
+    sampler: SamplerKind,
+    guidance: f64,
+) -> (Tensor, Option<Vec<SampleNearness>>) {
+    let Some(reference) = &checkpoint.zoo_reference else {
+        return (flat, None);
+    };
+    let spread = reference.spread;
+    let mut scores = reference.nearest(&flat);
+    let mut redraws = vec![0u32; seeds.len()];
+    loop {
+        let again: Vec<usize> = (0..seeds.len())
+            .filter(|&i| spread.too_close(&scores[i]) && redraws[i] < budgets[i])
+            .collect();
+        if again.is_empty() {
+            break;
+        }
+        metrics::counter!("weightgen_guard_redraws_total").increment(again.len() as u64);
+        let fresh_seeds: Vec<u64> = again
+            .iter()
+            .map(|&i| {
+                redraws[i] += 1;
+                redraw_seed(seeds[i], redraws[i])
+            })
+            .collect();
+        let rows: Vec<i64> = again.iter().map(|&i| i as i64).collect();
+        let index = Tensor::from_slice(&rows);
+        let fresh = checkpoint
+            .generate(&condition.select(&index), &fresh_seeds, sampler, guidance)
+            .to_device(Device::Cpu);
+        for (k, n) in reference.nearest(&fresh).into_iter().enumerate() {
+            scores[again[k]] = n;
+        }
+        flat = flat.index_copy(0, &index, &fresh);
+    }
+    let nearness: Vec<SampleNearness> = scores
+        .into_iter()
+        .zip(redraws)
+        .map(|(nearness, redraws)| SampleNearness {
+            too_close: spread.too_close(&nearness),
+            nearness,
+            redraws,
+        })
+        .collect();
+    let close = nearness.iter().filter(|n| n.too_close).count();
+    if close > 0 {
+        metrics::counter!("weightgen_samples_too_close_total").increment(close as u64);
+    }
+    (flat, Some(nearness))
 }
 
 /// One condition of all rows of `parts`, in order.
@@ -481,6 +584,10 @@ fn facts(checkpoint: &DenoiserCheckpoint) -> CheckpointFacts {
             .latent
             .as_ref()
             .map_or(0, |l| l.components.size()[0] as usize),
+        zoo_spread: checkpoint
+            .zoo_reference
+            .as_ref()
+            .map(|r| (r.spread, r.len() as usize)),
     }
 }
 
@@ -561,6 +668,7 @@ mod tests {
             sampler: SamplerKind::ddim(50, 0.0),
             guidance: 1.0,
             dtype: DType::F32,
+            max_redraws: 0,
         };
         let p = Pending {
             id: id.into(),
@@ -638,6 +746,119 @@ mod tests {
         assert_eq!(rows, 7);
         assert!(started.elapsed() >= Duration::from_millis(50));
         assert_eq!(backlog.len(), 2);
+    }
+
+    /// A small untrained digits-free checkpoint: what the guard does does
+    /// not depend on how good the samples are.
+    fn tiny_checkpoint() -> DenoiserCheckpoint {
+        use crate::model::{ConditionalDenoiser, DenoiserConfig, TaskEncoderConfig};
+        use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode};
+        let arch = ArchSpec::sequential_mlp("mlp-4-3-2", "test", &[4, 3, 2]).unwrap();
+        let d = arch.num_parameters() as i64;
+        tch::manual_seed(7);
+        let zoo = Tensor::randn([30, d], (tch::Kind::Float, Device::Cpu));
+        let encoder = TaskEncoderConfig {
+            feature_dim: 2,
+            support_x_dim: 0,
+            support_y_dim: 0,
+            hidden: 8,
+            embed_dim: 4,
+            prototypes: false,
+        };
+        DenoiserCheckpoint {
+            model: ConditionalDenoiser::new(DenoiserConfig::new(d, encoder), Device::Cpu).unwrap(),
+            stats: Stats::fit(&zoo, StatsMode::PerDimension, &arch, DEFAULT_STD_FLOOR),
+            arch,
+            latent: None,
+            clip: None,
+            feature_schema: FeatureSchema::default(),
+            feature_norm: None,
+            summary: Default::default(),
+            zoo_reference: None,
+        }
+    }
+
+    #[test]
+    fn the_guard_redraws_near_copies_within_each_samples_budget() {
+        use crate::weights::ZooReference;
+        use crate::weights::novelty::{DEFAULT_SPREAD_QUANTILE, MAX_REFERENCE_BYTES};
+        let mut checkpoint = tiny_checkpoint();
+        let condition = TaskBatch::features(Tensor::zeros([3, 2], (tch::Kind::Float, Device::Cpu)));
+        let seeds = [11u64, 12, 13];
+        let sampler = SamplerKind::ddim(10, 0.0);
+        let first = checkpoint.generate(&condition, &seeds, sampler, 1.0);
+        // Without a zoo reference nothing is scored or redrawn.
+        let (same, none) = redraw_near_copies(
+            &checkpoint,
+            first.copy(),
+            &condition,
+            &seeds,
+            &[8; 3],
+            sampler,
+            1.0,
+        );
+        assert!(none.is_none() && same.equal(&first));
+        // The reference holds a zoo and, among it, the first draw of sample 0:
+        // that sample is a copy of a zoo model.
+        let zoo = checkpoint.stats.denormalize(&Tensor::randn(
+            [30, first.size()[1]],
+            (tch::Kind::Float, Device::Cpu),
+        ));
+        let reference = Tensor::cat(&[zoo.to_kind(tch::Kind::Float), first.narrow(0, 0, 1)], 0);
+        checkpoint.zoo_reference =
+            ZooReference::fit(&reference, MAX_REFERENCE_BYTES, DEFAULT_SPREAD_QUANTILE);
+        let spread = checkpoint.zoo_reference.as_ref().unwrap().spread;
+        let scores = checkpoint.zoo_reference.as_ref().unwrap().nearest(&first);
+        assert!(spread.too_close(&scores[0]), "{scores:?} {spread:?}");
+        assert!(!spread.too_close(&scores[1]) && !spread.too_close(&scores[2]));
+
+        // Budget 0 (the default): the copy is reported, not redrawn.
+        let (kept, nearness) = redraw_near_copies(
+            &checkpoint,
+            first.copy(),
+            &condition,
+            &seeds,
+            &[0; 3],
+            sampler,
+            1.0,
+        );
+        let nearness = nearness.unwrap();
+        assert!(kept.equal(&first));
+        assert!(nearness[0].too_close && nearness[0].redraws == 0);
+        assert!((nearness[0].nearness.cosine - 1.0).abs() < 1e-4);
+
+        // With a budget, sample 0 is redrawn once from its redraw seed; the
+        // others are untouched.
+        let (guarded_flat, nearness) = redraw_near_copies(
+            &checkpoint,
+            first.copy(),
+            &condition,
+            &seeds,
+            &[2; 3],
+            sampler,
+            1.0,
+        );
+        let nearness = nearness.unwrap();
+        assert_eq!(
+            nearness
+                .iter()
+                .map(|n| (n.redraws, n.too_close))
+                .collect::<Vec<_>>(),
+            vec![(1, false), (0, false), (0, false)]
+        );
+        let redrawn = checkpoint.generate(
+            &TaskBatch::features(Tensor::zeros([1, 2], (tch::Kind::Float, Device::Cpu))),
+            &[redraw_seed(11, 1)],
+            sampler,
+            1.0,
+        );
+        assert!(
+            guarded_flat
+                .narrow(0, 0, 1)
+                .allclose(&redrawn, 1e-6, 1e-6, false)
+        );
+        assert!(guarded_flat.narrow(0, 1, 2).equal(&first.narrow(0, 1, 2)));
+        assert_ne!(redraw_seed(11, 1), redraw_seed(11, 2));
     }
 
     #[test]

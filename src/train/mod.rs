@@ -28,10 +28,11 @@ use crate::blobs::{BlobError, BlobStore};
 use crate::catalog::{Catalog, CatalogError, DenoiserRecord};
 use crate::diffusion::ClipRange;
 use crate::model::{
-    CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig, NetConfig,
-    TaskBatch, TaskEncoderConfig, Trainer,
+    CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig,
+    LrSchedule, NetConfig, TaskBatch, TaskEncoderConfig, Trainer,
 };
-use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode};
+use crate::weights::novelty::{DEFAULT_SPREAD_QUANTILE, MAX_REFERENCE_BYTES};
+use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode, ZooReference};
 
 /// Default EMA decay of the published weights.
 pub const DEFAULT_EMA_DECAY: f64 = 0.999;
@@ -135,7 +136,7 @@ impl TrainDenoiserConfig {
     /// The settings that shape training (not its length, logging cadence
     /// of checkpoints, or evaluation); a resumed run must match them.
     pub fn fingerprint(&self) -> serde_json::Value {
-        serde_json::json!({
+        let mut fingerprint = serde_json::json!({
             "zoo": self.zoo,
             "net": self.net,
             "timesteps": self.timesteps,
@@ -155,7 +156,13 @@ impl TrainDenoiserConfig {
             "encoder_hidden": self.encoder_hidden,
             "embed_dim": self.embed_dim,
             "log_every": self.log_every,
-        })
+        });
+        // Recorded only when it is not the constant rate, so runs saved
+        // before schedules existed still resume.
+        if self.fit.lr_schedule != LrSchedule::Constant {
+            fingerprint["lr_schedule"] = self.fit.lr_schedule.name().into();
+        }
+        fingerprint
     }
 }
 
@@ -609,6 +616,7 @@ fn train_blocking(
         feature_schema: data.schema.clone(),
         feature_norm: Some(feature_norm),
         summary,
+        zoo_reference: ZooReference::fit(&train_w, MAX_REFERENCE_BYTES, DEFAULT_SPREAD_QUANTILE),
     };
     let quality = evaluate_quality(
         &checkpoint,

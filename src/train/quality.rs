@@ -16,7 +16,7 @@ use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
 use crate::tasks::train::evaluate;
 use crate::tasks::{Descriptor, Objective, TaskSpec};
-use crate::weights::unflatten;
+use crate::weights::{ZooSpread, unflatten};
 
 /// DDIM steps of the quality gate.
 pub const EVAL_DDIM_STEPS: usize = 50;
@@ -45,6 +45,10 @@ pub struct SplitScores {
     pub zoo_models: Option<f64>,
     /// Chance: 1/ways, or the MSE of predicting 0.
     pub chance: f64,
+    /// Mean cosine of the DDIM samples to their nearest training zoo model
+    /// (the memorization guard's measure), when the checkpoint carries a
+    /// zoo reference. Compare with the zoo's own `ZooSpread::mean_cosine`.
+    pub nearest_zoo_cosine: Option<f64>,
 }
 
 impl std::fmt::Display for SplitScores {
@@ -61,7 +65,11 @@ impl std::fmt::Display for SplitScores {
             f,
             "wrong task {:.3}) DDPM {:.3} nearest-zoo {:.3} chance {:.3}",
             self.ddim_wrong_task, self.ddpm, self.nearest_zoo, self.chance
-        )
+        )?;
+        if let Some(c) = self.nearest_zoo_cosine {
+            write!(f, "; samples' nearest-zoo cosine {c:.3}")?;
+        }
+        Ok(())
     }
 }
 
@@ -74,6 +82,9 @@ pub struct QualityReport {
     pub zoo_tasks: SplitScores,
     /// Held-out tasks.
     pub held_out: SplitScores,
+    /// The training zoo's own nearest-neighbour spread, when the checkpoint
+    /// carries a zoo reference.
+    pub zoo_spread: Option<ZooSpread>,
 }
 
 impl QualityReport {
@@ -97,6 +108,14 @@ impl QualityReport {
             if let Some(z) = s.zoo_models {
                 out.insert(key("zoo_models"), z);
             }
+            if let Some(c) = s.nearest_zoo_cosine {
+                out.insert(format!("quality.{split}.ddim_nearest_zoo_cosine"), c);
+            }
+        }
+        if let Some(spread) = &self.zoo_spread {
+            out.insert("novelty.zoo_nearest_cosine_mean".into(), spread.mean_cosine);
+            out.insert("novelty.too_close_cosine".into(), spread.cosine);
+            out.insert("novelty.too_close_l2".into(), spread.l2);
         }
         out
     }
@@ -312,6 +331,7 @@ fn scores_for(
             nearest_zoo: f64::NAN,
             zoo_models: own,
             chance: f64::NAN,
+            nearest_zoo_cosine: None,
         };
     }
     let condition = condition_of(checkpoint, data, descriptors);
@@ -319,10 +339,12 @@ fn scores_for(
         .map(|i| seed.wrapping_add(i))
         .collect();
     let mean = |xs: Vec<f64>| xs.iter().sum::<f64>() / xs.len() as f64;
-    let generated = |condition: &TaskBatch, kind| {
-        let w = checkpoint
+    let sampled = |condition: &TaskBatch, kind| {
+        checkpoint
             .generate(condition, &seeds, kind, guidance)
-            .to_device(Device::Cpu);
+            .to_device(Device::Cpu)
+    };
+    let scored = |w: &Tensor| {
         mean(
             tasks
                 .iter()
@@ -331,6 +353,7 @@ fn scores_for(
                 .collect(),
         )
     };
+    let generated = |condition: &TaskBatch, kind| scored(&sampled(condition, kind));
     // Retrieval baseline: the training zoo model with the nearest features.
     // The condition already holds the asked tasks' standardized features.
     let asked = asked_features(checkpoint, data, &condition, descriptors);
@@ -346,9 +369,19 @@ fn scores_for(
     // Both inputs present: the single-input forms are measured too.
     let both = condition.features.is_some() && condition.support_x.is_some();
     let wrong = condition_of(checkpoint, data, &wrong_tasks(descriptors));
+    let ddim_weights = sampled(&condition, ddim);
+    let nearest_zoo_cosine = checkpoint.zoo_reference.as_ref().map(|reference| {
+        mean(
+            reference
+                .nearest(&ddim_weights)
+                .iter()
+                .map(|n| n.cosine)
+                .collect(),
+        )
+    });
     SplitScores {
         tasks: tasks.len(),
-        ddim: generated(&condition, ddim),
+        ddim: scored(&ddim_weights),
         ddpm: generated(&condition, SamplerKind::Ddpm),
         ddim_features_only: both.then(|| generated(&one_input(&condition, true), ddim)),
         ddim_support_only: both.then(|| generated(&one_input(&condition, false), ddim)),
@@ -356,6 +389,7 @@ fn scores_for(
         nearest_zoo,
         zoo_models: own,
         chance: mean(tasks.iter().map(|t| chance(data, t)).collect()),
+        nearest_zoo_cosine,
     }
 }
 
@@ -416,6 +450,7 @@ pub fn evaluate_quality(
         metric,
         zoo_tasks,
         held_out,
+        zoo_spread: checkpoint.zoo_reference.as_ref().map(|r| r.spread),
     };
     tracing::info!(?report, "quality gate");
     report

@@ -8,6 +8,7 @@ pub mod arch;
 pub mod codec;
 pub mod flat;
 pub mod latent;
+pub mod novelty;
 pub mod stats;
 
 pub use align::{AlignError, AlignReport, PermutationSpec, align};
@@ -17,4 +18,5 @@ pub use codec::{
 };
 pub use flat::{NamedTensors, flatten, flatten_batch, unflatten};
 pub use latent::{LatentSizeReport, MetricGoal, PcaLatent, choose_latent_size};
+pub use novelty::{Nearness, ZooReference, ZooSpread};
 pub use stats::{DEFAULT_STD_FLOOR, Stats, StatsMode};

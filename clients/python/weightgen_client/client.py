@@ -64,7 +64,8 @@ def task_descriptor(task: dict) -> common_pb2.TaskDescriptor:
 class GeneratedInits:
     """One GenerateInit answer: the header (denoiser, architecture, tensor
     list, seed, sampler), one verified safetensors file per sample, and the
-    trailer (digests, queue and sampling times, batch size)."""
+    trailer (digests with each sample's nearness to the zoo, queue and
+    sampling times, batch size, the zoo spread)."""
 
     header: Any
     files: list
@@ -126,18 +127,22 @@ class WeightgenClient:
         dtype: str = "f32",
         denoiser_id: str = "",
         on_chunk: Optional[Callable[[int], None]] = None,
+        max_redraws: int = 0,
     ) -> GeneratedInits:
         """Requests `num_samples` initializations for `task` (a task-file
         dict) and returns them verified. Raises WeightgenError with the
         server's status (INVALID_ARGUMENT naming the field, NOT_FOUND,
-        UNAVAILABLE, RESOURCE_EXHAUSTED, ...)."""
+        UNAVAILABLE, RESOURCE_EXHAUSTED, ...). `max_redraws` > 0 asks the
+        server to redraw samples that come out closer to a zoo model than
+        the zoo's own models are to each other (see
+        trailer.samples[i].nearest_zoo)."""
         if sampler not in _SAMPLERS:
             raise ValueError(f"sampler {sampler!r}: expected one of {sorted(_SAMPLERS)}")
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPES)}")
         options = generation_pb2.SamplingOptions(
             num_samples=num_samples, sampler=_SAMPLERS[sampler], steps=steps,
-            output_dtype=_DTYPES[dtype],
+            output_dtype=_DTYPES[dtype], max_redraws=max_redraws,
         )
         if eta is not None:
             options.eta = eta

@@ -46,6 +46,10 @@ pub struct GenerateArgs {
     /// f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// Redraw a sample that comes out closer to a zoo model than the zoo's
+    /// models are to each other, at most this many times (0: never; ≤ 8).
+    #[arg(long, default_value_t = 0)]
+    max_redraws: u32,
     /// Pin one loaded denoiser version instead of the active one.
     #[arg(long)]
     denoiser_id: Option<String>,
@@ -110,6 +114,7 @@ fn generate_request(args: &GenerateArgs) -> Result<pb::GenerateInitRequest, Stri
             guidance_scale: args.guidance,
             seed: args.seed,
             output_dtype: dtype as i32,
+            max_redraws: args.max_redraws,
         }),
         denoiser_id: args.denoiser_id.clone().unwrap_or_default(),
     })
@@ -183,6 +188,21 @@ fn write_samples(output: &std::path::Path, files: &[Vec<u8>]) -> Result<Vec<Path
     Ok(paths)
 }
 
+/// ", nearest zoo model: cosine c, L2 l[, redrawn r×][, TOO CLOSE]".
+fn nearness_text(n: &pb::NearestZoo) -> String {
+    let mut text = format!(
+        ", nearest zoo model: cosine {:.3}, L2 {:.3}",
+        n.cosine, n.l2
+    );
+    if n.redraws > 0 {
+        text.push_str(&format!(", redrawn {}×", n.redraws));
+    }
+    if n.too_close {
+        text.push_str(", TOO CLOSE to a zoo model");
+    }
+    text
+}
+
 pub async fn generate(
     addr: &str,
     timeout: Duration,
@@ -219,10 +239,24 @@ pub async fn generate(
     };
     for (path, digest) in paths.iter().zip(&generated.trailer.samples) {
         println!(
-            "wrote {} ({} bytes, sha256 {})",
+            "wrote {} ({} bytes, sha256 {}){}",
             path.display(),
             digest.size_bytes,
-            digest.sha256
+            digest.sha256,
+            digest
+                .nearest_zoo
+                .as_ref()
+                .map(nearness_text)
+                .unwrap_or_default()
+        );
+    }
+    if let Some(spread) = &generated.trailer.zoo_spread {
+        println!(
+            "zoo spread ({} models): nearest-neighbour cosine mean {:.3}; too close above cosine {:.3} or below L2 {:.3}",
+            spread.reference_models,
+            spread.mean_cosine,
+            spread.too_close_cosine,
+            spread.too_close_l2
         );
     }
     let h = &generated.header;
