@@ -260,6 +260,63 @@ async fn generate_init_end_to_end() {
             "options.output_dtype: unknown value 9",
         ),
         (
+            Box::new(|r| {
+                task_of(r).num_classes = 6;
+                task_of(r).support = Some(support(
+                    (vec![2, 64], vec![1.0; 128]),
+                    (vec![2], vec![0.0, 5.0]),
+                ));
+            }),
+            Code::InvalidArgument,
+            "task.num_classes: 6 classes; this denoiser generates 5-way classifiers",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).num_classes = u32::MAX;
+                task_of(r).support =
+                    Some(support((vec![1, 64], vec![1.0; 64]), (vec![1], vec![0.0])));
+            }),
+            Code::InvalidArgument,
+            "task.num_classes: 4294967295 classes",
+        ),
+        (
+            Box::new(|r| {
+                let mut pixels = vec![1.0; 64];
+                pixels[3] = 1e25;
+                task_of(r).support = Some(support((vec![1, 64], pixels), (vec![1], vec![0.0])));
+            }),
+            Code::InvalidArgument,
+            "task.support: example 0 holds 10000000000000000000000000, outside [-10000, 10000]",
+        ),
+        (
+            Box::new(|r| {
+                options_of(r).sampler = Sampler::Ddpm as i32;
+                options_of(r).guidance_scale = Some(1e30);
+            }),
+            Code::InvalidArgument,
+            "options.guidance_scale: 10000000150474662",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).support = Some(support(
+                    (vec![1 << 32, 1 << 32], vec![]),
+                    (vec![1], vec![0.0]),
+                ));
+            }),
+            Code::InvalidArgument,
+            "task.support.inputs: shape [4294967296, 4294967296] is too large",
+        ),
+        (
+            Box::new(|r| {
+                task_of(r).support = Some(support(
+                    (vec![8, (1 << 61) + 64], vec![1.0; 512]),
+                    (vec![8], vec![0.0; 8]),
+                ));
+            }),
+            Code::InvalidArgument,
+            "task.support.inputs: shape [8, 2305843009213694016] is too large",
+        ),
+        (
             Box::new(|r| options_of(r).max_redraws = 9),
             Code::InvalidArgument,
             "options.max_redraws: 9 is more than 8",

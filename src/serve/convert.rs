@@ -154,7 +154,13 @@ pub fn descriptor_from_proto(
             .shape
             .first()
             .ok_or_else(|| invalid(field, "shape is empty".into()))? as usize;
-        let count: u64 = t.shape.iter().product();
+        // Checked product: a shape like [2^32, 2^32] must not wrap around to
+        // the number of values sent.
+        let count = t
+            .shape
+            .iter()
+            .try_fold(1u64, |n, &d| n.checked_mul(d))
+            .ok_or_else(|| invalid(field, format!("shape {:?} is too large", t.shape)))?;
         if count != t.values.len() as u64 {
             return Err(invalid(
                 field,

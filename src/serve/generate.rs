@@ -24,6 +24,9 @@ pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 pub const DEFAULT_DDIM_STEPS: usize = 50;
 /// Samples one request may ask for, unless configured otherwise.
 pub const DEFAULT_MAX_SAMPLES: u32 = 64;
+/// Largest classifier-free guidance scale accepted: far past any useful
+/// one (the gate chooses 3), short of pushing samples to infinity.
+pub const MAX_GUIDANCE: f64 = 100.0;
 
 fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
@@ -134,6 +137,20 @@ pub fn job_for(
             .feature_vector(schema)
             .map_err(|e| invalid(&format!("task.features.{}", e.field), e.reason))?
     };
+    // The class count is the denoiser's: its classifiers have that many
+    // outputs and its encoder reads support sets over that many labels.
+    if let Some(labels) = denoiser.facts.support_labels
+        && task.num_classes != 0
+        && task.num_classes as usize != labels
+    {
+        return Err(invalid(
+            "task.num_classes",
+            format!(
+                "{} classes; this denoiser generates {labels}-way classifiers",
+                task.num_classes
+            ),
+        ));
+    }
     let ways = match &schema.support {
         Some(s) if s.classification && !descriptor.support_x.is_empty() => {
             if task.num_classes < 2 {
@@ -167,10 +184,10 @@ pub fn job_for(
     let timesteps = denoiser.facts.timesteps;
     let eta = f64::from(options.eta.unwrap_or(0.0));
     let guidance = f64::from(options.guidance_scale.unwrap_or(1.0));
-    if !(guidance.is_finite() && guidance >= 0.0) {
+    if !(guidance.is_finite() && (0.0..=MAX_GUIDANCE).contains(&guidance)) {
         return Err(invalid(
             "options.guidance_scale",
-            format!("{guidance} is not a number ≥ 0"),
+            format!("{guidance} is not a number in [0, {MAX_GUIDANCE}]"),
         ));
     }
     let sampler = pb::Sampler::try_from(options.sampler).map_err(|_| {
@@ -275,7 +292,8 @@ pub async fn generate(
         .map_err(|e| match e {
             ModelError::Feature(f) => invalid(&format!("task.{}", f.field), f.reason),
             ModelError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
-            other => Status::internal(other.to_string()),
+            ModelError::NonFinite => Status::invalid_argument(e.to_string()),
+            other => Status::internal(without_backtrace(&other.to_string())),
         })?;
     let part = |p: pb::generate_init_response::Part| pb::GenerateInitResponse { part: Some(p) };
     let arch = &denoiser.facts.arch;
@@ -338,6 +356,17 @@ pub async fn generate(
     Ok(messages)
 }
 
+/// The first line of an error, at most 300 characters: libtorch's messages
+/// carry a C++ backtrace with host paths and load addresses, which belong in
+/// the server's log, not in a client's status.
+fn without_backtrace(message: &str) -> String {
+    let line = message.lines().next().unwrap_or_default();
+    match line.char_indices().nth(300) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line.to_owned(),
+    }
+}
+
 fn nearest_zoo_to_proto(n: &SampleNearness) -> pb::NearestZoo {
     pb::NearestZoo {
         cosine: n.nearness.cosine as f32,
@@ -366,6 +395,7 @@ mod tests {
             kind: "mlp_unet".into(),
             latent_dim: 0,
             zoo_spread: None,
+            support_labels: Some(5),
         };
         let record = DenoiserRecord {
             id: "d1".into(),
@@ -465,6 +495,40 @@ mod tests {
             message.starts_with("task.features.") && message.contains("required and missing"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn the_class_count_and_guidance_are_bounded_by_the_denoiser() {
+        for n in [2, 6, 100, u32::MAX] {
+            let message = refused(|r| r.task.as_mut().unwrap().num_classes = n);
+            assert_eq!(
+                message,
+                format!("task.num_classes: {n} classes; this denoiser generates 5-way classifiers")
+            );
+        }
+        let mut r = request();
+        r.task.as_mut().unwrap().num_classes = 0;
+        assert!(job_for(&r, &digits_denoiser(), 8).is_ok());
+        for g in [100.5f32, 1e30] {
+            assert!(
+                refused(|r| r.options.as_mut().unwrap().guidance_scale = Some(g))
+                    .starts_with("options.guidance_scale:")
+            );
+        }
+        let mut r = request();
+        r.options.as_mut().unwrap().guidance_scale = Some(100.0);
+        assert!(job_for(&r, &digits_denoiser(), 8).is_ok());
+    }
+
+    #[test]
+    fn internal_errors_keep_only_their_first_line() {
+        let torch = "mat1 and mat2 shapes cannot be multiplied (10x70 and 69x128)\nException raised from meta at /pytorch/aten/src/ATen/native/LinearAlgebra.cpp:197\nframe #0: c10::Error::Error(...) + 0x9c (0x7f0 in /venv/lib/libc10.so)";
+        assert_eq!(
+            without_backtrace(torch),
+            "mat1 and mat2 shapes cannot be multiplied (10x70 and 69x128)"
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(without_backtrace(&long).chars().count(), 301);
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct CheckpointFacts {
     /// The zoo spread of the memorization guard, with the reference's
     /// size, when the checkpoint carries a zoo reference.
     pub zoo_spread: Option<(ZooSpread, usize)>,
+    /// Labels of the classification support sets the encoder reads (the
+    /// classes of the generated classifier), when it reads them.
+    pub support_labels: Option<usize>,
 }
 
 /// One generation: a task, the samples' seeds and how to sample.
@@ -147,6 +150,12 @@ pub enum ModelError {
     /// libtorch failed (the thread keeps serving).
     #[error("libtorch: {0}")]
     Torch(String),
+    /// A sample came out with NaN or infinite values: never returned.
+    #[error(
+        "task: the conditioning drove the denoiser out of finite arithmetic (NaN or infinite \
+         weights); support values or guidance far outside what the denoiser was trained on"
+    )]
+    NonFinite,
     /// Too many requests are waiting.
     #[error("the generation queue is full ({0} requests waiting); retry later")]
     QueueFull(usize),
@@ -184,6 +193,7 @@ impl Pending {
             && self.job.sampler == other.job.sampler
             && self.job.guidance.to_bits() == other.job.guidance.to_bits()
             && self.job.descriptor.support_x.len() == other.job.descriptor.support_x.len()
+            && self.job.ways == other.job.ways
             && self.job.features.is_empty() == other.job.features.is_empty()
     }
 }
@@ -445,6 +455,11 @@ fn run_batch(loaded: &HashMap<String, DenoiserCheckpoint>, batch: Vec<Pending>) 
         let queue_ms = began.duration_since(p.enqueued).as_secs_f64() * 1e3;
         metrics::histogram!("weightgen_queue_wait_seconds").record(queue_ms / 1e3);
         let result = match &sampled {
+            Ok((flat, _)) if !finite(&flat.narrow(0, offset, n)) => {
+                metrics::counter!("weightgen_generate_rejected_total", "reason" => "non_finite")
+                    .increment(1);
+                Err(ModelError::NonFinite)
+            }
             Ok((flat, nearness)) => {
                 guarded(|| encode(checkpoint, &flat.narrow(0, offset, n), p.job.dtype)).map(
                     |files| Generated {
@@ -463,6 +478,11 @@ fn run_batch(loaded: &HashMap<String, DenoiserCheckpoint>, batch: Vec<Pending>) 
         offset += n;
         let _ = p.reply.send(result);
     }
+}
+
+/// Whether every value of `weights` is finite.
+fn finite(weights: &Tensor) -> bool {
+    weights.isfinite().all().int64_value(&[]) != 0
 }
 
 /// The seed of redraw `attempt` (1, 2, …) of the sample seeded `seed`: a
@@ -588,6 +608,15 @@ fn facts(checkpoint: &DenoiserCheckpoint) -> CheckpointFacts {
             .zoo_reference
             .as_ref()
             .map(|r| (r.spread, r.len() as usize)),
+        support_labels: {
+            let encoder = &config.encoder;
+            let classification = checkpoint
+                .feature_schema
+                .support
+                .as_ref()
+                .is_some_and(|s| s.classification);
+            (encoder.support_x_dim > 0 && classification).then_some(encoder.support_y_dim as usize)
+        },
     }
 }
 
@@ -779,6 +808,21 @@ mod tests {
     }
 
     #[test]
+    fn a_sample_out_of_finite_arithmetic_fails_its_own_request_only() {
+        let loaded = HashMap::from([("a".to_owned(), tiny_checkpoint())]);
+        let (mut wild, wild_reply) = pending("a", 1);
+        wild.job.features = vec![f32::MAX, -f32::MAX];
+        let (mut fine, fine_reply) = pending("a", 2);
+        fine.job.features = vec![0.5, -0.5];
+        fine.job.seeds = vec![5, 6];
+        run_batch(&loaded, vec![wild, fine]);
+        let wild = wild_reply.blocking_recv().unwrap();
+        assert!(matches!(wild, Err(ModelError::NonFinite)), "{wild:?}");
+        let fine = fine_reply.blocking_recv().unwrap().unwrap();
+        assert_eq!((fine.files.len(), fine.batch_size), (2, 3));
+    }
+
+    #[test]
     fn the_guard_redraws_near_copies_within_each_samples_budget() {
         use crate::weights::ZooReference;
         use crate::weights::novelty::{DEFAULT_SPREAD_QUANTILE, MAX_REFERENCE_BYTES};
@@ -873,6 +917,11 @@ mod tests {
         also_support_only.job.features.clear();
         assert!(with_features.joins(&also_with));
         assert!(support_only.joins(&also_support_only));
+        // Another class count never shares a batch (its one-hots are wider).
+        let (mut other_ways, _r5) = pending("a", 1);
+        other_ways.job.features = vec![0.5, 1.0];
+        other_ways.job.ways = 6;
+        assert!(!with_features.joins(&other_ways));
         assert!(!with_features.joins(&support_only));
         assert!(!support_only.joins(&with_features));
     }

@@ -23,6 +23,11 @@ pub const SINUSOID_SUPPORT: usize = 10;
 pub const INR_SUPPORT: usize = 64;
 /// Most support examples a request may carry.
 pub const MAX_SUPPORT: usize = 256;
+/// Largest magnitude of a support value a request may send. Every family's
+/// inputs and targets lie far inside it (digits pixels 0–16, sinusoid and
+/// INR coordinates and values within ±10); values beyond it only push the
+/// task encoder out of finite arithmetic.
+pub const MAX_SUPPORT_MAGNITUDE: f32 = 1e4;
 
 /// A task as the denoiser sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -401,6 +406,11 @@ impl Descriptor {
             }
             if let Some(v) = x.iter().chain(y).find(|v| !v.is_finite()) {
                 return Err(error(format!("example {i} holds {v}, not a finite number")));
+            }
+            if let Some(v) = x.iter().chain(y).find(|v| v.abs() > MAX_SUPPORT_MAGNITUDE) {
+                return Err(error(format!(
+                    "example {i} holds {v}, outside [-{MAX_SUPPORT_MAGNITUDE}, {MAX_SUPPORT_MAGNITUDE}]"
+                )));
             }
             if spec.classification && (y[0] < 0.0 || y[0] as usize >= ways || y[0].fract() != 0.0) {
                 return Err(error(format!(
