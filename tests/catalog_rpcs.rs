@@ -179,6 +179,16 @@ async fn upload_list_get_download_round_trip_and_bad_uploads_store_nothing() {
     }
     assert_eq!(stored_models(&mut client).await, 0);
     assert!(test.server.blobs().list().await.unwrap().is_empty());
+    // Not even the built-in architecture the refused files named.
+    assert!(
+        test.server
+            .catalog()
+            .architecture(arch)
+            .await
+            .unwrap()
+            .is_none(),
+        "a refused upload registered {arch}"
+    );
 
     // A good upload, then the same file again: deduplicated.
     let added = upload(&mut client, header(&file, arch), &file)
@@ -195,6 +205,14 @@ async fn upload_list_get_download_round_trip_and_bad_uploads_store_nothing() {
         .unwrap();
     assert!(again.deduplicated);
     assert_eq!(again.model.unwrap().id, model.id);
+    assert!(
+        test.server
+            .catalog()
+            .architecture(arch)
+            .await
+            .unwrap()
+            .is_some()
+    );
 
     // Listed, described, and downloaded byte for byte.
     let listed = client

@@ -147,6 +147,16 @@ async fn generate_init_end_to_end() {
             "task.architecture: required",
         ),
         (
+            Box::new(|r| task_of(r).architecture = "a".repeat(100_000)),
+            Code::InvalidArgument,
+            "task.architecture: 100000 characters, at most 256",
+        ),
+        (
+            Box::new(|r| r.denoiser_id = "d".repeat(300)),
+            Code::InvalidArgument,
+            "denoiser_id: 300 characters, at most 256",
+        ),
+        (
             Box::new(|r| task_of(r).architecture = "resnet-1000".into()),
             Code::NotFound,
             "task.architecture: unknown architecture",

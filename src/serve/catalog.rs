@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{arch_to_proto, denoiser_record_to_proto, descriptor_from_proto, timestamp};
 use super::denoisers::{version_of, versions};
-use super::status::catalog_status;
+use super::status::{bounded_name, catalog_status, checked_name};
 use crate::blobs::{BlobError, BlobStore, sha256_hex};
 use crate::catalog::{
     Catalog, DenoiserRecord, ModelSource, PageRequest, ZooModelFilter, ZooModelRecord,
@@ -62,11 +62,7 @@ impl CatalogApi {
 }
 
 fn required(field: &str, value: &str) -> Result<(), Status> {
-    if value.is_empty() {
-        Err(Status::invalid_argument(format!("{field}: required")))
-    } else {
-        Ok(())
-    }
+    checked_name(field, value)
 }
 
 fn required_id(id: &str) -> Result<(), Status> {
@@ -172,6 +168,8 @@ impl CatalogService for CatalogApi {
         request: Request<ListZooModelsRequest>,
     ) -> Result<Response<ListZooModelsResponse>, Status> {
         let request = request.into_inner();
+        bounded_name("architecture", &request.architecture)?;
+        bounded_name("family", &request.family)?;
         let page = request.page.unwrap_or_default();
         let filter = ZooModelFilter {
             zoo: None,
@@ -372,6 +370,7 @@ impl CatalogService for CatalogApi {
         request: Request<ListDenoisersRequest>,
     ) -> Result<Response<ListDenoisersResponse>, Status> {
         let request = request.into_inner();
+        bounded_name("architecture", &request.architecture)?;
         let page = request.page.unwrap_or_default();
         let architecture =
             (!request.architecture.is_empty()).then_some(request.architecture.as_str());

@@ -12,6 +12,7 @@ use tonic::Status;
 use super::convert::{arch_to_proto, descriptor_from_proto, dtype_to_proto, tensor_specs};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::model_thread::{GenerateJob, MAX_REDRAWS, ModelError, SampleNearness};
+use super::status::{bounded_name, checked_name};
 use crate::blobs::sha256_hex;
 use crate::catalog::Catalog;
 use crate::diffusion::SamplerKind;
@@ -43,9 +44,8 @@ pub async fn denoiser_for(
         .task
         .as_ref()
         .ok_or_else(|| invalid("task", "required"))?;
-    if task.architecture.is_empty() {
-        return Err(invalid("task.architecture", "required"));
-    }
+    checked_name("task.architecture", &task.architecture)?;
+    bounded_name("denoiser_id", &request.denoiser_id)?;
     if !request.denoiser_id.is_empty() {
         let loaded = registry.by_id(&request.denoiser_id).ok_or_else(|| {
             Status::not_found(format!(

@@ -12,7 +12,7 @@ use super::convert::{arch_to_proto, denoiser_record_to_proto, schema_to_proto};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::generate::{DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for};
 use super::readiness::Readiness;
-use super::status::catalog_status;
+use super::status::{bounded_name, catalog_status, checked_name};
 use crate::catalog::Catalog;
 use crate::proto::v1::generation_service_server::GenerationService;
 use crate::proto::v1::{
@@ -67,6 +67,7 @@ impl GenerationApi {
         architecture: &str,
         denoiser_id: &str,
     ) -> Result<Option<Arc<LoadedDenoiser>>, Status> {
+        bounded_name("denoiser_id", denoiser_id)?;
         if !denoiser_id.is_empty() {
             return Ok(self.registry.by_id(denoiser_id));
         }
@@ -75,6 +76,7 @@ impl GenerationApi {
                 "architecture: required when denoiser_id is empty",
             ));
         }
+        bounded_name("architecture", architecture)?;
         Ok(self.registry.active(architecture))
     }
 }
@@ -163,9 +165,7 @@ impl GenerationService for GenerationApi {
         request: Request<ArchitectureMetadataRequest>,
     ) -> Result<Response<ArchitectureSpec>, Status> {
         let name = request.into_inner().name;
-        if name.is_empty() {
-            return Err(Status::invalid_argument("name: required"));
-        }
+        checked_name("name", &name)?;
         match self
             .catalog
             .architecture(&name)

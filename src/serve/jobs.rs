@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rand::Rng;
 use tonic::{Request, Response, Status};
 
-use super::status::catalog_status;
+use super::status::{catalog_status, checked_name};
 use crate::catalog::jobs::DEFAULT_MAX_ATTEMPTS;
 use crate::catalog::{
     Catalog, JobFilter, JobKind, JobRecord, JobState, NewJob, PageRequest, now_ms,
@@ -264,9 +264,7 @@ impl JobService for JobsApi {
 
     async fn get_job(&self, request: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
         let id = request.into_inner().id;
-        if id.is_empty() {
-            return Err(invalid("id", "required"));
-        }
+        checked_name("id", &id)?;
         match self.catalog.job(&id).await.map_err(catalog_status)? {
             Some(job) => Ok(Response::new(job_to_proto(&job))),
             None => Err(Status::not_found(format!("job {id:?} not found"))),
@@ -316,9 +314,7 @@ impl JobService for JobsApi {
         request: Request<CancelJobRequest>,
     ) -> Result<Response<Job>, Status> {
         let id = request.into_inner().id;
-        if id.is_empty() {
-            return Err(invalid("id", "required"));
-        }
+        checked_name("id", &id)?;
         let job = self.catalog.cancel_job(&id).await.map_err(catalog_status)?;
         Ok(Response::new(job_to_proto(&job)))
     }

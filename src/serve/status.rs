@@ -4,6 +4,31 @@ use tonic::Status;
 
 use crate::catalog::CatalogError;
 
+/// Longest name or id (architecture, zoo model, denoiser, job) a request
+/// may send. Error messages quote the names they refuse; a longer one is
+/// refused without being quoted, so no status outgrows a client's metadata
+/// limit.
+pub const MAX_NAME_CHARS: usize = 256;
+
+/// Checks a required name or id: present and at most `MAX_NAME_CHARS`.
+pub fn checked_name(field: &str, value: &str) -> Result<(), Status> {
+    if value.is_empty() {
+        return Err(Status::invalid_argument(format!("{field}: required")));
+    }
+    bounded_name(field, value)
+}
+
+/// Checks an optional name or id: at most `MAX_NAME_CHARS`.
+pub fn bounded_name(field: &str, value: &str) -> Result<(), Status> {
+    let chars = value.chars().count();
+    if chars > MAX_NAME_CHARS {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {chars} characters, at most {MAX_NAME_CHARS}"
+        )));
+    }
+    Ok(())
+}
+
 /// The status a catalog error maps to: the field and reason for bad input,
 /// NOT_FOUND / FAILED_PRECONDITION for missing or contended rows, and
 /// INTERNAL / UNAVAILABLE for the store itself (logged, not leaked).
@@ -26,6 +51,23 @@ pub fn catalog_status(error: CatalogError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_names_are_refused_without_being_quoted() {
+        let long = "x".repeat(100_000);
+        let s = checked_name("task.architecture", &long).unwrap_err();
+        assert_eq!(s.code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            "task.architecture: 100000 characters, at most 256"
+        );
+        assert_eq!(
+            checked_name("id", "").unwrap_err().message(),
+            "id: required"
+        );
+        assert!(checked_name("id", &"é".repeat(256)).is_ok());
+        assert!(bounded_name("denoiser_id", "").is_ok());
+    }
 
     #[test]
     fn bad_input_names_the_field() {

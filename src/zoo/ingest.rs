@@ -172,26 +172,26 @@ fn inspect(bytes: &[u8]) -> Result<Vec<(String, Vec<usize>)>, AddError> {
     Ok(specs)
 }
 
-/// The architecture called `name`: registered, or a built-in family's
-/// (registered on first use).
-pub async fn resolve_architecture(
+/// The architecture called `name`: registered, or a built-in family's —
+/// then `true`: it is registered only once a file for it is accepted, so a
+/// refused upload leaves the catalog as it was.
+pub async fn find_architecture(
     catalog: &Arc<dyn Catalog>,
     name: &str,
-) -> Result<crate::weights::ArchSpec, AddError> {
-    let storage = |e: &dyn std::fmt::Display| AddError::Storage(e.to_string());
-    if let Some(arch) = catalog.architecture(name).await.map_err(|e| storage(&e))? {
-        return Ok(arch);
+) -> Result<(crate::weights::ArchSpec, bool), AddError> {
+    if let Some(arch) = catalog
+        .architecture(name)
+        .await
+        .map_err(|e| AddError::Storage(e.to_string()))?
+    {
+        return Ok((arch, false));
     }
-    let builtin = Family::ALL
+    Family::ALL
         .iter()
         .flat_map(|f| f.networks())
         .find(|n| n.spec.name == name)
-        .ok_or_else(|| AddError::UnknownArchitecture(name.to_owned()))?;
-    catalog
-        .register_architecture(&builtin.spec)
-        .await
-        .map_err(|e| storage(&e))?;
-    Ok(builtin.spec)
+        .map(|n| (n.spec, true))
+        .ok_or_else(|| AddError::UnknownArchitecture(name.to_owned()))
 }
 
 /// Checks a checkpoint against its architecture (names, shapes, finite
@@ -206,10 +206,16 @@ pub async fn add_checkpoint(
     zoo: &str,
 ) -> Result<InsertedModel, AddError> {
     let storage = |e: &dyn std::fmt::Display| AddError::Storage(e.to_string());
-    let arch = resolve_architecture(catalog, &meta.architecture).await?;
+    let (arch, unregistered) = find_architecture(catalog, &meta.architecture).await?;
     let specs = inspect(&bytes)?;
     arch.check(specs.iter().map(|(n, s)| (n.as_str(), s.as_slice())))
         .map_err(|e| invalid("tensors", e.to_string()))?;
+    if unregistered {
+        catalog
+            .register_architecture(&arch)
+            .await
+            .map_err(|e| storage(&e))?;
+    }
     let sha256 = sha256_hex(&bytes);
     let record = ZooModelRecord {
         id: format!("{zoo}/{}", &sha256[..16]),
@@ -242,7 +248,7 @@ async fn ingest_one(
     if entry.file.contains('/') || entry.file.contains("..") {
         return Err("file: must be a plain file name inside the directory".into());
     }
-    resolve_architecture(catalog, &entry.architecture)
+    find_architecture(catalog, &entry.architecture)
         .await
         .map_err(|e| e.to_string())?;
     let bytes = std::fs::read(dir.join(&entry.file)).map_err(|e| format!("file: {e}"))?;
