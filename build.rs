@@ -34,6 +34,8 @@ fn compile_protos() {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, but an undecodable body is INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::serve::codec::StrictCodec")
         .compile_fds(fds)
         .expect("generate gRPC code");
 }

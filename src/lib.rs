@@ -11,6 +11,7 @@ pub mod client;
 pub mod device;
 pub mod diffusion;
 pub mod eval;
+pub mod gc;
 pub mod jobs;
 pub mod model;
 pub mod proto;

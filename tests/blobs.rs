@@ -1,11 +1,124 @@
 //! The blob store on a local directory and on S3 (SeaweedFS, started by
 //! scripts/test.sh): content addressing, idempotent puts, verified reads
-//! that report corruption, listing and deletion.
+//! that report corruption, listing and deletion; the sweep of what killed
+//! writers leave (partial writes, blobs no row refers to).
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use bytes::Bytes;
 use weightgen::blobs::{BlobError, BlobStore, sha256_hex};
+use weightgen::catalog::{Catalog, ModelSource, ZooModelRecord};
+use weightgen::gc::{GcConfig, collect};
+use weightgen::weights::ArchSpec;
+
+/// A catalog row for a blob already stored.
+fn row(id: &str, sha256: &str, size: u64) -> ZooModelRecord {
+    ZooModelRecord {
+        id: id.into(),
+        zoo: "z".into(),
+        architecture: "mlp".into(),
+        family: "digits".into(),
+        source: ModelSource::Ingested,
+        task: serde_json::json!({}),
+        seed: 1,
+        metrics: BTreeMap::new(),
+        training_config: serde_json::json!({}),
+        sha256: sha256.into(),
+        size_bytes: size,
+        created_at_ms: 0,
+    }
+}
+
+/// A row's blob, a training run's state blob (named pointer), an orphan
+/// blob and (on a local store) a partial write: a sweep keeps everything
+/// younger than the grace period, a dry run removes nothing, and a real
+/// sweep removes exactly the orphan and the partial write.
+async fn sweep_removes_only_orphans(catalog: &dyn Catalog, store: &BlobStore, staging: bool) {
+    catalog
+        .register_architecture(&ArchSpec::sequential_mlp("mlp", "digits", &[64, 16, 5]).unwrap())
+        .await
+        .unwrap();
+    let kept = store.put(Bytes::from_static(b"a model")).await.unwrap();
+    catalog
+        .insert_zoo_model(&row("m", &kept.sha256, kept.size))
+        .await
+        .unwrap();
+    let state = store
+        .put(Bytes::from_static(b"a run's state"))
+        .await
+        .unwrap();
+    let pointer = serde_json::json!({"sha256": state.sha256, "step": 3});
+    store
+        .put_named("training/run-1/state", Bytes::from(pointer.to_string()))
+        .await
+        .unwrap();
+    let orphan = store.put(Bytes::from_static(b"no row")).await.unwrap();
+    if staging {
+        let dir = std::path::PathBuf::from(store.url())
+            .join("sha256")
+            .join(&orphan.sha256[..2]);
+        std::fs::write(dir.join(format!("{}#7", sha256_hex(b"partial"))), b"half").unwrap();
+    }
+    let partials = usize::from(staging);
+
+    let young = collect(catalog, store, &GcConfig::default()).await.unwrap();
+    assert_eq!((young.young, young.live), (1 + partials, 2), "{young:?}");
+    assert!(young.unreferenced.is_empty() && young.staging.is_empty());
+    let now = GcConfig {
+        grace: Duration::ZERO,
+        dry_run: true,
+    };
+    let dry = collect(catalog, store, &now).await.unwrap();
+    assert_eq!(dry.unreferenced, std::slice::from_ref(&orphan.sha256));
+    assert_eq!(dry.staging.len(), partials);
+    assert!(store.exists(&orphan.sha256).await.unwrap());
+    let done = collect(
+        catalog,
+        store,
+        &GcConfig {
+            dry_run: false,
+            ..now
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(done.unreferenced, std::slice::from_ref(&orphan.sha256));
+    assert_eq!(done.bytes, orphan.size + if staging { 4 } else { 0 });
+    assert!(!store.exists(&orphan.sha256).await.unwrap());
+    assert!(store.staging_files().unwrap().is_empty());
+    let mut live = vec![kept.sha256, state.sha256];
+    live.sort();
+    assert_eq!(store.list().await.unwrap(), live);
+    let again = collect(catalog, store, &now).await.unwrap();
+    assert!(
+        again.unreferenced.is_empty() && again.staging.is_empty(),
+        "{again:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_sweep_of_a_local_store_removes_only_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = weightgen::catalog::open(&format!(
+        "sqlite://{}",
+        dir.path().join("catalog.db").display()
+    ))
+    .await
+    .unwrap();
+    let store = BlobStore::local(&dir.path().join("blobs")).unwrap();
+    sweep_removes_only_orphans(catalog.as_ref(), &store, true).await;
+}
+
+#[tokio::test]
+async fn a_sweep_of_an_s3_store_removes_only_orphans() {
+    let database = common::services::TestDatabase::create("gc").await;
+    let catalog = weightgen::catalog::open(&database.url).await.unwrap();
+    let store = BlobStore::open(&common::services::s3_prefix("gc")).unwrap();
+    sweep_removes_only_orphans(catalog.as_ref(), &store, false).await;
+}
 
 async fn behaves_as_a_content_addressed_store(store: &BlobStore) {
     let payload = Bytes::from(vec![7u8; 300_000]);

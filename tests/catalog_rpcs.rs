@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::spawn_server;
+use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use weightgen::blobs::sha256_hex;
@@ -278,4 +279,191 @@ async fn upload_list_get_download_round_trip_and_bad_uploads_store_nothing() {
             .any(|a| a.name == arch && a.num_parameters == 2245)
     );
     test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_page_size_works_and_pages_fit_the_response_limit() {
+    const LIMIT: usize = 16 * 1024;
+    let test = spawn_server(|c| c.max_response_bytes = LIMIT).await;
+    let mut client = Client::new(test.channel().await);
+    let arch = "digits-mlp-64-32-5";
+    for n in 0..80 {
+        let file = checkpoint(0.1 + n as f32 * 0.01, false);
+        let mut header = header(&file, arch);
+        header.seed = n;
+        upload(&mut client, header, &file).await.unwrap();
+    }
+    let list = |size: u32, token: String| ListZooModelsRequest {
+        page: Some(weightgen::proto::v1::PageRequest {
+            page_size: size,
+            page_token: token,
+        }),
+        ..Default::default()
+    };
+    // The documented maximum (1000) and a larger, clamped size both answer;
+    // the page is cut to the response limit and paging visits every model once.
+    for size in [1000, 1001, u32::MAX] {
+        let mut seen = std::collections::HashSet::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let page = client
+                .list_zoo_models(list(size, token))
+                .await
+                .unwrap_or_else(|e| panic!("page_size {size}: {e:?}"))
+                .into_inner();
+            assert!(page.encoded_len() <= LIMIT, "{} bytes", page.encoded_len());
+            assert_eq!(page.total, 80);
+            for model in &page.models {
+                assert!(seen.insert(model.id.clone()), "{} listed twice", model.id);
+            }
+            pages += 1;
+            token = page.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(seen.len(), 80, "page_size {size}");
+        assert!(
+            pages > 1,
+            "80 models fit one {LIMIT}-byte page: the test proves nothing"
+        );
+    }
+    test.server.shutdown().await.unwrap();
+}
+
+/// A free local port (bound, then released for the server to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Starts the server binary on `data` and waits until it answers.
+async fn start_server(data: &std::path::Path) -> (std::process::Child, Client) {
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weightgen-server"))
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--metrics-listen",
+            "off",
+        ])
+        .arg("--data-dir")
+        .arg(data)
+        .args(["--device", "cpu", "--log-filter", "warn"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start weightgen-server");
+    for _ in 0..200 {
+        if let Ok(channel) =
+            tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+        {
+            return (child, Client::new(channel));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("weightgen-server did not start on port {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let arch = "digits-mlp-64-32-5";
+    // SIGKILL the server at many points of 6 concurrent uploads each round.
+    for (round, delay_ms) in [0u64, 2, 5, 10, 20, 40, 80, 160].into_iter().enumerate() {
+        let (mut child, client) = start_server(&data).await;
+        let mut uploads = Vec::new();
+        for k in 0..6u64 {
+            let mut client = client.clone();
+            let file = checkpoint(1.0 + (round as f32) + k as f32 * 0.1, false);
+            let mut header = header(&file, arch);
+            header.seed = k;
+            uploads.push(tokio::spawn(async move {
+                upload(&mut client, header, &file).await
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        child.kill().expect("SIGKILL the server");
+        child.wait().unwrap();
+        for call in uploads {
+            // Each upload either landed before the kill or failed with it.
+            let _ = call.await.unwrap();
+        }
+    }
+    // What a killed writer leaves: a partial write and a blob with no row.
+    let blobs = weightgen::blobs::BlobStore::local(&data.join("blobs")).unwrap();
+    let orphan = blobs
+        .put(bytes::Bytes::from(checkpoint(9.0, false)))
+        .await
+        .unwrap();
+    let partial = data
+        .join("blobs/sha256")
+        .join(&orphan.sha256[..2])
+        .join(format!("{}#3", sha256_hex(b"partial")));
+    std::fs::write(&partial, b"half a checkpoint").unwrap();
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_weightgen-worker"))
+        .args(["gc", "--grace", "0s", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let text = common::combined_output(&output);
+    assert!(output.status.success(), "{text}");
+    assert!(text.contains("removed"), "{text}");
+    assert!(!partial.exists(), "{text}");
+
+    // No partial write, no blob without a row, no row without its blob;
+    // every model listed over gRPC downloads intact after a restart.
+    assert!(blobs.staging_files().unwrap().is_empty());
+    let catalog =
+        weightgen::catalog::open(&format!("sqlite://{}", data.join("catalog.db").display()))
+            .await
+            .unwrap();
+    let mut referenced = catalog.referenced_blobs().await.unwrap();
+    referenced.sort();
+    referenced.dedup();
+    assert_eq!(blobs.list().await.unwrap(), referenced, "{text}");
+    let (mut child, mut client) = start_server(&data).await;
+    let listed = client
+        .list_zoo_models(ListZooModelsRequest {
+            page: Some(weightgen::proto::v1::PageRequest {
+                page_size: 1000,
+                page_token: String::new(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    eprintln!(
+        "after 8 killed rounds of 6 uploads: {} models stored; {text}",
+        listed.total
+    );
+    for model in &listed.models {
+        let mut parts = client
+            .download_checkpoint(DownloadCheckpointRequest {
+                target: Some(Target::ZooModelId(model.id.clone())),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(message) = parts.next().await {
+            if let Some(Part::Chunk(chunk)) = message.unwrap().part {
+                bytes.extend_from_slice(&chunk);
+            }
+        }
+        assert_eq!(sha256_hex(&bytes), model.sha256, "{}", model.id);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

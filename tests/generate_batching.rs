@@ -1,7 +1,8 @@
 //! The batcher: concurrent GenerateInit calls are merged into shared
 //! reverse diffusions without changing anyone's bytes; a full queue answers
-//! RESOURCE_EXHAUSTED at once and the server keeps serving; a client that
-//! gives up has its queued work dropped.
+//! RESOURCE_EXHAUSTED at once and the server keeps serving; a call past its
+//! deadline (the client's or the server's) is answered DEADLINE_EXCEEDED and
+//! its queued work is dropped.
 
 mod common;
 
@@ -152,6 +153,9 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
         let mut impatient = tonic::Request::new(request(&task, Sampler::Ddpm, 1, 500 + seed));
         impatient.set_timeout(Duration::from_millis(200));
         let err = client.clone().generate_init(impatient).await.unwrap_err();
+        // tonic's client enforces the same grpc-timeout itself and gives up
+        // first ("Timeout expired", CANCELLED); the server's own answer to a
+        // deadline is checked below with --request-timeout.
         assert!(
             matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded),
             "{:?}: {}",
@@ -216,6 +220,32 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     generate_with(&mut small_client, request(&task, Sampler::Ddim, 1, 77))
         .await
         .expect("still serving after the burst");
+
+    // The server's own limit: a call that cannot finish within
+    // --request-timeout is answered DEADLINE_EXCEEDED naming it.
+    let strict = spawn_server(|c| {
+        c.storage = weightgen::storage::StorageArgs::embedded(&data);
+        c.request_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let mut strict_client = Client::new(strict.channel().await);
+    wait_ready(&mut strict_client).await;
+    // The recorder is process-wide: the impatient calls above count too.
+    let exceeded = |text: &str| metric_value(text, "weightgen_deadline_exceeded_total", &[]);
+    let before = exceeded(&strict.metrics().await).unwrap_or(0.0);
+    let Err(err) = generate_with(&mut strict_client, request(&task, Sampler::Ddpm, 32, 3)).await
+    else {
+        panic!("a 32-sample DDPM-1000 call finished within 500 ms")
+    };
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
+    assert!(
+        err.message().contains("--request-timeout"),
+        "{}",
+        err.message()
+    );
+    let text = strict.metrics().await;
+    assert_eq!(exceeded(&text), Some(before + 1.0), "{text}");
+    strict.server.shutdown().await.unwrap();
     small.server.shutdown().await.unwrap();
     batching.server.shutdown().await.unwrap();
 }

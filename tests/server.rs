@@ -24,6 +24,87 @@ const GENERATION: &str = "weightgen.v1.GenerationService";
 const CATALOG: &str = "weightgen.v1.CatalogService";
 const JOBS: &str = "weightgen.v1.JobService";
 
+/// Sends and receives message bodies as raw bytes, to put undecodable
+/// bodies on the wire.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        RawCodec
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(buf, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let n = bytes::Buf::remaining(buf);
+        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
+    }
+}
+
+/// Calls `path` with one raw message body, whatever the method's streaming kind.
+async fn call_raw(
+    channel: tonic::transport::Channel,
+    method: &prost_types::MethodDescriptorProto,
+    path: String,
+    body: Vec<u8>,
+) -> Result<(), tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::try_from(path).expect("a valid path");
+    match (method.client_streaming(), method.server_streaming()) {
+        (false, false) => grpc
+            .unary(tonic::Request::new(body), path, RawCodec)
+            .await
+            .map(drop),
+        (false, true) => {
+            let mut stream = grpc
+                .server_streaming(tonic::Request::new(body), path, RawCodec)
+                .await?
+                .into_inner();
+            while stream.message().await?.is_some() {}
+            Ok(())
+        }
+        (true, _) => {
+            let messages = tokio_stream::iter(vec![body]);
+            grpc.client_streaming(tonic::Request::new(messages), path, RawCodec)
+                .await
+                .map(drop)
+        }
+    }
+}
+
 async fn check(
     channel: tonic::transport::Channel,
     service: &str,
@@ -175,6 +256,49 @@ async fn oversized_requests_are_refused_and_the_server_keeps_serving() {
         "names the limit: {}",
         err.message()
     );
+    assert_eq!(check(channel, "").await.unwrap(), ServingStatus::Serving);
+    test.server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn undecodable_bodies_are_invalid_arguments_on_every_method() {
+    use prost::Message;
+    let test = spawn_server(|_| {}).await;
+    let channel = test.channel().await;
+    let files = prost_types::FileDescriptorSet::decode(weightgen::proto::FILE_DESCRIPTOR_SET)
+        .expect("the embedded descriptor set decodes");
+    // A field number 0 tag; a length-delimited field 1 longer than the body;
+    // a varint that never ends.
+    let bodies = [
+        vec![0x00, 0x01],
+        vec![0x0a, 0x7f, 0x01],
+        vec![0x08, 0xff, 0xff],
+    ];
+    let mut methods = 0;
+    for file in &files.file {
+        for service in &file.service {
+            for method in &service.method {
+                let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                for body in &bodies {
+                    let err = call_raw(channel.clone(), method, path.clone(), body.clone())
+                        .await
+                        .expect_err("an undecodable body is refused");
+                    assert_eq!(
+                        err.code(),
+                        Code::InvalidArgument,
+                        "{path} {body:?}: {err:?}"
+                    );
+                    assert!(
+                        err.message().starts_with("message body: "),
+                        "{path}: {}",
+                        err.message()
+                    );
+                }
+                methods += 1;
+            }
+        }
+    }
+    assert_eq!(methods, 19, "every weightgen method was tried");
     assert_eq!(check(channel, "").await.unwrap(), ServingStatus::Serving);
     test.server.shutdown().await.unwrap();
 }
@@ -370,4 +494,177 @@ async fn start_fails_clearly_on_a_busy_port_a_missing_gpu_or_a_bad_catalog() {
         .expect("unreachable catalog");
     assert!(err.to_string().contains("catalog database"), "{err}");
     first.server.shutdown().await.unwrap();
+}
+
+/// `message` with "authorization: Bearer TOKEN" when a token is given.
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ASCII token"),
+        );
+    }
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_roles_guard_every_method_and_health_stays_open() {
+    use weightgen::blobs::sha256_hex;
+    use weightgen::proto::v1::{CancelJobRequest, SubmitJobRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    let (read, generate, admin) = ("r-7f3a9c", "g-51be02", "a-c0ffee");
+    std::fs::write(
+        &file,
+        format!(
+            "# tokens of this test\nreader read sha256:{}\ntrainer generate sha256:{}\nops admin sha256:{}\n",
+            sha256_hex(read.as_bytes()),
+            sha256_hex(generate.as_bytes()),
+            sha256_hex(admin.as_bytes())
+        ),
+    )
+    .unwrap();
+    let test = spawn_server(|c| c.auth_tokens = Some(file.clone())).await;
+    let channel = test.channel().await;
+    let mut catalog = CatalogServiceClient::new(channel.clone());
+    let mut generation = GenerationServiceClient::new(channel.clone());
+    let mut jobs = JobServiceClient::new(channel.clone());
+
+    // No token, a malformed one, an unknown one: UNAUTHENTICATED.
+    for (token, says) in [
+        (None, "missing credentials"),
+        (Some("wrong-token"), "unknown token"),
+    ] {
+        let err = catalog
+            .list_zoo_models(with_token(ListZooModelsRequest::default(), token))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+        assert!(err.message().contains(says), "{}", err.message());
+    }
+    let mut bare = tonic::Request::new(ListZooModelsRequest::default());
+    bare.metadata_mut()
+        .insert("authorization", "Basic dXNlcg==".parse().unwrap());
+    let err = catalog.list_zoo_models(bare).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // read: reads only.
+    catalog
+        .list_zoo_models(with_token(ListZooModelsRequest::default(), Some(read)))
+        .await
+        .expect("read may list");
+    let generate_request = || GenerateInitRequest {
+        task: Some(TaskDescriptor {
+            architecture: "digits-mlp-64-32-5".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let err = generation
+        .generate_init(with_token(generate_request(), Some(read)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("\"reader\" has the role read")
+            && err.message().contains("needs generate"),
+        "{}",
+        err.message()
+    );
+    // generate: GenerateInit passes authentication (and fails for want of
+    // a denoiser); jobs and activation stay admin's.
+    let err = generation
+        .generate_init(with_token(generate_request(), Some(generate)))
+        .await
+        .unwrap_err();
+    assert!(
+        !matches!(err.code(), Code::Unauthenticated | Code::PermissionDenied),
+        "{err:?}"
+    );
+    for token in [read, generate] {
+        let err = jobs
+            .submit_job(with_token(SubmitJobRequest::default(), Some(token)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    }
+    // admin: everything (these fail on their arguments, not on the token).
+    let err = jobs
+        .submit_job(with_token(SubmitJobRequest::default(), Some(admin)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = jobs
+        .cancel_job(with_token(
+            CancelJobRequest {
+                id: "no-such-job".into(),
+            },
+            Some(admin),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // The CLI sends --token / WEIGHTGEN_TOKEN with every call.
+    let cli = |token: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_weightgen"));
+        command.args(["--addr", &test.addr(), "server-info"]);
+        command.env_remove("WEIGHTGEN_TOKEN");
+        if let Some(token) = token {
+            command.env("WEIGHTGEN_TOKEN", token);
+        }
+        command.output().unwrap()
+    };
+    let refused = cli(None);
+    let text = common::combined_output(&refused);
+    assert!(
+        !refused.status.success() && text.contains("Unauthenticated"),
+        "{text}"
+    );
+    let allowed = cli(Some(read));
+    let text = common::combined_output(&allowed);
+    assert!(allowed.status.success(), "{text}");
+
+    // Health and reflection stay open for probes.
+    assert_eq!(check(channel, "").await.unwrap(), ServingStatus::Serving);
+    // Calls are counted by token name; no token appears in the metrics.
+    let text = test.metrics().await;
+    for name in ["reader", "trainer", "ops", "refused"] {
+        assert!(
+            metric_value(&text, "weightgen_calls_by_token_total", &[("token", name)])
+                .is_some_and(|n| n >= 1.0),
+            "{name}: {text}"
+        );
+    }
+    for token in [read, generate, admin, "wrong-token"] {
+        assert!(!text.contains(token), "{token} leaked into the metrics");
+    }
+    test.server.shutdown().await.unwrap();
+
+    // --auth-health closes health too; a bad token file stops the start.
+    let strict = spawn_server(|c| {
+        c.auth_tokens = Some(file.clone());
+        c.auth_health = true;
+    })
+    .await;
+    let err = check(strict.channel().await, "").await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    strict.server.shutdown().await.unwrap();
+    std::fs::write(&file, format!("ops owner sha256:{}\n", sha256_hex(b"x"))).unwrap();
+    let mut config = weightgen::serve::ServerConfig::with_defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.auth_tokens = Some(file);
+    config.storage = weightgen::storage::StorageArgs::embedded(dir.path().join("never"));
+    let Err(err) = weightgen::serve::start(config).await else {
+        panic!("a bad token file was accepted")
+    };
+    assert!(
+        err.to_string().contains("line 1") && err.to_string().contains("role \"owner\""),
+        "{err}"
+    );
+    assert!(
+        !dir.path().join("never").exists(),
+        "a refused start touched the data dir"
+    );
 }

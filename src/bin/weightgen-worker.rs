@@ -50,6 +50,47 @@ enum Command {
     /// (zero-shot, steps to target at two learning rates, few-shot,
     /// novelty) and write the report's Markdown section.
     Eval(Box<EvalArgs>),
+    /// Remove what killed processes left in the blob store: partial writes
+    /// and blobs no catalog row or training run refers to, once older than
+    /// the grace period.
+    Gc(GcArgs),
+}
+
+#[derive(Args)]
+struct GcArgs {
+    /// Only files and blobs older than this are removed (a writer between
+    /// its blob and its catalog row must never take longer). E.g. "1h".
+    #[arg(long, env = "WEIGHTGEN_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    grace: std::time::Duration,
+    /// List what would be removed; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+fn gc(args: GcArgs) -> Result<String, String> {
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        let config = weightgen::gc::GcConfig {
+            grace: args.grace,
+            dry_run: args.dry_run,
+        };
+        let report = weightgen::gc::collect(catalog.as_ref(), &blobs, &config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let verb = if args.dry_run { "would remove" } else { "removed" };
+        Ok(format!(
+            "{verb} {} partial write(s) and {} unreferenced blob(s), {} bytes; kept {} live blob(s) and {} orphan(s) younger than {}",
+            report.staging.len(),
+            report.unreferenced.len(),
+            report.bytes,
+            report.live,
+            report.young,
+            humantime::format_duration(args.grace)
+        ))
+    })
 }
 
 #[derive(Args)]
@@ -81,6 +122,11 @@ struct EvalArgs {
     /// Seed of task draws, sampling and random inits.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Held-out split: interpolation (new tasks inside the zoo's range, every
+    /// family) or extrapolation (`sinusoid` only; its report goes to section
+    /// `eval:FAMILY:ZOO:extrapolation`).
+    #[arg(long, env = "WEIGHTGEN_EVAL_SPLIT", default_value = "interpolation")]
+    split: weightgen::tasks::HeldOutSplit,
     /// Ablation mode: evaluate these denoisers (trained on the zoo with one
     /// design choice changed each) on the same tasks, random init and the
     /// guided DDIM row only, into one table (section `eval:FAMILY:ZOO:ablation`).
@@ -117,11 +163,15 @@ fn provenance(
 ) -> weightgen::eval::Provenance {
     weightgen::eval::Provenance {
         title: format!(
-            "`{}` (zoo `{}`, {} models, {})",
+            "`{}` (zoo `{}`, {} models, {}){}",
             data.family.name(),
             args.zoo,
             data.len(),
-            data.network.spec.name
+            data.network.spec.name,
+            match args.split {
+                weightgen::tasks::HeldOutSplit::Interpolation => String::new(),
+                split => format!(", {} split", split.name()),
+            }
         ),
         // The program by its name, the arguments as given.
         command: std::env::args()
@@ -160,6 +210,7 @@ fn eval_ablation(
     let data = runtime
         .block_on(weightgen::eval::load_zoo(&catalog, &blobs, &args.zoo))
         .map_err(|e| e.to_string())?;
+    check_split(&data, &args.zoo, args.split)?;
     let mut yardstick = weightgen::eval::Yardstick::default();
     let mut rows = Vec::new();
     for id in &args.ablation {
@@ -188,11 +239,46 @@ fn eval_ablation(
     let who = provenance(args, &data, device, started, &args.ablation.join(", "));
     let text = weightgen::eval::ablation_markdown(&rows, &config, &who);
     if let Some(path) = &args.output {
-        let key = format!("{}:{}:ablation", data.family.name(), args.zoo);
+        let key = format!("{}:ablation", section_key(args, &data));
         weightgen::eval::write_section(path, &key, &text)
             .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(text)
+}
+
+/// The report's section: `FAMILY:ZOO`, with `:extrapolation` for that split.
+fn section_key(args: &EvalArgs, data: &weightgen::train::dataset::ZooDataset) -> String {
+    match args.split {
+        weightgen::tasks::HeldOutSplit::Interpolation => {
+            format!("{}:{}", data.family.name(), args.zoo)
+        }
+        split => format!("{}:{}:{}", data.family.name(), args.zoo, split.name()),
+    }
+}
+
+/// Refuses a split the family does not have, and a zoo holding models of
+/// held-out tasks: every method would be scored on tasks it was trained on.
+fn check_split(
+    data: &weightgen::train::dataset::ZooDataset,
+    zoo: &str,
+    split: weightgen::tasks::HeldOutSplit,
+) -> Result<(), String> {
+    if !data.family.splits().contains(&split) {
+        return Err(format!(
+            "--split {}: family {} has no such split (only interpolation)",
+            split.name(),
+            data.family.name()
+        ));
+    }
+    match data.held_out_models().as_slice() {
+        [] => Ok(()),
+        leaked => Err(format!(
+            "zoo {zoo}: {} model(s) (first: {}) were trained on held-out tasks \
+             (a zoo built before the held-out split changed?); rebuild the zoo",
+            leaked.len(),
+            leaked[0]
+        )),
+    }
 }
 
 fn eval(args: EvalArgs) -> Result<String, String> {
@@ -208,6 +294,7 @@ fn eval(args: EvalArgs) -> Result<String, String> {
     config.full_steps = args.full_steps.unwrap_or(config.full_steps);
     config.guidance = args.guidance;
     config.seed = args.seed;
+    config.split = args.split;
     if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
         return Err("--tasks, --seeds and --finetune-steps must be at least 1".into());
     }
@@ -227,11 +314,12 @@ fn eval(args: EvalArgs) -> Result<String, String> {
         .await
         .map_err(|e| e.to_string())
     })?;
+    check_split(&subject.data, &args.zoo, args.split)?;
     let started = std::time::Instant::now();
     let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
         .map_err(|e| e.to_string())?;
     let who = provenance(&args, &subject.data, device, started, &subject.record.id);
-    let key = format!("{}:{}", subject.data.family.name(), args.zoo);
+    let key = section_key(&args, &subject.data);
     let plots = match &args.output {
         Some(path) => {
             let dir = path
@@ -702,6 +790,16 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("weightgen-worker: run: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Some(Command::Gc(args)) => match gc(args) {
+            Ok(summary) => {
+                println!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("weightgen-worker: gc: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use futures_util::TryStreamExt;
@@ -249,25 +250,141 @@ impl BlobStore {
 
     /// Hashes of every stored blob, sorted.
     pub async fn list(&self) -> Result<Vec<String>, BlobError> {
-        let base = if self.prefix.as_ref().is_empty() {
-            StorePath::from("sha256")
-        } else {
-            StorePath::from(format!("{}/sha256", self.prefix))
-        };
-        let mut hashes: Vec<String> = self
+        Ok(self.stored().await?.into_iter().map(|b| b.sha256).collect())
+    }
+}
+
+/// A stored blob as a sweep sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    /// Lowercase hex SHA-256 (the key).
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// When it was last written.
+    pub modified: SystemTime,
+}
+
+/// A partial write a killed process left behind: a local store writes
+/// `KEY#N` and renames it to `KEY` when complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagingFile {
+    /// The file.
+    pub path: PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// When it was last written.
+    pub modified: SystemTime,
+}
+
+impl BlobStore {
+    /// Every stored blob with its size and write time, sorted by hash.
+    pub async fn stored(&self) -> Result<Vec<StoredBlob>, BlobError> {
+        let mut blobs: Vec<StoredBlob> = self
             .store
-            .list(Some(&base))
+            .list(Some(&self.space("sha256")))
             .try_filter_map(|meta| async move {
                 Ok(meta
                     .location
                     .filename()
                     .filter(|name| is_sha256(name))
-                    .map(str::to_owned))
+                    .map(|name| StoredBlob {
+                        sha256: name.to_owned(),
+                        size: meta.size,
+                        modified: SystemTime::from(meta.last_modified),
+                    }))
             })
             .try_collect()
             .await?;
-        hashes.sort();
-        Ok(hashes)
+        blobs.sort_by(|a, b| a.sha256.cmp(&b.sha256));
+        Ok(blobs)
+    }
+
+    /// When the blob `sha256` was last written; None if it is not stored.
+    pub async fn modified(&self, sha256: &str) -> Result<Option<SystemTime>, BlobError> {
+        Self::checked(sha256)?;
+        match self.store.head(&self.key(sha256)).await {
+            Ok(meta) => Ok(Some(SystemTime::from(meta.last_modified))),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Names of the named objects under `under/` (e.g. "training").
+    pub async fn named_under(&self, under: &str) -> Result<Vec<String>, BlobError> {
+        let base = self.named_key(under)?;
+        let named = self.space("named");
+        self.store
+            .list(Some(&base))
+            .map_ok(|meta| {
+                let parts: Vec<String> = meta
+                    .location
+                    .prefix_match(&named)
+                    .map(|rest| rest.map(|p| p.as_ref().to_owned()).collect())
+                    .unwrap_or_default();
+                parts.join("/")
+            })
+            .try_collect()
+            .await
+            .map_err(BlobError::from)
+    }
+
+    /// Partial writes in a local store's blob space (an S3 PUT is atomic and
+    /// leaves none); empty for S3.
+    pub fn staging_files(&self) -> Result<Vec<StagingFile>, BlobError> {
+        let Some(root) = &self.local_root else {
+            return Ok(Vec::new());
+        };
+        let mut found = Vec::new();
+        let mut dirs = vec![root.join(self.space("sha256").as_ref())];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let meta = entry.metadata()?;
+                if meta.is_dir() {
+                    dirs.push(entry.path());
+                } else if is_staging_name(&entry.file_name().to_string_lossy()) {
+                    found.push(StagingFile {
+                        path: entry.path(),
+                        size: meta.len(),
+                        modified: meta.modified()?,
+                    });
+                }
+            }
+        }
+        found.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(found)
+    }
+
+    /// Removes a partial write (no error if it is already gone).
+    pub fn remove_staging(&self, file: &StagingFile) -> Result<(), BlobError> {
+        match std::fs::remove_file(&file.path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `space` under the store's prefix.
+    fn space(&self, space: &str) -> StorePath {
+        if self.prefix.as_ref().is_empty() {
+            StorePath::from(space)
+        } else {
+            StorePath::from(format!("{}/{space}", self.prefix))
+        }
+    }
+}
+
+/// `KEY#DIGITS`: object_store's name for a local write in progress.
+fn is_staging_name(name: &str) -> bool {
+    match name.rsplit_once('#') {
+        Some((key, n)) => !key.is_empty() && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()),
+        None => false,
     }
 }
 
@@ -293,6 +410,11 @@ mod tests {
         );
         assert!(is_sha256(&sha256_hex(b"")));
         assert!(!is_sha256("ABC"));
+        assert!(is_staging_name(&format!("{}#1", sha256_hex(b""))));
+        assert!(is_staging_name("abc#12"));
+        for name in ["abc", "abc#", "#1", "abc#1x", &sha256_hex(b"")] {
+            assert!(!is_staging_name(name), "{name}");
+        }
     }
 
     #[test]

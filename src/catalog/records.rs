@@ -129,11 +129,8 @@ impl PageRequest {
     pub(crate) fn limit(&self) -> Result<i64, CatalogError> {
         match self.size {
             0 => Ok(i64::from(DEFAULT_PAGE_SIZE)),
-            n if n <= MAX_PAGE_SIZE => Ok(i64::from(n)),
-            n => Err(CatalogError::InvalidArgument {
-                field: "page_size",
-                reason: format!("{n} is more than the maximum of {MAX_PAGE_SIZE}"),
-            }),
+            // Larger sizes are clamped, as the proto documents.
+            n => Ok(i64::from(n.min(MAX_PAGE_SIZE))),
         }
     }
 
@@ -181,6 +178,40 @@ pub struct Page<T> {
     pub next_token: String,
     /// Rows matching the filters in all.
     pub total: u64,
+}
+
+impl<T> Page<T> {
+    /// Keeps the leading rows whose `size`s add up to at most `budget` bytes
+    /// (always at least one row); when rows are cut, the next token resumes
+    /// after the last row kept (`key`: its creation time and id), so paging
+    /// still visits every row once.
+    pub fn fit_bytes(
+        mut self,
+        budget: usize,
+        size: impl Fn(&T) -> usize,
+        key: impl Fn(&T) -> (i64, &str),
+    ) -> Self {
+        let mut used = 0usize;
+        let keep = self
+            .items
+            .iter()
+            .take_while(|item| {
+                used = used.saturating_add(size(item));
+                used <= budget
+            })
+            .count()
+            .max(1);
+        if keep < self.items.len() {
+            self.items.truncate(keep);
+            let (created_at_ms, id) = key(&self.items[keep - 1]);
+            self.next_token = Cursor {
+                created_at_ms,
+                id: id.to_owned(),
+            }
+            .token();
+        }
+        self
+    }
 }
 
 /// A zoo's build plan.
@@ -268,7 +299,40 @@ mod tests {
             let err = page.cursor().unwrap_err().to_string();
             assert!(err.starts_with("page_token:"), "{err}");
         }
-        assert!(PageRequest::first(MAX_PAGE_SIZE + 1).limit().is_err());
+        assert_eq!(
+            PageRequest::first(MAX_PAGE_SIZE + 1).limit().unwrap(),
+            i64::from(MAX_PAGE_SIZE)
+        );
+        // A page cut to its byte budget resumes after its last row.
+        let page = Page {
+            items: vec![(3, "c"), (2, "b"), (1, "a")],
+            next_token: String::new(),
+            total: 3,
+        };
+        let cut = page.clone().fit_bytes(25, |_| 10, |&(ms, id)| (ms, id));
+        assert_eq!(cut.items, [(3, "c"), (2, "b")]);
+        let resume = PageRequest {
+            size: 10,
+            token: cut.next_token,
+        };
+        assert_eq!(
+            resume.cursor().unwrap(),
+            Some(Cursor {
+                created_at_ms: 2,
+                id: "b".into()
+            })
+        );
+        assert_eq!(
+            page.clone()
+                .fit_bytes(5, |_| 10, |&(ms, id)| (ms, id))
+                .items
+                .len(),
+            1
+        );
+        assert_eq!(
+            page.fit_bytes(30, |_| 10, |&(ms, id)| (ms, id)).next_token,
+            ""
+        );
         assert_eq!(PageRequest::first(0).limit().unwrap(), 100);
     }
 }

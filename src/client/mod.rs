@@ -46,6 +46,9 @@ pub enum ClientError {
     /// chunks out of order, a digest that does not match).
     #[error("malformed GenerateInit response: {0}")]
     Protocol(String),
+    /// The bearer token cannot be sent as a header.
+    #[error("the token must be printable ASCII (--token / WEIGHTGEN_TOKEN)")]
+    InvalidToken,
     /// The wait for a status ran out.
     #[error("{service:?} did not become SERVING within {waited:?} (last: {last})")]
     Timeout {
@@ -77,6 +80,72 @@ pub fn endpoint(addr: &str, call_timeout: Option<Duration>) -> Result<Endpoint, 
     })
 }
 
+/// A channel that sends a bearer token (`authorization: Bearer …`) with
+/// every call, for servers started with `--auth-tokens`; without a token
+/// it is the plain channel.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    channel: Channel,
+    authorization: Option<http::HeaderValue>,
+}
+
+impl Connection {
+    /// `channel`, sending `token` with every call.
+    pub fn with_token(channel: Channel, token: &str) -> Result<Self, ClientError> {
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| ClientError::InvalidToken)?;
+        value.set_sensitive(true);
+        Ok(Self {
+            channel,
+            authorization: Some(value),
+        })
+    }
+}
+
+impl From<Channel> for Connection {
+    fn from(channel: Channel) -> Self {
+        Self {
+            channel,
+            authorization: None,
+        }
+    }
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Connection {
+    type Response = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Response;
+    type Error = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Error;
+    type Future = <Channel as tower::Service<http::Request<tonic::body::Body>>>::Future;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        tower::Service::poll_ready(&mut self.channel, cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        if let Some(value) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(http::header::AUTHORIZATION, value.clone());
+        }
+        tower::Service::call(&mut self.channel, request)
+    }
+}
+
+/// Connects to the server at `addr`, sending `token` (if any) with every call.
+pub async fn connect_with_token(
+    addr: &str,
+    call_timeout: Option<Duration>,
+    token: Option<&str>,
+) -> Result<Connection, ClientError> {
+    let channel = connect(addr, call_timeout).await?;
+    match token {
+        Some(token) => Connection::with_token(channel, token),
+        None => Ok(channel.into()),
+    }
+}
+
 /// Connects to the server at `addr`.
 pub async fn connect(addr: &str, call_timeout: Option<Duration>) -> Result<Channel, ClientError> {
     endpoint(addr, call_timeout)?
@@ -89,8 +158,11 @@ pub async fn connect(addr: &str, call_timeout: Option<Duration>) -> Result<Chann
 }
 
 /// The health status of `service` ("" for the whole server).
-pub async fn health_status(channel: Channel, service: &str) -> Result<ServingStatus, ClientError> {
-    let response = HealthClient::new(channel)
+pub async fn health_status(
+    channel: impl Into<Connection>,
+    service: &str,
+) -> Result<ServingStatus, ClientError> {
+    let response = HealthClient::new(channel.into())
         .check(HealthCheckRequest {
             service: service.to_owned(),
         })
@@ -129,8 +201,10 @@ pub async fn wait_until_serving(
 }
 
 /// The server's name, version, torch version and device.
-pub async fn server_metadata(channel: Channel) -> Result<ServerMetadataResponse, ClientError> {
-    Ok(GenerationServiceClient::new(channel)
+pub async fn server_metadata(
+    channel: impl Into<Connection>,
+) -> Result<ServerMetadataResponse, ClientError> {
+    Ok(GenerationServiceClient::new(channel.into())
         .server_metadata(ServerMetadataRequest {})
         .await?
         .into_inner())
@@ -151,12 +225,12 @@ pub struct GeneratedInits {
 /// Calls GenerateInit and reassembles the streamed files; `on_chunk`
 /// sees the bytes received so far (for progress).
 pub async fn generate(
-    channel: Channel,
+    channel: impl Into<Connection>,
     request: GenerateInitRequest,
     mut on_chunk: impl FnMut(u64),
 ) -> Result<GeneratedInits, ClientError> {
     let bad = |reason: String| ClientError::Protocol(reason);
-    let mut stream = GenerationServiceClient::new(channel)
+    let mut stream = GenerationServiceClient::new(channel.into())
         .max_decoding_message_size(8 << 20)
         .generate_init(request)
         .await?

@@ -116,8 +116,9 @@ pub struct SamplingConfig {
     /// Classifier-free guidance scale s: output = out_∅ + s·(out_c − out_∅);
     /// 1 is plain conditional sampling (one forward pass per step).
     pub guidance_scale: f64,
-    /// Clip the x₀ estimate in DDIM steps (needed under the cosine schedule,
-    /// where ᾱ_T ≈ 0 makes (w_t − sqrt(1−ᾱ_t)ε̂)/sqrt(ᾱ_t) explode).
+    /// Clip the x₀ estimate in DDIM and DDPM steps (needed under the cosine
+    /// schedule, where ᾱ_T ≈ 0 makes (w_t − sqrt(1−ᾱ_t)ε̂)/sqrt(ᾱ_t) explode,
+    /// and under strong guidance).
     pub clip_x0: Option<ClipRange>,
 }
 
@@ -172,7 +173,17 @@ pub fn sample<D: Denoiser>(
                 for t in (1..=schedule.timesteps()).rev() {
                     let output =
                         guided_output(denoiser, &w, &timestep(t), condition, config.guidance_scale);
-                    w = ddpm_step(schedule, prediction, &w, &output, t, noise, dim, device);
+                    w = ddpm_step(
+                        schedule,
+                        prediction,
+                        &w,
+                        &output,
+                        t,
+                        config.clip_x0.as_ref(),
+                        noise,
+                        dim,
+                        device,
+                    );
                 }
             }
             SamplerKind::Ddim {
@@ -218,6 +229,9 @@ fn scalar_coefficients(alpha_bar: f64, device: Device) -> (Tensor, Tensor) {
 /// σ_t² = β̃_t = (1−α_t)(1−ᾱ_{t−1})/(1−ᾱ_t) and z = 0 at t = 1. Other
 /// parametrizations use the equal posterior mean
 /// μ̃ = sqrt(ᾱ_{t−1})β_t/(1−ᾱ_t) · x̂₀ + sqrt(α_t)(1−ᾱ_{t−1})/(1−ᾱ_t) · w_t.
+/// With a clip range, x̂₀ is clipped first and μ̃ taken from it (as in DDIM):
+/// without it a guided ε̂ far outside what the denoiser learned compounds
+/// over T steps into weights of ~1e15.
 #[allow(clippy::too_many_arguments)]
 fn ddpm_step(
     schedule: &NoiseSchedule,
@@ -225,6 +239,7 @@ fn ddpm_step(
     w_t: &Tensor,
     output: &Tensor,
     t: usize,
+    clip: Option<&ClipRange>,
     noise: &mut SeededNoise,
     dim: i64,
     device: Device,
@@ -232,13 +247,16 @@ fn ddpm_step(
     let alpha = schedule.alpha(t);
     let alpha_bar = schedule.alpha_bar(t);
     let alpha_bar_prev = schedule.alpha_bar(t - 1);
-    let mean = match prediction {
-        Prediction::Epsilon => {
+    let mean = match (prediction, clip) {
+        (Prediction::Epsilon, None) => {
             (w_t - output * ((1.0 - alpha) / (1.0 - alpha_bar).sqrt())) / alpha.sqrt()
         }
-        Prediction::X0 | Prediction::V => {
+        _ => {
             let (a, b) = scalar_coefficients(alpha_bar, device);
-            let (_, x0) = prediction.to_eps_x0(output, w_t, &a, &b);
+            let (_, mut x0) = prediction.to_eps_x0(output, w_t, &a, &b);
+            if let Some(range) = clip {
+                x0 = range.apply(&x0);
+            }
             x0 * (alpha_bar_prev.sqrt() * schedule.beta(t) / (1.0 - alpha_bar))
                 + w_t * (alpha.sqrt() * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar))
         }
@@ -296,6 +314,54 @@ fn ddim_step(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diffusion::schedule::ScheduleKind;
+
+    #[test]
+    fn a_clipped_ddpm_step_cannot_leave_the_clip_box_however_wild_the_output() {
+        let schedule = NoiseSchedule::new(ScheduleKind::cosine(), 1000).unwrap();
+        let w_t = Tensor::from_slice(&[0.5f32, -0.5, 2.0]);
+        let wild = Tensor::from_slice(&[1e6f32, -1e6, 1e6]);
+        let range = ClipRange::Symmetric(3.0);
+        let mut noise = SeededNoise::new(&[1], 0);
+        for t in [1000, 500, 2] {
+            let step = |clip| {
+                let mut noise = SeededNoise::new(&[1], 0);
+                ddpm_step(
+                    &schedule,
+                    Prediction::Epsilon,
+                    &w_t,
+                    &wild,
+                    t,
+                    clip,
+                    &mut noise,
+                    3,
+                    Device::Cpu,
+                )
+            };
+            let unclipped = step(None).abs().max().double_value(&[]);
+            let clipped = step(Some(&range));
+            // The posterior mean mixes the clipped x̂₀ and w_t; the noise adds
+            // at most a few posterior standard deviations.
+            let bound = 3.0 + 2.0 + 6.0 * schedule.posterior_variance(t).sqrt();
+            let largest = clipped.abs().max().double_value(&[]);
+            assert!(largest <= bound, "t = {t}: {largest} > {bound}");
+            assert!(unclipped > 1e3, "t = {t}: the wild output did not matter");
+        }
+        // Without a clip range an ε step is the proposal's formula, unchanged.
+        let plain = ddpm_step(
+            &schedule,
+            Prediction::Epsilon,
+            &w_t,
+            &Tensor::zeros([3], (Kind::Float, Device::Cpu)),
+            1,
+            None,
+            &mut noise,
+            3,
+            Device::Cpu,
+        );
+        let expected = &w_t / schedule.alpha(1).sqrt();
+        assert!(plain.allclose(&expected, 1e-6, 1e-6, false));
+    }
 
     #[test]
     fn ddim_grids_have_s_steps_within_1_to_t() {

@@ -30,7 +30,7 @@ use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
 use crate::tasks::featurizer::support_descriptor;
 use crate::tasks::train::{Objective, TaskData};
-use crate::tasks::{Descriptor, TaskSpec};
+use crate::tasks::{Descriptor, HeldOutSplit, TaskSpec};
 use crate::train::dataset::ZooDataset;
 use crate::train::quality::{
     EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features, one_input,
@@ -78,6 +78,8 @@ pub struct EvalConfig {
     pub hypernetwork_steps: usize,
     /// Seed of task draws and everything else.
     pub seed: u64,
+    /// Which held-out tasks are drawn (test and validation alike).
+    pub split: HeldOutSplit,
     /// Evaluate only these methods (random init always runs: it is the
     /// yardstick); None = every method.
     pub only: Option<Vec<Method>>,
@@ -107,6 +109,7 @@ impl EvalConfig {
             },
             hypernetwork_steps: 3000,
             seed: 0,
+            split: HeldOutSplit::Interpolation,
             only: None,
         }
     }
@@ -134,6 +137,7 @@ impl EvalConfig {
             },
             hypernetwork_steps: 100,
             seed: 0,
+            split: HeldOutSplit::Interpolation,
             only: None,
         }
     }
@@ -319,6 +323,8 @@ pub struct EvalReport {
     pub zoo_to_zoo_cosine: MeanCi,
     /// L2 between zoo models and their nearest other zoo model.
     pub zoo_to_zoo_l2: MeanCi,
+    /// What the held-out tasks are (the family's split, in words).
+    pub held_out: &'static str,
     /// Held-out tasks, seeds.
     pub tasks: usize,
     /// Seeds per task.
@@ -494,14 +500,24 @@ fn validation_tasks(
     data: &ZooDataset,
     config: &EvalConfig,
 ) -> Vec<(TaskSpec, TaskData, Descriptor)> {
-    held_out(data, config.validation_tasks, config.seed ^ 0x5EED)
+    held_out(
+        data,
+        config.validation_tasks,
+        config.seed ^ 0x5EED,
+        config.split,
+    )
 }
 
-fn held_out(data: &ZooDataset, count: usize, seed: u64) -> Vec<(TaskSpec, TaskData, Descriptor)> {
+fn held_out(
+    data: &ZooDataset,
+    count: usize,
+    seed: u64,
+    split: HeldOutSplit,
+) -> Vec<(TaskSpec, TaskData, Descriptor)> {
     let mut rng = StdRng::seed_from_u64(seed);
     (0..count)
         .filter_map(|_| {
-            let task = data.family.sample_task(&mut rng, true);
+            let task = data.family.sample_held_out(&mut rng, split);
             let task_data = data.family.data(&task, Device::Cpu).ok()?;
             let descriptor = describe(data.family, &task, &task_data);
             Some((task, task_data, descriptor))
@@ -612,7 +628,7 @@ pub fn evaluate_with(
         }
     };
     tracing::info!(chosen_lr, ?lr_scores, "learning rate for random init");
-    let tasks = held_out(data, config.tasks, config.seed);
+    let tasks = held_out(data, config.tasks, config.seed, config.split);
     let all_rows: Vec<i64> = (0..data.len() as i64).collect();
     let zoo_weights = data.weights.to_kind(Kind::Float);
     let center = zoo_weights.mean_dim(0, false, Kind::Float);
@@ -1013,6 +1029,7 @@ pub fn evaluate_with(
         methods,
         zoo_to_zoo_cosine,
         zoo_to_zoo_l2,
+        held_out: data.family.split_description(config.split),
         tasks: tasks.len(),
         seeds: config.seeds,
         curves,

@@ -140,14 +140,16 @@ pub fn markdown(
     push(
         &mut out,
         format!(
-            "Command: `{}` · commit {} · seed {} · {} · denoiser `{}` · {} held-out tasks × {} seeds.",
+            "Command: `{}` · commit {} · seed {} · {} · denoiser `{}` · {} held-out tasks × {} seeds \
+             (held out: {}).",
             who.command,
             who.commit,
             config.seed,
             who.machine,
             who.denoiser,
             report.tasks,
-            report.seeds
+            report.seeds,
+            report.held_out
         ),
     );
     push(&mut out, String::new());

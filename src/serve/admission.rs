@@ -77,9 +77,7 @@ where
             let status = tonic::Status::resource_exhausted(format!(
                 "server is at its limit of {limit} concurrent calls (--max-concurrent-requests); retry with backoff"
             ));
-            let response = status
-                .into_http::<ResBody>()
-                .map(|body| ObservedBody::new(body, Box::new(|_| {})));
+            let response = status.into_http::<ObservedBody<ResBody>>();
             return Box::pin(async move { Ok(response) });
         };
         let future = self.inner.call(request);

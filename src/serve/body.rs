@@ -50,6 +50,14 @@ impl<B> ObservedBody<B> {
     }
 }
 
+impl<B: Default> Default for ObservedBody<B> {
+    /// An empty body nobody observes (for a layer that answers a call
+    /// itself, in front of one that observes bodies).
+    fn default() -> Self {
+        Self::new(B::default(), Box::new(|_| {}))
+    }
+}
+
 /// The `grpc-status` of a header or trailer map.
 pub fn grpc_status(headers: &http::HeaderMap) -> Option<Code> {
     headers

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{arch_to_proto, denoiser_record_to_proto, descriptor_from_proto, timestamp};
@@ -41,15 +42,30 @@ pub struct CatalogApi {
     catalog: Arc<dyn Catalog>,
     blobs: BlobStore,
     max_upload_bytes: u64,
+    page_bytes: usize,
 }
 
+/// Room a list response keeps for its fields besides the rows (token,
+/// total) and for each row's length prefix.
+const PAGE_OVERHEAD_BYTES: usize = 1024;
+
 impl CatalogApi {
-    /// The service over `catalog` and `blobs`.
-    pub fn new(catalog: Arc<dyn Catalog>, blobs: BlobStore, max_upload_bytes: u64) -> Self {
+    /// The service over `catalog` and `blobs`; list pages are cut to fit in
+    /// `max_response_bytes` (the next page token resumes after the last row
+    /// sent), so every documented page size works.
+    pub fn new(
+        catalog: Arc<dyn Catalog>,
+        blobs: BlobStore,
+        max_upload_bytes: u64,
+        max_response_bytes: usize,
+    ) -> Self {
         Self {
             catalog,
             blobs,
             max_upload_bytes,
+            page_bytes: max_response_bytes
+                .saturating_sub(PAGE_OVERHEAD_BYTES)
+                .max(1),
         }
     }
 
@@ -186,7 +202,12 @@ impl CatalogService for CatalogApi {
                 },
             )
             .await
-            .map_err(catalog_status)?;
+            .map_err(catalog_status)?
+            .fit_bytes(
+                self.page_bytes,
+                |m| zoo_model_to_proto(m).encoded_len() + 8,
+                |m| (m.created_at_ms, &m.id),
+            );
         Ok(Response::new(ListZooModelsResponse {
             models: listed.items.iter().map(zoo_model_to_proto).collect(),
             next_page_token: listed.next_token,
@@ -384,7 +405,12 @@ impl CatalogService for CatalogApi {
                 },
             )
             .await
-            .map_err(catalog_status)?;
+            .map_err(catalog_status)?
+            .fit_bytes(
+                self.page_bytes,
+                |d| denoiser_record_to_proto(d, 0).encoded_len() + 8,
+                |d| (d.created_at_ms, &d.id),
+            );
         let mut denoisers = Vec::with_capacity(listed.items.len());
         // One listing per architecture numbers every row of the page.
         let mut numbered: std::collections::HashMap<

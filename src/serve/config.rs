@@ -2,6 +2,7 @@
 //! environment variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -68,7 +69,8 @@ pub struct ServerConfig {
     pub max_response_bytes: usize,
 
     /// Time a call may take to produce its response headers (the whole call
-    /// for unary RPCs). A client's shorter grpc-timeout wins. E.g. "60s".
+    /// for unary RPCs); past it the call is answered DEADLINE_EXCEEDED and its
+    /// queued generation dropped. A client's shorter grpc-timeout wins. E.g. "60s".
     #[arg(long, env = "WEIGHTGEN_REQUEST_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
@@ -128,6 +130,25 @@ pub struct ServerConfig {
     /// Most samples one GenerateInit request may ask for.
     #[arg(long, env = "WEIGHTGEN_MAX_SAMPLES", default_value_t = super::generate::DEFAULT_MAX_SAMPLES)]
     pub max_samples: u32,
+
+    /// At start-up the server sweeps the blob store in the background:
+    /// partial writes and blobs no catalog row refers to (what a killed
+    /// process leaves) are removed once older than this (`weightgen-worker
+    /// gc` does the same on demand).
+    #[arg(long, env = "WEIGHTGEN_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub gc_grace: Duration,
+
+    /// Token file: one `NAME ROLE sha256:HEX` per line (the SHA-256 of each
+    /// bearer token; roles read, generate, admin). With it every call must
+    /// send "authorization: Bearer TOKEN" with a role that allows the
+    /// method; without it every call is allowed (keep the port private).
+    #[arg(long, env = "WEIGHTGEN_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// Require a token for health checks and reflection too (by default they
+    /// stay open for probes and tooling).
+    #[arg(long, env = "WEIGHTGEN_AUTH_HEALTH")]
+    pub auth_health: bool,
 }
 
 /// Parses a `ServerConfig` alone, for [`ServerConfig::with_defaults`].

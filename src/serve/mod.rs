@@ -3,10 +3,13 @@
 //! tensor; model work goes to the backend thread (added with GenerateInit).
 
 pub mod admission;
+pub mod auth;
 pub mod body;
 pub mod catalog;
+pub mod codec;
 pub mod config;
 pub mod convert;
+pub mod deadline;
 pub mod denoisers;
 pub mod generate;
 pub mod generation;

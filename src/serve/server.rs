@@ -16,8 +16,10 @@ use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
 use super::admission::Admission;
+use super::auth::{AuthLayer, Tokens};
 use super::catalog::CatalogApi;
 use super::config::ServerConfig;
+use super::deadline::DeadlineLayer;
 use super::denoisers::{DenoiserRegistry, reload_loop};
 use super::generation::{GenerationApi, ServerInfo};
 use super::grpc_metrics::{GrpcMetricsLayer, KnownMethods};
@@ -62,6 +64,9 @@ pub enum ServeError {
     /// The requested device cannot be used.
     #[error("--device: {0}")]
     Device(#[from] DeviceError),
+    /// The token file cannot be used.
+    #[error(transparent)]
+    Auth(#[from] super::auth::AuthError),
     /// The metrics recorder or descriptor set could not be set up.
     #[error("setting up {what}: {detail}")]
     Setup {
@@ -159,12 +164,26 @@ impl RunningServer {
 /// Starts the server: creates the data directory, checks the device, binds
 /// both listeners and serves in background tasks.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
+    let tokens = match &config.auth_tokens {
+        Some(path) => Some(Tokens::load(path)?),
+        None => {
+            tracing::warn!(
+                "no --auth-tokens: every call is allowed without credentials (keep the port private)"
+            );
+            None
+        }
+    };
     let data_dir = &config.storage.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| ServeError::DataDir {
         path: data_dir.clone(),
         source,
     })?;
     let (catalog_store, blobs) = config.storage.open().await?;
+    tokio::spawn(sweep_blobs(
+        catalog_store.clone(),
+        blobs.clone(),
+        config.gc_grace,
+    ));
     // Asking libtorch initializes CUDA, which blocks for a while on a GPU host.
     let choice = config.device;
     let (torch, device) = tokio::task::spawn_blocking(move || {
@@ -254,6 +273,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         catalog_store.clone(),
         blobs.clone(),
         config.max_upload_bytes,
+        config.max_response_bytes,
     ))
     .max_decoding_message_size(config.max_request_bytes)
     .max_encoding_message_size(config.max_response_bytes);
@@ -263,11 +283,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
 
     let layers = ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(methods))
+        .layer(AuthLayer::new(tokens, !config.auth_health))
         .layer(admission.clone())
+        .layer(DeadlineLayer::new(config.request_timeout))
         .into_inner();
     let (stop_grpc, stop_grpc_rx) = oneshot::channel::<()>();
     let grpc = Server::builder()
-        .timeout(config.request_timeout)
         .max_concurrent_streams(config.max_streams_per_connection)
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
@@ -480,4 +501,16 @@ async fn supervise(s: Supervised) -> Result<ShutdownReport, ServeError> {
     }
     tracing::info!(?report, "weightgen-server stopped");
     Ok(report)
+}
+
+/// The start-up sweep of what killed processes left in the blob store
+/// (`crate::gc`); a failure is logged, never fatal.
+async fn sweep_blobs(catalog: Arc<dyn Catalog>, blobs: BlobStore, grace: Duration) {
+    let config = crate::gc::GcConfig {
+        grace,
+        dry_run: false,
+    };
+    if let Err(e) = crate::gc::collect(catalog.as_ref(), &blobs, &config).await {
+        tracing::warn!(error = %e, "start-up sweep of the blob store failed");
+    }
 }

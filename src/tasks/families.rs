@@ -32,16 +32,65 @@ pub const DIGITS_WAYS: usize = 5;
 pub const SINUSOID_AMPLITUDE: RangeInclusive<f64> = 0.1..=5.0;
 /// Phases of sinusoid tasks.
 pub const SINUSOID_PHASE: RangeInclusive<f64> = 0.0..=PI;
-/// Held-out amplitudes (with [`SINUSOID_HELD_OUT_PHASE`]).
+/// Amplitudes of the extrapolation split (with [`SINUSOID_HELD_OUT_PHASE`]):
+/// a corner of the task range, so zoo-derived inits extrapolate.
 pub const SINUSOID_HELD_OUT_AMPLITUDE: RangeInclusive<f64> = 4.0..=5.0;
-/// Held-out phases (with [`SINUSOID_HELD_OUT_AMPLITUDE`]).
+/// Phases of the extrapolation split (with [`SINUSOID_HELD_OUT_AMPLITUDE`]).
 pub const SINUSOID_HELD_OUT_PHASE: RangeInclusive<f64> = 2.0..=PI;
+/// Amplitude bands of the interpolation split: crossed with
+/// [`SINUSOID_INTERPOLATION_PHASES`] they make four cells no zoo model is
+/// trained on, each surrounded by zoo tasks on every side (the MAML
+/// benchmark's setting: new tasks from the zoo's own range).
+pub const SINUSOID_INTERPOLATION_AMPLITUDES: [RangeInclusive<f64>; 2] = [1.5..=2.0, 3.0..=3.5];
+/// Phase bands of the interpolation split.
+pub const SINUSOID_INTERPOLATION_PHASES: [RangeInclusive<f64>; 2] = [0.5..=1.0, 2.0..=2.5];
 /// Training points of a sinusoid task.
 pub const SINUSOID_TRAIN_POINTS: usize = 100;
 /// Evenly spaced test points of a sinusoid task.
 pub const SINUSOID_TEST_POINTS: usize = 200;
 /// Side of the upsampled digit an INR fits.
 pub const INR_SIDE: i64 = 16;
+
+/// Which held-out tasks an evaluation draws. Zoos never contain a task of
+/// either split.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeldOutSplit {
+    /// New tasks inside the range the zoo covers (every family's primary split).
+    #[default]
+    Interpolation,
+    /// Tasks outside the zoo's range (`sinusoid` only: amplitudes 4–5 with
+    /// phases 2–π).
+    Extrapolation,
+}
+
+impl HeldOutSplit {
+    /// Both splits.
+    pub const ALL: [Self; 2] = [Self::Interpolation, Self::Extrapolation];
+
+    /// The split's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Interpolation => "interpolation",
+            Self::Extrapolation => "extrapolation",
+        }
+    }
+}
+
+impl std::str::FromStr for HeldOutSplit {
+    type Err = TaskError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|split| split.name() == s)
+            .ok_or_else(|| {
+                TaskError::InvalidTask(format!(
+                    "held-out split {s:?}: expected interpolation or extrapolation"
+                ))
+            })
+    }
+}
 
 /// A family of tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -280,14 +329,64 @@ impl Family {
         }
     }
 
-    /// A random task: from the zoo's side of the split, or a held-out one.
+    /// A random task: from the zoo's side of the split, or a held-out one of
+    /// the primary (interpolation) split.
     pub fn sample_task(self, rng: &mut StdRng, held_out: bool) -> TaskSpec {
+        match held_out {
+            true => self.sample_held_out(rng, HeldOutSplit::Interpolation),
+            false => self.sample(rng, None),
+        }
+    }
+
+    /// The held-out splits this family has: every family has the
+    /// interpolation split, only `sinusoid` an extrapolation split.
+    pub fn splits(self) -> &'static [HeldOutSplit] {
+        match self {
+            Self::Sinusoid => &HeldOutSplit::ALL,
+            Self::Digits | Self::DigitInr => &[HeldOutSplit::Interpolation],
+        }
+    }
+
+    /// A random held-out task of `split` (a family without that split draws
+    /// from its interpolation split; [`Self::splits`] says which it has).
+    pub fn sample_held_out(self, rng: &mut StdRng, split: HeldOutSplit) -> TaskSpec {
+        self.sample(rng, Some(split))
+    }
+
+    /// What the held-out tasks of `split` are, in words (for reports).
+    pub fn split_description(self, split: HeldOutSplit) -> &'static str {
+        match (self, split) {
+            (Self::Sinusoid, HeldOutSplit::Interpolation) => {
+                "interpolation split: amplitudes 1.5–2 or 3–3.5 with phases 0.5–1 or 2–2.5, \
+                 cells inside the zoo's range that no zoo model was trained on"
+            }
+            (Self::Sinusoid, HeldOutSplit::Extrapolation) => {
+                "extrapolation split: amplitudes 4–5 with phases 2–π, a corner outside the zoo's tasks"
+            }
+            (Self::Digits, _) => "class sets no zoo model was trained on",
+            (Self::DigitInr, _) => "test images no zoo model was fitted to",
+        }
+    }
+
+    fn sample(self, rng: &mut StdRng, split: Option<HeldOutSplit>) -> TaskSpec {
         loop {
             let task = match self {
-                Self::Sinusoid if held_out => TaskSpec::Sinusoid {
-                    amplitude: rng.random_range(SINUSOID_HELD_OUT_AMPLITUDE),
-                    phase: rng.random_range(SINUSOID_HELD_OUT_PHASE),
-                },
+                Self::Sinusoid if split == Some(HeldOutSplit::Extrapolation) => {
+                    TaskSpec::Sinusoid {
+                        amplitude: rng.random_range(SINUSOID_HELD_OUT_AMPLITUDE),
+                        phase: rng.random_range(SINUSOID_HELD_OUT_PHASE),
+                    }
+                }
+                Self::Sinusoid if split.is_some() => {
+                    let band = |bands: &[RangeInclusive<f64>; 2], rng: &mut StdRng| {
+                        let which = rng.random_range(0..bands.len());
+                        rng.random_range(bands[which].clone())
+                    };
+                    TaskSpec::Sinusoid {
+                        amplitude: band(&SINUSOID_INTERPOLATION_AMPLITUDES, rng),
+                        phase: band(&SINUSOID_INTERPOLATION_PHASES, rng),
+                    }
+                }
                 Self::Sinusoid => TaskSpec::Sinusoid {
                     amplitude: rng.random_range(SINUSOID_AMPLITUDE),
                     phase: rng.random_range(SINUSOID_PHASE),
@@ -302,18 +401,25 @@ impl Family {
                     image: rng.random_range(0..digits().labels.len()),
                 },
             };
-            if self.is_held_out(&task) == held_out {
+            if self.is_held_out(&task) == split.is_some() {
                 return task;
             }
         }
     }
 
-    /// Whether `task` is on the held-out side of the split.
+    /// Whether `task` is on the held-out side of any split (zoos draw none).
     pub fn is_held_out(self, task: &TaskSpec) -> bool {
         match task {
             TaskSpec::Sinusoid { amplitude, phase } => {
-                SINUSOID_HELD_OUT_AMPLITUDE.contains(amplitude)
-                    && SINUSOID_HELD_OUT_PHASE.contains(phase)
+                let extrapolation = SINUSOID_HELD_OUT_AMPLITUDE.contains(amplitude)
+                    && SINUSOID_HELD_OUT_PHASE.contains(phase);
+                let interpolation = SINUSOID_INTERPOLATION_AMPLITUDES
+                    .iter()
+                    .any(|band| band.contains(amplitude))
+                    && SINUSOID_INTERPOLATION_PHASES
+                        .iter()
+                        .any(|band| band.contains(phase));
+                extrapolation || interpolation
             }
             TaskSpec::Digits { classes } => {
                 let mut set = classes.clone();
@@ -466,10 +572,48 @@ mod tests {
                 let zoo = family.sample_task(&mut rng, false);
                 assert!(!family.is_held_out(&zoo));
                 family.validate(&zoo).unwrap();
-                let held = family.sample_task(&mut rng, true);
-                assert!(family.is_held_out(&held), "{held:?}");
+                for &split in family.splits() {
+                    let held = family.sample_held_out(&mut rng, split);
+                    assert!(family.is_held_out(&held), "{held:?}");
+                    family.validate(&held).unwrap();
+                }
             }
         }
+    }
+
+    #[test]
+    fn sinusoid_interpolation_cells_lie_inside_the_zoo_range() {
+        // Every cell has zoo tasks on all four sides, so a held-out task of
+        // the interpolation split is surrounded by training tasks.
+        for amplitudes in &SINUSOID_INTERPOLATION_AMPLITUDES {
+            for phases in &SINUSOID_INTERPOLATION_PHASES {
+                let (a0, a1) = (*amplitudes.start(), *amplitudes.end());
+                let (p0, p1) = (*phases.start(), *phases.end());
+                let (a, p) = ((a0 + a1) / 2.0, (p0 + p1) / 2.0);
+                for (amplitude, phase) in
+                    [(a0 - 0.2, p), (a1 + 0.2, p), (a, p0 - 0.2), (a, p1 + 0.2)]
+                {
+                    let task = TaskSpec::Sinusoid { amplitude, phase };
+                    Family::Sinusoid.validate(&task).unwrap();
+                    assert!(!Family::Sinusoid.is_held_out(&task), "{task:?}");
+                }
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(2);
+        let drawn: Vec<TaskSpec> = (0..400)
+            .map(|_| Family::Sinusoid.sample_held_out(&mut rng, HeldOutSplit::Interpolation))
+            .collect();
+        for task in &drawn {
+            let TaskSpec::Sinusoid { amplitude, .. } = task else {
+                panic!("{task:?}")
+            };
+            assert!(!SINUSOID_HELD_OUT_AMPLITUDE.contains(amplitude), "{task:?}");
+        }
+        assert_eq!(
+            "extrapolation".parse::<HeldOutSplit>().unwrap(),
+            HeldOutSplit::Extrapolation
+        );
+        assert!("corner".parse::<HeldOutSplit>().is_err());
     }
 
     #[test]

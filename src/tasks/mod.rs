@@ -9,7 +9,7 @@ pub mod nets;
 pub mod schema;
 pub mod train;
 
-pub use families::{Family, TaskError, TaskSpec};
+pub use families::{Family, HeldOutSplit, TaskError, TaskSpec};
 pub use featurizer::{Descriptor, FeatureError, describe};
 pub use nets::{NetKind, Network};
 pub use schema::{FeatureSchema, FeatureSpec, SupportSpec};

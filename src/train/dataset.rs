@@ -320,6 +320,18 @@ impl ZooDataset {
         self.models.len()
     }
 
+    /// Ids of the models trained on a held-out task (a zoo built before the
+    /// split moved, or uploaded with such a task): an evaluation on this zoo
+    /// would score methods on tasks they were trained on.
+    pub fn held_out_models(&self) -> Vec<&str> {
+        self.models
+            .iter()
+            .zip(&self.tasks)
+            .filter(|(_, task)| self.family.is_held_out(task))
+            .map(|(model, _)| model.id.as_str())
+            .collect()
+    }
+
     /// Whether the zoo is empty (never, once loaded).
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()

@@ -149,6 +149,20 @@ async fn read_pointer(blobs: &BlobStore, name: &str) -> Result<Option<Pointer>, 
     }
 }
 
+/// Blobs the saved training runs point at (each run's latest state): live
+/// although no catalog row refers to them.
+pub async fn referenced_states(blobs: &BlobStore) -> Result<Vec<String>, TrainError> {
+    let mut hashes = Vec::new();
+    for name in blobs.named_under("training").await? {
+        if name.ends_with("/state")
+            && let Some(pointer) = read_pointer(blobs, &name).await?
+        {
+            hashes.push(pointer.sha256);
+        }
+    }
+    Ok(hashes)
+}
+
 /// The run's latest checkpoint, if it has one.
 pub async fn load(blobs: &BlobStore, denoiser_id: &str) -> Result<Option<RunState>, TrainError> {
     let Some(pointer) = read_pointer(blobs, &run_object(denoiser_id, "state")).await? else {

@@ -5,6 +5,7 @@ trailer's size and SHA-256 before anything is returned."""
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
@@ -87,8 +88,12 @@ class GeneratedInits:
 class WeightgenClient:
     """A connection to a weightgen server, e.g. WeightgenClient("127.0.0.1:50051")."""
 
-    def __init__(self, addr: str, timeout: float = 120.0):
+    def __init__(self, addr: str, timeout: float = 120.0, token: Optional[str] = None):
+        """`token`: bearer token for a server started with --auth-tokens
+        (default: the WEIGHTGEN_TOKEN environment variable, if set)."""
         self.timeout = timeout
+        token = token if token is not None else os.environ.get("WEIGHTGEN_TOKEN")
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(
             addr, options=[("grpc.max_receive_message_length", 8 << 20)]
         )
@@ -111,7 +116,8 @@ class WeightgenClient:
         """Server name, version, torch version and device."""
         return self._call(
             lambda: self._generation.ServerMetadata(
-                generation_pb2.ServerMetadataRequest(), timeout=self.timeout
+                generation_pb2.ServerMetadataRequest(), timeout=self.timeout,
+                metadata=self._metadata,
             )
         )
 
@@ -157,7 +163,9 @@ class WeightgenClient:
 
     def _collect(self, request, on_chunk) -> GeneratedInits:
         header, trailer, files, received = None, None, [], 0
-        for message in self._generation.GenerateInit(request, timeout=self.timeout):
+        for message in self._generation.GenerateInit(
+            request, timeout=self.timeout, metadata=self._metadata
+        ):
             part = message.WhichOneof("part")
             if part == "header":
                 header = message.header

@@ -156,7 +156,7 @@ pub async fn compare(
         Ok(t) => t,
         Err(e) => return fail(e),
     };
-    let channel = client::connect(addr, Some(timeout)).await?;
+    let channel = crate::connect(addr, Some(timeout)).await?;
     let mut rows = Vec::new();
     let mut objective = Objective::Classification;
     for (i, (family, file)) in tasks.iter().enumerate() {

@@ -215,7 +215,7 @@ pub async fn generate(
             return Ok(ExitCode::from(2));
         }
     };
-    let channel = client::connect(addr, Some(timeout)).await?;
+    let channel = crate::connect(addr, Some(timeout)).await?;
     let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         indicatif::ProgressBar::new_spinner()
     } else {

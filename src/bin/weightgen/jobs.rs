@@ -7,8 +7,6 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tonic::Code;
-use tonic::transport::Channel;
-use weightgen::client;
 use weightgen::proto::v1 as pb;
 
 use crate::output::{
@@ -216,9 +214,12 @@ pub async fn jobs(addr: &str, timeout: Duration, command: JobsCommand) -> ExitCo
     exit_code(name, result)
 }
 
-async fn job_client(addr: &str, timeout: Duration) -> Result<JobServiceClient<Channel>, Failure> {
+async fn job_client(
+    addr: &str,
+    timeout: Duration,
+) -> Result<JobServiceClient<weightgen::client::Connection>, Failure> {
     Ok(JobServiceClient::new(
-        client::connect(addr, Some(timeout)).await?,
+        crate::connect(addr, Some(timeout)).await?,
     ))
 }
 

@@ -36,8 +36,25 @@ struct Cli {
     /// Time limit for each call, e.g. "30s".
     #[arg(long, env = "WEIGHTGEN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration, global = true)]
     timeout: Duration,
+    /// Bearer token sent with every call (servers started with
+    /// --auth-tokens); prefer the environment variable to keep it out of
+    /// the process list.
+    #[arg(long, env = "WEIGHTGEN_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The token of this invocation (`--token`), set once at start.
+static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+
+/// Connects to `addr`, sending the invocation's token with every call.
+pub async fn connect(
+    addr: &str,
+    timeout: Option<Duration>,
+) -> Result<client::Connection, client::ClientError> {
+    let token = TOKEN.get().and_then(Option::as_deref);
+    client::connect_with_token(addr, timeout, token).await
 }
 
 #[derive(Subcommand)]
@@ -112,7 +129,7 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
             if let Some(wait) = wait {
                 client::wait_until_serving(&cli.addr, &service, wait).await?;
             }
-            let channel = client::connect(&cli.addr, Some(cli.timeout)).await?;
+            let channel = connect(&cli.addr, Some(cli.timeout)).await?;
             let status = client::health_status(channel, &service).await?;
             let name = if service.is_empty() {
                 "server"
@@ -129,7 +146,7 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
             )
         }
         Command::ServerInfo => {
-            let channel = client::connect(&cli.addr, Some(cli.timeout)).await?;
+            let channel = connect(&cli.addr, Some(cli.timeout)).await?;
             let info = client::server_metadata(channel).await?;
             println!(
                 "{} {} (torch {}, device {}, cuda {})",
@@ -150,6 +167,7 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let _ = TOKEN.set(cli.token.clone());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

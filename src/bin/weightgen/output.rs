@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
-use tonic::transport::Channel;
 use weightgen::client::{self, ClientError};
 use weightgen::proto::v1 as pb;
 
@@ -345,9 +344,9 @@ pub fn json_object_flag(flag: &str, text: Option<&str>) -> Result<String, Failur
 pub async fn catalog_client(
     addr: &str,
     timeout: Option<Duration>,
-) -> Result<CatalogServiceClient<Channel>, Failure> {
+) -> Result<CatalogServiceClient<client::Connection>, Failure> {
     Ok(CatalogServiceClient::new(
-        client::connect(addr, timeout).await?,
+        crate::connect(addr, timeout).await?,
     ))
 }
 

@@ -1,0 +1,411 @@
+//! Bearer-token authentication with three roles, and the audit log.
+//!
+//! With `--auth-tokens FILE` every call but health and reflection (unless
+//! `--auth-health`) must carry `authorization: Bearer TOKEN`. The file holds
+//! one token per line, `NAME ROLE sha256:HEX` — the SHA-256 of the token, so
+//! the file (a Kubernetes Secret) never holds a usable token — with `#`
+//! comments. Roles nest: `read` (metadata, catalog and job reads), `generate`
+//! (also GenerateInit), `admin` (also uploads, activation, job submission and
+//! cancellation). A missing or unknown token is UNAUTHENTICATED, a token
+//! without the method's role PERMISSION_DENIED. Tokens are never logged and
+//! never become metric labels: calls are counted by token *name*
+//! (`weightgen_calls_by_token_total`). Every mutating call, allowed or not,
+//! writes one line to the tracing target `audit`: who, which method, outcome.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use super::body::{BodyEnd, ObservedBody, grpc_status};
+use crate::blobs::sha256_hex;
+
+/// What a token may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Metadata, catalog and job reads, health.
+    Read,
+    /// Also GenerateInit.
+    Generate,
+    /// Also uploads, activation, job submission and cancellation.
+    Admin,
+}
+
+impl Role {
+    /// The role's name in the token file and in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Generate => "generate",
+            Self::Admin => "admin",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        [Self::Read, Self::Generate, Self::Admin]
+            .into_iter()
+            .find(|r| r.name() == text)
+    }
+}
+
+/// Why a token file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The file cannot be read.
+    #[error("--auth-tokens {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A line is malformed (the message names the line, never its hash).
+    #[error("--auth-tokens {path}, line {line}: {reason}")]
+    Line {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// No token in the file: every call would be refused.
+    #[error("--auth-tokens {0}: the file names no token")]
+    Empty(PathBuf),
+}
+
+/// A known token's name and role.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The token's name (safe to log and to use as a metric label).
+    pub name: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// The tokens the server accepts, by the SHA-256 of the token.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens(HashMap<String, Caller>);
+
+impl Tokens {
+    /// Reads a token file (`NAME ROLE sha256:HEX` per line).
+    pub fn load(path: &Path) -> Result<Self, AuthError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text)
+            .map_err(|(line, reason)| AuthError::Line {
+                path: path.to_owned(),
+                line,
+                reason,
+            })
+            .and_then(|tokens| match tokens.0.is_empty() {
+                true => Err(AuthError::Empty(path.to_owned())),
+                false => Ok(tokens),
+            })
+    }
+
+    /// Parses a token file's text; errors carry the 1-based line.
+    pub fn parse(text: &str) -> Result<Self, (usize, String)> {
+        let mut tokens = HashMap::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let [name, role, hash] = fields[..] else {
+                return Err((i + 1, "expected NAME ROLE sha256:HEX".into()));
+            };
+            let valid_name = name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !valid_name {
+                return Err((
+                    i + 1,
+                    "the name must be 1 to 64 letters, digits, '.', '_' or '-'".into(),
+                ));
+            }
+            let role = Role::parse(role).ok_or_else(|| {
+                (
+                    i + 1,
+                    format!("role {role:?}: expected read, generate or admin"),
+                )
+            })?;
+            let hex = hash
+                .strip_prefix("sha256:")
+                .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+                .ok_or_else(|| {
+                    (
+                        i + 1,
+                        "the token must be given as sha256:<64 hex digits> (its SHA-256, not the token)"
+                            .to_owned(),
+                    )
+                })?;
+            if !names.insert(name.to_owned()) {
+                return Err((i + 1, format!("the name {name:?} is used twice")));
+            }
+            let caller = Caller {
+                name: name.to_owned(),
+                role,
+            };
+            if tokens.insert(hex.to_ascii_lowercase(), caller).is_some() {
+                return Err((i + 1, "the same token is listed twice".into()));
+            }
+        }
+        Ok(Self(tokens))
+    }
+
+    /// The caller a presented token belongs to.
+    pub fn caller(&self, token: &str) -> Option<&Caller> {
+        self.0.get(&sha256_hex(token.as_bytes()))
+    }
+}
+
+/// The role a method needs: None for health and reflection when they are
+/// open.
+pub fn required_role(path: &str, open_health: bool) -> Option<Role> {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    match (service, method) {
+        ("grpc.health.v1.Health", _)
+        | ("grpc.reflection.v1.ServerReflection", _)
+        | ("grpc.reflection.v1alpha.ServerReflection", _)
+            if open_health =>
+        {
+            None
+        }
+        ("weightgen.v1.GenerationService", "GenerateInit") => Some(Role::Generate),
+        ("weightgen.v1.CatalogService", "UploadCheckpoint" | "ActivateDenoiser")
+        | ("weightgen.v1.JobService", "SubmitJob" | "CancelJob") => Some(Role::Admin),
+        _ => Some(Role::Read),
+    }
+}
+
+/// How calls are authenticated.
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    tokens: Option<Arc<Tokens>>,
+    open_health: bool,
+}
+
+impl AuthLayer {
+    /// Checks tokens against `tokens`; `None` lets every call through (no
+    /// `--auth-tokens`), still writing the audit log.
+    pub fn new(tokens: Option<Tokens>, open_health: bool) -> Self {
+        Self {
+            tokens: tokens.map(Arc::new),
+            open_health,
+        }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService {
+            inner,
+            auth: self.clone(),
+        }
+    }
+}
+
+/// The service built by [`AuthLayer`].
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    inner: S,
+    auth: AuthLayer,
+}
+
+/// The caller of `headers`' bearer token, or the status refusing it.
+fn authenticate<'t>(tokens: &'t Tokens, headers: &http::HeaderMap) -> Result<&'t Caller, Status> {
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(Status::unauthenticated(
+            "missing credentials: send the metadata \"authorization: Bearer <token>\"",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization: expected \"Bearer <token>\""))?;
+    tokens
+        .caller(token)
+        .ok_or_else(|| Status::unauthenticated("authorization: unknown token"))
+}
+
+fn audit(caller: &str, method: &str, code: Code) {
+    tracing::info!(
+        target: "audit",
+        caller,
+        method,
+        outcome = super::grpc_metrics::code_name(code),
+        "mutating call"
+    );
+}
+
+impl<S, ReqBody, ResBody> Service<http::Request<ReqBody>> for AuthService<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ObservedBody<ResBody>>;
+    type Error = S::Error;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let needed = required_role(&path, self.auth.open_health);
+        let mutating = needed == Some(Role::Admin);
+        let checked = match (&self.auth.tokens, needed) {
+            (None, _) | (_, None) => Ok(None),
+            (Some(tokens), Some(role)) => authenticate(tokens, request.headers()).and_then(|c| {
+                if c.role >= role {
+                    Ok(Some(c.clone()))
+                } else {
+                    Err(Status::permission_denied(format!(
+                        "token {:?} has the role {}; {path} needs {}",
+                        c.name,
+                        c.role.name(),
+                        role.name()
+                    )))
+                }
+            }),
+        };
+        let name = match &checked {
+            Ok(Some(caller)) => caller.name.clone(),
+            Ok(None) if self.auth.tokens.is_some() => "open".to_owned(),
+            Ok(None) => "anonymous".to_owned(),
+            Err(_) => "refused".to_owned(),
+        };
+        metrics::counter!("weightgen_calls_by_token_total", "token" => name.clone()).increment(1);
+        let caller = match checked {
+            Ok(caller) => caller,
+            Err(status) => {
+                tracing::warn!(%path, code = ?status.code(), "call refused: {}", status.message());
+                if mutating {
+                    audit(&name, &path, status.code());
+                }
+                let response = status.into_http::<ObservedBody<ResBody>>();
+                return Box::pin(async move { Ok(response) });
+            }
+        };
+        if let Some(caller) = caller {
+            request.extensions_mut().insert(caller);
+        }
+        let future = self.inner.call(request);
+        Box::pin(async move {
+            let response = future.await?;
+            let header_code = grpc_status(response.headers());
+            Ok(response.map(|body| {
+                ObservedBody::new(
+                    body,
+                    Box::new(move |end| {
+                        if mutating {
+                            let code = header_code.unwrap_or(match end {
+                                BodyEnd::Status(code) => code,
+                                BodyEnd::NoStatus => Code::Unknown,
+                                BodyEnd::Abandoned => Code::Cancelled,
+                            });
+                            audit(&name, &path, code);
+                        }
+                    }),
+                )
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_files_are_parsed_and_bad_lines_named() {
+        let admin = sha256_hex(b"s3cret-admin");
+        let text = format!(
+            "# name role hash\nops admin sha256:{admin}\n\nbatch generate sha256:{}  # CI\n",
+            sha256_hex(b"gen")
+        );
+        let tokens = Tokens::parse(&text).unwrap();
+        assert_eq!(
+            tokens.caller("s3cret-admin"),
+            Some(&Caller {
+                name: "ops".into(),
+                role: Role::Admin
+            })
+        );
+        assert_eq!(tokens.caller("gen").map(|c| c.role), Some(Role::Generate));
+        assert_eq!(tokens.caller("s3cret-admin "), None);
+        let bad = [
+            ("x admin", 1),
+            ("x owner sha256:00", 1),
+            (&format!("x read {admin}") as &str, 1),
+            (
+                &format!(
+                    "ok read sha256:{admin}\nbad/name read sha256:{}",
+                    sha256_hex(b"a")
+                ),
+                2,
+            ),
+            (&format!("a read sha256:{admin}\nb read sha256:{admin}"), 2),
+            (
+                &format!("a read sha256:{admin}\na read sha256:{}", sha256_hex(b"b")),
+                2,
+            ),
+        ];
+        for (text, line) in bad {
+            let (at, reason) = Tokens::parse(text).unwrap_err();
+            assert_eq!(at, line, "{text}: {reason}");
+            assert!(
+                !reason.contains(&admin),
+                "the hash is never echoed: {reason}"
+            );
+        }
+    }
+
+    #[test]
+    fn methods_need_their_role_and_roles_nest() {
+        let role = |p| required_role(p, true);
+        assert_eq!(
+            role("/weightgen.v1.GenerationService/GenerateInit"),
+            Some(Role::Generate)
+        );
+        assert_eq!(
+            role("/weightgen.v1.GenerationService/ServerMetadata"),
+            Some(Role::Read)
+        );
+        for admin in [
+            "/weightgen.v1.CatalogService/UploadCheckpoint",
+            "/weightgen.v1.CatalogService/ActivateDenoiser",
+            "/weightgen.v1.JobService/SubmitJob",
+            "/weightgen.v1.JobService/CancelJob",
+        ] {
+            assert_eq!(role(admin), Some(Role::Admin), "{admin}");
+        }
+        assert_eq!(role("/weightgen.v1.JobService/ListJobs"), Some(Role::Read));
+        assert_eq!(role("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            required_role("/grpc.health.v1.Health/Check", false),
+            Some(Role::Read)
+        );
+        assert_eq!(role("/unknown/Path"), Some(Role::Read));
+        assert!(Role::Admin > Role::Generate && Role::Generate > Role::Read);
+    }
+}
