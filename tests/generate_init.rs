@@ -564,6 +564,46 @@ print("dtypes:", sorted({str(t.dtype) for sd in answer.state_dicts() for t in sd
     );
     assert!(out.contains("dtypes: ['torch.bfloat16']"), "{out}");
 
+    // The Python client sends its bearer token (token=, or WEIGHTGEN_TOKEN)
+    // to a server started with --auth-tokens on the same catalog.
+    let tokens = dir.join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "py generate sha256:{}\nviewer read sha256:{}\n",
+            weightgen::blobs::sha256_hex(b"py-token"),
+            weightgen::blobs::sha256_hex(b"view-token")
+        ),
+    )
+    .unwrap();
+    let guarded = spawn_server(|c| {
+        c.storage = weightgen::storage::StorageArgs::embedded(&data);
+        c.auth_tokens = Some(tokens.clone());
+    })
+    .await;
+    let script = r#"
+import sys, grpc
+from weightgen_client import WeightgenClient, WeightgenError, load_task
+task = load_task(sys.argv[2])
+for token, expected in [(None, grpc.StatusCode.UNAUTHENTICATED), ("view-token", grpc.StatusCode.PERMISSION_DENIED)]:
+    try:
+        WeightgenClient(sys.argv[1], token=token).generate_init(task)
+        raise SystemExit(f"token {token!r} was let through")
+    except WeightgenError as e:
+        assert e.code == expected, e
+print("files:", len(WeightgenClient(sys.argv[1], token="py-token").generate_init(task).files))
+"#;
+    let mut wait = std::process::Command::new(CLI);
+    wait.args(["--addr", &guarded.addr(), "health", "--service"])
+        .args(["weightgen.v1.GenerationService", "--wait", "60s"]);
+    assert!(wait.output().unwrap().status.success());
+    let out = run_python(
+        &site,
+        &["-c", script, &guarded.addr(), task_path.to_str().unwrap()],
+    );
+    assert!(out.contains("files: 1"), "{out}");
+    guarded.server.shutdown().await.unwrap();
+
     // `weightgen compare`: inits for held-out tasks over gRPC, fine-tuned
     // next to random inits, as a table.
     let output = Command::new(CLI)
