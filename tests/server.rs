@@ -518,10 +518,11 @@ async fn tokens_and_roles_guard_every_method_and_health_stays_open() {
     std::fs::write(
         &file,
         format!(
-            "# tokens of this test\nreader read sha256:{}\ntrainer generate sha256:{}\nops admin sha256:{}\n",
+            "# tokens of this test\nreader read sha256:{}\ntrainer generate sha256:{}\nops admin sha256:{}\nmeter read sha256:{} 2/min\n",
             sha256_hex(read.as_bytes()),
             sha256_hex(generate.as_bytes()),
-            sha256_hex(admin.as_bytes())
+            sha256_hex(admin.as_bytes()),
+            sha256_hex(b"m-2perminute")
         ),
     )
     .unwrap();
@@ -548,6 +549,31 @@ async fn tokens_and_roles_guard_every_method_and_health_stays_open() {
         .insert("authorization", "Basic dXNlcg==".parse().unwrap());
     let err = catalog.list_zoo_models(bare).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+
+    // A token with a quota of 2 calls a minute: the third is refused, naming it.
+    for _ in 0..2 {
+        catalog
+            .list_zoo_models(with_token(
+                ListZooModelsRequest::default(),
+                Some("m-2perminute"),
+            ))
+            .await
+            .expect("within the quota");
+    }
+    let err = catalog
+        .list_zoo_models(with_token(
+            ListZooModelsRequest::default(),
+            Some("m-2perminute"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("\"meter\" is over its quota of 2 calls per minute"),
+        "{}",
+        err.message()
+    );
 
     // read: reads only.
     catalog

@@ -7,7 +7,9 @@
 //! comments. Roles nest: `read` (metadata, catalog and job reads), `generate`
 //! (also GenerateInit), `admin` (also uploads, activation, job submission and
 //! cancellation). A missing or unknown token is UNAUTHENTICATED, a token
-//! without the method's role PERMISSION_DENIED. Tokens are never logged and
+//! without the method's role PERMISSION_DENIED. An optional fourth field,
+//! `CALLS/min`, is the token's quota: past it, calls are RESOURCE_EXHAUSTED
+//! naming the quota until the one-minute window turns. Tokens are never logged and
 //! never become metric labels: calls are counted by token *name*
 //! (`weightgen_calls_by_token_total`). Every mutating call, allowed or not,
 //! writes one line to the tracing target `audit`: who, which method, outcome.
@@ -84,6 +86,8 @@ pub struct Caller {
     pub name: String,
     /// Its role.
     pub role: Role,
+    /// Calls it may make per minute (None: no quota).
+    pub calls_per_minute: Option<u32>,
 }
 
 /// The tokens the server accepts, by the SHA-256 of the token.
@@ -119,8 +123,24 @@ impl Tokens {
                 continue;
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let [name, role, hash] = fields[..] else {
-                return Err((i + 1, "expected NAME ROLE sha256:HEX".into()));
+            let (name, role, hash, quota) = match fields[..] {
+                [name, role, hash] => (name, role, hash, None),
+                [name, role, hash, quota] => (name, role, hash, Some(quota)),
+                _ => return Err((i + 1, "expected NAME ROLE sha256:HEX [CALLS/min]".into())),
+            };
+            let calls_per_minute = match quota {
+                None => None,
+                Some(text) => Some(
+                    text.strip_suffix("/min")
+                        .and_then(|n| n.parse::<u32>().ok())
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| {
+                            (
+                                i + 1,
+                                format!("quota {text:?}: expected calls per minute, e.g. 600/min"),
+                            )
+                        })?,
+                ),
             };
             let valid_name = name.len() <= 64
                 && name
@@ -154,6 +174,7 @@ impl Tokens {
             let caller = Caller {
                 name: name.to_owned(),
                 role,
+                calls_per_minute,
             };
             if tokens.insert(hex.to_ascii_lowercase(), caller).is_some() {
                 return Err((i + 1, "the same token is listed twice".into()));
@@ -195,6 +216,49 @@ pub fn required_role(path: &str, open_health: bool) -> Option<Role> {
 pub struct AuthLayer {
     tokens: Option<Arc<Tokens>>,
     open_health: bool,
+    quotas: Arc<std::sync::Mutex<HashMap<String, Window>>>,
+}
+
+/// Calls a token made in the current one-minute window.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    started: std::time::Instant,
+    calls: u32,
+}
+
+/// Length of a quota window.
+const QUOTA_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl AuthLayer {
+    /// Counts a call of `caller` against its quota; the status refusing it
+    /// when the current window is used up.
+    fn spend(&self, caller: &Caller) -> Result<(), Status> {
+        let Some(limit) = caller.calls_per_minute else {
+            return Ok(());
+        };
+        let now = std::time::Instant::now();
+        let mut windows = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
+        let window = windows.entry(caller.name.clone()).or_insert(Window {
+            started: now,
+            calls: 0,
+        });
+        if now.duration_since(window.started) >= QUOTA_WINDOW {
+            *window = Window {
+                started: now,
+                calls: 0,
+            };
+        }
+        if window.calls >= limit {
+            let wait = QUOTA_WINDOW.saturating_sub(now.duration_since(window.started));
+            return Err(Status::resource_exhausted(format!(
+                "token {:?} is over its quota of {limit} calls per minute; retry in {} s",
+                caller.name,
+                wait.as_secs().max(1)
+            )));
+        }
+        window.calls += 1;
+        Ok(())
+    }
 }
 
 impl AuthLayer {
@@ -204,6 +268,7 @@ impl AuthLayer {
         Self {
             tokens: tokens.map(Arc::new),
             open_health,
+            quotas: Arc::default(),
         }
     }
 }
@@ -277,6 +342,7 @@ where
             (None, _) | (_, None) => Ok(None),
             (Some(tokens), Some(role)) => authenticate(tokens, request.headers()).and_then(|c| {
                 if c.role >= role {
+                    self.auth.spend(c)?;
                     Ok(Some(c.clone()))
                 } else {
                     Err(Status::permission_denied(format!(
@@ -348,10 +414,22 @@ mod tests {
             tokens.caller("s3cret-admin"),
             Some(&Caller {
                 name: "ops".into(),
-                role: Role::Admin
+                role: Role::Admin,
+                calls_per_minute: None,
             })
         );
         assert_eq!(tokens.caller("gen").map(|c| c.role), Some(Role::Generate));
+        let limited = Tokens::parse(&format!("ci generate sha256:{admin} 600/min")).unwrap();
+        assert_eq!(
+            limited.caller("s3cret-admin").unwrap().calls_per_minute,
+            Some(600)
+        );
+        for quota in ["600", "0/min", "x/min", "600/s"] {
+            let (line, reason) =
+                Tokens::parse(&format!("ci read sha256:{admin} {quota}")).unwrap_err();
+            assert_eq!(line, 1);
+            assert!(reason.contains("calls per minute"), "{quota}: {reason}");
+        }
         assert_eq!(tokens.caller("s3cret-admin "), None);
         let bad = [
             ("x admin", 1),

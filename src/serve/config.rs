@@ -138,8 +138,9 @@ pub struct ServerConfig {
     #[arg(long, env = "WEIGHTGEN_GC_GRACE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub gc_grace: Duration,
 
-    /// Token file: one `NAME ROLE sha256:HEX` per line (the SHA-256 of each
-    /// bearer token; roles read, generate, admin). With it every call must
+    /// Token file: one `NAME ROLE sha256:HEX [CALLS/min]` per line (the
+    /// SHA-256 of each bearer token; roles read, generate, admin; an optional
+    /// quota of calls per minute). With it every call must
     /// send "authorization: Bearer TOKEN" with a role that allows the
     /// method; without it every call is allowed (keep the port private).
     #[arg(long, env = "WEIGHTGEN_AUTH_TOKENS")]
