@@ -42,19 +42,20 @@ zoo() { # name family models [flags]
     worker zoo build --family "$family" --zoo "$name" --models "$models" "$@" 2>"$data/zoo-$name.log"
 }
 
-# Trains and publishes denoiser ID on ZOO; an already published ID is kept.
+# Trains and publishes denoiser ID on ZOO; an already published ID is kept
+# (and so is the log of its training).
 train() { # id zoo steps [flags]
-    local id="$1" zoo="$2" n="$3"
+    local id="$1" zoo="$2" n="$3" log="$data/train-$1.log"
     shift 3
     step "denoiser $id on $zoo: $n steps $*"
     worker train --zoo "$zoo" --denoiser-id "$id" --steps "$n" --learning-rate 1e-3 --widths 256,128 \
         --ema-decay 0.995 --eval-tasks 10 --eval-guidance 3 --log-every 500 --device cpu "$@" \
-        2>"$data/train-$id.log" | tail -1 || {
-        grep -q "already exists" "$data/train-$id.log" && step "($id is already published)" || {
-            tail -5 "$data/train-$id.log" >&2
-            exit 1
-        }
+        2>"$log.new" | tail -1 || {
+        grep -q "already exists" "$log.new" && rm "$log.new" && step "($id is already published)" && return
+        tail -5 "$log.new" >&2
+        exit 1
     }
+    mv "$log.new" "$log"
 }
 
 zoos="${WEIGHTGEN_EVAL_ZOOS:-digits-eval sinusoid-shared digit-inr-eval digit-inr-shared}"
