@@ -85,7 +85,7 @@ pub async fn collect(
     // Listed before the references are read: a blob written after this
     // point is not a candidate, one written before and referenced since is
     // found referenced below.
-    let staging = blobs.staging_files()?;
+    let staging = blobs.staging_files().await?;
     let stored = blobs.stored().await?;
     let mut live: HashSet<String> = catalog.referenced_blobs().await?.into_iter().collect();
     live.extend(referenced_states(blobs).await?);
@@ -96,7 +96,7 @@ pub async fn collect(
             continue;
         }
         if !config.dry_run {
-            blobs.remove_staging(&file)?;
+            blobs.remove_staging(&file).await?;
         }
         report.bytes += file.size;
         report.staging.push(file.path.display().to_string());

@@ -88,7 +88,7 @@ async fn sweep_removes_only_orphans(catalog: &dyn Catalog, store: &BlobStore, st
     assert_eq!(done.unreferenced, std::slice::from_ref(&orphan.sha256));
     assert_eq!(done.bytes, orphan.size + if staging { 4 } else { 0 });
     assert!(!store.exists(&orphan.sha256).await.unwrap());
-    assert!(store.staging_files().unwrap().is_empty());
+    assert!(store.staging_files().await.unwrap().is_empty());
     let mut live = vec![kept.sha256, state.sha256];
     live.sort();
     assert_eq!(store.list().await.unwrap(), live);

@@ -92,6 +92,30 @@ async fn upload(
         .map(tonic::Response::into_inner)
 }
 
+/// Downloads zoo model `id`: its bytes (each chunk at most 1 MiB), the
+/// header's and the trailer's SHA-256.
+async fn download(client: &mut Client, id: &str) -> (Vec<u8>, String, String) {
+    let mut stream = client
+        .download_checkpoint(DownloadCheckpointRequest {
+            target: Some(Target::ZooModelId(id.to_owned())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut downloaded, mut declared, mut trailer) = (Vec::new(), String::new(), String::new());
+    while let Some(message) = stream.next().await {
+        match message.unwrap().part.unwrap() {
+            Part::Header(h) => declared = h.sha256,
+            Part::Chunk(c) => {
+                assert!(c.len() <= 1 << 20);
+                downloaded.extend_from_slice(&c);
+            }
+            Part::Trailer(t) => trailer = t.sha256,
+        }
+    }
+    (downloaded, declared, trailer)
+}
+
 async fn stored_models(client: &mut Client) -> u64 {
     client
         .list_zoo_models(ListZooModelsRequest::default())
@@ -235,24 +259,7 @@ async fn upload_list_get_download_round_trip_and_bad_uploads_store_nothing() {
     assert_eq!(got.metrics["test_accuracy"], 0.93);
     assert_eq!(got.seed, 7);
     assert_eq!(got.task.unwrap().features["input_mean"].values, vec![4.5]);
-    let mut stream = client
-        .download_checkpoint(DownloadCheckpointRequest {
-            target: Some(Target::ZooModelId(model.id.clone())),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut downloaded, mut declared, mut trailer) = (Vec::new(), String::new(), String::new());
-    while let Some(message) = stream.next().await {
-        match message.unwrap().part.unwrap() {
-            Part::Header(h) => declared = h.sha256,
-            Part::Chunk(c) => {
-                assert!(c.len() <= 1 << 20);
-                downloaded.extend_from_slice(&c);
-            }
-            Part::Trailer(t) => trailer = t.sha256,
-        }
-    }
+    let (downloaded, declared, trailer) = download(&mut client, &model.id).await;
     assert_eq!(downloaded, file);
     assert_eq!(
         (declared.as_str(), trailer.as_str()),
@@ -423,7 +430,7 @@ async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
 
     // No partial write, no blob without a row, no row without its blob;
     // every model listed over gRPC downloads intact after a restart.
-    assert!(blobs.staging_files().unwrap().is_empty());
+    assert!(blobs.staging_files().await.unwrap().is_empty());
     let catalog =
         weightgen::catalog::open(&format!("sqlite://{}", data.join("catalog.db").display()))
             .await
@@ -449,19 +456,7 @@ async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
         listed.total
     );
     for model in &listed.models {
-        let mut parts = client
-            .download_checkpoint(DownloadCheckpointRequest {
-                target: Some(Target::ZooModelId(model.id.clone())),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut bytes = Vec::new();
-        while let Some(message) = parts.next().await {
-            if let Some(Part::Chunk(chunk)) = message.unwrap().part {
-                bytes.extend_from_slice(&chunk);
-            }
-        }
+        let (bytes, _, _) = download(&mut client, &model.id).await;
         assert_eq!(sha256_hex(&bytes), model.sha256, "{}", model.id);
     }
     child.kill().unwrap();

@@ -330,40 +330,21 @@ impl BlobStore {
     }
 
     /// Partial writes in a local store's blob space (an S3 PUT is atomic and
-    /// leaves none); empty for S3.
-    pub fn staging_files(&self) -> Result<Vec<StagingFile>, BlobError> {
+    /// leaves none); empty for S3. The directory walk runs off the async
+    /// workers.
+    pub async fn staging_files(&self) -> Result<Vec<StagingFile>, BlobError> {
         let Some(root) = &self.local_root else {
             return Ok(Vec::new());
         };
-        let mut found = Vec::new();
-        let mut dirs = vec![root.join(self.space("sha256").as_ref())];
-        while let Some(dir) = dirs.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e.into()),
-            };
-            for entry in entries {
-                let entry = entry?;
-                let meta = entry.metadata()?;
-                if meta.is_dir() {
-                    dirs.push(entry.path());
-                } else if is_staging_name(&entry.file_name().to_string_lossy()) {
-                    found.push(StagingFile {
-                        path: entry.path(),
-                        size: meta.len(),
-                        modified: meta.modified()?,
-                    });
-                }
-            }
-        }
-        found.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(found)
+        let top = root.join(self.space("sha256").as_ref());
+        tokio::task::spawn_blocking(move || walk_staging(top))
+            .await
+            .map_err(|e| BlobError::Io(std::io::Error::other(e)))?
     }
 
     /// Removes a partial write (no error if it is already gone).
-    pub fn remove_staging(&self, file: &StagingFile) -> Result<(), BlobError> {
-        match std::fs::remove_file(&file.path) {
+    pub async fn remove_staging(&self, file: &StagingFile) -> Result<(), BlobError> {
+        match tokio::fs::remove_file(&file.path).await {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(e.into()),
@@ -378,6 +359,34 @@ impl BlobStore {
             StorePath::from(format!("{}/{space}", self.prefix))
         }
     }
+}
+
+/// The `KEY#N` files under `top`, sorted by path.
+fn walk_staging(top: PathBuf) -> Result<Vec<StagingFile>, BlobError> {
+    let mut found = Vec::new();
+    let mut dirs = vec![top];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if is_staging_name(&entry.file_name().to_string_lossy()) {
+                found.push(StagingFile {
+                    path: entry.path(),
+                    size: meta.len(),
+                    modified: meta.modified()?,
+                });
+            }
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(found)
 }
 
 /// `KEY#DIGITS`: object_store's name for a local write in progress.

@@ -181,6 +181,15 @@ pub struct Page<T> {
 }
 
 impl<T> Page<T> {
+    /// The same page with each row transformed.
+    pub fn map<U>(self, f: impl FnMut(T) -> U) -> Page<U> {
+        Page {
+            items: self.items.into_iter().map(f).collect(),
+            next_token: self.next_token,
+            total: self.total,
+        }
+    }
+
     /// Keeps the leading rows whose `size`s add up to at most `budget` bytes
     /// (always at least one row); when rows are cut, the next token resumes
     /// after the last row kept (`key`: its creation time and id), so paging

@@ -22,7 +22,7 @@ use std::task::{Context, Poll};
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
-use super::body::{BodyEnd, ObservedBody, grpc_status};
+use super::body::{ObservedBody, grpc_status};
 use crate::blobs::sha256_hex;
 
 /// What a token may do; each role includes the ones before it.
@@ -259,9 +259,7 @@ impl AuthLayer {
         window.calls += 1;
         Ok(())
     }
-}
 
-impl AuthLayer {
     /// Checks tokens against `tokens`; `None` lets every call through (no
     /// `--auth-tokens`), still writing the audit log.
     pub fn new(tokens: Option<Tokens>, open_health: bool) -> Self {
@@ -334,7 +332,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path().to_owned();
         let needed = required_role(&path, self.auth.open_health);
         let mutating = needed == Some(Role::Admin);
@@ -343,7 +341,7 @@ where
             (Some(tokens), Some(role)) => authenticate(tokens, request.headers()).and_then(|c| {
                 if c.role >= role {
                     self.auth.spend(c)?;
-                    Ok(Some(c.clone()))
+                    Ok(Some(c))
                 } else {
                     Err(Status::permission_denied(format!(
                         "token {:?} has the role {}; {path} needs {}",
@@ -361,19 +359,13 @@ where
             Err(_) => "refused".to_owned(),
         };
         metrics::counter!("weightgen_calls_by_token_total", "token" => name.clone()).increment(1);
-        let caller = match checked {
-            Ok(caller) => caller,
-            Err(status) => {
-                tracing::warn!(%path, code = ?status.code(), "call refused: {}", status.message());
-                if mutating {
-                    audit(&name, &path, status.code());
-                }
-                let response = status.into_http::<ObservedBody<ResBody>>();
-                return Box::pin(async move { Ok(response) });
+        if let Err(status) = checked {
+            tracing::warn!(%path, code = ?status.code(), "call refused: {}", status.message());
+            if mutating {
+                audit(&name, &path, status.code());
             }
-        };
-        if let Some(caller) = caller {
-            request.extensions_mut().insert(caller);
+            let response = status.into_http::<ObservedBody<ResBody>>();
+            return Box::pin(async move { Ok(response) });
         }
         let future = self.inner.call(request);
         Box::pin(async move {
@@ -384,12 +376,7 @@ where
                     body,
                     Box::new(move |end| {
                         if mutating {
-                            let code = header_code.unwrap_or(match end {
-                                BodyEnd::Status(code) => code,
-                                BodyEnd::NoStatus => Code::Unknown,
-                                BodyEnd::Abandoned => Code::Cancelled,
-                            });
-                            audit(&name, &path, code);
+                            audit(&name, &path, end.code(header_code));
                         }
                     }),
                 )

@@ -20,6 +20,19 @@ pub enum BodyEnd {
     Abandoned,
 }
 
+impl BodyEnd {
+    /// The call's status: `header_code` (a trailers-only response carries
+    /// it in its headers) or else how the body ended; a body that ended
+    /// without a status is UNKNOWN, one dropped early CANCELLED.
+    pub fn code(self, header_code: Option<Code>) -> Code {
+        header_code.unwrap_or(match self {
+            Self::Status(code) => code,
+            Self::NoStatus => Code::Unknown,
+            Self::Abandoned => Code::Cancelled,
+        })
+    }
+}
+
 /// Called once, when the body ends or is dropped.
 pub type OnEnd = Box<dyn FnOnce(BodyEnd) + Send + Sync>;
 

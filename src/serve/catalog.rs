@@ -203,13 +203,14 @@ impl CatalogService for CatalogApi {
             )
             .await
             .map_err(catalog_status)?
+            .map(|m| (zoo_model_to_proto(&m), m))
             .fit_bytes(
                 self.page_bytes,
-                |m| zoo_model_to_proto(m).encoded_len() + 8,
-                |m| (m.created_at_ms, &m.id),
+                |(proto, _)| proto.encoded_len() + 8,
+                |(_, m)| (m.created_at_ms, &m.id),
             );
         Ok(Response::new(ListZooModelsResponse {
-            models: listed.items.iter().map(zoo_model_to_proto).collect(),
+            models: listed.items.into_iter().map(|(proto, _)| proto).collect(),
             next_page_token: listed.next_token,
             total: listed.total,
         }))

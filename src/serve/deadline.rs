@@ -14,10 +14,6 @@ use tower::{Layer, Service};
 /// The header a gRPC client states its deadline in.
 const GRPC_TIMEOUT: &str = "grpc-timeout";
 
-/// The deadline of a call, in the request's extensions for handlers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Deadline(pub tokio::time::Instant);
-
 /// Applies deadlines to every call.
 #[derive(Debug, Clone, Copy)]
 pub struct DeadlineLayer {
@@ -63,14 +59,13 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let client = client_timeout(request.headers());
         let (timeout, whose) = match client {
             Some(asked) if asked < self.server_timeout => (asked, "the client's grpc-timeout"),
             _ => (self.server_timeout, "the server's --request-timeout"),
         };
         let deadline = tokio::time::Instant::now() + timeout;
-        request.extensions_mut().insert(Deadline(deadline));
         let path = request.uri().path().to_owned();
         let future = self.inner.call(request);
         Box::pin(async move {

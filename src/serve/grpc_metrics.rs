@@ -12,7 +12,7 @@ use prost::Message;
 use tonic::Code;
 use tower::{Layer, Service};
 
-use super::body::{BodyEnd, ObservedBody, grpc_status};
+use super::body::{ObservedBody, grpc_status};
 
 /// Counter of finished calls, labelled `method` and `code`.
 pub const REQUESTS_TOTAL: &str = "weightgen_grpc_requests_total";
@@ -155,12 +155,7 @@ where
                 ObservedBody::new(
                     body,
                     Box::new(move |end| {
-                        let code = header_code.unwrap_or(match end {
-                            BodyEnd::Status(code) => code,
-                            BodyEnd::NoStatus => Code::Unknown,
-                            BodyEnd::Abandoned => Code::Cancelled,
-                        });
-                        record_end(&method, started, code);
+                        record_end(&method, started, end.code(header_code));
                     }),
                 )
             }))
