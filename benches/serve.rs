@@ -78,6 +78,7 @@ async fn prepare(dir: &std::path::Path) {
         // The weights themselves, as the figures in BENCHMARKS.md were measured.
         latent: weightgen::train::LatentChoice::None,
         schedule: weightgen::diffusion::schedule::ScheduleKind::cosine(),
+        prediction: Default::default(),
         load: Default::default(),
         fit: FitConfig {
             steps: 50,

@@ -42,9 +42,10 @@ echo "[deploy] yamllint: no findings"
 
 step "kubectl kustomize"
 # A copy, with the example secrets standing in for the git-ignored
-# secrets.env (a real one is never read here).
+# secrets.env and auth-tokens (a real one is never read here).
 cp -r deploy/k8s "$work/k8s"
 cp deploy/k8s/common/secrets.env.example "$work/k8s/common/secrets.env"
+cp deploy/k8s/common/auth-tokens.example "$work/k8s/common/auth-tokens"
 mkdir -p "$work/rendered"
 render() { # NAME DIR
     "$tools/kubectl" kustomize "$work/k8s/$2" >"$work/rendered/$1.yaml"

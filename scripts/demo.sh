@@ -39,11 +39,12 @@ step "zoo: 200 sinusoid models"
 
 step "denoiser: $steps steps on the digits zoo, zero-shot quality gate, publish as active (log $data/train.log)"
 # One intra-op thread: this small denoiser trains 1.5x faster so (BENCHMARKS.md).
-"$bin/weightgen-worker" train --zoo digits-demo --denoiser-id "digits-demo-v3-$steps" --steps "$steps" \
-    --learning-rate 1e-3 --widths 256,128 --ema-decay 0.995 --eval-tasks 30 --eval-guidance 3 \
+# v-prediction: chosen on the validation gate (docs/RESULTS.md).
+"$bin/weightgen-worker" train --zoo digits-demo --denoiser-id "digits-demo-v4-$steps" --steps "$steps" \
+    --prediction v --learning-rate 1e-3 --widths 256,128 --ema-decay 0.995 --eval-tasks 30 --eval-guidance 3 \
     --log-every 500 --device cpu --threads 1 --activate --data-dir "$data" 2>"$data/train.log" || {
     # Re-running the demo: this version is already published.
-    grep -q "already exists" "$data/train.log" && step "(digits-demo-v3-$steps is already published)" || exit 1
+    grep -q "already exists" "$data/train.log" && step "(digits-demo-v4-$steps is already published)" || exit 1
 }
 
 step "starting weightgen-server on $addr (data dir $data, log $log)"

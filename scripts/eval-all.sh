@@ -75,9 +75,18 @@ report() { # zoo [split]: evaluates ZOO's denoiser (ZOO minus -eval, then -STEPS
         grep -E "^\| (weightgen|random|nearest|average|Reptile|first-order|hypernetwork)" | head -20
 }
 
+# Per-zoo recipe flags, each chosen on that zoo's validation gate
+# (docs/RESULTS.md): v-prediction on digits.
+recipe() { # zoo
+    case "$1" in
+        digits-eval) echo "--prediction v" ;;
+    esac
+}
+
 if [ "$only" != ablation ]; then
     for zoo in $zoos; do
-        train "${zoo%-eval}-$steps" "$zoo" "$steps"
+        # shellcheck disable=SC2046
+        train "${zoo%-eval}-$steps" "$zoo" "$steps" $(recipe "$zoo")
         report "$zoo"
     done
     # sinusoid's second split: held-out tasks outside the zoo's range.

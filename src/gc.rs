@@ -24,12 +24,14 @@ use crate::train::run_state::referenced_states;
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 
 /// What a sweep removes.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GcConfig {
     /// Only files and blobs older than this are removed.
     pub grace: Duration,
     /// Report what would be removed, remove nothing.
     pub dry_run: bool,
+    /// A server's directory of staged uploads (`blobs::upload`), swept too.
+    pub upload_staging: Option<std::path::PathBuf>,
 }
 
 impl Default for GcConfig {
@@ -37,6 +39,7 @@ impl Default for GcConfig {
         Self {
             grace: DEFAULT_GC_GRACE,
             dry_run: false,
+            upload_staging: None,
         }
     }
 }
@@ -85,7 +88,10 @@ pub async fn collect(
     // Listed before the references are read: a blob written after this
     // point is not a candidate, one written before and referenced since is
     // found referenced below.
-    let staging = blobs.staging_files().await?;
+    let mut staging = blobs.staging_files().await?;
+    if let Some(dir) = &config.upload_staging {
+        staging.extend(crate::blobs::upload::leftovers(dir).await?);
+    }
     let stored = blobs.stored().await?;
     let mut live: HashSet<String> = catalog.referenced_blobs().await?.into_iter().collect();
     live.extend(referenced_states(blobs).await?);

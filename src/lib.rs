@@ -4,6 +4,7 @@
 //! The library holds everything; the three binaries in `src/bin/` are thin
 //! `main`s over it. See `docs/ARCHITECTURE.md` for the module map.
 
+pub mod backend;
 pub mod blobs;
 pub mod cancel;
 pub mod catalog;

@@ -70,6 +70,7 @@ async fn sweep_removes_only_orphans(catalog: &dyn Catalog, store: &BlobStore, st
     let now = GcConfig {
         grace: Duration::ZERO,
         dry_run: true,
+        upload_staging: None,
     };
     let dry = collect(catalog, store, &now).await.unwrap();
     assert_eq!(dry.unreferenced, std::slice::from_ref(&orphan.sha256));
@@ -80,7 +81,7 @@ async fn sweep_removes_only_orphans(catalog: &dyn Catalog, store: &BlobStore, st
         store,
         &GcConfig {
             dry_run: false,
-            ..now
+            ..now.clone()
         },
     )
     .await

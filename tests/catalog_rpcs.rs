@@ -7,10 +7,17 @@ mod common;
 
 use std::collections::HashMap;
 
+use std::time::{Duration, Instant};
+
+use common::proxy::{Mode, Proxy};
+use common::services::TestDatabase;
 use common::spawn_server;
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use weightgen::blobs::sha256_hex;
 use weightgen::proto::v1::catalog_service_client::CatalogServiceClient;
 use weightgen::proto::v1::{
@@ -417,6 +424,10 @@ async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
         .join(&orphan.sha256[..2])
         .join(format!("{}#3", sha256_hex(b"partial")));
     std::fs::write(&partial, b"half a checkpoint").unwrap();
+    // … and a staged upload (uploads arrive into data/staging, not memory).
+    std::fs::create_dir_all(data.join("staging")).unwrap();
+    let staged = data.join("staging/upload-0123456789abcdef.part");
+    std::fs::write(&staged, b"the first half of an upload").unwrap();
 
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_weightgen-worker"))
         .args(["gc", "--grace", "0s", "--data-dir"])
@@ -427,6 +438,11 @@ async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
     assert!(output.status.success(), "{text}");
     assert!(text.contains("removed"), "{text}");
     assert!(!partial.exists(), "{text}");
+    let left: Vec<_> = std::fs::read_dir(data.join("staging"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "staged uploads left: {left:?}; {text}");
 
     // No partial write, no blob without a row, no row without its blob;
     // every model listed over gRPC downloads intact after a restart.
@@ -461,4 +477,238 @@ async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// `url` with its host:port replaced by `addr`.
+fn via(url: &str, addr: std::net::SocketAddr) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap();
+    let (userinfo, hostpath) = match rest.rsplit_once('@') {
+        Some((u, h)) => (format!("{u}@"), h),
+        None => (String::new(), rest),
+    };
+    let path = hostpath.find('/').map_or("", |i| &hostpath[i..]);
+    format!("{scheme}://{userinfo}{addr}{path}")
+}
+
+async fn catalog_health(channel: tonic::transport::Channel) -> ServingStatus {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "weightgen.v1.CatalogService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status()
+}
+
+/// Uploads one digits checkpoint: its bytes and its row.
+async fn upload_one(client: &mut Client) -> (Vec<u8>, weightgen::proto::v1::ZooModel) {
+    let file = checkpoint(1.0, false);
+    let uploaded = upload(client, header(&file, "digits-mlp-64-32-5"), &file)
+        .await
+        .unwrap()
+        .model
+        .unwrap();
+    (file, uploaded)
+}
+
+/// A list call with a 30 s deadline: its code, message and answer time.
+async fn timed_list(client: &mut Client) -> (Code, String, Duration) {
+    let started = Instant::now();
+    let mut request = tonic::Request::new(ListZooModelsRequest::default());
+    request.set_timeout(Duration::from_secs(30));
+    let code = match client.list_zoo_models(request).await {
+        Ok(_) => (Code::Ok, String::new()),
+        Err(s) => (s.code(), s.message().to_owned()),
+    };
+    (code.0, code.1, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_answers_unavailable_at_once_and_heals_without_a_restart() {
+    let db = TestDatabase::create("outage").await;
+    let target = db.url.split("://").nth(1).unwrap();
+    let target = target.rsplit_once('@').map_or(target, |(_, h)| h);
+    let target: std::net::SocketAddr = target.split('/').next().unwrap().parse().unwrap();
+    let proxy = Proxy::start(target).await;
+    let url = via(&db.url, proxy.addr());
+    let test = spawn_server(|c| {
+        c.storage.catalog = Some(url.clone());
+        c.storage.catalog_call_timeout = Some(Duration::from_secs(2));
+    })
+    .await;
+    let channel = test.channel().await;
+    let mut client = CatalogServiceClient::new(channel.clone());
+    let (file, uploaded) = upload_one(&mut client).await;
+
+    for mode in [Mode::Refuse, Mode::Hang] {
+        proxy.set(mode);
+        // The first calls pay the acquire (refused) or call (hung) timeout,
+        // then the breaker answers at once.
+        let mut last = Duration::ZERO;
+        for _ in 0..5 {
+            let (code, message, took) = timed_list(&mut client).await;
+            assert_eq!(code, Code::Unavailable, "{mode:?}: {message}");
+            assert!(
+                message.starts_with("the catalog is unavailable ("),
+                "{message}"
+            );
+            assert!(message.contains(&proxy.addr().to_string()), "{message}");
+            assert!(!message.contains("postgres@"), "no credentials: {message}");
+            assert!(took < Duration::from_secs(4), "{mode:?}: {took:?}");
+            last = took;
+        }
+        assert!(
+            last < Duration::from_millis(300),
+            "{mode:?}: breaker open, yet {last:?}"
+        );
+        assert_eq!(
+            catalog_health(channel.clone()).await,
+            ServingStatus::NotServing
+        );
+        let metrics = test.metrics().await;
+        assert_eq!(
+            common::metric_value(&metrics, "weightgen_backend_up", &[("backend", "catalog")]),
+            Some(0.0),
+            "{metrics}"
+        );
+
+        proxy.set(Mode::Forward);
+        let back = Instant::now();
+        while catalog_health(channel.clone()).await != ServingStatus::Serving {
+            assert!(
+                back.elapsed() < Duration::from_secs(5),
+                "{mode:?}: not healed"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (code, message, _) = timed_list(&mut client).await;
+        assert_eq!(code, Code::Ok, "{mode:?}: {message}");
+        let (bytes, declared, trailer) = download(&mut client, &uploaded.id).await;
+        assert_eq!(bytes, file);
+        assert_eq!(
+            (declared.as_str(), trailer.as_str()),
+            (uploaded.sha256.as_str(), uploaded.sha256.as_str())
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_without_its_postgres_fails_within_seconds_naming_the_address() {
+    // A port nothing listens on.
+    let port = free_port();
+    let url = format!("postgres://postgres:secret@127.0.0.1:{port}/weightgen");
+    let started = Instant::now();
+    let mut config = weightgen::serve::ServerConfig::with_defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    config.storage = weightgen::storage::StorageArgs::embedded(dir.path());
+    config.storage.catalog = Some(url);
+    config.storage.catalog_connect_timeout = Duration::from_secs(2);
+    let error = weightgen::serve::start(config)
+        .await
+        .err()
+        .expect("no catalog, no server");
+    let message = error.to_string();
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        message.starts_with(&format!(
+            "the catalog is unavailable (postgres://127.0.0.1:{port}/weightgen: "
+        )),
+        "{message}"
+    );
+    assert!(!message.contains("secret"), "{message}");
+}
+
+/// Downloads zoo model `id` with a 30 s deadline: its bytes, or the status.
+async fn try_download(client: &mut Client, id: &str) -> Result<Vec<u8>, tonic::Status> {
+    let mut request = tonic::Request::new(DownloadCheckpointRequest {
+        target: Some(Target::ZooModelId(id.to_owned())),
+    });
+    request.set_timeout(Duration::from_secs(30));
+    let mut stream = client.download_checkpoint(request).await?.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(message) = stream.next().await {
+        if let Some(Part::Chunk(c)) = message?.part {
+            bytes.extend_from_slice(&c);
+        }
+    }
+    Ok(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_without_a_restart() {
+    let endpoint = std::env::var("AWS_ENDPOINT").expect("AWS_ENDPOINT (scripts/test.sh sets it)");
+    let target: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
+    let proxy = Proxy::start(target).await;
+    let blobs = common::services::s3_prefix("outage");
+    let test = spawn_server(|c| {
+        c.storage.blobs = Some(blobs.clone());
+        c.storage.s3_endpoint = Some(format!("http://{}", proxy.addr()));
+        c.storage.blob_request_timeout = Duration::from_secs(1);
+        c.storage.blob_retry_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = CatalogServiceClient::new(test.channel().await);
+    let (_, uploaded) = upload_one(&mut client).await;
+
+    for mode in [Mode::Refuse, Mode::Hang] {
+        proxy.set(mode);
+        let mut last = Duration::ZERO;
+        for _ in 0..5 {
+            let started = Instant::now();
+            let status = try_download(&mut client, &uploaded.id).await.unwrap_err();
+            last = started.elapsed();
+            assert_eq!(status.code(), Code::Unavailable, "{mode:?}: {status:?}");
+            assert!(
+                status
+                    .message()
+                    .starts_with("the blob store is unavailable ("),
+                "{mode:?}: {}",
+                status.message()
+            );
+            assert!(last < Duration::from_secs(6), "{mode:?}: {last:?}");
+        }
+        assert!(
+            last < Duration::from_millis(300),
+            "{mode:?}: breaker open, yet {last:?}"
+        );
+        let metrics = test.metrics().await;
+        assert_eq!(
+            common::metric_value(
+                &metrics,
+                "weightgen_backend_up",
+                &[("backend", "blob_store")]
+            ),
+            Some(0.0),
+            "{metrics}"
+        );
+        // The catalog still answers, and a refused upload lists nothing.
+        let other = checkpoint(2.0, false);
+        let status = upload(&mut client, header(&other, "digits-mlp-64-32-5"), &other)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert_eq!(stored_models(&mut client).await, 1);
+
+        proxy.set(Mode::Forward);
+        let back = Instant::now();
+        let bytes = loop {
+            match try_download(&mut client, &uploaded.id).await {
+                Ok(bytes) => break bytes,
+                Err(status) => {
+                    assert!(
+                        back.elapsed() < Duration::from_secs(5),
+                        "{mode:?}: {status:?}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        assert_eq!(sha256_hex(&bytes), uploaded.sha256);
+    }
 }

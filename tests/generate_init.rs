@@ -157,6 +157,15 @@ async fn generate_init_end_to_end() {
             "denoiser_id: 300 characters, at most 256",
         ),
         (
+            Box::new(|r| {
+                task_of(r)
+                    .features
+                    .insert("f".repeat(100_000), pb::FeatureValue { values: vec![1.0] });
+            }),
+            Code::InvalidArgument,
+            "task.features: 100000 characters, at most 256",
+        ),
+        (
             Box::new(|r| task_of(r).architecture = "resnet-1000".into()),
             Code::NotFound,
             "task.architecture: unknown architecture",

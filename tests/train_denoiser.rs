@@ -52,6 +52,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         }),
         timesteps: weightgen::diffusion::schedule::DEFAULT_TIMESTEPS,
         schedule: weightgen::diffusion::schedule::ScheduleKind::cosine(),
+        prediction: Default::default(),
         latent: weightgen::train::LatentChoice::Pca(64),
         load: Default::default(),
         fit: FitConfig {

@@ -53,7 +53,7 @@ enum Command {
     /// Remove what killed processes left in the blob store: partial writes
     /// and blobs no catalog row or training run refers to, once older than
     /// the grace period.
-    Gc(GcArgs),
+    Gc(Box<GcArgs>),
 }
 
 #[derive(Args)]
@@ -76,6 +76,7 @@ fn gc(args: GcArgs) -> Result<String, String> {
         let config = weightgen::gc::GcConfig {
             grace: args.grace,
             dry_run: args.dry_run,
+            upload_staging: Some(args.storage.upload_staging()),
         };
         let report = weightgen::gc::collect(catalog.as_ref(), &blobs, &config)
             .await
@@ -452,6 +453,12 @@ struct TrainArgs {
     /// Noise schedule: cosine (the proposal) or linear.
     #[arg(long, env = "WEIGHTGEN_TRAIN_SCHEDULE", default_value = "cosine")]
     schedule: String,
+    /// What the network predicts: epsilon (the proposal), x0 or v.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_PREDICTION", default_value = "epsilon")]
+    prediction: String,
+    /// Residual blocks per MLP U-Net level on each side.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_BLOCKS_PER_LEVEL", default_value_t = weightgen::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL)]
+    blocks_per_level: usize,
     /// Size E of the task embedding.
     #[arg(long, env = "WEIGHTGEN_TRAIN_EMBED_DIM", default_value_t = weightgen::jobs::spec::DEFAULT_EMBED_DIM)]
     embed_dim: i64,
@@ -544,6 +551,8 @@ fn train(args: TrainArgs) -> Result<String, String> {
         conditioning: args.conditioning,
         timesteps: args.timesteps,
         schedule: args.schedule,
+        prediction: args.prediction,
+        blocks_per_level: args.blocks_per_level,
         embed_dim: args.embed_dim,
         align: args.align,
         max_models: args.max_models,
@@ -793,7 +802,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Some(Command::Gc(args)) => match gc(args) {
+        Some(Command::Gc(args)) => match gc(*args) {
             Ok(summary) => {
                 println!("{summary}");
                 ExitCode::SUCCESS

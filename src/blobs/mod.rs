@@ -10,13 +10,29 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use futures_util::TryStreamExt;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use sha2::{Digest, Sha256};
+
+use crate::backend::{BackendGuard, Outcome, Unavailable};
+
+pub mod upload;
+
+/// The cause, when `error` says the store could not be reached or did not
+/// answer (object_store reports both, after its retries, as `Generic`).
+fn unreachable_cause(error: &BlobError) -> Option<String> {
+    match error {
+        BlobError::Unavailable(u) => Some(u.cause.clone()),
+        BlobError::Store(e @ object_store::Error::Generic { .. }) => Some(e.to_string()),
+        _ => None,
+    }
+}
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +57,10 @@ pub enum BlobError {
     /// A named object's name is unusable.
     #[error("object name {0:?}: use segments of letters, digits, '.', '_' and '-' joined by '/'")]
     InvalidName(String),
+    /// The store could not be reached (its breaker is open, or a call failed
+    /// at the connection level or timed out).
+    #[error(transparent)]
+    Unavailable(#[from] crate::backend::Unavailable),
     /// The store failed.
     #[error("blob store: {0}")]
     Store(#[from] object_store::Error),
@@ -73,6 +93,40 @@ fn is_sha256(text: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The backend name blob-store errors and metrics use.
+pub const BACKEND: &str = "blob store";
+/// How long one request to S3 may take (connect to last byte), by default.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long S3 requests are retried after the first attempt, by default
+/// (object_store's own default is 3 minutes).
+pub const DEFAULT_RETRY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Retries of one S3 request at most, by default.
+pub const DEFAULT_MAX_RETRIES: usize = 3;
+
+/// How an S3 store is reached and how long its calls may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Options {
+    /// One request, connect to last byte.
+    pub request_timeout: Duration,
+    /// Retrying a failed request, from its first attempt.
+    pub retry_timeout: Duration,
+    /// Retries of one request.
+    pub max_retries: usize,
+    /// The endpoint, overriding `AWS_ENDPOINT` (None: the environment's).
+    pub endpoint: Option<String>,
+}
+
+impl Default for S3Options {
+    fn default() -> Self {
+        Self {
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            retry_timeout: DEFAULT_RETRY_TIMEOUT,
+            max_retries: DEFAULT_MAX_RETRIES,
+            endpoint: None,
+        }
+    }
+}
+
 /// A content-addressed blob store.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -81,25 +135,46 @@ pub struct BlobStore {
     /// Root directory of a local store (for fsync).
     local_root: Option<PathBuf>,
     url: String,
+    /// The breaker reads and writes pass (S3 in a server).
+    guard: Option<BackendGuard>,
 }
 
 impl BlobStore {
     /// Opens the store a URL names: `s3://bucket[/prefix]`, `file:///dir`
     /// or a plain directory path (created if missing).
     pub fn open(url: &str) -> Result<Self, BlobError> {
+        Self::open_with(url, &S3Options::default())
+    }
+
+    /// [`Self::open`] with the given S3 settings.
+    pub fn open_with(url: &str, options: &S3Options) -> Result<Self, BlobError> {
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
                 return Err(BlobError::InvalidUrl(format!("{url:?} names no bucket")));
             }
-            let store = AmazonS3Builder::from_env()
+            let mut builder = AmazonS3Builder::from_env()
                 .with_bucket_name(bucket)
-                .build()?;
+                // Set key by key: the environment's client options (AWS_ALLOW_HTTP …) stay.
+                .with_config(
+                    AmazonS3ConfigKey::Client(ClientConfigKey::Timeout),
+                    humantime::format_duration(options.request_timeout).to_string(),
+                )
+                .with_retry(RetryConfig {
+                    max_retries: options.max_retries,
+                    retry_timeout: options.retry_timeout,
+                    ..Default::default()
+                });
+            if let Some(endpoint) = &options.endpoint {
+                builder = builder.with_endpoint(endpoint);
+            }
+            let store = builder.build()?;
             return Ok(Self {
                 store: Arc::new(store),
                 prefix: StorePath::from(prefix.trim_matches('/')),
                 local_root: None,
                 url: url.to_owned(),
+                guard: None,
             });
         }
         if url.contains("://") && !url.starts_with("file://") {
@@ -119,7 +194,75 @@ impl BlobStore {
             prefix: StorePath::default(),
             url: root.display().to_string(),
             local_root: Some(root),
+            guard: None,
         })
+    }
+
+    /// Passes reads and writes through `guard`: once the store stops
+    /// answering they are refused at once, and the guard's probe
+    /// ([`Self::spawn_probe`]) finds its return.
+    pub fn with_guard(mut self, guard: BackendGuard) -> Self {
+        self.guard = Some(guard);
+        self
+    }
+
+    /// The breaker, if the store has one.
+    pub fn guard(&self) -> Option<&BackendGuard> {
+        self.guard.as_ref()
+    }
+
+    /// Starts the breaker's probe (a HEAD of a key no blob uses, every probe
+    /// interval while the breaker is open); it ends once every clone of
+    /// this store is dropped. Needs a Tokio runtime; no-op without a guard.
+    pub fn spawn_probe(&self) {
+        let Some(guard) = self.guard.clone() else {
+            return;
+        };
+        let store = Arc::downgrade(&self.store);
+        let gone = store.clone();
+        let key = self.space("probe");
+        let probe = move || {
+            let (store, key) = (store.upgrade(), key.clone());
+            async move {
+                let Some(store) = store else {
+                    return Outcome::Answered;
+                };
+                match store.head(&key).await {
+                    Ok(_) | Err(object_store::Error::NotFound { .. }) => Outcome::Answered,
+                    Err(e) => Outcome::Unreachable(e.to_string()),
+                }
+            }
+        };
+        let stop = async move {
+            while gone.strong_count() > 0 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        };
+        tokio::spawn(guard.watch(probe, stop));
+    }
+
+    /// Runs a store call through the breaker, if there is one.
+    async fn guarded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, BlobError>>,
+    ) -> Result<T, BlobError> {
+        match &self.guard {
+            None => call.await,
+            Some(guard) => {
+                let result = guard
+                    .run(call, unreachable_cause, BlobError::Unavailable)
+                    .await;
+                result.map_err(|e| match unreachable_cause(&e) {
+                    Some(cause) if !matches!(e, BlobError::Unavailable(_)) => {
+                        BlobError::Unavailable(Unavailable {
+                            backend: BACKEND,
+                            cause,
+                        })
+                    }
+                    _ => e,
+                })
+            }
+        }
     }
 
     /// Where the store is, for messages.
@@ -158,7 +301,10 @@ impl BlobStore {
 
     /// Writes `bytes` at `key` and, on a local disk, fsyncs file and directory.
     async fn put_durably(&self, key: &StorePath, bytes: Bytes) -> Result<(), BlobError> {
-        self.store.put(key, PutPayload::from(bytes)).await?;
+        self.guarded(async {
+            Ok::<_, BlobError>(self.store.put(key, PutPayload::from(bytes)).await?)
+        })
+        .await?;
         if let Some(root) = &self.local_root {
             let path = root.join(key.as_ref());
             tokio::task::spawn_blocking(move || sync_file_and_parent(&path))
@@ -188,13 +334,17 @@ impl BlobStore {
     /// The bytes stored under `sha256`, verified.
     pub async fn get(&self, sha256: &str) -> Result<Bytes, BlobError> {
         Self::checked(sha256)?;
-        let bytes = match self.store.get(&self.key(sha256)).await {
-            Ok(result) => result.bytes().await?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(BlobError::NotFound(sha256.to_owned()));
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let bytes = self
+            .guarded(async {
+                match self.store.get(&self.key(sha256)).await {
+                    Ok(result) => Ok(result.bytes().await?),
+                    Err(object_store::Error::NotFound { .. }) => {
+                        Err(BlobError::NotFound(sha256.to_owned()))
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            })
+            .await?;
         let actual = sha256_hex(&bytes);
         if actual != sha256 {
             return Err(BlobError::Corrupt {
@@ -208,11 +358,14 @@ impl BlobStore {
     /// Whether a blob is stored (without reading it).
     pub async fn exists(&self, sha256: &str) -> Result<bool, BlobError> {
         Self::checked(sha256)?;
-        match self.store.head(&self.key(sha256)).await {
-            Ok(_) => Ok(true),
-            Err(object_store::Error::NotFound { .. }) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
+        self.guarded(async {
+            match self.store.head(&self.key(sha256)).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
     }
 
     /// Removes a blob (no error if absent).
@@ -233,11 +386,15 @@ impl BlobStore {
 
     /// The object under `name`, if any.
     pub async fn get_named(&self, name: &str) -> Result<Option<Bytes>, BlobError> {
-        match self.store.get(&self.named_key(name)?).await {
-            Ok(result) => Ok(Some(result.bytes().await?)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+        let key = self.named_key(name)?;
+        self.guarded(async {
+            match self.store.get(&key).await {
+                Ok(result) => Ok(Some(result.bytes().await?)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
     }
 
     /// Removes the object under `name` (no error if absent).
@@ -337,7 +494,7 @@ impl BlobStore {
             return Ok(Vec::new());
         };
         let top = root.join(self.space("sha256").as_ref());
-        tokio::task::spawn_blocking(move || walk_staging(top))
+        tokio::task::spawn_blocking(move || walk_staging(top, is_staging_name))
             .await
             .map_err(|e| BlobError::Io(std::io::Error::other(e)))?
     }
@@ -362,7 +519,7 @@ impl BlobStore {
 }
 
 /// The `KEY#N` files under `top`, sorted by path.
-fn walk_staging(top: PathBuf) -> Result<Vec<StagingFile>, BlobError> {
+fn walk_staging(top: PathBuf, is_staging: fn(&str) -> bool) -> Result<Vec<StagingFile>, BlobError> {
     let mut found = Vec::new();
     let mut dirs = vec![top];
     while let Some(dir) = dirs.pop() {
@@ -376,7 +533,7 @@ fn walk_staging(top: PathBuf) -> Result<Vec<StagingFile>, BlobError> {
             let meta = entry.metadata()?;
             if meta.is_dir() {
                 dirs.push(entry.path());
-            } else if is_staging_name(&entry.file_name().to_string_lossy()) {
+            } else if is_staging(&entry.file_name().to_string_lossy()) {
                 found.push(StagingFile {
                     path: entry.path(),
                     size: meta.len(),

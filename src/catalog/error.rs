@@ -30,6 +30,10 @@ pub enum CatalogError {
         /// What failed.
         reason: String,
     },
+    /// The catalog could not be reached (its breaker is open, or the call
+    /// failed at the connection level).
+    #[error(transparent)]
+    Unavailable(#[from] crate::backend::Unavailable),
     /// The database failed.
     #[error("catalog database: {0}")]
     Database(#[from] sqlx::Error),

@@ -8,6 +8,7 @@
 //! on PostgreSQL) and transactions that check who holds a claim.
 
 mod error;
+mod guarded;
 pub mod jobs;
 mod postgres;
 mod records;
@@ -17,8 +18,9 @@ mod sqlite;
 use std::sync::Arc;
 
 pub use error::CatalogError;
+pub use guarded::{BACKEND, DEFAULT_CALL_TIMEOUT, GuardedCatalog, redacted_location};
 pub use jobs::{JobFilter, JobKind, JobOutcome, JobQueue, JobRecord, JobState, NewJob};
-pub use postgres::PostgresCatalog;
+pub use postgres::{PATIENT_ACQUIRE_TIMEOUT, PostgresCatalog};
 pub use records::{
     DenoiserRecord, InsertedModel, ModelSource, Page, PageRequest, Snapshot, WorkUnit,
     ZooModelFilter, ZooModelRecord, ZooPlan, ZooProgress,
@@ -37,6 +39,9 @@ pub const DEFAULT_PAGE_SIZE: u32 = 100;
 pub trait Catalog: JobQueue + Send + Sync + std::fmt::Debug {
     /// "postgres" or "sqlite".
     fn backend(&self) -> &'static str;
+
+    /// One round trip to the database (`SELECT 1`).
+    async fn ping(&self) -> Result<(), CatalogError>;
 
     /// Registers an architecture. Registering the same spec again is a no-op
     /// (returns false); a different spec under a taken name is a conflict.
@@ -124,12 +129,40 @@ pub trait Catalog: JobQueue + Send + Sync + std::fmt::Debug {
     async fn referenced_blobs(&self) -> Result<Vec<String>, CatalogError>;
 }
 
+/// How long catalog calls may wait on the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CatalogTimeouts {
+    /// Opening the catalog at start-up (connect and migrate).
+    pub connect: std::time::Duration,
+    /// Waiting for a pooled connection (each call).
+    pub acquire: std::time::Duration,
+}
+
+impl Default for CatalogTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: postgres::DEFAULT_CONNECT_TIMEOUT,
+            acquire: postgres::DEFAULT_ACQUIRE_TIMEOUT,
+        }
+    }
+}
+
 /// Opens (and migrates) the catalog a URL names: `postgres://…` or
 /// `postgresql://…` for PostgreSQL, `sqlite://PATH` (or a bare path ending in
 /// `.db`/`.sqlite`) for SQLite.
 pub async fn open(url: &str) -> Result<Arc<dyn Catalog>, CatalogError> {
+    open_with(url, CatalogTimeouts::default()).await
+}
+
+/// [`open`] with the given timeouts (they apply to PostgreSQL).
+pub async fn open_with(
+    url: &str,
+    timeouts: CatalogTimeouts,
+) -> Result<Arc<dyn Catalog>, CatalogError> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Arc::new(PostgresCatalog::connect(url).await?))
+        Ok(Arc::new(
+            PostgresCatalog::connect_with(url, timeouts).await?,
+        ))
     } else if let Some(path) = url.strip_prefix("sqlite://") {
         Ok(Arc::new(
             SqliteCatalog::open(std::path::Path::new(path)).await?,

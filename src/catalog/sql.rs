@@ -241,6 +241,11 @@ macro_rules! impl_catalog {
                 $backend
             }
 
+            async fn ping(&self) -> Result<(), CatalogError> {
+                sqlx::query("SELECT 1").execute(&self.pool).await?;
+                Ok(())
+            }
+
             async fn register_architecture(&self, spec: &ArchSpec) -> Result<bool, CatalogError> {
                 check_id("architecture", &spec.name)?;
                 spec.validate().map_err(|e| CatalogError::InvalidArgument {

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tch::Device;
 
 use crate::cancel::CancelFlag;
+use crate::diffusion::objective::Prediction;
 use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, ScheduleKind};
 use crate::model::fit::{DEFAULT_BATCH_SIZE, DEFAULT_COND_DROPOUT, DEFAULT_LEARNING_RATE};
 use crate::model::{
@@ -209,6 +210,12 @@ fn default_precision() -> String {
 fn default_kind() -> String {
     "mlp_unet".to_owned()
 }
+fn default_prediction() -> String {
+    "epsilon".to_owned()
+}
+fn default_blocks_per_level() -> usize {
+    crate::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL
+}
 fn default_conditioning() -> String {
     "film".to_owned()
 }
@@ -304,6 +311,12 @@ pub struct TrainJob {
     /// Noise schedule: "cosine" or "linear".
     #[serde(default = "default_schedule")]
     pub schedule: String,
+    /// What the network predicts: "epsilon" (the proposal), "x0" or "v".
+    #[serde(default = "default_prediction")]
+    pub prediction: String,
+    /// Residual blocks per MLP U-Net level on each side.
+    #[serde(default = "default_blocks_per_level")]
+    pub blocks_per_level: usize,
     /// Size E of the task embedding.
     #[serde(default = "default_embed_dim")]
     pub embed_dim: i64,
@@ -381,6 +394,13 @@ impl TrainJob {
         self.latent_choice()?;
         self.net()?;
         self.schedule_kind()?;
+        self.prediction_kind()?;
+        if self.blocks_per_level == 0 || self.blocks_per_level > 64 {
+            return Err(invalid(
+                "train_denoiser.blocks_per_level",
+                format!("{} is not in [1, 64]", self.blocks_per_level),
+            ));
+        }
         if self.timesteps < 2 || self.timesteps > 100_000 {
             return Err(invalid(
                 "train_denoiser.timesteps",
@@ -424,6 +444,7 @@ impl TrainJob {
         match self.kind.as_str() {
             "mlp_unet" => Ok(NetConfig::MlpUnet(MlpUnetConfig {
                 widths: self.widths.clone(),
+                blocks_per_level: self.blocks_per_level,
                 conditioning,
                 ..Default::default()
             })),
@@ -458,6 +479,13 @@ impl TrainJob {
             .map_err(|e| invalid("train_denoiser.latent", e))
     }
 
+    /// The output parametrization the spec names.
+    fn prediction_kind(&self) -> Result<Prediction, SpecError> {
+        self.prediction
+            .parse()
+            .map_err(|e| invalid("train_denoiser.prediction", e))
+    }
+
     /// The noise schedule the spec names.
     fn schedule_kind(&self) -> Result<ScheduleKind, SpecError> {
         match self.schedule.as_str() {
@@ -488,6 +516,7 @@ impl TrainJob {
             net: self.net()?,
             timesteps: self.timesteps,
             schedule: self.schedule_kind()?,
+            prediction: self.prediction_kind()?,
             latent: self.latent_choice()?,
             load: LoadOptions {
                 align: self

@@ -12,6 +12,9 @@ use tch::nn::{self, Module};
 
 use super::blocks::{Conditioning, FilmBlock, TimeCondition, zero_linear};
 
+/// Residual blocks per level on each side, by default.
+pub const DEFAULT_BLOCKS_PER_LEVEL: usize = 2;
+
 /// Shape of the MLP U-Net.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MlpUnetConfig {
@@ -41,7 +44,7 @@ impl Default for MlpUnetConfig {
     fn default() -> Self {
         Self {
             widths: vec![512, 256],
-            blocks_per_level: 2,
+            blocks_per_level: DEFAULT_BLOCKS_PER_LEVEL,
             time_dim: 128,
             conditioning: Conditioning::Film,
             output_norm: false,

@@ -18,6 +18,9 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::watch;
 
 use tonic::{Code, Status};
 use tower::{Layer, Service};
@@ -183,6 +186,16 @@ impl Tokens {
         Ok(Self(tokens))
     }
 
+    /// Tokens in the file.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the file holds none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The caller a presented token belongs to.
     pub fn caller(&self, token: &str) -> Option<&Caller> {
         self.0.get(&sha256_hex(token.as_bytes()))
@@ -211,10 +224,49 @@ pub fn required_role(path: &str, open_health: bool) -> Option<Role> {
     }
 }
 
+/// The token file as the server last read it: replaced when the file
+/// changes and parses, kept when a change does not parse (a typo must not
+/// lock every client out).
+pub type TokenSource = watch::Receiver<Arc<Tokens>>;
+
+/// Reads `path` every `every` and publishes its tokens when its text
+/// changed and parses; stops once every receiver is gone. Needs a Tokio
+/// runtime.
+pub fn watch_token_file(path: PathBuf, initial: Tokens, every: Duration) -> TokenSource {
+    let (tx, rx) = watch::channel(Arc::new(initial));
+    tokio::spawn(async move {
+        let mut last = std::fs::read(&path).unwrap_or_default();
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(every) => {}
+            }
+            let Ok(text) = tokio::fs::read(&path).await else {
+                tracing::error!(path = %path.display(), "token file unreadable; the previous tokens stay");
+                continue;
+            };
+            if text == last {
+                continue;
+            }
+            last = text;
+            match Tokens::load(&path) {
+                Ok(tokens) => {
+                    tracing::info!(path = %path.display(), tokens = tokens.len(), "token file reloaded");
+                    tx.send_replace(Arc::new(tokens));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "token file changed but is invalid; the previous tokens stay");
+                }
+            }
+        }
+    });
+    rx
+}
+
 /// How calls are authenticated.
 #[derive(Debug, Clone)]
 pub struct AuthLayer {
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<TokenSource>,
     open_health: bool,
     quotas: Arc<std::sync::Mutex<HashMap<String, Window>>>,
 }
@@ -260,11 +312,12 @@ impl AuthLayer {
         Ok(())
     }
 
-    /// Checks tokens against `tokens`; `None` lets every call through (no
-    /// `--auth-tokens`), still writing the audit log.
-    pub fn new(tokens: Option<Tokens>, open_health: bool) -> Self {
+    /// Checks tokens against `tokens` (as they are at each call); `None`
+    /// lets every call through (no `--auth-tokens`), still writing the
+    /// audit log.
+    pub fn new(tokens: Option<TokenSource>, open_health: bool) -> Self {
         Self {
-            tokens: tokens.map(Arc::new),
+            tokens,
             open_health,
             quotas: Arc::default(),
         }
@@ -336,7 +389,8 @@ where
         let path = request.uri().path().to_owned();
         let needed = required_role(&path, self.auth.open_health);
         let mutating = needed == Some(Role::Admin);
-        let checked = match (&self.auth.tokens, needed) {
+        let tokens = self.auth.tokens.as_ref().map(|rx| rx.borrow().clone());
+        let checked = match (&tokens, needed) {
             (None, _) | (_, None) => Ok(None),
             (Some(tokens), Some(role)) => authenticate(tokens, request.headers()).and_then(|c| {
                 if c.role >= role {
@@ -354,7 +408,7 @@ where
         };
         let name = match &checked {
             Ok(Some(caller)) => caller.name.clone(),
-            Ok(None) if self.auth.tokens.is_some() => "open".to_owned(),
+            Ok(None) if tokens.is_some() => "open".to_owned(),
             Ok(None) => "anonymous".to_owned(),
             Err(_) => "refused".to_owned(),
         };
@@ -477,7 +531,8 @@ mod tests {
                 .insert("grpc-status", "0".parse().unwrap());
             Ok::<_, std::convert::Infallible>(response)
         });
-        let mut service = AuthLayer::new(Some(tokens), true).layer(inner);
+        let source = watch::channel(Arc::new(tokens)).1;
+        let mut service = AuthLayer::new(Some(source), true).layer(inner);
         let call = |path: &str, token: Option<&str>| {
             let mut request = http::Request::builder().uri(path);
             if let Some(token) = token {

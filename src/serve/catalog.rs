@@ -6,7 +6,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use futures_util::Stream;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
@@ -14,7 +13,8 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{arch_to_proto, denoiser_record_to_proto, descriptor_from_proto, timestamp};
 use super::denoisers::{version_of, versions};
 use super::status::{bounded_name, catalog_status, checked_name};
-use crate::blobs::{BlobError, BlobStore, sha256_hex};
+use crate::blobs::upload::StagedUpload;
+use crate::blobs::{BlobError, BlobStore};
 use crate::catalog::{
     Catalog, DenoiserRecord, ModelSource, PageRequest, ZooModelFilter, ZooModelRecord,
 };
@@ -43,6 +43,7 @@ pub struct CatalogApi {
     blobs: BlobStore,
     max_upload_bytes: u64,
     page_bytes: usize,
+    upload_staging: std::path::PathBuf,
 }
 
 /// Room a list response keeps for its fields besides the rows (token,
@@ -52,17 +53,20 @@ const PAGE_OVERHEAD_BYTES: usize = 1024;
 impl CatalogApi {
     /// The service over `catalog` and `blobs`; list pages are cut to fit in
     /// `max_response_bytes` (the next page token resumes after the last row
-    /// sent), so every documented page size works.
+    /// sent), so every documented page size works. Uploads arrive into files
+    /// in `upload_staging`, not memory.
     pub fn new(
         catalog: Arc<dyn Catalog>,
         blobs: BlobStore,
         max_upload_bytes: u64,
         max_response_bytes: usize,
+        upload_staging: std::path::PathBuf,
     ) -> Self {
         Self {
             catalog,
             blobs,
             max_upload_bytes,
+            upload_staging,
             page_bytes: max_response_bytes
                 .saturating_sub(PAGE_OVERHEAD_BYTES)
                 .max(1),
@@ -305,7 +309,13 @@ impl CatalogService for CatalogApi {
         {
             return Err(invalid("header.sha256", "must be 64 lowercase hex digits"));
         }
-        let mut file = Vec::with_capacity(header.size_bytes as usize);
+        let staging_failed = |e: BlobError| {
+            tracing::error!(error = %e, "staging an upload failed");
+            Status::unavailable(format!("staging the upload on this server failed: {e}"))
+        };
+        let mut staged = StagedUpload::create(&self.upload_staging)
+            .await
+            .map_err(staging_failed)?;
         while let Some(message) = stream.message().await? {
             match message.part {
                 Some(Part::Chunk(chunk)) => {
@@ -318,29 +328,29 @@ impl CatalogService for CatalogApi {
                             ),
                         ));
                     }
-                    if (file.len() + chunk.len()) as u64 > header.size_bytes {
+                    if staged.len() + chunk.len() as u64 > header.size_bytes {
                         return Err(invalid(
                             "header.size_bytes",
                             format!("declared {} bytes, received more", header.size_bytes),
                         ));
                     }
-                    file.extend_from_slice(&chunk);
+                    staged.append(&chunk).await.map_err(staging_failed)?;
                 }
                 Some(Part::Header(_)) => return Err(invalid("header", "sent twice")),
                 None => return Err(invalid("part", "an empty message")),
             }
         }
-        if file.len() as u64 != header.size_bytes {
+        if staged.len() != header.size_bytes {
             return Err(invalid(
                 "header.size_bytes",
                 format!(
                     "declared {} bytes, received {}",
                     header.size_bytes,
-                    file.len()
+                    staged.len()
                 ),
             ));
         }
-        let actual = sha256_hex(&file);
+        let (file, actual) = staged.finish().await.map_err(staging_failed)?;
         if actual != header.sha256 {
             return Err(invalid(
                 "header.sha256",
@@ -362,24 +372,18 @@ impl CatalogService for CatalogApi {
             seed: header.seed,
             training_config,
         };
-        let inserted = add_checkpoint(
-            &self.catalog,
-            &self.blobs,
-            Bytes::from(file),
-            &meta,
-            UPLOAD_ZOO,
-        )
-        .await
-        .map_err(|e| match e {
-            AddError::Invalid { field, reason } => invalid(&format!("file.{field}"), reason),
-            AddError::UnknownArchitecture(name) => {
-                Status::not_found(format!("header.architecture: {name:?} is not registered"))
-            }
-            AddError::Storage(reason) => {
-                tracing::error!(%reason, "storing an upload failed");
-                Status::unavailable(reason)
-            }
-        })?;
+        let inserted = add_checkpoint(&self.catalog, &self.blobs, file, &meta, UPLOAD_ZOO)
+            .await
+            .map_err(|e| match e {
+                AddError::Invalid { field, reason } => invalid(&format!("file.{field}"), reason),
+                AddError::UnknownArchitecture(name) => {
+                    Status::not_found(format!("header.architecture: {name:?} is not registered"))
+                }
+                AddError::Storage(reason) => {
+                    tracing::error!(%reason, "storing an upload failed");
+                    Status::unavailable(reason)
+                }
+            })?;
         tracing::info!(model = %inserted.model.id, deduplicated = inserted.deduplicated, file = %header.filename, "checkpoint uploaded");
         Ok(Response::new(UploadCheckpointResponse {
             model: Some(zoo_model_to_proto(&inserted.model)),

@@ -146,6 +146,12 @@ pub struct ServerConfig {
     #[arg(long, env = "WEIGHTGEN_AUTH_TOKENS")]
     pub auth_tokens: Option<PathBuf>,
 
+    /// How often the token file is re-read: a changed file that parses
+    /// replaces the tokens without a restart (a rotated Kubernetes Secret);
+    /// one that does not is logged and the previous tokens stay.
+    #[arg(long, env = "WEIGHTGEN_AUTH_RELOAD_EVERY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub auth_reload_every: Duration,
+
     /// Require a token for health checks and reflection too (by default they
     /// stay open for probes and tooling).
     #[arg(long, env = "WEIGHTGEN_AUTH_HEALTH")]

@@ -143,6 +143,10 @@ pub fn descriptor_from_proto(
     task: &pb::TaskDescriptor,
     prefix: &str,
 ) -> Result<Descriptor, Status> {
+    // Feature names are quoted in later errors: refuse long ones unquoted.
+    for name in task.features.keys() {
+        super::status::bounded_name(&format!("{prefix}.features"), name)?;
+    }
     let invalid = |field: &str, reason: String| {
         Status::invalid_argument(format!("{prefix}.support.{field}: {reason}"))
     };

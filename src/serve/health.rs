@@ -1,6 +1,7 @@
 //! grpc.health.v1 statuses per service: the overall server (""), the catalog
-//! and jobs services while the server runs, and the generation service only
-//! while a denoiser is loaded. Everything turns NOT_SERVING when shutdown
+//! and jobs services while the server runs and the catalog answers (its
+//! breaker is closed), and the generation service only while a denoiser is
+//! loaded (it needs neither backend then). Everything turns NOT_SERVING when shutdown
 //! starts, before connections are drained.
 
 use tonic_health::ServingStatus;
@@ -36,6 +37,21 @@ pub async fn set_generation(reporter: &HealthReporter, ready: bool) {
     reporter
         .set_service_status(generation_service_server::SERVICE_NAME, status)
         .await;
+}
+
+/// Sets the catalog and jobs services' status from the catalog's breaker.
+pub async fn set_catalog(reporter: &HealthReporter, up: bool) {
+    let status = if up {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    for name in [
+        catalog_service_server::SERVICE_NAME,
+        job_service_server::SERVICE_NAME,
+    ] {
+        reporter.set_service_status(name, status).await;
+    }
 }
 
 /// Marks everything NOT_SERVING, at the start of shutdown.

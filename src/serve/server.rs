@@ -16,7 +16,7 @@ use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
 use super::admission::Admission;
-use super::auth::{AuthLayer, Tokens};
+use super::auth::{AuthLayer, Tokens, watch_token_file};
 use super::catalog::CatalogApi;
 use super::config::ServerConfig;
 use super::deadline::DeadlineLayer;
@@ -28,6 +28,7 @@ use super::jobs::JobsApi;
 use super::metrics_http;
 use super::model_thread::{BatchConfig, ModelThread};
 use super::readiness::Readiness;
+use crate::backend::BackendGuard;
 use crate::blobs::BlobStore;
 use crate::catalog::Catalog;
 use crate::device::{DeviceError, device_name};
@@ -165,7 +166,7 @@ impl RunningServer {
 /// both listeners and serves in background tasks.
 pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let tokens = match &config.auth_tokens {
-        Some(path) => Some(Tokens::load(path)?),
+        Some(path) => Some((path.clone(), Tokens::load(path)?)),
         None => {
             tracing::warn!(
                 "no --auth-tokens: every call is allowed without credentials (keep the port private)"
@@ -178,10 +179,12 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         path: data_dir.clone(),
         source,
     })?;
-    let (catalog_store, blobs) = config.storage.open().await?;
+    let storage = config.storage.for_server().open_guarded().await?;
+    let (catalog_store, blobs) = (storage.catalog.clone(), storage.blobs.clone());
     tokio::spawn(sweep_blobs(
         catalog_store.clone(),
         blobs.clone(),
+        config.storage.upload_staging(),
         config.gc_grace,
     ));
     // Asking libtorch initializes CUDA, which blocks for a while on a GPU host.
@@ -245,6 +248,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let admission = Admission::new(config.max_concurrent_requests);
     let (reporter, health_service) = tonic_health::server::health_reporter();
     health::set_running(&reporter, readiness.is_ready()).await;
+    health::set_catalog(&reporter, storage.catalog_guard.is_up()).await;
 
     let reflection_v1 = reflection_builder()
         .build_v1()
@@ -274,6 +278,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         blobs.clone(),
         config.max_upload_bytes,
         config.max_response_bytes,
+        config.storage.upload_staging(),
     ))
     .max_decoding_message_size(config.max_request_bytes)
     .max_encoding_message_size(config.max_response_bytes);
@@ -283,7 +288,10 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
 
     let layers = ServiceBuilder::new()
         .layer(GrpcMetricsLayer::new(methods))
-        .layer(AuthLayer::new(tokens, !config.auth_health))
+        .layer(AuthLayer::new(
+            tokens.map(|(path, tokens)| watch_token_file(path, tokens, config.auth_reload_every)),
+            !config.auth_health,
+        ))
         .layer(admission.clone())
         .layer(DeadlineLayer::new(config.request_timeout))
         .into_inner();
@@ -338,6 +346,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         metrics_task,
         reporter,
         readiness: readiness.clone(),
+        catalog_guard: storage.catalog_guard.clone(),
         admission: admission.clone(),
         grace: config.shutdown_grace,
     }));
@@ -420,6 +429,7 @@ struct Supervised {
     metrics_task: Option<JoinHandle<std::io::Result<()>>>,
     reporter: HealthReporter,
     readiness: Readiness,
+    catalog_guard: BackendGuard,
     admission: Admission,
     grace: Duration,
 }
@@ -438,14 +448,25 @@ async fn supervise(s: Supervised) -> Result<ShutdownReport, ServeError> {
         metrics_task,
         reporter,
         readiness,
+        catalog_guard,
         admission,
         grace,
     } = s;
     let mut ready_rx = readiness.subscribe();
     let mut mirror_readiness = true;
+    let mut catalog_rx = catalog_guard.subscribe();
+    let mut mirror_catalog = true;
     loop {
         tokio::select! {
             () = stop_requested(&mut stop_rx) => break,
+            changed = catalog_rx.changed(), if mirror_catalog => {
+                if changed.is_ok() {
+                    let up = *catalog_rx.borrow_and_update();
+                    health::set_catalog(&reporter, up).await;
+                } else {
+                    mirror_catalog = false;
+                }
+            }
             changed = ready_rx.changed(), if mirror_readiness => {
                 if changed.is_ok() {
                     let ready = *ready_rx.borrow_and_update();
@@ -505,10 +526,16 @@ async fn supervise(s: Supervised) -> Result<ShutdownReport, ServeError> {
 
 /// The start-up sweep of what killed processes left in the blob store
 /// (`crate::gc`); a failure is logged, never fatal.
-async fn sweep_blobs(catalog: Arc<dyn Catalog>, blobs: BlobStore, grace: Duration) {
+async fn sweep_blobs(
+    catalog: Arc<dyn Catalog>,
+    blobs: BlobStore,
+    upload_staging: PathBuf,
+    grace: Duration,
+) {
     let config = crate::gc::GcConfig {
         grace,
         dry_run: false,
+        upload_staging: Some(upload_staging),
     };
     if let Err(e) = crate::gc::collect(catalog.as_ref(), &blobs, &config).await {
         tracing::warn!(error = %e, "start-up sweep of the blob store failed");

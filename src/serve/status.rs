@@ -37,6 +37,10 @@ pub fn catalog_status(error: CatalogError) -> Status {
         CatalogError::NotFound { .. } => Status::not_found(error.to_string()),
         CatalogError::InvalidArgument { .. } => Status::invalid_argument(error.to_string()),
         CatalogError::Conflict(_) => Status::failed_precondition(error.to_string()),
+        CatalogError::Unavailable(_) => {
+            tracing::warn!(%error, "catalog unavailable");
+            Status::unavailable(error.to_string())
+        }
         CatalogError::Corrupt { .. } => {
             tracing::error!(%error, "corrupt catalog row");
             Status::internal(error.to_string())

@@ -99,6 +99,8 @@ pub struct TrainDenoiserConfig {
     pub timesteps: usize,
     /// Noise schedule.
     pub schedule: crate::diffusion::schedule::ScheduleKind,
+    /// What the network predicts (ε in the proposal).
+    pub prediction: crate::diffusion::objective::Prediction,
     /// The space diffusion runs in (standardized weights or a PCA latent).
     pub latent: LatentChoice,
     /// Alignment and zoo subset.
@@ -161,6 +163,9 @@ impl TrainDenoiserConfig {
         // before schedules existed still resume.
         if self.fit.lr_schedule != LrSchedule::Constant {
             fingerprint["lr_schedule"] = self.fit.lr_schedule.name().into();
+        }
+        if self.prediction != crate::diffusion::objective::Prediction::Epsilon {
+            fingerprint["prediction"] = self.prediction.name().into();
         }
         fingerprint
     }
@@ -518,6 +523,7 @@ fn train_blocking(
     denoiser_config.net = config.net.clone();
     denoiser_config.timesteps = config.timesteps;
     denoiser_config.schedule = config.schedule;
+    denoiser_config.prediction = config.prediction;
     // The initial weights come from libtorch's global generator: seed it so
     // a run is reproducible (and a resumed run comparable to a fresh one).
     tch::manual_seed(config.fit.seed as i64);

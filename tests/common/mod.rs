@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod generation;
+pub mod proxy;
 pub mod services;
 
 use std::process::Output;

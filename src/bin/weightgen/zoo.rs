@@ -24,7 +24,7 @@ pub enum ZooCommand {
         #[arg(long, env = "WEIGHTGEN_ZOO_NAME", default_value = "ingested")]
         zoo: String,
         #[command(flatten)]
-        storage: StorageArgs,
+        storage: Box<StorageArgs>,
     },
 }
 

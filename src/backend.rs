@@ -1,0 +1,326 @@
+//! Health of a storage backend (the catalog, the blob store) as seen by its
+//! callers: a circuit breaker. After `failures_to_open` consecutive
+//! connection-level failures the breaker opens and every call is refused at
+//! once, naming the backend and the last cause, instead of each paying the
+//! backend's own timeout; a probe (run by [`BackendGuard::watch`]) tries
+//! the backend every `probe_every` and closes the breaker as soon as it
+//! answers. Errors that are about the request (a missing row, a conflict)
+//! say the backend is up. The state is published as the gauge
+//! `weightgen_backend_up{backend}`, failures as
+//! `weightgen_backend_errors_total{backend}`, and to subscribers (health).
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// Consecutive connection failures that open a breaker, by default.
+pub const DEFAULT_FAILURES_TO_OPEN: u32 = 3;
+/// How often an open breaker probes its backend, by default.
+pub const DEFAULT_PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// When a breaker opens and how it looks for the backend's return.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive connection-level failures that open it (at least 1).
+    pub failures_to_open: u32,
+    /// Interval between probes while it is open.
+    pub probe_every: Duration,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            failures_to_open: DEFAULT_FAILURES_TO_OPEN,
+            probe_every: DEFAULT_PROBE_EVERY,
+        }
+    }
+}
+
+/// What one call said about the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The backend answered (successfully or with a request-level error).
+    Answered,
+    /// The backend could not be reached or did not answer; the cause.
+    Unreachable(String),
+}
+
+/// A call refused because the breaker is open.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the {backend} is unavailable ({cause}); retry later")]
+pub struct Unavailable {
+    /// "catalog" or "blob store".
+    pub backend: &'static str,
+    /// The last failure seen.
+    pub cause: String,
+}
+
+#[derive(Debug)]
+struct State {
+    consecutive_failures: u32,
+    open: bool,
+    last_cause: String,
+}
+
+/// One backend's breaker, shared by every caller.
+#[derive(Debug, Clone)]
+pub struct BackendGuard {
+    backend: &'static str,
+    /// `backend` as a metric label ("blob_store").
+    label: String,
+    config: BreakerConfig,
+    state: Arc<Mutex<State>>,
+    up: Arc<watch::Sender<bool>>,
+}
+
+impl BackendGuard {
+    /// A closed breaker for `backend` ("catalog", "blob store").
+    pub fn new(backend: &'static str, config: BreakerConfig) -> Self {
+        let label = backend.replace(' ', "_");
+        metrics::gauge!("weightgen_backend_up", "backend" => label.clone()).set(1.0);
+        Self {
+            backend,
+            label,
+            config: BreakerConfig {
+                failures_to_open: config.failures_to_open.max(1),
+                ..config
+            },
+            state: Arc::new(Mutex::new(State {
+                consecutive_failures: 0,
+                open: false,
+                last_cause: String::new(),
+            })),
+            up: Arc::new(watch::channel(true).0),
+        }
+    }
+
+    /// The backend's name in messages and metrics.
+    pub fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    /// Whether calls are let through (the breaker is closed).
+    pub fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
+    /// A receiver that sees every open and close.
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.up.subscribe()
+    }
+
+    /// Refuses at once while the breaker is open.
+    pub fn admit(&self) -> Result<(), Unavailable> {
+        let state = self.lock();
+        if state.open {
+            Err(Unavailable {
+                backend: self.backend,
+                cause: state.last_cause.clone(),
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Records what a call said about the backend.
+    pub fn record(&self, outcome: Outcome) {
+        let mut state = self.lock();
+        match outcome {
+            Outcome::Answered => {
+                state.consecutive_failures = 0;
+                if state.open {
+                    state.open = false;
+                    drop(state);
+                    tracing::info!(backend = self.backend, "backend is back; breaker closed");
+                    self.publish(true);
+                }
+            }
+            Outcome::Unreachable(cause) => {
+                metrics::counter!("weightgen_backend_errors_total", "backend" => self.label.clone())
+                    .increment(1);
+                state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+                state.last_cause = cause;
+                if !state.open && state.consecutive_failures >= self.config.failures_to_open {
+                    state.open = true;
+                    let cause = state.last_cause.clone();
+                    drop(state);
+                    tracing::warn!(
+                        backend = self.backend,
+                        %cause,
+                        "backend unreachable; breaker open, calls refused until a probe succeeds"
+                    );
+                    self.publish(false);
+                }
+            }
+        }
+    }
+
+    /// Runs `call` unless the breaker is open, recording its outcome as
+    /// `classify` reads its error.
+    pub async fn run<T, E>(
+        &self,
+        call: impl Future<Output = Result<T, E>>,
+        classify: impl Fn(&E) -> Option<String>,
+        refused: impl FnOnce(Unavailable) -> E,
+    ) -> Result<T, E> {
+        self.admit().map_err(refused)?;
+        let result = call.await;
+        match &result {
+            Err(error) => match classify(error) {
+                Some(cause) => self.record(Outcome::Unreachable(cause)),
+                None => self.record(Outcome::Answered),
+            },
+            Ok(_) => self.record(Outcome::Answered),
+        }
+        result
+    }
+
+    /// Probes the backend with `probe` every `probe_every` while the breaker
+    /// is open, until `stop` resolves. Spawn it once per guard.
+    pub async fn watch<F, Fut>(self, probe: F, stop: impl Future<Output = ()>)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Outcome>,
+    {
+        tokio::pin!(stop);
+        let mut ticks = tokio::time::interval(self.config.probe_every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = &mut stop => return,
+                _ = ticks.tick() => {}
+            }
+            if self.is_up() {
+                continue;
+            }
+            let outcome = tokio::select! {
+                _ = &mut stop => return,
+                outcome = probe() => outcome,
+            };
+            // A failed probe only refreshes the cause: the breaker is open.
+            if let Outcome::Unreachable(cause) = &outcome {
+                self.lock().last_cause.clone_from(cause);
+            } else {
+                self.record(outcome);
+            }
+        }
+    }
+
+    fn publish(&self, up: bool) {
+        metrics::gauge!("weightgen_backend_up", "backend" => self.label.clone()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
+        self.up.send_replace(up);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(failures: u32) -> BackendGuard {
+        BackendGuard::new(
+            "catalog",
+            BreakerConfig {
+                failures_to_open: failures,
+                probe_every: Duration::from_millis(10),
+            },
+        )
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_only() {
+        let g = guard(3);
+        g.record(Outcome::Unreachable("refused".into()));
+        g.record(Outcome::Unreachable("refused".into()));
+        g.record(Outcome::Answered);
+        g.record(Outcome::Unreachable("refused".into()));
+        g.record(Outcome::Unreachable("refused".into()));
+        assert!(g.admit().is_ok(), "the answer in between reset the count");
+        g.record(Outcome::Unreachable("connection refused".into()));
+        let refused = g.admit().unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            "the catalog is unavailable (connection refused); retry later"
+        );
+        assert!(!g.is_up());
+    }
+
+    #[tokio::test]
+    async fn a_probe_closes_it_and_subscribers_see_both_changes() {
+        let g = guard(1);
+        let mut seen = g.subscribe();
+        let result: Result<(), String> = g
+            .run(
+                async { Err("io".to_owned()) },
+                |e| Some(e.clone()),
+                |u| u.to_string(),
+            )
+            .await;
+        assert_eq!(result.unwrap_err(), "io");
+        seen.changed().await.unwrap();
+        assert!(!*seen.borrow_and_update());
+        // Refused without running the call.
+        let ran = std::sync::atomic::AtomicBool::new(false);
+        let result: Result<(), String> = g
+            .run(
+                async {
+                    ran.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                },
+                |e: &String| Some(e.clone()),
+                |u| u.to_string(),
+            )
+            .await;
+        assert_eq!(
+            result.unwrap_err(),
+            "the catalog is unavailable (io); retry later"
+        );
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        // The first probe fails (the cause is refreshed), the second answers.
+        let probes = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = probes.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let watcher = tokio::spawn(g.clone().watch(
+            move || {
+                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    if n == 0 {
+                        Outcome::Unreachable("still down".into())
+                    } else {
+                        Outcome::Answered
+                    }
+                }
+            },
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        seen.changed().await.unwrap();
+        assert!(*seen.borrow());
+        assert!(g.admit().is_ok());
+        assert!(probes.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+        stop_tx.send(()).unwrap();
+        watcher.await.unwrap();
+    }
+
+    #[test]
+    fn request_level_errors_keep_it_closed() {
+        let g = guard(1);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let result: Result<(), &str> =
+            rt.block_on(g.run(async { Err("not found") }, |_| None, |_| "refused"));
+        assert_eq!(result.unwrap_err(), "not found");
+        assert!(g.admit().is_ok());
+    }
+}
