@@ -227,9 +227,12 @@ impl BlobStore {
                 let Some(store) = store else {
                     return Outcome::Answered;
                 };
+                // Any answer from the store, even a refusal, says it is up.
                 match store.head(&key).await {
-                    Ok(_) | Err(object_store::Error::NotFound { .. }) => Outcome::Answered,
-                    Err(e) => Outcome::Unreachable(e.to_string()),
+                    Err(e @ object_store::Error::Generic { .. }) => {
+                        Outcome::Unreachable(e.to_string())
+                    }
+                    _ => Outcome::Answered,
                 }
             }
         };
