@@ -222,6 +222,14 @@ impl BackendGuard {
     }
 }
 
+/// Resolves once the last strong reference behind `weak` is dropped: the
+/// stop signal of a probe that should live as long as what it watches.
+pub async fn dropped<T: ?Sized>(weak: std::sync::Weak<T>) {
+    while weak.strong_count() > 0 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

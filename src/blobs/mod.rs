@@ -80,10 +80,12 @@ pub struct BlobRef {
 
 /// Lowercase hex SHA-256 of `bytes`.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    lower_hex(&Sha256::digest(bytes))
+}
+
+/// Lowercase hex of a digest.
+pub(crate) fn lower_hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn is_sha256(text: &str) -> bool {
@@ -236,12 +238,7 @@ impl BlobStore {
                 }
             }
         };
-        let stop = async move {
-            while gone.strong_count() > 0 {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        };
-        tokio::spawn(guard.watch(probe, stop));
+        tokio::spawn(guard.watch(probe, crate::backend::dropped(gone)));
     }
 
     /// Runs a store call through the breaker, if there is one.

@@ -67,11 +67,7 @@ impl StagedUpload {
     /// already unlinked) and their lowercase hex SHA-256.
     pub async fn finish(mut self) -> Result<(Bytes, String), BlobError> {
         self.file.flush().await?;
-        let sha256: String = std::mem::take(&mut self.hasher)
-            .finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha256 = super::lower_hex(&std::mem::take(&mut self.hasher).finalize());
         if self.len == 0 {
             return Ok((Bytes::new(), sha256));
         }

@@ -78,12 +78,11 @@ impl GuardedCatalog {
                 }
             }
         };
-        let stop = async move {
-            while gone.strong_count() > 0 {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        };
-        tokio::spawn(self.guard.clone().watch(probe, stop));
+        tokio::spawn(
+            self.guard
+                .clone()
+                .watch(probe, crate::backend::dropped(gone)),
+        );
     }
 
     /// The cause, when `error` says the catalog could not be reached.
