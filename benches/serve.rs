@@ -227,7 +227,7 @@ async fn main() {
     let server = serve::start(config).await.unwrap();
     let addr = server.grpc_addr().to_string();
     weightgen::client::wait_until_serving(
-        &addr,
+        &weightgen::client::Target::new(addr.clone()),
         "weightgen.v1.GenerationService",
         Duration::from_secs(60),
     )

@@ -3,7 +3,9 @@
 # when the calling shell exits. Source it.
 #   PostgreSQL: DATABASE_URL when set; otherwise a throwaway cluster made with
 #               initdb/pg_ctl in a temporary directory (run as the postgres
-#               user when we are root, as PostgreSQL refuses root).
+#               user when we are root, as PostgreSQL refuses root), with TLS
+#               on from a CA made here (WEIGHTGEN_TEST_PG_CA, for the
+#               sslmode=verify-full test; plain connections still work).
 #   S3:         SeaweedFS (`weed mini`, from scripts/tools.sh) with a fresh
 #               data directory and bucket; exports WEIGHTGEN_TEST_S3_URL and
 #               the AWS_* settings object_store reads.
@@ -50,12 +52,27 @@ weightgen_services() {
             cat "$dir/pg/initdb.log" >&2
             return 1
         }
+        local tls="$dir/pg/tls"
+        mkdir -p "$tls"
+        openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=weightgen test PostgreSQL CA" \
+            -keyout "$tls/ca.key" -out "$tls/ca.pem" >/dev/null 2>&1 &&
+            openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+                -keyout "$tls/server.key" -out "$tls/server.csr" >/dev/null 2>&1 &&
+            printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$tls/ext" &&
+            openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" -CAkey "$tls/ca.key" \
+                -CAcreateserial -days 2 -extfile "$tls/ext" -out "$tls/server.pem" >/dev/null 2>&1 || {
+            echo "$step openssl could not make the test PostgreSQL certificates" >&2
+            return 1
+        }
+        chmod 600 "$tls/server.key"
+        [ "$(id -u)" = 0 ] && chown postgres "$tls/server.key" "$tls/server.pem"
         "${as_pg[@]}" pg_ctl -D "$dir/pg/data" -l "$dir/pg/server.log" -w \
-            -o "-p $port -k $dir/pg -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off" \
+            -o "-p $port -k $dir/pg -c listen_addresses=127.0.0.1 -c max_connections=300 -c fsync=off -c ssl=on -c ssl_cert_file=$tls/server.pem -c ssl_key_file=$tls/server.key" \
             start >/dev/null || { cat "$dir/pg/server.log" >&2; return 1; }
+        export WEIGHTGEN_TEST_PG_CA="$tls/ca.pem"
         WEIGHTGEN_PG_CTL=("${as_pg[@]}" pg_ctl -D "$dir/pg/data" -m fast stop)
         export DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
-        echo "$step PostgreSQL: throwaway cluster on 127.0.0.1:$port"
+        echo "$step PostgreSQL: throwaway cluster on 127.0.0.1:$port (TLS on, CA $WEIGHTGEN_TEST_PG_CA)"
     fi
 
     local weed="${WEIGHTGEN_TOOLS_BIN:?source scripts/tools.sh first}/weed"

@@ -712,3 +712,54 @@ async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_withou
         assert_eq!(sha256_hex(&bytes), uploaded.sha256);
     }
 }
+
+/// `url` with `param` added to its query string.
+fn with_param(url: &str, param: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}{param}")
+}
+
+#[tokio::test]
+async fn postgres_over_tls_verifies_the_server_certificate() {
+    use sqlx::Connection;
+    let ca = std::env::var("WEIGHTGEN_TEST_PG_CA").unwrap_or_else(|_| {
+        panic!("WEIGHTGEN_TEST_PG_CA is not set: run the tests through scripts/test.sh, whose PostgreSQL serves TLS with a CA it makes")
+    });
+    let db = TestDatabase::create("tls").await;
+    let verified = with_param(&db.url, &format!("sslmode=verify-full&sslrootcert={ca}"));
+    // The catalog opens, migrates and answers over verified TLS ...
+    let catalog = weightgen::catalog::open(&verified).await.unwrap();
+    catalog.ping().await.unwrap();
+    // ... and the session really is encrypted.
+    let mut connection = sqlx::PgConnection::connect(&verified).await.unwrap();
+    let (ssl,): (bool,) =
+        sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+            .fetch_one(&mut connection)
+            .await
+            .unwrap();
+    assert!(ssl, "sslmode=verify-full gave a plaintext session");
+    connection.close().await.ok();
+
+    // A CA that did not sign the server's certificate: refused, saying why.
+    let dir = tempfile::tempdir().unwrap();
+    let rogue = common::tls::Pki::new(dir.path(), "rogue");
+    let wrong = with_param(
+        &db.url,
+        &format!(
+            "sslmode=verify-full&sslrootcert={}",
+            rogue.ca_pem().display()
+        ),
+    );
+    let timeouts = weightgen::catalog::CatalogTimeouts {
+        connect: Duration::from_secs(1),
+        acquire: Duration::from_secs(1),
+    };
+    let Err(err) = weightgen::catalog::open_with(&wrong, timeouts).await else {
+        panic!("a server certificate from another CA was accepted")
+    };
+    let text = err.to_string();
+    assert!(
+        text.contains("UnknownIssuer") || text.contains("certificate"),
+        "{text}"
+    );
+}

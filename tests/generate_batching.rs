@@ -2,14 +2,15 @@
 //! reverse diffusions without changing anyone's bytes; a full queue answers
 //! RESOURCE_EXHAUSTED at once and the server keeps serving; a call past its
 //! deadline (the client's or the server's) is answered DEADLINE_EXCEEDED and
-//! its queued work is dropped.
+//! its queued work is dropped. Malformed requests (generated, and random
+//! bytes) never fail the server or anyone else's call.
 
 mod common;
 
 use std::time::Duration;
 
 use common::generation::{
-    Client, descriptor, generate_with, request, small_digits_zoo, train, wait_ready,
+    Client, descriptor, generate, generate_with, request, small_digits_zoo, train, wait_ready,
 };
 use common::{metric_value, spawn_server};
 use tonic::Code;
@@ -248,4 +249,321 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     strict.server.shutdown().await.unwrap();
     small.server.shutdown().await.unwrap();
     batching.server.shutdown().await.unwrap();
+}
+
+/// Resident memory of this process (the server runs in it), in bytes.
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .expect("a VmRSS line");
+    let kib: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("VmRSS in kB");
+    kib * 1024
+}
+
+/// Whether every float of a safetensors file is finite (f32, f16, bf16).
+fn all_finite(file: &[u8]) -> bool {
+    let parsed = safetensors::SafeTensors::deserialize(file).expect("a safetensors file");
+    parsed.tensors().iter().all(|(_, view)| {
+        let bytes = view.data();
+        match view.dtype() {
+            safetensors::Dtype::F32 => bytes
+                .chunks_exact(4)
+                .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+            // Exponent bits all set: an infinity or a NaN.
+            safetensors::Dtype::F16 => bytes
+                .chunks_exact(2)
+                .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00),
+            safetensors::Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
+            other => panic!("unexpected dtype {other:?}"),
+        }
+    })
+}
+
+mod malformed {
+    use proptest::prelude::*;
+    use weightgen::proto::v1::{
+        FeatureValue, FloatTensor, GenerateInitRequest, SamplingOptions, SupportSet, TaskDescriptor,
+    };
+
+    fn float() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            4 => -3.0f32..3.0,
+            1 => Just(f32::NAN),
+            1 => Just(f32::INFINITY),
+            1 => Just(1e25f32),
+            1 => Just(-1e38f32),
+            1 => any::<f32>(),
+        ]
+    }
+
+    fn double() -> impl Strategy<Value = f64> {
+        prop_oneof![
+            4 => -3.0f64..3.0,
+            1 => Just(f64::NAN),
+            1 => Just(f64::NEG_INFINITY),
+            1 => Just(1e300),
+            1 => any::<f64>(),
+        ]
+    }
+
+    fn count() -> impl Strategy<Value = u32> {
+        prop_oneof![4 => 0u32..8, 1 => Just(u32::MAX), 1 => Just(1 << 31), 1 => any::<u32>()]
+    }
+
+    fn dimension() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            4 => 0u64..12,
+            1 => Just(64u64),
+            1 => Just(1u64 << 32),
+            1 => Just((1u64 << 61) + 64),
+            1 => Just(u64::MAX),
+        ]
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            2 => proptest::collection::vec(any::<char>(), 0..24).prop_map(String::from_iter),
+            1 => (1usize..20_000).prop_map(|n| "x".repeat(n)),
+        ]
+    }
+
+    fn tensor() -> impl Strategy<Value = FloatTensor> {
+        (
+            proptest::collection::vec(dimension(), 0..4),
+            proptest::collection::vec(float(), 0..300),
+        )
+            .prop_map(|(shape, values)| FloatTensor { shape, values })
+    }
+
+    /// A valid task with some of its parts broken.
+    fn task(valid: TaskDescriptor) -> impl Strategy<Value = TaskDescriptor> {
+        let names: Vec<String> = valid.features.keys().cloned().collect();
+        (
+            prop::option::weighted(0.2, text()),
+            prop::option::weighted(0.4, count()),
+            prop::option::weighted(
+                0.5,
+                (0..names.len(), proptest::collection::vec(double(), 0..70)),
+            ),
+            prop::option::weighted(0.2, (text(), proptest::collection::vec(double(), 0..4))),
+            prop::option::weighted(0.1, 0..names.len()),
+            proptest::collection::vec(float(), 0..3),
+            prop::option::weighted(0.4, (tensor(), tensor())),
+        )
+            .prop_map(
+                move |(architecture, classes, changed, added, removed, embedding, support)| {
+                    let mut task = valid.clone();
+                    if let Some(architecture) = architecture {
+                        task.architecture = architecture;
+                    }
+                    if let Some(classes) = classes {
+                        task.num_classes = classes;
+                    }
+                    if let Some((i, values)) = changed {
+                        task.features
+                            .insert(names[i].clone(), FeatureValue { values });
+                    }
+                    if let Some((name, values)) = added {
+                        task.features.insert(name, FeatureValue { values });
+                    }
+                    if let Some(i) = removed {
+                        task.features.remove(&names[i]);
+                    }
+                    task.embedding = embedding;
+                    task.support = support.map(|(inputs, targets)| SupportSet {
+                        inputs: Some(inputs),
+                        targets: Some(targets),
+                    });
+                    task
+                },
+            )
+    }
+
+    fn options() -> impl Strategy<Value = SamplingOptions> {
+        (
+            (
+                prop_oneof![6 => 0u32..5, 1 => count()],
+                -1i32..4,
+                prop_oneof![4 => 0u32..60, 1 => count()],
+            ),
+            (prop::option::of(float()), prop::option::of(float())),
+            (
+                prop::option::of(any::<u64>()),
+                -1i32..5,
+                prop_oneof![3 => Just(0u32), 1 => count()],
+            ),
+        )
+            .prop_map(
+                |((num_samples, sampler, steps), (eta, guidance_scale), (seed, dtype, redraws))| {
+                    SamplingOptions {
+                        num_samples,
+                        sampler,
+                        steps,
+                        eta,
+                        guidance_scale,
+                        seed,
+                        output_dtype: dtype,
+                        max_redraws: redraws,
+                    }
+                },
+            )
+    }
+
+    /// GenerateInit requests built from `valid` with parts broken or extreme.
+    pub fn requests(valid: TaskDescriptor) -> impl Strategy<Value = GenerateInitRequest> {
+        (
+            prop::option::weighted(
+                0.95,
+                prop_oneof![1 => Just(valid.clone()), 3 => task(valid)],
+            ),
+            prop::option::weighted(0.9, options()),
+            prop_oneof![3 => Just(String::new()), 1 => text()],
+        )
+            .prop_map(|(task, options, denoiser_id)| GenerateInitRequest {
+                task,
+                options,
+                denoiser_id,
+            })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn malformed_requests_never_fail_the_server_or_anyone_elses_call() {
+    use proptest::test_runner::{Config, TestCaseError, TestRunner};
+    use rand::{Rng, SeedableRng};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let test = spawn_server(|c| {
+        c.max_samples = 4;
+        c.request_timeout = Duration::from_secs(300);
+    })
+    .await;
+    let data = test.data_dir.path().join("data");
+    small_digits_zoo(&data);
+    train(&data, "digits-fuzz", "3");
+    let task = descriptor();
+    let mut client = Client::new(test.channel().await);
+    wait_ready(&mut client).await;
+    let rss_before = rss_bytes();
+
+    // Valid calls all along, on their own connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let valid = tokio::spawn({
+        let (stop, answered, task) = (stop.clone(), answered.clone(), task.clone());
+        let mut client = Client::new(test.channel().await);
+        async move {
+            let mut seed = 0;
+            while !stop.load(Ordering::Relaxed) {
+                seed += 1;
+                let answer = generate(&mut client, &task, seed).await;
+                let answer = answer.unwrap_or_else(|e| panic!("a valid call failed: {e:?}"));
+                assert!(answer.files.iter().all(|f| all_finite(f)));
+                answered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+
+    // Generated requests, shrunk to the smallest failing one on a failure.
+    let handle = tokio::runtime::Handle::current();
+    let channel = test.channel().await;
+    let strategy = malformed::requests(task.clone());
+    let oks = Arc::new(AtomicUsize::new(0));
+    let ok_count = oks.clone();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let config = Config {
+            cases: 1000,
+            failure_persistence: None,
+            rng_algorithm: proptest::test_runner::RngAlgorithm::ChaCha,
+            ..Config::default()
+        };
+        let mut runner = TestRunner::new_with_rng(
+            config,
+            proptest::test_runner::TestRng::from_seed(
+                proptest::test_runner::RngAlgorithm::ChaCha,
+                &[7; 32],
+            ),
+        );
+        runner
+            .run(&strategy, |request| {
+                let mut client = Client::new(channel.clone());
+                match handle.block_on(generate_with(&mut client, request)) {
+                    Ok(answer) => {
+                        ok_count.fetch_add(1, Ordering::Relaxed);
+                        if !answer.files.iter().all(|f| all_finite(f)) {
+                            return Err(TestCaseError::fail("a non-finite value answered OK"));
+                        }
+                    }
+                    Err(status) => {
+                        if matches!(status.code(), Code::Internal | Code::Unknown) {
+                            return Err(TestCaseError::fail(format!("{status:?}")));
+                        }
+                        if status.message().len() > 2048 {
+                            return Err(TestCaseError::fail("an unbounded status message"));
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(|failure| failure.to_string())
+    })
+    .await
+    .unwrap();
+    if let Err(failure) = outcome {
+        panic!("{failure}");
+    }
+
+    // Seeded random bytes to every method of every service.
+    let files = <prost_types::FileDescriptorSet as prost::Message>::decode(
+        weightgen::proto::FILE_DESCRIPTOR_SET,
+    )
+    .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut sent = 0;
+    for file in &files.file {
+        for service in &file.service {
+            for method in &service.method {
+                let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                for _ in 0..40 {
+                    let len = rng.random_range(0..200);
+                    let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+                    let result =
+                        common::raw::call_raw(test.channel().await, method, path.clone(), body)
+                            .await;
+                    if let Err(status) = result {
+                        assert!(
+                            !matches!(status.code(), Code::Internal | Code::Unknown),
+                            "{path}: {status:?}"
+                        );
+                    }
+                    sent += 1;
+                }
+            }
+        }
+    }
+    assert!(sent > 500, "{sent}");
+
+    stop.store(true, Ordering::Relaxed);
+    valid.await.unwrap();
+    assert!(
+        answered.load(Ordering::Relaxed) > 0,
+        "no valid call ran alongside"
+    );
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(grown < 768 << 20, "RSS grew by {} MiB", grown >> 20);
+    eprintln!(
+        "{} generated requests answered OK, {} valid calls alongside, RSS +{} MiB",
+        oks.load(Ordering::Relaxed),
+        answered.load(Ordering::Relaxed),
+        grown >> 20
+    );
+    test.server.shutdown().await.unwrap();
 }

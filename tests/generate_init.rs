@@ -574,43 +574,98 @@ print("dtypes:", sorted({str(t.dtype) for sd in answer.state_dicts() for t in sd
     assert!(out.contains("dtypes: ['torch.bfloat16']"), "{out}");
 
     // The Python client sends its bearer token (token=, or WEIGHTGEN_TOKEN)
-    // to a server started with --auth-tokens on the same catalog.
+    // to a server started with --auth-tokens on the same catalog, over
+    // mutual TLS (certificates made here): the CLI and the Python client
+    // verify the server against the CA and present a client certificate.
     let tokens = dir.join("tokens");
     std::fs::write(
         &tokens,
         format!(
-            "py generate sha256:{}\nviewer read sha256:{}\n",
+            "py generate sha256:{}\nviewer read sha256:{}\nmetered generate sha256:{} samples=3/min\n",
             weightgen::blobs::sha256_hex(b"py-token"),
-            weightgen::blobs::sha256_hex(b"view-token")
+            weightgen::blobs::sha256_hex(b"view-token"),
+            weightgen::blobs::sha256_hex(b"metered-token")
         ),
     )
     .unwrap();
+    let pki = common::tls::Pki::new(dir, "interop");
+    let server_leaf = pki.leaf(
+        "server",
+        &["localhost", "127.0.0.1"],
+        common::tls::Usage::Server,
+        false,
+    );
+    let client_leaf = pki.leaf("client", &["py"], common::tls::Usage::Client, false);
     let guarded = spawn_server(|c| {
         c.storage = weightgen::storage::StorageArgs::embedded(&data);
         c.auth_tokens = Some(tokens.clone());
+        c.tls.cert = Some(server_leaf.cert.clone());
+        c.tls.key = Some(server_leaf.key.clone());
+        c.tls.client_ca = Some(pki.ca_pem());
     })
     .await;
     let script = r#"
 import sys, grpc
 from weightgen_client import WeightgenClient, WeightgenError, load_task
 task = load_task(sys.argv[2])
+tls = dict(tls_ca=sys.argv[3], tls_cert=sys.argv[4], tls_key=sys.argv[5])
 for token, expected in [(None, grpc.StatusCode.UNAUTHENTICATED), ("view-token", grpc.StatusCode.PERMISSION_DENIED)]:
     try:
-        WeightgenClient(sys.argv[1], token=token).generate_init(task)
+        WeightgenClient(sys.argv[1], token=token, **tls).generate_init(task)
         raise SystemExit(f"token {token!r} was let through")
     except WeightgenError as e:
         assert e.code == expected, e
-print("files:", len(WeightgenClient(sys.argv[1], token="py-token").generate_init(task).files))
+try:
+    WeightgenClient(sys.argv[1], token="py-token", timeout=10, tls_ca=sys.argv[3]).generate_init(task)
+    raise SystemExit("a client without a certificate was let through")
+except WeightgenError as e:
+    print("no client certificate:", e.code.name)
+print("files:", len(WeightgenClient(sys.argv[1], token="py-token", **tls).generate_init(task).files))
+metered = WeightgenClient(sys.argv[1], token="metered-token", **tls)
+print("metered:", len(metered.generate_init(task, num_samples=2).files))
+try:
+    metered.generate_init(task, num_samples=2)
+    raise SystemExit("a call over the sample quota was let through")
+except WeightgenError as e:
+    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED, e
+    print("over quota:", e.details)
 "#;
     let mut wait = std::process::Command::new(CLI);
     wait.args(["--addr", &guarded.addr(), "health", "--service"])
-        .args(["weightgen.v1.GenerationService", "--wait", "60s"]);
-    assert!(wait.output().unwrap().status.success());
+        .args(["weightgen.v1.GenerationService", "--wait", "60s"])
+        .arg("--tls-ca")
+        .arg(pki.ca_pem())
+        .arg("--tls-client-cert")
+        .arg(&client_leaf.cert)
+        .arg("--tls-client-key")
+        .arg(&client_leaf.key);
+    let output = wait.output().unwrap();
+    assert!(output.status.success(), "{}", combined_output(&output));
+    // Plaintext towards a TLS port fails clearly instead of hanging.
+    let output = std::process::Command::new(CLI)
+        .args(["--addr", &guarded.addr(), "--timeout", "5s", "server-info"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{}", combined_output(&output));
     let out = run_python(
         &site,
-        &["-c", script, &guarded.addr(), task_path.to_str().unwrap()],
+        &[
+            "-c",
+            script,
+            &guarded.addr(),
+            task_path.to_str().unwrap(),
+            pki.ca_pem().to_str().unwrap(),
+            client_leaf.cert.to_str().unwrap(),
+            client_leaf.key.to_str().unwrap(),
+        ],
     );
     assert!(out.contains("files: 1"), "{out}");
+    assert!(out.contains("no client certificate: UNAVAILABLE"), "{out}");
+    assert!(out.contains("metered: 2"), "{out}");
+    assert!(
+        out.contains("over its quota of 3 samples per minute (2 used)"),
+        "{out}"
+    );
     guarded.server.shutdown().await.unwrap();
 
     // `weightgen compare`: inits for held-out tasks over gRPC, fine-tuned

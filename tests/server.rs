@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::call_raw;
 use common::{metric_value, spawn_server};
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -23,87 +24,6 @@ use weightgen::serve::ServeError;
 const GENERATION: &str = "weightgen.v1.GenerationService";
 const CATALOG: &str = "weightgen.v1.CatalogService";
 const JOBS: &str = "weightgen.v1.JobService";
-
-/// Sends and receives message bodies as raw bytes, to put undecodable
-/// bodies on the wire.
-#[derive(Clone, Default)]
-struct RawCodec;
-
-impl tonic::codec::Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        RawCodec
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RawCodec
-    }
-}
-
-impl tonic::codec::Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(
-        &mut self,
-        item: Vec<u8>,
-        buf: &mut tonic::codec::EncodeBuf<'_>,
-    ) -> Result<(), tonic::Status> {
-        bytes::BufMut::put_slice(buf, &item);
-        Ok(())
-    }
-}
-
-impl tonic::codec::Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(
-        &mut self,
-        buf: &mut tonic::codec::DecodeBuf<'_>,
-    ) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let n = bytes::Buf::remaining(buf);
-        Ok(Some(bytes::Buf::copy_to_bytes(buf, n).to_vec()))
-    }
-}
-
-/// Calls `path` with one raw message body, whatever the method's streaming kind.
-async fn call_raw(
-    channel: tonic::transport::Channel,
-    method: &prost_types::MethodDescriptorProto,
-    path: String,
-    body: Vec<u8>,
-) -> Result<(), tonic::Status> {
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready()
-        .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let path = http::uri::PathAndQuery::try_from(path).expect("a valid path");
-    match (method.client_streaming(), method.server_streaming()) {
-        (false, false) => grpc
-            .unary(tonic::Request::new(body), path, RawCodec)
-            .await
-            .map(drop),
-        (false, true) => {
-            let mut stream = grpc
-                .server_streaming(tonic::Request::new(body), path, RawCodec)
-                .await?
-                .into_inner();
-            while stream.message().await?.is_some() {}
-            Ok(())
-        }
-        (true, _) => {
-            let messages = tokio_stream::iter(vec![body]);
-            grpc.client_streaming(tonic::Request::new(messages), path, RawCodec)
-                .await
-                .map(drop)
-        }
-    }
-}
 
 async fn check(
     channel: tonic::transport::Channel,
@@ -733,4 +653,155 @@ async fn tokens_and_roles_guard_every_method_and_health_stays_open() {
         !dir.path().join("never").exists(),
         "a refused start touched the data dir"
     );
+}
+
+/// A client of `addr` with `tls`, and the outcome of one health check
+/// through it (connecting included): Ok(()) or the error's text.
+async fn health_over_tls(addr: &str, tls: weightgen::client::ClientTls) -> Result<(), String> {
+    let target = weightgen::client::Target {
+        addr: addr.to_owned(),
+        tls: Some(tls),
+        token: None,
+    };
+    let connection = target
+        .connect(Some(Duration::from_secs(5)))
+        .await
+        .map_err(|e| e.to_string())?;
+    weightgen::client::health_status(connection, "")
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verifies_both_ends_and_picks_up_a_rotated_certificate() {
+    use common::tls::{Pki, Usage};
+    use weightgen::client::ClientTls;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "good");
+    let rogue = Pki::new(dir.path(), "rogue");
+    let names = ["localhost", "127.0.0.1"];
+    // The server starts with an expired certificate (rustls serves it; clients must refuse it).
+    let served = pki.leaf("server", &names, Usage::Server, true);
+    let fresh = pki.leaf("server-fresh", &names, Usage::Server, false);
+    let trusting = |ca: std::path::PathBuf| ClientTls {
+        ca: Some(ca),
+        ..ClientTls::default()
+    };
+
+    let test = spawn_server(|c| {
+        c.tls.cert = Some(served.cert.clone());
+        c.tls.key = Some(served.key.clone());
+        c.tls.tls_reload_every = Duration::from_millis(100);
+        c.health_listen = weightgen::serve::MetricsListen(Some("127.0.0.1:0".parse().unwrap()));
+    })
+    .await;
+    let addr = test.addr();
+    // Probes that cannot speak TLS use the plaintext health-only port.
+    let probes = test
+        .server
+        .health_addr()
+        .expect("health port on")
+        .to_string();
+    let channel = weightgen::client::connect(&probes, Some(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert_eq!(
+        weightgen::client::health_status(channel.clone(), "")
+            .await
+            .unwrap(),
+        ServingStatus::Serving
+    );
+    let err = GenerationServiceClient::new(channel)
+        .server_live(ServerLiveRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
+    let err = health_over_tls(&addr, trusting(pki.ca_pem()))
+        .await
+        .unwrap_err();
+    assert!(err.to_lowercase().contains("expired"), "{err}");
+
+    // Rotated in place: new connections get the fresh certificate, no restart.
+    fresh.install_as(&served);
+    let started = std::time::Instant::now();
+    while let Err(e) = health_over_tls(&addr, trusting(pki.ca_pem())).await {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "not reloaded: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A broken rotation keeps the working certificate.
+    std::fs::write(&served.cert, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    health_over_tls(&addr, trusting(pki.ca_pem()))
+        .await
+        .unwrap();
+
+    // The wrong CA, a wrong name, plaintext: refused, and the client says why.
+    let err = health_over_tls(&addr, trusting(rogue.ca_pem()))
+        .await
+        .unwrap_err();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    let err = health_over_tls(
+        &addr,
+        ClientTls {
+            domain: Some("elsewhere.example".into()),
+            ..trusting(pki.ca_pem())
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.contains("not valid for name"), "{err}");
+    let plain = weightgen::client::connect(&addr, Some(Duration::from_secs(5))).await;
+    if let Ok(channel) = plain {
+        let err = weightgen::client::health_status(channel, "")
+            .await
+            .unwrap_err();
+        assert!(!matches!(err, weightgen::client::ClientError::Rpc(ref s) if s.code() == Code::Ok));
+    }
+    let metrics = test.metrics().await;
+    let failures = metric_value(&metrics, "weightgen_tls_handshake_failures_total", &[]).unwrap();
+    assert!(failures >= 3.0, "{failures}");
+    test.server.shutdown().await.unwrap();
+
+    // Mutual TLS: only a client certificate from the client CA gets in.
+    let server = pki.leaf("server-mtls", &names, Usage::Server, false);
+    let test = spawn_server(|c| {
+        c.tls.cert = Some(server.cert.clone());
+        c.tls.key = Some(server.key.clone());
+        c.tls.client_ca = Some(pki.ca_pem());
+    })
+    .await;
+    let addr = test.addr();
+    let client = pki.leaf("client", &["trainer"], Usage::Client, false);
+    let expired_client = pki.leaf("client-old", &["trainer"], Usage::Client, true);
+    let rogue_client = rogue.leaf("client", &["trainer"], Usage::Client, false);
+    let with = |leaf: &common::tls::Leaf| ClientTls {
+        identity: Some((leaf.cert.clone(), leaf.key.clone())),
+        ..trusting(pki.ca_pem())
+    };
+    health_over_tls(&addr, with(&client)).await.unwrap();
+    for (what, tls) in [
+        ("no client certificate", trusting(pki.ca_pem())),
+        ("an expired client certificate", with(&expired_client)),
+        ("another CA's client certificate", with(&rogue_client)),
+    ] {
+        let result = health_over_tls(&addr, tls).await;
+        assert!(result.is_err(), "{what} was let in");
+    }
+    test.server.shutdown().await.unwrap();
+
+    // Files that cannot serve stop the start, naming the file.
+    let mut config = weightgen::serve::ServerConfig::with_defaults();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.tls.cert = Some(pki.ca_pem());
+    config.tls.key = Some(dir.path().join("missing.key"));
+    config.storage = weightgen::storage::StorageArgs::embedded(dir.path().join("never"));
+    let Err(err) = weightgen::serve::start(config).await else {
+        panic!("a missing key was accepted")
+    };
+    assert!(matches!(err, ServeError::Tls(_)), "{err}");
+    assert!(err.to_string().contains("missing.key"), "{err}");
 }

@@ -2,13 +2,14 @@
 //! connecting, health checks, server metadata, and GenerateInit with its
 //! streamed files reassembled and checked against the trailer.
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub mod task_file;
 
 pub use task_file::{TaskFile, TaskFileError};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -32,7 +33,7 @@ pub enum ClientError {
         reason: String,
     },
     /// No connection could be made.
-    #[error("cannot connect to {addr}: {source}")]
+    #[error("cannot connect to {addr}: {}", error_chain(.source))]
     Connect {
         /// The address.
         addr: String,
@@ -46,6 +47,17 @@ pub enum ClientError {
     /// chunks out of order, a digest that does not match).
     #[error("malformed GenerateInit response: {0}")]
     Protocol(String),
+    /// A TLS file (CA bundle, client certificate or key) cannot be read.
+    #[error("reading {path}: {source}")]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TLS settings cannot be used.
+    #[error("TLS settings: {0}")]
+    Tls(String),
     /// The bearer token cannot be sent as a header.
     #[error("the token must be printable ASCII (--token / WEIGHTGEN_TOKEN)")]
     InvalidToken,
@@ -61,23 +73,142 @@ pub enum ClientError {
     },
 }
 
-/// Builds an endpoint for `addr` ("host:port" or "http://host:port") with a
+/// How the client secures its connection: the CAs it trusts for the
+/// server's certificate and, for servers started with `--tls-client-ca`,
+/// the certificate it presents.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM CA bundle the server's certificate must chain to (None: the
+    /// system's roots).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate chain and its key (mutual TLS).
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Name the server's certificate must carry (None: the address's host).
+    pub domain: Option<String>,
+}
+
+impl ClientTls {
+    fn config(&self) -> Result<ClientTlsConfig, ClientError> {
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(path) => config.ca_certificate(Certificate::from_pem(read_tls_file(path)?)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(
+                read_tls_file(cert)?,
+                read_tls_file(key)?,
+            ));
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
+}
+
+fn read_tls_file(path: &Path) -> Result<Vec<u8>, ClientError> {
+    std::fs::read(path).map_err(|source| ClientError::TlsFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// An error and its causes, "a: b: c" (tonic's transport errors say only
+/// "transport error" at the top).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Builds a plaintext endpoint for `addr` ("host:port" or "http://host:port";
+/// "https://host:port" speaks TLS trusting the system's roots) with a
 /// connect timeout and, when given, a per-call timeout.
 pub fn endpoint(addr: &str, call_timeout: Option<Duration>) -> Result<Endpoint, ClientError> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let endpoint = Endpoint::from_shared(uri).map_err(|e| ClientError::InvalidAddress {
+    endpoint_with(addr, call_timeout, None)
+}
+
+/// [`endpoint`] with TLS: `tls` (or an "https://" address) makes the
+/// connection TLS; an "http://" address with `tls` is refused as a
+/// contradiction rather than silently sent in the clear.
+pub fn endpoint_with(
+    addr: &str,
+    call_timeout: Option<Duration>,
+    tls: Option<&ClientTls>,
+) -> Result<Endpoint, ClientError> {
+    let invalid = |reason: String| ClientError::InvalidAddress {
         addr: addr.to_owned(),
-        reason: e.to_string(),
-    })?;
+        reason,
+    };
+    let https = addr.starts_with("https://");
+    if addr.starts_with("http://") && tls.is_some() {
+        return Err(invalid(
+            "an http:// address with TLS options; use https:// or host:port".to_owned(),
+        ));
+    }
+    let secure = https || tls.is_some();
+    let uri = match (addr.contains("://"), secure) {
+        (true, _) => addr.to_owned(),
+        (false, true) => format!("https://{addr}"),
+        (false, false) => format!("http://{addr}"),
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| invalid(e.to_string()))?;
+    if secure {
+        let config = tls.cloned().unwrap_or_default().config()?;
+        endpoint = endpoint
+            .tls_config(config)
+            .map_err(|e| ClientError::Tls(error_chain(&e)))?;
+    }
     let endpoint = endpoint.connect_timeout(Duration::from_secs(5));
     Ok(match call_timeout {
         Some(timeout) => endpoint.timeout(timeout),
         None => endpoint,
     })
+}
+
+/// A server to call: its address, how to secure the connection and the
+/// bearer token to send with every call.
+#[derive(Debug, Clone, Default)]
+pub struct Target {
+    /// "host:port", "http://host:port" or "https://host:port".
+    pub addr: String,
+    /// TLS settings (None: plaintext unless the address is https://).
+    pub tls: Option<ClientTls>,
+    /// Bearer token (servers started with --auth-tokens).
+    pub token: Option<String>,
+}
+
+impl Target {
+    /// A plaintext target without a token.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Connects, with `call_timeout` on every call when given.
+    pub async fn connect(&self, call_timeout: Option<Duration>) -> Result<Connection, ClientError> {
+        let channel = endpoint_with(&self.addr, call_timeout, self.tls.as_ref())?
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect {
+                addr: self.addr.clone(),
+                source,
+            })?;
+        match &self.token {
+            Some(token) => Connection::with_token(channel, token),
+            None => Ok(channel.into()),
+        }
+    }
 }
 
 /// A channel that sends a bearer token (`authorization: Bearer …`) with
@@ -133,19 +264,6 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
     }
 }
 
-/// Connects to the server at `addr`, sending `token` (if any) with every call.
-pub async fn connect_with_token(
-    addr: &str,
-    call_timeout: Option<Duration>,
-    token: Option<&str>,
-) -> Result<Connection, ClientError> {
-    let channel = connect(addr, call_timeout).await?;
-    match token {
-        Some(token) => Connection::with_token(channel, token),
-        None => Ok(channel.into()),
-    }
-}
-
 /// Connects to the server at `addr`.
 pub async fn connect(addr: &str, call_timeout: Option<Duration>) -> Result<Channel, ClientError> {
     endpoint(addr, call_timeout)?
@@ -170,23 +288,28 @@ pub async fn health_status(
     Ok(response.into_inner().status())
 }
 
-/// Polls the health of `service` at `addr` until it is SERVING or `timeout`
-/// passes; connection errors count as "not yet" while waiting.
+/// Polls the health of `service` at `target` until it is SERVING or
+/// `timeout` passes; connection errors count as "not yet" while waiting.
 pub async fn wait_until_serving(
-    addr: &str,
+    target: &Target,
     service: &str,
     timeout: Duration,
 ) -> Result<(), ClientError> {
     let started = Instant::now();
     let mut last;
     loop {
-        match connect(addr, Some(Duration::from_secs(5))).await {
+        match target.connect(Some(Duration::from_secs(5))).await {
             Ok(channel) => match health_status(channel, service).await {
                 Ok(ServingStatus::Serving) => return Ok(()),
                 Ok(status) => last = status.as_str_name().to_owned(),
                 Err(e) => last = e.to_string(),
             },
-            Err(e @ ClientError::InvalidAddress { .. }) => return Err(e),
+            Err(
+                e @ (ClientError::InvalidAddress { .. }
+                | ClientError::TlsFile { .. }
+                | ClientError::Tls(_)
+                | ClientError::InvalidToken),
+            ) => return Err(e),
             Err(e) => last = e.to_string(),
         }
         if started.elapsed() >= timeout {

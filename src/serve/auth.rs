@@ -7,9 +7,11 @@
 //! comments. Roles nest: `read` (metadata, catalog and job reads), `generate`
 //! (also GenerateInit), `admin` (also uploads, activation, job submission and
 //! cancellation). A missing or unknown token is UNAUTHENTICATED, a token
-//! without the method's role PERMISSION_DENIED. An optional fourth field,
-//! `CALLS/min`, is the token's quota: past it, calls are RESOURCE_EXHAUSTED
-//! naming the quota until the one-minute window turns. Tokens are never logged and
+//! without the method's role PERMISSION_DENIED. Optional further fields are
+//! the token's quotas per one-minute window: `600/min` or `calls=600/min`
+//! (calls), `samples=5000/min` (samples GenerateInit draws for it); past one,
+//! calls are RESOURCE_EXHAUSTED naming the quota until the window turns.
+//! Tokens are never logged and
 //! never become metric labels: calls are counted by token *name*
 //! (`weightgen_calls_by_token_total`). Every mutating call, allowed or not,
 //! writes one line to the tracing target `audit`: who, which method, outcome.
@@ -91,6 +93,8 @@ pub struct Caller {
     pub role: Role,
     /// Calls it may make per minute (None: no quota).
     pub calls_per_minute: Option<u32>,
+    /// Samples GenerateInit may draw for it per minute (None: no quota).
+    pub samples_per_minute: Option<u32>,
 }
 
 /// The tokens the server accepts, by the SHA-256 of the token.
@@ -126,25 +130,36 @@ impl Tokens {
                 continue;
             }
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let (name, role, hash, quota) = match fields[..] {
-                [name, role, hash] => (name, role, hash, None),
-                [name, role, hash, quota] => (name, role, hash, Some(quota)),
-                _ => return Err((i + 1, "expected NAME ROLE sha256:HEX [CALLS/min]".into())),
+            let &[name, role, hash, ref quotas @ ..] = fields.as_slice() else {
+                return Err((
+                    i + 1,
+                    "expected NAME ROLE sha256:HEX [CALLS/min] [samples=N/min]".into(),
+                ));
             };
-            let calls_per_minute = match quota {
-                None => None,
-                Some(text) => Some(
-                    text.strip_suffix("/min")
-                        .and_then(|n| n.parse::<u32>().ok())
-                        .filter(|&n| n > 0)
-                        .ok_or_else(|| {
-                            (
-                                i + 1,
-                                format!("quota {text:?}: expected calls per minute, e.g. 600/min"),
-                            )
-                        })?,
-                ),
-            };
+            let (mut calls_per_minute, mut samples_per_minute) = (None, None);
+            for text in quotas {
+                let (slot, amount) = match text.split_once('=') {
+                    None => (&mut calls_per_minute, *text),
+                    Some(("calls", amount)) => (&mut calls_per_minute, amount),
+                    Some(("samples", amount)) => (&mut samples_per_minute, amount),
+                    Some(_) => (&mut calls_per_minute, ""),
+                };
+                let limit = amount
+                    .strip_suffix("/min")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        (
+                            i + 1,
+                            format!(
+                                "quota {text:?}: expected calls per minute (600/min or calls=600/min) or samples=N/min"
+                            ),
+                        )
+                    })?;
+                if slot.replace(limit).is_some() {
+                    return Err((i + 1, format!("quota {text:?}: given twice")));
+                }
+            }
             let valid_name = name.len() <= 64
                 && name
                     .bytes()
@@ -178,6 +193,7 @@ impl Tokens {
                 name: name.to_owned(),
                 role,
                 calls_per_minute,
+                samples_per_minute,
             };
             if tokens.insert(hex.to_ascii_lowercase(), caller).is_some() {
                 return Err((i + 1, "the same token is listed twice".into()));
@@ -233,93 +249,110 @@ pub type TokenSource = watch::Receiver<Arc<Tokens>>;
 /// changed and parses; stops once every receiver is gone. Needs a Tokio
 /// runtime.
 pub fn watch_token_file(path: PathBuf, initial: Tokens, every: Duration) -> TokenSource {
-    let (tx, rx) = watch::channel(Arc::new(initial));
-    tokio::spawn(async move {
-        let mut last = std::fs::read(&path).unwrap_or_default();
-        loop {
-            tokio::select! {
-                () = tx.closed() => return,
-                () = tokio::time::sleep(every) => {}
-            }
-            let Ok(text) = tokio::fs::read(&path).await else {
-                tracing::error!(path = %path.display(), "token file unreadable; the previous tokens stay");
-                continue;
-            };
-            if text == last {
-                continue;
-            }
-            last = text;
-            match Tokens::load(&path) {
-                Ok(tokens) => {
-                    tracing::info!(path = %path.display(), tokens = tokens.len(), "token file reloaded");
-                    tx.send_replace(Arc::new(tokens));
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "token file changed but is invalid; the previous tokens stay");
-                }
-            }
+    let paths = vec![path.clone()];
+    super::reload::watch_files("token file", paths, initial, every, move || {
+        Tokens::load(&path)
+    })
+}
+
+/// What a quota counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metered {
+    /// Calls of any method.
+    Calls,
+    /// Samples GenerateInit draws.
+    Samples,
+}
+
+impl Metered {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Calls => "calls",
+            Self::Samples => "samples",
         }
-    });
-    rx
+    }
+
+    fn limit(self, caller: &Caller) -> Option<u32> {
+        match self {
+            Self::Calls => caller.calls_per_minute,
+            Self::Samples => caller.samples_per_minute,
+        }
+    }
 }
 
-/// How calls are authenticated.
-#[derive(Debug, Clone)]
-pub struct AuthLayer {
-    tokens: Option<TokenSource>,
-    open_health: bool,
-    quotas: Arc<std::sync::Mutex<HashMap<String, Window>>>,
-}
+/// What each token used in its current one-minute windows, shared by the
+/// auth layer (calls) and GenerateInit (samples).
+#[derive(Debug, Clone, Default)]
+pub struct Quotas(Arc<std::sync::Mutex<HashMap<(String, Metered), Window>>>);
 
-/// Calls a token made in the current one-minute window.
+/// What a token used in the current one-minute window.
 #[derive(Debug, Clone, Copy)]
 struct Window {
     started: std::time::Instant,
-    calls: u32,
+    used: u64,
 }
 
 /// Length of a quota window.
 const QUOTA_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
-impl AuthLayer {
-    /// Counts a call of `caller` against its quota; the status refusing it
-    /// when the current window is used up.
-    fn spend(&self, caller: &Caller) -> Result<(), Status> {
-        let Some(limit) = caller.calls_per_minute else {
+impl Quotas {
+    /// Counts `amount` of `what` against `caller`'s quota; the status
+    /// refusing it (nothing counted) when it does not fit the current window.
+    pub fn spend(&self, caller: &Caller, what: Metered, amount: u64) -> Result<(), Status> {
+        let Some(limit) = what.limit(caller) else {
             return Ok(());
         };
         let now = std::time::Instant::now();
-        let mut windows = self.quotas.lock().unwrap_or_else(|e| e.into_inner());
-        let window = windows.entry(caller.name.clone()).or_insert(Window {
-            started: now,
-            calls: 0,
-        });
+        let mut windows = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let window = windows
+            .entry((caller.name.clone(), what))
+            .or_insert(Window {
+                started: now,
+                used: 0,
+            });
         if now.duration_since(window.started) >= QUOTA_WINDOW {
             *window = Window {
                 started: now,
-                calls: 0,
+                used: 0,
             };
         }
-        if window.calls >= limit {
+        let (name, unit) = (&caller.name, what.name());
+        if amount > u64::from(limit) {
+            return Err(Status::resource_exhausted(format!(
+                "token {name:?} asks for {amount} {unit} at once, more than its quota of {limit} {unit} per minute"
+            )));
+        }
+        if window.used + amount > u64::from(limit) {
             let wait = QUOTA_WINDOW.saturating_sub(now.duration_since(window.started));
             return Err(Status::resource_exhausted(format!(
-                "token {:?} is over its quota of {limit} calls per minute; retry in {} s",
-                caller.name,
+                "token {name:?} is over its quota of {limit} {unit} per minute ({} used); retry in {} s",
+                window.used,
                 wait.as_secs().max(1)
             )));
         }
-        window.calls += 1;
+        window.used += amount;
         Ok(())
     }
+}
 
+/// How calls are authenticated. An authenticated call carries its
+/// [`Caller`] in the request's extensions (for the sample quota).
+#[derive(Debug, Clone)]
+pub struct AuthLayer {
+    tokens: Option<TokenSource>,
+    open_health: bool,
+    quotas: Quotas,
+}
+
+impl AuthLayer {
     /// Checks tokens against `tokens` (as they are at each call); `None`
     /// lets every call through (no `--auth-tokens`), still writing the
-    /// audit log.
-    pub fn new(tokens: Option<TokenSource>, open_health: bool) -> Self {
+    /// audit log. Call quotas are counted in `quotas`.
+    pub fn new(tokens: Option<TokenSource>, open_health: bool, quotas: Quotas) -> Self {
         Self {
             tokens,
             open_health,
-            quotas: Arc::default(),
+            quotas,
         }
     }
 }
@@ -385,7 +418,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<ReqBody>) -> Self::Future {
         let path = request.uri().path().to_owned();
         let needed = required_role(&path, self.auth.open_health);
         let mutating = needed == Some(Role::Admin);
@@ -394,7 +427,7 @@ where
             (None, _) | (_, None) => Ok(None),
             (Some(tokens), Some(role)) => authenticate(tokens, request.headers()).and_then(|c| {
                 if c.role >= role {
-                    self.auth.spend(c)?;
+                    self.auth.quotas.spend(c, Metered::Calls, 1)?;
                     Ok(Some(c))
                 } else {
                     Err(Status::permission_denied(format!(
@@ -421,6 +454,9 @@ where
             let response = status.into_http::<ObservedBody<ResBody>>();
             return Box::pin(async move { Ok(response) });
         }
+        if let Ok(Some(caller)) = checked {
+            request.extensions_mut().insert(caller.clone());
+        }
         let future = self.inner.call(request);
         Box::pin(async move {
             let response = future.await?;
@@ -444,6 +480,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn sample_quotas_count_amounts_and_refuse_what_does_not_fit() {
+        let caller = Caller {
+            name: "batch".into(),
+            role: Role::Generate,
+            calls_per_minute: None,
+            samples_per_minute: Some(10),
+        };
+        let quotas = Quotas::default();
+        quotas.spend(&caller, Metered::Samples, 6).unwrap();
+        let err = quotas.spend(&caller, Metered::Samples, 5).unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted);
+        assert!(
+            err.message()
+                .contains("quota of 10 samples per minute (6 used)"),
+            "{}",
+            err.message()
+        );
+        // A refusal counts nothing: what fits still fits.
+        quotas.spend(&caller, Metered::Samples, 4).unwrap();
+        let err = quotas.spend(&caller, Metered::Samples, 64).unwrap_err();
+        assert!(
+            err.message().contains("64 samples at once"),
+            "{}",
+            err.message()
+        );
+        // No call quota: calls are not limited.
+        for _ in 0..100 {
+            quotas.spend(&caller, Metered::Calls, 1).unwrap();
+        }
+    }
+
+    #[test]
     fn token_files_are_parsed_and_bad_lines_named() {
         let admin = sha256_hex(b"s3cret-admin");
         let text = format!(
@@ -457,6 +525,7 @@ mod tests {
                 name: "ops".into(),
                 role: Role::Admin,
                 calls_per_minute: None,
+                samples_per_minute: None,
             })
         );
         assert_eq!(tokens.caller("gen").map(|c| c.role), Some(Role::Generate));
@@ -465,11 +534,31 @@ mod tests {
             limited.caller("s3cret-admin").unwrap().calls_per_minute,
             Some(600)
         );
-        for quota in ["600", "0/min", "x/min", "600/s"] {
+        let both = Tokens::parse(&format!(
+            "ci generate sha256:{admin} samples=5000/min calls=60/min"
+        ))
+        .unwrap();
+        let caller = both.caller("s3cret-admin").unwrap();
+        assert_eq!(
+            (caller.calls_per_minute, caller.samples_per_minute),
+            (Some(60), Some(5000))
+        );
+        for quota in [
+            "600",
+            "0/min",
+            "x/min",
+            "600/s",
+            "bytes=5/min",
+            "samples=0/min",
+            "60/min calls=60/min",
+        ] {
             let (line, reason) =
                 Tokens::parse(&format!("ci read sha256:{admin} {quota}")).unwrap_err();
             assert_eq!(line, 1);
-            assert!(reason.contains("calls per minute"), "{quota}: {reason}");
+            assert!(
+                reason.contains("calls per minute") || reason.contains("given twice"),
+                "{quota}: {reason}"
+            );
         }
         assert_eq!(tokens.caller("s3cret-admin "), None);
         let bad = [
@@ -532,7 +621,7 @@ mod tests {
             Ok::<_, std::convert::Infallible>(response)
         });
         let source = watch::channel(Arc::new(tokens)).1;
-        let mut service = AuthLayer::new(Some(source), true).layer(inner);
+        let mut service = AuthLayer::new(Some(source), true, Quotas::default()).layer(inner);
         let call = |path: &str, token: Option<&str>| {
             let mut request = http::Request::builder().uri(path);
             if let Some(token) = token {

@@ -14,7 +14,7 @@ use crate::storage::StorageArgs;
 /// One mebibyte.
 const MIB: usize = 1024 * 1024;
 
-/// Where the Prometheus endpoint listens, or `off`.
+/// An address to listen on, or `off` (the metrics and the health ports).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MetricsListen(pub Option<SocketAddr>);
 
@@ -47,6 +47,12 @@ pub struct ServerConfig {
         default_value = "127.0.0.1:9090"
     )]
     pub metrics_listen: MetricsListen,
+
+    /// Address of a second, plaintext port that serves only
+    /// grpc.health.v1, without a token, or "off": for probes that cannot
+    /// speak TLS (Kubernetes' gRPC probes) when the main port has --tls-cert.
+    #[arg(long, env = "WEIGHTGEN_HEALTH_LISTEN", default_value = "off")]
+    pub health_listen: MetricsListen,
 
     /// Data directory, catalog and blob store (embedded defaults under the
     /// data directory; `--catalog`/`--blobs` URLs switch backends).
@@ -156,6 +162,10 @@ pub struct ServerConfig {
     /// stay open for probes and tooling).
     #[arg(long, env = "WEIGHTGEN_AUTH_HEALTH")]
     pub auth_health: bool,
+
+    /// TLS on the gRPC port (and mutual TLS with a client CA).
+    #[command(flatten)]
+    pub tls: super::tls::TlsArgs,
 }
 
 /// Parses a `ServerConfig` alone, for [`ServerConfig::with_defaults`].

@@ -8,6 +8,7 @@ use std::time::Instant;
 use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
+use super::auth::{Caller, Metered, Quotas};
 use super::convert::{arch_to_proto, denoiser_record_to_proto, schema_to_proto};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::generate::{DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for};
@@ -40,6 +41,7 @@ pub struct GenerationApi {
     registry: Arc<DenoiserRegistry>,
     catalog: Arc<dyn Catalog>,
     max_samples: u32,
+    quotas: Quotas,
 }
 
 impl GenerationApi {
@@ -50,6 +52,7 @@ impl GenerationApi {
         registry: Arc<DenoiserRegistry>,
         catalog: Arc<dyn Catalog>,
         max_samples: u32,
+        quotas: Quotas,
     ) -> Self {
         Self {
             info,
@@ -57,6 +60,7 @@ impl GenerationApi {
             registry,
             catalog,
             max_samples,
+            quotas,
         }
     }
 
@@ -110,9 +114,14 @@ impl GenerationService for GenerationApi {
         request: Request<GenerateInitRequest>,
     ) -> Result<Response<Self::GenerateInitStream>, Status> {
         let received = Instant::now();
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
         let denoiser = denoiser_for(&self.registry, &self.catalog, &request).await?;
         let (job, choice) = job_for(&request, &denoiser, self.max_samples)?;
+        if let Some(caller) = &caller {
+            let samples = u64::from(choice.num_samples);
+            self.quotas.spend(caller, Metered::Samples, samples)?;
+        }
         let messages = generate(denoiser, job, choice, received).await?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
             messages.into_iter().map(Ok),

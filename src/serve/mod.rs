@@ -19,8 +19,10 @@ pub mod jobs;
 pub mod metrics_http;
 pub mod model_thread;
 pub mod readiness;
+pub mod reload;
 pub mod server;
 pub mod status;
+pub mod tls;
 
 pub use config::{MetricsListen, ServerConfig};
 pub use readiness::Readiness;

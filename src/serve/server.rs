@@ -16,7 +16,7 @@ use tonic_health::server::HealthReporter;
 use tower::ServiceBuilder;
 
 use super::admission::Admission;
-use super::auth::{AuthLayer, Tokens, watch_token_file};
+use super::auth::{AuthLayer, Quotas, Tokens, watch_token_file};
 use super::catalog::CatalogApi;
 use super::config::ServerConfig;
 use super::deadline::DeadlineLayer;
@@ -28,6 +28,7 @@ use super::jobs::JobsApi;
 use super::metrics_http;
 use super::model_thread::{BatchConfig, ModelThread};
 use super::readiness::Readiness;
+use super::tls;
 use crate::backend::BackendGuard;
 use crate::blobs::BlobStore;
 use crate::catalog::Catalog;
@@ -68,6 +69,9 @@ pub enum ServeError {
     /// The token file cannot be used.
     #[error(transparent)]
     Auth(#[from] super::auth::AuthError),
+    /// The TLS certificate, key or client CA cannot be used.
+    #[error(transparent)]
+    Tls(#[from] super::tls::TlsError),
     /// The metrics recorder or descriptor set could not be set up.
     #[error("setting up {what}: {detail}")]
     Setup {
@@ -101,6 +105,7 @@ pub struct RunningServer {
     blobs: BlobStore,
     grpc_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    health_addr: Option<SocketAddr>,
     readiness: Readiness,
     admission: Admission,
     stop: watch::Sender<bool>,
@@ -126,6 +131,11 @@ impl RunningServer {
     /// Address of the Prometheus endpoint, when enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// Address of the plaintext health-only port, when enabled.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_addr
     }
 
     /// The readiness flag that the denoiser loader sets.
@@ -174,6 +184,18 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
             None
         }
     };
+    let tls = match config.tls.files() {
+        Some(files) => Some((
+            files.mutual(),
+            tls::watch(files, config.tls.tls_reload_every)?,
+        )),
+        None => None,
+    };
+    if tls.is_none() && config.auth_tokens.is_some() {
+        tracing::warn!(
+            "bearer tokens over plaintext: anyone on the path can read them (set --tls-cert and --tls-key, or terminate TLS in front)"
+        );
+    }
     let data_dir = &config.storage.data_dir;
     std::fs::create_dir_all(data_dir).map_err(|source| ServeError::DataDir {
         path: data_dir.clone(),
@@ -231,6 +253,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         _ => None,
     };
 
+    let health_listener = match config.health_listen.0 {
+        Some(addr) => Some((bind("health", addr).await?, addr)),
+        None => None,
+    };
+    let health_addr = match &health_listener {
+        Some((listener, addr)) => Some(local_addr("health", listener, *addr)?),
+        None => None,
+    };
+
     let readiness = Readiness::new();
     let batching = BatchConfig {
         max_batch: config.max_batch.max(1),
@@ -247,6 +278,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     }
     let admission = Admission::new(config.max_concurrent_requests);
     let (reporter, health_service) = tonic_health::server::health_reporter();
+    let health_service_for_probes = health_service.clone();
     health::set_running(&reporter, readiness.is_ready()).await;
     health::set_catalog(&reporter, storage.catalog_guard.is_up()).await;
 
@@ -264,12 +296,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
                 detail: e.to_string(),
             })?;
 
+    let quotas = Quotas::default();
     let generation = GenerationServiceServer::new(GenerationApi::new(
         info.clone(),
         readiness.clone(),
         registry.clone(),
         catalog_store.clone(),
         config.max_samples,
+        quotas.clone(),
     ))
     .max_decoding_message_size(config.max_request_bytes)
     .max_encoding_message_size(config.max_response_bytes);
@@ -291,26 +325,40 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         .layer(AuthLayer::new(
             tokens.map(|(path, tokens)| watch_token_file(path, tokens, config.auth_reload_every)),
             !config.auth_health,
+            quotas.clone(),
         ))
         .layer(admission.clone())
         .layer(DeadlineLayer::new(config.request_timeout))
         .into_inner();
     let (stop_grpc, stop_grpc_rx) = oneshot::channel::<()>();
-    let grpc = Server::builder()
+    let router = Server::builder()
         .max_concurrent_streams(config.max_streams_per_connection)
         .http2_keepalive_interval(Some(config.http2_keepalive_interval))
         .http2_keepalive_timeout(Some(config.http2_keepalive_timeout))
         .tcp_nodelay(true)
         .layer(layers)
-        .add_service(health_service)
+        .add_service(health_service.clone())
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(generation)
         .add_service(catalog)
-        .add_service(jobs)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
-            let _ = stop_grpc_rx.await;
-        });
+        .add_service(jobs);
+    let stopped = async {
+        let _ = stop_grpc_rx.await;
+    };
+    let grpc = match &tls {
+        Some((_, configs)) => tokio::spawn(router.serve_with_incoming_shutdown(
+            tls::incoming(
+                grpc_listener,
+                configs.clone(),
+                tls::DEFAULT_HANDSHAKE_TIMEOUT,
+            ),
+            stopped,
+        )),
+        None => tokio::spawn(
+            router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), stopped),
+        ),
+    };
 
     let (stop, stop_rx) = watch::channel(false);
     tokio::spawn(reload_loop(
@@ -320,6 +368,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         config.reload_interval,
         stop_rx.clone(),
     ));
+    // The probes' port: the same health reporter, nothing else, no TLS, no token.
+    let health_task = health_listener.map(|(listener, _)| {
+        let mut stop_rx = stop_rx.clone();
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service_for_probes)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                    let _ = stop_rx.wait_for(|stopping| *stopping).await;
+                }),
+        )
+    });
     let metrics_task = metrics_listener.map(|listener| {
         let mut stop_rx = stop_rx.clone();
         tokio::spawn(metrics_http::serve(listener, prometheus, async move {
@@ -329,7 +388,13 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
 
     tracing::info!(
         grpc = %grpc_addr,
+        tls = match &tls {
+            Some((true, _)) => "mutual",
+            Some((false, _)) => "on",
+            None => "off",
+        },
         metrics = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+        health = %health_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
         device = %info.device,
         torch = info.torch.version,
         cuda = info.torch.cuda_available,
@@ -340,10 +405,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     );
 
     let task = tokio::spawn(supervise(Supervised {
-        grpc: tokio::spawn(grpc),
+        grpc,
         stop_grpc,
         stop_rx,
         metrics_task,
+        health_task,
         reporter,
         readiness: readiness.clone(),
         catalog_guard: storage.catalog_guard.clone(),
@@ -356,6 +422,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         blobs,
         grpc_addr,
         metrics_addr,
+        health_addr,
         readiness,
         admission,
         stop,
@@ -427,6 +494,7 @@ struct Supervised {
     stop_grpc: oneshot::Sender<()>,
     stop_rx: watch::Receiver<bool>,
     metrics_task: Option<JoinHandle<std::io::Result<()>>>,
+    health_task: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     reporter: HealthReporter,
     readiness: Readiness,
     catalog_guard: BackendGuard,
@@ -446,6 +514,7 @@ async fn supervise(s: Supervised) -> Result<ShutdownReport, ServeError> {
         stop_grpc,
         mut stop_rx,
         metrics_task,
+        health_task,
         reporter,
         readiness,
         catalog_guard,
@@ -519,6 +588,11 @@ async fn supervise(s: Supervised) -> Result<ShutdownReport, ServeError> {
         && let Ok(Err(e)) = task.await
     {
         tracing::warn!(error = %e, "metrics endpoint ended with an error");
+    }
+    if let Some(task) = health_task
+        && let Ok(Err(e)) = task.await
+    {
+        tracing::warn!(error = %e, "health port ended with an error");
     }
     tracing::info!(?report, "weightgen-server stopped");
     Ok(report)

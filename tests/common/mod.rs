@@ -4,7 +4,9 @@
 
 pub mod generation;
 pub mod proxy;
+pub mod raw;
 pub mod services;
+pub mod tls;
 
 use std::process::Output;
 use std::time::Duration;

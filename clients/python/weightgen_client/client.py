@@ -88,15 +88,59 @@ class GeneratedInits:
 class WeightgenClient:
     """A connection to a weightgen server, e.g. WeightgenClient("127.0.0.1:50051")."""
 
-    def __init__(self, addr: str, timeout: float = 120.0, token: Optional[str] = None):
+    def __init__(
+        self,
+        addr: str,
+        timeout: float = 120.0,
+        token: Optional[str] = None,
+        tls_ca: Optional[str] = None,
+        tls_cert: Optional[str] = None,
+        tls_key: Optional[str] = None,
+        tls_domain: Optional[str] = None,
+    ):
         """`token`: bearer token for a server started with --auth-tokens
-        (default: the WEIGHTGEN_TOKEN environment variable, if set)."""
+        (default: the WEIGHTGEN_TOKEN environment variable, if set).
+
+        TLS (a server started with --tls-cert): `tls_ca` is the PEM CA bundle
+        the server's certificate must chain to (default: WEIGHTGEN_TLS_CA,
+        else the system's roots when another TLS option or an "https://"
+        address asks for TLS); `tls_cert` and `tls_key` the PEM client
+        certificate and key for servers with --tls-client-ca (default:
+        WEIGHTGEN_TLS_CLIENT_CERT / WEIGHTGEN_TLS_CLIENT_KEY); `tls_domain` the
+        name the server's certificate must carry when it is not the
+        address's host (WEIGHTGEN_TLS_DOMAIN)."""
         self.timeout = timeout
         token = token if token is not None else os.environ.get("WEIGHTGEN_TOKEN")
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(
-            addr, options=[("grpc.max_receive_message_length", 8 << 20)]
-        )
+        tls_ca = tls_ca or os.environ.get("WEIGHTGEN_TLS_CA")
+        tls_cert = tls_cert or os.environ.get("WEIGHTGEN_TLS_CLIENT_CERT")
+        tls_key = tls_key or os.environ.get("WEIGHTGEN_TLS_CLIENT_KEY")
+        tls_domain = tls_domain or os.environ.get("WEIGHTGEN_TLS_DOMAIN")
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together (mutual TLS)")
+        secure = addr.startswith("https://") or any((tls_ca, tls_cert, tls_domain))
+        if addr.startswith("http://") and secure:
+            raise ValueError("an http:// address with TLS options; use https:// or host:port")
+        addr = addr.split("://", 1)[-1]
+        options = [("grpc.max_receive_message_length", 8 << 20)]
+        if secure:
+
+            def read(path: Optional[str]) -> Optional[bytes]:
+                if path is None:
+                    return None
+                with open(path, "rb") as f:
+                    return f.read()
+
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=read(tls_ca),
+                private_key=read(tls_key),
+                certificate_chain=read(tls_cert),
+            )
+            if tls_domain:
+                options.append(("grpc.ssl_target_name_override", tls_domain))
+            self._channel = grpc.secure_channel(addr, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(addr, options=options)
         self._generation = generation_pb2_grpc.GenerationServiceStub(self._channel)
 
     def close(self) -> None:

@@ -25,7 +25,7 @@ use zoo::{ZooCommand, zoo};
 #[derive(Parser)]
 #[command(name = "weightgen", version)]
 struct Cli {
-    /// Server address, "host:port" or "http://host:port".
+    /// Server address, "host:port", "http://host:port" or "https://host:port".
     #[arg(
         long,
         env = "WEIGHTGEN_ADDR",
@@ -41,20 +41,75 @@ struct Cli {
     /// the process list.
     #[arg(long, env = "WEIGHTGEN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    #[command(flatten)]
+    tls: TlsFlags,
     #[command(subcommand)]
     command: Command,
 }
 
-/// The token of this invocation (`--token`), set once at start.
-static TOKEN: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+/// TLS towards the server (an "https://" address alone uses the system's roots).
+#[derive(clap::Args, Default)]
+struct TlsFlags {
+    /// PEM CA bundle the server's certificate must chain to; turns TLS on.
+    #[arg(long, env = "WEIGHTGEN_TLS_CA", global = true)]
+    tls_ca: Option<std::path::PathBuf>,
+    /// PEM client certificate for servers that require one (mutual TLS);
+    /// turns TLS on.
+    #[arg(
+        long,
+        env = "WEIGHTGEN_TLS_CLIENT_CERT",
+        requires = "tls_client_key",
+        global = true
+    )]
+    tls_client_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-client-cert.
+    #[arg(
+        long,
+        env = "WEIGHTGEN_TLS_CLIENT_KEY",
+        requires = "tls_client_cert",
+        global = true
+    )]
+    tls_client_key: Option<std::path::PathBuf>,
+    /// Name the server's certificate must carry, when it is not the
+    /// address's host (e.g. connecting by IP); turns TLS on.
+    #[arg(long, env = "WEIGHTGEN_TLS_DOMAIN", global = true)]
+    tls_domain: Option<String>,
+}
 
-/// Connects to `addr`, sending the invocation's token with every call.
+impl TlsFlags {
+    fn settings(self) -> Option<client::ClientTls> {
+        let identity = self.tls_client_cert.zip(self.tls_client_key);
+        (self.tls_ca.is_some() || identity.is_some() || self.tls_domain.is_some()).then_some(
+            client::ClientTls {
+                ca: self.tls_ca,
+                identity,
+                domain: self.tls_domain,
+            },
+        )
+    }
+}
+
+/// TLS settings and token of this invocation, set once at start.
+static SECURITY: std::sync::OnceLock<(Option<client::ClientTls>, Option<String>)> =
+    std::sync::OnceLock::new();
+
+/// The server at `addr` with this invocation's TLS settings and token.
+fn target(addr: &str) -> client::Target {
+    let (tls, token) = SECURITY.get().cloned().unwrap_or_default();
+    client::Target {
+        addr: addr.to_owned(),
+        tls,
+        token,
+    }
+}
+
+/// Connects to `addr` with this invocation's TLS settings, sending its
+/// token with every call.
 pub async fn connect(
     addr: &str,
     timeout: Option<Duration>,
 ) -> Result<client::Connection, client::ClientError> {
-    let token = TOKEN.get().and_then(Option::as_deref);
-    client::connect_with_token(addr, timeout, token).await
+    target(addr).connect(timeout).await
 }
 
 #[derive(Subcommand)]
@@ -127,7 +182,7 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
         Command::Jobs(command) => Ok(jobs::jobs(&cli.addr, cli.timeout, command).await),
         Command::Health { service, wait } => {
             if let Some(wait) = wait {
-                client::wait_until_serving(&cli.addr, &service, wait).await?;
+                client::wait_until_serving(&target(&cli.addr), &service, wait).await?;
             }
             let channel = connect(&cli.addr, Some(cli.timeout)).await?;
             let status = client::health_status(channel, &service).await?;
@@ -166,8 +221,9 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let _ = TOKEN.set(cli.token.clone());
+    let mut cli = Cli::parse();
+    let tls = std::mem::take(&mut cli.tls).settings();
+    let _ = SECURITY.set((tls, cli.token.clone()));
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
