@@ -199,9 +199,11 @@ impl BackendGuard {
                 _ = &mut stop => return,
                 outcome = probe() => outcome,
             };
-            // A failed probe only refreshes the cause: the breaker is open.
+            // A failed probe only refreshes the cause and the gauge (kept
+            // true even if something else wrote it): the breaker is open.
             if let Outcome::Unreachable(cause) = &outcome {
                 self.lock().last_cause.clone_from(cause);
+                self.set_gauge(false);
             } else {
                 self.record(outcome);
             }
@@ -209,12 +211,13 @@ impl BackendGuard {
     }
 
     fn publish(&self, up: bool) {
-        metrics::gauge!("weightgen_backend_up", "backend" => self.label.clone()).set(if up {
-            1.0
-        } else {
-            0.0
-        });
+        self.set_gauge(up);
         self.up.send_replace(up);
+    }
+
+    fn set_gauge(&self, up: bool) {
+        let value = if up { 1.0 } else { 0.0 };
+        metrics::gauge!("weightgen_backend_up", "backend" => self.label.clone()).set(value);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {

@@ -491,9 +491,13 @@ fn via(url: &str, addr: std::net::SocketAddr) -> String {
 }
 
 async fn catalog_health(channel: tonic::transport::Channel) -> ServingStatus {
+    service_health(channel, "weightgen.v1.CatalogService").await
+}
+
+async fn service_health(channel: tonic::transport::Channel, service: &str) -> ServingStatus {
     HealthClient::new(channel)
         .check(HealthCheckRequest {
-            service: "weightgen.v1.CatalogService".into(),
+            service: service.into(),
         })
         .await
         .unwrap()
@@ -762,4 +766,70 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
         text.contains("UnknownIssuer") || text.contains("certificate"),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_keeps_serving_through_a_postgres_outage() {
+    use common::generation::{
+        Client as GenerationClient, descriptor, generate, small_digits_zoo_with, train_with,
+        wait_ready,
+    };
+    let db = TestDatabase::create("gen_outage").await;
+    let target = db.url.split("://").nth(1).unwrap();
+    let target = target.rsplit_once('@').map_or(target, |(_, h)| h);
+    let target: std::net::SocketAddr = target.split('/').next().unwrap().parse().unwrap();
+    let proxy = Proxy::start(target).await;
+    // A zoo and an active denoiser in the PostgreSQL catalog (blobs in the data dir).
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    small_digits_zoo_with(&data, &["--catalog", &db.url]);
+    train_with(
+        &data,
+        "digits-pg",
+        "4",
+        &["--activate", "--catalog", &db.url],
+    );
+    let url = via(&db.url, proxy.addr());
+    let test = spawn_server(|c| {
+        c.storage = weightgen::storage::StorageArgs::embedded(&data);
+        c.storage.catalog = Some(url.clone());
+        c.storage.catalog_call_timeout = Some(Duration::from_secs(2));
+    })
+    .await;
+    let channel = test.channel().await;
+    let mut generation = GenerationClient::new(channel.clone());
+    wait_ready(&mut generation).await;
+    let task = descriptor();
+    let before = generate(&mut generation, &task, 5).await.unwrap();
+
+    // PostgreSQL goes away: the catalog's calls fail fast and its health
+    // turns NOT_SERVING, while the loaded denoiser keeps generating.
+    proxy.set(Mode::Refuse);
+    let mut catalog = CatalogServiceClient::new(channel.clone());
+    let started = Instant::now();
+    while catalog_health(channel.clone()).await != ServingStatus::NotServing {
+        let _ = timed_list(&mut catalog).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the breaker never opened"
+        );
+    }
+    assert_eq!(
+        service_health(channel.clone(), "weightgen.v1.GenerationService").await,
+        ServingStatus::Serving
+    );
+    let during = generate(&mut generation, &task, 5).await.unwrap();
+    assert_eq!(
+        during.files, before.files,
+        "same seed, same denoiser, same bytes"
+    );
+    assert_eq!(during.denoiser, "digits-pg");
+
+    proxy.set(Mode::Forward);
+    let back = Instant::now();
+    while catalog_health(channel.clone()).await != ServingStatus::Serving {
+        assert!(back.elapsed() < Duration::from_secs(10), "not healed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    test.server.shutdown().await.unwrap();
 }

@@ -116,10 +116,10 @@ impl DenoiserRegistry {
             let Some(record) = catalog.active_denoiser(&arch.name).await? else {
                 continue;
             };
-            if self
-                .active(&arch.name)
-                .is_some_and(|d| d.record.id == record.id)
-            {
+            if let Some(loaded) = self.active(&arch.name).filter(|d| d.record.id == record.id) {
+                // Re-published at every check, so the gauge stays true even
+                // if something else in the process wrote it.
+                version_gauge(&arch.name, loaded.version);
                 continue;
             }
             match self.load(catalog, blobs, record).await {
@@ -128,11 +128,7 @@ impl DenoiserRegistry {
                         architecture = %arch.name, denoiser = %loaded.record.id,
                         version = loaded.version, "denoiser loaded and swapped in"
                     );
-                    metrics::gauge!(
-                        "weightgen_denoiser_version",
-                        "architecture" => arch.name.clone()
-                    )
-                    .set(f64::from(loaded.version));
+                    version_gauge(&arch.name, loaded.version);
                     metrics::counter!(
                         "weightgen_denoiser_swaps_total",
                         "architecture" => arch.name.clone()
@@ -176,6 +172,12 @@ impl DenoiserRegistry {
             self.model.clone(),
         ))
     }
+}
+
+/// `weightgen_denoiser_version{architecture}`: the version served.
+fn version_gauge(architecture: &str, version: u32) {
+    metrics::gauge!("weightgen_denoiser_version", "architecture" => architecture.to_owned())
+        .set(f64::from(version));
 }
 
 /// Version numbers of every denoiser of `architecture`: rank by creation

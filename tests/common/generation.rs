@@ -39,20 +39,23 @@ pub fn worker(data: &Path, args: &[&str]) -> String {
 /// A 40-model `digits` zoo from one shared init (30 steps each), built by
 /// the worker binary into `data`.
 pub fn small_digits_zoo(data: &Path) -> String {
-    worker(
-        data,
-        &[
-            "zoo",
-            "build",
-            "--family",
-            "digits",
-            "--models",
-            "40",
-            "--shared-init",
-            "--steps",
-            "30",
-        ],
-    )
+    small_digits_zoo_with(data, &[])
+}
+
+/// [`small_digits_zoo`] with `extra` flags (e.g. another catalog).
+pub fn small_digits_zoo_with(data: &Path, extra: &[&str]) -> String {
+    let args = [
+        "zoo",
+        "build",
+        "--family",
+        "digits",
+        "--models",
+        "40",
+        "--shared-init",
+        "--steps",
+        "30",
+    ];
+    worker(data, &[&args[..], extra].concat())
 }
 
 /// Trains and activates denoiser `id` on the small zoo.
