@@ -2,8 +2,6 @@
 //! `nn.Module` with `strict=True`, and files PyTorch writes decode and
 //! flatten here. Uses the bootstrap venv (scripts/test.sh sets it up).
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 
@@ -25,7 +23,7 @@ fn run_python(script: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .unwrap();
-    let text = common::combined_output(&output);
+    let text = crate::common::combined_output(&output);
     assert!(output.status.success(), "python failed:\n{text}");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }

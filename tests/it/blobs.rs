@@ -3,8 +3,6 @@
 //! that report corruption, listing and deletion; the sweep of what killed
 //! writers leave (partial writes, blobs no row refers to).
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -115,9 +113,9 @@ async fn a_sweep_of_a_local_store_removes_only_orphans() {
 
 #[tokio::test]
 async fn a_sweep_of_an_s3_store_removes_only_orphans() {
-    let database = common::services::TestDatabase::create("gc").await;
+    let database = crate::common::services::TestDatabase::create("gc").await;
     let catalog = weightgen::catalog::open(&database.url).await.unwrap();
-    let store = BlobStore::open(&common::services::s3_prefix("gc")).unwrap();
+    let store = BlobStore::open(&crate::common::services::s3_prefix("gc")).unwrap();
     sweep_removes_only_orphans(catalog.as_ref(), &store, false).await;
 }
 
@@ -162,11 +160,11 @@ async fn a_local_directory_store() {
 
 #[tokio::test]
 async fn an_s3_store_on_seaweedfs() {
-    let url = common::services::s3_prefix("blobs");
+    let url = crate::common::services::s3_prefix("blobs");
     let store = BlobStore::open(&url).unwrap();
     behaves_as_a_content_addressed_store(&store).await;
     // Another prefix in the same bucket sees none of it.
-    let neighbour = BlobStore::open(&common::services::s3_prefix("other")).unwrap();
+    let neighbour = BlobStore::open(&crate::common::services::s3_prefix("other")).unwrap();
     assert!(neighbour.list().await.unwrap().is_empty());
 }
 

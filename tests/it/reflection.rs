@@ -1,9 +1,7 @@
 //! Reflection (v1 and v1alpha) lists every service and resolves weightgen
 //! symbols, as grpcurl and buf curl need.
 
-mod common;
-
-use common::spawn_server;
+use crate::common::spawn_server;
 use prost::Message;
 use tokio_stream::StreamExt;
 use weightgen::proto::SERVICE_NAMES;

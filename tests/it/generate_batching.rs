@@ -5,14 +5,12 @@
 //! its queued work is dropped. Malformed requests (generated, and random
 //! bytes) never fail the server or anyone else's call.
 
-mod common;
-
 use std::time::Duration;
 
-use common::generation::{
+use crate::common::generation::{
     Client, descriptor, generate, generate_with, request, small_digits_zoo, train, wait_ready,
 };
-use common::{metric_value, spawn_server};
+use crate::common::{metric_value, spawn_server};
 use tonic::Code;
 use weightgen::proto::v1::Sampler;
 
@@ -112,7 +110,7 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
         .args(["--num-classes", "5", "--seed", "123", "-o"])
         .arg(&out_file);
     let output = command.output().unwrap();
-    let text = common::combined_output(&output);
+    let text = crate::common::combined_output(&output);
     assert!(output.status.success(), "{text}");
     assert!(
         text.contains("denoiser digits-b1 v1") && text.contains("seed 123"),
@@ -132,7 +130,7 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
         .arg(&out_file)
         .output()
         .unwrap();
-    let text = common::combined_output(&output);
+    let text = crate::common::combined_output(&output);
     assert_eq!(output.status.code(), Some(1), "{text}");
     assert!(
         text.contains("InvalidArgument: task.features.colour: unknown feature"),
@@ -172,7 +170,9 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     let text = batching.metrics().await;
     let dropped = metric_value(&text, "weightgen_generate_dropped_total", &[]).unwrap_or(0.0)
         - dropped_before;
-    assert_eq!(dropped, 3.0, "{text}");
+    // At least these three (the recorder is process-wide: other tests'
+    // cancelled calls count too).
+    assert!(dropped >= 3.0, "{text}");
 
     // A server with room for two waiting requests: a burst is refused at
     // once beyond that, and it keeps serving afterwards.
@@ -245,7 +245,7 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
         err.message()
     );
     let text = strict.metrics().await;
-    assert_eq!(exceeded(&text), Some(before + 1.0), "{text}");
+    assert!(exceeded(&text).is_some_and(|n| n >= before + 1.0), "{text}");
     strict.server.shutdown().await.unwrap();
     small.server.shutdown().await.unwrap();
     batching.server.shutdown().await.unwrap();
@@ -535,9 +535,13 @@ async fn malformed_requests_never_fail_the_server_or_anyone_elses_call() {
                 for _ in 0..40 {
                     let len = rng.random_range(0..200);
                     let body: Vec<u8> = (0..len).map(|_| rng.random()).collect();
-                    let result =
-                        common::raw::call_raw(test.channel().await, method, path.clone(), body)
-                            .await;
+                    let result = crate::common::raw::call_raw(
+                        test.channel().await,
+                        method,
+                        path.clone(),
+                        body,
+                    )
+                    .await;
                     if let Err(status) = result {
                         assert!(
                             !matches!(status.code(), Code::Internal | Code::Unknown),
@@ -558,7 +562,10 @@ async fn malformed_requests_never_fail_the_server_or_anyone_elses_call() {
         "no valid call ran alongside"
     );
     let grown = rss_bytes().saturating_sub(rss_before);
-    assert!(grown < 768 << 20, "RSS grew by {} MiB", grown >> 20);
+    // The process is shared with other tests (some train in it): the bound
+    // catches a hostile request allocating what its shape claims (34 GB for
+    // num_classes = 2^32 - 1), not small leaks.
+    assert!(grown < 2 << 30, "RSS grew by {} MiB", grown >> 20);
     eprintln!(
         "{} generated requests answered OK, {} valid calls alongside, RSS +{} MiB",
         oks.load(Ordering::Relaxed),

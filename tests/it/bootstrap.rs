@@ -1,8 +1,6 @@
 //! scripts/bootstrap.sh: clear failures without python or with a bad
 //! LIBTORCH, and a second run that only checks.
 
-mod common;
-
 use std::process::Command;
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bootstrap.sh");
@@ -14,7 +12,10 @@ fn run(envs: &[(&str, &str)], remove: &[&str]) -> (bool, String) {
         command.env_remove(name);
     }
     let output = command.envs(envs.iter().copied()).output().unwrap();
-    (output.status.success(), common::combined_output(&output))
+    (
+        output.status.success(),
+        crate::common::combined_output(&output),
+    )
 }
 
 #[test]

@@ -2,8 +2,6 @@
 //! (a file in a temporary directory) and PostgreSQL (a database of its own
 //! inside `DATABASE_URL`, which scripts/test.sh provides).
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
@@ -14,7 +12,7 @@ use weightgen::catalog::{
 };
 use weightgen::weights::ArchSpec;
 
-use common::services::TestDatabase;
+use crate::common::services::TestDatabase;
 
 /// A catalog of one backend and what keeps it alive.
 struct Backend {

@@ -1,6 +1,5 @@
 //! Shared helpers for integration tests: start a real server on port 0 with
 //! its own data directory and talk to it as a client would.
-#![allow(dead_code)]
 
 pub mod generation;
 pub mod proxy;

@@ -5,9 +5,7 @@
 //! ablation table of two denoisers on the same tasks. It checks the
 //! harness, not the figures of a real evaluation.
 
-mod common;
-
-use common::generation::{small_digits_zoo, train, train_with, worker};
+use crate::common::generation::{small_digits_zoo, train, train_with, worker};
 
 /// The numbers in the cells of a Markdown row (the "±" halves included).
 fn numbers(row: &str) -> Vec<f64> {

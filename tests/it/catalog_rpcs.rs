@@ -3,15 +3,13 @@
 //! for an unknown architecture is refused naming the field and stores
 //! nothing; an identical upload is deduplicated.
 
-mod common;
-
 use std::collections::HashMap;
 
 use std::time::{Duration, Instant};
 
-use common::proxy::{Mode, Proxy};
-use common::services::TestDatabase;
-use common::spawn_server;
+use crate::common::proxy::{Mode, Proxy};
+use crate::common::services::TestDatabase;
+use crate::common::spawn_server;
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -434,7 +432,7 @@ async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
         .arg(&data)
         .output()
         .unwrap();
-    let text = common::combined_output(&output);
+    let text = crate::common::combined_output(&output);
     assert!(output.status.success(), "{text}");
     assert!(text.contains("removed"), "{text}");
     assert!(!partial.exists(), "{text}");
@@ -570,12 +568,7 @@ async fn a_postgres_outage_answers_unavailable_at_once_and_heals_without_a_resta
             catalog_health(channel.clone()).await,
             ServingStatus::NotServing
         );
-        let metrics = test.metrics().await;
-        assert_eq!(
-            common::metric_value(&metrics, "weightgen_backend_up", &[("backend", "catalog")]),
-            Some(0.0),
-            "{metrics}"
-        );
+        backend_reads_down(&test, "catalog").await;
 
         proxy.set(Mode::Forward);
         let back = Instant::now();
@@ -649,7 +642,7 @@ async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_withou
     let endpoint = std::env::var("AWS_ENDPOINT").expect("AWS_ENDPOINT (scripts/test.sh sets it)");
     let target: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
     let proxy = Proxy::start(target).await;
-    let blobs = common::services::s3_prefix("outage");
+    let blobs = crate::common::services::s3_prefix("outage");
     let test = spawn_server(|c| {
         c.storage.blobs = Some(blobs.clone());
         c.storage.s3_endpoint = Some(format!("http://{}", proxy.addr()));
@@ -681,16 +674,7 @@ async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_withou
             last < Duration::from_millis(300),
             "{mode:?}: breaker open, yet {last:?}"
         );
-        let metrics = test.metrics().await;
-        assert_eq!(
-            common::metric_value(
-                &metrics,
-                "weightgen_backend_up",
-                &[("backend", "blob_store")]
-            ),
-            Some(0.0),
-            "{metrics}"
-        );
+        backend_reads_down(&test, "blob_store").await;
         // The catalog still answers, and a refused upload lists nothing.
         let other = checkpoint(2.0, false);
         let status = upload(&mut client, header(&other, "digits-mlp-64-32-5"), &other)
@@ -714,6 +698,26 @@ async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_withou
             }
         };
         assert_eq!(sha256_hex(&bytes), uploaded.sha256);
+    }
+}
+
+/// Waits (3 s at most) for `weightgen_backend_up{backend}` to read 0. The
+/// gauge is process-wide and other tests' servers set it to 1 when they
+/// start; an open breaker re-publishes 0 at every probe (1 s).
+async fn backend_reads_down(test: &crate::common::TestServer, backend: &str) {
+    let started = Instant::now();
+    loop {
+        let metrics = test.metrics().await;
+        let up =
+            crate::common::metric_value(&metrics, "weightgen_backend_up", &[("backend", backend)]);
+        if up == Some(0.0) {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{backend} not reported down: {up:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -746,7 +750,7 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
 
     // A CA that did not sign the server's certificate: refused, saying why.
     let dir = tempfile::tempdir().unwrap();
-    let rogue = common::tls::Pki::new(dir.path(), "rogue");
+    let rogue = crate::common::tls::Pki::new(dir.path(), "rogue");
     let wrong = with_param(
         &db.url,
         &format!(
@@ -770,7 +774,7 @@ async fn postgres_over_tls_verifies_the_server_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_keeps_serving_through_a_postgres_outage() {
-    use common::generation::{
+    use crate::common::generation::{
         Client as GenerationClient, descriptor, generate, small_digits_zoo_with, train_with,
         wait_ready,
     };

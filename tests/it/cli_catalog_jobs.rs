@@ -4,13 +4,11 @@
 //! (local) and a message naming the problem; jobs are submitted, listed,
 //! cancelled and waited for, `jobs wait` exiting 0 only for a success.
 
-mod common;
-
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{TestServer, combined_output, spawn_server};
+use crate::common::{TestServer, combined_output, spawn_server};
 use weightgen::blobs::sha256_hex;
 use weightgen::catalog::{JobOutcome, now_ms};
 use weightgen::tasks::Family;

@@ -5,13 +5,11 @@
 //! the reason recorded; a cancelled job stops its worker; bad specs are
 //! refused at submission, naming the field.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, combined_output, spawn_server};
+use crate::common::{TestServer, combined_output, spawn_server};
 use tonic::Code;
 use weightgen::proto::v1::job_service_client::JobServiceClient;
 use weightgen::proto::v1::{

@@ -4,8 +4,6 @@
 //! without overlap; the models reach sensible metrics; and S3 + PostgreSQL
 //! replace the embedded defaults with nothing else changed.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -16,7 +14,7 @@ use weightgen::blobs::BlobStore;
 use weightgen::catalog::{self, Catalog, PageRequest, ZooModelFilter, ZooModelRecord};
 use weightgen::storage::StorageArgs;
 
-use common::services::{TestDatabase, s3_prefix};
+use crate::common::services::{TestDatabase, s3_prefix};
 
 fn worker(args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_weightgen-worker"));

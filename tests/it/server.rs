@@ -1,12 +1,10 @@
 //! The server as clients see it: health per service, reflection, metadata,
 //! limits, metrics, and graceful shutdown.
 
-mod common;
-
 use std::time::Duration;
 
-use common::raw::call_raw;
-use common::{metric_value, spawn_server};
+use crate::common::raw::call_raw;
+use crate::common::{metric_value, spawn_server};
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
@@ -283,7 +281,8 @@ async fn metrics_count_calls_by_method_and_code() {
     }
     let text = test.metrics().await;
     let after = metric_value(&text, "weightgen_grpc_requests_total", &labels).unwrap();
-    assert_eq!(after - before, 3.0, "{text}");
+    // At least these three: other tests' servers share the recorder.
+    assert!(after - before >= 3.0, "{text}");
     assert!(
         metric_value(
             &text,
@@ -571,13 +570,13 @@ async fn tokens_and_roles_guard_every_method_and_health_stays_open() {
         command.output().unwrap()
     };
     let refused = cli(None);
-    let text = common::combined_output(&refused);
+    let text = crate::common::combined_output(&refused);
     assert!(
         !refused.status.success() && text.contains("Unauthenticated"),
         "{text}"
     );
     let allowed = cli(Some(read));
-    let text = common::combined_output(&allowed);
+    let text = crate::common::combined_output(&allowed);
     assert!(allowed.status.success(), "{text}");
 
     // Health and reflection stay open for probes.
@@ -675,7 +674,7 @@ async fn health_over_tls(addr: &str, tls: weightgen::client::ClientTls) -> Resul
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_verifies_both_ends_and_picks_up_a_rotated_certificate() {
-    use common::tls::{Pki, Usage};
+    use crate::common::tls::{Pki, Usage};
     use weightgen::client::ClientTls;
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "good");
@@ -778,7 +777,7 @@ async fn tls_verifies_both_ends_and_picks_up_a_rotated_certificate() {
     let client = pki.leaf("client", &["trainer"], Usage::Client, false);
     let expired_client = pki.leaf("client-old", &["trainer"], Usage::Client, true);
     let rogue_client = rogue.leaf("client", &["trainer"], Usage::Client, false);
-    let with = |leaf: &common::tls::Leaf| ClientTls {
+    let with = |leaf: &crate::common::tls::Leaf| ClientTls {
         identity: Some((leaf.cert.clone(), leaf.key.clone())),
         ..trusting(pki.ca_pem())
     };

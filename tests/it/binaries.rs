@@ -2,8 +2,6 @@
 //! (libtorch_cuda kept), runnable without LD_LIBRARY_PATH, and the server's
 //! whole life as a process: start, answer health to the CLI, stop on SIGTERM.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -124,7 +122,10 @@ fn client(addr: &str, args: &[&str]) -> (bool, String) {
         .env_remove("LD_LIBRARY_PATH")
         .output()
         .unwrap();
-    (output.status.success(), common::combined_output(&output))
+    (
+        output.status.success(),
+        crate::common::combined_output(&output),
+    )
 }
 
 #[test]
