@@ -701,24 +701,16 @@ async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_withou
     }
 }
 
-/// Waits (3 s at most) for `weightgen_backend_up{backend}` to read 0. The
-/// gauge is process-wide and other tests' servers set it to 1 when they
-/// start; an open breaker re-publishes 0 at every probe (1 s).
+/// Waits for `weightgen_backend_up{backend}` to read 0 (an open breaker
+/// re-publishes it at every probe, 1 s).
 async fn backend_reads_down(test: &crate::common::TestServer, backend: &str) {
-    let started = Instant::now();
-    loop {
-        let metrics = test.metrics().await;
-        let up =
-            crate::common::metric_value(&metrics, "weightgen_backend_up", &[("backend", backend)]);
-        if up == Some(0.0) {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "{backend} not reported down: {up:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    test.wait_for_metric(
+        "weightgen_backend_up",
+        &[("backend", backend)],
+        0.0,
+        Duration::from_secs(3),
+    )
+    .await;
 }
 
 /// `url` with `param` added to its query string.

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::generation::{ARCH, Client, descriptor, generate, small_digits_zoo, train};
-use crate::common::{metric_value, spawn_server};
+use crate::common::spawn_server;
 use tonic::Code;
 use weightgen::proto::v1::catalog_service_client::CatalogServiceClient;
 use weightgen::proto::v1::{
@@ -156,19 +156,13 @@ async fn published_denoisers_are_picked_up_and_swapped_under_load() {
     }
     // The gauge is process-wide (other tests' servers write it too); this
     // server re-publishes its own at every reload check.
-    let started = Instant::now();
-    while metric_value(
-        &test.metrics().await,
+    test.wait_for_metric(
         "weightgen_denoiser_version",
         &[("architecture", ARCH)],
-    ) != Some(2.0)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "weightgen_denoiser_version is not 2"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        2.0,
+        Duration::from_secs(5),
+    )
+    .await;
 
     // Rollback: earlier versions stay listed and can be re-activated; the
     // server swaps v1 back in.

@@ -38,6 +38,30 @@ impl TestServer {
         let addr = self.server.metrics_addr().expect("metrics enabled");
         http_get(addr, "/metrics").await
     }
+
+    /// Waits up to `within` for the metric `name{labels}` to read `want`.
+    /// Gauges are process-wide: other tests' servers write them too, and
+    /// each server re-publishes its own periodically.
+    pub async fn wait_for_metric(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+        want: f64,
+        within: Duration,
+    ) {
+        let started = std::time::Instant::now();
+        loop {
+            let value = metric_value(&self.metrics().await, name, labels);
+            if value == Some(want) {
+                return;
+            }
+            assert!(
+                started.elapsed() < within,
+                "{name}{labels:?} is {value:?}, not {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// Starts a server on loopback port 0 (gRPC and metrics) with a fresh data
