@@ -3,7 +3,17 @@
 # needs (libtorch wheel, client and deployment-check tools), then checks
 # formatting and lints, runs every test and checks the deployment files
 # offline. CI runs exactly this (.ci/run).
+#
+# `scripts/test.sh --quick` is the edit loop's tier: the unit and integration
+# tests without the slow statistical training tests (`#[ignore = "slow: …"]`,
+# listed as ignored in the output), no fmt, clippy or deployment checks.
 set -euo pipefail
+quick=false
+case "${1:-}" in
+    --quick) quick=true ;;
+    "") ;;
+    *) echo "usage: scripts/test.sh [--quick]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 started=$SECONDS
 step() { echo "[test] $* ($((SECONDS - started)) s)"; }
@@ -11,6 +21,15 @@ step() { echo "[test] $* ($((SECONDS - started)) s)"; }
 step "bootstrap"
 . scripts/bootstrap.sh
 . scripts/tools.sh
+
+if $quick; then
+    step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
+    . scripts/services.sh
+    step "cargo test (quick tier: the slow statistical tests are listed as ignored)"
+    cargo test --locked
+    step "quick tier passed in $((SECONDS - started)) s"
+    exit 0
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -21,8 +40,8 @@ cargo clippy --locked --all-targets -- -D warnings
 step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
 . scripts/services.sh
 
-step "cargo test"
-cargo test --locked
+step "cargo test, the slow statistical tests included"
+cargo test --locked -- --include-ignored
 
 step "deployment files, offline (hadolint, kustomize, schemas, compose, image libraries)"
 scripts/check-deploy.sh

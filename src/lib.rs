@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod blobs;
+pub mod breaker;
 pub mod cancel;
 pub mod catalog;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod gc;
 pub mod jobs;
 pub mod model;
 pub mod proto;
+pub mod rng;
 pub mod serve;
 pub mod storage;
 pub mod tasks;

@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use crate::backend::{BackendGuard, BreakerConfig};
 use crate::blobs::{BlobError, BlobStore, S3Options};
+use crate::breaker::{BackendGuard, BreakerConfig};
 use crate::catalog::{self, Catalog, CatalogError, GuardedCatalog};
 
 /// Storage flags (each also an environment variable).
@@ -56,7 +56,7 @@ pub struct StorageArgs {
     /// Consecutive connection-level failures after which calls to that
     /// backend (catalog or blob store) are refused at once, UNAVAILABLE,
     /// until a background probe reaches it again.
-    #[arg(long, env = "WEIGHTGEN_BREAKER_FAILURES", default_value_t = crate::backend::DEFAULT_FAILURES_TO_OPEN)]
+    #[arg(long, env = "WEIGHTGEN_BREAKER_FAILURES", default_value_t = crate::breaker::DEFAULT_FAILURES_TO_OPEN)]
     pub breaker_failures: u32,
     /// How often a backend whose breaker is open is probed.
     #[arg(long, env = "WEIGHTGEN_BREAKER_PROBE_EVERY", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -99,8 +99,8 @@ impl StorageArgs {
             blob_request_timeout: defaults.request_timeout,
             blob_retry_timeout: defaults.retry_timeout,
             s3_endpoint: None,
-            breaker_failures: crate::backend::DEFAULT_FAILURES_TO_OPEN,
-            breaker_probe_every: crate::backend::DEFAULT_PROBE_EVERY,
+            breaker_failures: crate::breaker::DEFAULT_FAILURES_TO_OPEN,
+            breaker_probe_every: crate::breaker::DEFAULT_PROBE_EVERY,
         }
     }
 
@@ -154,7 +154,8 @@ impl StorageArgs {
             failures_to_open: self.breaker_failures,
             probe_every: self.breaker_probe_every,
         };
-        let catalog_guard = BackendGuard::new(crate::catalog::BACKEND, breaker);
+        let catalog_guard = BackendGuard::new(crate::catalog::BACKEND, breaker)
+            .at(crate::catalog::redacted_location(&url));
         let guarded = GuardedCatalog::new(
             catalog::open_with(&url, timeouts).await?,
             &url,
@@ -173,7 +174,9 @@ impl StorageArgs {
             },
         )?;
         if blobs_url.starts_with("s3://") {
-            blobs = blobs.with_guard(BackendGuard::new(crate::blobs::BACKEND, breaker));
+            let guard = BackendGuard::new(crate::blobs::BACKEND, breaker)
+                .at(crate::catalog::redacted_location(&blobs_url));
+            blobs = blobs.with_guard(guard);
             blobs.spawn_probe();
         }
         Ok(Storage {

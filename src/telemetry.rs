@@ -42,3 +42,19 @@ pub fn init(args: &LogArgs) -> anyhow::Result<()> {
     };
     result.map_err(|e| anyhow::anyhow!("installing the log subscriber: {e}"))
 }
+
+/// An error and its causes, "a: b: c", each cause once: tonic's transport
+/// errors say only "transport error" at the top, while the crate's own
+/// errors already end with their source's text ("catalog database: …").
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use weightgen::cancel::CancelFlag;
@@ -12,7 +13,7 @@ use weightgen::device::{DeviceChoice, device_name};
 use weightgen::jobs::{RunnerConfig, TrainJob, run_jobs};
 use weightgen::storage::StorageArgs;
 use weightgen::tasks::{Family, TrainConfig};
-use weightgen::telemetry::{self, LogArgs};
+use weightgen::telemetry::{self, LogArgs, error_chain};
 use weightgen::torch_info::{TorchInfo, smoke_test};
 use weightgen::train::train_denoiser;
 use weightgen::zoo::{ZooBuildConfig, build_zoo};
@@ -69,18 +70,17 @@ struct GcArgs {
     storage: StorageArgs,
 }
 
-fn gc(args: GcArgs) -> Result<String, String> {
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+fn gc(args: GcArgs) -> anyhow::Result<String> {
+    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        let (catalog, blobs) = args.storage.open().await?;
         let config = weightgen::gc::GcConfig {
             grace: args.grace,
             dry_run: args.dry_run,
             upload_staging: Some(args.storage.upload_staging()),
         };
         let report = weightgen::gc::collect(catalog.as_ref(), &blobs, &config)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         let verb = if args.dry_run { "would remove" } else { "removed" };
         Ok(format!(
             "{verb} {} partial write(s) and {} unreferenced blob(s), {} bytes; kept {} live blob(s) and {} orphan(s) younger than {}",
@@ -202,31 +202,25 @@ fn eval_ablation(
     mut config: weightgen::eval::EvalConfig,
     device: tch::Device,
     runtime: &tokio::runtime::Runtime,
-) -> Result<String, String> {
+) -> anyhow::Result<String> {
     config.only = Some(vec![weightgen::eval::ABLATION_METHOD]);
     let started = std::time::Instant::now();
-    let (catalog, blobs) = runtime
-        .block_on(args.storage.open())
-        .map_err(|e| e.to_string())?;
-    let data = runtime
-        .block_on(weightgen::eval::load_zoo(&catalog, &blobs, &args.zoo))
-        .map_err(|e| e.to_string())?;
+    let (catalog, blobs) = runtime.block_on(args.storage.open())?;
+    let data = runtime.block_on(weightgen::eval::load_zoo(&catalog, &blobs, &args.zoo))?;
     check_split(&data, &args.zoo, args.split)?;
     let mut yardstick = weightgen::eval::Yardstick::default();
     let mut rows = Vec::new();
     for id in &args.ablation {
-        let (checkpoint, record) = runtime
-            .block_on(weightgen::eval::load_denoiser(
-                &catalog,
-                &blobs,
-                &data,
-                Some(id),
-                device,
-            ))
-            .map_err(|e| e.to_string())?;
+        let (checkpoint, record) = runtime.block_on(weightgen::eval::load_denoiser(
+            &catalog,
+            &blobs,
+            &data,
+            Some(id),
+            device,
+        ))?;
         tracing::info!(denoiser = %id, "ablation: evaluating");
         let report = weightgen::eval::evaluate_with(&checkpoint, &data, &config, &mut yardstick)
-            .map_err(|e| format!("{id}: {e}"))?;
+            .with_context(|| id.clone())?;
         rows.push(weightgen::eval::AblationRow {
             denoiser: id.clone(),
             variant: weightgen::eval::Variant::of(
@@ -242,7 +236,7 @@ fn eval_ablation(
     if let Some(path) = &args.output {
         let key = format!("{}:ablation", section_key(args, &data));
         weightgen::eval::write_section(path, &key, &text)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .with_context(|| path.display().to_string())?;
     }
     Ok(text)
 }
@@ -263,17 +257,17 @@ fn check_split(
     data: &weightgen::train::dataset::ZooDataset,
     zoo: &str,
     split: weightgen::tasks::HeldOutSplit,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     if !data.family.splits().contains(&split) {
-        return Err(format!(
+        anyhow::bail!(
             "--split {}: family {} has no such split (only interpolation)",
             split.name(),
             data.family.name()
-        ));
+        );
     }
     match data.held_out_models().as_slice() {
         [] => Ok(()),
-        leaked => Err(format!(
+        leaked => Err(anyhow::anyhow!(
             "zoo {zoo}: {} model(s) (first: {}) were trained on held-out tasks \
              (a zoo built before the held-out split changed?); rebuild the zoo",
             leaked.len(),
@@ -282,8 +276,8 @@ fn check_split(
     }
 }
 
-fn eval(args: EvalArgs) -> Result<String, String> {
-    let device = args.device.resolve().map_err(|e| e.to_string())?;
+fn eval(args: EvalArgs) -> anyhow::Result<String> {
+    let device = args.device.resolve()?;
     let mut config = if args.quick {
         weightgen::eval::EvalConfig::quick()
     } else {
@@ -297,14 +291,14 @@ fn eval(args: EvalArgs) -> Result<String, String> {
     config.seed = args.seed;
     config.split = args.split;
     if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
-        return Err("--tasks, --seeds and --finetune-steps must be at least 1".into());
+        anyhow::bail!("--tasks, --seeds and --finetune-steps must be at least 1");
     }
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Runtime::new()?;
     if !args.ablation.is_empty() {
         return eval_ablation(&args, config, device, &runtime);
     }
     let subject = runtime.block_on(async {
-        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        let (catalog, blobs) = args.storage.open().await?;
         weightgen::eval::load_subject(
             &catalog,
             &blobs,
@@ -313,12 +307,11 @@ fn eval(args: EvalArgs) -> Result<String, String> {
             device,
         )
         .await
-        .map_err(|e| e.to_string())
+        .map_err(anyhow::Error::from)
     })?;
     check_split(&subject.data, &args.zoo, args.split)?;
     let started = std::time::Instant::now();
-    let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)
-        .map_err(|e| e.to_string())?;
+    let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)?;
     let who = provenance(&args, &subject.data, device, started, &subject.record.id);
     let key = section_key(&args, &subject.data);
     let plots = match &args.output {
@@ -328,7 +321,8 @@ fn eval(args: EvalArgs) -> Result<String, String> {
                 .unwrap_or_else(|| std::path::Path::new("."))
                 .join("eval");
             let stem = key.replace(':', "-");
-            weightgen::eval::draw_plots(&report, &config, &dir, &stem)?
+            weightgen::eval::draw_plots(&report, &config, &dir, &stem)
+                .map_err(anyhow::Error::msg)?
                 .into_iter()
                 .map(|(caption, file)| (caption, format!("eval/{file}")))
                 .collect()
@@ -338,7 +332,7 @@ fn eval(args: EvalArgs) -> Result<String, String> {
     let text = weightgen::eval::markdown(&report, &config, &who, &plots);
     if let Some(path) = &args.output {
         weightgen::eval::write_section(path, &key, &text)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .with_context(|| path.display().to_string())?;
     }
     Ok(text)
 }
@@ -370,8 +364,8 @@ struct RunArgs {
     storage: StorageArgs,
 }
 
-fn run(args: RunArgs) -> Result<String, String> {
-    let device = args.device.resolve().map_err(|e| e.to_string())?;
+fn run(args: RunArgs) -> anyhow::Result<String> {
+    let device = args.device.resolve()?;
     let config = RunnerConfig {
         worker: args
             .worker_id
@@ -385,9 +379,9 @@ fn run(args: RunArgs) -> Result<String, String> {
         exit_when_idle: args.exit_when_idle,
         max_jobs: args.max_jobs,
     };
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        let (catalog, blobs) = args.storage.open().await?;
         tracing::info!(worker = %config.worker, lease = ?config.lease, "worker consuming jobs");
         let report = run_jobs(
             catalog,
@@ -395,8 +389,7 @@ fn run(args: RunArgs) -> Result<String, String> {
             config,
             weightgen::serve::server::shutdown_signal(),
         )
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         Ok(format!(
             "jobs: {} succeeded, {} failed, {} abandoned",
             report.succeeded, report.failed, report.abandoned
@@ -522,13 +515,13 @@ struct TrainArgs {
     storage: StorageArgs,
 }
 
-fn train(args: TrainArgs) -> Result<String, String> {
-    let device = args.device.resolve().map_err(|e| e.to_string())?;
+fn train(args: TrainArgs) -> anyhow::Result<String> {
+    let device = args.device.resolve()?;
     if args.threads > 0 {
         tch::set_num_threads(i32::try_from(args.threads).unwrap_or(i32::MAX));
     }
     if args.resume && args.denoiser_id.is_none() {
-        return Err("--resume needs the --denoiser-id of the run to continue".to_owned());
+        anyhow::bail!("--resume needs the --denoiser-id of the run to continue");
     }
     let denoiser_id = args.denoiser_id.unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
@@ -567,14 +560,12 @@ fn train(args: TrainArgs) -> Result<String, String> {
         precision: args.precision,
         activate: args.activate,
     };
-    let config = job
-        .to_config(&denoiser_id, device, args.resume, CancelFlag::new())
-        .map_err(|e| e.to_string())?;
+    let config = job.to_config(&denoiser_id, device, args.resume, CancelFlag::new())?;
     let report_dir = args.report_dir;
     let steps = config.fit.steps as u64;
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        let (catalog, blobs) = args.storage.open().await?;
         let bar = progress_bar(
             std::io::stderr().is_terminal(),
             "[{bar:40}] {pos}/{len} it, {per_sec}, eta {eta} {msg}",
@@ -586,20 +577,15 @@ fn train(args: TrainArgs) -> Result<String, String> {
             shown.set_position(step as u64);
             shown.set_message(format!("loss {train:.4} val {val:.4}"));
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         bar.finish_and_clear();
         if let Some(dir) = &report_dir {
             std::fs::create_dir_all(dir)
-                .map_err(|e| format!("--report-dir {}: {e}", dir.display()))?;
+                .with_context(|| format!("--report-dir {}", dir.display()))?;
             for name in &outcome.artifacts {
-                let bytes = blobs_for_report
-                    .get_named(name)
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .unwrap_or_default();
+                let bytes = blobs_for_report.get_named(name).await?.unwrap_or_default();
                 let file = dir.join(name.rsplit('/').next().unwrap_or(name));
-                std::fs::write(&file, bytes).map_err(|e| format!("{}: {e}", file.display()))?;
+                std::fs::write(&file, bytes).with_context(|| file.display().to_string())?;
             }
         }
         let q = &outcome.quality;
@@ -702,9 +688,9 @@ fn progress_bar(show: bool, template: &str) -> ProgressBar {
     bar
 }
 
-fn zoo_build(args: BuildArgs) -> Result<String, String> {
-    let family = Family::parse(&args.family).map_err(|e| e.to_string())?;
-    let device = args.device.resolve().map_err(|e| e.to_string())?;
+fn zoo_build(args: BuildArgs) -> anyhow::Result<String> {
+    let family = Family::parse(&args.family)?;
+    let device = args.device.resolve()?;
     let defaults = family.train_config();
     let train = TrainConfig {
         steps: args.steps.unwrap_or(defaults.steps),
@@ -734,9 +720,9 @@ fn zoo_build(args: BuildArgs) -> Result<String, String> {
         max_models: args.max_models,
         cancel: Default::default(),
     };
-    let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let (catalog, blobs) = args.storage.open().await.map_err(|e| e.to_string())?;
+        let (catalog, blobs) = args.storage.open().await?;
         let bar = progress_bar(
             std::io::stderr().is_terminal(),
             "{msg} [{bar:40}] {pos}/{len} models, {per_sec}, eta {eta}",
@@ -747,8 +733,7 @@ fn zoo_build(args: BuildArgs) -> Result<String, String> {
             shown.set_length(r.total);
             shown.set_position(r.done);
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
         bar.finish_and_clear();
         Ok(format!(
             "built {} models in {:.1} s ({:.1} models/min); zoo has {}/{} models",
@@ -759,6 +744,21 @@ fn zoo_build(args: BuildArgs) -> Result<String, String> {
             report.total
         ))
     })
+}
+
+/// Prints a command's summary, or its error with its causes, and says how
+/// it ended.
+fn report(command: &str, result: anyhow::Result<String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("weightgen-worker: {command}: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -792,55 +792,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Run(args)) => match run(*args) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("weightgen-worker: run: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Some(Command::Gc(args)) => match gc(*args) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("weightgen-worker: gc: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Some(Command::Eval(args)) => match eval(*args) {
-            Ok(text) => {
-                println!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("weightgen-worker: eval: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Some(Command::Train(args)) => match train(*args) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("weightgen-worker: train: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Some(Command::Zoo(ZooCommand::Build(args))) => match zoo_build(*args) {
-            Ok(summary) => {
-                println!("{summary}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("weightgen-worker: zoo build: {e}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Run(args)) => report("run", run(*args)),
+        Some(Command::Gc(args)) => report("gc", gc(*args)),
+        Some(Command::Eval(args)) => report("eval", eval(*args)),
+        Some(Command::Train(args)) => report("train", train(*args)),
+        Some(Command::Zoo(ZooCommand::Build(args))) => report("zoo build", zoo_build(*args)),
     }
 }

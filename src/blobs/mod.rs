@@ -20,7 +20,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig};
 use sha2::{Digest, Sha256};
 
-use crate::backend::{BackendGuard, Outcome, Unavailable};
+use crate::breaker::{BackendGuard, Outcome, Unavailable};
 
 pub mod upload;
 
@@ -60,7 +60,7 @@ pub enum BlobError {
     /// The store could not be reached (its breaker is open, or a call failed
     /// at the connection level or timed out).
     #[error(transparent)]
-    Unavailable(#[from] crate::backend::Unavailable),
+    Unavailable(#[from] crate::breaker::Unavailable),
     /// The store failed.
     #[error("blob store: {0}")]
     Store(#[from] object_store::Error),
@@ -238,7 +238,7 @@ impl BlobStore {
                 }
             }
         };
-        tokio::spawn(guard.watch(probe, crate::backend::dropped(gone)));
+        tokio::spawn(guard.watch(probe, crate::breaker::dropped(gone)));
     }
 
     /// Runs a store call through the breaker, if there is one.

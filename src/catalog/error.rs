@@ -33,7 +33,7 @@ pub enum CatalogError {
     /// The catalog could not be reached (its breaker is open, or the call
     /// failed at the connection level).
     #[error(transparent)]
-    Unavailable(#[from] crate::backend::Unavailable),
+    Unavailable(#[from] crate::breaker::Unavailable),
     /// The database failed.
     #[error("catalog database: {0}")]
     Database(#[from] sqlx::Error),

@@ -1,4 +1,4 @@
-//! A catalog behind a circuit breaker ([`crate::backend`]): every call
+//! A catalog behind a circuit breaker ([`crate::breaker`]): every call
 //! goes through the breaker, connection-level failures become
 //! [`CatalogError::Unavailable`] naming where the catalog is (never its
 //! credentials) and why, and while the breaker is open calls are refused
@@ -12,7 +12,7 @@ use super::{
     JobRecord, NewJob, Page, PageRequest, Snapshot, WorkUnit, ZooModelFilter, ZooModelRecord,
     ZooPlan, ZooProgress,
 };
-use crate::backend::{BackendGuard, Outcome, Unavailable};
+use crate::breaker::{BackendGuard, Outcome, Unavailable};
 use crate::weights::ArchSpec;
 
 /// The backend name catalog errors and metrics use.
@@ -81,7 +81,7 @@ impl GuardedCatalog {
         tokio::spawn(
             self.guard
                 .clone()
-                .watch(probe, crate::backend::dropped(gone)),
+                .watch(probe, crate::breaker::dropped(gone)),
         );
     }
 

@@ -39,7 +39,7 @@ impl PostgresCatalog {
         timeouts: super::CatalogTimeouts,
     ) -> Result<Self, CatalogError> {
         let unreachable = |cause: String| {
-            CatalogError::Unavailable(crate::backend::Unavailable {
+            CatalogError::Unavailable(crate::breaker::Unavailable {
                 backend: super::guarded::BACKEND,
                 cause: format!("{}: {cause}", super::redacted_location(url)),
             })

@@ -20,6 +20,7 @@ use crate::proto::v1::{
     GenerateInitHeader, GenerateInitRequest, GenerateInitTrailer, ServerMetadataRequest,
     ServerMetadataResponse, generate_init_response::Part,
 };
+use crate::telemetry::error_chain;
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,21 +113,6 @@ fn read_tls_file(path: &Path) -> Result<Vec<u8>, ClientError> {
         path: path.to_owned(),
         source,
     })
-}
-
-/// An error and its causes, "a: b: c" (tonic's transport errors say only
-/// "transport error" at the top).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.ends_with(&cause_text) {
-            text = format!("{text}: {cause_text}");
-        }
-        source = cause.source();
-    }
-    text
 }
 
 /// Builds a plaintext endpoint for `addr` ("host:port" or "http://host:port";

@@ -3,13 +3,14 @@
 //! training targets and loss, and the DDPM and DDIM reverse samplers with
 //! classifier-free guidance. Knows nothing of gRPC or storage.
 
-pub mod noise;
 pub mod objective;
 pub mod oracle;
 pub mod sampler;
 pub mod schedule;
 
-pub use noise::SeededNoise;
+/// The seeded noise lives below everything ([`crate::rng`]); re-exported
+/// here because sampling is its main user.
+pub use crate::rng::SeededNoise;
 pub use objective::Prediction;
 pub use sampler::{ClipRange, DdimSpacing, Denoiser, SamplerKind, SamplingConfig, sample};
 pub use schedule::{NoiseSchedule, ScheduleError, ScheduleKind};

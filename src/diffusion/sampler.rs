@@ -4,9 +4,9 @@
 
 use tch::{Device, Kind, Tensor};
 
-use super::noise::SeededNoise;
 use super::objective::Prediction;
 use super::schedule::NoiseSchedule;
+use crate::rng::SeededNoise;
 
 /// A trained noise (or x₀/v) predictor.
 pub trait Denoiser {
@@ -36,7 +36,7 @@ pub enum SamplerKind {
     /// DDIM over a grid of `steps` timesteps with stochasticity η
     /// (0 = deterministic).
     Ddim {
-        /// S.
+        /// S ≤ T timesteps on the grid (one denoiser call each, two under guidance).
         steps: usize,
         /// η ∈ [0, 1].
         eta: f64,

@@ -68,7 +68,7 @@ pub enum ScheduleError {
     /// Parameters give β outside (0, 1).
     #[error("schedule parameters give β_{t} = {beta}, outside (0, 1)")]
     BadBeta {
-        /// Timestep.
+        /// The timestep (1-based) whose β is out of range.
         t: usize,
         /// Its β.
         beta: f64,
@@ -142,7 +142,7 @@ impl NoiseSchedule {
         self.kind
     }
 
-    /// T.
+    /// The number of diffusion steps T.
     pub fn timesteps(&self) -> usize {
         self.betas.len()
     }

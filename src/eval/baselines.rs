@@ -11,7 +11,6 @@ use rand::{Rng, SeedableRng};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::harness::task_key;
 use crate::model::fit::random_subsets;
 use crate::model::task_encoder::TaskEncoder;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
@@ -52,7 +51,7 @@ impl<'a> TaskCache<'a> {
     }
 
     fn get(&mut self, task: &TaskSpec) -> Option<&TaskData> {
-        let key = task_key(task);
+        let key = task.key();
         if !self.cached.contains_key(&key) {
             let d = self.data.family.data(task, Device::Cpu).ok()?;
             self.cached.insert(key.clone(), d);

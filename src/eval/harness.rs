@@ -143,11 +143,6 @@ impl EvalConfig {
     }
 }
 
-/// A task's identity as a string (cache key).
-pub fn task_key(task: &TaskSpec) -> String {
-    serde_json::to_string(task).unwrap_or_default()
-}
-
 /// Where an init comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Method {
@@ -712,7 +707,7 @@ pub fn evaluate_with(
                     .zip(&seeds)
                     .map(|((_, d, _), &s)| support_descriptor(data.family, &few_shot_data(d, k, s)))
                     .collect();
-                support_condition(data, &descriptors)
+                support_condition(checkpoint, data, &descriptors)
             });
         let mut generated = |method, condition: &TaskBatch, kind, guidance| {
             let began = std::time::Instant::now();

@@ -6,7 +6,7 @@ pub const Z_95: f64 = 1.96;
 /// A mean and the half-width of its 95 % confidence interval.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MeanCi {
-    /// Mean.
+    /// The sample mean.
     pub mean: f64,
     /// Half-width: the interval is mean ± this.
     pub half_width: f64,

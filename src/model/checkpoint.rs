@@ -8,12 +8,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::conditional::{ConditionalDenoiser, DenoiserConfig};
 use super::task_encoder::TaskBatch;
 use crate::diffusion::schedule::ScheduleError;
-use crate::diffusion::{ClipRange, SamplerKind, SamplingConfig, SeededNoise, sample};
+use crate::diffusion::{ClipRange, SamplerKind, SamplingConfig, sample};
+use crate::rng::SeededNoise;
 use crate::tasks::FeatureSchema;
 use crate::weights::{
     ArchSpec, CodecError, PcaLatent, Stats, StatsMode, ZooReference, ZooSpread, decode_tensors,
@@ -97,7 +98,48 @@ fn take(tensors: &mut HashMap<String, Tensor>, name: &str) -> Result<Tensor, Che
         .ok_or_else(|| CheckpointError::Tensors(format!("missing tensor {name:?}")))
 }
 
+/// Task features standardized with the zoo's mean and std (floored), on
+/// the norm's device.
+pub fn standardize_features(features: &Tensor, norm: &(Tensor, Tensor)) -> Tensor {
+    // The norm lives wherever the checkpoint was loaded (e.g. cuda:0); the
+    // features usually come from the CPU.
+    (features.to_device(norm.0.device()).to_kind(Kind::Float) - &norm.0) / &norm.1
+}
+
 impl DenoiserCheckpoint {
+    /// Raw task features [B, F] (schema order) standardized as training did
+    /// them (unchanged when the checkpoint records no norm).
+    pub fn standardize(&self, features: &Tensor) -> Tensor {
+        match &self.feature_norm {
+            Some(norm) => standardize_features(features, norm),
+            None => features.shallow_clone(),
+        }
+    }
+
+    /// The denoiser's condition, on its device: raw task features [B, F]
+    /// standardized as in training (None: a support-only request, to which
+    /// the encoder adds no feature term) and support tensors [B, K, X] /
+    /// [B, K, Y]. The one place serving, the quality gate and the
+    /// evaluation harness build conditions.
+    pub fn condition(
+        &self,
+        features: Option<&Tensor>,
+        support: Option<(Tensor, Tensor)>,
+    ) -> TaskBatch {
+        let device = self.model.device();
+        let (support_x, support_y) = match support {
+            Some((x, y)) => (Some(x.to_device(device)), Some(y.to_device(device))),
+            None => (None, None),
+        };
+        TaskBatch {
+            features: features.map(|f| self.standardize(f).to_device(device)),
+            support_x,
+            support_y,
+            features_dropped: None,
+            support_dropped: None,
+        }
+    }
+
     /// The x₀ clip range for sampling, if recorded.
     pub fn clip_range(&self) -> Option<ClipRange> {
         self.clip.as_ref().map(|(low, high)| ClipRange::Box {

@@ -47,7 +47,7 @@ pub struct DenoiserConfig {
     pub prediction: Prediction,
     /// Noise schedule.
     pub schedule: ScheduleKind,
-    /// T.
+    /// Diffusion steps T (1000 by default, the proposal's).
     pub timesteps: usize,
     /// Add the isotropic full-width path (see the module docs).
     pub preconditioning: bool,

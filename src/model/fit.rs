@@ -13,8 +13,7 @@ use super::adam::Adam;
 use super::conditional::ConditionalDenoiser;
 use super::precision::{LossScale, Precision};
 use super::task_encoder::TaskBatch;
-use crate::diffusion::SeededNoise;
-use crate::diffusion::noise::splitmix64;
+use crate::rng::{SeededNoise, splitmix64};
 
 /// Adam learning rate of the proposal.
 pub const DEFAULT_LEARNING_RATE: f64 = 1e-4;

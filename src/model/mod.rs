@@ -14,7 +14,7 @@ pub mod task_encoder;
 pub mod tokens;
 
 pub use blocks::Conditioning;
-pub use checkpoint::{CheckpointError, DenoiserCheckpoint};
+pub use checkpoint::{CheckpointError, DenoiserCheckpoint, standardize_features};
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, Embedded, NetConfig, PreEmbedded};
 pub use fit::{FitConfig, FitReport, LrSchedule, Trainer, TrainerPosition, fit};
 pub use layer_transformer::LayerTransformerConfig;

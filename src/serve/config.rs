@@ -116,7 +116,7 @@ pub struct ServerConfig {
 
     /// Most samples one reverse diffusion runs (concurrent compatible
     /// requests are merged up to it).
-    #[arg(long, env = "WEIGHTGEN_MAX_BATCH", default_value_t = super::model_thread::DEFAULT_MAX_BATCH)]
+    #[arg(long, env = "WEIGHTGEN_MAX_BATCH", default_value_t = crate::backend::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
 
     /// Longest a batch waits for more requests to join it, while it holds
@@ -126,7 +126,7 @@ pub struct ServerConfig {
 
     /// GenerateInit requests that may wait for the model; past it new ones
     /// get RESOURCE_EXHAUSTED at once.
-    #[arg(long, env = "WEIGHTGEN_MAX_QUEUE", default_value_t = super::model_thread::DEFAULT_MAX_QUEUE)]
+    #[arg(long, env = "WEIGHTGEN_MAX_QUEUE", default_value_t = crate::backend::DEFAULT_MAX_QUEUE)]
     pub max_queue: usize,
 
     /// Largest checkpoint UploadCheckpoint accepts, in bytes.

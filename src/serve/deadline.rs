@@ -4,6 +4,9 @@
 //! promise (tonic's own timeout answers CANCELLED "Timeout expired"). The
 //! handler's future is dropped with it, so a generation still queued for the
 //! model thread is dropped before it is sampled (its reply channel closes).
+//! The handler runs under [`crate::breaker::with_call_deadline`], so a wait
+//! for the catalog or blob store ends shortly before the deadline and the
+//! client hears UNAVAILABLE naming the backend rather than a bare timeout.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,7 +70,7 @@ where
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let path = request.uri().path().to_owned();
-        let future = self.inner.call(request);
+        let future = crate::breaker::with_call_deadline(deadline, self.inner.call(request));
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, future).await {
                 Ok(response) => response,

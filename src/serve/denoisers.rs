@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::model_thread::{CheckpointFacts, ModelThread};
 use super::readiness::Readiness;
+use crate::backend::{CheckpointFacts, ModelThread};
 use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, DenoiserRecord, PageRequest};
 

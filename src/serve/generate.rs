@@ -2,7 +2,7 @@
 //! run it on the model thread, and stream each sample's safetensors file as
 //! header, chunks of at most 1 MiB, and a trailer with every file's SHA-256.
 //! The model thread merges concurrent compatible requests into one reverse
-//! diffusion (see `serve::model_thread`).
+//! diffusion (see `crate::backend`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,8 +11,8 @@ use tonic::Status;
 
 use super::convert::{arch_to_proto, descriptor_from_proto, dtype_to_proto, tensor_specs};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
-use super::model_thread::{GenerateJob, MAX_REDRAWS, ModelError, SampleNearness};
 use super::status::{bounded_name, checked_name};
+use crate::backend::{GenerateJob, MAX_REDRAWS, ModelError, SampleNearness};
 use crate::blobs::sha256_hex;
 use crate::catalog::Catalog;
 use crate::diffusion::SamplerKind;
@@ -86,7 +86,7 @@ pub async fn denoiser_for(
 /// What the header reports about how the samples were drawn.
 #[derive(Debug, Clone)]
 pub struct SamplingChoice {
-    /// Sampler.
+    /// DDPM or DDIM, as the request named it (the server's default when unset).
     pub sampler: pb::Sampler,
     /// Reverse steps.
     pub steps: usize,
@@ -96,7 +96,7 @@ pub struct SamplingChoice {
     pub guidance: f64,
     /// First seed.
     pub seed: u64,
-    /// Samples.
+    /// Weight vectors to generate, each from its own seed (seed, seed + 1, …).
     pub num_samples: u32,
     /// Output dtype.
     pub dtype: DType,
@@ -379,8 +379,8 @@ fn nearest_zoo_to_proto(n: &SampleNearness) -> pb::NearestZoo {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{CheckpointFacts, ModelThread};
     use crate::catalog::DenoiserRecord;
-    use crate::serve::model_thread::{CheckpointFacts, ModelThread};
     use crate::tasks::Family;
     use crate::tasks::families::TaskSpec;
     use crate::tasks::featurizer::{describe, schema};

@@ -1,6 +1,6 @@
 //! The gRPC server: services, the tower stack around them, health,
 //! reflection, metrics and lifecycle. Transport code here never touches a
-//! tensor; model work goes to the backend thread (added with GenerateInit).
+//! tensor; model work goes to the model thread in [`crate::backend`].
 
 pub mod admission;
 pub mod auth;
@@ -17,7 +17,6 @@ pub mod grpc_metrics;
 pub mod health;
 pub mod jobs;
 pub mod metrics_http;
-pub mod model_thread;
 pub mod readiness;
 pub mod reload;
 pub mod server;

@@ -110,7 +110,7 @@ pub enum Family {
 pub enum TaskSpec {
     /// y = amplitude · sin(x − phase).
     Sinusoid {
-        /// A.
+        /// A, in [0.1, 5] for the family's own tasks.
         amplitude: f64,
         /// φ.
         phase: f64,
@@ -128,6 +128,11 @@ pub enum TaskSpec {
 }
 
 impl TaskSpec {
+    /// The task's identity as a string (its JSON form: a cache key).
+    pub fn key(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
     /// The family it belongs to.
     pub fn family(&self) -> Family {
         match self {
@@ -147,7 +152,7 @@ pub enum TaskError {
     /// Unknown architecture for the family.
     #[error("architecture: {family} has no architecture {name:?} (known: {known})")]
     UnknownArchitecture {
-        /// Family.
+        /// The family asked for.
         family: &'static str,
         /// Requested name.
         name: String,
@@ -473,7 +478,7 @@ impl Family {
         Ok(match task {
             TaskSpec::Sinusoid { amplitude, phase } => {
                 let seed = amplitude.to_bits() ^ phase.to_bits().rotate_left(17);
-                let mut noise = crate::diffusion::SeededNoise::new(&[seed], 0x5150);
+                let mut noise = crate::rng::SeededNoise::new(&[seed], 0x5150);
                 let u = (noise
                     .draw(&[SINUSOID_TRAIN_POINTS as i64, 1], Device::Cpu)
                     .squeeze_dim(0)

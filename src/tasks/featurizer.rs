@@ -45,7 +45,7 @@ pub struct Descriptor {
 /// A checked support set as flat values.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SupportValues {
-    /// K.
+    /// K, the number of support examples.
     pub examples: usize,
     /// Values per input.
     pub input_width: usize,

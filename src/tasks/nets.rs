@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::diffusion::SeededNoise;
+use crate::rng::SeededNoise;
 use crate::weights::{ArchSpec, DType, LayerGroup, LayoutError, TensorSpec};
 
 /// How to run an architecture's parameters.

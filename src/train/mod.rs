@@ -29,7 +29,7 @@ use crate::catalog::{Catalog, CatalogError, DenoiserRecord};
 use crate::diffusion::ClipRange;
 use crate::model::{
     CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig,
-    LrSchedule, NetConfig, TaskBatch, TaskEncoderConfig, Trainer,
+    LrSchedule, NetConfig, TaskBatch, TaskEncoderConfig, Trainer, standardize_features,
 };
 use crate::weights::novelty::{DEFAULT_SPREAD_QUANTILE, MAX_REFERENCE_BYTES};
 use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode, ZooReference};
@@ -230,13 +230,6 @@ pub fn validation_rows(n: usize, fraction: f64) -> Vec<i64> {
         .collect()
 }
 
-/// Features standardized with the zoo's mean and std (floored).
-pub fn standardize_features(features: &Tensor, norm: &(Tensor, Tensor)) -> Tensor {
-    // The norm lives wherever the checkpoint was loaded (e.g. cuda:0); the
-    // features usually come from the CPU.
-    (features.to_device(norm.0.device()).to_kind(Kind::Float) - &norm.0) / &norm.1
-}
-
 /// The condition of zoo rows `rows`: standardized features and the fixed
 /// support sets, or (`pooled`) the support pools training draws subsets from.
 fn task_batch(
@@ -272,7 +265,7 @@ fn validation_loss(model: &ConditionalDenoiser, w: &Tensor, condition: &TaskBatc
         let device = model.device();
         let timesteps = model.schedule().timesteps() as i64;
         let t = (Tensor::arange(n, (Kind::Int64, device)) * 7919).remainder(timesteps) + 1;
-        let noise = crate::diffusion::SeededNoise::new(&[0xBA1], 9)
+        let noise = crate::rng::SeededNoise::new(&[0xBA1], 9)
             .draw(&[n, w.size()[1]], device)
             .squeeze_dim(0);
         model

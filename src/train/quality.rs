@@ -10,7 +10,6 @@ use rand::rngs::StdRng;
 use tch::{Device, Kind, Tensor};
 
 use super::dataset::{ZooDataset, support_ways};
-use super::standardize_features;
 use crate::diffusion::SamplerKind;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
@@ -129,7 +128,7 @@ fn metric_name(objective: Objective) -> &'static str {
 }
 
 /// The task metric of flat weights `flat` [D] on `task` (NaN if unusable).
-pub(crate) fn score(data: &ZooDataset, task: &TaskSpec, flat: &Tensor) -> f64 {
+pub fn score(data: &ZooDataset, task: &TaskSpec, flat: &Tensor) -> f64 {
     let objective = data.family.objective();
     match data.family.data(task, Device::Cpu) {
         Ok(task_data) => match unflatten(&data.network.spec, flat) {
@@ -163,50 +162,31 @@ fn feature_matrix(data: &ZooDataset, descriptors: &[Descriptor]) -> Tensor {
     Tensor::stack(&rows, 0)
 }
 
-/// Features standardized as training did (unchanged without a recorded norm).
-fn standardized(checkpoint: &DenoiserCheckpoint, features: &Tensor) -> Tensor {
-    match &checkpoint.feature_norm {
-        Some(norm) => standardize_features(features, norm),
-        None => features.shallow_clone(),
-    }
-}
-
 /// The denoiser's condition for `descriptors`, as training standardized it.
 pub fn condition_of(
     checkpoint: &DenoiserCheckpoint,
     data: &ZooDataset,
     descriptors: &[Descriptor],
 ) -> TaskBatch {
-    let features = standardized(checkpoint, &feature_matrix(data, descriptors));
-    let (support_x, support_y) = support_batch(data, descriptors);
-    TaskBatch {
-        features: Some(features),
-        support_x,
-        support_y,
-        features_dropped: None,
-        support_dropped: None,
-    }
+    checkpoint.condition(
+        Some(&feature_matrix(data, descriptors)),
+        support_batch(data, descriptors),
+    )
 }
 
 /// The denoiser's condition for support sets alone (descriptors without
 /// features): what a few-shot learner sees.
-pub fn support_condition(data: &ZooDataset, descriptors: &[Descriptor]) -> TaskBatch {
-    let (support_x, support_y) = support_batch(data, descriptors);
-    TaskBatch {
-        features: None,
-        support_x,
-        support_y,
-        features_dropped: None,
-        support_dropped: None,
-    }
+pub fn support_condition(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    descriptors: &[Descriptor],
+) -> TaskBatch {
+    checkpoint.condition(None, support_batch(data, descriptors))
 }
 
 /// Support tensors [B, K, X] / [B, K, Y] of `descriptors`, when every one
 /// has a valid support set of the same size.
-fn support_batch(
-    data: &ZooDataset,
-    descriptors: &[Descriptor],
-) -> (Option<Tensor>, Option<Tensor>) {
+fn support_batch(data: &ZooDataset, descriptors: &[Descriptor]) -> Option<(Tensor, Tensor)> {
     let supports: Vec<(Tensor, Tensor)> = descriptors
         .iter()
         .filter_map(|d| {
@@ -220,9 +200,9 @@ fn support_batch(
         .all(|pair| pair[0].0.size() == pair[1].0.size());
     if supports.len() == descriptors.len() && !supports.is_empty() && same_size {
         let (xs, ys): (Vec<Tensor>, Vec<Tensor>) = supports.into_iter().unzip();
-        (Some(Tensor::stack(&xs, 0)), Some(Tensor::stack(&ys, 0)))
+        Some((Tensor::stack(&xs, 0), Tensor::stack(&ys, 0)))
     } else {
-        (None, None)
+        None
     }
 }
 
@@ -239,10 +219,7 @@ pub fn nearest_by_features(
     if rows.is_empty() || count == 0 {
         return Vec::new();
     }
-    let zoo = standardized(
-        checkpoint,
-        &data.features.index_select(0, &Tensor::from_slice(rows)),
-    );
+    let zoo = checkpoint.standardize(&data.features.index_select(0, &Tensor::from_slice(rows)));
     let nearest =
         Tensor::cdist(&asked.to_device(zoo.device()), &zoo, 2.0, None::<i64>).argmin(1, false);
     (0..count)
@@ -260,7 +237,7 @@ pub fn asked_features(
 ) -> Tensor {
     match &condition.features {
         Some(features) => features.shallow_clone(),
-        None => standardized(checkpoint, &feature_matrix(data, descriptors)),
+        None => checkpoint.standardize(&feature_matrix(data, descriptors)),
     }
 }
 

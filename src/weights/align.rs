@@ -24,7 +24,7 @@ pub const DEFAULT_MAX_SWEEPS: usize = 20;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("cannot align architecture {arch:?}: {reason}")]
 pub struct AlignError {
-    /// Architecture.
+    /// The architecture that cannot be aligned.
     pub arch: String,
     /// Why.
     pub reason: String,
@@ -52,7 +52,7 @@ pub struct AlignReport {
     pub sweeps: usize,
     /// ‖model − reference‖ before and after.
     pub distance_before: f64,
-    /// After.
+    /// ‖model − reference‖ after the permutation.
     pub distance_after: f64,
 }
 

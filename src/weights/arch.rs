@@ -99,7 +99,7 @@ pub enum LayoutError {
     Length {
         /// Architecture name.
         arch: String,
-        /// D.
+        /// D, the parameters the architecture has.
         expected: usize,
         /// Length given.
         got: usize,

@@ -11,7 +11,7 @@
 
 use tch::{Kind, Tensor};
 
-use crate::diffusion::SeededNoise;
+use crate::rng::SeededNoise;
 
 /// Floor of a component's scale relative to the largest one.
 pub const RELATIVE_SCALE_FLOOR: f64 = 1e-3;
@@ -130,7 +130,7 @@ fn randomized_svd(a: &Tensor, k: i64, seed: u64) -> (Tensor, Tensor) {
 /// The function-space quality of one latent size.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LatentSizeReport {
-    /// k.
+    /// k, the latent size tried.
     pub size: i64,
     /// Share of variance explained.
     pub explained_variance: f64,
@@ -141,9 +141,9 @@ pub struct LatentSizeReport {
 /// Which way the metric improves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetricGoal {
-    /// Accuracy-like.
+    /// Accuracy-like metrics.
     HigherIsBetter,
-    /// Loss-like.
+    /// Loss-like metrics (MSE).
     LowerIsBetter,
 }
 

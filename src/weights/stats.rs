@@ -89,7 +89,7 @@ impl Stats {
         }
     }
 
-    /// D.
+    /// D, the number of weights standardized.
     pub fn dim(&self) -> i64 {
         self.mean.size()[0]
     }

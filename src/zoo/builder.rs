@@ -22,7 +22,7 @@ use crate::blobs::{BlobError, BlobStore};
 use crate::catalog::{
     Catalog, CatalogError, ModelSource, Snapshot, ZooModelRecord, ZooPlan, now_ms,
 };
-use crate::diffusion::noise::splitmix64;
+use crate::rng::splitmix64;
 use crate::tasks::featurizer::{describe, schema};
 use crate::tasks::train::{TrainConfig, train};
 use crate::tasks::{Family, TaskSpec};
@@ -103,9 +103,9 @@ pub enum ZooError {
     /// A unit's spec cannot be read.
     #[error("unit {unit} of zoo {zoo:?}: {reason}")]
     BadUnit {
-        /// Zoo.
+        /// The zoo the unit belongs to.
         zoo: String,
-        /// Unit.
+        /// The unit's index in the zoo's plan.
         unit: u64,
         /// Why.
         reason: String,

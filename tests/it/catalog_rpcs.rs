@@ -477,6 +477,19 @@ async fn uploads_killed_at_any_point_leave_nothing_behind_after_the_sweep() {
     child.wait().unwrap();
 }
 
+/// A proxy in front of the test database's PostgreSQL.
+async fn proxy_to_postgres(db: &TestDatabase) -> Proxy {
+    let target = db.url.split("://").nth(1).unwrap();
+    let target = target.rsplit_once('@').map_or(target, |(_, h)| h);
+    Proxy::start(target.split('/').next().unwrap().parse().unwrap()).await
+}
+
+/// A proxy in front of the tests' S3 server.
+async fn proxy_to_s3() -> Proxy {
+    let endpoint = std::env::var("AWS_ENDPOINT").expect("AWS_ENDPOINT (scripts/test.sh sets it)");
+    Proxy::start(endpoint.trim_start_matches("http://").parse().unwrap()).await
+}
+
 /// `url` with its host:port replaced by `addr`.
 fn via(url: &str, addr: std::net::SocketAddr) -> String {
     let (scheme, rest) = url.split_once("://").unwrap();
@@ -529,10 +542,7 @@ async fn timed_list(client: &mut Client) -> (Code, String, Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_answers_unavailable_at_once_and_heals_without_a_restart() {
     let db = TestDatabase::create("outage").await;
-    let target = db.url.split("://").nth(1).unwrap();
-    let target = target.rsplit_once('@').map_or(target, |(_, h)| h);
-    let target: std::net::SocketAddr = target.split('/').next().unwrap().parse().unwrap();
-    let proxy = Proxy::start(target).await;
+    let proxy = proxy_to_postgres(&db).await;
     let url = via(&db.url, proxy.addr());
     let test = spawn_server(|c| {
         c.storage.catalog = Some(url.clone());
@@ -639,9 +649,7 @@ async fn try_download(client: &mut Client, id: &str) -> Result<Vec<u8>, tonic::S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_without_a_restart() {
-    let endpoint = std::env::var("AWS_ENDPOINT").expect("AWS_ENDPOINT (scripts/test.sh sets it)");
-    let target: std::net::SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
-    let proxy = Proxy::start(target).await;
+    let proxy = proxy_to_s3().await;
     let blobs = crate::common::services::s3_prefix("outage");
     let test = spawn_server(|c| {
         c.storage.blobs = Some(blobs.clone());
@@ -699,6 +707,100 @@ async fn an_s3_outage_answers_unavailable_naming_the_blob_store_and_heals_withou
         };
         assert_eq!(sha256_hex(&bytes), uploaded.sha256);
     }
+}
+
+/// One call's result and how long it took.
+async fn timed<T>(
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> (Result<T, tonic::Status>, Duration) {
+    let started = Instant::now();
+    let result = call.await;
+    (result, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_backends_are_answered_unavailable_before_the_clients_deadline() {
+    // PostgreSQL and S3 both behind proxies that accept and never answer;
+    // the server's own waits are long (call 10 s, S3 request 15 s, the
+    // defaults; the pool's acquire timeout 1 s), the clients' deadlines
+    // shorter.
+    let db = TestDatabase::create("deadline").await;
+    let pg = proxy_to_postgres(&db).await;
+    let s3 = proxy_to_s3().await;
+    let blobs = crate::common::services::s3_prefix("deadline");
+    let url = via(&db.url, pg.addr());
+    let test = spawn_server(|c| {
+        c.storage.catalog = Some(url.clone());
+        c.storage.blobs = Some(blobs.clone());
+        c.storage.s3_endpoint = Some(format!("http://{}", s3.addr()));
+    })
+    .await;
+    let channel = test.channel().await;
+    let mut client = CatalogServiceClient::new(channel.clone());
+    let (_, uploaded) = upload_one(&mut client).await;
+    // Shorter than the pool's 1 s acquire timeout, so the deadline is what
+    // ends the catalog's wait too.
+    let deadline = Duration::from_millis(800);
+
+    s3.set(Mode::Hang);
+    for _ in 0..4 {
+        let mut request = tonic::Request::new(DownloadCheckpointRequest {
+            target: Some(Target::ZooModelId(uploaded.id.clone())),
+        });
+        request.set_timeout(deadline);
+        let (result, took) = timed(client.download_checkpoint(request)).await;
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!(
+                "the blob store is unavailable ({blobs}: no answer within"
+            )) && status.message().contains("the call's deadline left for it"),
+            "{}",
+            status.message()
+        );
+        // Answered before the deadline, after waiting for the store: a wait
+        // cut short by a client's deadline does not open the breaker (an
+        // open one would refuse at once).
+        assert!(
+            took > Duration::from_millis(500) && took < deadline,
+            "{took:?}"
+        );
+    }
+    s3.set(Mode::Forward);
+
+    pg.set(Mode::Hang);
+    for _ in 0..4 {
+        let mut request = tonic::Request::new(ListZooModelsRequest::default());
+        request.set_timeout(deadline);
+        let (result, took) = timed(client.list_zoo_models(request)).await;
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            status
+                .message()
+                .starts_with("the catalog is unavailable (postgres://")
+                && status.message().contains(&pg.addr().to_string())
+                && status.message().contains("the call's deadline left for it"),
+            "{}",
+            status.message()
+        );
+        assert!(
+            took > Duration::from_millis(500) && took < deadline,
+            "{took:?}"
+        );
+    }
+    assert_eq!(
+        catalog_health(channel.clone()).await,
+        ServingStatus::Serving
+    );
+    pg.set(Mode::Forward);
+    let (result, _) = timed(async {
+        let mut request = tonic::Request::new(ListZooModelsRequest::default());
+        request.set_timeout(Duration::from_secs(10));
+        client.list_zoo_models(request).await
+    })
+    .await;
+    assert_eq!(result.unwrap().into_inner().models.len(), 1);
 }
 
 /// Waits for `weightgen_backend_up{backend}` to read 0 (an open breaker
@@ -771,10 +873,7 @@ async fn generation_keeps_serving_through_a_postgres_outage() {
         wait_ready,
     };
     let db = TestDatabase::create("gen_outage").await;
-    let target = db.url.split("://").nth(1).unwrap();
-    let target = target.rsplit_once('@').map_or(target, |(_, h)| h);
-    let target: std::net::SocketAddr = target.split('/').next().unwrap().parse().unwrap();
-    let proxy = Proxy::start(target).await;
+    let proxy = proxy_to_postgres(&db).await;
     // A zoo and an active denoiser in the PostgreSQL catalog (blobs in the data dir).
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -15,6 +15,7 @@ fn numbers(row: &str) -> Vec<f64> {
 }
 
 #[test]
+#[ignore = "slow (55 s here): trains baselines and fine-tunes; scripts/test.sh runs it"]
 fn the_quick_profile_writes_every_table() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -436,6 +436,7 @@ mod malformed {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow (50 s here): 1,000 generated requests; scripts/test.sh runs it"]
 async fn malformed_requests_never_fail_the_server_or_anyone_elses_call() {
     use proptest::test_runner::{Config, TestCaseError, TestRunner};
     use rand::{Rng, SeedableRng};

@@ -15,6 +15,7 @@ use weightgen::train::{TrainDenoiserConfig, train_denoiser};
 use weightgen::zoo::{ZooBuildConfig, build_zoo};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow (200 s here): statistical training; scripts/test.sh runs it"]
 async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
@@ -56,7 +57,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         latent: weightgen::train::LatentChoice::Pca(64),
         load: Default::default(),
         fit: FitConfig {
-            steps: 3000,
+            steps: 2000,
             batch_size: 64,
             learning_rate: 1e-3,
             feature_dropout: 0.25,
@@ -106,7 +107,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
             .unwrap(),
     )
     .unwrap();
-    assert_eq!(metrics["curve"].as_array().unwrap().len(), 6);
+    assert_eq!(metrics["curve"].as_array().unwrap().len(), 4);
     assert!(
         metrics["summary"]["quality.held_out.ddim_test_accuracy"]
             .as_f64()

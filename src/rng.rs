@@ -1,4 +1,6 @@
-//! Seeded Gaussian noise, one independent stream per sample.
+//! The crate's seeded randomness, below every other module: Gaussian noise
+//! with one independent stream per sample (diffusion, zoo inits, latent
+//! fitting, task draws) and the SplitMix64 mixer that derives seeds.
 //!
 //! Every sample of a batch has its own seed, so a request's noise does not
 //! depend on which other requests share its batch. The draws come from a

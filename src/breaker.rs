@@ -8,6 +8,13 @@
 //! say the backend is up. The state is published as the gauge
 //! `weightgen_backend_up{backend}`, failures as
 //! `weightgen_backend_errors_total{backend}`, and to subscribers (health).
+//!
+//! A call made while serving a request with a deadline ([`with_call_deadline`])
+//! waits for the backend only until shortly before that deadline
+//! ([`call_budget`]), so the client hears UNAVAILABLE naming the backend
+//! instead of its own DEADLINE_EXCEEDED. Such a wait cut short by the
+//! caller's deadline says nothing about the backend and is not counted: a
+//! client with a 50 ms deadline must not open the breaker for everyone.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -57,6 +64,33 @@ pub struct Unavailable {
     pub cause: String,
 }
 
+tokio::task_local! {
+    /// The deadline of the request the current task is serving.
+    static CALL_DEADLINE: tokio::time::Instant;
+}
+
+/// The part of a call's remaining time kept for answering it (so the
+/// answer reaches the client before its deadline), at most this much.
+const ANSWER_MARGIN_MAX: Duration = Duration::from_millis(250);
+
+/// Runs `work` as the serving of a request due at `deadline`: backend waits
+/// inside it end before then ([`call_budget`]).
+pub async fn with_call_deadline<F: Future>(deadline: tokio::time::Instant, work: F) -> F::Output {
+    CALL_DEADLINE.scope(deadline, work).await
+}
+
+/// How long a backend wait may last inside the current request: its
+/// remaining time less a tenth (at most 250 ms) for the answer. None outside
+/// a request with a deadline (workers, the CLI).
+pub fn call_budget() -> Option<Duration> {
+    CALL_DEADLINE
+        .try_with(|deadline| {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            left.saturating_sub((left / 10).min(ANSWER_MARGIN_MAX))
+        })
+        .ok()
+}
+
 #[derive(Debug)]
 struct State {
     consecutive_failures: u32,
@@ -68,6 +102,8 @@ struct State {
 #[derive(Debug, Clone)]
 pub struct BackendGuard {
     backend: &'static str,
+    /// Where the backend is, credentials removed ("" when not given).
+    location: Arc<str>,
     /// `backend` as a metric label ("blob_store").
     label: String,
     config: BreakerConfig,
@@ -82,6 +118,7 @@ impl BackendGuard {
         metrics::gauge!("weightgen_backend_up", "backend" => label.clone()).set(1.0);
         Self {
             backend,
+            location: Arc::from(""),
             label,
             config: BreakerConfig {
                 failures_to_open: config.failures_to_open.max(1),
@@ -94,6 +131,13 @@ impl BackendGuard {
             })),
             up: Arc::new(watch::channel(true).0),
         }
+    }
+
+    /// Names where the backend is (no credentials) in the messages the
+    /// guard writes itself.
+    pub fn at(mut self, location: impl Into<String>) -> Self {
+        self.location = Arc::from(location.into());
+        self
     }
 
     /// The backend's name in messages and metrics.
@@ -158,15 +202,33 @@ impl BackendGuard {
     }
 
     /// Runs `call` unless the breaker is open, recording its outcome as
-    /// `classify` reads its error.
+    /// `classify` reads its error. Inside a request with a deadline the
+    /// call is given up shortly before it (see the module doc), answered
+    /// as `refused` and not recorded.
     pub async fn run<T, E>(
         &self,
         call: impl Future<Output = Result<T, E>>,
         classify: impl Fn(&E) -> Option<String>,
-        refused: impl FnOnce(Unavailable) -> E,
+        refused: impl Fn(Unavailable) -> E,
     ) -> Result<T, E> {
-        self.admit().map_err(refused)?;
-        let result = call.await;
+        self.admit().map_err(&refused)?;
+        let result = match call_budget() {
+            None => call.await,
+            Some(budget) => match tokio::time::timeout(budget, call).await {
+                Ok(result) => result,
+                Err(_) => {
+                    return Err(refused(Unavailable {
+                        backend: self.backend,
+                        cause: format!(
+                            "{}{}no answer within the {} the call's deadline left for it",
+                            self.location,
+                            if self.location.is_empty() { "" } else { ": " },
+                            humantime::format_duration(rounded_to_millis(budget))
+                        ),
+                    }));
+                }
+            },
+        };
         match &result {
             Err(error) => match classify(error) {
                 Some(cause) => self.record(Outcome::Unreachable(cause)),
@@ -223,6 +285,10 @@ impl BackendGuard {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+fn rounded_to_millis(d: Duration) -> Duration {
+    Duration::from_millis(d.as_millis() as u64)
 }
 
 /// Resolves once the last strong reference behind `weak` is dropped: the
@@ -321,6 +387,43 @@ mod tests {
         assert!(probes.load(std::sync::atomic::Ordering::SeqCst) >= 2);
         stop_tx.send(()).unwrap();
         watcher.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wait_ends_before_the_callers_deadline_without_opening_the_breaker() {
+        let g = guard(1).at("postgres://db:5432/weightgen");
+        for _ in 0..3 {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(400);
+            let result: Result<(), String> = with_call_deadline(
+                deadline,
+                g.run(
+                    std::future::pending(),
+                    |e: &String| Some(e.clone()),
+                    |u| u.to_string(),
+                ),
+            )
+            .await;
+            let message = result.unwrap_err();
+            assert!(
+                message.starts_with(
+                    "the catalog is unavailable (postgres://db:5432/weightgen: no answer within"
+                ) && message.ends_with("the call's deadline left for it); retry later"),
+                "{message}"
+            );
+            // Answered before the deadline, with the margin kept for the answer.
+            assert!(tokio::time::Instant::now() < deadline);
+        }
+        // Cut short by the caller, not failed by the backend: still closed.
+        assert!(g.is_up());
+        // Outside a request there is no budget.
+        assert_eq!(call_budget(), None);
+        let inside = with_call_deadline(
+            tokio::time::Instant::now() + Duration::from_secs(10),
+            async { call_budget() },
+        )
+        .await
+        .unwrap();
+        assert!(inside > Duration::from_millis(9_700) && inside <= Duration::from_millis(9_750));
     }
 
     #[test]

@@ -1,0 +1,96 @@
+//! One published denoiser's zero-shot score on its zoo's validation tasks
+//! under several samplers and guidance scales, for one request form: how the
+//! sampler was chosen (docs/RESULTS.md, "the sampler").
+//!
+//! `cargo run --release --example sampler_sweep -- DATA_DIR ZOO DENOISER_ID`
+//! with `FORM=both|features|support` (default features) and
+//! `SWEEP=kind:steps:eta:guidance,…` (kind `ddim`, `trailing` or `ddpm`).
+//! Each setting is scored twice (two seed sets) on the validation rows the
+//! training gate uses (`val_fraction` 0.1).
+
+use std::time::Instant;
+
+use tch::Device;
+use weightgen::diffusion::{DdimSpacing, SamplerKind};
+use weightgen::eval::subject::load_subject;
+use weightgen::storage::StorageArgs;
+use weightgen::train::quality::{condition_of, one_input, score};
+use weightgen::train::validation_rows;
+
+const DEFAULT_SWEEP: &str = "ddim:50:0:3,ddim:100:0:3,ddim:200:0:3,ddim:50:0.5:3,ddim:50:1:3,\
+ddim:100:1:3,ddpm:0:0:3,ddim:50:0:2,ddim:50:0:4,trailing:50:0:3";
+
+fn parse(setting: &str) -> anyhow::Result<(SamplerKind, f64)> {
+    let parts: Vec<&str> = setting.split(':').collect();
+    let [kind, steps, eta, guidance] = parts[..] else {
+        anyhow::bail!("{setting:?}: expected kind:steps:eta:guidance");
+    };
+    let (steps, eta): (usize, f64) = (steps.parse()?, eta.parse()?);
+    let kind = match kind {
+        "ddpm" => SamplerKind::Ddpm,
+        "ddim" => SamplerKind::ddim(steps, eta),
+        "trailing" => SamplerKind::Ddim {
+            steps,
+            eta,
+            spacing: DdimSpacing::Trailing,
+        },
+        other => anyhow::bail!("{other:?}: expected ddim, trailing or ddpm"),
+    };
+    Ok((kind, guidance.parse()?))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let [data_dir, zoo, denoiser] = &args[..] else {
+        anyhow::bail!("usage: sampler_sweep DATA_DIR ZOO DENOISER_ID");
+    };
+    let (catalog, blobs) = StorageArgs::embedded(data_dir).open().await?;
+    let subject = load_subject(&catalog, &blobs, zoo, Some(denoiser), Device::Cpu).await?;
+    tch::set_num_threads(1);
+    let rows = validation_rows(subject.data.len(), 0.1);
+    let tasks: Vec<_> = rows
+        .iter()
+        .map(|&i| subject.data.tasks[i as usize].clone())
+        .collect();
+    let descriptors: Vec<_> = rows
+        .iter()
+        .map(|&i| subject.data.descriptors[i as usize].clone())
+        .collect();
+    let form = std::env::var("FORM").unwrap_or_else(|_| "features".into());
+    let full = condition_of(&subject.checkpoint, &subject.data, &descriptors);
+    let condition = match form.as_str() {
+        "both" => full,
+        "features" => one_input(&full, true),
+        "support" => one_input(&full, false),
+        other => anyhow::bail!("FORM={other:?}: expected both, features or support"),
+    };
+    let sweep = std::env::var("SWEEP").unwrap_or_else(|_| DEFAULT_SWEEP.into());
+    for setting in sweep.split(',') {
+        let (kind, guidance) = parse(setting)?;
+        let started = Instant::now();
+        let means: Vec<f64> = (0..2u64)
+            .map(|round| {
+                let seeds: Vec<u64> = (0..tasks.len() as u64).map(|i| i + 1000 * round).collect();
+                let weights = subject
+                    .checkpoint
+                    .generate(&condition, &seeds, kind, guidance)
+                    .to_device(Device::Cpu);
+                let total: f64 = tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, task)| score(&subject.data, task, &weights.get(i as i64)))
+                    .sum();
+                total / tasks.len() as f64
+            })
+            .collect();
+        println!(
+            "{setting:>18}  {form}: {:.4} ({:.4} / {:.4})  {:.1} s",
+            (means[0] + means[1]) / 2.0,
+            means[0],
+            means[1],
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
