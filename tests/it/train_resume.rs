@@ -43,6 +43,10 @@ fn train_args(id: &str) -> Vec<String> {
         "11",
         "--device",
         "cpu",
+        // One intra-op thread: faster for this small denoiser (libtorch's
+        // hand-offs cost more than its matrices) and deterministic.
+        "--threads",
+        "1",
     ]
     .map(str::to_owned)
     .to_vec()
@@ -67,7 +71,7 @@ fn checkpoint_step(data_dir: &Path, id: &str) -> Option<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (85 s here): two training runs; scripts/test.sh runs it"]
+#[ignore = "slow (95 s here): two training runs; scripts/test.sh runs it"]
 async fn a_killed_run_resumes_to_the_same_denoiser_as_an_uninterrupted_one() {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path();
