@@ -2,7 +2,8 @@
 //! under several samplers and guidance scales, for one request form: how the
 //! sampler was chosen (docs/RESULTS.md, "the sampler").
 //!
-//! `cargo run --release --example sampler_sweep -- DATA_DIR ZOO DENOISER_ID`
+//! `cargo run --example sampler_sweep -- DATA_DIR ZOO DENOISER_ID` (the figures
+//! in docs/RESULTS.md came from this debug build)
 //! with `FORM=both|features|support` (default features) and
 //! `SWEEP=kind:steps:eta:guidance,…` (kind `ddim`, `trailing` or `ddpm`).
 //! Each setting is scored twice (two seed sets) on the validation rows the
