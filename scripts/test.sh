@@ -5,8 +5,8 @@
 # offline. CI runs exactly this (.ci/run).
 #
 # `scripts/test.sh --quick` is the edit loop's tier: the unit and integration
-# tests without the slow statistical training tests (`#[ignore = "slow: …"]`,
-# listed as ignored in the output), no fmt, clippy or deployment checks.
+# tests without the slow ones (`#[ignore = "slow …"]`, listed as ignored in
+# the output), no fmt, clippy or deployment checks.
 set -euo pipefail
 quick=false
 case "${1:-}" in
@@ -22,25 +22,25 @@ step "bootstrap"
 . scripts/bootstrap.sh
 . scripts/tools.sh
 
+if ! $quick; then
+    step "cargo fmt --check"
+    cargo fmt --all -- --check
+
+    step "cargo clippy --all-targets -- -D warnings"
+    cargo clippy --locked --all-targets -- -D warnings
+fi
+
+step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
+. scripts/services.sh
+
 if $quick; then
-    step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
-    . scripts/services.sh
-    step "cargo test (quick tier: the slow statistical tests are listed as ignored)"
+    step "cargo test (quick tier: the slow tests are listed as ignored)"
     cargo test --locked
     step "quick tier passed in $((SECONDS - started)) s"
     exit 0
 fi
 
-step "cargo fmt --check"
-cargo fmt --all -- --check
-
-step "cargo clippy --all-targets -- -D warnings"
-cargo clippy --locked --all-targets -- -D warnings
-
-step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
-. scripts/services.sh
-
-step "cargo test, the slow statistical tests included"
+step "cargo test, the slow tests included"
 cargo test --locked -- --include-ignored
 
 step "deployment files, offline (hadolint, kustomize, schemas, compose, image libraries)"
