@@ -7,16 +7,17 @@
 //! with `FORM=both|features|support` (default features) and
 //! `SWEEP=kind:steps:eta:guidance,…` (kind `ddim`, `trailing` or `ddpm`).
 //! Each setting is scored twice (two seed sets) on the validation rows the
-//! training gate uses (`val_fraction` 0.1).
+//! training gate uses (`val_fraction` 0.1). `SOUP=N` scores instead the
+//! mean, in weight space, of N samples per task (N seed sets a round; 1,
+//! the default, is one sample as served).
 
 use std::time::Instant;
 
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 use weightgen::diffusion::{DdimSpacing, SamplerKind};
 use weightgen::eval::subject::load_subject;
 use weightgen::storage::StorageArgs;
-use weightgen::train::quality::{condition_of, one_input, score};
-use weightgen::train::validation_rows;
+use weightgen::train::quality::score;
 
 const DEFAULT_SWEEP: &str = "ddim:50:0:3,ddim:100:0:3,ddim:200:0:3,ddim:50:0.5:3,ddim:50:1:3,\
 ddim:100:1:3,ddpm:0:0:3,ddim:50:0:2,ddim:50:0:4,trailing:50:0:3";
@@ -49,34 +50,34 @@ async fn main() -> anyhow::Result<()> {
     let (catalog, blobs) = StorageArgs::embedded(data_dir).open().await?;
     let subject = load_subject(&catalog, &blobs, zoo, Some(denoiser), Device::Cpu).await?;
     tch::set_num_threads(1);
-    let rows = validation_rows(subject.data.len(), 0.1);
-    let tasks: Vec<_> = rows
-        .iter()
-        .map(|&i| subject.data.tasks[i as usize].clone())
-        .collect();
-    let descriptors: Vec<_> = rows
-        .iter()
-        .map(|&i| subject.data.descriptors[i as usize].clone())
-        .collect();
     let form = std::env::var("FORM").unwrap_or_else(|_| "features".into());
-    let full = condition_of(&subject.checkpoint, &subject.data, &descriptors);
-    let condition = match form.as_str() {
-        "both" => full,
-        "features" => one_input(&full, true),
-        "support" => one_input(&full, false),
-        other => anyhow::bail!("FORM={other:?}: expected both, features or support"),
-    };
+    let (tasks, condition) = subject
+        .validation_tasks(&form)
+        .ok_or_else(|| anyhow::anyhow!("FORM={form:?}: expected both, features or support"))?;
     let sweep = std::env::var("SWEEP").unwrap_or_else(|_| DEFAULT_SWEEP.into());
+    let soup: u64 = match std::env::var("SOUP") {
+        Ok(n) => n.parse().ok().filter(|&n| n >= 1).ok_or_else(|| {
+            anyhow::anyhow!("SOUP={n:?}: expected a number of samples, at least 1")
+        })?,
+        Err(_) => 1,
+    };
     for setting in sweep.split(',') {
         let (kind, guidance) = parse(setting)?;
         let started = Instant::now();
         let means: Vec<f64> = (0..2u64)
             .map(|round| {
-                let seeds: Vec<u64> = (0..tasks.len() as u64).map(|i| i + 1000 * round).collect();
-                let weights = subject
-                    .checkpoint
-                    .generate(&condition, &seeds, kind, guidance)
-                    .to_device(Device::Cpu);
+                let samples: Vec<Tensor> = (0..soup)
+                    .map(|copy| {
+                        let set = round * soup + copy;
+                        let seeds: Vec<u64> =
+                            (0..tasks.len() as u64).map(|i| i + 1000 * set).collect();
+                        subject
+                            .checkpoint
+                            .generate(&condition, &seeds, kind, guidance)
+                            .to_device(Device::Cpu)
+                    })
+                    .collect();
+                let weights = Tensor::stack(&samples, 0).mean_dim(0, false, Kind::Float);
                 let total: f64 = tasks
                     .iter()
                     .enumerate()

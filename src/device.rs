@@ -5,6 +5,15 @@ use std::str::FromStr;
 
 use tch::Device;
 
+/// Gives the calling thread libtorch's intra-op thread count. The count is
+/// set for the process by `tch::set_num_threads`, but OpenMP and MKL keep
+/// theirs per thread: a thread started later (a runtime's blocking thread,
+/// a batch part's) would otherwise spread every matrix product over all
+/// cores, which for small matrices costs more than it gains.
+pub fn adopt_intra_op_threads() {
+    tch::set_num_threads(tch::get_num_threads());
+}
+
 /// Where denoisers run, as given on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceChoice {

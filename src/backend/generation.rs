@@ -268,8 +268,10 @@ mod tests {
         use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode};
         let arch = ArchSpec::sequential_mlp("mlp-4-3-2", "test", &[4, 3, 2]).unwrap();
         let d = arch.num_parameters() as i64;
-        tch::manual_seed(7);
-        let zoo = Tensor::randn([30, d], (tch::Kind::Float, Device::Cpu));
+        // Fixed values, not the global generator that parallel tests share.
+        let zoo = crate::rng::SeededNoise::new(&[7], 1)
+            .draw(&[30, d], Device::Cpu)
+            .squeeze_dim(0);
         let encoder = TaskEncoderConfig {
             feature_dim: 2,
             support_x_dim: 0,
@@ -278,8 +280,10 @@ mod tests {
             embed_dim: 4,
             prototypes: false,
         };
+        let model = ConditionalDenoiser::new(DenoiserConfig::new(d, encoder), Device::Cpu).unwrap();
+        model.set_test_weights(7);
         DenoiserCheckpoint {
-            model: ConditionalDenoiser::new(DenoiserConfig::new(d, encoder), Device::Cpu).unwrap(),
+            model,
             stats: Stats::fit(&zoo, StatsMode::PerDimension, &arch, DEFAULT_STD_FLOOR),
             arch,
             latent: None,
@@ -328,10 +332,11 @@ mod tests {
         assert!(none.is_none() && same.equal(&first));
         // The reference holds a zoo and, among it, the first draw of sample 0:
         // that sample is a copy of a zoo model.
-        let zoo = checkpoint.stats.denormalize(&Tensor::randn(
-            [30, first.size()[1]],
-            (tch::Kind::Float, Device::Cpu),
-        ));
+        let zoo = checkpoint.stats.denormalize(
+            &crate::rng::SeededNoise::new(&[8], 1)
+                .draw(&[30, first.size()[1]], Device::Cpu)
+                .squeeze_dim(0),
+        );
         let reference = Tensor::cat(&[zoo.to_kind(tch::Kind::Float), first.narrow(0, 0, 1)], 0);
         checkpoint.zoo_reference =
             ZooReference::fit(&reference, MAX_REFERENCE_BYTES, DEFAULT_SPREAD_QUANTILE);

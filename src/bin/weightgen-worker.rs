@@ -511,6 +511,11 @@ struct TrainArgs {
     /// cost more than their matrices (BENCHMARKS.md).
     #[arg(long, env = "WEIGHTGEN_TRAIN_THREADS", default_value_t = 0)]
     threads: usize,
+    /// Split each batch into this many parts, each computed on a thread of
+    /// its own (CPU, with --threads 1); pays at larger batches, not at the
+    /// demo's (BENCHMARKS.md). 1 splits nothing.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_DATA_PARALLEL", default_value_t = 1)]
+    data_parallel: usize,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -558,6 +563,7 @@ fn train(args: TrainArgs) -> anyhow::Result<String> {
         log_every: args.log_every,
         checkpoint_every: args.checkpoint_every,
         precision: args.precision,
+        data_parallel: args.data_parallel,
         activate: args.activate,
     };
     let config = job.to_config(&denoiser_id, device, args.resume, CancelFlag::new())?;

@@ -7,8 +7,11 @@ use tch::Device;
 
 use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, DenoiserRecord};
-use crate::model::DenoiserCheckpoint;
+use crate::model::{DenoiserCheckpoint, TaskBatch};
+use crate::tasks::TaskSpec;
 use crate::train::dataset::ZooDataset;
+use crate::train::quality::{condition_of, one_input};
+use crate::train::validation_rows;
 
 /// Why the subject of an evaluation cannot be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +55,33 @@ pub async fn load_subject(
         checkpoint,
         record,
     })
+}
+
+impl Subject {
+    /// The zoo tasks the training gate validates on (`val_fraction` 0.1)
+    /// and their condition in one request form: `"both"`, `"features"` (the
+    /// features alone) or `"support"` (the support set alone); `None` for
+    /// another form.
+    pub fn validation_tasks(&self, form: &str) -> Option<(Vec<TaskSpec>, TaskBatch)> {
+        let rows = validation_rows(self.data.len(), 0.1);
+        let pick = |i: &i64| *i as usize;
+        let tasks = rows
+            .iter()
+            .map(|i| self.data.tasks[pick(i)].clone())
+            .collect();
+        let descriptors: Vec<_> = rows
+            .iter()
+            .map(|i| self.data.descriptors[pick(i)].clone())
+            .collect();
+        let full = condition_of(&self.checkpoint, &self.data, &descriptors);
+        let condition = match form {
+            "both" => full,
+            "features" => one_input(&full, true),
+            "support" => one_input(&full, false),
+            _ => return None,
+        };
+        Some((tasks, condition))
+    }
 }
 
 /// Loads zoo `zoo` as training sees it (aligned unless built from one

@@ -37,6 +37,8 @@ pub const DEFAULT_LOG_EVERY: usize = 1000;
 pub const DEFAULT_EMBED_DIM: i64 = 256;
 /// Hidden width of the task encoder.
 pub const DEFAULT_ENCODER_HIDDEN: i64 = 128;
+/// Most batch parts a training run may compute on threads of their own.
+pub const MAX_DATA_PARALLEL: usize = 64;
 /// Default space of diffusion (see `LatentChoice`).
 pub const DEFAULT_LATENT: &str = "pca:auto";
 /// Learning-rate schedule of a training job: "constant" (the proposal's)
@@ -243,6 +245,9 @@ fn default_feature_dropout() -> f64 {
 fn default_support_dropout() -> f64 {
     DEFAULT_SUPPORT_DROPOUT
 }
+fn default_data_parallel() -> usize {
+    1
+}
 
 /// Train a denoiser on a zoo and publish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -296,6 +301,9 @@ pub struct TrainJob {
     /// "auto", "fp32" or "fp16".
     #[serde(default = "default_precision")]
     pub precision: String,
+    /// Parts of each batch computed on threads of their own (CPU; 1: none).
+    #[serde(default = "default_data_parallel")]
+    pub data_parallel: usize,
     /// Make the result the active denoiser of its architecture.
     #[serde(default)]
     pub activate: bool,
@@ -427,6 +435,18 @@ impl TrainJob {
                 format!("{:?} must be positive widths", self.widths),
             ));
         }
+        if self.data_parallel == 0
+            || self.data_parallel > MAX_DATA_PARALLEL
+            || self.data_parallel as i64 > self.batch_size
+        {
+            return Err(invalid(
+                "train_denoiser.data_parallel",
+                format!(
+                    "{} is not in [1, {MAX_DATA_PARALLEL}] or exceeds the batch size {}",
+                    self.data_parallel, self.batch_size
+                ),
+            ));
+        }
         if self.eval_guidance.is_nan() || self.eval_guidance < 0.0 {
             return Err(invalid("train_denoiser.eval_guidance", "must be ≥ 0"));
         }
@@ -535,6 +555,7 @@ impl TrainJob {
                 support_dropout: self.support_dropout,
                 seed: self.seed,
                 precision,
+                data_parallel: self.data_parallel,
                 ..Default::default()
             },
             ema_decay: self.ema_decay,
@@ -627,6 +648,21 @@ mod tests {
                 "train_denoiser.feature_dropout",
                 TrainJob {
                     feature_dropout: 1.5,
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.data_parallel",
+                TrainJob {
+                    data_parallel: 0,
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.data_parallel",
+                TrainJob {
+                    batch_size: 4,
+                    data_parallel: 5,
                     ..TrainJob::new("z")
                 },
             ),

@@ -61,6 +61,40 @@ impl Adam {
         }
     }
 
+    /// The parameters (shallow handles), in parameter order.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        self.params.iter().map(|(_, p)| p.shallow_clone()).collect()
+    }
+
+    /// Gives every parameter without one a zero gradient, so that
+    /// [`Self::add_gradients`] has somewhere to add (a parameter gets its
+    /// `.grad` from its first backward pass otherwise).
+    pub fn define_gradients(&self) {
+        let undefined: Vec<Tensor> = self
+            .params
+            .iter()
+            .filter(|(_, p)| !p.grad().defined())
+            .map(|(_, p)| (p * 0.0).sum(Kind::Float))
+            .collect();
+        if !undefined.is_empty() {
+            Tensor::stack(&undefined, 0).sum(Kind::Float).backward();
+        }
+    }
+
+    /// Adds `grads` (in parameter order, as `parameters` lists them; an
+    /// undefined one adds nothing) to the gradients in place. Call
+    /// [`Self::define_gradients`] before the backward pass that fills them.
+    pub fn add_gradients(&self, grads: &[Tensor]) {
+        tch::no_grad(|| {
+            for ((_, p), g) in self.params.iter().zip(grads) {
+                let mut existing = p.grad();
+                if g.defined() && existing.defined() {
+                    let _ = existing.g_add_(g);
+                }
+            }
+        });
+    }
+
     /// The gradients that exist, in parameter order.
     pub fn gradients(&self) -> Vec<Tensor> {
         self.params

@@ -199,6 +199,29 @@ impl ConditionalDenoiser {
     }
 }
 
+#[cfg(test)]
+impl ConditionalDenoiser {
+    /// Sets every variable to fixed values drawn like an initialization
+    /// (normal, scaled by 1/sqrt(fan-in)) from `seed` and the variables'
+    /// name order: for tests whose outcome must not depend on libtorch's
+    /// global generator, which tests running in parallel share.
+    pub(crate) fn set_test_weights(&self, seed: u64) {
+        let mut vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            for (i, (_, var)) in vars.iter_mut().enumerate() {
+                let size = var.size();
+                let fan_in = size.last().copied().unwrap_or(1).max(1);
+                let values = crate::rng::SeededNoise::new(&[seed], i as u64)
+                    .draw(&size, var.device())
+                    .squeeze_dim(0)
+                    / (fan_in as f64).sqrt();
+                var.copy_(&values);
+            }
+        });
+    }
+}
+
 impl Denoiser for ConditionalDenoiser {
     type Condition = TaskBatch;
 

@@ -1,8 +1,11 @@
 //! A plain training loop for a `ConditionalDenoiser` on in-memory data:
 //! Adam on the proposal's loss with t ~ U{1..T}, condition dropout for
 //! classifier-free guidance, optional gradient clipping and mixed precision
-//! on CUDA. Deterministic given the seed and the initial weights, and
-//! resumable from a saved position.
+//! on CUDA. Deterministic given the seed, the initial weights and the number
+//! of batch parts, and resumable from a saved position. On CPU a batch can be
+//! split into parts computed on threads of their own (data parallelism; it
+//! pays at larger batches, where a pass over the weights serves more rows:
+//! BENCHMARKS.md).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -10,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use super::adam::Adam;
+use super::batch_parts::{BatchParts, PartInput};
 use super::conditional::ConditionalDenoiser;
 use super::precision::{LossScale, Precision};
 use super::task_encoder::TaskBatch;
@@ -99,6 +103,12 @@ pub struct FitConfig {
     /// K: when the condition's support sets hold more examples (a pool per
     /// row), each row of each batch sees a fresh random K-subset of its pool.
     pub support_examples: Option<usize>,
+    /// Parts each batch is split into on CPU, each computed (forward and
+    /// backward) on its own thread; their gradients are added in part order,
+    /// so a run repeats exactly at the same count (1: no split; the sum of
+    /// the parts' gradients is the batch's, up to floating-point order).
+    /// Ignored off the CPU and under fp16.
+    pub data_parallel: usize,
 }
 
 impl Default for FitConfig {
@@ -115,6 +125,7 @@ impl Default for FitConfig {
             seed: 0,
             precision: Precision::Fp32,
             support_examples: None,
+            data_parallel: 1,
         }
     }
 }
@@ -158,6 +169,9 @@ pub struct Trainer {
     batches: u64,
     noise: SeededNoise,
     config: FitConfig,
+    /// The threads of batch parts 1.. (`data_parallel` > 1, made at the
+    /// first step that splits).
+    parts: Option<BatchParts>,
 }
 
 impl Trainer {
@@ -170,6 +184,7 @@ impl Trainer {
             batches: 0,
             noise: SeededNoise::new(&[config.seed], 1),
             config: config.clone(),
+            parts: None,
         })
     }
 
@@ -272,16 +287,16 @@ impl Trainer {
         let mixed = self.config.precision == Precision::Fp16;
         // The weights changed at the last step: no stale fp16 copies.
         self.config.precision.fresh_casts();
-        let loss = model
-            .loss(
-                &data.index_select(0, &index),
-                &batch_condition,
-                &t,
-                &eps,
-                Some(&drop),
-            )
-            .to_kind(Kind::Float);
+        let w0 = data.index_select(0, &index);
         self.adam.zero_grad();
+        let parts = self.config.data_parallel.clamp(1, b as usize);
+        if parts > 1 && device == tch::Device::Cpu && !mixed {
+            let loss = self.parallel_backward(model, &w0, &batch_condition, &t, &eps, &drop, parts);
+            return self.finish_step(position, false, loss);
+        }
+        let loss = model
+            .loss(&w0, &batch_condition, &t, &eps, Some(&drop))
+            .to_kind(Kind::Float);
         let scale = self.loss_scale.scale;
         if scale == 1.0 {
             loss.backward();
@@ -289,6 +304,12 @@ impl Trainer {
             (&loss * scale).backward();
             self.adam.scale_gradients(1.0 / scale);
         }
+        self.finish_step(position, mixed, loss.double_value(&[]))
+    }
+
+    /// Clips (and for fp16 checks) the gradients in place and takes the Adam
+    /// step; returns `loss`.
+    fn finish_step(&mut self, position: u64, mixed: bool, loss: f64) -> f64 {
         // One norm serves the overflow check (fp16) and the clipping.
         let norm = (mixed || self.config.grad_clip.is_some()).then(|| self.adam.gradient_norm());
         let finite = !mixed || norm.is_some_and(f64::is_finite);
@@ -301,7 +322,42 @@ impl Trainer {
                 .set_learning_rate(self.config.learning_rate * factor);
             self.adam.step();
         }
-        loss.double_value(&[])
+        loss
+    }
+
+    /// Forward and backward of the batch in `parts` row ranges (see
+    /// `batch_parts`); the gradients of every part end up in `.grad`.
+    /// Returns the batch's mean loss.
+    #[allow(clippy::too_many_arguments)]
+    fn parallel_backward(
+        &mut self,
+        model: &ConditionalDenoiser,
+        w0: &Tensor,
+        condition: &TaskBatch,
+        t: &Tensor,
+        eps: &Tensor,
+        drop: &Tensor,
+        parts: usize,
+    ) -> f64 {
+        if self.parts.as_ref().is_none_or(|p| p.parts() != parts) {
+            self.parts = Some(BatchParts::new(parts));
+        }
+        let rows = w0.size()[0];
+        let inputs = (0..parts as i64)
+            .map(|p| {
+                let (start, end) = (rows * p / parts as i64, rows * (p + 1) / parts as i64);
+                PartInput::rows(w0, condition, t, eps, drop, start, end)
+            })
+            .collect();
+        let params = self.adam.parameters();
+        self.adam.define_gradients();
+        let threads = self.parts.as_ref().expect("just made");
+        let (mut total, others) = threads.run(model, &params, inputs);
+        for (loss, grads) in others {
+            total += loss;
+            self.adam.add_gradients(&grads);
+        }
+        total
     }
 }
 
@@ -352,7 +408,7 @@ mod tests {
 
     /// A small model with fixed weights (not from the global RNG, which
     /// tests running in parallel share).
-    fn small_model(seed: i64) -> ConditionalDenoiser {
+    fn small_model(seed: u64) -> ConditionalDenoiser {
         let encoder = TaskEncoderConfig {
             feature_dim: 2,
             support_x_dim: 1,
@@ -369,18 +425,7 @@ mod tests {
             ..Default::default()
         });
         let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
-        let mut vars: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        tch::no_grad(|| {
-            for (i, (_, var)) in vars.iter_mut().enumerate() {
-                let n = var.numel() as i64;
-                let values = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37
-                    + (seed + i as i64) as f64)
-                    .sin()
-                    * 0.2;
-                var.copy_(&values.view(var.size().as_slice()));
-            }
-        });
+        model.set_test_weights(seed);
         model
     }
 
@@ -464,6 +509,59 @@ mod tests {
         };
         let c = train(&other, 15);
         assert!(a.iter().zip(&c).any(|(x, y)| !x.equal(y)));
+    }
+
+    #[test]
+    fn a_batch_split_across_threads_has_the_whole_batchs_loss_and_gradients() {
+        // Learning rate 0 and no clipping: the step leaves the weights and
+        // keeps the gradients for a look.
+        let step_once = |parts: usize| {
+            let model = small_model(5);
+            let (w, condition) = data();
+            let config = FitConfig {
+                learning_rate: 0.0,
+                grad_clip: None,
+                data_parallel: parts,
+                ..config()
+            };
+            let mut trainer = Trainer::new(&model, &config).unwrap();
+            let loss = trainer.step(&model, &w, &condition);
+            let grads: Vec<Tensor> = trainer.adam.gradients().iter().map(Tensor::copy).collect();
+            (loss, grads)
+        };
+        let (loss, whole) = step_once(1);
+        assert!(!whole.is_empty());
+        for parts in [2, 3, 4] {
+            let (split_loss, split) = step_once(parts);
+            assert!(
+                (split_loss - loss).abs() < 1e-6,
+                "{parts} parts: loss {split_loss} vs {loss}"
+            );
+            assert_eq!(split.len(), whole.len());
+            for (a, b) in split.iter().zip(&whole) {
+                assert!(
+                    a.allclose(b, 1e-4, 1e-6, false),
+                    "{parts} parts: {a:?} vs {b:?}"
+                );
+                assert!(b.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+            }
+        }
+        // More parts than rows: one row each.
+        let (many_loss, _) = step_once(64);
+        assert!((many_loss - loss).abs() < 1e-6);
+    }
+
+    #[test]
+    fn split_batches_train_the_same_weights_every_time() {
+        let split = FitConfig {
+            data_parallel: 2,
+            ..config()
+        };
+        let (a, b) = (train(&split, 15), train(&split, 15));
+        assert!(a.iter().zip(&b).all(|(x, y)| x.equal(y)));
+        // And they train: the weights moved from the start.
+        let start = weights(&small_model(5));
+        assert!(a.iter().zip(&start).any(|(x, y)| !x.equal(y)));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! readable. Configs are serde structs saved with the weights.
 
 pub mod adam;
+mod batch_parts;
 pub mod blocks;
 pub mod checkpoint;
 pub mod conditional;

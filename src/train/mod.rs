@@ -164,6 +164,11 @@ impl TrainDenoiserConfig {
         if self.fit.lr_schedule != LrSchedule::Constant {
             fingerprint["lr_schedule"] = self.fit.lr_schedule.name().into();
         }
+        // Splitting batches changes floating-point sums; recorded only when
+        // asked for, so runs saved before it existed still resume.
+        if self.fit.data_parallel > 1 {
+            fingerprint["data_parallel"] = self.fit.data_parallel.into();
+        }
         if self.prediction != crate::diffusion::objective::Prediction::Epsilon {
             fingerprint["prediction"] = self.prediction.name().into();
         }
@@ -469,6 +474,8 @@ fn train_blocking(
     mut save: impl FnMut(&RunState) -> Result<(), TrainError>,
     on_log: impl Fn(usize, f64, f64),
 ) -> Result<Trained, TrainError> {
+    // This is a blocking-pool thread, not the one that set the count.
+    crate::device::adopt_intra_op_threads();
     let device = config.device;
     let train_rows = Tensor::from_slice(train);
     let val_rows = Tensor::from_slice(val);
