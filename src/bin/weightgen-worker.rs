@@ -452,6 +452,10 @@ struct TrainArgs {
     /// Residual blocks per MLP U-Net level on each side.
     #[arg(long, env = "WEIGHTGEN_TRAIN_BLOCKS_PER_LEVEL", default_value_t = weightgen::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL)]
     blocks_per_level: usize,
+    /// Hidden width of the task encoder's paths (features, support pairs,
+    /// label prototypes).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ENCODER_HIDDEN", default_value_t = weightgen::jobs::spec::DEFAULT_ENCODER_HIDDEN)]
+    encoder_hidden: i64,
     /// Size E of the task embedding.
     #[arg(long, env = "WEIGHTGEN_TRAIN_EMBED_DIM", default_value_t = weightgen::jobs::spec::DEFAULT_EMBED_DIM)]
     embed_dim: i64,
@@ -552,6 +556,7 @@ fn train(args: TrainArgs) -> anyhow::Result<String> {
         prediction: args.prediction,
         blocks_per_level: args.blocks_per_level,
         embed_dim: args.embed_dim,
+        encoder_hidden: args.encoder_hidden,
         align: args.align,
         max_models: args.max_models,
         ema_decay: args.ema_decay,

@@ -248,6 +248,9 @@ fn default_support_dropout() -> f64 {
 fn default_data_parallel() -> usize {
     1
 }
+fn default_encoder_hidden() -> i64 {
+    DEFAULT_ENCODER_HIDDEN
+}
 
 /// Train a denoiser on a zoo and publish it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -304,6 +307,9 @@ pub struct TrainJob {
     /// Parts of each batch computed on threads of their own (CPU; 1: none).
     #[serde(default = "default_data_parallel")]
     pub data_parallel: usize,
+    /// Hidden width of the task encoder's paths.
+    #[serde(default = "default_encoder_hidden")]
+    pub encoder_hidden: i64,
     /// Make the result the active denoiser of its architecture.
     #[serde(default)]
     pub activate: bool,
@@ -413,6 +419,12 @@ impl TrainJob {
             return Err(invalid(
                 "train_denoiser.timesteps",
                 format!("{} is not in [2, 100000]", self.timesteps),
+            ));
+        }
+        if self.encoder_hidden <= 0 || self.encoder_hidden > 4096 {
+            return Err(invalid(
+                "train_denoiser.encoder_hidden",
+                format!("{} is not in [1, 4096]", self.encoder_hidden),
             ));
         }
         if self.embed_dim <= 0 || self.embed_dim > 4096 {
@@ -560,7 +572,7 @@ impl TrainJob {
             },
             ema_decay: self.ema_decay,
             val_fraction: self.val_fraction,
-            encoder_hidden: DEFAULT_ENCODER_HIDDEN,
+            encoder_hidden: self.encoder_hidden,
             embed_dim: self.embed_dim,
             log_every: self.log_every,
             eval_tasks: self.eval_tasks,
@@ -648,6 +660,13 @@ mod tests {
                 "train_denoiser.feature_dropout",
                 TrainJob {
                     feature_dropout: 1.5,
+                    ..TrainJob::new("z")
+                },
+            ),
+            (
+                "train_denoiser.encoder_hidden",
+                TrainJob {
+                    encoder_hidden: 0,
                     ..TrainJob::new("z")
                 },
             ),
