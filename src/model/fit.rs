@@ -339,9 +339,15 @@ impl Trainer {
         drop: &Tensor,
         parts: usize,
     ) -> f64 {
-        if self.parts.as_ref().is_none_or(|p| p.parts() != parts) {
-            self.parts = Some(BatchParts::new(parts));
-        }
+        let threads = match &mut self.parts {
+            Some(threads) if threads.parts() == parts => threads,
+            slot => {
+                // Gradients stay defined from here on (`zero_grad` zeroes
+                // them in place), so the parts always have one to add to.
+                self.adam.define_gradients();
+                slot.insert(BatchParts::new(parts))
+            }
+        };
         let rows = w0.size()[0];
         let inputs = (0..parts as i64)
             .map(|p| {
@@ -350,8 +356,6 @@ impl Trainer {
             })
             .collect();
         let params = self.adam.parameters();
-        self.adam.define_gradients();
-        let threads = self.parts.as_ref().expect("just made");
         let (mut total, others) = threads.run(model, &params, inputs);
         for (loss, grads) in others {
             total += loss;
