@@ -6,7 +6,16 @@
 #
 # `scripts/test.sh --quick` is the edit loop's tier: the unit and integration
 # tests without the slow ones (`#[ignore = "slow …"]`, listed as ignored in
-# the output), no fmt, clippy or deployment checks.
+# the output), no fmt or deployment checks.
+#
+# Lints ride on the test build: clippy-driver stands in for rustc on this
+# package's own crates (cargo's RUSTC_WORKSPACE_WRAPPER, which is how `cargo
+# clippy` runs it; CLIPPY_ARGS is the channel cargo clippy passes `-D
+# warnings` through), so one build both lints and compiles every target,
+# and the dependencies are compiled once instead of once more in check mode
+# (about 5 minutes from a clean clone on 2 cores). It reports exactly what
+# `cargo clippy --all-targets -- -D warnings` reports. Both tiers build with
+# it, so they share one set of artifacts.
 set -euo pipefail
 quick=false
 case "${1:-}" in
@@ -25,10 +34,13 @@ step "bootstrap"
 if ! $quick; then
     step "cargo fmt --check"
     cargo fmt --all -- --check
-
-    step "cargo clippy --all-targets -- -D warnings"
-    cargo clippy --locked --all-targets -- -D warnings
 fi
+
+command -v clippy-driver >/dev/null || { echo "clippy-driver not found: rustup component add clippy" >&2; exit 1; }
+export RUSTC_WORKSPACE_WRAPPER=clippy-driver
+export CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+step "cargo test --no-run --all-targets, linted (clippy -D warnings)"
+cargo test --locked --all-targets --no-run
 
 step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
 . scripts/services.sh

@@ -133,6 +133,17 @@ struct EvalArgs {
     /// guided DDIM row only, into one table (section `eval:FAMILY:ZOO:ablation`).
     #[arg(long, value_delimiter = ',', conflicts_with = "denoiser_id")]
     ablation: Vec<String>,
+    /// Evaluate only these methods, comma-separated (e.g.
+    /// `weightgen-features-only,nearest-zoo`; random init always runs, it is
+    /// the yardstick): a report's rows in minutes instead of an hour. Default:
+    /// every method.
+    #[arg(
+        long,
+        env = "WEIGHTGEN_EVAL_METHODS",
+        value_delimiter = ',',
+        conflicts_with = "ablation"
+    )]
+    methods: Vec<weightgen::eval::Method>,
     /// Markdown file whose `eval:FAMILY:ZOO` section gets the report
     /// (replaced in place); the plots go to `eval/` beside it.
     #[arg(long, env = "WEIGHTGEN_EVAL_OUTPUT")]
@@ -290,6 +301,9 @@ fn eval(args: EvalArgs) -> anyhow::Result<String> {
     config.guidance = args.guidance;
     config.seed = args.seed;
     config.split = args.split;
+    if !args.methods.is_empty() {
+        config.only = Some(args.methods.clone());
+    }
     if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
         anyhow::bail!("--tasks, --seeds and --finetune-steps must be at least 1");
     }

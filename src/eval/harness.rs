@@ -143,8 +143,9 @@ impl EvalConfig {
     }
 }
 
-/// Where an init comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Where an init comes from. On the command line (`eval --methods`) by its
+/// variant name in kebab case: `weightgen-features-only`, `hypernetwork`, ….
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Method {
     /// weightgen, DDIM-50, guidance 1, conditioned on the task metadata.
     WeightgenDdim,

@@ -150,13 +150,13 @@ fn reproduces_a_gaussian(net: NetConfig, seed: u64) {
 }
 
 #[test]
-#[ignore = "slow (50 s here): statistical training; scripts/test.sh runs it"]
+#[ignore = "slow (25 s here): statistical training; scripts/test.sh runs it"]
 fn a_trained_mlp_unet_reproduces_a_gaussian_with_ddpm_and_ddim() {
     reproduces_a_gaussian(small_net(vec![128, 64]), 1);
 }
 
 #[test]
-#[ignore = "slow (100 s here): statistical training; scripts/test.sh runs it"]
+#[ignore = "slow (55 s here): statistical training; scripts/test.sh runs it"]
 fn a_trained_layer_transformer_reproduces_a_gaussian_with_ddpm_and_ddim() {
     let net = NetConfig::LayerTransformer(LayerTransformerConfig {
         token_size: 4,
@@ -225,7 +225,7 @@ fn the_full_width_path_removes_the_bottleneck_plateau() {
 }
 
 #[test]
-#[ignore = "slow (45 s here): statistical training; scripts/test.sh runs it"]
+#[ignore = "slow (30 s here): statistical training; scripts/test.sh runs it"]
 fn conditions_steer_samples_to_their_mode_and_guidance_sharpens() {
     tch::set_num_threads(1);
     tch::manual_seed(3);
@@ -337,7 +337,7 @@ fn three_mode_zoo(per: i64) -> (ArchSpec, Tensor, Tensor, Tensor) {
 }
 
 #[test]
-#[ignore = "slow (50 s here): statistical training; scripts/test.sh runs it"]
+#[ignore = "slow (25 s here): statistical training; scripts/test.sh runs it"]
 fn generate_in_a_pca_latent_lands_on_the_asked_mode_for_x0_and_v_prediction() {
     tch::set_num_threads(1);
     tch::manual_seed(11);

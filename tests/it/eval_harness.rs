@@ -15,7 +15,7 @@ fn numbers(row: &str) -> Vec<f64> {
 }
 
 #[test]
-#[ignore = "slow (55 s here): trains baselines and fine-tunes; scripts/test.sh runs it"]
+#[ignore = "slow (65 s here): trains baselines and fine-tunes; scripts/test.sh runs it"]
 fn the_quick_profile_writes_every_table() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -251,4 +251,48 @@ fn the_quick_profile_writes_every_table() {
     let file = std::fs::read_to_string(&results).unwrap();
     assert_eq!(file.matches("<!-- eval:digits:digits:begin -->").count(), 1);
     assert!(file.contains("seed 1"), "{file}");
+
+    // `--methods`: only the rows asked for (and random init, the
+    // yardstick), with the figures the whole report gives them.
+    // A row's figures but its last, the time per init.
+    let row_of = |text: &str, label: &str| -> Option<Vec<f64>> {
+        text.lines()
+            .find(|l| l.starts_with(&format!("| {label} |")))
+            .map(|l| {
+                let mut figures = numbers(l.trim_start_matches(&format!("| {label} |")));
+                figures.pop();
+                figures
+            })
+    };
+    let some = [
+        "eval",
+        "--zoo",
+        "digits",
+        "--quick",
+        "--seed",
+        "1",
+        "--methods",
+        "weightgen-features-only,nearest-zoo",
+        "--data-dir",
+        data_dir,
+    ];
+    let printed = worker(&data, &some);
+    for label in [
+        "weightgen DDIM-50, guidance 3, features only",
+        "nearest zoo model (by descriptor)",
+        "random init (PyTorch default)",
+    ] {
+        assert_eq!(
+            row_of(&printed, label),
+            row_of(&file, label),
+            "{label}:\n{printed}"
+        );
+    }
+    for label in [
+        "weightgen DDIM-50, guidance 3",
+        "hypernetwork (task → weights regression)",
+        "Reptile (meta-learned on the zoo tasks)",
+    ] {
+        assert_eq!(row_of(&printed, label), None, "{label}:\n{printed}");
+    }
 }

@@ -44,7 +44,7 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     let batching = spawn_server(|c| {
         c.max_wait = Duration::from_millis(100);
         c.reload_interval = Duration::from_millis(100);
-        // The 32-sample DDPM-1000 request below runs for tens of seconds on
+        // The 64-sample DDPM-1000 request below runs for tens of seconds on
         // a loaded debug build; the default 60 s limit is for clients.
         c.request_timeout = Duration::from_secs(600);
     })
@@ -141,17 +141,24 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     // dropped, not computed.
     let dropped_before =
         metric_value(&after, "weightgen_generate_dropped_total", &[]).unwrap_or(0.0);
+    // The three impatient calls go out together, so all three wait behind
+    // the long batch (sent one after another, the later ones could outlast
+    // it on a fast machine and be computed, not dropped).
     let long = {
         let (mut client, task) = (client.clone(), task.clone());
         tokio::spawn(async move {
-            generate_with(&mut client, request(&task, Sampler::Ddpm, 32, 1)).await
+            generate_with(&mut client, request(&task, Sampler::Ddpm, 64, 1)).await
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    for seed in 0..3u64 {
-        let mut impatient = tonic::Request::new(request(&task, Sampler::Ddpm, 1, 500 + seed));
-        impatient.set_timeout(Duration::from_millis(200));
-        let err = client.clone().generate_init(impatient).await.unwrap_err();
+    let impatient = (0..3u64).map(|seed| {
+        let mut client = client.clone();
+        let mut call = tonic::Request::new(request(&task, Sampler::Ddpm, 1, 500 + seed));
+        call.set_timeout(Duration::from_millis(200));
+        async move { client.generate_init(call).await }
+    });
+    for answer in futures_util::future::join_all(impatient).await {
+        let err = answer.unwrap_err();
         // tonic's client enforces the same grpc-timeout itself and gives up
         // first ("Timeout expired", CANCELLED); the server's own answer to a
         // deadline is checked below with --request-timeout.
@@ -234,9 +241,9 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     // The recorder is process-wide: the impatient calls above count too.
     let exceeded = |text: &str| metric_value(text, "weightgen_deadline_exceeded_total", &[]);
     let before = exceeded(&strict.metrics().await).unwrap_or(0.0);
-    let Err(err) = generate_with(&mut strict_client, request(&task, Sampler::Ddpm, 32, 3)).await
+    let Err(err) = generate_with(&mut strict_client, request(&task, Sampler::Ddpm, 64, 3)).await
     else {
-        panic!("a 32-sample DDPM-1000 call finished within 500 ms")
+        panic!("a 64-sample DDPM-1000 call finished within 500 ms")
     };
     assert_eq!(err.code(), Code::DeadlineExceeded, "{}", err.message());
     assert!(

@@ -19,7 +19,7 @@ use weightgen::proto::v1::{
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "slow (45 s here): trains and publishes two denoisers; scripts/test.sh runs it"]
+#[ignore = "slow (40 s here): trains and publishes two denoisers; scripts/test.sh runs it"]
 async fn published_denoisers_are_picked_up_and_swapped_under_load() {
     let test = spawn_server(|c| c.reload_interval = Duration::from_millis(200)).await;
     let data = test.data_dir.path().join("data");
