@@ -16,6 +16,7 @@ pub mod eval;
 pub mod gc;
 pub mod jobs;
 pub mod model;
+pub mod plot;
 pub mod proto;
 pub mod rng;
 pub mod serve;

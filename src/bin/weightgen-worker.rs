@@ -168,7 +168,7 @@ fn commit() -> String {
 /// Who produced a report: the zoo, the command as given, commit, machine.
 fn provenance(
     args: &EvalArgs,
-    data: &weightgen::train::dataset::ZooDataset,
+    data: &weightgen::zoo::ZooDataset,
     device: tch::Device,
     started: std::time::Instant,
     denoiser: &str,
@@ -253,7 +253,7 @@ fn eval_ablation(
 }
 
 /// The report's section: `FAMILY:ZOO`, with `:extrapolation` for that split.
-fn section_key(args: &EvalArgs, data: &weightgen::train::dataset::ZooDataset) -> String {
+fn section_key(args: &EvalArgs, data: &weightgen::zoo::ZooDataset) -> String {
     match args.split {
         weightgen::tasks::HeldOutSplit::Interpolation => {
             format!("{}:{}", data.family.name(), args.zoo)
@@ -265,7 +265,7 @@ fn section_key(args: &EvalArgs, data: &weightgen::train::dataset::ZooDataset) ->
 /// Refuses a split the family does not have, and a zoo holding models of
 /// held-out tasks: every method would be scored on tasks it was trained on.
 fn check_split(
-    data: &weightgen::train::dataset::ZooDataset,
+    data: &weightgen::zoo::ZooDataset,
     zoo: &str,
     split: weightgen::tasks::HeldOutSplit,
 ) -> anyhow::Result<()> {

@@ -5,8 +5,9 @@
 
 use serde_json::Value;
 
-use super::harness::{EvalConfig, EvalReport, Method};
+use super::protocol::{EvalConfig, Method};
 use super::report::Provenance;
+use super::summary::EvalReport;
 use crate::diffusion::schedule::ScheduleKind;
 use crate::model::{DenoiserConfig, NetConfig};
 use crate::tasks::train::Objective;

@@ -16,8 +16,8 @@ use crate::model::task_encoder::TaskEncoder;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::train::{Objective, TaskData, loss};
 use crate::tasks::{Network, TaskSpec};
-use crate::train::dataset::ZooDataset;
 use crate::train::quality::condition_of;
+use crate::zoo::ZooDataset;
 
 /// How the meta-learners train.
 #[derive(Debug, Clone, PartialEq)]

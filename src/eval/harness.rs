@@ -1,544 +1,35 @@
 //! The evaluation harness: inits from weightgen and from baselines on
-//! held-out tasks no zoo model saw, fine-tuned under one protocol, with
-//! means and 95 % intervals over tasks × seeds, and the novelty of the
-//! generated weights against the zoo.
-//!
-//! Protocol. The learning rate for fine-tuning is chosen for *random
-//! init* on separate validation tasks (held-out tasks, other seed) from
-//! `lr_grid`, by the best mean test score after `finetune_steps`; every
-//! method is then fine-tuned at that rate and at the proposal's 1e-4.
-//! "Fully trained" is random init after `full_steps` at the chosen rate;
-//! the target is 90 % of its test accuracy (or an MSE within 1/0.9 of it).
-//! A run that does not reach the target counts as `finetune_steps` (a lower
-//! bound), and the share that reached it is reported.
+//! held-out tasks no zoo model saw, fine-tuned under one protocol
+//! ([`super::protocol`]), made by [`super::inits`], summarized with means
+//! and 95 % intervals over tasks × seeds and the novelty of the generated
+//! weights against the zoo ([`super::summary`]). This module runs them:
+//! for each seed and held-out task, every method's init is fine-tuned at
+//! the proposal's and at random init's chosen learning rate and on the
+//! few-shot subsets.
 
 use std::collections::BTreeMap;
 
-use rand::SeedableRng;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use tch::{Device, Kind, Tensor};
 
-use super::baselines::{Hypernetwork, MetaConfig, fomaml, reptile};
-use super::finetune::{
-    DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_target, target_of, test_metric,
+use super::baselines::Hypernetwork;
+use super::finetune::{DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_target, target_of};
+use super::inits::{
+    Conditions, Retrieved, choose_hypernetwork, flat_of, init_of, params, sampling_flops,
+    seed_inits,
 };
-use super::novelty::{agreement, mean_pairwise_cosine, nearest_zoo};
-use super::stats::MeanCi;
-use crate::diffusion::SamplerKind;
-use crate::model::{DenoiserCheckpoint, TaskBatch};
-use crate::tasks::featurizer::describe;
+use super::novelty::{agreement, nearest_zoo};
+use super::protocol::{
+    EvalConfig, Method, PROPOSAL_FINETUNE_LR, choose_lr, few_shot_data, held_out, validation_tasks,
+};
+use super::summary::{EvalReport, Measured, Runs, summarize};
+use crate::model::DenoiserCheckpoint;
+use crate::tasks::Descriptor;
 use crate::tasks::featurizer::support_descriptor;
 use crate::tasks::train::{Objective, TaskData};
-use crate::tasks::{Descriptor, HeldOutSplit, TaskSpec};
-use crate::train::dataset::ZooDataset;
 use crate::train::quality::{
-    EVAL_DDIM_STEPS, asked_features, condition_of, nearest_by_features, one_input,
-    support_condition, wrong_tasks,
+    asked_features, condition_of, nearest_by_features, one_input, support_condition, wrong_tasks,
 };
-use crate::weights::unflatten;
-
-/// The proposal's fine-tuning learning rate.
-pub const PROPOSAL_FINETUNE_LR: f64 = 1e-4;
-
-/// Batch size of the hypernetwork baseline's regression.
-pub const HYPERNETWORK_BATCH: i64 = 64;
-
-/// Adam learning rate of the hypernetwork baseline's regression.
-pub const HYPERNETWORK_LR: f64 = 1e-3;
-
-/// What the harness runs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalConfig {
-    /// Held-out tasks scored.
-    pub tasks: usize,
-    /// Seeds per task (sampling seeds and random-init seeds).
-    pub seeds: usize,
-    /// Held-out tasks (another draw) that choose the learning rate.
-    pub validation_tasks: usize,
-    /// Learning rates tried for random init.
-    pub lr_grid: Vec<f64>,
-    /// Fine-tuning budget in full-batch Adam steps.
-    pub finetune_steps: usize,
-    /// Steps that train random init "fully" (the reference).
-    pub full_steps: usize,
-    /// Support-set sizes K of the few-shot runs.
-    pub few_shot: Vec<usize>,
-    /// Fine-tuning steps of a few-shot run.
-    pub few_shot_steps: usize,
-    /// Guidance scale of the guided weightgen rows.
-    pub guidance: f64,
-    /// σ of the noise-added baseline, per weight, as a multiple of the
-    /// zoo's per-weight standard deviation.
-    pub noise_scale: f64,
-    /// Reptile and first-order MAML training.
-    pub meta: MetaConfig,
-    /// Adam steps of the hypernetwork (batch [`HYPERNETWORK_BATCH`], lr
-    /// [`HYPERNETWORK_LR`]).
-    pub hypernetwork_steps: usize,
-    /// Seed of task draws and everything else.
-    pub seed: u64,
-    /// Which held-out tasks are drawn (test and validation alike).
-    pub split: HeldOutSplit,
-    /// Evaluate only these methods (random init always runs: it is the
-    /// yardstick); None = every method.
-    pub only: Option<Vec<Method>>,
-}
-
-impl EvalConfig {
-    /// The full profile.
-    pub fn full() -> Self {
-        Self {
-            tasks: 20,
-            seeds: 3,
-            validation_tasks: 5,
-            lr_grid: vec![1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-            finetune_steps: 500,
-            full_steps: 2000,
-            few_shot: vec![10, 100],
-            few_shot_steps: 100,
-            guidance: 3.0,
-            noise_scale: 0.1,
-            meta: MetaConfig {
-                meta_steps: 2000,
-                inner_steps: 5,
-                inner_lr: 0.05,
-                outer_lr: 1.0,
-                fomaml_lr: 0.01,
-                batch_size: 0,
-            },
-            hypernetwork_steps: 3000,
-            seed: 0,
-            split: HeldOutSplit::Interpolation,
-            only: None,
-        }
-    }
-
-    /// A profile that checks the harness end to end in minutes (CI).
-    pub fn quick() -> Self {
-        Self {
-            tasks: 3,
-            seeds: 1,
-            validation_tasks: 2,
-            lr_grid: vec![1e-3, 1e-2],
-            finetune_steps: 40,
-            full_steps: 80,
-            few_shot: vec![10, 100],
-            few_shot_steps: 20,
-            guidance: 3.0,
-            noise_scale: 0.1,
-            meta: MetaConfig {
-                meta_steps: 30,
-                inner_steps: 5,
-                inner_lr: 0.05,
-                outer_lr: 1.0,
-                fomaml_lr: 0.01,
-                batch_size: 0,
-            },
-            hypernetwork_steps: 100,
-            seed: 0,
-            split: HeldOutSplit::Interpolation,
-            only: None,
-        }
-    }
-}
-
-/// Where an init comes from. On the command line (`eval --methods`) by its
-/// variant name in kebab case: `weightgen-features-only`, `hypernetwork`, ….
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
-pub enum Method {
-    /// weightgen, DDIM-50, guidance 1, conditioned on the task metadata.
-    WeightgenDdim,
-    /// weightgen, DDIM-50 with the configured guidance.
-    WeightgenDdimGuided,
-    /// weightgen, DDPM with all T steps, guidance 1.
-    WeightgenDdpm,
-    /// weightgen, DDPM with all T steps, configured guidance.
-    WeightgenDdpmGuided,
-    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
-    /// smallest few-shot support set alone (no task metadata): exactly what
-    /// Reptile and MAML see.
-    WeightgenSupportOnly,
-    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
-    /// task features alone (no support set): what a client with no
-    /// examples sends (the README's `generate --feature` example).
-    WeightgenFeaturesOnly,
-    /// The control: weightgen, DDIM-50 with the configured guidance,
-    /// conditioned on another held-out task's descriptor (features and
-    /// support set). Scoring near the true descriptor means the condition
-    /// is not used.
-    WeightgenWrongTask,
-    /// The network's PyTorch-default initialization.
-    Random,
-    /// The zoo model whose task features are nearest (retrieval).
-    NearestZoo,
-    /// That model plus Gaussian noise.
-    NearestZooNoise,
-    /// That model plus Gaussian noise whose size puts it as far from the
-    /// zoo as weightgen's DDPM sample for the same run (Zeng et al.).
-    NearestZooNoiseMatched,
-    /// The mean of the (aligned) zoo.
-    ZooAverage,
-    /// Reptile's meta-learned init (one for every task).
-    Reptile,
-    /// First-order MAML's meta-learned init.
-    Fomaml,
-    /// A deterministic regression from the task to the weights.
-    Hypernetwork,
-}
-
-impl Method {
-    /// Every method, in report order.
-    pub const ALL: [Method; 15] = [
-        Method::WeightgenDdim,
-        Method::WeightgenDdimGuided,
-        Method::WeightgenDdpm,
-        Method::WeightgenDdpmGuided,
-        Method::WeightgenSupportOnly,
-        Method::WeightgenFeaturesOnly,
-        Method::WeightgenWrongTask,
-        Method::Random,
-        Method::NearestZoo,
-        Method::NearestZooNoise,
-        Method::NearestZooNoiseMatched,
-        Method::ZooAverage,
-        Method::Reptile,
-        Method::Fomaml,
-        Method::Hypernetwork,
-    ];
-
-    /// Its row label.
-    pub fn label(self, guidance: f64) -> String {
-        match self {
-            Self::WeightgenDdim => "weightgen DDIM-50".into(),
-            Self::WeightgenDdimGuided => format!("weightgen DDIM-50, guidance {guidance}"),
-            Self::WeightgenDdpm => "weightgen DDPM-1000".into(),
-            Self::WeightgenDdpmGuided => format!("weightgen DDPM-1000, guidance {guidance}"),
-            Self::WeightgenSupportOnly => {
-                format!("weightgen DDIM-50, guidance {guidance}, support set only")
-            }
-            Self::WeightgenFeaturesOnly => {
-                format!("weightgen DDIM-50, guidance {guidance}, features only")
-            }
-            Self::WeightgenWrongTask => {
-                format!(
-                    "control: weightgen DDIM-50, guidance {guidance}, another task's descriptor"
-                )
-            }
-            Self::Random => "random init (PyTorch default)".into(),
-            Self::NearestZoo => "nearest zoo model (by descriptor)".into(),
-            Self::NearestZooNoise => "nearest zoo model + noise".into(),
-            Self::NearestZooNoiseMatched => {
-                "nearest zoo model + noise as far as weightgen's sample".into()
-            }
-            Self::ZooAverage => "average of the zoo".into(),
-            Self::Reptile => "Reptile (meta-learned on the zoo tasks)".into(),
-            Self::Fomaml => "first-order MAML (meta-learned on the zoo tasks)".into(),
-            Self::Hypernetwork => "hypernetwork (task → weights regression)".into(),
-        }
-    }
-
-    /// Whether it is one of weightgen's.
-    pub fn is_generated(self) -> bool {
-        matches!(
-            self,
-            Self::WeightgenDdim
-                | Self::WeightgenDdimGuided
-                | Self::WeightgenDdpm
-                | Self::WeightgenDdpmGuided
-                | Self::WeightgenSupportOnly
-                | Self::WeightgenFeaturesOnly
-                | Self::WeightgenWrongTask
-        )
-    }
-}
-
-/// One method's figures over tasks × seeds.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MethodScores {
-    /// Test score before fine-tuning.
-    pub zero_shot: MeanCi,
-    /// Steps to target at the proposal's learning rate.
-    pub steps_proposal_lr: MeanCi,
-    /// Share of runs that reached it.
-    pub reached_proposal_lr: f64,
-    /// Speed-up over random init (geometric mean of per-run ratios of
-    /// steps + 1) at the proposal's rate.
-    pub speedup_proposal_lr: MeanCi,
-    /// Steps to target at the chosen learning rate.
-    pub steps_best_lr: MeanCi,
-    /// Share of runs that reached it.
-    pub reached_best_lr: f64,
-    /// Speed-up over random init at the chosen rate.
-    pub speedup_best_lr: MeanCi,
-    /// Compute to reach the target at the chosen rate, sampling included:
-    /// random init's total FLOPs ÷ this method's over all runs (2 per
-    /// weight per row for every dense forward pass, 3× that for a training
-    /// step). A ratio of totals, so a stored init that needs no step does
-    /// not make it infinite.
-    pub compute_ratio_best_lr: f64,
-    /// Wall time to produce one init (sampling; 0 for stored ones).
-    pub init_seconds: f64,
-    /// Test score after few-shot fine-tuning, per K.
-    pub few_shot: BTreeMap<usize, MeanCi>,
-    /// Novelty, for generated and retrieved inits.
-    pub novelty: Option<Novelty>,
-}
-
-/// How close a method's inits are to the zoo.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Novelty {
-    /// Centered cosine similarity to the nearest zoo model.
-    pub cosine_to_nearest: MeanCi,
-    /// L2 distance to it.
-    pub l2_to_nearest: MeanCi,
-    /// Share of test inputs where its prediction equals the nearest zoo
-    /// model's (classification).
-    pub agreement_with_nearest: MeanCi,
-    /// Mean centered cosine similarity between its inits (diversity).
-    pub pairwise_cosine: f64,
-}
-
-/// Everything the harness measured.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EvalReport {
-    /// "accuracy" or "MSE".
-    pub metric: &'static str,
-    /// Classification or regression.
-    pub objective: Objective,
-    /// The learning rate chosen for random init, and the grid's scores.
-    pub chosen_lr: f64,
-    /// Mean validation score per learning rate.
-    pub lr_scores: Vec<(f64, f64)>,
-    /// Fully trained reference score (mean over tasks).
-    pub fully_trained: MeanCi,
-    /// Per method.
-    pub methods: BTreeMap<Method, MethodScores>,
-    /// Nearest-neighbour statistics between zoo models (the yardstick for
-    /// novelty): centered cosine and L2.
-    pub zoo_to_zoo_cosine: MeanCi,
-    /// L2 between zoo models and their nearest other zoo model.
-    pub zoo_to_zoo_l2: MeanCi,
-    /// What the held-out tasks are (the family's split, in words).
-    pub held_out: &'static str,
-    /// Held-out tasks, seeds.
-    pub tasks: usize,
-    /// Seeds per task.
-    pub seeds: usize,
-    /// Mean test score per fine-tuning step at the chosen rate, per method.
-    pub curves: BTreeMap<Method, Vec<f64>>,
-    /// Steps to target at the chosen rate, per run and method.
-    pub steps_runs: BTreeMap<Method, Vec<f64>>,
-    /// Cosine to the nearest zoo model, per init, for the methods with a
-    /// novelty row.
-    pub cosine_runs: BTreeMap<Method, Vec<f64>>,
-    /// Cosine of zoo models to their nearest other zoo model.
-    pub zoo_to_zoo_cosines: Vec<f64>,
-    /// Noise σ of the matched noise baseline, as a multiple of the zoo's
-    /// per-weight standard deviation.
-    pub matched_noise_scale: MeanCi,
-    /// Support examples K the support-only rows were conditioned on.
-    pub support_only_k: Option<usize>,
-    /// The hypernetwork's encoder variant, chosen on the validation tasks
-    /// (None when the hypernetwork was not evaluated or the denoiser's
-    /// encoder has no label-prototype branch to leave out).
-    pub hypernetwork_choice: Option<HypernetworkChoice>,
-}
-
-/// Which encoder the hypernetwork baseline used, chosen like random
-/// init's learning rate: on the validation tasks, never the held-out ones.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HypernetworkChoice {
-    /// Whether the chosen encoder has the label-prototype branch.
-    pub prototypes: bool,
-    /// Mean zero-shot validation score per variant (prototypes on/off).
-    pub validation: Vec<(bool, f64)>,
-}
-
-fn params(data: &ZooDataset, flat: &Tensor) -> Vec<Tensor> {
-    unflatten(&data.network.spec, flat)
-        .map(|named| named.into_iter().map(|(_, t)| t).collect())
-        .unwrap_or_default()
-}
-
-fn flat_of(params: &[Tensor]) -> Tensor {
-    Tensor::cat(
-        &params.iter().map(|p| p.flatten(0, -1)).collect::<Vec<_>>(),
-        0,
-    )
-}
-
-/// The first `k` training examples of `data` in a seeded shuffled order.
-fn few_shot_data(data: &TaskData, k: usize, seed: u64) -> TaskData {
-    let n = data.train_x.size()[0] as usize;
-    let mut order: Vec<i64> = (0..n as i64).collect();
-    order.shuffle(&mut StdRng::seed_from_u64(seed));
-    order.truncate(k.min(n));
-    let index = Tensor::from_slice(&order);
-    TaskData {
-        train_x: data.train_x.index_select(0, &index),
-        train_y: data.train_y.index_select(0, &index),
-        test_x: data.test_x.shallow_clone(),
-        test_y: data.test_y.shallow_clone(),
-    }
-}
-
-fn better(objective: Objective, a: f64, b: f64) -> bool {
-    match objective {
-        Objective::Classification => a > b,
-        Objective::Regression => a < b,
-    }
-}
-
-/// The learning rate whose random-init runs score best on `tasks` after
-/// `steps`, and every rate's mean score.
-fn choose_lr(
-    data: &ZooDataset,
-    tasks: &[(TaskSpec, TaskData, Descriptor)],
-    config: &EvalConfig,
-) -> Result<(f64, Vec<(f64, f64)>), tch::TchError> {
-    let objective = data.family.objective();
-    let mut scores = Vec::new();
-    for &lr in &config.lr_grid {
-        let mut total = 0.0;
-        for (i, (_, task_data, _)) in tasks.iter().enumerate() {
-            let init = data
-                .network
-                .init(config.seed ^ (0xA11 + i as u64), Device::Cpu);
-            let c = curve(
-                &data.network,
-                &init,
-                task_data,
-                objective,
-                &FinetuneConfig {
-                    steps: config.finetune_steps,
-                    learning_rate: lr,
-                },
-            )?;
-            total += c.last().copied().unwrap_or(f64::NAN);
-        }
-        scores.push((lr, total / tasks.len().max(1) as f64));
-    }
-    let best = scores
-        .iter()
-        .copied()
-        .reduce(|a, b| if better(objective, b.1, a.1) { b } else { a })
-        .map_or(PROPOSAL_FINETUNE_LR, |(lr, _)| lr);
-    Ok((best, scores))
-}
-
-/// Trains the hypernetwork once per encoder variant with `config.seed` and
-/// keeps the variant with the best mean zero-shot score on `validation`
-/// (the trained model comes back too: it is the first seed's).
-fn choose_hypernetwork(
-    checkpoint: &DenoiserCheckpoint,
-    data: &ZooDataset,
-    validation: &[(TaskSpec, TaskData, Descriptor)],
-    config: &EvalConfig,
-) -> Result<(HypernetworkChoice, Hypernetwork), tch::TchError> {
-    let objective = data.family.objective();
-    let descriptors: Vec<Descriptor> = validation.iter().map(|(_, _, d)| d.clone()).collect();
-    let condition = condition_of(checkpoint, data, &descriptors);
-    let mut scores = Vec::new();
-    let mut best: Option<(f64, bool, Hypernetwork)> = None;
-    for prototypes in Hypernetwork::encoder_variants(checkpoint) {
-        let hypernetwork = train_hypernetwork(checkpoint, data, config, config.seed, prototypes)?;
-        let weights = hypernetwork.predict(checkpoint, &condition, descriptors.len() as i64);
-        let total: f64 = validation
-            .iter()
-            .enumerate()
-            .map(|(i, (_, task_data, _))| {
-                let init = params(data, &weights.get(i as i64));
-                test_metric(&data.network, &init, task_data, objective)
-            })
-            .sum();
-        let score = total / validation.len().max(1) as f64;
-        scores.push((prototypes, score));
-        if best
-            .as_ref()
-            .is_none_or(|(top, _, _)| better(objective, score, *top))
-        {
-            best = Some((score, prototypes, hypernetwork));
-        }
-    }
-    let (_, prototypes, hypernetwork) = best.expect("at least one encoder variant");
-    tracing::info!(prototypes, ?scores, "hypernetwork encoder");
-    Ok((
-        HypernetworkChoice {
-            prototypes,
-            validation: scores,
-        },
-        hypernetwork,
-    ))
-}
-
-fn train_hypernetwork(
-    checkpoint: &DenoiserCheckpoint,
-    data: &ZooDataset,
-    config: &EvalConfig,
-    seed: u64,
-    prototypes: bool,
-) -> Result<Hypernetwork, tch::TchError> {
-    Hypernetwork::train(
-        checkpoint,
-        data,
-        config.hypernetwork_steps,
-        HYPERNETWORK_BATCH,
-        HYPERNETWORK_LR,
-        seed,
-        prototypes,
-    )
-}
-
-/// The validation tasks: held-out tasks of another seed, on which random
-/// init's learning rate and the hypernetwork's encoder are chosen.
-fn validation_tasks(
-    data: &ZooDataset,
-    config: &EvalConfig,
-) -> Vec<(TaskSpec, TaskData, Descriptor)> {
-    held_out(
-        data,
-        config.validation_tasks,
-        config.seed ^ 0x5EED,
-        config.split,
-    )
-}
-
-fn held_out(
-    data: &ZooDataset,
-    count: usize,
-    seed: u64,
-    split: HeldOutSplit,
-) -> Vec<(TaskSpec, TaskData, Descriptor)> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..count)
-        .filter_map(|_| {
-            let task = data.family.sample_held_out(&mut rng, split);
-            let task_data = data.family.data(&task, Device::Cpu).ok()?;
-            let descriptor = describe(data.family, &task, &task_data);
-            Some((task, task_data, descriptor))
-        })
-        .collect()
-}
-
-/// Per-run figures before aggregation.
-#[derive(Default)]
-struct Runs {
-    zero_shot: Vec<f64>,
-    steps_proposal: Vec<f64>,
-    reached_proposal: Vec<f64>,
-    steps_best: Vec<f64>,
-    reached_best: Vec<f64>,
-    few_shot: BTreeMap<usize, Vec<f64>>,
-    cosine: Vec<f64>,
-    l2: Vec<f64>,
-    agreement: Vec<f64>,
-    inits: Vec<Tensor>,
-    curve_sum: Vec<f64>,
-    curves: usize,
-    flops_best: Vec<f64>,
-    init_seconds: Vec<f64>,
-}
+use crate::zoo::ZooDataset;
 
 /// Random init's fine-tuning on one held-out run (task × seed).
 #[derive(Debug, Clone)]
@@ -654,7 +145,7 @@ pub fn evaluate_with(
     let wanted = |m: Method| methods.contains(&m);
     // With a single encoder variant there is nothing to choose.
     let choose = Hypernetwork::encoder_variants(checkpoint).len() > 1;
-    let (hypernetwork_choice, mut chosen_hypernetwork) = if wanted(Method::Hypernetwork) && choose {
+    let (hypernetwork_choice, mut first_hypernetwork) = if wanted(Method::Hypernetwork) && choose {
         let tasks = validation.get_or_insert_with(|| validation_tasks(data, config));
         let (choice, first) = choose_hypernetwork(checkpoint, data, tasks, config)?;
         (Some(choice), Some(first))
@@ -673,22 +164,6 @@ pub fn evaluate_with(
         .map(|t| t.numel() as f64)
         .sum();
     let timesteps = checkpoint.model.schedule().timesteps() as f64;
-    // One reverse step: a dense forward of the denoiser per row, twice with
-    // guidance (conditional and unconditional).
-    let sampling_flops = |method: Method, guidance: f64| {
-        let forward = 2.0 * denoiser_params;
-        let guided = if guidance == 1.0 { 1.0 } else { 2.0 };
-        match method {
-            Method::WeightgenDdim => forward * EVAL_DDIM_STEPS as f64,
-            Method::WeightgenDdimGuided => forward * guided * EVAL_DDIM_STEPS as f64,
-            Method::WeightgenDdpm => forward * timesteps,
-            Method::WeightgenDdpmGuided => forward * guided * timesteps,
-            Method::WeightgenSupportOnly
-            | Method::WeightgenFeaturesOnly
-            | Method::WeightgenWrongTask => forward * guided * EVAL_DDIM_STEPS as f64,
-            _ => 0.0,
-        }
-    };
     let mut runs: BTreeMap<Method, Runs> = methods.iter().map(|&m| (m, Runs::default())).collect();
     let mut fully_trained = Vec::new();
     for seed_index in 0..config.seeds as u64 {
@@ -696,8 +171,6 @@ pub fn evaluate_with(
         let seeds: Vec<u64> = (0..tasks.len() as u64)
             .map(|i| seed.wrapping_add(i))
             .collect();
-        let ddim = SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0);
-        let mut sampling_seconds = BTreeMap::new();
         // Support-only: each task's K examples of this seed's few-shot
         // draw (the same examples the few-shot runs fine-tune on).
         let support_only = support_only_k
@@ -710,73 +183,23 @@ pub fn evaluate_with(
                     .collect();
                 support_condition(checkpoint, data, &descriptors)
             });
-        let mut generated = |method, condition: &TaskBatch, kind, guidance| {
-            let began = std::time::Instant::now();
-            let w = checkpoint
-                .generate(condition, &seeds, kind, guidance)
-                .to_device(Device::Cpu)
-                .to_kind(Kind::Float);
-            sampling_seconds.insert(
-                method,
-                began.elapsed().as_secs_f64() / seeds.len().max(1) as f64,
-            );
-            (method, w)
+        let conditions = Conditions {
+            both: &condition,
+            features_only: &features_only,
+            wrong_task: &wrong_task,
+            support_only: support_only.as_ref(),
         };
-        let mut samples: BTreeMap<Method, Tensor> = BTreeMap::new();
-        let mut to_sample: Vec<(Method, &TaskBatch, SamplerKind, f64)> = vec![
-            (Method::WeightgenDdim, &condition, ddim, 1.0),
-            (
-                Method::WeightgenDdimGuided,
-                &condition,
-                ddim,
-                config.guidance,
-            ),
-            (Method::WeightgenDdpm, &condition, SamplerKind::Ddpm, 1.0),
-            (
-                Method::WeightgenDdpmGuided,
-                &condition,
-                SamplerKind::Ddpm,
-                config.guidance,
-            ),
-            (
-                Method::WeightgenFeaturesOnly,
-                &features_only,
-                ddim,
-                config.guidance,
-            ),
-            (
-                Method::WeightgenWrongTask,
-                &wrong_task,
-                ddim,
-                config.guidance,
-            ),
-        ];
-        if let Some(support_only) = &support_only {
-            to_sample.push((
-                Method::WeightgenSupportOnly,
-                support_only,
-                ddim,
-                config.guidance,
-            ));
-        }
-        for (method, condition, kind, guidance) in to_sample {
-            if wanted(method) {
-                let (method, w) = generated(method, condition, kind, guidance);
-                samples.insert(method, w);
-            }
-        }
-        let reptile_init = wanted(Method::Reptile).then(|| reptile(data, &config.meta, seed));
-        let fomaml_init = wanted(Method::Fomaml).then(|| fomaml(data, &config.meta, seed));
-        let hypernetwork = if wanted(Method::Hypernetwork) {
-            let prototypes = hypernetwork_choice.as_ref().is_some_and(|c| c.prototypes);
-            let trained = match chosen_hypernetwork.take().filter(|_| seed == config.seed) {
-                Some(first) => first,
-                None => train_hypernetwork(checkpoint, data, config, seed, prototypes)?,
-            };
-            Some(trained.predict(checkpoint, &condition, tasks.len() as i64))
-        } else {
-            None
-        };
+        let made = seed_inits(
+            checkpoint,
+            data,
+            config,
+            &conditions,
+            &seeds,
+            seed,
+            wanted,
+            hypernetwork_choice.as_ref(),
+            &mut first_hypernetwork,
+        )?;
         for (t, (_, task_data, _)) in tasks.iter().enumerate() {
             let run_seed = seeds[t];
             // A full-batch training step: forward + backward ≈ 3 forwards.
@@ -808,7 +231,7 @@ pub fn evaluate_with(
             // σ for which E[cos(a, a + n)] = c, with a the centered nearest
             // model and c the DDPM sample's cosine to its nearest zoo model:
             // cos ≈ ‖a‖ / sqrt(‖a‖² + s²·Σσ_i²)  ⇒  s = ‖a‖·sqrt(1/c² − 1) / sqrt(Σσ_i²).
-            let noise_matched = samples.get(&Method::WeightgenDdpmGuided).map(|ddpm| {
+            let noise_matched = made.samples.get(&Method::WeightgenDdpmGuided).map(|ddpm| {
                 let reference = ddpm.get(t as i64).unsqueeze(0);
                 let c = nearest_zoo(&reference, &zoo_weights, &center, None)[0]
                     .cosine
@@ -819,221 +242,169 @@ pub fn evaluate_with(
                 &noise * scale
             });
             let noise = &noise * config.noise_scale;
+            let retrieved = Retrieved {
+                nearest: &nearest,
+                noise: &noise,
+                noise_matched: noise_matched.as_ref(),
+                center: &center,
+            };
             // The same K examples for every method.
             let few_shot: Vec<(usize, TaskData)> = config
                 .few_shot
                 .iter()
                 .map(|&k| (k, few_shot_data(task_data, k, run_seed)))
                 .collect();
+            let run = RunContext {
+                data,
+                config,
+                chosen_lr,
+                task_data,
+                few_shot: &few_shot,
+                full,
+                target,
+                step_flops,
+                zoo_weights: &zoo_weights,
+                center: &center,
+            };
             for &method in &methods {
-                let copy = |p: &Option<Vec<Tensor>>| -> Vec<Tensor> {
-                    p.iter().flatten().map(Tensor::copy).collect()
-                };
-                let init: Vec<Tensor> = match method {
-                    Method::Random => random.iter().map(Tensor::copy).collect(),
-                    Method::NearestZoo => params(data, &nearest),
-                    Method::NearestZooNoise => params(data, &(&nearest + &noise)),
-                    Method::NearestZooNoiseMatched => match &noise_matched {
-                        Some(n) => params(data, &(&nearest + n)),
-                        None => continue,
-                    },
-                    Method::ZooAverage => params(data, &center),
-                    Method::Reptile => copy(&reptile_init),
-                    Method::Fomaml => copy(&fomaml_init),
-                    Method::Hypernetwork => match &hypernetwork {
-                        Some(h) => params(data, &h.get(t as i64)),
-                        None => continue,
-                    },
-                    generated => match samples.get(&generated) {
-                        Some(w) => params(data, &w.get(t as i64)),
-                        None => continue,
-                    },
+                let Some(init) = init_of(method, data, &random, &retrieved, &made, t as i64) else {
+                    continue;
                 };
                 let r = runs.get_mut(&method).expect("every method has runs");
-                let run = |lr: f64, steps: usize, d: &TaskData| {
-                    curve(
-                        net,
-                        &init,
-                        d,
-                        objective,
-                        &FinetuneConfig {
-                            steps,
-                            learning_rate: lr,
-                        },
-                    )
-                };
                 // Random init's runs come from the yardstick when measured.
                 let measured = measured.as_ref().filter(|_| method == Method::Random);
-                let at_proposal = match measured {
-                    Some(m) => m.at_proposal.clone(),
-                    None => run(PROPOSAL_FINETUNE_LR, config.finetune_steps, task_data)?,
-                };
-                let at_best = match measured {
-                    Some(m) => m.at_best.clone(),
-                    None => run(chosen_lr, config.finetune_steps, task_data)?,
-                };
-                r.zero_shot.push(at_proposal[0]);
-                if r.curve_sum.len() < at_best.len() {
-                    r.curve_sum.resize(at_best.len(), 0.0);
-                }
-                for (sum, v) in r.curve_sum.iter_mut().zip(&at_best) {
-                    *sum += v;
-                }
-                r.curves += 1;
-                for (curve, steps, reached) in [
-                    (&at_proposal, &mut r.steps_proposal, &mut r.reached_proposal),
-                    (&at_best, &mut r.steps_best, &mut r.reached_best),
-                ] {
-                    let hit = steps_to_target(curve, objective, target);
-                    steps.push(hit.unwrap_or(config.finetune_steps) as f64);
-                    reached.push(if hit.is_some() { 1.0 } else { 0.0 });
-                }
-                let steps_taken = r.steps_best.last().copied().unwrap_or(f64::NAN);
-                r.flops_best
-                    .push(sampling_flops(method, config.guidance) + steps_taken * step_flops);
-                r.init_seconds
-                    .push(sampling_seconds.get(&method).copied().unwrap_or(0.0));
-                let mut few_shot_scores = Vec::new();
-                for (i, (k, few)) in few_shot.iter().enumerate() {
-                    let score = match measured.and_then(|m| m.few_shot.get(i)) {
-                        Some(&score) => score,
-                        None => run(chosen_lr, config.few_shot_steps, few)?
-                            .last()
-                            .copied()
-                            .unwrap_or(f64::NAN),
-                    };
-                    r.few_shot.entry(*k).or_default().push(score);
-                    few_shot_scores.push(score);
-                }
-                if method == Method::Random && measured.is_none() {
-                    yardstick.runs.insert(
-                        (seed_index, t),
-                        RandomRun {
-                            full,
-                            at_proposal: at_proposal.clone(),
-                            at_best: at_best.clone(),
-                            few_shot: few_shot_scores,
-                        },
-                    );
-                }
-                if method.is_generated()
-                    || matches!(
-                        method,
-                        Method::NearestZooNoise
-                            | Method::NearestZooNoiseMatched
-                            | Method::Hypernetwork
-                    )
-                {
-                    let flat = flat_of(&init);
-                    let n = nearest_zoo(&flat.unsqueeze(0), &zoo_weights, &center, None)[0];
-                    r.cosine.push(n.cosine);
-                    r.l2.push(n.l2);
-                    if objective == Objective::Classification {
-                        let mine = net.forward(&init, &task_data.test_x);
-                        let theirs =
-                            net.forward(&params(data, &zoo_weights.get(n.row)), &task_data.test_x);
-                        r.agreement.push(agreement(&mine, &theirs));
-                    }
-                    r.inits.push(flat);
+                let cost = (
+                    sampling_flops(method, config.guidance, denoiser_params, timesteps),
+                    made.seconds.get(&method).copied().unwrap_or(0.0),
+                );
+                let random_run = measure_run(&run, method, &init, measured, cost, r)?;
+                if let Some(random_run) = random_run.filter(|_| measured.is_none()) {
+                    yardstick.runs.insert((seed_index, t), random_run);
                 }
             }
         }
     }
-
-    // Zoo-to-zoo: each of up to 200 zoo models against its nearest other.
-    let sample: Vec<i64> = (0..data.len().min(200) as i64).collect();
-    let own = nearest_zoo(
-        &zoo_weights.index_select(0, &Tensor::from_slice(&sample)),
-        &zoo_weights,
-        &center,
-        Some(&sample),
-    );
-    let zoo_to_zoo_cosines: Vec<f64> = own.iter().map(|n| n.cosine).collect();
-    let zoo_to_zoo_cosine = MeanCi::of(&zoo_to_zoo_cosines);
-    let zoo_to_zoo_l2 = MeanCi::of(&own.iter().map(|n| n.l2).collect::<Vec<_>>());
-
-    let random_runs = (
-        runs[&Method::Random].steps_proposal.clone(),
-        runs[&Method::Random].steps_best.clone(),
-    );
-    let random_flops = runs[&Method::Random].flops_best.clone();
-    let speedup = |random: &[f64], mine: &[f64]| {
-        MeanCi::geometric(
-            &random
-                .iter()
-                .zip(mine)
-                .map(|(r, m)| (r + 1.0) / (m + 1.0))
-                .collect::<Vec<_>>(),
-        )
-    };
-    let share = |xs: &[f64]| xs.iter().sum::<f64>() / xs.len().max(1) as f64;
-    let curves = runs
-        .iter()
-        .map(|(m, r)| {
-            let n = r.curves.max(1) as f64;
-            (*m, r.curve_sum.iter().map(|v| v / n).collect())
-        })
-        .collect();
-    let steps_runs = runs
-        .iter()
-        .map(|(m, r)| (*m, r.steps_best.clone()))
-        .collect();
-    let cosine_runs = runs
-        .iter()
-        .filter(|(_, r)| !r.cosine.is_empty())
-        .map(|(m, r)| (*m, r.cosine.clone()))
-        .collect();
-    let methods = runs
-        .into_iter()
-        .map(|(method, r)| {
-            let novelty = (!r.cosine.is_empty()).then(|| Novelty {
-                cosine_to_nearest: MeanCi::of(&r.cosine),
-                l2_to_nearest: MeanCi::of(&r.l2),
-                agreement_with_nearest: MeanCi::of(&r.agreement),
-                pairwise_cosine: mean_pairwise_cosine(&Tensor::stack(&r.inits, 0), &center),
-            });
-            let scores = MethodScores {
-                zero_shot: MeanCi::of(&r.zero_shot),
-                steps_proposal_lr: MeanCi::of(&r.steps_proposal),
-                reached_proposal_lr: share(&r.reached_proposal),
-                speedup_proposal_lr: speedup(&random_runs.0, &r.steps_proposal),
-                steps_best_lr: MeanCi::of(&r.steps_best),
-                reached_best_lr: share(&r.reached_best),
-                speedup_best_lr: speedup(&random_runs.1, &r.steps_best),
-                compute_ratio_best_lr: random_flops.iter().sum::<f64>()
-                    / r.flops_best.iter().sum::<f64>(),
-                init_seconds: share(&r.init_seconds),
-                few_shot: r
-                    .few_shot
-                    .iter()
-                    .map(|(k, v)| (*k, MeanCi::of(v)))
-                    .collect(),
-                novelty,
-            };
-            (method, scores)
-        })
-        .collect();
-    Ok(EvalReport {
-        metric: match objective {
-            Objective::Classification => "accuracy",
-            Objective::Regression => "MSE",
-        },
-        objective,
+    let measured = Measured {
         chosen_lr,
         lr_scores,
-        fully_trained: MeanCi::of(&fully_trained),
-        methods,
-        zoo_to_zoo_cosine,
-        zoo_to_zoo_l2,
+        fully_trained,
+        matched_scales,
         held_out: data.family.split_description(config.split),
         tasks: tasks.len(),
         seeds: config.seeds,
-        curves,
-        steps_runs,
-        cosine_runs,
-        zoo_to_zoo_cosines,
-        matched_noise_scale: MeanCi::of(&matched_scales),
         support_only_k: support_only_k.filter(|_| wanted(Method::WeightgenSupportOnly)),
         hypernetwork_choice,
-    })
+    };
+    Ok(summarize(runs, data, measured))
+}
+
+/// One held-out run (task × seed) as every method sees it.
+struct RunContext<'a> {
+    data: &'a ZooDataset,
+    config: &'a EvalConfig,
+    chosen_lr: f64,
+    task_data: &'a TaskData,
+    /// The same K examples for every method.
+    few_shot: &'a [(usize, TaskData)],
+    /// Random init's fully trained score and the target derived from it.
+    full: f64,
+    target: f64,
+    /// FLOPs of one full-batch training step.
+    step_flops: f64,
+    zoo_weights: &'a Tensor,
+    center: &'a Tensor,
+}
+
+/// Fine-tunes `method`'s `init` on the run (at the proposal's rate, at the
+/// chosen rate, and on each few-shot subset) and adds its figures to `r`;
+/// `measured` are random init's curves when the yardstick has them, used
+/// instead of running again. `cost` is the init's sampling FLOPs and
+/// seconds. Returns random init's curves (to keep in the yardstick).
+fn measure_run(
+    run: &RunContext,
+    method: Method,
+    init: &[Tensor],
+    measured: Option<&RandomRun>,
+    cost: (f64, f64),
+    r: &mut Runs,
+) -> Result<Option<RandomRun>, tch::TchError> {
+    let (data, config, net) = (run.data, run.config, &run.data.network);
+    let objective = data.family.objective();
+    let finetune = |lr: f64, steps: usize, d: &TaskData| {
+        curve(
+            net,
+            init,
+            d,
+            objective,
+            &FinetuneConfig {
+                steps,
+                learning_rate: lr,
+            },
+        )
+    };
+    let at_proposal = match measured {
+        Some(m) => m.at_proposal.clone(),
+        None => finetune(PROPOSAL_FINETUNE_LR, config.finetune_steps, run.task_data)?,
+    };
+    let at_best = match measured {
+        Some(m) => m.at_best.clone(),
+        None => finetune(run.chosen_lr, config.finetune_steps, run.task_data)?,
+    };
+    r.zero_shot.push(at_proposal[0]);
+    if r.curve_sum.len() < at_best.len() {
+        r.curve_sum.resize(at_best.len(), 0.0);
+    }
+    for (sum, v) in r.curve_sum.iter_mut().zip(&at_best) {
+        *sum += v;
+    }
+    r.curves += 1;
+    for (curve, steps, reached) in [
+        (&at_proposal, &mut r.steps_proposal, &mut r.reached_proposal),
+        (&at_best, &mut r.steps_best, &mut r.reached_best),
+    ] {
+        let hit = steps_to_target(curve, objective, run.target);
+        steps.push(hit.unwrap_or(config.finetune_steps) as f64);
+        reached.push(if hit.is_some() { 1.0 } else { 0.0 });
+    }
+    let steps_taken = r.steps_best.last().copied().unwrap_or(f64::NAN);
+    r.flops_best.push(cost.0 + steps_taken * run.step_flops);
+    r.init_seconds.push(cost.1);
+    let mut few_shot_scores = Vec::new();
+    for (i, (k, few)) in run.few_shot.iter().enumerate() {
+        let score = match measured.and_then(|m| m.few_shot.get(i)) {
+            Some(&score) => score,
+            None => finetune(run.chosen_lr, config.few_shot_steps, few)?
+                .last()
+                .copied()
+                .unwrap_or(f64::NAN),
+        };
+        r.few_shot.entry(*k).or_default().push(score);
+        few_shot_scores.push(score);
+    }
+    let has_novelty_row = method.is_generated()
+        || matches!(
+            method,
+            Method::NearestZooNoise | Method::NearestZooNoiseMatched | Method::Hypernetwork
+        );
+    if has_novelty_row {
+        let flat = flat_of(init);
+        let n = nearest_zoo(&flat.unsqueeze(0), run.zoo_weights, run.center, None)[0];
+        r.cosine.push(n.cosine);
+        r.l2.push(n.l2);
+        if objective == Objective::Classification {
+            let mine = net.forward(init, &run.task_data.test_x);
+            let theirs = net.forward(
+                &params(data, &run.zoo_weights.get(n.row)),
+                &run.task_data.test_x,
+            );
+            r.agreement.push(agreement(&mine, &theirs));
+        }
+        r.inits.push(flat);
+    }
+    Ok((method == Method::Random).then_some(RandomRun {
+        full: run.full,
+        at_proposal,
+        at_best,
+        few_shot: few_shot_scores,
+    }))
 }

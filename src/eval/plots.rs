@@ -6,7 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::train::report::chart_builder;
+use crate::plot::chart_builder;
 
 /// One colour per series, cycling.
 const COLOURS: [RGBColor; 10] = [

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use super::harness::{EvalConfig, EvalReport, HypernetworkChoice, Method, PROPOSAL_FINETUNE_LR};
+use super::protocol::{EvalConfig, Method, PROPOSAL_FINETUNE_LR};
 use super::stats::MeanCi;
+use super::summary::{EvalReport, HypernetworkChoice};
 use crate::tasks::Objective;
 
 /// Who produced a report: shown above its tables.

@@ -9,9 +9,9 @@ use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, DenoiserRecord};
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::TaskSpec;
-use crate::train::dataset::ZooDataset;
 use crate::train::quality::{condition_of, one_input};
 use crate::train::validation_rows;
+use crate::zoo::ZooDataset;
 
 /// Why the subject of an evaluation cannot be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -15,12 +15,12 @@ use crate::model::{
     PrecisionChoice,
 };
 use crate::tasks::{Family, TrainConfig};
-use crate::train::dataset::{AlignChoice, LoadOptions};
 use crate::train::{
     DEFAULT_CHECKPOINT_EVERY, DEFAULT_EMA_DECAY, DEFAULT_VAL_FRACTION, LatentChoice,
     TrainDenoiserConfig,
 };
 use crate::zoo::ZooBuildConfig;
+use crate::zoo::{AlignChoice, LoadOptions};
 
 /// Training iterations of the proposal.
 pub const DEFAULT_TRAIN_STEPS: usize = 200_000;

@@ -134,7 +134,7 @@ pub struct ServerConfig {
     pub max_upload_bytes: u64,
 
     /// Most samples one GenerateInit request may ask for.
-    #[arg(long, env = "WEIGHTGEN_MAX_SAMPLES", default_value_t = super::generate::DEFAULT_MAX_SAMPLES)]
+    #[arg(long, env = "WEIGHTGEN_MAX_SAMPLES", default_value_t = super::generate_init::DEFAULT_MAX_SAMPLES)]
     pub max_samples: u32,
 
     /// At start-up the server sweeps the blob store in the background:

@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Caller, Metered, Quotas};
 use super::convert::{arch_to_proto, denoiser_record_to_proto, schema_to_proto};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
-use super::generate::{DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for};
+use super::generate_init::{DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for};
 use super::readiness::Readiness;
 use super::status::{bounded_name, catalog_status, checked_name};
 use crate::catalog::Catalog;

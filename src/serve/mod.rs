@@ -11,7 +11,7 @@ pub mod config;
 pub mod convert;
 pub mod deadline;
 pub mod denoisers;
-pub mod generate;
+pub mod generate_init;
 pub mod generation;
 pub mod grpc_metrics;
 pub mod health;

@@ -5,10 +5,10 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::dataset::ZooDataset;
 use super::quality::score;
 use crate::tasks::Objective;
 use crate::weights::{MetricGoal, PcaLatent, Stats, choose_latent_size};
+use crate::zoo::ZooDataset;
 
 /// Candidate sizes of `pca:auto`, smallest first.
 pub const AUTO_LATENT_SIZES: [i64; 6] = [16, 32, 64, 128, 256, 512];

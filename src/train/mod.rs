@@ -4,7 +4,6 @@
 //! write the checkpoint, score generated weights zero-shot against chance
 //! and the nearest zoo model (the quality gate), and publish it.
 
-pub mod dataset;
 pub mod ema;
 pub mod latent;
 pub mod quality;
@@ -18,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tch::{Device, Kind, Tensor};
 
-pub use dataset::ZooDataset;
+pub use crate::zoo::ZooDataset;
 pub use ema::Ema;
 pub use latent::LatentChoice;
 pub use quality::{QualityReport, evaluate_quality};
@@ -54,22 +53,16 @@ pub enum TrainError {
         /// Why.
         reason: String,
     },
+    /// The zoo could not be loaded.
+    #[error(transparent)]
+    Dataset(#[from] crate::zoo::DatasetError),
     /// The catalog failed.
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     /// The blob store failed.
     #[error(transparent)]
     Blobs(#[from] BlobError),
-    /// A task or family is unknown.
-    #[error(transparent)]
-    Task(#[from] crate::tasks::TaskError),
-    /// A checkpoint does not fit its architecture.
-    #[error(transparent)]
-    Layout(#[from] crate::weights::LayoutError),
-    /// Alignment is impossible for the architecture.
-    #[error(transparent)]
-    Align(#[from] crate::weights::AlignError),
-    /// A file could not be decoded.
+    /// A file could not be encoded or decoded.
     #[error(transparent)]
     Codec(#[from] crate::weights::CodecError),
     /// Writing the checkpoint failed.
@@ -104,7 +97,7 @@ pub struct TrainDenoiserConfig {
     /// The space diffusion runs in (standardized weights or a PCA latent).
     pub latent: LatentChoice,
     /// Alignment and zoo subset.
-    pub load: dataset::LoadOptions,
+    pub load: crate::zoo::LoadOptions,
     /// Steps, batch, learning rate, condition dropout, clipping, seed.
     pub fit: FitConfig,
     /// EMA decay (0 = no EMA).

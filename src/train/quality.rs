@@ -9,13 +9,13 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tch::{Device, Kind, Tensor};
 
-use super::dataset::{ZooDataset, support_ways};
 use crate::diffusion::SamplerKind;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
 use crate::tasks::train::evaluate;
 use crate::tasks::{Descriptor, Objective, TaskSpec};
 use crate::weights::{ZooSpread, unflatten};
+use crate::zoo::dataset::{ZooDataset, support_ways};
 
 /// DDIM steps of the quality gate.
 pub const EVAL_DDIM_STEPS: usize = 50;

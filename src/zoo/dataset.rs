@@ -1,4 +1,4 @@
-//! A zoo loaded for denoiser training: every model's weights (aligned to a
+//! A zoo loaded for denoiser training and evaluation: every model's weights (aligned to a
 //! reference unless the zoo shares one initialization), flattened in
 //! `ArchSpec` order, with its task, feature vector and support set.
 
@@ -8,12 +8,42 @@ use serde::{Deserialize, Serialize};
 
 use tch::{Device, Kind, Tensor};
 
-use super::TrainError;
 use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, PageRequest, ZooModelFilter, ZooModelRecord};
 use crate::tasks::featurizer::schema;
 use crate::tasks::{Descriptor, Family, FeatureSchema, Network, TaskSpec};
 use crate::weights::{PermutationSpec, align, decode_safetensors};
+
+/// Why a zoo could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    /// The zoo or one of its stored values is unusable.
+    #[error("{field}: {reason}")]
+    Input {
+        /// Which input.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] crate::catalog::CatalogError),
+    /// The blob store failed.
+    #[error(transparent)]
+    Blobs(#[from] crate::blobs::BlobError),
+    /// A task or family is unknown.
+    #[error(transparent)]
+    Task(#[from] crate::tasks::TaskError),
+    /// A checkpoint does not fit its architecture.
+    #[error(transparent)]
+    Layout(#[from] crate::weights::LayoutError),
+    /// Alignment is impossible for the architecture.
+    #[error(transparent)]
+    Align(#[from] crate::weights::AlignError),
+    /// A file could not be decoded.
+    #[error(transparent)]
+    Codec(#[from] crate::weights::CodecError),
+}
 
 /// Sweeps of the alignment.
 const ALIGN_SWEEPS: usize = 20;
@@ -91,7 +121,7 @@ fn support_pools(
     family: Family,
     schema: &FeatureSchema,
     tasks: &[TaskSpec],
-) -> Result<(Tensor, Tensor), TrainError> {
+) -> Result<(Tensor, Tensor), DatasetError> {
     let mut by_task: std::collections::HashMap<String, Descriptor> =
         std::collections::HashMap::new();
     let mut pools = Vec::with_capacity(tasks.len());
@@ -127,11 +157,11 @@ fn support_pools(
         };
         let pair = trimmed
             .support_tensors(schema, support_ways(family))
-            .map_err(|e| TrainError::Input {
+            .map_err(|e| DatasetError::Input {
                 field: "zoo",
                 reason: format!("support pool: {e}"),
             })?
-            .ok_or_else(|| TrainError::Input {
+            .ok_or_else(|| DatasetError::Input {
                 field: "zoo",
                 reason: "support pool: the schema takes no support set".into(),
             })?;
@@ -163,7 +193,7 @@ impl ZooDataset {
         catalog: &Arc<dyn Catalog>,
         blobs: &BlobStore,
         zoo: &str,
-    ) -> Result<Self, TrainError> {
+    ) -> Result<Self, DatasetError> {
         Self::load_with(catalog, blobs, zoo, &LoadOptions::default()).await
     }
 
@@ -173,8 +203,8 @@ impl ZooDataset {
         blobs: &BlobStore,
         zoo: &str,
         options: &LoadOptions,
-    ) -> Result<Self, TrainError> {
-        let plan = catalog.zoo(zoo).await?.ok_or_else(|| TrainError::Input {
+    ) -> Result<Self, DatasetError> {
+        let plan = catalog.zoo(zoo).await?.ok_or_else(|| DatasetError::Input {
             field: "zoo",
             reason: format!("no zoo called {zoo:?}"),
         })?;
@@ -202,7 +232,7 @@ impl ZooDataset {
             models.truncate(n);
         }
         if models.len() < 2 {
-            return Err(TrainError::Input {
+            return Err(DatasetError::Input {
                 field: "zoo",
                 reason: format!(
                     "zoo {zoo:?} has {} models; at least 2 are needed",
@@ -235,7 +265,7 @@ impl ZooDataset {
                     .map(|t| by_name[t.name.as_str()].to_kind(Kind::Float))
                     .collect(),
             );
-            let corrupt = |what: &str, e: serde_json::Error| TrainError::Input {
+            let corrupt = |what: &str, e: serde_json::Error| DatasetError::Input {
                 field: "zoo",
                 reason: format!("model {}: {what}: {e}", model.id),
             };
@@ -271,7 +301,7 @@ impl ZooDataset {
         let mut support_x = Vec::new();
         let mut support_y = Vec::new();
         for (model, d) in models.iter().zip(&descriptors) {
-            let bad = |e: crate::tasks::FeatureError| TrainError::Input {
+            let bad = |e: crate::tasks::FeatureError| DatasetError::Input {
                 field: "zoo",
                 reason: format!("model {}: {e}", model.id),
             };
@@ -287,7 +317,7 @@ impl ZooDataset {
         let support = if support_x.len() == models.len() {
             let k = support_x[0].size()[0];
             if support_x.iter().any(|x| x.size()[0] != k) {
-                return Err(TrainError::Input {
+                return Err(DatasetError::Input {
                     field: "zoo",
                     reason: "support sets of different sizes".into(),
                 });

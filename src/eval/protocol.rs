@@ -1,0 +1,329 @@
+//! The harness's protocol: what it runs (`EvalConfig`, the full and quick
+//! profiles), the methods it compares (`Method`), the held-out and
+//! validation tasks it draws, and random init's learning rate.
+//!
+//! The learning rate for fine-tuning is chosen for *random init* on
+//! separate validation tasks (held-out tasks, other seed) from `lr_grid`,
+//! by the best mean test score after `finetune_steps`; every method is then
+//! fine-tuned at that rate and at the proposal's 1e-4. "Fully trained" is
+//! random init after `full_steps` at the chosen rate; the target is 90 % of
+//! its test accuracy (or an MSE within 1/0.9 of it). A run that does not
+//! reach the target counts as `finetune_steps` (a lower bound), and the
+//! share that reached it is reported.
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use tch::{Device, Tensor};
+
+use super::baselines::MetaConfig;
+use super::finetune::{FinetuneConfig, curve};
+use crate::tasks::featurizer::describe;
+use crate::tasks::train::{Objective, TaskData};
+use crate::tasks::{Descriptor, HeldOutSplit, TaskSpec};
+use crate::zoo::ZooDataset;
+
+/// A held-out task: its spec, its data and its descriptor.
+pub type HeldOutTask = (TaskSpec, TaskData, Descriptor);
+
+/// The proposal's fine-tuning learning rate.
+pub const PROPOSAL_FINETUNE_LR: f64 = 1e-4;
+
+/// Batch size of the hypernetwork baseline's regression.
+pub const HYPERNETWORK_BATCH: i64 = 64;
+
+/// Adam learning rate of the hypernetwork baseline's regression.
+pub const HYPERNETWORK_LR: f64 = 1e-3;
+
+/// What the harness runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalConfig {
+    /// Held-out tasks scored.
+    pub tasks: usize,
+    /// Seeds per task (sampling seeds and random-init seeds).
+    pub seeds: usize,
+    /// Held-out tasks (another draw) that choose the learning rate.
+    pub validation_tasks: usize,
+    /// Learning rates tried for random init.
+    pub lr_grid: Vec<f64>,
+    /// Fine-tuning budget in full-batch Adam steps.
+    pub finetune_steps: usize,
+    /// Steps that train random init "fully" (the reference).
+    pub full_steps: usize,
+    /// Support-set sizes K of the few-shot runs.
+    pub few_shot: Vec<usize>,
+    /// Fine-tuning steps of a few-shot run.
+    pub few_shot_steps: usize,
+    /// Guidance scale of the guided weightgen rows.
+    pub guidance: f64,
+    /// σ of the noise-added baseline, per weight, as a multiple of the
+    /// zoo's per-weight standard deviation.
+    pub noise_scale: f64,
+    /// Reptile and first-order MAML training.
+    pub meta: MetaConfig,
+    /// Adam steps of the hypernetwork (batch [`HYPERNETWORK_BATCH`], lr
+    /// [`HYPERNETWORK_LR`]).
+    pub hypernetwork_steps: usize,
+    /// Seed of task draws and everything else.
+    pub seed: u64,
+    /// Which held-out tasks are drawn (test and validation alike).
+    pub split: HeldOutSplit,
+    /// Evaluate only these methods (random init always runs: it is the
+    /// yardstick); None = every method.
+    pub only: Option<Vec<Method>>,
+}
+
+impl EvalConfig {
+    /// The full profile.
+    pub fn full() -> Self {
+        Self {
+            tasks: 20,
+            seeds: 3,
+            validation_tasks: 5,
+            lr_grid: vec![1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+            finetune_steps: 500,
+            full_steps: 2000,
+            few_shot: vec![10, 100],
+            few_shot_steps: 100,
+            guidance: 3.0,
+            noise_scale: 0.1,
+            meta: MetaConfig {
+                meta_steps: 2000,
+                inner_steps: 5,
+                inner_lr: 0.05,
+                outer_lr: 1.0,
+                fomaml_lr: 0.01,
+                batch_size: 0,
+            },
+            hypernetwork_steps: 3000,
+            seed: 0,
+            split: HeldOutSplit::Interpolation,
+            only: None,
+        }
+    }
+
+    /// A profile that checks the harness end to end in minutes (CI).
+    pub fn quick() -> Self {
+        Self {
+            tasks: 3,
+            seeds: 1,
+            validation_tasks: 2,
+            lr_grid: vec![1e-3, 1e-2],
+            finetune_steps: 40,
+            full_steps: 80,
+            few_shot: vec![10, 100],
+            few_shot_steps: 20,
+            guidance: 3.0,
+            noise_scale: 0.1,
+            meta: MetaConfig {
+                meta_steps: 30,
+                inner_steps: 5,
+                inner_lr: 0.05,
+                outer_lr: 1.0,
+                fomaml_lr: 0.01,
+                batch_size: 0,
+            },
+            hypernetwork_steps: 100,
+            seed: 0,
+            split: HeldOutSplit::Interpolation,
+            only: None,
+        }
+    }
+}
+
+/// Where an init comes from. On the command line (`eval --methods`) by its
+/// variant name in kebab case: `weightgen-features-only`, `hypernetwork`, ….
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Method {
+    /// weightgen, DDIM-50, guidance 1, conditioned on the task metadata.
+    WeightgenDdim,
+    /// weightgen, DDIM-50 with the configured guidance.
+    WeightgenDdimGuided,
+    /// weightgen, DDPM with all T steps, guidance 1.
+    WeightgenDdpm,
+    /// weightgen, DDPM with all T steps, configured guidance.
+    WeightgenDdpmGuided,
+    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
+    /// smallest few-shot support set alone (no task metadata): exactly what
+    /// Reptile and MAML see.
+    WeightgenSupportOnly,
+    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
+    /// task features alone (no support set): what a client with no
+    /// examples sends (the README's `generate --feature` example).
+    WeightgenFeaturesOnly,
+    /// The control: weightgen, DDIM-50 with the configured guidance,
+    /// conditioned on another held-out task's descriptor (features and
+    /// support set). Scoring near the true descriptor means the condition
+    /// is not used.
+    WeightgenWrongTask,
+    /// The network's PyTorch-default initialization.
+    Random,
+    /// The zoo model whose task features are nearest (retrieval).
+    NearestZoo,
+    /// That model plus Gaussian noise.
+    NearestZooNoise,
+    /// That model plus Gaussian noise whose size puts it as far from the
+    /// zoo as weightgen's DDPM sample for the same run (Zeng et al.).
+    NearestZooNoiseMatched,
+    /// The mean of the (aligned) zoo.
+    ZooAverage,
+    /// Reptile's meta-learned init (one for every task).
+    Reptile,
+    /// First-order MAML's meta-learned init.
+    Fomaml,
+    /// A deterministic regression from the task to the weights.
+    Hypernetwork,
+}
+
+impl Method {
+    /// Every method, in report order.
+    pub const ALL: [Method; 15] = [
+        Method::WeightgenDdim,
+        Method::WeightgenDdimGuided,
+        Method::WeightgenDdpm,
+        Method::WeightgenDdpmGuided,
+        Method::WeightgenSupportOnly,
+        Method::WeightgenFeaturesOnly,
+        Method::WeightgenWrongTask,
+        Method::Random,
+        Method::NearestZoo,
+        Method::NearestZooNoise,
+        Method::NearestZooNoiseMatched,
+        Method::ZooAverage,
+        Method::Reptile,
+        Method::Fomaml,
+        Method::Hypernetwork,
+    ];
+
+    /// Its row label.
+    pub fn label(self, guidance: f64) -> String {
+        match self {
+            Self::WeightgenDdim => "weightgen DDIM-50".into(),
+            Self::WeightgenDdimGuided => format!("weightgen DDIM-50, guidance {guidance}"),
+            Self::WeightgenDdpm => "weightgen DDPM-1000".into(),
+            Self::WeightgenDdpmGuided => format!("weightgen DDPM-1000, guidance {guidance}"),
+            Self::WeightgenSupportOnly => {
+                format!("weightgen DDIM-50, guidance {guidance}, support set only")
+            }
+            Self::WeightgenFeaturesOnly => {
+                format!("weightgen DDIM-50, guidance {guidance}, features only")
+            }
+            Self::WeightgenWrongTask => {
+                format!(
+                    "control: weightgen DDIM-50, guidance {guidance}, another task's descriptor"
+                )
+            }
+            Self::Random => "random init (PyTorch default)".into(),
+            Self::NearestZoo => "nearest zoo model (by descriptor)".into(),
+            Self::NearestZooNoise => "nearest zoo model + noise".into(),
+            Self::NearestZooNoiseMatched => {
+                "nearest zoo model + noise as far as weightgen's sample".into()
+            }
+            Self::ZooAverage => "average of the zoo".into(),
+            Self::Reptile => "Reptile (meta-learned on the zoo tasks)".into(),
+            Self::Fomaml => "first-order MAML (meta-learned on the zoo tasks)".into(),
+            Self::Hypernetwork => "hypernetwork (task → weights regression)".into(),
+        }
+    }
+
+    /// Whether it is one of weightgen's.
+    pub fn is_generated(self) -> bool {
+        matches!(
+            self,
+            Self::WeightgenDdim
+                | Self::WeightgenDdimGuided
+                | Self::WeightgenDdpm
+                | Self::WeightgenDdpmGuided
+                | Self::WeightgenSupportOnly
+                | Self::WeightgenFeaturesOnly
+                | Self::WeightgenWrongTask
+        )
+    }
+}
+
+/// The first `k` training examples of `data` in a seeded shuffled order.
+pub(super) fn few_shot_data(data: &TaskData, k: usize, seed: u64) -> TaskData {
+    let n = data.train_x.size()[0] as usize;
+    let mut order: Vec<i64> = (0..n as i64).collect();
+    order.shuffle(&mut StdRng::seed_from_u64(seed));
+    order.truncate(k.min(n));
+    let index = Tensor::from_slice(&order);
+    TaskData {
+        train_x: data.train_x.index_select(0, &index),
+        train_y: data.train_y.index_select(0, &index),
+        test_x: data.test_x.shallow_clone(),
+        test_y: data.test_y.shallow_clone(),
+    }
+}
+
+pub(super) fn better(objective: Objective, a: f64, b: f64) -> bool {
+    match objective {
+        Objective::Classification => a > b,
+        Objective::Regression => a < b,
+    }
+}
+
+/// The learning rate whose random-init runs score best on `tasks` after
+/// `steps`, and every rate's mean score.
+pub(super) fn choose_lr(
+    data: &ZooDataset,
+    tasks: &[HeldOutTask],
+    config: &EvalConfig,
+) -> Result<(f64, Vec<(f64, f64)>), tch::TchError> {
+    let objective = data.family.objective();
+    let mut scores = Vec::new();
+    for &lr in &config.lr_grid {
+        let mut total = 0.0;
+        for (i, (_, task_data, _)) in tasks.iter().enumerate() {
+            let init = data
+                .network
+                .init(config.seed ^ (0xA11 + i as u64), Device::Cpu);
+            let c = curve(
+                &data.network,
+                &init,
+                task_data,
+                objective,
+                &FinetuneConfig {
+                    steps: config.finetune_steps,
+                    learning_rate: lr,
+                },
+            )?;
+            total += c.last().copied().unwrap_or(f64::NAN);
+        }
+        scores.push((lr, total / tasks.len().max(1) as f64));
+    }
+    let best = scores
+        .iter()
+        .copied()
+        .reduce(|a, b| if better(objective, b.1, a.1) { b } else { a })
+        .map_or(PROPOSAL_FINETUNE_LR, |(lr, _)| lr);
+    Ok((best, scores))
+}
+
+/// The validation tasks: held-out tasks of another seed, on which random
+/// init's learning rate and the hypernetwork's encoder are chosen.
+pub(super) fn validation_tasks(data: &ZooDataset, config: &EvalConfig) -> Vec<HeldOutTask> {
+    held_out(
+        data,
+        config.validation_tasks,
+        config.seed ^ 0x5EED,
+        config.split,
+    )
+}
+
+pub(super) fn held_out(
+    data: &ZooDataset,
+    count: usize,
+    seed: u64,
+    split: HeldOutSplit,
+) -> Vec<HeldOutTask> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..count)
+        .filter_map(|_| {
+            let task = data.family.sample_held_out(&mut rng, split);
+            let task_data = data.family.data(&task, Device::Cpu).ok()?;
+            let descriptor = describe(data.family, &task, &task_data);
+            Some((task, task_data, descriptor))
+        })
+        .collect()
+}
