@@ -5,7 +5,8 @@
 //! `cargo run --example sampler_sweep -- DATA_DIR ZOO DENOISER_ID` (the figures
 //! in docs/RESULTS.md came from this debug build)
 //! with `FORM=both|features|support` (default features) and
-//! `SWEEP=kind:steps:eta:guidance,…` (kind `ddim`, `trailing` or `ddpm`).
+//! `SWEEP=kind:steps:eta:guidance,…` (kind `ddim`, `trailing`, `dpm` —
+//! DPM-Solver++(2M), η ignored — or `ddpm`).
 //! Each setting is scored twice (two seed sets) on the validation rows the
 //! training gate uses (`val_fraction` 0.1). `SOUP=N` scores instead the
 //! mean, in weight space, of N samples per task (N seed sets a round; 1,
@@ -36,7 +37,8 @@ fn parse(setting: &str) -> anyhow::Result<(SamplerKind, f64)> {
             eta,
             spacing: DdimSpacing::Trailing,
         },
-        other => anyhow::bail!("{other:?}: expected ddim, trailing or ddpm"),
+        "dpm" => SamplerKind::DpmSolver { steps },
+        other => anyhow::bail!("{other:?}: expected ddim, trailing, dpm or ddpm"),
     };
     Ok((kind, guidance.parse()?))
 }

@@ -277,7 +277,8 @@ pub struct TrainJob {
     /// Share of rows trained with the null condition.
     #[serde(default = "default_cond_dropout")]
     pub cond_dropout: f64,
-    /// EMA decay.
+    /// Decay of the weights' exponential moving average, which is what gets
+    /// published.
     #[serde(default = "default_ema_decay")]
     pub ema_decay: f64,
     /// Share of zoo models held out for validation.

@@ -23,6 +23,9 @@ use crate::weights::DType;
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;
 /// DDIM steps when the request leaves them unset.
 pub const DEFAULT_DDIM_STEPS: usize = 50;
+/// DPM-Solver++(2M) steps when the request leaves them unset (chosen on
+/// validation tasks: docs/RESULTS.md, issue 18).
+pub const DEFAULT_DPM_SOLVER_STEPS: usize = 10;
 /// Samples one request may ask for, unless configured otherwise.
 pub const DEFAULT_MAX_SAMPLES: u32 = 64;
 /// Largest classifier-free guidance scale accepted: far past any useful
@@ -86,7 +89,8 @@ pub async fn denoiser_for(
 /// What the header reports about how the samples were drawn.
 #[derive(Debug, Clone)]
 pub struct SamplingChoice {
-    /// DDPM or DDIM, as the request named it (the server's default when unset).
+    /// DDPM, DDIM or DPM-Solver, as the request named it (the server's
+    /// default when unset).
     pub sampler: pb::Sampler,
     /// Reverse steps.
     pub steps: usize,
@@ -225,6 +229,23 @@ pub fn job_for(
                 return Err(invalid("options.eta", format!("{eta} is not in [0, 1]")));
             }
             (pb::Sampler::Ddim, SamplerKind::ddim(steps, eta), steps)
+        }
+        pb::Sampler::DpmSolver => {
+            let steps = match options.steps {
+                0 => DEFAULT_DPM_SOLVER_STEPS.min(timesteps),
+                steps => steps as usize,
+            };
+            if steps > timesteps {
+                return Err(invalid(
+                    "options.steps",
+                    format!("{steps} is more than T = {timesteps}"),
+                ));
+            }
+            if options.eta.is_some() {
+                return Err(invalid("options.eta", "applies to DDIM only"));
+            }
+            let kind = SamplerKind::DpmSolver { steps };
+            (pb::Sampler::DpmSolver, kind, steps)
         }
     };
     let dtype = match pb::DType::try_from(options.output_dtype) {

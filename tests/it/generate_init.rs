@@ -262,6 +262,22 @@ async fn generate_init_end_to_end() {
             "options.eta: 2 is not in [0, 1]",
         ),
         (
+            Box::new(|r| {
+                options_of(r).sampler = pb::Sampler::DpmSolver as i32;
+                options_of(r).eta = Some(0.5);
+            }),
+            Code::InvalidArgument,
+            "options.eta: applies to DDIM only",
+        ),
+        (
+            Box::new(|r| {
+                options_of(r).sampler = pb::Sampler::DpmSolver as i32;
+                options_of(r).steps = 1001;
+            }),
+            Code::InvalidArgument,
+            "options.steps: 1001 is more than T = 1000",
+        ),
+        (
             Box::new(|r| options_of(r).guidance_scale = Some(f32::NAN)),
             Code::InvalidArgument,
             "options.guidance_scale:",
@@ -407,6 +423,16 @@ async fn generate_init_end_to_end() {
         .await
         .unwrap();
     assert_eq!(ddpm.files, ddpm_again.files);
+    // DPM-Solver++(2M), 10 steps by default: deterministic too, and its
+    // own sample (a different solver from the same noise).
+    let dpm = generate_with(&mut client, request(&task, Sampler::DpmSolver, 1, 42))
+        .await
+        .unwrap();
+    let dpm_again = generate_with(&mut client, request(&task, Sampler::DpmSolver, 1, 42))
+        .await
+        .unwrap();
+    assert_eq!(dpm.files, dpm_again.files);
+    assert_ne!(dpm.files, first.files);
 
     // The memorization guard: every sample carries its nearness to the
     // training zoo, judged by the zoo's own spread (a zoo model's leave-one-

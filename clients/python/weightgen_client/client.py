@@ -14,7 +14,11 @@ import grpc
 
 from weightgen.v1 import generation_pb2, generation_pb2_grpc, common_pb2
 
-_SAMPLERS = {"ddim": generation_pb2.SAMPLER_DDIM, "ddpm": generation_pb2.SAMPLER_DDPM}
+_SAMPLERS = {
+    "ddim": generation_pb2.SAMPLER_DDIM,
+    "dpm-solver": generation_pb2.SAMPLER_DPM_SOLVER,
+    "ddpm": generation_pb2.SAMPLER_DDPM,
+}
 _DTYPES = {"f32": common_pb2.DTYPE_F32, "f16": common_pb2.DTYPE_F16, "bf16": common_pb2.DTYPE_BF16}
 
 

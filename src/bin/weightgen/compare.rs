@@ -36,7 +36,7 @@ pub struct CompareArgs {
     /// Seed of the held-out tasks, the sampling and the random inits.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// ddim or ddpm.
+    /// ddim, dpm-solver or ddpm.
     #[arg(long, default_value = "ddim")]
     pub sampler: String,
     /// Classifier-free guidance scale.

@@ -28,7 +28,7 @@ pub struct GenerateArgs {
     /// Initializations to generate.
     #[arg(long, default_value_t = 1)]
     samples: u32,
-    /// ddim or ddpm.
+    /// ddim, dpm-solver (DPM-Solver++(2M), for few steps) or ddpm.
     #[arg(long, default_value = "ddim")]
     sampler: String,
     /// Reverse steps (default: DDIM 50, DDPM T).
@@ -58,12 +58,15 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
-/// `--sampler`: ddim or ddpm.
+/// `--sampler`: ddim, dpm-solver or ddpm.
 pub fn parse_sampler(name: &str) -> Result<pb::Sampler, String> {
     match name {
         "ddim" => Ok(pb::Sampler::Ddim),
+        "dpm-solver" => Ok(pb::Sampler::DpmSolver),
         "ddpm" => Ok(pb::Sampler::Ddpm),
-        other => Err(format!("--sampler {other:?}: expected ddim or ddpm")),
+        other => Err(format!(
+            "--sampler {other:?}: expected ddim, dpm-solver or ddpm"
+        )),
     }
 }
 
@@ -260,10 +263,10 @@ pub async fn generate(
         );
     }
     let h = &generated.header;
-    let sampler = if h.sampler == pb::Sampler::Ddpm as i32 {
-        "DDPM"
-    } else {
-        "DDIM"
+    let sampler = match pb::Sampler::try_from(h.sampler) {
+        Ok(pb::Sampler::Ddpm) => "DDPM",
+        Ok(pb::Sampler::DpmSolver) => "DPM-Solver++(2M)",
+        _ => "DDIM",
     };
     println!(
         "denoiser {} v{} ({}), seed {}, {sampler} {} steps, guidance {}, batch {}, sampling {:.0} ms",
