@@ -225,6 +225,15 @@ pub fn job_for(
                     format!("{steps} is more than T = {timesteps}"),
                 ));
             }
+            // DDIM's grid starts one stride below T (see `DdimSpacing`): with
+            // one step that is t = 1, where pure noise passes for clean weights.
+            if steps == 1 && timesteps > 1 {
+                return Err(invalid(
+                    "options.steps",
+                    "DDIM needs at least 2 steps (its one step would be t = 1, from pure noise); \
+                     DPM-Solver takes 1",
+                ));
+            }
             if !(0.0..=1.0).contains(&eta) {
                 return Err(invalid("options.eta", format!("{eta} is not in [0, 1]")));
             }

@@ -257,6 +257,11 @@ async fn generate_init_end_to_end() {
             "options.steps: 5000 is more than T = 1000",
         ),
         (
+            Box::new(|r| options_of(r).steps = 1),
+            Code::InvalidArgument,
+            "options.steps: DDIM needs at least 2 steps",
+        ),
+        (
             Box::new(|r| options_of(r).eta = Some(2.0)),
             Code::InvalidArgument,
             "options.eta: 2 is not in [0, 1]",
