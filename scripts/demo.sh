@@ -61,7 +61,7 @@ done
 
 held_out="${WEIGHTGEN_DEMO_TASKS:-8}"
 for form in features both; do
-    step "held-out tasks: $held_out inits over gRPC (DDIM-50, guidance 3, request with $form), fine-tuned next to random init"
+    step "held-out tasks: $held_out inits over gRPC (DDIM-10, the default, guidance 3, request with $form), fine-tuned next to random init"
     "$bin/weightgen" --addr "$addr" --timeout 120s compare --family digits --held-out "$held_out" --seed 1 \
         --guidance 3 --learning-rate 1e-3 --finetune-steps 300 --full-steps 1000 --form "$form"
 done

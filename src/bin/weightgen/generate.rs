@@ -31,7 +31,7 @@ pub struct GenerateArgs {
     /// ddim, dpm-solver (DPM-Solver++(2M), for few steps) or ddpm.
     #[arg(long, default_value = "ddim")]
     sampler: String,
-    /// Reverse steps (default: DDIM 50, DDPM T).
+    /// Reverse steps (default: DDIM and DPM-Solver 10, DDPM T).
     #[arg(long)]
     steps: Option<u32>,
     /// DDIM stochasticity in [0, 1].
