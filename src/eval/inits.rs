@@ -114,8 +114,9 @@ pub(super) struct SeedInits {
     pub samples: BTreeMap<Method, Tensor>,
     /// Seconds of sampling per init, per generated method.
     pub seconds: BTreeMap<Method, f64>,
-    /// Reptile's and first-order MAML's inits (one for every task).
+    /// Reptile's init (one for every task).
     pub reptile: Option<Vec<Tensor>>,
+    /// First-order MAML's init (one for every task).
     pub fomaml: Option<Vec<Tensor>>,
     /// The hypernetwork's weights [tasks, D].
     pub hypernetwork: Option<Tensor>,

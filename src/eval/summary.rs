@@ -135,8 +135,9 @@ pub(super) struct Runs {
 
 /// What the harness measured besides the per-method runs.
 pub(super) struct Measured {
-    /// The learning rate chosen for random init and the grid's scores.
+    /// The learning rate chosen for random init.
     pub chosen_lr: f64,
+    /// Mean validation score per learning rate of the grid.
     pub lr_scores: Vec<(f64, f64)>,
     /// Fully trained references, one per run.
     pub fully_trained: Vec<f64>,
@@ -144,11 +145,13 @@ pub(super) struct Measured {
     pub matched_scales: Vec<f64>,
     /// What the held-out tasks are, in words.
     pub held_out: &'static str,
-    /// Held-out tasks and seeds per task.
+    /// Held-out tasks.
     pub tasks: usize,
+    /// Seeds per task.
     pub seeds: usize,
     /// K of the support-only rows, where they ran.
     pub support_only_k: Option<usize>,
+    /// The hypernetwork's encoder, where one was chosen.
     pub hypernetwork_choice: Option<HypernetworkChoice>,
 }
 
