@@ -265,11 +265,11 @@ fn dpm_solver_step(
     let (alpha_bar, alpha_bar_next) = (schedule.alpha_bar(t), schedule.alpha_bar(t_next));
     let h = lambda(alpha_bar_next) - lambda(alpha_bar);
     let d = match previous {
-        Some((x0_before, h_before)) if h_before.is_finite() => {
+        Some((x0_before, h_before)) => {
             let r = h_before / h;
             x0 * (1.0 + 0.5 / r) - x0_before * (0.5 / r)
         }
-        _ => x0.shallow_clone(),
+        None => x0.shallow_clone(),
     };
     let ratio = ((1.0 - alpha_bar_next) / (1.0 - alpha_bar)).sqrt();
     let next = w_t * ratio - d * (alpha_bar_next.sqrt() * ((-h).exp() - 1.0));

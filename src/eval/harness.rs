@@ -295,7 +295,7 @@ pub fn evaluate_with(
         support_only_k: support_only_k.filter(|_| wanted(Method::WeightgenSupportOnly)),
         hypernetwork_choice,
     };
-    Ok(summarize(runs, data, measured))
+    Ok(summarize(runs, data, &zoo_weights, &center, measured))
 }
 
 /// One held-out run (task × seed) as every method sees it.

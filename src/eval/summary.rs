@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::novelty::{mean_pairwise_cosine, nearest_zoo};
 use super::protocol::Method;
@@ -157,20 +157,21 @@ pub(super) struct Measured {
 
 /// The report: every method's runs summarized against random init's (which
 /// must be among them), and the zoo-to-zoo statistic over up to 200 zoo
-/// models against their nearest other.
+/// models against their nearest other. `zoo_weights` [N, D] (f32) and their
+/// mean `center` are the frame novelty is measured in.
 pub(super) fn summarize(
     runs: BTreeMap<Method, Runs>,
     data: &ZooDataset,
+    zoo_weights: &Tensor,
+    center: &Tensor,
     measured: Measured,
 ) -> EvalReport {
     let objective = data.family.objective();
-    let zoo_weights = data.weights.to_kind(Kind::Float);
-    let center = zoo_weights.mean_dim(0, false, Kind::Float);
     let sample: Vec<i64> = (0..data.len().min(200) as i64).collect();
     let own = nearest_zoo(
         &zoo_weights.index_select(0, &Tensor::from_slice(&sample)),
-        &zoo_weights,
-        &center,
+        zoo_weights,
+        center,
         Some(&sample),
     );
     let zoo_to_zoo_cosines: Vec<f64> = own.iter().map(|n| n.cosine).collect();
@@ -214,7 +215,7 @@ pub(super) fn summarize(
                 cosine_to_nearest: MeanCi::of(&r.cosine),
                 l2_to_nearest: MeanCi::of(&r.l2),
                 agreement_with_nearest: MeanCi::of(&r.agreement),
-                pairwise_cosine: mean_pairwise_cosine(&Tensor::stack(&r.inits, 0), &center),
+                pairwise_cosine: mean_pairwise_cosine(&Tensor::stack(&r.inits, 0), center),
             });
             let scores = MethodScores {
                 zero_shot: MeanCi::of(&r.zero_shot),

@@ -90,6 +90,22 @@ pub async fn denoiser_for(
     }
 }
 
+/// The steps of a sampler on a grid of the T timesteps: the request's, or
+/// `default` (at most T) when it leaves them at 0; more than T is refused.
+fn grid_steps(requested: u32, default: usize, timesteps: usize) -> Result<usize, Status> {
+    let steps = match requested {
+        0 => default.min(timesteps),
+        steps => steps as usize,
+    };
+    if steps > timesteps {
+        return Err(invalid(
+            "options.steps",
+            format!("{steps} is more than T = {timesteps}"),
+        ));
+    }
+    Ok(steps)
+}
+
 /// What the header reports about how the samples were drawn.
 #[derive(Debug, Clone)]
 pub struct SamplingChoice {
@@ -218,17 +234,7 @@ pub fn job_for(
             (pb::Sampler::Ddpm, SamplerKind::Ddpm, timesteps)
         }
         pb::Sampler::Unspecified | pb::Sampler::Ddim => {
-            let steps = if options.steps == 0 {
-                DEFAULT_DDIM_STEPS.min(timesteps)
-            } else {
-                options.steps as usize
-            };
-            if steps > timesteps {
-                return Err(invalid(
-                    "options.steps",
-                    format!("{steps} is more than T = {timesteps}"),
-                ));
-            }
+            let steps = grid_steps(options.steps, DEFAULT_DDIM_STEPS, timesteps)?;
             // DDIM's grid starts one stride below T (see `DdimSpacing`): with
             // one step that is t = 1, where pure noise passes for clean weights.
             if steps == 1 && timesteps > 1 {
@@ -244,16 +250,7 @@ pub fn job_for(
             (pb::Sampler::Ddim, SamplerKind::ddim(steps, eta), steps)
         }
         pb::Sampler::DpmSolver => {
-            let steps = match options.steps {
-                0 => DEFAULT_DPM_SOLVER_STEPS.min(timesteps),
-                steps => steps as usize,
-            };
-            if steps > timesteps {
-                return Err(invalid(
-                    "options.steps",
-                    format!("{steps} is more than T = {timesteps}"),
-                ));
-            }
+            let steps = grid_steps(options.steps, DEFAULT_DPM_SOLVER_STEPS, timesteps)?;
             if options.eta.is_some() {
                 return Err(invalid("options.eta", "applies to DDIM only"));
             }
