@@ -70,6 +70,7 @@ async fn prepare(dir: &std::path::Path) {
     let config = TrainDenoiserConfig {
         zoo: "digits".into(),
         denoiser_id: "bench".into(),
+        architecture: None,
         net: NetConfig::MlpUnet(MlpUnetConfig {
             widths: vec![256, 128],
             ..Default::default()

@@ -10,9 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use weightgen::cancel::CancelFlag;
 use weightgen::device::{DeviceChoice, device_name};
-use weightgen::jobs::{RunnerConfig, TrainJob, run_jobs};
+use weightgen::jobs::{RunnerConfig, TrainSpec, ZooSpec, run_jobs};
 use weightgen::storage::StorageArgs;
-use weightgen::tasks::{Family, TrainConfig};
 use weightgen::telemetry::{self, LogArgs, error_chain};
 use weightgen::torch_info::{TorchInfo, smoke_test};
 use weightgen::train::train_denoiser;
@@ -413,111 +412,11 @@ fn run(args: RunArgs) -> anyhow::Result<String> {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// The zoo to train on.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_ZOO")]
-    zoo: String,
-    /// Id of the new denoiser version (default: ZOO-UNIX_SECONDS).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_DENOISER_ID")]
-    denoiser_id: Option<String>,
-    /// Optimizer steps (the proposal: 200,000).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_STEPS", default_value_t = weightgen::jobs::spec::DEFAULT_TRAIN_STEPS)]
-    steps: usize,
-    /// Batch size (the proposal: 64).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_BATCH_SIZE", default_value_t = weightgen::model::fit::DEFAULT_BATCH_SIZE)]
-    batch_size: i64,
-    /// Adam learning rate (the proposal: 1e-4).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_LEARNING_RATE", default_value_t = weightgen::model::fit::DEFAULT_LEARNING_RATE)]
-    learning_rate: f64,
-    /// Learning-rate schedule: constant (the proposal) or cosine (down to a
-    /// tenth of --learning-rate at the last step).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_LR_SCHEDULE", default_value = weightgen::jobs::spec::DEFAULT_LR_SCHEDULE)]
-    lr_schedule: String,
-    /// Share of rows trained unconditionally (classifier-free guidance).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_COND_DROPOUT", default_value_t = weightgen::model::fit::DEFAULT_COND_DROPOUT)]
-    cond_dropout: f64,
-    /// Share of rows whose descriptor features are withheld (support set
-    /// kept), so the denoiser can also be conditioned on a support set alone.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_FEATURE_DROPOUT", default_value_t = weightgen::jobs::spec::DEFAULT_FEATURE_DROPOUT)]
-    feature_dropout: f64,
-    /// Share of rows whose support set is withheld (features kept), so the
-    /// denoiser can also be conditioned on the features alone.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_SUPPORT_DROPOUT", default_value_t = weightgen::jobs::spec::DEFAULT_SUPPORT_DROPOUT)]
-    support_dropout: f64,
-    /// Space of diffusion: none (the standardized weights), pca:K, or
-    /// pca:auto (the smallest PCA latent whose rebuilt zoo models keep their
-    /// test score).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_LATENT", default_value = weightgen::jobs::spec::DEFAULT_LATENT)]
-    latent: String,
-    /// Denoiser network: mlp_unet (the proposal) or layer_transformer.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_KIND", default_value = "mlp_unet")]
-    kind: String,
-    /// How the MLP U-Net takes in the condition: film (the proposal) or concat.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_CONDITIONING", default_value = "film")]
-    conditioning: String,
-    /// Diffusion steps T (the proposal: 1000).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_TIMESTEPS", default_value_t = weightgen::diffusion::schedule::DEFAULT_TIMESTEPS)]
-    timesteps: usize,
-    /// Noise schedule: cosine (the proposal) or linear.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_SCHEDULE", default_value = "cosine")]
-    schedule: String,
-    /// What the network predicts: epsilon (the proposal), x0 or v.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_PREDICTION", default_value = "epsilon")]
-    prediction: String,
-    /// Residual blocks per MLP U-Net level on each side.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_BLOCKS_PER_LEVEL", default_value_t = weightgen::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL)]
-    blocks_per_level: usize,
-    /// Hidden width of the task encoder's paths (features, support pairs,
-    /// label prototypes).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_ENCODER_HIDDEN", default_value_t = weightgen::jobs::spec::DEFAULT_ENCODER_HIDDEN)]
-    encoder_hidden: i64,
-    /// Size E of the task embedding.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_EMBED_DIM", default_value_t = weightgen::jobs::spec::DEFAULT_EMBED_DIM)]
-    embed_dim: i64,
-    /// Permutation alignment of the zoo: auto (unless built from one shared
-    /// init), always or never.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_ALIGN", default_value = "auto")]
-    align: String,
-    /// Train on the first N zoo models only (by id).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_MAX_MODELS")]
-    max_models: Option<usize>,
-    /// EMA decay of the published weights (0: last weights).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_EMA_DECAY", default_value_t = weightgen::train::DEFAULT_EMA_DECAY)]
-    ema_decay: f64,
-    /// Share of zoo models held out for validation.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_VAL_FRACTION", default_value_t = weightgen::train::DEFAULT_VAL_FRACTION)]
-    val_fraction: f64,
-    /// Widths of the MLP U-Net levels, widest first.
-    #[arg(
-        long,
-        env = "WEIGHTGEN_TRAIN_WIDTHS",
-        value_delimiter = ',',
-        default_value = "512,256"
-    )]
-    widths: Vec<i64>,
-    /// Held-out tasks the quality gate scores.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_TASKS", default_value_t = weightgen::jobs::spec::DEFAULT_EVAL_TASKS)]
-    eval_tasks: usize,
-    /// Classifier-free guidance scale of the quality gate's samples.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_GUIDANCE", default_value_t = weightgen::jobs::spec::DEFAULT_EVAL_GUIDANCE)]
-    eval_guidance: f64,
-    /// Seed of batches, noise and the quality gate.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_SEED", default_value_t = 0)]
-    seed: u64,
-    /// Log and validate every this many steps.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_LOG_EVERY", default_value_t = weightgen::jobs::spec::DEFAULT_LOG_EVERY)]
-    log_every: usize,
-    /// Make it the active denoiser of its architecture once published.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_ACTIVATE")]
-    activate: bool,
-    /// Save a resumable training checkpoint every this many steps (0 = never).
-    #[arg(long, env = "WEIGHTGEN_TRAIN_CHECKPOINT_EVERY", default_value_t = weightgen::train::DEFAULT_CHECKPOINT_EVERY)]
-    checkpoint_every: usize,
+    #[command(flatten)]
+    spec: TrainSpec,
     /// Continue the run (same --denoiser-id) from its last checkpoint, if it has one.
     #[arg(long, env = "WEIGHTGEN_TRAIN_RESUME")]
     resume: bool,
-    /// auto (fp16 autocast with loss scaling on CUDA, fp32 elsewhere), fp32 or fp16.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_PRECISION", default_value = "auto")]
-    precision: String,
     /// Also write metrics.json and loss.png of the run into this directory.
     #[arg(long, env = "WEIGHTGEN_TRAIN_REPORT_DIR")]
     report_dir: Option<std::path::PathBuf>,
@@ -529,11 +428,6 @@ struct TrainArgs {
     /// cost more than their matrices (BENCHMARKS.md).
     #[arg(long, env = "WEIGHTGEN_TRAIN_THREADS", default_value_t = 0)]
     threads: usize,
-    /// Split each batch into this many parts, each computed on a thread of
-    /// its own (CPU, with --threads 1); pays at larger batches, not at the
-    /// demo's (BENCHMARKS.md). 1 splits nothing.
-    #[arg(long, env = "WEIGHTGEN_TRAIN_DATA_PARALLEL", default_value_t = 1)]
-    data_parallel: usize,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -543,49 +437,18 @@ fn train(args: TrainArgs) -> anyhow::Result<String> {
     if args.threads > 0 {
         tch::set_num_threads(i32::try_from(args.threads).unwrap_or(i32::MAX));
     }
-    if args.resume && args.denoiser_id.is_none() {
+    if args.resume && args.spec.denoiser_id.is_none() {
         anyhow::bail!("--resume needs the --denoiser-id of the run to continue");
     }
-    let denoiser_id = args.denoiser_id.unwrap_or_else(|| {
+    let denoiser_id = args.spec.denoiser_id.clone().unwrap_or_else(|| {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        format!("{}-{now}", args.zoo)
+        format!("{}-{now}", args.spec.zoo)
     });
-    let job = TrainJob {
-        zoo: args.zoo,
-        denoiser_id: None,
-        steps: args.steps,
-        batch_size: args.batch_size,
-        learning_rate: args.learning_rate,
-        lr_schedule: args.lr_schedule,
-        cond_dropout: args.cond_dropout,
-        feature_dropout: args.feature_dropout,
-        support_dropout: args.support_dropout,
-        latent: args.latent,
-        kind: args.kind,
-        conditioning: args.conditioning,
-        timesteps: args.timesteps,
-        schedule: args.schedule,
-        prediction: args.prediction,
-        blocks_per_level: args.blocks_per_level,
-        embed_dim: args.embed_dim,
-        encoder_hidden: args.encoder_hidden,
-        align: args.align,
-        max_models: args.max_models,
-        ema_decay: args.ema_decay,
-        val_fraction: args.val_fraction,
-        widths: args.widths,
-        seed: args.seed,
-        eval_tasks: args.eval_tasks,
-        eval_guidance: args.eval_guidance,
-        log_every: args.log_every,
-        checkpoint_every: args.checkpoint_every,
-        precision: args.precision,
-        data_parallel: args.data_parallel,
-        activate: args.activate,
-    };
-    let config = job.to_config(&denoiser_id, device, args.resume, CancelFlag::new())?;
+    let config = args
+        .spec
+        .to_config(&denoiser_id, device, args.resume, CancelFlag::new())?;
     let report_dir = args.report_dir;
     let steps = config.fit.steps as u64;
     let runtime = tokio::runtime::Runtime::new()?;
@@ -643,35 +506,8 @@ enum ZooCommand {
 
 #[derive(Args)]
 struct BuildArgs {
-    /// Task family: sinusoid, digits or digit-inr.
-    #[arg(long, env = "WEIGHTGEN_ZOO_FAMILY")]
-    family: String,
-    /// Number of models in the zoo.
-    #[arg(long, env = "WEIGHTGEN_ZOO_MODELS")]
-    models: u64,
-    /// Zoo name (default: the family's name).
-    #[arg(long, env = "WEIGHTGEN_ZOO_NAME")]
-    zoo: Option<String>,
-    /// Architecture (default: the family's first).
-    #[arg(long, env = "WEIGHTGEN_ZOO_ARCHITECTURE", default_value = "")]
-    architecture: String,
-    /// Seed of tasks, initializations and training order.
-    #[arg(long, env = "WEIGHTGEN_ZOO_SEED", default_value_t = 0)]
-    seed: u64,
-    /// Start every model from one shared initialization (default: one
-    /// initialization per model).
-    #[arg(long, env = "WEIGHTGEN_ZOO_SHARED_INIT")]
-    shared_init: bool,
-    /// Optimizer steps per model (default: the family's).
-    #[arg(long, env = "WEIGHTGEN_ZOO_STEPS")]
-    steps: Option<usize>,
-    /// Adam learning rate (default: the family's).
-    #[arg(long, env = "WEIGHTGEN_ZOO_LEARNING_RATE")]
-    learning_rate: Option<f64>,
-    /// Keep this many checkpoints of each run, the last one being the end
-    /// (0: the final model only).
-    #[arg(long, env = "WEIGHTGEN_ZOO_KEEP_SNAPSHOTS", default_value_t = 0)]
-    keep_snapshots: usize,
+    #[command(flatten)]
+    spec: ZooSpec,
     /// Models trained at once (each on one thread). Default: the CPU count.
     #[arg(long, env = "WEIGHTGEN_ZOO_JOBS")]
     jobs: Option<usize>,
@@ -714,36 +550,20 @@ fn progress_bar(show: bool, template: &str) -> ProgressBar {
 }
 
 fn zoo_build(args: BuildArgs) -> anyhow::Result<String> {
-    let family = Family::parse(&args.family)?;
     let device = args.device.resolve()?;
-    let defaults = family.train_config();
-    let train = TrainConfig {
-        steps: args.steps.unwrap_or(defaults.steps),
-        learning_rate: args.learning_rate.unwrap_or(defaults.learning_rate),
-        batch_size: defaults.batch_size,
-        keep_snapshots: args.keep_snapshots,
-    };
     let jobs = args
         .jobs
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     // Zoo models are tiny: one intra-op thread per model, `jobs` models at once.
     tch::set_num_threads(1);
+    let worker = args
+        .worker_id
+        .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id()));
     let config = ZooBuildConfig {
-        zoo: args.zoo.unwrap_or_else(|| family.name().to_owned()),
-        family,
-        architecture: args.architecture,
-        num_models: args.models,
-        seed: args.seed,
-        shared_init: args.shared_init,
-        train,
-        worker: args
-            .worker_id
-            .unwrap_or_else(|| format!("{}-{}", host_name(), std::process::id())),
-        jobs,
-        lease: args.lease,
-        device,
         max_models: args.max_models,
-        cancel: Default::default(),
+        ..args
+            .spec
+            .to_config(&worker, jobs, args.lease, device, Default::default())?
     };
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {

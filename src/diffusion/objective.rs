@@ -11,11 +11,12 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 /// The denoiser's output parametrization.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Prediction {
     /// ε_θ(w_t, t, e) ≈ ε, as in the proposal.
     #[default]
+    #[value(alias = "eps")]
     Epsilon,
     /// The clean weights w₀.
     X0,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tch::Device;
 
-pub use spec::{BuildZooJob, SpecError, TrainJob};
+pub use spec::{SpecError, TrainSpec, ZooSpec};
 
 use crate::blobs::BlobStore;
 use crate::cancel::CancelFlag;
@@ -210,7 +210,7 @@ async fn execute(
 ) -> Result<JobOutcome, String> {
     match job.kind {
         JobKind::BuildZoo => {
-            let spec: BuildZooJob =
+            let spec: ZooSpec =
                 serde_json::from_value(job.spec.clone()).map_err(|e| format!("spec: {e}"))?;
             let build = spec
                 .to_config(
@@ -244,7 +244,7 @@ async fn execute(
             })
         }
         JobKind::TrainDenoiser => {
-            let spec: TrainJob =
+            let spec: TrainSpec =
                 serde_json::from_value(job.spec.clone()).map_err(|e| format!("spec: {e}"))?;
             let denoiser_id = spec
                 .denoiser_id

@@ -1,8 +1,13 @@
-//! What a job asks for, as stored (JSON) in the catalog's `jobs.spec_json`,
-//! with the defaults of the proposal, and its translation into the zoo
-//! builder's and the trainer's configs. `weightgen-worker train` builds its
-//! config through [`TrainJob`] too, so a job and the command train alike.
+//! The one shape of each job: [`ZooSpec`] (build a zoo) and [`TrainSpec`]
+//! (train a denoiser). Each is at once the flags of `weightgen-worker` and
+//! `weightgen jobs submit-*` (flattened `clap::Args`, every flag also an env
+//! var), the JSON stored in the catalog's `jobs.spec_json`, and — converted
+//! field by field in `serve::convert` — the proto's `BuildZooSpec` and
+//! `TrainDenoiserSpec`. Defaults live here once (the constants below, used by
+//! both `Default` and clap); adding an option means a field here, one in the
+//! proto and its line in the conversion.
 
+use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use tch::Device;
 
@@ -10,6 +15,7 @@ use crate::cancel::CancelFlag;
 use crate::diffusion::objective::Prediction;
 use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, ScheduleKind};
 use crate::model::fit::{DEFAULT_BATCH_SIZE, DEFAULT_COND_DROPOUT, DEFAULT_LEARNING_RATE};
+use crate::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL;
 use crate::model::{
     Conditioning, FitConfig, LayerTransformerConfig, LrSchedule, MlpUnetConfig, NetConfig,
     PrecisionChoice,
@@ -22,7 +28,7 @@ use crate::train::{
 use crate::zoo::ZooBuildConfig;
 use crate::zoo::{AlignChoice, LoadOptions};
 
-/// Training iterations of the proposal.
+/// Training steps of the proposal.
 pub const DEFAULT_TRAIN_STEPS: usize = 200_000;
 /// Widths of the default MLP U-Net.
 pub const DEFAULT_WIDTHS: [i64; 2] = [512, 256];
@@ -39,11 +45,8 @@ pub const DEFAULT_EMBED_DIM: i64 = 256;
 pub const DEFAULT_ENCODER_HIDDEN: i64 = 128;
 /// Most batch parts a training run may compute on threads of their own.
 pub const MAX_DATA_PARALLEL: usize = 64;
-/// Default space of diffusion (see `LatentChoice`).
-pub const DEFAULT_LATENT: &str = "pca:auto";
-/// Learning-rate schedule of a training job: "constant" (the proposal's)
-/// or "cosine" (down to `COSINE_FINAL_FRACTION` of the rate).
-pub const DEFAULT_LR_SCHEDULE: &str = "constant";
+/// Default space of diffusion: a PCA latent of the size `pca:auto` picks.
+pub const DEFAULT_LATENT: LatentChoice = LatentChoice::PcaAuto;
 /// Default share of rows trained on the support set alone (features
 /// withheld), where the zoo's descriptors have both.
 pub const DEFAULT_FEATURE_DROPOUT: f64 = 0.25;
@@ -52,6 +55,8 @@ pub const DEFAULT_FEATURE_DROPOUT: f64 = 0.25;
 pub const DEFAULT_SUPPORT_DROPOUT: f64 = 0.25;
 /// Most zoo models one job may ask for.
 pub const MAX_ZOO_MODELS: u64 = 1_000_000;
+/// Most snapshots a zoo job may keep per model.
+pub const MAX_KEEP_SNAPSHOTS: usize = 1000;
 
 /// A spec field that cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -71,37 +76,63 @@ fn invalid(field: &str, reason: impl Into<String>) -> SpecError {
 }
 
 /// Build (or finish) a zoo of a built-in task family.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields)]
-pub struct BuildZooJob {
-    /// Zoo name ("" = the family's name).
-    #[serde(default)]
-    pub zoo: String,
-    /// Task family.
+pub struct ZooSpec {
+    /// Zoo name (default: the family's name).
+    #[arg(long, env = "WEIGHTGEN_ZOO_NAME")]
+    #[serde(default, deserialize_with = "empty_as_none")]
+    pub zoo: Option<String>,
+    /// Task family: sinusoid, digits or digit-inr.
+    #[arg(long, env = "WEIGHTGEN_ZOO_FAMILY")]
     pub family: String,
-    /// Architecture ("" = the family's default).
+    /// Architecture within the family (default: the family's first).
+    #[arg(long, env = "WEIGHTGEN_ZOO_ARCHITECTURE", default_value = "")]
     #[serde(default)]
     pub architecture: String,
-    /// Models the zoo has when the job ends.
+    /// Number of models the zoo has when the job ends (already built ones count).
+    #[arg(
+        long = "models",
+        visible_alias = "num-models",
+        env = "WEIGHTGEN_ZOO_MODELS"
+    )]
     pub num_models: u64,
-    /// One initialization for the whole zoo.
+    /// Start every model from one shared initialization (default: one
+    /// initialization per model).
+    #[arg(long, env = "WEIGHTGEN_ZOO_SHARED_INIT")]
     #[serde(default)]
     pub shared_init: bool,
-    /// Base seed.
+    /// Seed of tasks, initializations and training order; model i uses a
+    /// seed derived from it and i.
+    #[arg(long, env = "WEIGHTGEN_ZOO_SEED", default_value_t = 0)]
     #[serde(default)]
     pub seed: u64,
-    /// Training steps per model (None = the family's default).
+    /// Optimizer steps per model (default: the family's).
+    #[arg(long, env = "WEIGHTGEN_ZOO_STEPS")]
     #[serde(default)]
     pub steps: Option<usize>,
-    /// Learning rate of each model (None = the family's default).
+    /// Adam learning rate of each model (default: the family's).
+    #[arg(long, env = "WEIGHTGEN_ZOO_LEARNING_RATE")]
     #[serde(default)]
     pub learning_rate: Option<f64>,
-    /// Snapshots kept per model.
+    /// Keep this many checkpoints of each run, the last one being the end
+    /// (0: the final model only).
+    #[arg(
+        long,
+        visible_alias = "keep-last-checkpoints",
+        env = "WEIGHTGEN_ZOO_KEEP_SNAPSHOTS",
+        default_value_t = 0
+    )]
     #[serde(default)]
     pub keep_snapshots: usize,
 }
 
-impl BuildZooJob {
+/// Reads `""` (how older job rows stored "no zoo name") as `None`.
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+}
+
+impl ZooSpec {
     /// Checks the spec, naming the first bad field.
     pub fn validate(&self) -> Result<Family, SpecError> {
         let family =
@@ -125,6 +156,12 @@ impl BuildZooJob {
             return Err(invalid(
                 "build_zoo.learning_rate",
                 format!("{lr} is not a positive number"),
+            ));
+        }
+        if self.keep_snapshots > MAX_KEEP_SNAPSHOTS {
+            return Err(invalid(
+                "build_zoo.keep_last_checkpoints",
+                format!("{} is more than {MAX_KEEP_SNAPSHOTS}", self.keep_snapshots),
             ));
         }
         Ok(family)
@@ -165,206 +202,234 @@ impl BuildZooJob {
 
     /// The zoo's name.
     pub fn zoo_name(&self) -> String {
-        if self.zoo.is_empty() {
-            self.family.clone()
-        } else {
-            self.zoo.clone()
+        self.zoo.clone().unwrap_or_else(|| self.family.clone())
+    }
+}
+
+/// The denoiser network a training spec names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum DenoiserKind {
+    /// The proposal's MLP U-Net.
+    #[default]
+    #[value(name = "mlp_unet")]
+    MlpUnet,
+    /// A transformer over per-layer weight tokens (adaLN conditioning).
+    #[value(name = "layer_transformer")]
+    LayerTransformer,
+}
+
+/// The noise schedule a training spec names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum NoiseSchedule {
+    /// The proposal's cosine schedule.
+    #[default]
+    Cosine,
+    /// β linear over the steps (DDPM's).
+    Linear,
+}
+
+impl NoiseSchedule {
+    /// The schedule with its default parameters.
+    pub fn kind(self) -> ScheduleKind {
+        match self {
+            Self::Cosine => ScheduleKind::cosine(),
+            Self::Linear => ScheduleKind::linear(),
         }
     }
 }
 
-fn default_steps() -> usize {
-    DEFAULT_TRAIN_STEPS
-}
-fn default_batch_size() -> i64 {
-    DEFAULT_BATCH_SIZE
-}
-fn default_learning_rate() -> f64 {
-    DEFAULT_LEARNING_RATE
-}
-fn default_cond_dropout() -> f64 {
-    DEFAULT_COND_DROPOUT
-}
-fn default_ema_decay() -> f64 {
-    DEFAULT_EMA_DECAY
-}
-fn default_val_fraction() -> f64 {
-    DEFAULT_VAL_FRACTION
-}
-fn default_widths() -> Vec<i64> {
-    DEFAULT_WIDTHS.to_vec()
-}
-fn default_eval_tasks() -> usize {
-    DEFAULT_EVAL_TASKS
-}
-fn default_eval_guidance() -> f64 {
-    DEFAULT_EVAL_GUIDANCE
-}
-fn default_log_every() -> usize {
-    DEFAULT_LOG_EVERY
-}
-fn default_checkpoint_every() -> usize {
-    DEFAULT_CHECKPOINT_EVERY
-}
-fn default_precision() -> String {
-    "auto".to_owned()
-}
-fn default_kind() -> String {
-    "mlp_unet".to_owned()
-}
-fn default_prediction() -> String {
-    "epsilon".to_owned()
-}
-fn default_blocks_per_level() -> usize {
-    crate::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL
-}
-fn default_conditioning() -> String {
-    "film".to_owned()
-}
-fn default_timesteps() -> usize {
-    DEFAULT_TIMESTEPS
-}
-fn default_schedule() -> String {
-    "cosine".to_owned()
-}
-fn default_embed_dim() -> i64 {
-    DEFAULT_EMBED_DIM
-}
-fn default_align() -> String {
-    "auto".to_owned()
-}
-fn default_latent() -> String {
-    DEFAULT_LATENT.to_owned()
-}
-fn default_lr_schedule() -> String {
-    DEFAULT_LR_SCHEDULE.to_owned()
-}
-fn default_feature_dropout() -> f64 {
-    DEFAULT_FEATURE_DROPOUT
-}
-fn default_support_dropout() -> f64 {
-    DEFAULT_SUPPORT_DROPOUT
-}
-fn default_data_parallel() -> usize {
-    1
-}
-fn default_encoder_hidden() -> i64 {
-    DEFAULT_ENCODER_HIDDEN
-}
-
 /// Train a denoiser on a zoo and publish it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainJob {
-    /// The zoo to learn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainSpec {
+    /// The zoo to train on (required).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ZOO")]
     pub zoo: String,
-    /// Id of the published version (None = derived from the job id, so a
-    /// retried job resumes the same run).
-    #[serde(default)]
+    /// Id of the published denoiser version (default: the job's
+    /// "ZOO-JOB_ID", so a retried job resumes the same run; the worker's
+    /// "ZOO-UNIX_SECONDS").
+    #[arg(long, env = "WEIGHTGEN_TRAIN_DENOISER_ID")]
     pub denoiser_id: Option<String>,
-    /// Optimizer steps.
-    #[serde(default = "default_steps")]
+    /// Checked against the zoo's architecture when given.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ARCHITECTURE")]
+    pub architecture: Option<String>,
+    /// Optimizer steps (the proposal: 200,000).
+    #[arg(long, visible_alias = "iterations", env = "WEIGHTGEN_TRAIN_STEPS", default_value_t = DEFAULT_TRAIN_STEPS)]
     pub steps: usize,
-    /// Rows per step.
-    #[serde(default = "default_batch_size")]
+    /// Rows per step (the proposal: 64).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_BATCH_SIZE", default_value_t = DEFAULT_BATCH_SIZE)]
     pub batch_size: i64,
-    /// Adam learning rate.
-    #[serde(default = "default_learning_rate")]
+    /// Adam learning rate (the proposal: 1e-4).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LEARNING_RATE", default_value_t = DEFAULT_LEARNING_RATE)]
     pub learning_rate: f64,
-    /// Learning-rate schedule: "constant" or "cosine".
-    #[serde(default = "default_lr_schedule")]
-    pub lr_schedule: String,
-    /// Share of rows trained with the null condition.
-    #[serde(default = "default_cond_dropout")]
+    /// Learning-rate schedule: constant (the proposal) or cosine (down to a
+    /// tenth of the rate at the last step).
+    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_LR_SCHEDULE", default_value_t = LrSchedule::Constant)]
+    pub lr_schedule: LrSchedule,
+    /// Share of rows trained with the null condition (classifier-free guidance).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_COND_DROPOUT", default_value_t = DEFAULT_COND_DROPOUT)]
     pub cond_dropout: f64,
-    /// Decay of the weights' exponential moving average, which is what gets
-    /// published.
-    #[serde(default = "default_ema_decay")]
-    pub ema_decay: f64,
-    /// Share of zoo models held out for validation.
-    #[serde(default = "default_val_fraction")]
-    pub val_fraction: f64,
-    /// Widths of the MLP U-Net levels.
-    #[serde(default = "default_widths")]
-    pub widths: Vec<i64>,
-    /// Seed of initialization, batches and noise.
-    #[serde(default)]
-    pub seed: u64,
-    /// Held-out tasks of the quality gate.
-    #[serde(default = "default_eval_tasks")]
-    pub eval_tasks: usize,
-    /// Guidance of the quality gate.
-    #[serde(default = "default_eval_guidance")]
-    pub eval_guidance: f64,
-    /// Steps between log points.
-    #[serde(default = "default_log_every")]
-    pub log_every: usize,
-    /// Steps between resumable checkpoints.
-    #[serde(default = "default_checkpoint_every")]
-    pub checkpoint_every: usize,
-    /// "auto", "fp32" or "fp16".
-    #[serde(default = "default_precision")]
-    pub precision: String,
-    /// Parts of each batch computed on threads of their own (CPU; 1: none).
-    #[serde(default = "default_data_parallel")]
-    pub data_parallel: usize,
-    /// Hidden width of the task encoder's paths.
-    #[serde(default = "default_encoder_hidden")]
-    pub encoder_hidden: i64,
-    /// Make the result the active denoiser of its architecture.
-    #[serde(default)]
-    pub activate: bool,
-    /// Denoiser network: "mlp_unet" (the proposal) or "layer_transformer".
-    #[serde(default = "default_kind")]
-    pub kind: String,
-    /// How the MLP U-Net takes in the condition: "film" or "concat".
-    #[serde(default = "default_conditioning")]
-    pub conditioning: String,
-    /// Diffusion steps T.
-    #[serde(default = "default_timesteps")]
-    pub timesteps: usize,
-    /// Noise schedule: "cosine" or "linear".
-    #[serde(default = "default_schedule")]
-    pub schedule: String,
-    /// What the network predicts: "epsilon" (the proposal), "x0" or "v".
-    #[serde(default = "default_prediction")]
-    pub prediction: String,
-    /// Residual blocks per MLP U-Net level on each side.
-    #[serde(default = "default_blocks_per_level")]
-    pub blocks_per_level: usize,
-    /// Size E of the task embedding.
-    #[serde(default = "default_embed_dim")]
-    pub embed_dim: i64,
     /// Share of rows whose descriptor features are withheld (support set
-    /// kept), so the denoiser can be conditioned on a support set alone.
-    #[serde(default = "default_feature_dropout")]
+    /// kept), so the denoiser can also be conditioned on a support set alone.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_FEATURE_DROPOUT", default_value_t = DEFAULT_FEATURE_DROPOUT)]
     pub feature_dropout: f64,
     /// Share of rows whose support set is withheld (features kept), so the
-    /// denoiser can be conditioned on the features alone.
-    #[serde(default = "default_support_dropout")]
+    /// denoiser can also be conditioned on the features alone.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_SUPPORT_DROPOUT", default_value_t = DEFAULT_SUPPORT_DROPOUT)]
     pub support_dropout: f64,
-    /// Space of diffusion: "none" (the standardized weights), "pca:K" or
-    /// "pca:auto" (a PCA latent fitted on the training zoo).
-    #[serde(default = "default_latent")]
-    pub latent: String,
-    /// Permutation alignment of the zoo: "auto" (unless built from one
-    /// shared init), "always" or "never".
-    #[serde(default = "default_align")]
-    pub align: String,
-    /// Train on the first N zoo models only (by id; None = all).
-    #[serde(default)]
+    /// Space of diffusion: none (the standardized weights), pca:K, or
+    /// pca:auto (the smallest PCA latent whose rebuilt zoo models keep their
+    /// test score).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LATENT", default_value_t = DEFAULT_LATENT)]
+    #[serde(with = "as_text")]
+    pub latent: LatentChoice,
+    /// Denoiser network: mlp_unet (the proposal) or layer_transformer.
+    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_KIND", default_value_t = DenoiserKind::MlpUnet)]
+    pub kind: DenoiserKind,
+    /// How the MLP U-Net takes in the condition: film (the proposal) or concat.
+    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_CONDITIONING", default_value_t = Conditioning::Film)]
+    pub conditioning: Conditioning,
+    /// Diffusion steps T (the proposal: 1000).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_TIMESTEPS", default_value_t = DEFAULT_TIMESTEPS)]
+    pub timesteps: usize,
+    /// Noise schedule: cosine (the proposal) or linear.
+    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_SCHEDULE", default_value_t = NoiseSchedule::Cosine)]
+    pub schedule: NoiseSchedule,
+    /// What the network predicts: epsilon (the proposal), x0 or v.
+    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_PREDICTION", default_value_t = Prediction::Epsilon)]
+    pub prediction: Prediction,
+    /// Residual blocks per MLP U-Net level on each side.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_BLOCKS_PER_LEVEL", default_value_t = DEFAULT_BLOCKS_PER_LEVEL)]
+    pub blocks_per_level: usize,
+    /// Hidden width of the task encoder's paths (features, support pairs,
+    /// label prototypes).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ENCODER_HIDDEN", default_value_t = DEFAULT_ENCODER_HIDDEN)]
+    pub encoder_hidden: i64,
+    /// Size E of the task embedding.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EMBED_DIM", default_value_t = DEFAULT_EMBED_DIM)]
+    pub embed_dim: i64,
+    /// Permutation alignment of the zoo: auto (unless built from one shared
+    /// init), always or never.
+    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_ALIGN", default_value_t = AlignChoice::Auto)]
+    pub align: AlignChoice,
+    /// Train on the first N zoo models only (by id; default: all).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_MAX_MODELS")]
     pub max_models: Option<usize>,
+    /// Decay of the weights' exponential moving average, which is what gets
+    /// published (0: the last weights).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EMA_DECAY", default_value_t = DEFAULT_EMA_DECAY)]
+    pub ema_decay: f64,
+    /// Share of zoo models held out for validation.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_VAL_FRACTION", default_value_t = DEFAULT_VAL_FRACTION)]
+    pub val_fraction: f64,
+    /// Widths of the MLP U-Net levels, widest first.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_WIDTHS", value_delimiter = ',', default_values_t = DEFAULT_WIDTHS)]
+    pub widths: Vec<i64>,
+    /// Seed of initialization, batches, noise and the quality gate.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_SEED", default_value_t = 0)]
+    pub seed: u64,
+    /// Held-out tasks the quality gate scores.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_TASKS", default_value_t = DEFAULT_EVAL_TASKS)]
+    pub eval_tasks: usize,
+    /// Classifier-free guidance scale of the quality gate's samples.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_EVAL_GUIDANCE", default_value_t = DEFAULT_EVAL_GUIDANCE)]
+    pub eval_guidance: f64,
+    /// Log and validate every this many steps.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LOG_EVERY", default_value_t = DEFAULT_LOG_EVERY)]
+    pub log_every: usize,
+    /// Save a resumable training checkpoint every this many steps (0 = never).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_CHECKPOINT_EVERY", default_value_t = DEFAULT_CHECKPOINT_EVERY)]
+    pub checkpoint_every: usize,
+    /// auto (fp16 autocast with loss scaling on CUDA, fp32 elsewhere), fp32 or fp16.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_PRECISION", default_value_t = PrecisionChoice::Auto)]
+    #[serde(with = "as_text")]
+    pub precision: PrecisionChoice,
+    /// Split each batch into this many parts, each computed on a thread of
+    /// its own (CPU, with one intra-op thread); pays at larger batches, not
+    /// at the demo's (BENCHMARKS.md). 1 splits nothing.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_DATA_PARALLEL", default_value_t = 1)]
+    pub data_parallel: usize,
+    /// Make the result the active denoiser of its architecture once published.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_ACTIVATE")]
+    pub activate: bool,
 }
 
-impl TrainJob {
-    /// A job with the proposal's defaults for `zoo`.
-    pub fn new(zoo: &str) -> Self {
-        serde_json::from_value(serde_json::json!({ "zoo": zoo }))
-            .expect("every other field has a default")
+impl Default for TrainSpec {
+    /// The proposal's defaults, with no zoo named (which `validate` refuses).
+    fn default() -> Self {
+        Self {
+            zoo: String::new(),
+            denoiser_id: None,
+            architecture: None,
+            steps: DEFAULT_TRAIN_STEPS,
+            batch_size: DEFAULT_BATCH_SIZE,
+            learning_rate: DEFAULT_LEARNING_RATE,
+            lr_schedule: LrSchedule::Constant,
+            cond_dropout: DEFAULT_COND_DROPOUT,
+            feature_dropout: DEFAULT_FEATURE_DROPOUT,
+            support_dropout: DEFAULT_SUPPORT_DROPOUT,
+            latent: DEFAULT_LATENT,
+            kind: DenoiserKind::MlpUnet,
+            conditioning: Conditioning::Film,
+            timesteps: DEFAULT_TIMESTEPS,
+            schedule: NoiseSchedule::Cosine,
+            prediction: Prediction::Epsilon,
+            blocks_per_level: DEFAULT_BLOCKS_PER_LEVEL,
+            encoder_hidden: DEFAULT_ENCODER_HIDDEN,
+            embed_dim: DEFAULT_EMBED_DIM,
+            align: AlignChoice::Auto,
+            max_models: None,
+            ema_decay: DEFAULT_EMA_DECAY,
+            val_fraction: DEFAULT_VAL_FRACTION,
+            widths: DEFAULT_WIDTHS.to_vec(),
+            seed: 0,
+            eval_tasks: DEFAULT_EVAL_TASKS,
+            eval_guidance: DEFAULT_EVAL_GUIDANCE,
+            log_every: DEFAULT_LOG_EVERY,
+            checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
+            precision: PrecisionChoice::Auto,
+            data_parallel: 1,
+            activate: false,
+        }
+    }
+}
+
+/// Serde as the type's text form (`Display` / `FromStr`), as job rows
+/// store `latent` ("pca:auto") and `precision` ("fp32").
+mod as_text {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(
+        value: &T,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_str(value)
     }
 
-    /// Checks the spec, naming the first bad field.
-    pub fn validate(&self) -> Result<PrecisionChoice, SpecError> {
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr<Err = String>,
+        D: Deserializer<'de>,
+    {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl TrainSpec {
+    /// A spec with the proposal's defaults for `zoo`.
+    pub fn new(zoo: &str) -> Self {
+        Self {
+            zoo: zoo.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    /// Checks the spec, naming the first bad field (as the proto names it).
+    pub fn validate(&self) -> Result<(), SpecError> {
         let positive = |field: &str, x: f64| {
             if x.is_finite() && x > 0.0 {
                 Ok(())
@@ -387,13 +452,12 @@ impl TrainJob {
                 .map_err(|e| invalid("train_denoiser.denoiser_id", e))?;
         }
         if self.steps == 0 {
-            return Err(invalid("train_denoiser.iterations", "must be positive"));
+            return Err(invalid("train_denoiser.steps", "must be positive"));
         }
         if self.batch_size <= 0 {
             return Err(invalid("train_denoiser.batch_size", "must be positive"));
         }
         positive("train_denoiser.learning_rate", self.learning_rate)?;
-        self.lr_schedule_kind()?;
         fraction("train_denoiser.cond_dropout", self.cond_dropout)?;
         fraction("train_denoiser.feature_dropout", self.feature_dropout)?;
         fraction("train_denoiser.support_dropout", self.support_dropout)?;
@@ -406,10 +470,7 @@ impl TrainJob {
                 ),
             ));
         }
-        self.latent_choice()?;
         self.net()?;
-        self.schedule_kind()?;
-        self.prediction_kind()?;
         if self.blocks_per_level == 0 || self.blocks_per_level > 64 {
             return Err(invalid(
                 "train_denoiser.blocks_per_level",
@@ -434,18 +495,15 @@ impl TrainJob {
                 format!("{} is not in [1, 4096]", self.embed_dim),
             ));
         }
-        self.align
-            .parse::<AlignChoice>()
-            .map_err(|e| invalid("train_denoiser.align", e))?;
         if self.max_models.is_some_and(|n| n < 2) {
             return Err(invalid("train_denoiser.max_models", "at least 2"));
         }
         fraction("train_denoiser.ema_decay", self.ema_decay)?;
         fraction("train_denoiser.val_fraction", self.val_fraction)?;
-        if self.widths.is_empty() || self.widths.iter().any(|&w| w <= 0) {
+        if self.widths.is_empty() || self.widths.iter().any(|&w| w <= 0 || w > 65_536) {
             return Err(invalid(
                 "train_denoiser.widths",
-                format!("{:?} must be positive widths", self.widths),
+                format!("{:?} must be widths in [1, 65536]", self.widths),
             ));
         }
         if self.data_parallel == 0
@@ -463,70 +521,24 @@ impl TrainJob {
         if self.eval_guidance.is_nan() || self.eval_guidance < 0.0 {
             return Err(invalid("train_denoiser.eval_guidance", "must be ≥ 0"));
         }
-        self.precision
-            .parse()
-            .map_err(|e: String| invalid("train_denoiser.precision", e))
+        Ok(())
     }
 
     /// The denoiser network the spec names.
     fn net(&self) -> Result<NetConfig, SpecError> {
-        let conditioning: Conditioning = self
-            .conditioning
-            .parse()
-            .map_err(|e| invalid("train_denoiser.conditioning", e))?;
-        match self.kind.as_str() {
-            "mlp_unet" => Ok(NetConfig::MlpUnet(MlpUnetConfig {
+        match (self.kind, self.conditioning) {
+            (DenoiserKind::MlpUnet, conditioning) => Ok(NetConfig::MlpUnet(MlpUnetConfig {
                 widths: self.widths.clone(),
                 blocks_per_level: self.blocks_per_level,
                 conditioning,
                 ..Default::default()
             })),
-            "layer_transformer" if conditioning == Conditioning::Film => Ok(
+            (DenoiserKind::LayerTransformer, Conditioning::Film) => Ok(
                 NetConfig::LayerTransformer(LayerTransformerConfig::default()),
             ),
-            "layer_transformer" => Err(invalid(
+            (DenoiserKind::LayerTransformer, _) => Err(invalid(
                 "train_denoiser.conditioning",
-                "the layer transformer conditions by adaLN; only \"film\" applies",
-            )),
-            other => Err(invalid(
-                "train_denoiser.kind",
-                format!("{other:?} is not \"mlp_unet\" or \"layer_transformer\""),
-            )),
-        }
-    }
-
-    /// The learning-rate schedule the spec names.
-    fn lr_schedule_kind(&self) -> Result<LrSchedule, SpecError> {
-        LrSchedule::parse(&self.lr_schedule).ok_or_else(|| {
-            invalid(
-                "train_denoiser.lr_schedule",
-                format!("{:?} is not \"constant\" or \"cosine\"", self.lr_schedule),
-            )
-        })
-    }
-
-    /// The latent the spec names.
-    fn latent_choice(&self) -> Result<LatentChoice, SpecError> {
-        self.latent
-            .parse()
-            .map_err(|e| invalid("train_denoiser.latent", e))
-    }
-
-    /// The output parametrization the spec names.
-    fn prediction_kind(&self) -> Result<Prediction, SpecError> {
-        self.prediction
-            .parse()
-            .map_err(|e| invalid("train_denoiser.prediction", e))
-    }
-
-    /// The noise schedule the spec names.
-    fn schedule_kind(&self) -> Result<ScheduleKind, SpecError> {
-        match self.schedule.as_str() {
-            "cosine" => Ok(ScheduleKind::cosine()),
-            "linear" => Ok(ScheduleKind::linear()),
-            other => Err(invalid(
-                "train_denoiser.schedule",
-                format!("{other:?} is not \"cosine\" or \"linear\""),
+                "the layer transformer conditions by adaLN; only film applies",
             )),
         }
     }
@@ -539,30 +551,29 @@ impl TrainJob {
         resume: bool,
         cancel: CancelFlag,
     ) -> Result<TrainDenoiserConfig, SpecError> {
+        self.validate()?;
         let precision = self
-            .validate()?
+            .precision
             .resolve(device)
             .map_err(|e| invalid("train_denoiser.precision", e))?;
         Ok(TrainDenoiserConfig {
             zoo: self.zoo.clone(),
             denoiser_id: denoiser_id.to_owned(),
+            architecture: self.architecture.clone(),
             net: self.net()?,
             timesteps: self.timesteps,
-            schedule: self.schedule_kind()?,
-            prediction: self.prediction_kind()?,
-            latent: self.latent_choice()?,
+            schedule: self.schedule.kind(),
+            prediction: self.prediction,
+            latent: self.latent,
             load: LoadOptions {
-                align: self
-                    .align
-                    .parse()
-                    .map_err(|e| invalid("train_denoiser.align", e))?,
+                align: self.align,
                 max_models: self.max_models,
             },
             fit: FitConfig {
                 steps: self.steps,
                 batch_size: self.batch_size,
                 learning_rate: self.learning_rate,
-                lr_schedule: self.lr_schedule_kind()?,
+                lr_schedule: self.lr_schedule,
                 cond_dropout: self.cond_dropout,
                 feature_dropout: self.feature_dropout,
                 support_dropout: self.support_dropout,
@@ -590,15 +601,22 @@ impl TrainJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags<T: Args> {
+        #[command(flatten)]
+        spec: T,
+    }
 
     #[test]
-    fn a_train_job_gets_the_proposal_defaults() {
-        let job = TrainJob::new("digits");
-        assert_eq!(job.steps, 200_000);
-        assert_eq!(job.batch_size, 64);
-        assert_eq!(job.learning_rate, 1e-4);
-        assert_eq!(job.widths, vec![512, 256]);
-        let config = job
+    fn a_train_spec_gets_the_proposal_defaults() {
+        let spec = TrainSpec::new("digits");
+        assert_eq!(spec.steps, 200_000);
+        assert_eq!(spec.batch_size, 64);
+        assert_eq!(spec.learning_rate, 1e-4);
+        assert_eq!(spec.widths, vec![512, 256]);
+        let config = spec
             .to_config("d", Device::Cpu, true, CancelFlag::new())
             .unwrap();
         assert!(config.resume);
@@ -606,94 +624,134 @@ mod tests {
     }
 
     #[test]
+    fn flags_json_and_default_agree() {
+        // The flags' defaults, a job row's missing fields and `Default` are one set.
+        let flags = Flags::<TrainSpec>::try_parse_from(["x", "--zoo", "z"]).unwrap();
+        assert_eq!(flags.spec, TrainSpec::new("z"));
+        let json: TrainSpec = serde_json::from_value(serde_json::json!({"zoo": "z"})).unwrap();
+        assert_eq!(json, TrainSpec::new("z"));
+        // Every field round-trips through JSON.
+        let spec = TrainSpec {
+            latent: LatentChoice::Pca(64),
+            precision: PrecisionChoice::Fixed(crate::model::Precision::Fp16),
+            prediction: Prediction::V,
+            kind: DenoiserKind::LayerTransformer,
+            align: AlignChoice::Never,
+            max_models: Some(9),
+            ..TrainSpec::new("z")
+        };
+        let text = serde_json::to_value(&spec).unwrap();
+        assert_eq!(text["latent"], "pca:64");
+        assert_eq!(text["precision"], "fp16");
+        assert_eq!(serde_json::from_value::<TrainSpec>(text).unwrap(), spec);
+        let zoo = Flags::<ZooSpec>::try_parse_from(["x", "--family", "digits", "--models", "5"])
+            .unwrap()
+            .spec;
+        let json: ZooSpec =
+            serde_json::from_value(serde_json::json!({"family": "digits", "num_models": 5}))
+                .unwrap();
+        assert_eq!(zoo, json);
+    }
+
+    #[test]
+    fn job_rows_stored_before_the_typed_spec_still_read() {
+        let old = serde_json::json!({
+            "zoo": "digits", "steps": 300, "kind": "mlp_unet", "schedule": "linear",
+            "prediction": "v", "conditioning": "concat", "align": "always",
+            "precision": "fp32", "latent": "pca:auto", "lr_schedule": "cosine",
+            "denoiser_id": null, "max_models": null
+        });
+        let spec: TrainSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(spec.schedule, NoiseSchedule::Linear);
+        assert_eq!(spec.conditioning, Conditioning::Concat);
+        assert_eq!(spec.lr_schedule, LrSchedule::Cosine);
+        assert_eq!(spec.latent, LatentChoice::PcaAuto);
+        let zoo: ZooSpec = serde_json::from_value(serde_json::json!({
+            "zoo": "", "family": "sinusoid", "num_models": 3, "steps": null
+        }))
+        .unwrap();
+        assert_eq!(zoo.zoo_name(), "sinusoid");
+    }
+
+    #[test]
     fn bad_fields_are_named() {
-        let mut job = TrainJob::new("digits");
-        job.learning_rate = -1.0;
+        let mut spec = TrainSpec::new("digits");
+        spec.learning_rate = -1.0;
         assert_eq!(
-            job.validate().unwrap_err().field,
+            spec.validate().unwrap_err().field,
             "train_denoiser.learning_rate"
         );
-        for (field, job) in [
+        for (field, spec) in [
+            ("train_denoiser.zoo", TrainSpec::default()),
             (
-                "train_denoiser.kind",
-                TrainJob {
-                    kind: "resnet".into(),
-                    ..TrainJob::new("z")
+                "train_denoiser.steps",
+                TrainSpec {
+                    steps: 0,
+                    ..TrainSpec::new("z")
                 },
             ),
             (
                 "train_denoiser.conditioning",
-                TrainJob {
-                    kind: "layer_transformer".into(),
-                    conditioning: "concat".into(),
-                    ..TrainJob::new("z")
-                },
-            ),
-            (
-                "train_denoiser.schedule",
-                TrainJob {
-                    schedule: "sigmoid".into(),
-                    ..TrainJob::new("z")
-                },
-            ),
-            (
-                "train_denoiser.lr_schedule",
-                TrainJob {
-                    lr_schedule: "step".into(),
-                    ..TrainJob::new("z")
+                TrainSpec {
+                    kind: DenoiserKind::LayerTransformer,
+                    conditioning: Conditioning::Concat,
+                    ..TrainSpec::new("z")
                 },
             ),
             (
                 "train_denoiser.timesteps",
-                TrainJob {
+                TrainSpec {
                     timesteps: 1,
-                    ..TrainJob::new("z")
-                },
-            ),
-            (
-                "train_denoiser.align",
-                TrainJob {
-                    align: "maybe".into(),
-                    ..TrainJob::new("z")
+                    ..TrainSpec::new("z")
                 },
             ),
             (
                 "train_denoiser.feature_dropout",
-                TrainJob {
+                TrainSpec {
                     feature_dropout: 1.5,
-                    ..TrainJob::new("z")
+                    ..TrainSpec::new("z")
                 },
             ),
             (
                 "train_denoiser.encoder_hidden",
-                TrainJob {
+                TrainSpec {
                     encoder_hidden: 0,
-                    ..TrainJob::new("z")
+                    ..TrainSpec::new("z")
+                },
+            ),
+            (
+                "train_denoiser.widths",
+                TrainSpec {
+                    widths: vec![],
+                    ..TrainSpec::new("z")
                 },
             ),
             (
                 "train_denoiser.data_parallel",
-                TrainJob {
+                TrainSpec {
                     data_parallel: 0,
-                    ..TrainJob::new("z")
+                    ..TrainSpec::new("z")
                 },
             ),
             (
                 "train_denoiser.data_parallel",
-                TrainJob {
+                TrainSpec {
                     batch_size: 4,
                     data_parallel: 5,
-                    ..TrainJob::new("z")
+                    ..TrainSpec::new("z")
                 },
             ),
         ] {
-            assert_eq!(job.validate().unwrap_err().field, field);
+            assert_eq!(spec.validate().unwrap_err().field, field);
         }
-        let unknown: Result<TrainJob, _> =
+        let unknown: Result<TrainSpec, _> =
             serde_json::from_value(serde_json::json!({"zoo": "z", "stepz": 3}));
         assert!(unknown.unwrap_err().to_string().contains("stepz"));
-        let zoo = BuildZooJob {
-            zoo: String::new(),
+        let bad_enum: Result<TrainSpec, _> =
+            serde_json::from_value(serde_json::json!({"zoo": "z", "schedule": "sigmoid"}));
+        assert!(bad_enum.unwrap_err().to_string().contains("sigmoid"));
+        let zoo = ZooSpec {
+            zoo: None,
             family: "sinusoid".into(),
             architecture: String::new(),
             num_models: 0,
@@ -704,11 +762,20 @@ mod tests {
             keep_snapshots: 0,
         };
         assert_eq!(zoo.validate().unwrap_err().field, "build_zoo.num_models");
-        let zoo = BuildZooJob {
+        let bad = ZooSpec {
             family: "cifar".into(),
             num_models: 3,
+            ..zoo.clone()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "build_zoo.family");
+        let bad = ZooSpec {
+            num_models: 3,
+            keep_snapshots: MAX_KEEP_SNAPSHOTS + 1,
             ..zoo
         };
-        assert_eq!(zoo.validate().unwrap_err().field, "build_zoo.family");
+        assert_eq!(
+            bad.validate().unwrap_err().field,
+            "build_zoo.keep_last_checkpoints"
+        );
     }
 }

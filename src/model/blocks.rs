@@ -61,7 +61,7 @@ pub fn zero_linear(path: nn::Path, input: i64, output: i64) -> nn::Linear {
 }
 
 /// How a block takes in the condition c.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Conditioning {
     /// FiLM: scale and shift of the normalized activations (the proposal).

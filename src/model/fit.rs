@@ -29,14 +29,13 @@ pub const DEFAULT_COND_DROPOUT: f64 = 0.1;
 pub const COSINE_FINAL_FRACTION: f64 = 0.1;
 
 /// How the learning rate moves over a run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum LrSchedule {
     /// The same rate at every step (the proposal).
     #[default]
     Constant,
-    /// Half a cosine from the rate down to `COSINE_FINAL_FRACTION` of it at
-    /// the last step.
+    /// Half a cosine from the rate down to a tenth of it at the last step.
     Cosine,
 }
 

@@ -71,6 +71,17 @@ impl FromStr for PrecisionChoice {
     }
 }
 
+impl std::fmt::Display for PrecisionChoice {
+    /// The name [`FromStr`] reads.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Fixed(Precision::Fp32) => "fp32",
+            Self::Fixed(Precision::Fp16) => "fp16",
+        })
+    }
+}
+
 impl PrecisionChoice {
     /// The precision to use on `device`; fp16 is refused off CUDA, where
     /// libtorch's autocast does nothing.

@@ -8,12 +8,15 @@ use std::sync::Arc;
 use rand::Rng;
 use tonic::{Request, Response, Status};
 
+use super::convert::jobs::{
+    train_spec_from_proto, train_spec_to_proto, zoo_spec_from_proto, zoo_spec_to_proto,
+};
 use super::status::{catalog_status, checked_name};
 use crate::catalog::jobs::DEFAULT_MAX_ATTEMPTS;
 use crate::catalog::{
     Catalog, JobFilter, JobKind, JobRecord, JobState, NewJob, PageRequest, now_ms,
 };
-use crate::jobs::{BuildZooJob, TrainJob};
+use crate::jobs::{SpecError, TrainSpec, ZooSpec};
 use crate::proto::v1::job_service_server::JobService;
 use crate::proto::v1::{
     self as pb, BuildZooSpec, CancelJobRequest, GetJobRequest, Job, ListJobsRequest,
@@ -37,87 +40,21 @@ fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {reason}"))
 }
 
+fn spec_invalid(e: SpecError) -> Status {
+    invalid(&e.field, e.reason)
+}
+
 /// The stored spec of a BuildZoo request.
-fn build_zoo_job(spec: &BuildZooSpec) -> Result<BuildZooJob, Status> {
-    if spec.keep_last_checkpoints > 1000 {
-        return Err(invalid("build_zoo.keep_last_checkpoints", "at most 1000"));
-    }
-    let job = BuildZooJob {
-        zoo: spec.zoo.clone(),
-        family: spec.family.clone(),
-        architecture: spec.architecture.clone(),
-        num_models: u64::from(spec.num_models),
-        shared_init: spec.shared_init,
-        seed: spec.seed,
-        steps: (spec.steps > 0).then_some(spec.steps as usize),
-        learning_rate: (spec.learning_rate != 0.0).then_some(spec.learning_rate),
-        keep_snapshots: spec.keep_last_checkpoints as usize,
-    };
-    job.validate().map_err(|e| invalid(&e.field, e.reason))?;
+fn build_zoo_job(spec: &BuildZooSpec) -> Result<ZooSpec, Status> {
+    let job = zoo_spec_from_proto(spec);
+    job.validate().map_err(spec_invalid)?;
     Ok(job)
 }
 
 /// The stored spec of a TrainDenoiser request.
-fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainJob, Status> {
-    let mut json =
-        serde_json::json!({ "zoo": spec.zoo, "seed": spec.seed, "activate": spec.activate });
-    let fields = json.as_object_mut().expect("an object literal");
-    if !spec.config_json.trim().is_empty() {
-        let extra: serde_json::Value = serde_json::from_str(&spec.config_json)
-            .map_err(|e| invalid("train_denoiser.config_json", e))?;
-        let extra = extra
-            .as_object()
-            .ok_or_else(|| invalid("train_denoiser.config_json", "must be a JSON object"))?;
-        for (key, value) in extra {
-            if matches!(
-                key.as_str(),
-                "zoo"
-                    | "denoiser_id"
-                    | "steps"
-                    | "batch_size"
-                    | "learning_rate"
-                    | "seed"
-                    | "activate"
-                    | "kind"
-                    | "timesteps"
-                    | "schedule"
-            ) || (key == "latent" && spec.latent_dim != 0)
-            {
-                return Err(invalid(
-                    "train_denoiser.config_json",
-                    format!("{key:?} has its own field in TrainDenoiserSpec"),
-                ));
-            }
-            fields.insert(key.clone(), value.clone());
-        }
-    }
-    if !spec.denoiser_id.is_empty() {
-        fields.insert("denoiser_id".into(), spec.denoiser_id.clone().into());
-    }
-    if spec.latent_dim != 0 {
-        fields.insert("latent".into(), format!("pca:{}", spec.latent_dim).into());
-    }
-    if spec.iterations > 0 {
-        fields.insert("steps".into(), spec.iterations.into());
-    }
-    if spec.batch_size > 0 {
-        fields.insert("batch_size".into(), spec.batch_size.into());
-    }
-    if spec.learning_rate != 0.0 {
-        fields.insert("learning_rate".into(), spec.learning_rate.into());
-    }
-    if !spec.kind.is_empty() {
-        fields.insert("kind".into(), spec.kind.clone().into());
-    }
-    if spec.timesteps > 0 {
-        fields.insert("timesteps".into(), spec.timesteps.into());
-    }
-    if !spec.schedule.is_empty() {
-        fields.insert("schedule".into(), spec.schedule.clone().into());
-    }
-    let job: TrainJob =
-        serde_json::from_value(json).map_err(|e| invalid("train_denoiser.config_json", e))?;
-    job.validate().map_err(|e| invalid(&e.field, e.reason))?;
+fn train_job(spec: &TrainDenoiserSpec) -> Result<TrainSpec, Status> {
+    let job = train_spec_from_proto(spec).map_err(spec_invalid)?;
+    job.validate().map_err(spec_invalid)?;
     Ok(job)
 }
 
@@ -145,44 +82,12 @@ fn state_to_proto(state: JobState) -> pb::JobState {
 /// A stored job as the API shows it.
 pub fn job_to_proto(job: &JobRecord) -> Job {
     let spec = match job.kind {
-        JobKind::BuildZoo => serde_json::from_value::<BuildZooJob>(job.spec.clone())
+        JobKind::BuildZoo => serde_json::from_value::<ZooSpec>(job.spec.clone())
             .ok()
-            .map(|s| {
-                pb::job::Spec::BuildZoo(BuildZooSpec {
-                    family: s.family.clone(),
-                    architecture: s.architecture.clone(),
-                    num_models: s.num_models.min(u64::from(u32::MAX)) as u32,
-                    shared_init: s.shared_init,
-                    seed: s.seed,
-                    keep_last_checkpoints: s.keep_snapshots as u32,
-                    zoo: s.zoo_name(),
-                    steps: s.steps.unwrap_or(0) as u32,
-                    learning_rate: s.learning_rate.unwrap_or(0.0),
-                })
-            }),
-        JobKind::TrainDenoiser => serde_json::from_value::<TrainJob>(job.spec.clone())
+            .map(|s| pb::job::Spec::BuildZoo(zoo_spec_to_proto(&s))),
+        JobKind::TrainDenoiser => serde_json::from_value::<TrainSpec>(job.spec.clone())
             .ok()
-            .map(|s| {
-                pb::job::Spec::TrainDenoiser(TrainDenoiserSpec {
-                    architecture: String::new(),
-                    kind: s.kind.clone(),
-                    iterations: s.steps as u32,
-                    batch_size: s.batch_size as u32,
-                    learning_rate: s.learning_rate,
-                    timesteps: s.timesteps as u32,
-                    schedule: s.schedule.clone(),
-                    seed: s.seed,
-                    latent_dim: s
-                        .latent
-                        .strip_prefix("pca:")
-                        .and_then(|k| k.parse().ok())
-                        .unwrap_or(0),
-                    activate: s.activate,
-                    config_json: job.spec.to_string(),
-                    zoo: s.zoo.clone(),
-                    denoiser_id: s.denoiser_id.clone().unwrap_or_default(),
-                })
-            }),
+            .map(|s| pb::job::Spec::TrainDenoiser(train_spec_to_proto(&s))),
     };
     Job {
         id: job.id.clone(),
@@ -222,12 +127,14 @@ impl JobService for JobsApi {
             ),
             Some(pb::submit_job_request::Spec::TrainDenoiser(spec)) => {
                 let job = train_job(spec)?;
-                let zoo = if spec.architecture.is_empty() {
-                    None
-                } else {
-                    self.catalog.zoo(&job.zoo).await.map_err(catalog_status)?
+                // Checked again when training starts, for a zoo built later.
+                let zoo = match &job.architecture {
+                    None => None,
+                    Some(_) => self.catalog.zoo(&job.zoo).await.map_err(catalog_status)?,
                 };
-                if let Some(zoo) = zoo.filter(|z| z.architecture != spec.architecture) {
+                if let Some(zoo) =
+                    zoo.filter(|z| Some(&z.architecture) != job.architecture.as_ref())
+                {
                     return Err(invalid(
                         "train_denoiser.architecture",
                         format!(

@@ -86,6 +86,8 @@ pub struct TrainDenoiserConfig {
     pub zoo: String,
     /// Id of the new denoiser version.
     pub denoiser_id: String,
+    /// The architecture the zoo must have, when the request names one.
+    pub architecture: Option<String>,
     /// The network F.
     pub net: NetConfig,
     /// Diffusion steps T.
@@ -296,6 +298,18 @@ pub async fn train_denoiser(
             field: "denoiser_id",
             reason: format!("denoiser {:?} already exists", config.denoiser_id),
         });
+    }
+    if let Some(expected) = &config.architecture {
+        let plan = catalog.zoo(&config.zoo).await?;
+        if let Some(plan) = plan.filter(|p| &p.architecture != expected) {
+            return Err(TrainError::Input {
+                field: "architecture",
+                reason: format!(
+                    "zoo {:?} holds {:?} models, not {expected:?}",
+                    config.zoo, plan.architecture
+                ),
+            });
+        }
     }
     let resume_state = match run_state::latest_step(&blobs, &config.denoiser_id).await? {
         None => None,

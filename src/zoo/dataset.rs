@@ -77,7 +77,7 @@ pub struct ZooDataset {
 }
 
 /// Whether to align the zoo's models by permutation before training.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum AlignChoice {
     /// Align unless the zoo was built from one shared initialization (its

@@ -380,7 +380,7 @@ async fn job_commands_submit_list_cancel_and_wait() {
             "submit-train",
             "--zoo",
             "digits",
-            "--iterations",
+            "--steps",
             "10",
             "--denoiser-id",
             "digits-cli",
@@ -524,32 +524,60 @@ async fn job_commands_submit_list_cancel_and_wait() {
         text.contains("weightgen: jobs submit-zoo: InvalidArgument: build_zoo.family:"),
         "{text}"
     );
+    // The server checks every spec (one set of rules, naming the field).
+    for (args, field) in [
+        (
+            &[
+                "jobs",
+                "submit-zoo",
+                "--family",
+                "digits",
+                "--num-models",
+                "3",
+                "--learning-rate",
+                "0",
+            ][..],
+            "build_zoo.learning_rate",
+        ),
+        (
+            &["jobs", "submit-zoo", "--family", "digits", "--models", "0"],
+            "build_zoo.num_models",
+        ),
+        (
+            &[
+                "jobs",
+                "submit-train",
+                "--zoo",
+                "digits",
+                "--cond-dropout",
+                "1.5",
+            ],
+            "train_denoiser.cond_dropout",
+        ),
+    ] {
+        let out = cli(&test, args).await;
+        let text = expect(&out, 1, &format!("{args:?}"));
+        assert!(
+            text.contains(&format!("InvalidArgument: {field}:")),
+            "{text}"
+        );
+    }
     for args in [
         &[
             "jobs",
-            "submit-zoo",
-            "--family",
+            "submit-train",
+            "--zoo",
             "digits",
-            "--num-models",
-            "3",
-            "--learning-rate",
-            "-1",
+            "--kind",
+            "resnet",
         ][..],
-        &[
-            "jobs",
-            "submit-zoo",
-            "--family",
-            "digits",
-            "--num-models",
-            "0",
-        ],
         &[
             "jobs",
             "submit-train",
             "--zoo",
             "digits",
             "--config-json",
-            "[1]",
+            "{}",
         ],
         &["jobs", "wait", &failing, "--poll", "0s"],
         &["jobs", "list", "--state", "sleeping"],

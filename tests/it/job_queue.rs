@@ -71,16 +71,17 @@ async fn get(client: &mut JobServiceClient<tonic::transport::Channel>, id: &str)
         .into_inner()
 }
 
-fn train_spec(zoo: &str, iterations: u32, checkpoint_every: u32) -> Spec {
+fn train_spec(zoo: &str, steps: u32, checkpoint_every: u32) -> Spec {
     Spec::TrainDenoiser(TrainDenoiserSpec {
         zoo: zoo.to_owned(),
-        iterations,
-        learning_rate: 1e-3,
+        steps: Some(steps),
+        learning_rate: Some(1e-3),
         seed: 4,
         activate: true,
-        config_json: format!(
-            r#"{{"widths": [64, 32], "checkpoint_every": {checkpoint_every}, "log_every": 100, "eval_tasks": 2}}"#
-        ),
+        widths: vec![64, 32],
+        checkpoint_every: Some(checkpoint_every),
+        log_every: Some(100),
+        eval_tasks: Some(2),
         ..Default::default()
     })
 }
@@ -105,7 +106,7 @@ async fn a_dead_workers_job_is_taken_over_after_its_lease_and_resumed() {
             family: "digits".into(),
             num_models: 40,
             shared_init: true,
-            steps: 30,
+            steps: Some(30),
             ..Default::default()
         }),
         1,
@@ -218,18 +219,27 @@ async fn failures_are_retried_to_their_limit_and_cancelled_jobs_stop_their_worke
         (
             Some(Spec::TrainDenoiser(TrainDenoiserSpec {
                 zoo: "z".into(),
-                config_json: r#"{"stepz": 3}"#.into(),
+                steps: Some(0),
                 ..Default::default()
             })),
-            "train_denoiser.config_json",
+            "train_denoiser.steps",
         ),
         (
             Some(Spec::TrainDenoiser(TrainDenoiserSpec {
                 zoo: "z".into(),
-                kind: "resnet".into(),
+                kind: 7,
                 ..Default::default()
             })),
             "train_denoiser.kind",
+        ),
+        (
+            Some(Spec::TrainDenoiser(TrainDenoiserSpec {
+                zoo: "z".into(),
+                feature_dropout: Some(0.6),
+                support_dropout: Some(0.6),
+                ..Default::default()
+            })),
+            "train_denoiser.support_dropout",
         ),
     ] {
         let err = jobs
@@ -293,7 +303,7 @@ async fn failures_are_retried_to_their_limit_and_cancelled_jobs_stop_their_worke
         Spec::BuildZoo(BuildZooSpec {
             family: "sinusoid".into(),
             num_models: 10,
-            steps: 20,
+            steps: Some(20),
             ..Default::default()
         }),
         1,

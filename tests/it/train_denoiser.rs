@@ -45,6 +45,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
     let config = TrainDenoiserConfig {
         zoo: "digits-small".into(),
         denoiser_id: "digits-small-v1".into(),
+        architecture: None,
         net: NetConfig::MlpUnet(MlpUnetConfig {
             widths: vec![128, 64],
             blocks_per_level: 1,

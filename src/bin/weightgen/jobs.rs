@@ -7,12 +7,15 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tonic::Code;
+use weightgen::jobs::{TrainSpec, ZooSpec};
 use weightgen::proto::v1 as pb;
+use weightgen::serve::convert::jobs::{
+    train_spec_from_proto, train_spec_to_proto, zoo_spec_from_proto, zoo_spec_to_proto,
+};
 
 use crate::output::{
-    Failure, GetArgs, ListOptions, collect_pages, exit_code, json_object_flag, number_text,
-    on_terminal, out, print_fields, print_json, print_table, short_name, spinner, time_json,
-    time_text,
+    Failure, GetArgs, ListOptions, collect_pages, exit_code, number_text, on_terminal, out,
+    print_fields, print_json, print_table, short_name, spinner, time_json, time_text,
 };
 use pb::job_service_client::JobServiceClient;
 
@@ -112,82 +115,16 @@ pub struct SubmitOptions {
 
 #[derive(Args)]
 pub struct SubmitZooArgs {
-    /// Task family: "sinusoid", "digits" or "digit-inr".
-    #[arg(long)]
-    family: String,
-    /// Architecture within the family (default: the family's default).
-    #[arg(long)]
-    architecture: Option<String>,
-    /// Number of zoo models to have when the job ends (already built ones count).
-    #[arg(long)]
-    num_models: u32,
-    /// Start every model from one shared initialization instead of
-    /// independent seeds.
-    #[arg(long)]
-    shared_init: bool,
-    /// Base seed; model i uses a seed derived from it and i.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Also keep the last K checkpoints of each model's run (0 = final only).
-    #[arg(long, default_value_t = 0)]
-    keep_last_checkpoints: u32,
-    /// Zoo name (default: the family's name).
-    #[arg(long)]
-    zoo: Option<String>,
-    /// Training steps of each model (default: the family's).
-    #[arg(long)]
-    steps: Option<u32>,
-    /// Learning rate of each model (default: the family's).
-    #[arg(long)]
-    learning_rate: Option<f64>,
+    #[command(flatten)]
+    spec: ZooSpec,
     #[command(flatten)]
     options: SubmitOptions,
 }
 
 #[derive(Args)]
 pub struct SubmitTrainArgs {
-    /// The zoo to learn.
-    #[arg(long)]
-    zoo: String,
-    /// Architecture, checked against the zoo's when given.
-    #[arg(long)]
-    architecture: Option<String>,
-    /// Denoiser variant: "mlp_unet" (default) or "layer_transformer".
-    #[arg(long)]
-    kind: Option<String>,
-    /// Training iterations (default: 200,000).
-    #[arg(long)]
-    iterations: Option<u32>,
-    /// Batch size (default: 64).
-    #[arg(long)]
-    batch_size: Option<u32>,
-    /// Learning rate (default: 1e-4).
-    #[arg(long)]
-    learning_rate: Option<f64>,
-    /// Diffusion timesteps T (default: 1000).
-    #[arg(long)]
-    timesteps: Option<u32>,
-    /// Noise schedule: "cosine" (default) or "linear".
-    #[arg(long)]
-    schedule: Option<String>,
-    /// Training seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Latent size for PCA diffusion (default: chosen by reconstruction quality).
-    #[arg(long)]
-    latent_dim: Option<u32>,
-    /// Make the new denoiser the active one when training succeeds.
-    #[arg(long)]
-    activate: bool,
-    /// Further trainer settings as a JSON object: ema_decay, cond_dropout,
-    /// feature_dropout, val_fraction, widths, conditioning, embed_dim, align,
-    /// max_models, eval_tasks, eval_guidance, log_every, checkpoint_every,
-    /// precision.
-    #[arg(long, value_name = "JSON")]
-    config_json: Option<String>,
-    /// Id of the published denoiser version (default: "<zoo>-<job id>").
-    #[arg(long)]
-    denoiser_id: Option<String>,
+    #[command(flatten)]
+    spec: TrainSpec,
     #[command(flatten)]
     options: SubmitOptions,
 }
@@ -282,39 +219,20 @@ const JOB_HEADER: [&str; 7] = [
     "ID", "KIND", "STATE", "PROGRESS", "ATTEMPTS", "CREATED", "NOTE",
 ];
 
+/// A job's spec as its job row stores it (the field names of `ZooSpec` /
+/// `TrainSpec`, which the worker's flags and the proto share).
 fn spec_json(job: &pb::Job) -> (&'static str, Value) {
     match &job.spec {
         Some(pb::job::Spec::BuildZoo(s)) => (
             "build_zoo",
-            json!({
-                "family": s.family,
-                "architecture": s.architecture,
-                "num_models": s.num_models,
-                "shared_init": s.shared_init,
-                "seed": s.seed,
-                "keep_last_checkpoints": s.keep_last_checkpoints,
-                "zoo": s.zoo,
-                "steps": s.steps,
-                "learning_rate": s.learning_rate,
-            }),
+            serde_json::to_value(zoo_spec_from_proto(s)).unwrap_or(Value::Null),
         ),
         Some(pb::job::Spec::TrainDenoiser(s)) => (
             "train_denoiser",
-            json!({
-                "architecture": s.architecture,
-                "kind": s.kind,
-                "iterations": s.iterations,
-                "batch_size": s.batch_size,
-                "learning_rate": s.learning_rate,
-                "timesteps": s.timesteps,
-                "schedule": s.schedule,
-                "seed": s.seed,
-                "latent_dim": s.latent_dim,
-                "activate": s.activate,
-                "config_json": s.config_json,
-                "zoo": s.zoo,
-                "denoiser_id": s.denoiser_id,
-            }),
+            train_spec_from_proto(s)
+                .ok()
+                .and_then(|spec| serde_json::to_value(spec).ok())
+                .unwrap_or(Value::Null),
         ),
         None => ("spec", Value::Null),
     }
@@ -365,11 +283,11 @@ fn spec_text(job: &pb::Job) -> String {
             if s.shared_init {
                 text.push_str(", shared init");
             }
-            if s.steps > 0 {
-                text.push_str(&format!(", {} steps", s.steps));
+            if let Some(steps) = s.steps {
+                text.push_str(&format!(", {steps} steps"));
             }
-            if s.learning_rate != 0.0 {
-                text.push_str(&format!(", lr {}", number_text(s.learning_rate)));
+            if let Some(rate) = s.learning_rate {
+                text.push_str(&format!(", lr {}", number_text(rate)));
             }
             if s.keep_last_checkpoints > 0 {
                 text.push_str(&format!(
@@ -380,14 +298,19 @@ fn spec_text(job: &pb::Job) -> String {
             text
         }
         Some(pb::job::Spec::TrainDenoiser(s)) => {
+            let Ok(spec) = train_spec_from_proto(s) else {
+                return "train (a spec this client cannot read)".into();
+            };
             let mut text = format!(
-                "train {} on zoo {:?}: {} iterations, batch {}, lr {}, seed {}",
-                s.kind,
-                s.zoo,
-                s.iterations,
-                s.batch_size,
-                number_text(s.learning_rate),
-                s.seed
+                "train {} on zoo {:?}: {} steps, batch {}, lr {}, seed {}",
+                spec.kind
+                    .to_possible_value()
+                    .map_or("?".into(), |v| v.get_name().to_owned()),
+                spec.zoo,
+                spec.steps,
+                spec.batch_size,
+                number_text(spec.learning_rate),
+                spec.seed
             );
             if !s.denoiser_id.is_empty() {
                 text.push_str(&format!(", publishing {}", s.denoiser_id));
@@ -430,59 +353,6 @@ fn print_job(job: &pb::Job) {
     ]);
 }
 
-fn positive_rate(flag: &str, rate: Option<f64>) -> Result<f64, Failure> {
-    match rate {
-        None => Ok(0.0),
-        Some(r) if r.is_finite() && r > 0.0 => Ok(r),
-        Some(r) => Err(Failure::Usage(format!(
-            "--{flag} {r}: must be a positive number"
-        ))),
-    }
-}
-
-fn positive(flag: &str, value: Option<u32>) -> Result<u32, Failure> {
-    match value {
-        Some(0) => Err(Failure::Usage(format!("--{flag}: must be positive"))),
-        other => Ok(other.unwrap_or(0)),
-    }
-}
-
-fn build_zoo_spec(args: &SubmitZooArgs) -> Result<pb::BuildZooSpec, Failure> {
-    if args.num_models == 0 {
-        return Err(Failure::Usage("--num-models: must be positive".into()));
-    }
-    Ok(pb::BuildZooSpec {
-        family: args.family.clone(),
-        architecture: args.architecture.clone().unwrap_or_default(),
-        num_models: args.num_models,
-        shared_init: args.shared_init,
-        seed: args.seed,
-        keep_last_checkpoints: args.keep_last_checkpoints,
-        zoo: args.zoo.clone().unwrap_or_default(),
-        steps: positive("steps", args.steps)?,
-        learning_rate: positive_rate("learning-rate", args.learning_rate)?,
-    })
-}
-
-fn train_spec(args: &SubmitTrainArgs) -> Result<pb::TrainDenoiserSpec, Failure> {
-    let config_json = json_object_flag("config-json", args.config_json.as_deref())?;
-    Ok(pb::TrainDenoiserSpec {
-        architecture: args.architecture.clone().unwrap_or_default(),
-        kind: args.kind.clone().unwrap_or_default(),
-        iterations: positive("iterations", args.iterations)?,
-        batch_size: positive("batch-size", args.batch_size)?,
-        learning_rate: positive_rate("learning-rate", args.learning_rate)?,
-        timesteps: positive("timesteps", args.timesteps)?,
-        schedule: args.schedule.clone().unwrap_or_default(),
-        seed: args.seed,
-        latent_dim: args.latent_dim.unwrap_or(0),
-        activate: args.activate,
-        config_json,
-        zoo: args.zoo.clone(),
-        denoiser_id: args.denoiser_id.clone().unwrap_or_default(),
-    })
-}
-
 async fn submit(
     addr: &str,
     timeout: Duration,
@@ -516,7 +386,8 @@ async fn submit_zoo(
     timeout: Duration,
     args: SubmitZooArgs,
 ) -> Result<ExitCode, Failure> {
-    let spec = pb::submit_job_request::Spec::BuildZoo(build_zoo_spec(&args)?);
+    // The server validates the spec (one set of rules; errors name the field).
+    let spec = pb::submit_job_request::Spec::BuildZoo(zoo_spec_to_proto(&args.spec));
     submit(addr, timeout, spec, &args.options).await
 }
 
@@ -525,7 +396,7 @@ async fn submit_train(
     timeout: Duration,
     args: SubmitTrainArgs,
 ) -> Result<ExitCode, Failure> {
-    let spec = pb::submit_job_request::Spec::TrainDenoiser(train_spec(&args)?);
+    let spec = pb::submit_job_request::Spec::TrainDenoiser(train_spec_to_proto(&args.spec));
     submit(addr, timeout, spec, &args.options).await
 }
 
@@ -685,33 +556,55 @@ async fn wait(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: JobsCommand,
+    }
 
     #[test]
-    fn bad_flags_are_refused_before_any_call() {
-        let zoo = |num_models, steps, learning_rate| SubmitZooArgs {
-            family: "digits".into(),
-            architecture: None,
-            num_models,
-            shared_init: false,
-            seed: 0,
-            keep_last_checkpoints: 0,
-            zoo: None,
-            steps,
-            learning_rate,
-            options: SubmitOptions {
-                max_attempts: 0,
-                idempotency_key: None,
-                json: false,
-            },
+    fn submitted_specs_carry_every_flag_typed() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "submit-train",
+            "--zoo",
+            "z",
+            "--steps",
+            "5",
+            "--prediction",
+            "v",
+            "--widths",
+            "8,4",
+            "--latent",
+            "none",
+        ])
+        .unwrap();
+        let JobsCommand::SubmitTrain(args) = cli.command else {
+            panic!("submit-train");
         };
-        assert!(build_zoo_spec(&zoo(3, None, None)).is_ok());
-        for args in [
-            zoo(0, None, None),
-            zoo(3, Some(0), None),
-            zoo(3, None, Some(-1.0)),
-            zoo(3, None, Some(f64::NAN)),
-        ] {
-            assert!(matches!(build_zoo_spec(&args), Err(Failure::Usage(_))));
-        }
+        let spec = train_spec_to_proto(&args.spec);
+        assert_eq!(spec.steps, Some(5));
+        assert_eq!(spec.prediction(), pb::Prediction::V);
+        assert_eq!(spec.widths, [8, 4]);
+        assert_eq!(spec.latent(), pb::LatentSpace::Weights);
+        assert_eq!(train_spec_from_proto(&spec).unwrap(), args.spec);
+        // The old flag names still parse.
+        let cli = Cli::try_parse_from([
+            "x",
+            "submit-zoo",
+            "--family",
+            "digits",
+            "--num-models",
+            "3",
+            "--keep-last-checkpoints",
+            "2",
+        ])
+        .unwrap();
+        let JobsCommand::SubmitZoo(args) = cli.command else {
+            panic!("submit-zoo");
+        };
+        assert_eq!((args.spec.num_models, args.spec.keep_snapshots), (3, 2));
     }
 }

@@ -1,4 +1,6 @@
-//! Library types as their `weightgen.v1` messages.
+//! Library types as their `weightgen.v1` messages (job specs: [`jobs`]).
+
+pub mod jobs;
 
 use tonic::Status;
 
