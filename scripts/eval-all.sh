@@ -44,11 +44,11 @@ zoo() { # name family models [flags]
 
 # Trains and publishes denoiser ID on ZOO; an already published ID is kept
 # (and so is the log of its training).
-train() { # id zoo steps [flags]
-    local id="$1" zoo="$2" n="$3" log="$data/train-$1.log"
-    shift 3
-    step "denoiser $id on $zoo: $n steps $*"
-    worker train --zoo "$zoo" --denoiser-id "$id" --steps "$n" --learning-rate 1e-3 --widths 256,128 \
+train() { # id zoo steps widths [flags]
+    local id="$1" zoo="$2" n="$3" widths="$4" log="$data/train-$1.log"
+    shift 4
+    step "denoiser $id on $zoo: $n steps, widths $widths $*"
+    worker train --zoo "$zoo" --denoiser-id "$id" --steps "$n" --learning-rate 1e-3 --widths "$widths" \
         --ema-decay 0.995 --eval-tasks 10 --eval-guidance 3 --log-every 500 --device cpu "$@" \
         2>"$log.new" | tail -1 || {
         grep -q "already exists" "$log.new" && rm "$log.new" && step "($id is already published)" && return
@@ -69,24 +69,49 @@ wants digit-inr-eval && zoo digit-inr-eval digit-inr 1000
 wants digit-inr-shared && zoo digit-inr-shared digit-inr 1000 --shared-init
 
 report() { # zoo [split]: evaluates ZOO's denoiser (ZOO minus -eval, then -STEPS)
-    local zoo="$1" id="${1%-eval}-$steps" split="${2:-interpolation}"
+    local zoo="$1" id="${1%-eval}-$(recipe_steps "$1")" split="${2:-interpolation}"
     step "eval $zoo, $split split (full profile)"
-    worker eval --zoo "$zoo" --denoiser-id "$id" --split "$split" --output "$out" 2>"$data/eval-$zoo-$split.log" |
+    # shellcheck disable=SC2046
+    worker eval --zoo "$zoo" --denoiser-id "$id" --split "$split" --output "$out" $(report_flags "$zoo") \
+        2>"$data/eval-$zoo-$split.log" |
         grep -E "^\| (weightgen|random|nearest|average|Reptile|first-order|hypernetwork)" | head -20
 }
 
-# Per-zoo recipe flags, each chosen on that zoo's validation gate
-# (docs/RESULTS.md): v-prediction on digits.
-recipe() { # zoo
+# Per-zoo recipes, each chosen on that zoo's validation gate (docs/RESULTS.md):
+# v-prediction on digits; on the shared-init sinusoid and digit-inr zoos the
+# demo's recipe (v-prediction, widths 128/64, 10,000 steps) sampled by one
+# x̂₀ step from t = T (validation MSE 0.55 against 4.80 for the old recipe's
+# DDIM-50 on sinusoid; 0.012 against 0.054 on digit-inr).
+recipe_steps() { # zoo
+    case "$1" in
+        sinusoid-shared | digit-inr-shared) echo 10000 ;;
+        *) echo "$steps" ;;
+    esac
+}
+recipe_widths() { # zoo
+    case "$1" in
+        sinusoid-shared | digit-inr-shared) echo 128,64 ;;
+        *) echo 256,128 ;;
+    esac
+}
+recipe() { # zoo: further training flags
     case "$1" in
         digits-eval) echo "--prediction v" ;;
+        # One intra-op thread, as measured (training is bit-reproducible so).
+        sinusoid-shared | digit-inr-shared) echo "--prediction v --threads 1" ;;
+    esac
+}
+report_flags() { # zoo: the sampler of its report's weightgen rows
+    case "$1" in
+        sinusoid-shared | digit-inr-shared) echo "--sampler one-step --guidance 1" ;;
     esac
 }
 
 if [ "$only" != ablation ]; then
     for zoo in $zoos; do
         # shellcheck disable=SC2046
-        train "${zoo%-eval}-$steps" "$zoo" "$steps" $(recipe "$zoo")
+        train "${zoo%-eval}-$(recipe_steps "$zoo")" "$zoo" "$(recipe_steps "$zoo")" "$(recipe_widths "$zoo")" \
+            $(recipe "$zoo")
         report "$zoo"
     done
     # sinusoid's second split: held-out tasks outside the zoo's range.
@@ -96,15 +121,15 @@ fi
 if [ "$only" != main ]; then
     # One choice changed per row, against the baseline abl-base (the main
     # recipe at the ablation's step count).
-    train abl-base digits-eval "$ablation_steps"
-    train abl-t100 digits-eval "$ablation_steps" --timesteps 100
-    train abl-linear digits-eval "$ablation_steps" --schedule linear
-    train abl-transformer digits-eval "$ablation_steps" --kind layer_transformer
-    train abl-concat digits-eval "$ablation_steps" --conditioning concat
-    train abl-e16 digits-eval "$ablation_steps" --embed-dim 16
-    train abl-e256 digits-eval "$ablation_steps" --embed-dim 256
-    train abl-zoo250 digits-eval "$ablation_steps" --max-models 250
-    train abl-fdrop digits-eval "$ablation_steps" --feature-dropout 0.3
+    train abl-base digits-eval "$ablation_steps" 256,128
+    train abl-t100 digits-eval "$ablation_steps" 256,128 --timesteps 100
+    train abl-linear digits-eval "$ablation_steps" 256,128 --schedule linear
+    train abl-transformer digits-eval "$ablation_steps" 256,128 --kind layer_transformer
+    train abl-concat digits-eval "$ablation_steps" 256,128 --conditioning concat
+    train abl-e16 digits-eval "$ablation_steps" 256,128 --embed-dim 16
+    train abl-e256 digits-eval "$ablation_steps" 256,128 --embed-dim 256
+    train abl-zoo250 digits-eval "$ablation_steps" 256,128 --max-models 250
+    train abl-fdrop digits-eval "$ablation_steps" 256,128 --feature-dropout 0.3
     step "eval ablations on digits-eval"
     worker eval --zoo digits-eval --tasks 10 --seeds 2 --output "$out" \
         --ablation abl-base,abl-t100,abl-linear,abl-transformer,abl-concat,abl-e16,abl-e256,abl-zoo250,abl-fdrop \
@@ -112,8 +137,8 @@ if [ "$only" != main ]; then
 
     # Alignment matters only when models start from different inits.
     zoo digits-indep digits 1000 --steps 100
-    train abl-aligned digits-indep "$ablation_steps" --align always
-    train abl-unaligned digits-indep "$ablation_steps" --align never
+    train abl-aligned digits-indep "$ablation_steps" 256,128 --align always
+    train abl-unaligned digits-indep "$ablation_steps" 256,128 --align never
     step "eval alignment ablation on digits-indep"
     worker eval --zoo digits-indep --tasks 10 --seeds 2 --output "$out" --ablation abl-aligned,abl-unaligned \
         2>"$data/eval-ablation-indep.log" | tail -5

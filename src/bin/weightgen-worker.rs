@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use weightgen::cancel::CancelFlag;
 use weightgen::device::{DeviceChoice, device_name};
+use weightgen::eval::EvalSampler;
 use weightgen::jobs::{RunnerConfig, TrainSpec, ZooSpec, run_jobs};
 use weightgen::storage::StorageArgs;
 use weightgen::telemetry::{self, LogArgs, error_chain};
@@ -119,6 +120,11 @@ struct EvalArgs {
     /// Guidance scale of the guided rows.
     #[arg(long, default_value_t = 3.0)]
     guidance: f64,
+    /// Sampler of weightgen's rows other than DDPM: ddim-50, or one-step
+    /// (one DPM-Solver++ step from t = T, the x̂₀ of pure noise; for
+    /// v-prediction denoisers, with --guidance 1).
+    #[arg(long, value_enum, env = "WEIGHTGEN_EVAL_SAMPLER", default_value_t = EvalSampler::Ddim50)]
+    sampler: EvalSampler,
     /// Seed of task draws, sampling and random inits.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -298,6 +304,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<String> {
     config.finetune_steps = args.finetune_steps.unwrap_or(config.finetune_steps);
     config.full_steps = args.full_steps.unwrap_or(config.full_steps);
     config.guidance = args.guidance;
+    config.sampler = args.sampler;
     config.seed = args.seed;
     config.split = args.split;
     if !args.methods.is_empty() {

@@ -110,7 +110,7 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
             who.machine,
             first.report.tasks,
             first.report.seeds,
-            ABLATION_METHOD.label(config.guidance),
+            ABLATION_METHOD.label(config),
             first.report.chosen_lr
         ),
         String::new(),

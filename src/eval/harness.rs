@@ -274,7 +274,13 @@ pub fn evaluate_with(
                 // Random init's runs come from the yardstick when measured.
                 let measured = measured.as_ref().filter(|_| method == Method::Random);
                 let cost = (
-                    sampling_flops(method, config.guidance, denoiser_params, timesteps),
+                    sampling_flops(
+                        method,
+                        config.guidance,
+                        config.sampler.steps(),
+                        denoiser_params,
+                        timesteps,
+                    ),
                     made.seconds.get(&method).copied().unwrap_or(0.0),
                 );
                 let random_run = measure_run(&run, method, &init, measured, cost, r)?;

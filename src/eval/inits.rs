@@ -16,7 +16,7 @@ use super::summary::HypernetworkChoice;
 use crate::diffusion::SamplerKind;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::Descriptor;
-use crate::train::quality::{EVAL_DDIM_STEPS, condition_of};
+use crate::train::quality::condition_of;
 use crate::weights::unflatten;
 use crate::zoo::ZooDataset;
 
@@ -137,7 +137,7 @@ pub(super) fn seed_inits(
     hypernetwork_choice: Option<&HypernetworkChoice>,
     first_hypernetwork: &mut Option<Hypernetwork>,
 ) -> Result<SeedInits, tch::TchError> {
-    let ddim = SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0);
+    let ddim = config.sampler.kind();
     let mut to_sample: Vec<(Method, &TaskBatch, SamplerKind, f64)> = vec![
         (Method::WeightgenDdim, conditions.both, ddim, 1.0),
         (
@@ -258,24 +258,26 @@ pub(super) fn init_of(
 
 /// FLOPs of sampling one init by `method`: one dense forward of the
 /// denoiser (2 per parameter) per reverse step, twice with guidance
-/// (conditional and unconditional); 0 for stored inits.
+/// (conditional and unconditional); 0 for stored inits. `steps` is the
+/// configured sampler's (DDPM rows take all `timesteps`).
 pub(super) fn sampling_flops(
     method: Method,
     guidance: f64,
+    steps: usize,
     denoiser_params: f64,
     timesteps: f64,
 ) -> f64 {
     let forward = 2.0 * denoiser_params;
     let guided = if guidance == 1.0 { 1.0 } else { 2.0 };
-    let ddim = EVAL_DDIM_STEPS as f64;
+    let steps = steps as f64;
     match method {
-        Method::WeightgenDdim => forward * ddim,
-        Method::WeightgenDdimGuided => forward * guided * ddim,
+        Method::WeightgenDdim => forward * steps,
+        Method::WeightgenDdimGuided => forward * guided * steps,
         Method::WeightgenDdpm => forward * timesteps,
         Method::WeightgenDdpmGuided => forward * guided * timesteps,
         Method::WeightgenSupportOnly
         | Method::WeightgenFeaturesOnly
-        | Method::WeightgenWrongTask => forward * guided * ddim,
+        | Method::WeightgenWrongTask => forward * guided * steps,
         _ => 0.0,
     }
 }

@@ -21,7 +21,7 @@ pub use finetune::{
     steps_to_target, target_of,
 };
 pub use harness::{Yardstick, evaluate, evaluate_with};
-pub use protocol::{EvalConfig, Method};
+pub use protocol::{EvalConfig, EvalSampler, Method};
 pub use report::{Provenance, draw_plots, markdown, write_section};
 pub use stats::MeanCi;
 pub use subject::{Subject, SubjectError, load_denoiser, load_subject, load_zoo};

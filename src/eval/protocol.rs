@@ -18,9 +18,11 @@ use tch::{Device, Tensor};
 
 use super::baselines::MetaConfig;
 use super::finetune::{FinetuneConfig, curve};
+use crate::diffusion::SamplerKind;
 use crate::tasks::featurizer::describe;
 use crate::tasks::train::{Objective, TaskData};
 use crate::tasks::{Descriptor, HeldOutSplit, TaskSpec};
+use crate::train::quality::EVAL_DDIM_STEPS;
 use crate::zoo::ZooDataset;
 
 /// A held-out task: its spec, its data and its descriptor.
@@ -56,6 +58,8 @@ pub struct EvalConfig {
     pub few_shot_steps: usize,
     /// Guidance scale of the guided weightgen rows.
     pub guidance: f64,
+    /// The sampler of weightgen's DDIM rows (the DDPM rows stay DDPM).
+    pub sampler: EvalSampler,
     /// σ of the noise-added baseline, per weight, as a multiple of the
     /// zoo's per-weight standard deviation.
     pub noise_scale: f64,
@@ -86,6 +90,7 @@ impl EvalConfig {
             few_shot: vec![10, 100],
             few_shot_steps: 100,
             guidance: 3.0,
+            sampler: EvalSampler::Ddim50,
             noise_scale: 0.1,
             meta: MetaConfig {
                 meta_steps: 2000,
@@ -114,6 +119,7 @@ impl EvalConfig {
             few_shot: vec![10, 100],
             few_shot_steps: 20,
             guidance: 3.0,
+            sampler: EvalSampler::Ddim50,
             noise_scale: 0.1,
             meta: MetaConfig {
                 meta_steps: 30,
@@ -131,27 +137,67 @@ impl EvalConfig {
     }
 }
 
+/// The sampler of weightgen's rows other than DDPM (`eval --sampler`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalSampler {
+    /// DDIM with 50 steps (η = 0), the reports' sampler so far.
+    #[default]
+    #[value(name = "ddim-50")]
+    Ddim50,
+    /// One DPM-Solver++ step from t = T: the denoiser's x̂₀ of pure noise,
+    /// its estimate of the conditional mean (what `GenerateInit` returns for
+    /// `SAMPLER_DPM_SOLVER` with one step). Meant for v-prediction denoisers.
+    OneStep,
+}
+
+impl EvalSampler {
+    /// The sampler.
+    pub fn kind(self) -> SamplerKind {
+        match self {
+            Self::Ddim50 => SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0),
+            Self::OneStep => SamplerKind::DpmSolver { steps: 1 },
+        }
+    }
+
+    /// Denoiser calls per sample (without guidance).
+    pub fn steps(self) -> usize {
+        match self {
+            Self::Ddim50 => EVAL_DDIM_STEPS,
+            Self::OneStep => 1,
+        }
+    }
+
+    /// Its name in row labels.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ddim50 => "DDIM-50",
+            Self::OneStep => "one-step x̂₀",
+        }
+    }
+}
+
 /// Where an init comes from. On the command line (`eval --methods`) by its
 /// variant name in kebab case: `weightgen-features-only`, `hypernetwork`, ….
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Method {
-    /// weightgen, DDIM-50, guidance 1, conditioned on the task metadata.
+    /// weightgen, the configured sampler (DDIM-50 unless `--sampler`),
+    /// guidance 1, conditioned on the task metadata.
     WeightgenDdim,
-    /// weightgen, DDIM-50 with the configured guidance.
+    /// weightgen, the configured sampler and guidance.
     WeightgenDdimGuided,
     /// weightgen, DDPM with all T steps, guidance 1.
     WeightgenDdpm,
     /// weightgen, DDPM with all T steps, configured guidance.
     WeightgenDdpmGuided,
-    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
+    /// weightgen, the configured sampler and guidance, conditioned on the
     /// smallest few-shot support set alone (no task metadata): exactly what
     /// Reptile and MAML see.
     WeightgenSupportOnly,
-    /// weightgen, DDIM-50 with the configured guidance, conditioned on the
+    /// weightgen, the configured sampler and guidance, conditioned on the
     /// task features alone (no support set): what a client with no
     /// examples sends (the README's `generate --feature` example).
     WeightgenFeaturesOnly,
-    /// The control: weightgen, DDIM-50 with the configured guidance,
+    /// The control: weightgen, the configured sampler and guidance,
     /// conditioned on another held-out task's descriptor (features and
     /// support set). Scoring near the true descriptor means the condition
     /// is not used.
@@ -195,22 +241,23 @@ impl Method {
         Method::Hypernetwork,
     ];
 
-    /// Its row label.
-    pub fn label(self, guidance: f64) -> String {
+    /// Its row label under `config` (sampler and guidance).
+    pub fn label(self, config: &EvalConfig) -> String {
+        let (guidance, sampler) = (config.guidance, config.sampler.name());
         match self {
-            Self::WeightgenDdim => "weightgen DDIM-50".into(),
-            Self::WeightgenDdimGuided => format!("weightgen DDIM-50, guidance {guidance}"),
+            Self::WeightgenDdim => format!("weightgen {sampler}"),
+            Self::WeightgenDdimGuided => format!("weightgen {sampler}, guidance {guidance}"),
             Self::WeightgenDdpm => "weightgen DDPM-1000".into(),
             Self::WeightgenDdpmGuided => format!("weightgen DDPM-1000, guidance {guidance}"),
             Self::WeightgenSupportOnly => {
-                format!("weightgen DDIM-50, guidance {guidance}, support set only")
+                format!("weightgen {sampler}, guidance {guidance}, support set only")
             }
             Self::WeightgenFeaturesOnly => {
-                format!("weightgen DDIM-50, guidance {guidance}, features only")
+                format!("weightgen {sampler}, guidance {guidance}, features only")
             }
             Self::WeightgenWrongTask => {
                 format!(
-                    "control: weightgen DDIM-50, guidance {guidance}, another task's descriptor"
+                    "control: weightgen {sampler}, guidance {guidance}, another task's descriptor"
                 )
             }
             Self::Random => "random init (PyTorch default)".into(),

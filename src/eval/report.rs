@@ -72,7 +72,7 @@ pub fn draw_plots(
     stem: &str,
 ) -> Result<Vec<(String, String)>, String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let label = |m: &Method| m.label(config.guidance);
+    let label = |m: &Method| m.label(config);
     let lr_text = lr(report.chosen_lr);
     let curves: Vec<(String, Vec<f64>)> = report
         .curves
@@ -241,7 +241,7 @@ pub fn markdown(
     for (method, s) in &report.methods {
         let mut row = format!(
             "| {} | {} | {} | {}× | {} | {}× |",
-            method.label(config.guidance),
+            method.label(config),
             s.zero_shot.show(digits),
             steps(&s.steps_proposal_lr, s.reached_proposal_lr),
             s.speedup_proposal_lr.show(2),
@@ -286,7 +286,7 @@ pub fn markdown(
                 &mut out,
                 format!(
                     "| {} | {} | {} | {} | {:.3} |",
-                    method.label(config.guidance),
+                    method.label(config),
                     n.cosine_to_nearest.show(3),
                     n.l2_to_nearest.show(2),
                     n.agreement_with_nearest.show(3),
@@ -328,13 +328,13 @@ pub fn verdicts(report: &EvalReport, config: &EvalConfig) -> Vec<String> {
     }) else {
         return Vec::new();
     };
-    let label = best_method.label(config.guidance);
+    let label = best_method.label(config);
     let mut out = Vec::new();
     for (method, s) in report.methods.iter().filter(|(m, _)| !m.is_generated()) {
         if better(s.zero_shot.mean, best.zero_shot.mean) {
             out.push(format!(
                 "weightgen loses zero-shot: {} scores {} against {} for {label} ({:+.3}).",
-                method.label(config.guidance),
+                method.label(config),
                 s.zero_shot.show(3),
                 best.zero_shot.show(3),
                 best.zero_shot.mean - s.zero_shot.mean
@@ -343,7 +343,7 @@ pub fn verdicts(report: &EvalReport, config: &EvalConfig) -> Vec<String> {
         if *method != Method::Random && s.speedup_best_lr.mean > best.speedup_best_lr.mean {
             out.push(format!(
                 "weightgen converges slower at the chosen rate than {}: speed-up {}× against {}× for {label}.",
-                method.label(config.guidance),
+                method.label(config),
                 s.speedup_best_lr.show(2),
                 best.speedup_best_lr.show(2)
             ));
@@ -384,8 +384,8 @@ pub fn verdicts(report: &EvalReport, config: &EvalConfig) -> Vec<String> {
                 };
                 out.push(format!(
                     "Few-shot K = {k}, same information: {} {verb} {} ({} against {}, {:+.3}).",
-                    Method::WeightgenSupportOnly.label(config.guidance),
-                    meta.label(config.guidance),
+                    Method::WeightgenSupportOnly.label(config),
+                    meta.label(config),
                     mine.show(3),
                     theirs.show(3),
                     mine.mean - theirs.mean

@@ -295,4 +295,35 @@ fn the_quick_profile_writes_every_table() {
     ] {
         assert_eq!(row_of(&printed, label), None, "{label}:\n{printed}");
     }
+
+    // `--sampler one-step`: the same tasks and yardstick, weightgen's row
+    // sampled by one x̂₀ step and labelled so.
+    let one_step = [
+        "eval",
+        "--zoo",
+        "digits",
+        "--quick",
+        "--seed",
+        "1",
+        "--methods",
+        "weightgen-features-only",
+        "--sampler",
+        "one-step",
+        "--guidance",
+        "1",
+        "--data-dir",
+        data_dir,
+    ];
+    let printed = worker(&data, &one_step);
+    let row = row_of(&printed, "weightgen one-step x̂₀, guidance 1, features only")
+        .unwrap_or_else(|| panic!("the one-step row:\n{printed}"));
+    assert!(row[0] > 0.0 && row[0] <= 1.0, "{row:?}");
+    assert_eq!(
+        row_of(&printed, "random init (PyTorch default)"),
+        row_of(&file, "random init (PyTorch default)")
+    );
+    assert_eq!(
+        row_of(&printed, "weightgen DDIM-50, guidance 3, features only"),
+        None
+    );
 }
