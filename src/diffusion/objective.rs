@@ -24,19 +24,6 @@ pub enum Prediction {
     V,
 }
 
-impl std::str::FromStr for Prediction {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "epsilon" | "eps" => Ok(Self::Epsilon),
-            "x0" => Ok(Self::X0),
-            "v" => Ok(Self::V),
-            other => Err(format!("{other:?} is not \"epsilon\", \"x0\" or \"v\"")),
-        }
-    }
-}
-
 impl Prediction {
     /// Its name in a training job ("epsilon", "x0" or "v").
     pub fn name(self) -> &'static str {

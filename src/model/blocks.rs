@@ -72,18 +72,6 @@ pub enum Conditioning {
     Concat,
 }
 
-impl std::str::FromStr for Conditioning {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "film" => Ok(Self::Film),
-            "concat" => Ok(Self::Concat),
-            other => Err(format!("{other:?} is not \"film\" or \"concat\"")),
-        }
-    }
-}
-
 /// Residual block h ← h + MLP(FiLM(LayerNorm(h); c)), where
 /// FiLM(x; c) = x ⊙ (1 + γ(c)) + β(c) and c carries τ(t) and e. (Pre-norm
 /// form of the proposal's h ← LayerNorm(h); h ← h + MLP(h ⊙ FiLM(e, τ(t))).)

@@ -90,19 +90,6 @@ pub enum AlignChoice {
     Never,
 }
 
-impl std::str::FromStr for AlignChoice {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "always" => Ok(Self::Always),
-            "never" => Ok(Self::Never),
-            other => Err(format!("{other:?} is not auto, always or never")),
-        }
-    }
-}
-
 /// How a zoo is loaded for training.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoadOptions {
