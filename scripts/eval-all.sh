@@ -130,9 +130,10 @@ if [ "$only" != main ]; then
     train abl-e256 digits-eval "$ablation_steps" 256,128 --embed-dim 256
     train abl-zoo250 digits-eval "$ablation_steps" 256,128 --max-models 250
     train abl-fdrop digits-eval "$ablation_steps" 256,128 --feature-dropout 0.3
+    train abl-ae64 digits-eval "$ablation_steps" 256,128 --latent ae:64
     step "eval ablations on digits-eval"
     worker eval --zoo digits-eval --tasks 10 --seeds 2 --output "$out" \
-        --ablation abl-base,abl-t100,abl-linear,abl-transformer,abl-concat,abl-e16,abl-e256,abl-zoo250,abl-fdrop \
+        --ablation abl-base,abl-t100,abl-linear,abl-transformer,abl-concat,abl-e16,abl-e256,abl-zoo250,abl-fdrop,abl-ae64 \
         2>"$data/eval-ablation.log" | tail -14
 
     # Alignment matters only when models start from different inits.

@@ -292,6 +292,7 @@ mod tests {
             feature_norm: None,
             summary: Default::default(),
             zoo_reference: None,
+            recommended: None,
         }
     }
 

@@ -11,7 +11,7 @@
 
 use bytes::Bytes;
 
-use crate::diffusion::SamplerKind;
+use crate::diffusion::{RecommendedSampling, SamplerKind};
 use crate::tasks::featurizer::{Descriptor, FeatureError};
 use crate::tasks::schema::FeatureSchema;
 use crate::weights::{ArchSpec, DType, Nearness, ZooSpread};
@@ -39,6 +39,10 @@ pub struct CheckpointFacts {
     pub kind: String,
     /// Latent size (0 = the standardized weights).
     pub latent_dim: usize,
+    /// The latent's kind, "pca" or "autoencoder" ("" without one).
+    pub latent_space: String,
+    /// The sampling its training gate chose, for what requests leave unset.
+    pub recommended: Option<RecommendedSampling>,
     /// The zoo spread of the memorization guard, with the reference's
     /// size, when the checkpoint carries a zoo reference.
     pub zoo_spread: Option<(ZooSpread, usize)>,

@@ -155,10 +155,13 @@ fn facts(checkpoint: &DenoiserCheckpoint) -> CheckpointFacts {
         timesteps: config.timesteps,
         schedule,
         kind,
-        latent_dim: checkpoint
+        latent_dim: checkpoint.latent.as_ref().map_or(0, |l| l.dim() as usize),
+        recommended: checkpoint.recommended,
+        latent_space: checkpoint
             .latent
             .as_ref()
-            .map_or(0, |l| l.components.size()[0] as usize),
+            .map_or("", |l| l.space())
+            .to_owned(),
         zoo_spread: checkpoint
             .zoo_reference
             .as_ref()

@@ -5,6 +5,7 @@
 
 pub mod objective;
 pub mod oracle;
+pub mod recommended;
 pub mod sampler;
 pub mod schedule;
 
@@ -12,5 +13,6 @@ pub mod schedule;
 /// here because sampling is its main user.
 pub use crate::rng::SeededNoise;
 pub use objective::Prediction;
+pub use recommended::{RecommendedSampler, RecommendedSampling};
 pub use sampler::{ClipRange, DdimSpacing, Denoiser, SamplerKind, SamplingConfig, sample};
 pub use schedule::{NoiseSchedule, ScheduleError, ScheduleKind};

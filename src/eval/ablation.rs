@@ -1,5 +1,6 @@
 //! Ablations: several denoisers that differ in one design choice (T, the
-//! schedule, the network, the conditioning, alignment, E, the zoo size),
+//! schedule, the network, the conditioning, the latent, alignment, E, the
+//! zoo size),
 //! each evaluated by the harness on the same held-out tasks against the
 //! same random inits, as one table with a row per denoiser.
 
@@ -36,6 +37,8 @@ pub struct Variant {
     pub schedule: &'static str,
     /// The network and, for the MLP U-Net, its conditioning.
     pub network: String,
+    /// The space diffused in as trained ("pca:auto", "ae:64", "none", …).
+    pub latent: String,
     /// Embedding size E.
     pub embed_dim: i64,
     /// Alignment as trained ("auto", "always", "never").
@@ -70,6 +73,10 @@ impl Variant {
                 ScheduleKind::Linear { .. } => "linear",
             },
             network,
+            latent: record_config["latent"]
+                .as_str()
+                .unwrap_or("pca:auto")
+                .to_owned(),
             embed_dim: model.encoder.embed_dim,
             align: record_config["zoo_load"]["align"]
                 .as_str()
@@ -115,11 +122,11 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
         ),
         String::new(),
         format!(
-            "| denoiser | T | schedule | network | E | alignment | zoo models | feature dropout | zero-shot {metric} | \
+            "| denoiser | T | schedule | network | latent | E | alignment | zoo models | feature dropout | zero-shot {metric} | \
              random init zero-shot | speed-up | K = {} | cosine to nearest zoo model (zoo-to-zoo) |",
             k.map_or("—".into(), |k| k.to_string())
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_owned(),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_owned(),
     ];
     for row in rows {
         let Some(s) = row.report.methods.get(&ABLATION_METHOD) else {
@@ -138,11 +145,12 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
             )
         });
         out.push(format!(
-            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}× | {} | {} |",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}× | {} | {} |",
             row.denoiser,
             v.timesteps,
             v.schedule,
             v.network,
+            v.latent,
             v.embed_dim,
             v.align,
             v.zoo_models,
@@ -184,7 +192,8 @@ mod tests {
         model.timesteps = 100;
         let row = serde_json::json!({
             "zoo_load": {"align": "never", "max_models": 250},
-            "fit": {"feature_dropout": 0.5}
+            "fit": {"feature_dropout": 0.5},
+            "latent": "ae:64"
         });
         let v = Variant::of(&model, &row, 250.0);
         assert_eq!(v.timesteps, 100);
@@ -193,8 +202,10 @@ mod tests {
         assert_eq!((v.embed_dim, v.zoo_models), (16, 250));
         assert_eq!(v.align, "never");
         assert_eq!(v.feature_dropout, 0.5);
+        assert_eq!(v.latent, "ae:64");
         // An older row without the fields reads as the defaults.
         let v = Variant::of(&model, &serde_json::json!({}), 1000.0);
         assert_eq!((v.align.as_str(), v.feature_dropout), ("auto", 0.0));
+        assert_eq!(v.latent, "pca:auto");
     }
 }

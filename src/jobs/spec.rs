@@ -279,9 +279,10 @@ pub struct TrainSpec {
     /// denoiser can also be conditioned on the features alone.
     #[arg(long, env = "WEIGHTGEN_TRAIN_SUPPORT_DROPOUT", default_value_t = DEFAULT_SUPPORT_DROPOUT)]
     pub support_dropout: f64,
-    /// Space of diffusion: none (the standardized weights), pca:K, or
+    /// Space of diffusion: none (the standardized weights), pca:K,
     /// pca:auto (the smallest PCA latent whose rebuilt zoo models keep their
-    /// test score).
+    /// test score), or ae:K (an autoencoder latent of K coordinates, trained
+    /// on the training zoo first).
     #[arg(long, env = "WEIGHTGEN_TRAIN_LATENT", default_value_t = DEFAULT_LATENT)]
     #[serde(with = "as_text")]
     pub latent: LatentChoice,

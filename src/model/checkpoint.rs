@@ -1,6 +1,7 @@
 //! The denoiser checkpoint: one safetensors file holding the denoiser and
 //! task-encoder weights ("model.*"), the standardization μ and σ
-//! ("stats.*", f64), the optional PCA latent ("latent.*"), x₀ clip range
+//! ("stats.*", f64), the optional latent (PCA: "latent.*"; autoencoder:
+//! "latent_ae.*" with its shape in the header), x₀ clip range
 //! ("clip.*"), task-feature standardization ("features.*") and the zoo
 //! reference of the memorization guard ("novelty.zoo", with its spread in
 //! the header), with JSON metadata in the header: format, config, ArchSpec,
@@ -11,9 +12,12 @@ use std::collections::{BTreeMap, HashMap};
 use tch::{Device, Kind, Tensor};
 
 use super::conditional::{ConditionalDenoiser, DenoiserConfig};
+use super::latent::Latent;
 use super::task_encoder::TaskBatch;
+use super::variables::fill_variables;
+use super::weight_autoencoder::{AutoencoderConfig, WeightAutoencoder};
 use crate::diffusion::schedule::ScheduleError;
-use crate::diffusion::{ClipRange, SamplerKind, SamplingConfig, sample};
+use crate::diffusion::{ClipRange, RecommendedSampling, SamplerKind, SamplingConfig, sample};
 use crate::rng::SeededNoise;
 use crate::tasks::FeatureSchema;
 use crate::weights::{
@@ -59,7 +63,7 @@ pub struct DenoiserCheckpoint {
     /// Standardization of the zoo.
     pub stats: Stats,
     /// Latent the denoiser works in, if any.
-    pub latent: Option<PcaLatent>,
+    pub latent: Option<Latent>,
     /// Bounds of x̂₀ in the denoiser's space (from the zoo).
     pub clip: Option<(Tensor, Tensor)>,
     /// Conditioning inputs.
@@ -72,6 +76,9 @@ pub struct DenoiserCheckpoint {
     /// The training zoo, kept to score samples' nearness to it (absent in
     /// checkpoints written before the memorization guard).
     pub zoo_reference: Option<ZooReference>,
+    /// The sampling its training gate chose on validation tasks, used for
+    /// what a request leaves unset (absent in older checkpoints).
+    pub recommended: Option<RecommendedSampling>,
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -199,13 +206,21 @@ impl DenoiserCheckpoint {
             .collect();
         tensors.push(("stats.mean".into(), self.stats.mean.shallow_clone()));
         tensors.push(("stats.std".into(), self.stats.std.shallow_clone()));
-        if let Some(latent) = &self.latent {
-            tensors.push(("latent.mean".into(), latent.mean.shallow_clone()));
-            tensors.push((
-                "latent.components".into(),
-                latent.components.shallow_clone(),
-            ));
-            tensors.push(("latent.scales".into(), latent.scales.shallow_clone()));
+        match &self.latent {
+            Some(Latent::Pca(latent)) => {
+                tensors.push(("latent.mean".into(), latent.mean.shallow_clone()));
+                tensors.push((
+                    "latent.components".into(),
+                    latent.components.shallow_clone(),
+                ));
+                tensors.push(("latent.scales".into(), latent.scales.shallow_clone()));
+            }
+            Some(Latent::Autoencoder(ae)) => {
+                for (name, t) in ae.named_tensors() {
+                    tensors.push((format!("latent_ae.{name}"), t));
+                }
+            }
+            None => {}
         }
         if let Some((low, high)) = &self.clip {
             tensors.push(("clip.low".into(), low.shallow_clone()));
@@ -229,11 +244,20 @@ impl DenoiserCheckpoint {
         );
         meta.insert("feature_schema".to_owned(), json(&self.feature_schema));
         meta.insert("summary".to_owned(), json(&self.summary));
-        if let Some(latent) = &self.latent {
-            meta.insert("latent_explained".to_owned(), json(&latent.explained));
+        match &self.latent {
+            Some(Latent::Pca(latent)) => {
+                meta.insert("latent_explained".to_owned(), json(&latent.explained));
+            }
+            Some(Latent::Autoencoder(ae)) => {
+                meta.insert("latent_autoencoder".to_owned(), json(&ae.config));
+            }
+            None => {}
         }
         if let Some(reference) = &self.zoo_reference {
             meta.insert("novelty_spread".to_owned(), json(&reference.spread));
+        }
+        if let Some(recommended) = &self.recommended {
+            meta.insert("recommended_sampling".to_owned(), json(recommended));
         }
         Ok(encode_tensors(&tensors, &meta)?)
     }
@@ -256,21 +280,8 @@ impl DenoiserCheckpoint {
         let feature_schema: FeatureSchema = header(&meta, "feature_schema")?;
         let summary: BTreeMap<String, f64> = header(&meta, "summary")?;
         let mut model = ConditionalDenoiser::new(config, device)?;
-        let mut problems = Vec::new();
-        tch::no_grad(|| {
-            for (name, mut var) in model.vs.variables() {
-                match tensors.remove(&format!("model.{name}")) {
-                    Some(value) if value.size() == var.size() => {
-                        var.copy_(&value);
-                    }
-                    Some(value) => problems.push(format!(
-                        "{name}: shape {:?}, expected {:?}",
-                        value.size(),
-                        var.size()
-                    )),
-                    None => problems.push(format!("missing model.{name}")),
-                }
-            }
+        let mut problems = fill_variables(&model.vs, "model.", |name| {
+            tensors.remove(&format!("model.{name}"))
         });
         if let Some(extra) = tensors.keys().find(|k| k.starts_with("model.")) {
             problems.push(format!("unexpected {extra}"));
@@ -286,12 +297,21 @@ impl DenoiserCheckpoint {
             floor,
         };
         let latent = if tensors.contains_key("latent.components") {
-            Some(PcaLatent {
+            Some(Latent::Pca(PcaLatent {
                 mean: take(&mut tensors, "latent.mean")?.to_device(device),
                 components: take(&mut tensors, "latent.components")?.to_device(device),
                 scales: take(&mut tensors, "latent.scales")?.to_device(device),
                 explained: header(&meta, "latent_explained")?,
-            })
+            }))
+        } else if meta.contains_key("latent_autoencoder") {
+            let config: AutoencoderConfig = header(&meta, "latent_autoencoder")?;
+            let ae = WeightAutoencoder::from_tensors(
+                config,
+                |name| tensors.remove(&format!("latent_ae.{name}")),
+                device,
+            )
+            .map_err(|e| CheckpointError::Tensors(format!("latent autoencoder: {e}")))?;
+            Some(Latent::Autoencoder(Box::new(ae)))
         } else {
             None
         };
@@ -319,6 +339,10 @@ impl DenoiserCheckpoint {
             }
             None => None,
         };
+        let recommended = match meta.contains_key("recommended_sampling") {
+            true => Some(header(&meta, "recommended_sampling")?),
+            false => None,
+        };
         Ok(Self {
             model,
             arch,
@@ -329,6 +353,7 @@ impl DenoiserCheckpoint {
             feature_norm,
             summary,
             zoo_reference,
+            recommended,
         })
     }
 }

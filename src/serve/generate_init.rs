@@ -15,7 +15,7 @@ use super::status::{bounded_name, checked_name};
 use crate::backend::{GenerateJob, MAX_REDRAWS, ModelError, SampleNearness};
 use crate::blobs::sha256_hex;
 use crate::catalog::Catalog;
-use crate::diffusion::SamplerKind;
+use crate::diffusion::{RecommendedSampler, SamplerKind};
 use crate::proto::v1 as pb;
 use crate::weights::DType;
 
@@ -126,6 +126,14 @@ pub struct SamplingChoice {
     pub dtype: DType,
 }
 
+/// The API's name of a recommended sampler.
+pub fn recommended_sampler(sampler: RecommendedSampler) -> pb::Sampler {
+    match sampler {
+        RecommendedSampler::Ddim => pb::Sampler::Ddim,
+        RecommendedSampler::DpmSolver => pb::Sampler::DpmSolver,
+    }
+}
+
 /// Checks `request` against `denoiser` and returns the job and how it samples.
 pub fn job_for(
     request: &pb::GenerateInitRequest,
@@ -207,19 +215,34 @@ pub fn job_for(
     }
     let timesteps = denoiser.facts.timesteps;
     let eta = f64::from(options.eta.unwrap_or(0.0));
-    let guidance = f64::from(options.guidance_scale.unwrap_or(1.0));
-    if !(guidance.is_finite() && (0.0..=MAX_GUIDANCE).contains(&guidance)) {
-        return Err(invalid(
-            "options.guidance_scale",
-            format!("{guidance} is not a number in [0, {MAX_GUIDANCE}]"),
-        ));
-    }
     let sampler = pb::Sampler::try_from(options.sampler).map_err(|_| {
         invalid(
             "options.sampler",
             format!("unknown value {}", options.sampler),
         )
     })?;
+    // What the request leaves unset comes from the sampling the denoiser's
+    // training gate chose (its sampler, and its steps and guidance when the
+    // request runs that sampler); without one, DDIM-10 unguided.
+    let recommended = denoiser.facts.recommended;
+    let defaulted = sampler == pb::Sampler::Unspecified;
+    let sampler = match (sampler, recommended) {
+        (pb::Sampler::Unspecified, Some(r)) => recommended_sampler(r.sampler),
+        (pb::Sampler::Unspecified, None) => pb::Sampler::Ddim,
+        (named, _) => named,
+    };
+    let recommended = recommended.filter(|r| recommended_sampler(r.sampler) == sampler);
+    let default_steps = |server_default: usize| recommended.map_or(server_default, |r| r.steps);
+    let guidance = options
+        .guidance_scale
+        .map(f64::from)
+        .unwrap_or_else(|| recommended.map_or(1.0, |r| r.guidance));
+    if !(guidance.is_finite() && (0.0..=MAX_GUIDANCE).contains(&guidance)) {
+        return Err(invalid(
+            "options.guidance_scale",
+            format!("{guidance} is not a number in [0, {MAX_GUIDANCE}]"),
+        ));
+    }
     let (sampler, kind, steps) = match sampler {
         pb::Sampler::Ddpm => {
             if options.steps != 0 && options.steps as usize != timesteps {
@@ -234,7 +257,7 @@ pub fn job_for(
             (pb::Sampler::Ddpm, SamplerKind::Ddpm, timesteps)
         }
         pb::Sampler::Unspecified | pb::Sampler::Ddim => {
-            let steps = grid_steps(options.steps, DEFAULT_DDIM_STEPS, timesteps)?;
+            let steps = grid_steps(options.steps, default_steps(DEFAULT_DDIM_STEPS), timesteps)?;
             // DDIM's grid starts one stride below T (see `DdimSpacing`): with
             // one step that is t = 1, where pure noise passes for clean weights.
             if steps == 1 && timesteps > 1 {
@@ -250,9 +273,19 @@ pub fn job_for(
             (pb::Sampler::Ddim, SamplerKind::ddim(steps, eta), steps)
         }
         pb::Sampler::DpmSolver => {
-            let steps = grid_steps(options.steps, DEFAULT_DPM_SOLVER_STEPS, timesteps)?;
+            let steps = grid_steps(
+                options.steps,
+                default_steps(DEFAULT_DPM_SOLVER_STEPS),
+                timesteps,
+            )?;
             if options.eta.is_some() {
-                return Err(invalid("options.eta", "applies to DDIM only"));
+                let reason = if defaulted {
+                    "applies to DDIM only, and this denoiser's default sampler (sampler unset) is \
+                     DPM-Solver; ask for SAMPLER_DDIM"
+                } else {
+                    "applies to DDIM only"
+                };
+                return Err(invalid("options.eta", reason));
             }
             let kind = SamplerKind::DpmSolver { steps };
             (pb::Sampler::DpmSolver, kind, steps)
@@ -417,6 +450,12 @@ mod tests {
     use crate::tasks::featurizer::{describe, schema};
 
     fn digits_denoiser() -> LoadedDenoiser {
+        digits_denoiser_recommending(None)
+    }
+
+    fn digits_denoiser_recommending(
+        recommended: Option<crate::diffusion::RecommendedSampling>,
+    ) -> LoadedDenoiser {
         let family = Family::Digits;
         let facts = CheckpointFacts {
             arch: family.network("").unwrap().spec,
@@ -425,6 +464,8 @@ mod tests {
             schedule: "cosine".into(),
             kind: "mlp_unet".into(),
             latent_dim: 0,
+            latent_space: String::new(),
+            recommended,
             zoo_spread: None,
             support_labels: Some(5),
         };
@@ -501,6 +542,53 @@ mod tests {
         let (job, choice) = job_for(&dpm, &digits_denoiser(), 8).unwrap();
         assert_eq!((choice.sampler, choice.steps), (pb::Sampler::DpmSolver, 10));
         assert_eq!(job.sampler, SamplerKind::DpmSolver { steps: 10 });
+    }
+
+    #[test]
+    fn unset_options_take_the_denoisers_recommended_sampling() {
+        let one_step = crate::diffusion::RecommendedSampling {
+            sampler: RecommendedSampler::DpmSolver,
+            steps: 1,
+            guidance: 1.5,
+        };
+        let denoiser = digits_denoiser_recommending(Some(one_step));
+        let with = |change: fn(&mut pb::SamplingOptions)| {
+            let mut r = request();
+            change(r.options.as_mut().unwrap());
+            let (job, choice) = job_for(&r, &denoiser, 8).unwrap();
+            (job.sampler, choice.sampler, choice.steps, choice.guidance)
+        };
+        let dpm1 = SamplerKind::DpmSolver { steps: 1 };
+        // Nothing set: all three from the recommendation.
+        assert_eq!(with(|_| {}), (dpm1, pb::Sampler::DpmSolver, 1, 1.5));
+        // Its sampler named: still its steps and guidance.
+        assert_eq!(
+            with(|o| o.sampler = pb::Sampler::DpmSolver as i32),
+            (dpm1, pb::Sampler::DpmSolver, 1, 1.5)
+        );
+        // What the request sets wins.
+        let (kind, _, steps, guidance) = with(|o| {
+            o.steps = 4;
+            o.guidance_scale = Some(2.0);
+        });
+        assert_eq!(
+            (kind, steps, guidance),
+            (SamplerKind::DpmSolver { steps: 4 }, 4, 2.0)
+        );
+        // η belongs to DDIM: with the default DPM-Solver the error says so.
+        let mut r = request();
+        r.options.as_mut().unwrap().eta = Some(0.5);
+        let err = job_for(&r, &denoiser, 8).unwrap_err();
+        assert!(
+            err.message().starts_with("options.eta:") && err.message().contains("SAMPLER_DDIM"),
+            "{}",
+            err.message()
+        );
+        // Another sampler: the server's defaults for it, unguided.
+        assert_eq!(
+            with(|o| o.sampler = pb::Sampler::Ddim as i32),
+            (SamplerKind::ddim(10, 0.0), pb::Sampler::Ddim, 10, 1.0)
+        );
     }
 
     #[test]

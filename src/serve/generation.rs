@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 use super::auth::{Caller, Metered, Quotas};
 use super::convert::{arch_to_proto, denoiser_record_to_proto, schema_to_proto};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
-use super::generate_init::{DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for};
+use super::generate_init::{
+    DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for, recommended_sampler,
+};
 use super::readiness::Readiness;
 use super::status::{bounded_name, catalog_status, checked_name};
 use crate::catalog::Catalog;
@@ -19,7 +21,7 @@ use crate::proto::v1::generation_service_server::GenerationService;
 use crate::proto::v1::{
     ArchitectureMetadataRequest, ArchitectureSpec, DenoiserInfo, DenoiserMetadataRequest,
     DenoiserReadyRequest, DenoiserReadyResponse, GenerateInitRequest, GenerateInitResponse,
-    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    Sampler, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
     ServerReadyRequest, ServerReadyResponse,
 };
 use crate::torch_info::TorchInfo;
@@ -100,7 +102,16 @@ pub fn denoiser_info(d: &LoadedDenoiser) -> DenoiserInfo {
         schedule: facts.schedule.clone(),
         kind: facts.kind.clone(),
         latent_dim: facts.latent_dim as u32,
-        default_steps: DEFAULT_DDIM_STEPS.min(facts.timesteps) as u32,
+        latent_space: facts.latent_space.clone(),
+        default_sampler: facts
+            .recommended
+            .map_or(Sampler::Ddim, |r| recommended_sampler(r.sampler))
+            as i32,
+        default_steps: facts
+            .recommended
+            .map_or(DEFAULT_DDIM_STEPS, |r| r.steps)
+            .min(facts.timesteps) as u32,
+        default_guidance: facts.recommended.map_or(1.0, |r| r.guidance) as f32,
         ..denoiser_record_to_proto(&d.record, d.version)
     }
 }

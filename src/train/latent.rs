@@ -1,15 +1,20 @@
-//! Which space the denoiser diffuses in: the standardized weights, or a PCA
+//! Which space the denoiser diffuses in: the standardized weights, a PCA
 //! latent of them fitted on the training split of the zoo (a given size, or
-//! the smallest size whose rebuilt zoo models still do their tasks).
+//! the smallest size whose rebuilt zoo models still do their tasks), or a
+//! learned autoencoder latent of a given size trained on the same split.
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::quality::score;
+use crate::model::weight_autoencoder::DEFAULT_AE_HIDDEN;
+use crate::model::{AutoencoderFit, Latent, WeightAutoencoder};
 use crate::tasks::Objective;
 use crate::weights::{MetricGoal, PcaLatent, Stats, choose_latent_size};
 use crate::zoo::ZooDataset;
 
+/// The largest latent size a spec may ask for.
+pub const MAX_LATENT_SIZE: i64 = 65_536;
 /// Candidate sizes of `pca:auto`, smallest first.
 pub const AUTO_LATENT_SIZES: [i64; 6] = [16, 32, 64, 128, 256, 512];
 /// Zoo models `pca:auto` rebuilds and scores per candidate size.
@@ -35,6 +40,8 @@ pub enum LatentChoice {
     Pca(i64),
     /// A PCA latent of the size `choose_latent_size` picks.
     PcaAuto,
+    /// A learned autoencoder latent of this size.
+    Autoencoder(i64),
 }
 
 impl std::fmt::Display for LatentChoice {
@@ -43,6 +50,7 @@ impl std::fmt::Display for LatentChoice {
             Self::None => f.write_str("none"),
             Self::Pca(k) => write!(f, "pca:{k}"),
             Self::PcaAuto => f.write_str("pca:auto"),
+            Self::Autoencoder(k) => write!(f, "ae:{k}"),
         }
     }
 }
@@ -51,36 +59,67 @@ impl std::str::FromStr for LatentChoice {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad =
-            || format!("{s:?} is not \"none\", \"pca:auto\" or \"pca:K\" with K in [1, 65536]");
+        let bad = || {
+            format!(
+                "{s:?} is not \"none\", \"pca:auto\", \"pca:K\" or \"ae:K\" with K in [1, {MAX_LATENT_SIZE}]"
+            )
+        };
+        let size = |text: &str| match text.parse::<i64>() {
+            Ok(k) if (1..=MAX_LATENT_SIZE).contains(&k) => Ok(k),
+            _ => Err(bad()),
+        };
         match s {
             "none" => Ok(Self::None),
             "pca" | "pca:auto" => Ok(Self::PcaAuto),
-            _ => {
-                let size = s.strip_prefix("pca:").ok_or_else(bad)?;
-                match size.parse::<i64>() {
-                    Ok(k) if (1..=65_536).contains(&k) => Ok(Self::Pca(k)),
-                    _ => Err(bad()),
-                }
-            }
+            _ => match (s.strip_prefix("pca:"), s.strip_prefix("ae:")) {
+                (Some(k), _) => size(k).map(Self::Pca),
+                (_, Some(k)) => size(k).map(Self::Autoencoder),
+                _ => Err(bad()),
+            },
         }
     }
 }
 
 /// Fits the latent `choice` asks for on the standardized training weights
-/// `train` [N, D] (rows `rows` of `data`), or `None` for no latent.
+/// `train` [N, D] (rows `rows` of `data`), or `None` for no latent. An
+/// autoencoder trains on `device` and keeps the weights that rebuild the
+/// validation models `val` best.
+#[allow(clippy::too_many_arguments)]
 pub fn fit_latent(
     choice: LatentChoice,
     train: &Tensor,
+    val: &Tensor,
     rows: &[i64],
     data: &ZooDataset,
     stats: &Stats,
     seed: u64,
-) -> Option<PcaLatent> {
+    device: Device,
+) -> Option<Latent> {
     let size = match choice {
         LatentChoice::None => return None,
         LatentChoice::Pca(k) => k,
         LatentChoice::PcaAuto => auto_size(train, rows, data, stats, seed)?,
+        LatentChoice::Autoencoder(k) => {
+            let fit = AutoencoderFit {
+                seed,
+                ..Default::default()
+            };
+            let ae = WeightAutoencoder::fit(
+                &train.to_device(device),
+                Some(val),
+                k,
+                DEFAULT_AE_HIDDEN,
+                &fit,
+            );
+            let latent = Latent::Autoencoder(Box::new(ae));
+            tracing::info!(
+                size = latent.dim(),
+                train_mse = latent.reconstruction_mse(train),
+                steps = fit.steps,
+                "autoencoder latent trained on the training zoo"
+            );
+            return Some(latent);
+        }
     };
     let latent = PcaLatent::fit(train, size, seed);
     tracing::info!(
@@ -88,7 +127,7 @@ pub fn fit_latent(
         explained = latent.explained_total(),
         "PCA latent fitted on the training zoo"
     );
-    Some(latent)
+    Some(Latent::Pca(latent))
 }
 
 /// The smallest candidate size whose rebuilt zoo models score within the
@@ -145,12 +184,22 @@ mod tests {
 
     #[test]
     fn choices_parse_and_print_back() {
-        for text in ["none", "pca:auto", "pca:128"] {
+        for text in ["none", "pca:auto", "pca:128", "ae:64"] {
             let choice: LatentChoice = text.parse().unwrap();
             assert_eq!(choice.to_string(), text);
         }
         assert_eq!("pca".parse::<LatentChoice>(), Ok(LatentChoice::PcaAuto));
-        for bad in ["pca:0", "pca:-3", "pca:x", "ae:16", ""] {
+        for bad in [
+            "pca:0",
+            "pca:-3",
+            "pca:x",
+            "ae:0",
+            "ae:",
+            "ae",
+            "ae:auto",
+            "pca:70000",
+            "",
+        ] {
             assert!(bad.parse::<LatentChoice>().is_err(), "{bad}");
         }
     }

@@ -499,13 +499,22 @@ fn train_blocking(
     let latent = latent::fit_latent(
         config.latent,
         &standardized.index_select(0, &train_rows),
+        &standardized.index_select(0, &val_rows),
         train,
         &data,
         &stats,
         config.fit.seed,
+        device,
     );
+    // How much of unseen zoo models the latent keeps (standardized units).
+    let latent_val_mse = match &latent {
+        Some(latent) if !val.is_empty() => {
+            Some(latent.reconstruction_mse(&standardized.index_select(0, &val_rows)))
+        }
+        _ => None,
+    };
     let diffused = match &latent {
-        Some(latent) => tch::no_grad(|| latent.encode(&standardized)),
+        Some(latent) => latent.encode(&standardized),
         None => standardized,
     };
     let train_features = data.features.index_select(0, &train_rows);
@@ -620,6 +629,9 @@ fn train_blocking(
         summary.insert("final_val_loss".to_owned(), val_loss);
     }
     summary.insert("zoo_models".to_owned(), data.len() as f64);
+    if let Some(mse) = latent_val_mse {
+        summary.insert("latent_val_reconstruction_mse".to_owned(), mse);
+    }
     let mut checkpoint = DenoiserCheckpoint {
         model,
         arch: data.network.spec.clone(),
@@ -630,6 +642,7 @@ fn train_blocking(
         feature_norm: Some(feature_norm),
         summary,
         zoo_reference: ZooReference::fit(&train_w, MAX_REFERENCE_BYTES, DEFAULT_SPREAD_QUANTILE),
+        recommended: None,
     };
     let quality = evaluate_quality(
         &checkpoint,
@@ -643,5 +656,6 @@ fn train_blocking(
     for (key, value) in quality.summary() {
         checkpoint.summary.insert(key, value);
     }
+    checkpoint.recommended = quality.recommended;
     Ok((checkpoint, curve, quality))
 }

@@ -1,7 +1,9 @@
 //! The quality gate: generated weights scored zero-shot on tasks, next to
 //! chance, the zoo's own models and the nearest zoo model (retrieval by
 //! task features). First on validation zoo tasks (does the condition steer
-//! the sample at all?), then on held-out tasks no zoo contains.
+//! the sample at all?), then on held-out tasks no zoo contains. On the
+//! validation tasks it also chooses the sampling the denoiser recommends
+//! (`diffusion::recommended`).
 
 use std::collections::BTreeMap;
 
@@ -9,7 +11,7 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use tch::{Device, Kind, Tensor};
 
-use crate::diffusion::SamplerKind;
+use crate::diffusion::{RecommendedSampling, SamplerKind};
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::featurizer::describe;
 use crate::tasks::train::evaluate;
@@ -84,6 +86,12 @@ pub struct QualityReport {
     /// The training zoo's own nearest-neighbour spread, when the checkpoint
     /// carries a zoo reference.
     pub zoo_spread: Option<ZooSpread>,
+    /// Each sampling candidate's mean score on the validation tasks over
+    /// the request forms (both inputs, features only, support set only;
+    /// the geometric mean for MSE).
+    pub sampling: Vec<(RecommendedSampling, f64)>,
+    /// The candidate chosen from them (`None` without validation tasks).
+    pub recommended: Option<RecommendedSampling>,
 }
 
 impl QualityReport {
@@ -110,6 +118,16 @@ impl QualityReport {
             if let Some(c) = s.nearest_zoo_cosine {
                 out.insert(format!("quality.{split}.ddim_nearest_zoo_cosine"), c);
             }
+        }
+        for (candidate, score) in &self.sampling {
+            out.insert(
+                format!(
+                    "quality.zoo_tasks.sampling.{}_{}",
+                    candidate.label(),
+                    self.metric
+                ),
+                *score,
+            );
         }
         if let Some(spread) = &self.zoo_spread {
             out.insert("novelty.zoo_nearest_cosine_mean".into(), spread.mean_cosine);
@@ -370,8 +388,57 @@ fn scores_for(
     }
 }
 
+/// Each sampling candidate's score on `tasks` (mean over the request
+/// forms the descriptors allow; for regression the geometric mean of the
+/// forms' MSEs, so that they weigh alike), in candidate order.
+fn score_candidates(
+    checkpoint: &DenoiserCheckpoint,
+    data: &ZooDataset,
+    tasks: &[TaskSpec],
+    descriptors: &[Descriptor],
+    guidance: f64,
+    seed: u64,
+) -> Vec<(RecommendedSampling, f64)> {
+    if tasks.is_empty() {
+        return Vec::new();
+    }
+    let condition = condition_of(checkpoint, data, descriptors);
+    let mut forms = Vec::new();
+    if condition.features.is_some() && condition.support_x.is_some() {
+        forms.push(one_input(&condition, true));
+        forms.push(one_input(&condition, false));
+    }
+    forms.push(condition);
+    let seeds: Vec<u64> = (0..tasks.len() as u64)
+        .map(|i| seed.wrapping_add(i))
+        .collect();
+    let regression = data.family.objective() == Objective::Regression;
+    let timesteps = checkpoint.model.config().timesteps;
+    RecommendedSampling::candidates(guidance, timesteps)
+        .into_iter()
+        .map(|candidate| {
+            let mut total = 0.0;
+            for form in &forms {
+                let w = checkpoint
+                    .generate(form, &seeds, candidate.kind(), candidate.guidance)
+                    .to_device(Device::Cpu);
+                let scores = tasks
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| score(data, t, &w.get(i as i64)));
+                let mean = scores.sum::<f64>() / tasks.len() as f64;
+                // (A NaN mean stays NaN: such a candidate never wins.)
+                total += if regression { mean.ln() } else { mean };
+            }
+            let mean = total / forms.len() as f64;
+            (candidate, if regression { mean.exp() } else { mean })
+        })
+        .collect()
+}
+
 /// Scores `checkpoint` on the validation zoo tasks (`val` rows) and on
-/// `held_out_tasks` held-out tasks drawn from `seed`.
+/// `held_out_tasks` held-out tasks drawn from `seed`, and chooses the
+/// sampling it recommends on the validation tasks.
 pub fn evaluate_quality(
     checkpoint: &DenoiserCheckpoint,
     data: &ZooDataset,
@@ -409,6 +476,16 @@ pub fn evaluate_quality(
         guidance,
     };
     let zoo_tasks = scores_for(&gate, &val_tasks, &val_descriptors, own, seed);
+    let sampling = score_candidates(
+        checkpoint,
+        data,
+        &val_tasks,
+        &val_descriptors,
+        guidance,
+        seed,
+    );
+    let higher_is_better = data.family.objective() == Objective::Classification;
+    let recommended = RecommendedSampling::choose(&sampling, higher_is_better);
     let mut rng = StdRng::seed_from_u64(seed ^ 0x4E1D);
     let held: Vec<TaskSpec> = (0..held_out_tasks)
         .map(|_| data.family.sample_task(&mut rng, true))
@@ -428,6 +505,8 @@ pub fn evaluate_quality(
         zoo_tasks,
         held_out,
         zoo_spread: checkpoint.zoo_reference.as_ref().map(|r| r.spread),
+        sampling,
+        recommended,
     };
     tracing::info!(?report, "quality gate");
     report

@@ -12,8 +12,8 @@ use weightgen::diffusion::{
     SeededNoise, sample,
 };
 use weightgen::model::{
-    ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig, LayerTransformerConfig,
-    MlpUnetConfig, NetConfig, TaskBatch, TaskEncoderConfig, Trainer, fit,
+    ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig, Latent,
+    LayerTransformerConfig, MlpUnetConfig, NetConfig, TaskBatch, TaskEncoderConfig, Trainer, fit,
 };
 use weightgen::tasks::FeatureSchema;
 use weightgen::train::Ema;
@@ -369,11 +369,12 @@ fn generate_in_a_pca_latent_lands_on_the_asked_mode_for_x0_and_v_prediction() {
                 floor: stats.floor,
             },
             clip: Some((z.amin([0].as_slice(), false), z.amax([0].as_slice(), false))),
-            latent: Some(latent.truncated(latent.dim())),
+            latent: Some(Latent::Pca(latent.truncated(latent.dim()))),
             feature_schema: FeatureSchema::default(),
             feature_norm: None,
             summary: BTreeMap::new(),
             zoo_reference: None,
+            recommended: None,
         };
         // What the server does: write, read back, generate.
         let checkpoint =

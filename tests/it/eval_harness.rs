@@ -213,36 +213,38 @@ fn the_quick_profile_writes_every_table() {
             .unwrap_or_else(|| panic!("no ablation row {id:?} in\n{file}"));
         line.split('|').map(|c| c.trim().to_owned()).collect()
     };
-    // Cells: "", denoiser, T, schedule, network, E, alignment, zoo models,
-    // feature dropout, zero-shot, random zero-shot, speed-up, K = 10, cosine.
+    // Cells: "", denoiser, T, schedule, network, latent, E, alignment, zoo
+    // models, feature dropout, zero-shot, random zero-shot, speed-up, K = 10,
+    // cosine.
     let (base, t100) = (cells("digits-eval"), cells("digits-t100"));
     assert_eq!((base[2].as_str(), t100[2].as_str()), ("1000", "100"));
     assert_eq!(base[3], "cosine");
     assert!(base[4].starts_with("MLP U-Net [64, 32]"), "{base:?}");
+    assert!(base[5].starts_with("pca:") || base[5] == "none", "{base:?}");
     let first = |cell: &str| numbers(cell)[0];
     let guided = row("weightgen DDIM-50, guidance 3");
     let random = row("random init (PyTorch default)");
     assert!(
-        (first(&base[9]) - guided[0]).abs() < 1e-9,
+        (first(&base[10]) - guided[0]).abs() < 1e-9,
         "{base:?} vs {guided:?}"
     );
     assert!(
-        (first(&base[11]) - guided[10]).abs() < 1e-9,
+        (first(&base[12]) - guided[10]).abs() < 1e-9,
         "{base:?} vs {guided:?}"
     );
     assert!(
-        (first(&base[12]) - guided[12]).abs() < 1e-9,
+        (first(&base[13]) - guided[12]).abs() < 1e-9,
         "{base:?} vs {guided:?}"
     );
-    assert_eq!(base[10], t100[10], "one random init for every row");
+    assert_eq!(base[11], t100[11], "one random init for every row");
     assert!(
-        (first(&base[10]) - random[0]).abs() < 1e-9,
+        (first(&base[11]) - random[0]).abs() < 1e-9,
         "{base:?} vs {random:?}"
     );
     for row in [&base, &t100] {
-        let cosine = numbers(&row[13]);
+        let cosine = numbers(&row[14]);
         assert!((-1.0..=1.0).contains(&cosine[0]), "{row:?}");
-        assert!(first(&row[11]) > 0.0, "{row:?}");
+        assert!(first(&row[12]) > 0.0, "{row:?}");
     }
 
     // A second run replaces its section instead of appending another.

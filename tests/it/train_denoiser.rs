@@ -164,6 +164,27 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         assert!(s.ddim_support_only.unwrap() > 0.4, "{split}: {s:?}");
         assert!(s.ddim_wrong_task < s.ddim - 0.25, "{split}: {s:?}");
     }
+    // The gate scored every sampling candidate on the validation tasks and
+    // the checkpoint recommends the best (what serving uses by default).
+    eprintln!("sampling candidates: {:?}", q.sampling);
+    assert_eq!(q.sampling.len(), 4, "{:?}", q.sampling);
+    let best = q
+        .sampling
+        .iter()
+        .map(|(_, score)| *score)
+        .fold(f64::MIN, f64::max);
+    let (chosen, chosen_score) = q
+        .sampling
+        .iter()
+        .find(|(c, _)| Some(*c) == q.recommended)
+        .copied()
+        .unwrap();
+    assert!(chosen_score > 0.5 && chosen_score >= best - 0.002, "{q:?}");
+    assert_eq!(stored.recommended, Some(chosen));
+    assert!(active.summary.contains_key(&format!(
+        "quality.zoo_tasks.sampling.{}_test_accuracy",
+        chosen.label()
+    )));
 }
 
 #[test]
@@ -234,4 +255,31 @@ fn the_train_command_publishes_reports_and_refuses_a_taken_id() {
         stderr.contains("denoiser_id: denoiser \"cli-v1\" already exists"),
         "{stderr}"
     );
+    // `--latent ae:K`: an autoencoder latent trained first, carried by the
+    // published checkpoint, and the denoiser diffuses in its K coordinates.
+    let mut ae_args = train_args.to_vec();
+    ae_args[4] = "cli-ae";
+    ae_args.extend(["--latent", "ae:8"]);
+    let ae = run(env!("CARGO_BIN_EXE_weightgen-worker"), &ae_args);
+    assert!(
+        ae.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ae.stderr)
+    );
+    let checkpoint = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let (catalog, blobs): (Arc<dyn Catalog>, _) =
+            StorageArgs::embedded(dir.path()).open().await.unwrap();
+        let record = catalog.denoiser("cli-ae").await.unwrap().unwrap();
+        assert_eq!(record.config["latent"], "ae:8");
+        assert!(
+            record.summary["latent_val_reconstruction_mse"].is_finite(),
+            "{:?}",
+            record.summary
+        );
+        DenoiserCheckpoint::from_bytes(&blobs.get(&record.sha256).await.unwrap(), Device::Cpu)
+            .unwrap()
+    });
+    let latent = checkpoint.latent.as_ref().unwrap();
+    assert_eq!((latent.space(), latent.dim()), ("autoencoder", 8));
+    assert_eq!(checkpoint.model.config().dim, 8);
 }

@@ -63,7 +63,7 @@ def main():
     parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", default="ddim", choices=["ddim", "dpm-solver", "ddpm"])
+    parser.add_argument("--sampler", default="auto", choices=["auto", "ddim", "dpm-solver", "ddpm"])
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--dtype", default="f32", choices=["f32", "f16", "bf16"])
     parser.add_argument("--save", help="also write the generated file here")

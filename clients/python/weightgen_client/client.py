@@ -15,6 +15,8 @@ import grpc
 from weightgen.v1 import generation_pb2, generation_pb2_grpc, common_pb2
 
 _SAMPLERS = {
+    # The denoiser's recommended sampling (DenoiserInfo.default_sampler).
+    "auto": generation_pb2.SAMPLER_UNSPECIFIED,
     "ddim": generation_pb2.SAMPLER_DDIM,
     "dpm-solver": generation_pb2.SAMPLER_DPM_SOLVER,
     "ddpm": generation_pb2.SAMPLER_DDPM,
@@ -173,7 +175,7 @@ class WeightgenClient:
         self,
         task: dict,
         num_samples: int = 1,
-        sampler: str = "ddim",
+        sampler: str = "auto",
         steps: int = 0,
         eta: Optional[float] = None,
         guidance: Optional[float] = None,

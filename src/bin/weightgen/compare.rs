@@ -36,10 +36,11 @@ pub struct CompareArgs {
     /// Seed of the held-out tasks, the sampling and the random inits.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// ddim, dpm-solver or ddpm.
-    #[arg(long, default_value = "ddim")]
+    /// auto (the denoiser's recommended sampling), ddim, dpm-solver or ddpm.
+    #[arg(long, default_value = "auto")]
     pub sampler: String,
-    /// Classifier-free guidance scale.
+    /// Classifier-free guidance scale (default: the denoiser's choice for
+    /// its sampler, else 1).
     #[arg(long)]
     pub guidance: Option<f32>,
     /// Adam learning rate of fine-tuning (both inits).
@@ -225,7 +226,11 @@ pub async fn compare(
         "held-out tasks: {} ({:?} form of the request, {} at lr {}, fully trained = random init after {} steps, target {:.0}% of it)",
         rows.len(),
         args.form,
-        args.sampler.to_uppercase(),
+        if args.sampler == "auto" {
+            "the denoiser's recommended sampling".to_owned()
+        } else {
+            args.sampler.to_uppercase()
+        },
         args.learning_rate,
         args.full_steps,
         DEFAULT_TARGET_FRACTION * 100.0

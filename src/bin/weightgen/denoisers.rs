@@ -59,9 +59,11 @@ fn denoiser_json(d: &pb::DenoiserInfo) -> Value {
         "schedule": d.schedule,
         "kind": d.kind,
         "latent_dim": d.latent_dim,
+        "latent_space": d.latent_space,
         "default_sampler": pb::Sampler::try_from(d.default_sampler)
             .map_or_else(|_| json!(d.default_sampler), |s| json!(s.as_str_name())),
         "default_steps": d.default_steps,
+        "default_guidance": d.default_guidance,
         "metrics": metrics_json(&d.metrics),
         "zoo_models": d.zoo_models,
         "config_json": d.config_json,
@@ -226,22 +228,27 @@ fn print_denoiser(d: &pb::DenoiserInfo) {
         (
             "diffusion",
             format!(
-                "T={}, {} schedule, latent dim {}",
+                "T={}, {} schedule, latent {}",
                 d.timesteps,
                 if d.schedule.is_empty() {
                     "unknown"
                 } else {
                     &d.schedule
                 },
-                d.latent_dim
+                match (d.latent_space.as_str(), d.latent_dim) {
+                    (_, 0) => "none (the weights)".to_owned(),
+                    ("", k) => format!("dim {k}"),
+                    (space, k) => format!("{space}, dim {k}"),
+                }
             ),
         ),
         (
             "sampling default",
             format!(
-                "{} {} steps",
+                "{} {} steps, guidance {}",
                 sampler_name(d.default_sampler),
-                d.default_steps
+                d.default_steps,
+                d.default_guidance
             ),
         ),
         (

@@ -28,16 +28,19 @@ pub struct GenerateArgs {
     /// Initializations to generate.
     #[arg(long, default_value_t = 1)]
     samples: u32,
-    /// ddim, dpm-solver (DPM-Solver++(2M), for few steps) or ddpm.
-    #[arg(long, default_value = "ddim")]
+    /// auto (the sampling the denoiser's training chose on validation
+    /// tasks), ddim, dpm-solver (DPM-Solver++(2M), for few steps) or ddpm.
+    #[arg(long, default_value = "auto")]
     sampler: String,
-    /// Reverse steps (default: DDIM and DPM-Solver 10, DDPM T).
+    /// Reverse steps (default: the denoiser's choice for its sampler, else
+    /// DDIM and DPM-Solver 10, DDPM T).
     #[arg(long)]
     steps: Option<u32>,
     /// DDIM stochasticity in [0, 1].
     #[arg(long)]
     eta: Option<f32>,
-    /// Classifier-free guidance scale (1 = plain conditional sampling).
+    /// Classifier-free guidance scale (1 = plain conditional sampling;
+    /// default: the denoiser's choice for its sampler, else 1).
     #[arg(long)]
     guidance: Option<f32>,
     /// Seed (default: drawn by the server and printed).
@@ -58,14 +61,15 @@ pub struct GenerateArgs {
     output: PathBuf,
 }
 
-/// `--sampler`: ddim, dpm-solver or ddpm.
+/// `--sampler`: auto (the denoiser's recommendation), ddim, dpm-solver or ddpm.
 pub fn parse_sampler(name: &str) -> Result<pb::Sampler, String> {
     match name {
+        "auto" => Ok(pb::Sampler::Unspecified),
         "ddim" => Ok(pb::Sampler::Ddim),
         "dpm-solver" => Ok(pb::Sampler::DpmSolver),
         "ddpm" => Ok(pb::Sampler::Ddpm),
         other => Err(format!(
-            "--sampler {other:?}: expected ddim, dpm-solver or ddpm"
+            "--sampler {other:?}: expected auto, ddim, dpm-solver or ddpm"
         )),
     }
 }

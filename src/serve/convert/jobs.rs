@@ -77,8 +77,18 @@ fn latent_from_proto(space: i32, size: u32) -> Result<LatentChoice, SpecError> {
         (None | Some(pb::LatentSpace::Pca), k) => format!("pca:{k}")
             .parse()
             .map_err(|e: String| invalid("latent_size", e)),
+        (Some(pb::LatentSpace::Autoencoder), 0) => Err(invalid(
+            "latent_size",
+            "LATENT_SPACE_AUTOENCODER needs a latent size",
+        )),
+        (Some(pb::LatentSpace::Autoencoder), k) => format!("ae:{k}")
+            .parse()
+            .map_err(|e: String| invalid("latent_size", e)),
         (Some(_), 0) => Ok(LatentChoice::None),
-        (Some(_), _) => Err(invalid("latent_size", "only with LATENT_SPACE_PCA")),
+        (Some(_), _) => Err(invalid(
+            "latent_size",
+            "only with LATENT_SPACE_PCA or LATENT_SPACE_AUTOENCODER",
+        )),
     }
 }
 
@@ -177,6 +187,10 @@ pub fn train_spec_to_proto(spec: &TrainSpec) -> pb::TrainDenoiserSpec {
         LatentChoice::None => (pb::LatentSpace::Weights, 0),
         LatentChoice::PcaAuto => (pb::LatentSpace::Pca, 0),
         LatentChoice::Pca(k) => (pb::LatentSpace::Pca, k.clamp(0, i64::from(u32::MAX)) as u32),
+        LatentChoice::Autoencoder(k) => (
+            pb::LatentSpace::Autoencoder,
+            k.clamp(0, i64::from(u32::MAX)) as u32,
+        ),
     };
     let wide = |v: i64| v.clamp(0, i64::from(u32::MAX)) as u32;
     pb::TrainDenoiserSpec {
@@ -291,7 +305,11 @@ mod tests {
         };
         let back = train_spec_from_proto(&train_spec_to_proto(&spec)).unwrap();
         assert_eq!(back, spec);
-        for latent in [LatentChoice::None, LatentChoice::PcaAuto] {
+        for latent in [
+            LatentChoice::None,
+            LatentChoice::PcaAuto,
+            LatentChoice::Autoencoder(48),
+        ] {
             let spec = TrainSpec {
                 latent,
                 ..TrainSpec::new("z")
@@ -335,5 +353,13 @@ mod tests {
             train_spec_from_proto(&spec).unwrap_err().field,
             "train_denoiser.latent_size"
         );
+        let spec = pb::TrainDenoiserSpec {
+            zoo: "z".into(),
+            latent: pb::LatentSpace::Autoencoder as i32,
+            ..Default::default()
+        };
+        let e = train_spec_from_proto(&spec).unwrap_err();
+        assert_eq!(e.field, "train_denoiser.latent_size");
+        assert!(e.reason.contains("needs a latent size"), "{e}");
     }
 }

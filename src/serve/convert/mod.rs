@@ -4,6 +4,7 @@ pub mod jobs;
 
 use tonic::Status;
 
+use super::generate_init::DEFAULT_DDIM_STEPS;
 use crate::catalog::DenoiserRecord;
 use crate::proto::v1 as pb;
 use crate::tasks::featurizer::Descriptor;
@@ -122,8 +123,12 @@ pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::De
             .unwrap_or("mlp_unet")
             .to_owned(),
         latent_dim: 0,
+        latent_space: String::new(),
+        // What the checkpoint recommends is known once it is loaded
+        // (`serve::generation::denoiser_info`); the server's own default here.
         default_sampler: pb::Sampler::Ddim as i32,
-        default_steps: 50.min(timesteps),
+        default_steps: DEFAULT_DDIM_STEPS.min(timesteps as usize) as u32,
+        default_guidance: 1.0,
         metrics: record
             .summary
             .iter()
