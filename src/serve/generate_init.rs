@@ -342,13 +342,16 @@ pub fn job_for(
     ))
 }
 
-/// Runs the job on `denoiser` and returns the response messages in order.
+/// Runs the job on `denoiser` and returns the response messages in order,
+/// made as they are pulled: each chunk is copied out of its sample file only
+/// when the stream sends it, and a file is freed once its last chunk has
+/// gone, so a response never holds its files twice over.
 pub async fn generate(
     denoiser: Arc<LoadedDenoiser>,
     job: GenerateJob,
     choice: SamplingChoice,
     received: Instant,
-) -> Result<Vec<pb::GenerateInitResponse>, Status> {
+) -> Result<impl Iterator<Item = pb::GenerateInitResponse> + Send + 'static, Status> {
     let generated = denoiser
         .model()
         .generate(&denoiser.record.id, job)
@@ -361,7 +364,7 @@ pub async fn generate(
         })?;
     let part = |p: pb::generate_init_response::Part| pb::GenerateInitResponse { part: Some(p) };
     let arch = &denoiser.facts.arch;
-    let mut messages = vec![part(pb::generate_init_response::Part::Header(
+    let header = part(pb::generate_init_response::Part::Header(
         pb::GenerateInitHeader {
             denoiser_id: denoiser.record.id.clone(),
             denoiser_version: denoiser.version,
@@ -375,18 +378,9 @@ pub async fn generate(
             num_samples: choice.num_samples,
             output_dtype: dtype_to_proto(choice.dtype) as i32,
         },
-    ))];
+    ));
     let mut digests = Vec::with_capacity(generated.files.len());
     for (index, file) in generated.files.iter().enumerate() {
-        for (n, data) in file.chunks(MAX_CHUNK_BYTES).enumerate() {
-            messages.push(part(pb::generate_init_response::Part::Chunk(
-                pb::SampleChunk {
-                    sample_index: index as u32,
-                    offset: (n * MAX_CHUNK_BYTES) as u64,
-                    data: data.to_vec(),
-                },
-            )));
-        }
         digests.push(pb::SampleDigest {
             sample_index: index as u32,
             size_bytes: file.len() as u64,
@@ -398,7 +392,7 @@ pub async fn generate(
                 .map(nearest_zoo_to_proto),
         });
     }
-    messages.push(part(pb::generate_init_response::Part::Trailer(
+    let trailer = part(pb::generate_init_response::Part::Trailer(
         pb::GenerateInitTrailer {
             samples: digests,
             queue_ms: generated.queue_ms,
@@ -416,8 +410,28 @@ pub async fn generate(
                     reference_models: models as u32,
                 }),
         },
-    )));
-    Ok(messages)
+    ));
+    let chunks = sample_chunks(generated.files)
+        .map(move |c| part(pb::generate_init_response::Part::Chunk(c)));
+    Ok(std::iter::once(header)
+        .chain(chunks)
+        .chain(std::iter::once(trailer)))
+}
+
+/// The files' chunks of at most [`MAX_CHUNK_BYTES`], file by file, each
+/// copied out when pulled; a file is dropped after its last chunk.
+fn sample_chunks(files: Vec<bytes::Bytes>) -> impl Iterator<Item = pb::SampleChunk> + Send {
+    files.into_iter().enumerate().flat_map(|(index, file)| {
+        (0..file.len().div_ceil(MAX_CHUNK_BYTES)).map(move |n| {
+            let start = n * MAX_CHUNK_BYTES;
+            let end = (start + MAX_CHUNK_BYTES).min(file.len());
+            pb::SampleChunk {
+                sample_index: index as u32,
+                offset: start as u64,
+                data: file[start..end].to_vec(),
+            }
+        })
+    })
 }
 
 /// The first line of an error, at most 300 characters: libtorch's messages
@@ -542,6 +556,30 @@ mod tests {
         let (job, choice) = job_for(&dpm, &digits_denoiser(), 8).unwrap();
         assert_eq!((choice.sampler, choice.steps), (pb::Sampler::DpmSolver, 10));
         assert_eq!(job.sampler, SamplerKind::DpmSolver { steps: 10 });
+    }
+
+    #[test]
+    fn files_are_cut_into_ordered_chunks_of_at_most_the_limit() {
+        let big: Vec<u8> = (0..2 * MAX_CHUNK_BYTES + 5)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let files = vec![
+            bytes::Bytes::from(big.clone()),
+            bytes::Bytes::from_static(b"small"),
+        ];
+        let chunks: Vec<pb::SampleChunk> = sample_chunks(files).collect();
+        let shape: Vec<(u32, u64, usize)> = chunks
+            .iter()
+            .map(|c| (c.sample_index, c.offset, c.data.len()))
+            .collect();
+        let m = MAX_CHUNK_BYTES;
+        assert_eq!(
+            shape,
+            [(0, 0, m), (0, m as u64, m), (0, 2 * m as u64, 5), (1, 0, 5)]
+        );
+        let first: Vec<u8> = chunks[..3].iter().flat_map(|c| c.data.clone()).collect();
+        assert_eq!(first, big);
+        assert_eq!(chunks[3].data, b"small");
     }
 
     #[test]

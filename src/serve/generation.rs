@@ -135,7 +135,7 @@ impl GenerationService for GenerationApi {
         }
         let messages = generate(denoiser, job, choice, received).await?;
         Ok(Response::new(Box::pin(tokio_stream::iter(
-            messages.into_iter().map(Ok),
+            messages.map(Ok),
         ))))
     }
 
