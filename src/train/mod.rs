@@ -391,6 +391,7 @@ pub async fn train_denoiser(
             },
             "zoo_load": config.load,
             "latent": config.latent.to_string(),
+            "recommended_sampling": checkpoint.recommended,
         }),
         summary,
         active: false,

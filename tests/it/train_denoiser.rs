@@ -181,6 +181,14 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         .unwrap();
     assert!(chosen_score > 0.5 && chosen_score >= best - 0.002, "{q:?}");
     assert_eq!(stored.recommended, Some(chosen));
+    // The catalog row carries it too (ListDenoisers reports it unloaded).
+    assert_eq!(
+        serde_json::from_value::<Option<weightgen::diffusion::RecommendedSampling>>(
+            active.config["recommended_sampling"].clone()
+        )
+        .unwrap(),
+        Some(chosen)
+    );
     assert!(active.summary.contains_key(&format!(
         "quality.zoo_tasks.sampling.{}_test_accuracy",
         chosen.label()

@@ -4,8 +4,9 @@ pub mod jobs;
 
 use tonic::Status;
 
-use super::generate_init::DEFAULT_DDIM_STEPS;
+use super::generate_init::{DEFAULT_DDIM_STEPS, recommended_sampler};
 use crate::catalog::DenoiserRecord;
+use crate::diffusion::RecommendedSampling;
 use crate::proto::v1 as pb;
 use crate::tasks::featurizer::Descriptor;
 use crate::tasks::schema::FeatureSchema;
@@ -106,6 +107,10 @@ pub fn timestamp(ms: i64) -> prost_types::Timestamp {
 pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::DenoiserInfo {
     let config = &record.config["denoiser"];
     let timesteps = config["timesteps"].as_u64().unwrap_or(0) as u32;
+    // The sampling its training gate chose (rows written before there was
+    // one: the server's defaults, as serving uses for them).
+    let recommended: Option<RecommendedSampling> =
+        serde_json::from_value(record.config["recommended_sampling"].clone()).unwrap_or(None);
     pb::DenoiserInfo {
         id: record.id.clone(),
         version,
@@ -124,11 +129,12 @@ pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::De
             .to_owned(),
         latent_dim: 0,
         latent_space: String::new(),
-        // What the checkpoint recommends is known once it is loaded
-        // (`serve::generation::denoiser_info`); the server's own default here.
-        default_sampler: pb::Sampler::Ddim as i32,
-        default_steps: DEFAULT_DDIM_STEPS.min(timesteps as usize) as u32,
-        default_guidance: 1.0,
+        default_sampler: recommended.map_or(pb::Sampler::Ddim, |r| recommended_sampler(r.sampler))
+            as i32,
+        default_steps: recommended
+            .map_or(DEFAULT_DDIM_STEPS, |r| r.steps)
+            .min(timesteps as usize) as u32,
+        default_guidance: recommended.map_or(1.0, |r| r.guidance) as f32,
         metrics: record
             .summary
             .iter()
@@ -201,4 +207,53 @@ pub fn descriptor_from_proto(
         support_x,
         support_y,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(config: serde_json::Value) -> DenoiserRecord {
+        DenoiserRecord {
+            id: "d".into(),
+            architecture: "a".into(),
+            sha256: "0".repeat(64),
+            size_bytes: 1,
+            config,
+            summary: Default::default(),
+            active: true,
+            created_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_row_reports_the_sampling_its_gate_chose_or_the_servers_default() {
+        let chosen = serde_json::json!({
+            "denoiser": {"timesteps": 1000},
+            "recommended_sampling": {"sampler": "dpm_solver", "steps": 1, "guidance": 1.0}
+        });
+        let info = denoiser_record_to_proto(&record(chosen), 1);
+        assert_eq!(
+            (
+                info.default_sampler(),
+                info.default_steps,
+                info.default_guidance
+            ),
+            (pb::Sampler::DpmSolver, 1, 1.0)
+        );
+        for older in [
+            serde_json::json!({"denoiser": {"timesteps": 1000}}),
+            serde_json::json!({"denoiser": {"timesteps": 1000}, "recommended_sampling": null}),
+        ] {
+            let info = denoiser_record_to_proto(&record(older), 1);
+            assert_eq!(
+                (
+                    info.default_sampler(),
+                    info.default_steps,
+                    info.default_guidance
+                ),
+                (pb::Sampler::Ddim, DEFAULT_DDIM_STEPS as u32, 1.0)
+            );
+        }
+    }
 }
