@@ -339,10 +339,26 @@ impl DenoiserCheckpoint {
             }
             None => None,
         };
-        let recommended = match meta.contains_key("recommended_sampling") {
-            true => Some(header(&meta, "recommended_sampling")?),
-            false => None,
-        };
+        let recommended: Option<RecommendedSampling> =
+            match meta.contains_key("recommended_sampling") {
+                true => Some(header(&meta, "recommended_sampling")?),
+                false => None,
+            };
+        // Serving takes its steps and guidance as given: they must be usable.
+        if let Some(r) = &recommended {
+            let timesteps = model.config().timesteps;
+            let usable =
+                (1..=timesteps).contains(&r.steps) && r.guidance.is_finite() && r.guidance >= 0.0;
+            if !usable {
+                return Err(CheckpointError::Header {
+                    key: "recommended_sampling",
+                    reason: format!(
+                        "{} steps (T = {timesteps}) at guidance {} cannot be sampled",
+                        r.steps, r.guidance
+                    ),
+                });
+            }
+        }
         Ok(Self {
             model,
             arch,

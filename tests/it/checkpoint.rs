@@ -263,12 +263,23 @@ fn files_that_do_not_fit_are_refused_with_a_reason() {
 
     let (tensors, meta) = decode_tensors(&bytes).unwrap();
 
-    let mut wrong_format = meta.clone();
-    wrong_format.insert("format".into(), "something-else".into());
+    let mut unusable = meta.clone();
+    unusable.insert(
+        "recommended_sampling".into(),
+        r#"{"sampler": "ddim", "steps": 0, "guidance": 3.0}"#.into(),
+    );
     let all: Vec<(String, Tensor)> = tensors
         .iter()
         .map(|(n, t)| (n.clone(), t.shallow_clone()))
         .collect();
+    let err =
+        DenoiserCheckpoint::from_bytes(&encode_tensors(&all, &unusable).unwrap(), Device::Cpu)
+            .err()
+            .unwrap();
+    assert!(err.to_string().contains("recommended_sampling"), "{err}");
+
+    let mut wrong_format = meta.clone();
+    wrong_format.insert("format".into(), "something-else".into());
     let err =
         DenoiserCheckpoint::from_bytes(&encode_tensors(&all, &wrong_format).unwrap(), Device::Cpu)
             .err()
