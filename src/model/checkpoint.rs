@@ -206,7 +206,8 @@ impl DenoiserCheckpoint {
             .collect();
         tensors.push(("stats.mean".into(), self.stats.mean.shallow_clone()));
         tensors.push(("stats.std".into(), self.stats.std.shallow_clone()));
-        match &self.latent {
+        // Each latent kind's tensors and its header entry.
+        let latent_header = match &self.latent {
             Some(Latent::Pca(latent)) => {
                 tensors.push(("latent.mean".into(), latent.mean.shallow_clone()));
                 tensors.push((
@@ -214,14 +215,16 @@ impl DenoiserCheckpoint {
                     latent.components.shallow_clone(),
                 ));
                 tensors.push(("latent.scales".into(), latent.scales.shallow_clone()));
+                Some(("latent_explained", json(&latent.explained)))
             }
             Some(Latent::Autoencoder(ae)) => {
                 for (name, t) in ae.named_tensors() {
                     tensors.push((format!("latent_ae.{name}"), t));
                 }
+                Some(("latent_autoencoder", json(&ae.config)))
             }
-            None => {}
-        }
+            None => None,
+        };
         if let Some((low, high)) = &self.clip {
             tensors.push(("clip.low".into(), low.shallow_clone()));
             tensors.push(("clip.high".into(), high.shallow_clone()));
@@ -244,14 +247,8 @@ impl DenoiserCheckpoint {
         );
         meta.insert("feature_schema".to_owned(), json(&self.feature_schema));
         meta.insert("summary".to_owned(), json(&self.summary));
-        match &self.latent {
-            Some(Latent::Pca(latent)) => {
-                meta.insert("latent_explained".to_owned(), json(&latent.explained));
-            }
-            Some(Latent::Autoencoder(ae)) => {
-                meta.insert("latent_autoencoder".to_owned(), json(&ae.config));
-            }
-            None => {}
+        if let Some((key, value)) = latent_header {
+            meta.insert(key.to_owned(), value);
         }
         if let Some(reference) = &self.zoo_reference {
             meta.insert("novelty_spread".to_owned(), json(&reference.spread));

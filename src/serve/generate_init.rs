@@ -15,7 +15,7 @@ use super::status::{bounded_name, checked_name};
 use crate::backend::{GenerateJob, MAX_REDRAWS, ModelError, SampleNearness};
 use crate::blobs::sha256_hex;
 use crate::catalog::Catalog;
-use crate::diffusion::{RecommendedSampler, SamplerKind};
+use crate::diffusion::{RecommendedSampler, RecommendedSampling, SamplerKind};
 use crate::proto::v1 as pb;
 use crate::weights::DType;
 
@@ -127,10 +127,27 @@ pub struct SamplingChoice {
 }
 
 /// The API's name of a recommended sampler.
-pub fn recommended_sampler(sampler: RecommendedSampler) -> pb::Sampler {
+fn recommended_sampler(sampler: RecommendedSampler) -> pb::Sampler {
     match sampler {
         RecommendedSampler::Ddim => pb::Sampler::Ddim,
         RecommendedSampler::DpmSolver => pb::Sampler::DpmSolver,
+    }
+}
+
+/// What a request leaving sampler, steps and guidance unset gets from a
+/// denoiser that recommends `recommended` (T = `timesteps`): DenoiserInfo's
+/// `default_sampler`, `default_steps` and `default_guidance`.
+pub fn sampling_defaults(
+    recommended: Option<RecommendedSampling>,
+    timesteps: usize,
+) -> (pb::Sampler, usize, f64) {
+    match recommended {
+        Some(r) => (
+            recommended_sampler(r.sampler),
+            r.steps.min(timesteps),
+            r.guidance,
+        ),
+        None => (pb::Sampler::Ddim, DEFAULT_DDIM_STEPS.min(timesteps), 1.0),
     }
 }
 

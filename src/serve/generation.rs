@@ -11,9 +11,7 @@ use tonic::{Request, Response, Status};
 use super::auth::{Caller, Metered, Quotas};
 use super::convert::{arch_to_proto, denoiser_record_to_proto, schema_to_proto};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
-use super::generate_init::{
-    DEFAULT_DDIM_STEPS, denoiser_for, generate, job_for, recommended_sampler,
-};
+use super::generate_init::{denoiser_for, generate, job_for, sampling_defaults};
 use super::readiness::Readiness;
 use super::status::{bounded_name, catalog_status, checked_name};
 use crate::catalog::Catalog;
@@ -21,7 +19,7 @@ use crate::proto::v1::generation_service_server::GenerationService;
 use crate::proto::v1::{
     ArchitectureMetadataRequest, ArchitectureSpec, DenoiserInfo, DenoiserMetadataRequest,
     DenoiserReadyRequest, DenoiserReadyResponse, GenerateInitRequest, GenerateInitResponse,
-    Sampler, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
     ServerReadyRequest, ServerReadyResponse,
 };
 use crate::torch_info::TorchInfo;
@@ -95,6 +93,7 @@ pub type GenerateInitStream =
 /// what its checkpoint holds.
 pub fn denoiser_info(d: &LoadedDenoiser) -> DenoiserInfo {
     let facts = &d.facts;
+    let (sampler, steps, guidance) = sampling_defaults(facts.recommended, facts.timesteps);
     DenoiserInfo {
         active: true,
         feature_schema: Some(schema_to_proto(&facts.schema)),
@@ -103,15 +102,9 @@ pub fn denoiser_info(d: &LoadedDenoiser) -> DenoiserInfo {
         kind: facts.kind.clone(),
         latent_dim: facts.latent_dim as u32,
         latent_space: facts.latent_space.clone(),
-        default_sampler: facts
-            .recommended
-            .map_or(Sampler::Ddim, |r| recommended_sampler(r.sampler))
-            as i32,
-        default_steps: facts
-            .recommended
-            .map_or(DEFAULT_DDIM_STEPS, |r| r.steps)
-            .min(facts.timesteps) as u32,
-        default_guidance: facts.recommended.map_or(1.0, |r| r.guidance) as f32,
+        default_sampler: sampler as i32,
+        default_steps: steps as u32,
+        default_guidance: guidance as f32,
         ..denoiser_record_to_proto(&d.record, d.version)
     }
 }

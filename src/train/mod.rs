@@ -497,10 +497,11 @@ fn train_blocking(
     let standardized = stats.normalize(&data.weights).to_kind(Kind::Float);
     // Diffusion runs in the latent when there is one: fitted on the
     // training split only, so validation models are as unseen as any task.
+    let val_standardized = standardized.index_select(0, &val_rows);
     let latent = latent::fit_latent(
         config.latent,
         &standardized.index_select(0, &train_rows),
-        &standardized.index_select(0, &val_rows),
+        &val_standardized,
         train,
         &data,
         &stats,
@@ -509,9 +510,7 @@ fn train_blocking(
     );
     // How much of unseen zoo models the latent keeps (standardized units).
     let latent_val_mse = match &latent {
-        Some(latent) if !val.is_empty() => {
-            Some(latent.reconstruction_mse(&standardized.index_select(0, &val_rows)))
-        }
+        Some(latent) if !val.is_empty() => Some(latent.reconstruction_mse(&val_standardized)),
         _ => None,
     };
     let diffused = match &latent {

@@ -294,6 +294,21 @@ pub fn one_input(condition: &TaskBatch, features: bool) -> TaskBatch {
     }
 }
 
+/// One sampling seed per task: seed, seed + 1, …
+fn task_seeds(seed: u64, tasks: usize) -> Vec<u64> {
+    (0..tasks as u64).map(|i| seed.wrapping_add(i)).collect()
+}
+
+/// The mean task metric of weights `w` [B, D], row i scored on `tasks[i]`.
+fn mean_score(data: &ZooDataset, tasks: &[TaskSpec], w: &Tensor) -> f64 {
+    let total: f64 = tasks
+        .iter()
+        .enumerate()
+        .map(|(i, t)| score(data, t, &w.get(i as i64)))
+        .sum();
+    total / tasks.len() as f64
+}
+
 /// What every split of the gate shares.
 struct Gate<'a> {
     checkpoint: &'a DenoiserCheckpoint,
@@ -330,24 +345,14 @@ fn scores_for(
         };
     }
     let condition = condition_of(checkpoint, data, descriptors);
-    let seeds: Vec<u64> = (0..tasks.len() as u64)
-        .map(|i| seed.wrapping_add(i))
-        .collect();
+    let seeds = task_seeds(seed, tasks.len());
     let mean = |xs: Vec<f64>| xs.iter().sum::<f64>() / xs.len() as f64;
     let sampled = |condition: &TaskBatch, kind| {
         checkpoint
             .generate(condition, &seeds, kind, guidance)
             .to_device(Device::Cpu)
     };
-    let scored = |w: &Tensor| {
-        mean(
-            tasks
-                .iter()
-                .enumerate()
-                .map(|(i, t)| score(data, t, &w.get(i as i64)))
-                .collect(),
-        )
-    };
+    let scored = |w: &Tensor| mean_score(data, tasks, w);
     let generated = |condition: &TaskBatch, kind| scored(&sampled(condition, kind));
     // Retrieval baseline: the training zoo model with the nearest features.
     // The condition already holds the asked tasks' standardized features.
@@ -409,9 +414,7 @@ fn score_candidates(
         forms.push(one_input(&condition, false));
     }
     forms.push(condition);
-    let seeds: Vec<u64> = (0..tasks.len() as u64)
-        .map(|i| seed.wrapping_add(i))
-        .collect();
+    let seeds = task_seeds(seed, tasks.len());
     let regression = data.family.objective() == Objective::Regression;
     let timesteps = checkpoint.model.config().timesteps;
     RecommendedSampling::candidates(guidance, timesteps)
@@ -422,11 +425,7 @@ fn score_candidates(
                 let w = checkpoint
                     .generate(form, &seeds, candidate.kind(), candidate.guidance)
                     .to_device(Device::Cpu);
-                let scores = tasks
-                    .iter()
-                    .enumerate()
-                    .map(|(i, t)| score(data, t, &w.get(i as i64)));
-                let mean = scores.sum::<f64>() / tasks.len() as f64;
+                let mean = mean_score(data, tasks, &w);
                 // (A NaN mean stays NaN: such a candidate never wins.)
                 total += if regression { mean.ln() } else { mean };
             }

@@ -4,7 +4,7 @@ pub mod jobs;
 
 use tonic::Status;
 
-use super::generate_init::{DEFAULT_DDIM_STEPS, recommended_sampler};
+use super::generate_init::sampling_defaults;
 use crate::catalog::DenoiserRecord;
 use crate::diffusion::RecommendedSampling;
 use crate::proto::v1 as pb;
@@ -111,6 +111,8 @@ pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::De
     // one: the server's defaults, as serving uses for them).
     let recommended: Option<RecommendedSampling> =
         serde_json::from_value(record.config["recommended_sampling"].clone()).unwrap_or(None);
+    let (default_sampler, default_steps, default_guidance) =
+        sampling_defaults(recommended, timesteps as usize);
     pb::DenoiserInfo {
         id: record.id.clone(),
         version,
@@ -129,12 +131,9 @@ pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::De
             .to_owned(),
         latent_dim: 0,
         latent_space: String::new(),
-        default_sampler: recommended.map_or(pb::Sampler::Ddim, |r| recommended_sampler(r.sampler))
-            as i32,
-        default_steps: recommended
-            .map_or(DEFAULT_DDIM_STEPS, |r| r.steps)
-            .min(timesteps as usize) as u32,
-        default_guidance: recommended.map_or(1.0, |r| r.guidance) as f32,
+        default_sampler: default_sampler as i32,
+        default_steps: default_steps as u32,
+        default_guidance: default_guidance as f32,
         metrics: record
             .summary
             .iter()
@@ -212,6 +211,7 @@ pub fn descriptor_from_proto(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::generate_init::DEFAULT_DDIM_STEPS;
 
     fn record(config: serde_json::Value) -> DenoiserRecord {
         DenoiserRecord {
