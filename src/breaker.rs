@@ -66,7 +66,18 @@ pub struct Unavailable {
 
 tokio::task_local! {
     /// The deadline of the request the current task is serving.
-    static CALL_DEADLINE: tokio::time::Instant;
+    static CALL_DEADLINE: CallDeadline;
+}
+
+/// When the request being served must be answered, and why then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallDeadline {
+    /// The instant.
+    pub at: tokio::time::Instant,
+    /// The time the call was given.
+    pub timeout: Duration,
+    /// Whose limit it is, e.g. "the client's grpc-timeout".
+    pub whose: &'static str,
 }
 
 /// The part of a call's remaining time kept for answering it (so the
@@ -76,7 +87,22 @@ const ANSWER_MARGIN_MAX: Duration = Duration::from_millis(250);
 /// Runs `work` as the serving of a request due at `deadline`: backend waits
 /// inside it end before then ([`call_budget`]).
 pub async fn with_call_deadline<F: Future>(deadline: tokio::time::Instant, work: F) -> F::Output {
+    let call = CallDeadline {
+        at: deadline,
+        timeout: deadline.saturating_duration_since(tokio::time::Instant::now()),
+        whose: "the call's deadline",
+    };
+    with_described_deadline(call, work).await
+}
+
+/// [`with_call_deadline`] with what the deadline is, for messages.
+pub async fn with_described_deadline<F: Future>(deadline: CallDeadline, work: F) -> F::Output {
     CALL_DEADLINE.scope(deadline, work).await
+}
+
+/// The deadline of the request the current task is serving, if any.
+pub fn call_deadline() -> Option<CallDeadline> {
+    CALL_DEADLINE.try_with(|deadline| *deadline).ok()
 }
 
 /// How long a backend wait may last inside the current request: its
@@ -85,7 +111,9 @@ pub async fn with_call_deadline<F: Future>(deadline: tokio::time::Instant, work:
 pub fn call_budget() -> Option<Duration> {
     CALL_DEADLINE
         .try_with(|deadline| {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let left = deadline
+                .at
+                .saturating_duration_since(tokio::time::Instant::now());
             left.saturating_sub((left / 10).min(ANSWER_MARGIN_MAX))
         })
         .ok()

@@ -1,280 +1,189 @@
-//! Batching: the first waiting request, the compatible ones behind it (same
-//! denoiser, sampler, guidance and support-set size) and those arriving
-//! while the batch is smaller than the previous one (for at most
-//! `max_wait`) share one reverse diffusion of up to `max_batch` samples. A
-//! lone client is served at once (its previous batch held one sample);
-//! under steady concurrent load the batch waits for the clients that are
-//! still receiving the previous answers instead of running half empty. Each
-//! sample's noise comes from its own seed, so a request's bytes do not
-//! depend on what it was batched with.
+//! The batching policy of the step-level engine ([`super::engine`]), apart
+//! from any tensor so it can be tested on its own:
+//!
+//! - **which requests start**: in order of deadline (then arrival), each
+//!   as soon as there is room for its samples among the rows in flight
+//!   (`max_active`) and in its stream window (finished samples the client
+//!   has not yet taken, bounded in bytes);
+//! - **which rows share the next pass**: at most `max_batch` samples, whole
+//!   cohorts (the rows of one request that started together), fewest steps
+//!   left first — a one-step request sent behind a DDPM-1000 one finishes
+//!   after one pass, not after the long one — with every pass a cohort
+//!   sits out counting as one step less, so long requests are never
+//!   starved; ties go to the earlier deadline, then to the earlier arrival.
 
-use std::collections::VecDeque;
-use std::sync::mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use tokio::sync::oneshot;
-
-use super::{CheckpointFacts, GenerateJob, Generated, ModelError};
-
-/// How the model thread merges requests.
+/// How the model thread batches requests.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BatchConfig {
-    /// Most samples one reverse diffusion runs.
+    /// Most samples in one denoiser pass (a guided sample runs two rows).
     pub max_batch: usize,
-    /// Longest the first request of a batch waits for others, while the
-    /// batch is smaller than the previous one.
-    pub max_wait: std::time::Duration,
-    /// Requests that may wait; past it new ones are refused at once.
+    /// Most samples in flight at once, of all requests (bounds the memory
+    /// of the states they carry).
+    pub max_active: usize,
+    /// Requests that may be waiting or in flight; past it new ones are
+    /// refused at once.
     pub max_queue: usize,
+    /// Bytes of finished samples a request may hold that its client has
+    /// not taken yet; its next samples start only when there is room (at
+    /// least one sample always fits).
+    pub stream_window: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
             max_batch: DEFAULT_MAX_BATCH,
-            max_wait: DEFAULT_MAX_WAIT,
+            max_active: DEFAULT_MAX_ACTIVE,
             max_queue: DEFAULT_MAX_QUEUE,
+            stream_window: DEFAULT_STREAM_WINDOW,
         }
     }
 }
 
-/// Default most samples per batch.
+/// Default most samples per denoiser pass.
 pub const DEFAULT_MAX_BATCH: usize = 64;
-/// Default longest wait for a batch to fill (a DDIM-50 batch of the digits
-/// denoiser takes ~300 ms on 2 CPU cores: waiting 20 ms for its clients is
-/// cheaper than running it half empty).
-pub const DEFAULT_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
-/// Default requests that may wait.
+/// Default most samples in flight.
+pub const DEFAULT_MAX_ACTIVE: usize = 256;
+/// Default requests that may wait or run.
 pub const DEFAULT_MAX_QUEUE: usize = 256;
+/// Default stream window: 16 MiB of finished samples per request.
+pub const DEFAULT_STREAM_WINDOW: usize = 16 << 20;
 
-pub(super) enum Message {
-    Load {
-        id: String,
-        bytes: Bytes,
-        reply: oneshot::Sender<Result<CheckpointFacts, ModelError>>,
-    },
-    Unload {
-        id: String,
-    },
-    Generate(Box<Pending>),
+/// Samples a request may hold finished but not taken: the window in whole
+/// files, at least one, at most what it asked for.
+pub fn window_samples(stream_window: usize, file_bytes: usize, asked: usize) -> usize {
+    (stream_window / file_bytes.max(1)).clamp(1, asked.max(1))
 }
 
-impl std::fmt::Debug for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Load { id, .. } => write!(f, "Load({id})"),
-            Self::Unload { id } => write!(f, "Unload({id})"),
-            Self::Generate(p) => write!(f, "Generate({})", p.id),
-        }
+/// A request's place in the start order: earlier deadline first (none
+/// last), then earlier arrival.
+pub fn start_order(deadline: Option<Instant>, arrival: u64) -> (bool, Duration, u64) {
+    match deadline {
+        // Deadlines compared as durations from a fixed origin (Instant has
+        // no zero); the origin is the earliest representable here.
+        Some(d) => (false, d.saturating_duration_since(origin()), arrival),
+        None => (true, Duration::ZERO, arrival),
     }
 }
 
-/// A generation waiting for its batch.
-pub(super) struct Pending {
-    pub(super) id: String,
-    pub(super) job: GenerateJob,
-    pub(super) reply: oneshot::Sender<Result<Generated, ModelError>>,
-    pub(super) enqueued: Instant,
+fn origin() -> Instant {
+    use std::sync::OnceLock;
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
 }
 
-impl Pending {
-    /// Whether `other` can share this one's reverse diffusion: same
-    /// denoiser, sampler, guidance and support-set size, and both with
-    /// features or both conditioned on their support set alone.
-    fn joins(&self, other: &Pending) -> bool {
-        self.id == other.id
-            && self.job.sampler == other.job.sampler
-            && self.job.guidance.to_bits() == other.job.guidance.to_bits()
-            && self.job.descriptor.support_x.len() == other.job.descriptor.support_x.len()
-            && self.job.ways == other.job.ways
-            && self.job.features.is_empty() == other.job.features.is_empty()
+/// What the pass picker knows of one cohort.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// Samples in the cohort.
+    pub samples: usize,
+    /// Denoiser passes it still needs.
+    pub steps_left: usize,
+    /// Passes it has sat out since it last advanced.
+    pub skipped: u32,
+    /// Its request's deadline.
+    pub deadline: Option<Instant>,
+    /// Its request's arrival number.
+    pub arrival: u64,
+}
+
+impl Candidate {
+    fn priority(&self) -> (usize, (bool, Duration, u64)) {
+        (
+            self.steps_left.saturating_sub(self.skipped as usize),
+            start_order(self.deadline, self.arrival),
+        )
     }
 }
 
-/// `first` and the compatible requests already waiting, then those arriving
-/// until the batch holds `expected_rows` samples (the previous batch's) or
-/// `max_wait` has passed, up to `max_batch` samples. Others go to the
-/// backlog.
-pub(super) fn fill_batch(
-    first: Pending,
-    rx: &mpsc::Receiver<Message>,
-    backlog: &mut VecDeque<Message>,
-    batching: BatchConfig,
-    expected_rows: usize,
-) -> Vec<Pending> {
-    let max_batch = batching.max_batch;
-    let mut rows = first.job.seeds.len();
-    let mut batch = vec![first];
-    for message in std::mem::take(backlog) {
-        if let Some(other) = offer(&mut batch, &mut rows, max_batch, message) {
-            backlog.push_back(other);
+/// The cohorts that share the next pass: by priority (fewest steps left,
+/// aged by passes sat out), each that still fits in `max_batch` samples.
+/// The first always goes, so a pass is never empty while cohorts wait.
+pub fn pick(candidates: &[Candidate], max_batch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..candidates.len()).collect();
+    order.sort_by_key(|&i| candidates[i].priority());
+    let mut taken = Vec::new();
+    let mut samples = 0usize;
+    for i in order {
+        let n = candidates[i].samples;
+        if taken.is_empty() || samples + n <= max_batch {
+            samples += n;
+            taken.push(i);
         }
     }
-    // Everything already waiting joins, whatever the previous batch held.
-    while rows < max_batch {
-        let Ok(message) = rx.try_recv() else { break };
-        if let Some(other) = offer(&mut batch, &mut rows, max_batch, message) {
-            backlog.push_back(other);
-        }
-    }
-    let deadline = Instant::now() + batching.max_wait;
-    while rows < max_batch.min(expected_rows) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        let Ok(message) = rx.recv_timeout(left) else {
-            break;
-        };
-        if let Some(other) = offer(&mut batch, &mut rows, max_batch, message) {
-            backlog.push_back(other);
-        }
-    }
-    batch
-}
-
-/// Adds `message` to `batch` when it is a compatible request that fits in
-/// `max_batch` samples; otherwise hands it back.
-fn offer(
-    batch: &mut Vec<Pending>,
-    rows: &mut usize,
-    max_batch: usize,
-    message: Message,
-) -> Option<Message> {
-    match message {
-        Message::Generate(p) if batch[0].joins(&p) && *rows + p.job.seeds.len() <= max_batch => {
-            *rows += p.job.seeds.len();
-            batch.push(*p);
-            None
-        }
-        other => Some(other),
-    }
+    taken.sort_unstable();
+    taken
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
-    use crate::diffusion::SamplerKind;
-    use crate::tasks::featurizer::Descriptor;
-    use crate::weights::DType;
-    use std::time::Duration;
 
-    pub(in crate::backend) fn pending(
-        id: &str,
-        samples: u64,
-    ) -> (Pending, oneshot::Receiver<Result<Generated, ModelError>>) {
-        let (reply, rx) = oneshot::channel();
-        let job = GenerateJob {
-            descriptor: Descriptor {
-                features: Default::default(),
-                support_x: Vec::new(),
-                support_y: Vec::new(),
-            },
-            features: Vec::new(),
-            ways: 1,
-            seeds: (0..samples).collect(),
-            sampler: SamplerKind::ddim(50, 0.0),
-            guidance: 1.0,
-            dtype: DType::F32,
-            max_redraws: 0,
-        };
-        let p = Pending {
-            id: id.into(),
-            job,
-            reply,
-            enqueued: Instant::now(),
-        };
-        (p, rx)
-    }
-
-    fn config(max_wait_ms: u64) -> BatchConfig {
-        BatchConfig {
-            max_batch: 8,
-            max_wait: Duration::from_millis(max_wait_ms),
-            max_queue: 64,
+    fn cohort(samples: usize, steps_left: usize, arrival: u64) -> Candidate {
+        Candidate {
+            samples,
+            steps_left,
+            skipped: 0,
+            deadline: None,
+            arrival,
         }
     }
 
     #[test]
-    fn a_batch_waits_only_for_as_many_samples_as_the_previous_one() {
-        let (tx, rx) = mpsc::channel();
-        let mut backlog = VecDeque::new();
-        let mut replies = Vec::new();
-        // A lone client (previous batch: 1 sample) is not held back, even
-        // with a long max_wait.
-        let (first, r) = pending("a", 1);
-        replies.push(r);
-        let started = Instant::now();
-        let batch = fill_batch(first, &rx, &mut backlog, config(10_000), 1);
-        assert_eq!(batch.len(), 1);
-        assert!(started.elapsed() < Duration::from_secs(1));
-        // Requests already waiting join even when the previous batch held
-        // one sample.
-        let (tx_now, rx_now) = mpsc::channel();
-        for _ in 0..3 {
-            let (p, r) = pending("a", 1);
-            replies.push(r);
-            tx_now.send(Message::Generate(Box::new(p))).unwrap();
-        }
-        let (first, r) = pending("a", 1);
-        replies.push(r);
-        let batch = fill_batch(first, &rx_now, &mut backlog, config(10_000), 1);
-        assert_eq!(batch.len(), 4);
-        // Expecting 3 samples: two arrive later and join; the batch starts
-        // as soon as it has them.
-        let (first, r) = pending("a", 1);
-        replies.push(r);
-        let sender = std::thread::spawn(move || {
-            let mut rs = Vec::new();
-            for _ in 0..2 {
-                std::thread::sleep(Duration::from_millis(20));
-                let (p, r) = pending("a", 1);
-                rs.push(r);
-                tx.send(Message::Generate(Box::new(p))).unwrap();
+    fn a_short_request_passes_a_long_one_that_fills_the_batch() {
+        // A DDPM-1000 request of 64 samples fills the batch; a DDIM-1
+        // request of one sample arrives after it.
+        let mut long = cohort(64, 1000, 0);
+        let short = cohort(1, 1, 1);
+        assert_eq!(pick(&[long, short], 64), vec![1]);
+        // The long one sat out one pass; with the short one gone it runs.
+        long.skipped = 1;
+        assert_eq!(pick(&[long], 64), vec![0]);
+        // Small cohorts fill the room the first one leaves.
+        let cohorts = [cohort(40, 900, 0), cohort(30, 5, 1), cohort(20, 50, 2)];
+        assert_eq!(pick(&cohorts, 64), vec![1, 2]);
+        assert_eq!(pick(&cohorts, 100), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn sitting_out_ages_a_cohort_until_it_runs() {
+        // A stream of one-step requests cannot hold a long cohort back for
+        // longer than its remaining steps.
+        let mut long = cohort(64, 50, 0);
+        let mut passes_waited = 0;
+        loop {
+            let short = cohort(8, 1, 10 + passes_waited);
+            if pick(&[long, short], 64) == vec![0] {
+                break;
             }
-            (tx, rs)
-        });
-        let started = Instant::now();
-        let batch = fill_batch(first, &rx, &mut backlog, config(10_000), 3);
-        assert_eq!(batch.len(), 3);
-        assert!(started.elapsed() < Duration::from_secs(5));
-        let (tx, _rs) = sender.join().unwrap();
-        // Incompatible requests go to the backlog; max_batch caps the rows;
-        // max_wait ends the wait when fewer come than expected.
-        let (other, _r1) = pending("b", 1);
-        let (big, _r2) = pending("a", 6);
-        let (too_big, _r3) = pending("a", 3);
-        for p in [other, big, too_big] {
-            tx.send(Message::Generate(Box::new(p))).unwrap();
+            long.skipped += 1;
+            passes_waited += 1;
+            assert!(passes_waited < 100, "starved");
         }
-        let (first, _r4) = pending("a", 1);
-        let started = Instant::now();
-        let batch = fill_batch(first, &rx, &mut backlog, config(50), 8);
-        let rows: usize = batch.iter().map(|p| p.job.seeds.len()).sum();
-        assert_eq!(rows, 7);
-        assert!(started.elapsed() >= Duration::from_millis(50));
-        assert_eq!(backlog.len(), 2);
+        assert_eq!(passes_waited, 49);
     }
 
     #[test]
-    fn support_only_requests_batch_only_with_each_other() {
-        let (mut with_features, _r1) = pending("a", 1);
-        let (mut also_with, _r2) = pending("a", 1);
-        let (mut support_only, _r3) = pending("a", 1);
-        let (mut also_support_only, _r4) = pending("a", 1);
-        with_features.job.features = vec![0.5, 1.0];
-        also_with.job.features = vec![0.25, 2.0];
-        support_only.job.features.clear();
-        also_support_only.job.features.clear();
-        assert!(with_features.joins(&also_with));
-        assert!(support_only.joins(&also_support_only));
-        // Another class count never shares a batch (its one-hots are wider).
-        let (mut other_ways, _r5) = pending("a", 1);
-        other_ways.job.features = vec![0.5, 1.0];
-        other_ways.job.ways = 6;
-        assert!(!with_features.joins(&other_ways));
-        assert!(!with_features.joins(&support_only));
-        assert!(!support_only.joins(&with_features));
+    fn equal_work_goes_by_deadline_then_arrival() {
+        let now = Instant::now();
+        let mut early = cohort(40, 10, 5);
+        early.deadline = Some(now + Duration::from_secs(1));
+        let mut late = cohort(40, 10, 1);
+        late.deadline = Some(now + Duration::from_secs(9));
+        let none = cohort(40, 10, 0);
+        assert_eq!(pick(&[late, none, early], 64), vec![2]);
+        assert_eq!(pick(&[late, none], 64), vec![0]);
+        assert_eq!(pick(&[cohort(40, 10, 3), cohort(40, 10, 2)], 64), vec![1]);
+        assert!(start_order(Some(now), 9) < start_order(None, 0));
+    }
+
+    #[test]
+    fn the_window_holds_at_least_one_sample_and_at_most_the_request() {
+        assert_eq!(window_samples(16 << 20, 9_000, 64), 64);
+        assert_eq!(window_samples(16 << 20, 4 << 20, 64), 4);
+        assert_eq!(window_samples(1 << 20, 4 << 20, 64), 1);
+        assert_eq!(window_samples(16 << 20, 0, 3), 3);
     }
 }

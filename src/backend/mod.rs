@@ -5,9 +5,12 @@
 //! gets plain bytes back, so no tensor ever crosses an `.await`.
 //!
 //! - [`thread`]: the handle and the loop that owns the checkpoints;
-//! - [`batcher`]: which waiting requests share one reverse diffusion;
-//! - [`generation`]: one batch — conditions, sampling, the memorization
-//!   guard's redraws, encoding — and each request's share of it.
+//! - [`engine`]: step-level continuous batching — every request in flight
+//!   advances by one denoiser step per pass, whatever its sampler, step
+//!   count or guidance, and its samples stream out as they finish;
+//! - [`batcher`]: the policy — which requests start, which rows share the
+//!   next pass;
+//! - [`generation`]: conditions, the memorization guard, encoding.
 
 use bytes::Bytes;
 
@@ -17,12 +20,15 @@ use crate::tasks::schema::FeatureSchema;
 use crate::weights::{ArchSpec, DType, Nearness, ZooSpread};
 
 pub mod batcher;
+pub mod engine;
 pub mod generation;
 pub mod thread;
 
-pub use batcher::{BatchConfig, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_MAX_WAIT};
+pub use batcher::{
+    BatchConfig, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_WINDOW,
+};
 pub use generation::redraw_seed;
-pub use thread::ModelThread;
+pub use thread::{ModelThread, SampleStream, StreamEvent};
 
 /// What a loaded checkpoint is, for the async side (no tensors).
 #[derive(Debug, Clone)]
@@ -71,6 +77,9 @@ pub struct GenerateJob {
     /// Most times a sample too close to a zoo model is redrawn (checked
     /// against `MAX_REDRAWS` and the checkpoint before queueing).
     pub max_redraws: u32,
+    /// When the call must be answered: past it the request leaves the
+    /// running batch (None: no limit).
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// Most redraws per sample the memorization guard allows.
@@ -87,20 +96,26 @@ pub struct SampleNearness {
     pub redraws: u32,
 }
 
-/// Generated samples, each a safetensors file.
+/// One finished sample, in request order.
 #[derive(Debug)]
-pub struct Generated {
-    /// One file per seed.
-    pub files: Vec<Bytes>,
-    /// Time in reverse diffusion and encoding (of the whole batch).
-    pub sampling_ms: f64,
-    /// Time the request waited before its batch started.
+pub struct SampleOut {
+    /// Its index in the request (seed = first seed + index).
+    pub index: usize,
+    /// The safetensors file.
+    pub file: Bytes,
+    /// Its nearness to the zoo, when the checkpoint carries a zoo reference.
+    pub nearness: Option<SampleNearness>,
+}
+
+/// How a request went, once its last sample is out.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GenerationSummary {
+    /// Time from arrival until its first samples joined the running batch.
     pub queue_ms: f64,
-    /// Samples in the batch this request was sampled in.
+    /// Time from then until its last sample was encoded.
+    pub sampling_ms: f64,
+    /// Most samples (of all requests) in one denoiser pass it took part in.
     pub batch_size: usize,
-    /// Each sample's nearness to the zoo, when the checkpoint carries a
-    /// zoo reference.
-    pub nearness: Option<Vec<SampleNearness>>,
 }
 
 /// Why the model thread could not do a job.
@@ -127,6 +142,14 @@ pub enum ModelError {
     /// Too many requests are waiting.
     #[error("the generation queue is full ({0} requests waiting); retry later")]
     QueueFull(usize),
+    /// The request's deadline passed before its last sample was done.
+    #[error("deadline exceeded: {done} of {asked} samples were done by the call's deadline")]
+    DeadlineExceeded {
+        /// Samples delivered.
+        done: usize,
+        /// Samples asked for.
+        asked: usize,
+    },
     /// The thread is gone.
     #[error("the model thread has stopped")]
     Stopped,

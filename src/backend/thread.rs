@@ -1,20 +1,33 @@
-//! The model thread and its handle: loads and unloads checkpoints and runs
-//! batches ([`super::batcher`], [`super::generation`]) in the order
-//! messages arrive. The thread stops when the last handle is dropped.
+//! The model thread and its handle. The thread owns the [`Engine`]: while
+//! requests are in flight it takes whatever messages have arrived (loads,
+//! unloads, new requests), then runs one denoiser pass, and again; idle, it
+//! blocks on the next message. It stops when the last handle is dropped
+//! and nothing is left in flight.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tch::Device;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc as async_mpsc, oneshot};
 
-use super::batcher::{BatchConfig, Message, Pending, fill_batch};
-use super::generation::{guarded, run_batch};
-use super::{CheckpointFacts, GenerateJob, Generated, ModelError};
+use super::batcher::{BatchConfig, window_samples};
+use super::engine::{Engine, Pending};
+use super::{CheckpointFacts, GenerateJob, GenerationSummary, ModelError, SampleOut};
 use crate::model::DenoiserCheckpoint;
+
+enum Message {
+    Load {
+        id: String,
+        bytes: Bytes,
+        reply: oneshot::Sender<Result<CheckpointFacts, ModelError>>,
+    },
+    Unload {
+        id: String,
+    },
+    Generate(Box<Pending>),
+}
 
 /// Handle to the model thread; clones share it. The thread stops when the
 /// last handle is dropped.
@@ -22,7 +35,7 @@ use crate::model::DenoiserCheckpoint;
 pub struct ModelThread {
     tx: mpsc::Sender<Message>,
     queued: Arc<AtomicUsize>,
-    max_queue: usize,
+    batching: BatchConfig,
 }
 
 impl ModelThread {
@@ -33,15 +46,15 @@ impl ModelThread {
         let counter = queued.clone();
         std::thread::Builder::new()
             .name("weightgen-model".into())
-            .spawn(move || serve(rx, device, batching, counter))?;
+            .spawn(move || serve(rx, Engine::new(device, batching, counter)))?;
         Ok(Self {
             tx,
             queued,
-            max_queue: batching.max_queue,
+            batching,
         })
     }
 
-    /// Requests waiting for a batch.
+    /// Requests waiting or in flight.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
     }
@@ -59,83 +72,122 @@ impl ModelThread {
         answer.await.map_err(|_| ModelError::Stopped)?
     }
 
-    /// Frees a loaded checkpoint (queued after every job already sent).
+    /// Frees a loaded checkpoint (after the messages already sent).
     pub fn unload(&self, id: &str) {
         let _ = self.tx.send(Message::Unload { id: id.to_owned() });
     }
 
-    /// Runs `job` on denoiser `id`, batched with concurrent compatible
-    /// requests. A full queue answers `QueueFull` at once; dropping the
-    /// returned future (a client that went away) drops the queued work.
-    pub async fn generate(&self, id: &str, job: GenerateJob) -> Result<Generated, ModelError> {
+    /// Queues `job` on denoiser `id`, whose sample files are `file_bytes`
+    /// long: its samples join the running batch as room allows and come
+    /// out of the returned stream as they finish. A full queue answers
+    /// `QueueFull` at once; dropping the stream (a client that went away)
+    /// takes the request out of the batch at the next pass.
+    pub fn generate(
+        &self,
+        id: &str,
+        job: GenerateJob,
+        file_bytes: usize,
+    ) -> Result<SampleStream, ModelError> {
         let waiting = self.queued.fetch_add(1, Ordering::SeqCst);
-        if waiting >= self.max_queue {
+        if waiting >= self.batching.max_queue {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             metrics::counter!("weightgen_generate_rejected_total", "reason" => "queue_full")
                 .increment(1);
-            return Err(ModelError::QueueFull(self.max_queue));
+            return Err(ModelError::QueueFull(self.batching.max_queue));
         }
-        metrics::gauge!("weightgen_queue_depth").set((waiting + 1) as f64);
-        let (reply, answer) = oneshot::channel();
+        let window = window_samples(self.batching.stream_window, file_bytes, job.seeds.len());
+        let (samples, samples_rx) = async_mpsc::channel(window);
+        let (done, done_rx) = oneshot::channel();
         let sent = self.tx.send(Message::Generate(Box::new(Pending {
             id: id.to_owned(),
             job,
-            reply,
+            samples,
+            done,
             enqueued: Instant::now(),
         })));
         if sent.is_err() {
             self.queued.fetch_sub(1, Ordering::SeqCst);
             return Err(ModelError::Stopped);
         }
-        answer.await.map_err(|_| ModelError::Stopped)?
+        Ok(SampleStream {
+            samples: samples_rx,
+            done: Some(done_rx),
+        })
     }
 }
 
-fn serve(
-    rx: mpsc::Receiver<Message>,
-    device: Device,
-    batching: BatchConfig,
-    queued: Arc<AtomicUsize>,
-) {
-    let mut loaded: HashMap<String, DenoiserCheckpoint> = HashMap::new();
-    // Messages read while filling a batch that did not join it, in order.
-    let mut backlog: VecDeque<Message> = VecDeque::new();
-    // Samples in the previous batch: how many the next one waits for.
-    let mut expected_rows = 1usize;
-    loop {
-        let message = match backlog.pop_front() {
-            Some(m) => m,
-            None => match rx.recv() {
-                Ok(m) => m,
-                Err(_) => return,
-            },
-        };
-        match message {
-            Message::Load { id, bytes, reply } => {
-                let result = guarded(|| {
-                    DenoiserCheckpoint::from_bytes(&bytes, device)
-                        .map_err(|e| ModelError::Checkpoint(e.to_string()))
-                })
-                .map(|checkpoint| {
-                    let facts = facts(&checkpoint);
-                    loaded.insert(id.clone(), checkpoint);
-                    facts
-                });
-                let _ = reply.send(result);
-            }
-            Message::Unload { id } => {
-                if loaded.remove(&id).is_some() {
-                    tracing::info!(denoiser = %id, "denoiser unloaded");
-                }
-            }
-            Message::Generate(first) => {
-                let batch = fill_batch(*first, &rx, &mut backlog, batching, expected_rows);
-                expected_rows = batch.iter().map(|p| p.job.seeds.len()).sum();
-                let left = queued.fetch_sub(batch.len(), Ordering::SeqCst) - batch.len();
-                metrics::gauge!("weightgen_queue_depth").set(left as f64);
-                run_batch(&loaded, batch);
-            }
+/// What a [`SampleStream`] yields.
+#[derive(Debug)]
+pub enum StreamEvent {
+    /// The next sample, in request order.
+    Sample(SampleOut),
+    /// Every sample is out.
+    Done(GenerationSummary),
+}
+
+/// The samples of one request as they finish, then how it went.
+#[derive(Debug)]
+pub struct SampleStream {
+    samples: async_mpsc::Receiver<SampleOut>,
+    done: Option<oneshot::Receiver<Result<GenerationSummary, ModelError>>>,
+}
+
+impl SampleStream {
+    /// The next sample, or `Done` after the last; an error ends the
+    /// request (samples already yielded stay valid). Not to be called
+    /// again after `Done` or an error.
+    pub async fn next(&mut self) -> Result<StreamEvent, ModelError> {
+        if let Some(sample) = self.samples.recv().await {
+            return Ok(StreamEvent::Sample(sample));
         }
+        let done = self.done.take().ok_or(ModelError::Stopped)?;
+        match done.await {
+            Ok(result) => result.map(StreamEvent::Done),
+            Err(_) => Err(ModelError::Stopped),
+        }
+    }
+}
+
+/// How long the thread waits for a message when every request in flight
+/// waits for its client to take samples (instead of spinning).
+const CLIENT_WAIT: Duration = Duration::from_millis(2);
+
+fn serve(rx: mpsc::Receiver<Message>, mut engine: Engine) {
+    let mut ran = true;
+    loop {
+        let waiting = if engine.idle() {
+            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+        } else if ran {
+            rx.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
+            })
+        } else {
+            rx.recv_timeout(CLIENT_WAIT)
+        };
+        match waiting {
+            Ok(message) => handle(&mut engine, message),
+            // No handle left and nothing in flight: done.
+            Err(mpsc::RecvTimeoutError::Disconnected) if engine.idle() => return,
+            // Shutting down with clients still reading: no message will
+            // come, so wait for them here.
+            Err(mpsc::RecvTimeoutError::Disconnected) if !ran => std::thread::sleep(CLIENT_WAIT),
+            Err(_) => {}
+        }
+        while let Ok(message) = rx.try_recv() {
+            handle(&mut engine, message);
+        }
+        ran = engine.step();
+    }
+}
+
+fn handle(engine: &mut Engine, message: Message) {
+    match message {
+        Message::Load { id, bytes, reply } => {
+            let _ = reply.send(engine.load(id, &bytes).map(facts));
+        }
+        Message::Unload { id } => engine.unload(&id),
+        Message::Generate(pending) => engine.add(*pending),
     }
 }
 

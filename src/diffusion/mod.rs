@@ -8,11 +8,15 @@ pub mod oracle;
 pub mod recommended;
 pub mod sampler;
 pub mod schedule;
+pub mod trajectory;
 
 /// The seeded noise lives below everything ([`crate::rng`]); re-exported
 /// here because sampling is its main user.
 pub use crate::rng::SeededNoise;
 pub use objective::Prediction;
 pub use recommended::{RecommendedSampler, RecommendedSampling};
-pub use sampler::{ClipRange, DdimSpacing, Denoiser, SamplerKind, SamplingConfig, sample};
+pub use sampler::{
+    ClipRange, DdimSpacing, Denoiser, SamplerKind, SamplingConfig, guide, is_guided, sample,
+};
 pub use schedule::{NoiseSchedule, ScheduleError, ScheduleKind};
+pub use trajectory::Trajectory;

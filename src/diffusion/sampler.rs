@@ -7,6 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::objective::Prediction;
 use super::schedule::NoiseSchedule;
+use super::trajectory::Trajectory;
 use crate::rng::SeededNoise;
 
 /// A trained noise (or x₀/v) predictor.
@@ -106,7 +107,7 @@ impl ClipRange {
         }
     }
 
-    fn apply(&self, x0: &Tensor) -> Tensor {
+    pub(super) fn apply(&self, x0: &Tensor) -> Tensor {
         match self {
             Self::Symmetric(c) => x0.clamp(-c, *c),
             Self::Box { low, high } => {
@@ -140,11 +141,22 @@ fn guided_output<D: Denoiser>(
     scale: f64,
 ) -> Tensor {
     let conditional = denoiser.forward(w_t, t, condition, false);
-    if (scale - 1.0).abs() < f64::EPSILON {
+    if !is_guided(scale) {
         return conditional;
     }
     let unconditional = denoiser.forward(w_t, t, condition, true);
-    &unconditional + (conditional - &unconditional) * scale
+    guide(&conditional, &unconditional, scale)
+}
+
+/// Whether `scale` needs the unconditional branch (1 is plain conditional
+/// sampling).
+pub fn is_guided(scale: f64) -> bool {
+    (scale - 1.0).abs() >= f64::EPSILON
+}
+
+/// Classifier-free guidance: out_∅ + s·(out_c − out_∅).
+pub fn guide(conditional: &Tensor, unconditional: &Tensor, scale: f64) -> Tensor {
+    unconditional + (conditional - unconditional) * scale
 }
 
 /// The DDIM timestep grid τ_1 < … < τ_S within 1..=T.
@@ -161,8 +173,9 @@ pub fn ddim_grid(timesteps: usize, steps: usize, spacing: DdimSpacing) -> Vec<us
 }
 
 /// Draws samples w₀ [B, D] for a batch: starts from w_T ~ N(0, I) drawn
-/// from `noise` (one seed per row) and runs the reverse process. Runs
-/// without gradients.
+/// from `noise` (one seed per row) and runs the reverse process (a
+/// [`Trajectory`] driven to its end). Runs without gradients; `noise` ends
+/// positioned after the draws made.
 pub fn sample<D: Denoiser>(
     denoiser: &D,
     schedule: &NoiseSchedule,
@@ -173,73 +186,22 @@ pub fn sample<D: Denoiser>(
     device: Device,
 ) -> Tensor {
     tch::no_grad(|| {
-        let batch = noise.batch() as i64;
-        let mut w = noise.draw(&[dim], device);
+        let mut trajectory = Trajectory::start(schedule, config.kind, noise.clone(), dim, device);
         let prediction = denoiser.prediction();
-        let timestep = |t: usize| Tensor::full([batch], t as i64, (Kind::Int64, device));
-        match config.kind {
-            SamplerKind::Ddpm => {
-                for t in (1..=schedule.timesteps()).rev() {
-                    let output =
-                        guided_output(denoiser, &w, &timestep(t), condition, config.guidance_scale);
-                    w = ddpm_step(
-                        schedule,
-                        prediction,
-                        &w,
-                        &output,
-                        t,
-                        config.clip_x0.as_ref(),
-                        noise,
-                        dim,
-                        device,
-                    );
-                }
-            }
-            SamplerKind::Ddim {
-                steps,
-                eta,
-                spacing,
-            } => {
-                let grid = ddim_grid(schedule.timesteps(), steps, spacing);
-                for (i, &t) in grid.iter().enumerate().rev() {
-                    let t_prev = if i == 0 { 0 } else { grid[i - 1] };
-                    let output =
-                        guided_output(denoiser, &w, &timestep(t), condition, config.guidance_scale);
-                    w = ddim_step(
-                        schedule,
-                        prediction,
-                        &w,
-                        &output,
-                        t,
-                        t_prev,
-                        eta,
-                        config.clip_x0.as_ref(),
-                        noise,
-                        dim,
-                        device,
-                    );
-                }
-            }
-            SamplerKind::DpmSolver { steps } => {
-                let grid = ddim_grid(schedule.timesteps(), steps, DdimSpacing::Trailing);
-                let mut previous: Option<(Tensor, f64)> = None;
-                for (i, &t) in grid.iter().enumerate().rev() {
-                    let t_next = if i == 0 { 0 } else { grid[i - 1] };
-                    let output =
-                        guided_output(denoiser, &w, &timestep(t), condition, config.guidance_scale);
-                    let (a, b) = scalar_coefficients(schedule.alpha_bar(t), device);
-                    let (_, mut x0) = prediction.to_eps_x0(&output, &w, &a, &b);
-                    if let Some(range) = &config.clip_x0 {
-                        x0 = range.apply(&x0);
-                    }
-                    let (next, h) =
-                        dpm_solver_step(schedule, &w, &x0, previous.as_ref(), t, t_next);
-                    w = next;
-                    previous = Some((x0, h));
-                }
-            }
+        let batch = trajectory.rows();
+        while let Some(t) = trajectory.timestep() {
+            let t = Tensor::full([batch], t as i64, (Kind::Int64, device));
+            let output = guided_output(
+                denoiser,
+                trajectory.state(),
+                &t,
+                condition,
+                config.guidance_scale,
+            );
+            trajectory.advance(schedule, prediction, &output, config.clip_x0.as_ref());
         }
-        w
+        *noise = trajectory.noise().clone();
+        trajectory.into_sample()
     })
 }
 
@@ -250,7 +212,7 @@ pub fn sample<D: Denoiser>(
 /// the first step and (1 + 1/2r) x̂₀ − (1/2r) x̂₀′ afterwards (r = h′/h).
 /// The last step, to ᾱ = 1 (t_next = 0), is first order and returns x̂₀.
 /// Returns w_next and h.
-fn dpm_solver_step(
+pub(super) fn dpm_solver_step(
     schedule: &NoiseSchedule,
     w_t: &Tensor,
     x0: &Tensor,
@@ -277,7 +239,7 @@ fn dpm_solver_step(
 }
 
 /// sqrt(ᾱ) and sqrt(1 − ᾱ) of one timestep as scalar f32 tensors on `device`.
-fn scalar_coefficients(alpha_bar: f64, device: Device) -> (Tensor, Tensor) {
+pub(super) fn scalar_coefficients(alpha_bar: f64, device: Device) -> (Tensor, Tensor) {
     (
         Tensor::from(alpha_bar.sqrt() as f32).to_device(device),
         Tensor::from((1.0 - alpha_bar).sqrt() as f32).to_device(device),
@@ -293,7 +255,7 @@ fn scalar_coefficients(alpha_bar: f64, device: Device) -> (Tensor, Tensor) {
 /// without it a guided ε̂ far outside what the denoiser learned compounds
 /// over T steps into weights of ~1e15.
 #[allow(clippy::too_many_arguments)]
-fn ddpm_step(
+pub(super) fn ddpm_step(
     schedule: &NoiseSchedule,
     prediction: Prediction,
     w_t: &Tensor,
@@ -336,7 +298,7 @@ fn ddpm_step(
 /// clipped x̂₀, σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_prev),
 /// w_prev = sqrt(ᾱ_prev) x̂₀ + sqrt(1−ᾱ_prev−σ²) ε̂ + σ z.
 #[allow(clippy::too_many_arguments)]
-fn ddim_step(
+pub(super) fn ddim_step(
     schedule: &NoiseSchedule,
     prediction: Prediction,
     w_t: &Tensor,

@@ -17,7 +17,9 @@ use super::task_encoder::TaskBatch;
 use super::variables::fill_variables;
 use super::weight_autoencoder::{AutoencoderConfig, WeightAutoencoder};
 use crate::diffusion::schedule::ScheduleError;
-use crate::diffusion::{ClipRange, RecommendedSampling, SamplerKind, SamplingConfig, sample};
+use crate::diffusion::{
+    ClipRange, RecommendedSampling, SamplerKind, SamplingConfig, Trajectory, sample,
+};
 use crate::rng::SeededNoise;
 use crate::tasks::FeatureSchema;
 use crate::weights::{
@@ -184,10 +186,41 @@ impl DenoiserCheckpoint {
             &config,
             device,
         );
+        self.weights(&z)
+    }
+
+    /// Starts the reverse diffusion of one row per seed (the noise stream
+    /// [`Self::generate`] uses), for a caller that drives the denoiser
+    /// itself: the server's step-level batcher.
+    pub fn start(&self, seeds: &[u64], kind: SamplerKind) -> Trajectory {
+        Trajectory::start(
+            self.model.schedule(),
+            kind,
+            SeededNoise::new(seeds, SAMPLING_STREAM),
+            self.model.config().dim,
+            self.model.device(),
+        )
+    }
+
+    /// Advances `trajectory` one step with the (guided) model output for
+    /// its state, clipping x̂₀ as [`Self::generate`] does.
+    pub fn advance(&self, trajectory: &mut Trajectory, output: &Tensor) {
+        let clip = self.clip_range();
+        trajectory.advance(
+            self.model.schedule(),
+            self.model.config().prediction,
+            output,
+            clip.as_ref(),
+        );
+    }
+
+    /// Sampled rows [B, dim] in the architecture's units: the latent
+    /// decoded (if any) and the standardization undone, as f32.
+    pub fn weights(&self, z: &Tensor) -> Tensor {
         tch::no_grad(|| {
             let standardized = match &self.latent {
-                Some(latent) => latent.decode(&z),
-                None => z,
+                Some(latent) => latent.decode(z),
+                None => z.shallow_clone(),
             };
             self.stats
                 .denormalize(&standardized)

@@ -114,18 +114,25 @@ pub struct ServerConfig {
     #[arg(long, env = "WEIGHTGEN_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 
-    /// Most samples one reverse diffusion runs (concurrent compatible
-    /// requests are merged up to it).
+    /// Most samples in one denoiser pass. Requests share passes step by
+    /// step: a new request joins the running batch at the next pass and a
+    /// finished one leaves at once.
     #[arg(long, env = "WEIGHTGEN_MAX_BATCH", default_value_t = crate::backend::DEFAULT_MAX_BATCH)]
     pub max_batch: usize,
 
-    /// Longest a batch waits for more requests to join it, while it holds
-    /// fewer samples than the previous batch (a lone client never waits).
-    #[arg(long, env = "WEIGHTGEN_MAX_WAIT", default_value = "20ms", value_parser = humantime::parse_duration)]
-    pub max_wait: Duration,
+    /// Most samples in flight at once, of all requests (each carries its
+    /// state between passes; more wait to start).
+    #[arg(long, env = "WEIGHTGEN_MAX_ACTIVE", default_value_t = crate::backend::DEFAULT_MAX_ACTIVE)]
+    pub max_active: usize,
 
-    /// GenerateInit requests that may wait for the model; past it new ones
-    /// get RESOURCE_EXHAUSTED at once.
+    /// Bytes of finished samples one GenerateInit stream may hold that its
+    /// client has not taken yet; its next samples start only when there is
+    /// room (one sample always fits). Bounds the server's memory per call.
+    #[arg(long, env = "WEIGHTGEN_STREAM_WINDOW", default_value_t = crate::backend::DEFAULT_STREAM_WINDOW)]
+    pub stream_window: usize,
+
+    /// GenerateInit requests that may wait for the model or run on it; past
+    /// it new ones get RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "WEIGHTGEN_MAX_QUEUE", default_value_t = crate::backend::DEFAULT_MAX_QUEUE)]
     pub max_queue: usize,
 

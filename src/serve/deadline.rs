@@ -70,7 +70,12 @@ where
         };
         let deadline = tokio::time::Instant::now() + timeout;
         let path = request.uri().path().to_owned();
-        let future = crate::breaker::with_call_deadline(deadline, self.inner.call(request));
+        let call = crate::breaker::CallDeadline {
+            at: deadline,
+            timeout,
+            whose,
+        };
+        let future = crate::breaker::with_described_deadline(call, self.inner.call(request));
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, future).await {
                 Ok(response) => response,

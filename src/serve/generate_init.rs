@@ -1,8 +1,10 @@
 //! GenerateInit: check a request against the denoiser that will serve it,
 //! run it on the model thread, and stream each sample's safetensors file as
 //! header, chunks of at most 1 MiB, and a trailer with every file's SHA-256.
-//! The model thread merges concurrent compatible requests into one reverse
-//! diffusion (see `crate::backend`).
+//! The model thread runs every request in flight step by step in shared
+//! denoiser passes (see `crate::backend`); each sample is sent as soon as
+//! it is encoded, and the call's memory is its stream window plus a few
+//! messages.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +14,9 @@ use tonic::Status;
 use super::convert::{arch_to_proto, descriptor_from_proto, dtype_to_proto, tensor_specs};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::status::{bounded_name, checked_name};
-use crate::backend::{GenerateJob, MAX_REDRAWS, ModelError, SampleNearness};
+use crate::backend::{
+    GenerateJob, GenerationSummary, MAX_REDRAWS, ModelError, SampleNearness, SampleOut, StreamEvent,
+};
 use crate::blobs::sha256_hex;
 use crate::catalog::Catalog;
 use crate::diffusion::{RecommendedSampler, RecommendedSampling, SamplerKind};
@@ -346,6 +350,7 @@ pub fn job_for(
             guidance,
             dtype,
             max_redraws: options.max_redraws,
+            deadline: None,
         },
         SamplingChoice {
             sampler,
@@ -359,28 +364,35 @@ pub fn job_for(
     ))
 }
 
-/// Runs the job on `denoiser` and returns the response messages in order,
-/// made as they are pulled: each chunk is copied out of its sample file only
-/// when the stream sends it, and a file is freed once its last chunk has
-/// gone, so a response never holds its files twice over.
+/// Response messages a call may have made and not yet sent.
+const RESPONSE_BUFFER: usize = 4;
+
+/// The stream of a GenerateInit response.
+pub type ResponseStream =
+    tokio_stream::wrappers::ReceiverStream<Result<pb::GenerateInitResponse, Status>>;
+
+/// Runs the job on `denoiser` under the current call's deadline and returns
+/// the response stream: the header once the first sample is done (an error
+/// before it is the call's status), each sample's chunks as soon as it is
+/// encoded, then the trailer. An error after the first sample ends the
+/// stream with its status. The stream holds `denoiser` until it ends.
 pub async fn generate(
     denoiser: Arc<LoadedDenoiser>,
-    job: GenerateJob,
+    mut job: GenerateJob,
     choice: SamplingChoice,
     received: Instant,
-) -> Result<impl Iterator<Item = pb::GenerateInitResponse> + Send + 'static, Status> {
-    let generated = denoiser
-        .model()
-        .generate(&denoiser.record.id, job)
-        .await
-        .map_err(|e| match e {
-            ModelError::Feature(f) => invalid(&format!("task.{}", f.field), f.reason),
-            ModelError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
-            ModelError::NonFinite => Status::invalid_argument(e.to_string()),
-            other => Status::internal(without_backtrace(&other.to_string())),
-        })?;
-    let part = |p: pb::generate_init_response::Part| pb::GenerateInitResponse { part: Some(p) };
+) -> Result<ResponseStream, Status> {
+    let call_deadline = crate::breaker::call_deadline();
+    job.deadline = call_deadline.map(|d| d.at.into_std());
+    let status_of = move |e: ModelError| model_status(e, call_deadline);
     let arch = &denoiser.facts.arch;
+    let file_bytes = arch.num_parameters() * choice.dtype.size_bytes();
+    let mut samples = denoiser
+        .model()
+        .generate(&denoiser.record.id, job, file_bytes)
+        .map_err(status_of)?;
+    let first = samples.next().await.map_err(status_of)?;
+    let part = |p: pb::generate_init_response::Part| pb::GenerateInitResponse { part: Some(p) };
     let header = part(pb::generate_init_response::Part::Header(
         pb::GenerateInitHeader {
             denoiser_id: denoiser.record.id.clone(),
@@ -396,58 +408,113 @@ pub async fn generate(
             output_dtype: dtype_to_proto(choice.dtype) as i32,
         },
     ));
-    let mut digests = Vec::with_capacity(generated.files.len());
-    for (index, file) in generated.files.iter().enumerate() {
-        digests.push(pb::SampleDigest {
-            sample_index: index as u32,
-            size_bytes: file.len() as u64,
-            sha256: sha256_hex(file),
-            nearest_zoo: generated
-                .nearness
-                .as_ref()
-                .and_then(|all| all.get(index))
-                .map(nearest_zoo_to_proto),
-        });
-    }
-    let trailer = part(pb::generate_init_response::Part::Trailer(
-        pb::GenerateInitTrailer {
-            samples: digests,
-            queue_ms: generated.queue_ms,
-            sampling_ms: generated.sampling_ms,
-            total_ms: received.elapsed().as_secs_f64() * 1e3,
-            batch_size: generated.batch_size as u32,
-            zoo_spread: denoiser
-                .facts
-                .zoo_spread
-                .map(|(spread, models)| pb::ZooSpread {
-                    quantile: spread.quantile as f32,
-                    too_close_cosine: spread.cosine as f32,
-                    too_close_l2: spread.l2 as f32,
-                    mean_cosine: spread.mean_cosine as f32,
-                    reference_models: models as u32,
-                }),
-        },
-    ));
-    let chunks = sample_chunks(generated.files)
-        .map(move |c| part(pb::generate_init_response::Part::Chunk(c)));
-    Ok(std::iter::once(header)
-        .chain(chunks)
-        .chain(std::iter::once(trailer)))
+    let (tx, rx) = tokio::sync::mpsc::channel(RESPONSE_BUFFER);
+    tokio::spawn(async move {
+        if tx.send(Ok(header)).await.is_err() {
+            return;
+        }
+        let mut digests = Vec::with_capacity(choice.num_samples as usize);
+        let mut event = Ok(first);
+        loop {
+            let message = match event {
+                Ok(StreamEvent::Sample(sample)) => {
+                    digests.push(digest(&sample));
+                    for chunk in sample_chunks(sample.index, sample.file) {
+                        if tx
+                            .send(Ok(part(pb::generate_init_response::Part::Chunk(chunk))))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    event = samples.next().await;
+                    continue;
+                }
+                Ok(StreamEvent::Done(summary)) => {
+                    Ok(part(pb::generate_init_response::Part::Trailer(trailer(
+                        &denoiser,
+                        std::mem::take(&mut digests),
+                        summary,
+                        received,
+                    ))))
+                }
+                Err(e) => Err(status_of(e)),
+            };
+            let _ = tx.send(message).await;
+            return;
+        }
+    });
+    Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
-/// The files' chunks of at most [`MAX_CHUNK_BYTES`], file by file, each
-/// copied out when pulled; a file is dropped after its last chunk.
-fn sample_chunks(files: Vec<bytes::Bytes>) -> impl Iterator<Item = pb::SampleChunk> + Send {
-    files.into_iter().enumerate().flat_map(|(index, file)| {
-        (0..file.len().div_ceil(MAX_CHUNK_BYTES)).map(move |n| {
-            let start = n * MAX_CHUNK_BYTES;
-            let end = (start + MAX_CHUNK_BYTES).min(file.len());
-            pb::SampleChunk {
-                sample_index: index as u32,
-                offset: start as u64,
-                data: file[start..end].to_vec(),
-            }
-        })
+/// The status a model error is answered with; a deadline the model thread
+/// ran into is described as the `DeadlineLayer` describes its own.
+fn model_status(e: ModelError, deadline: Option<crate::breaker::CallDeadline>) -> Status {
+    match e {
+        ModelError::DeadlineExceeded { done, asked } => {
+            metrics::counter!("weightgen_deadline_exceeded_total").increment(1);
+            let within = deadline
+                .map(|d| format!(" within {:?} ({})", d.timeout, d.whose))
+                .unwrap_or_default();
+            Status::deadline_exceeded(format!(
+                "deadline exceeded: no answer{within}; {done} of {asked} samples were done"
+            ))
+        }
+        ModelError::Feature(f) => invalid(&format!("task.{}", f.field), f.reason),
+        ModelError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+        ModelError::NonFinite => Status::invalid_argument(e.to_string()),
+        other => Status::internal(without_backtrace(&other.to_string())),
+    }
+}
+
+/// A sample's digest for the trailer.
+fn digest(sample: &SampleOut) -> pb::SampleDigest {
+    pb::SampleDigest {
+        sample_index: sample.index as u32,
+        size_bytes: sample.file.len() as u64,
+        sha256: sha256_hex(&sample.file),
+        nearest_zoo: sample.nearness.as_ref().map(nearest_zoo_to_proto),
+    }
+}
+
+/// The trailer: every sample's digest and how the call went.
+fn trailer(
+    denoiser: &LoadedDenoiser,
+    samples: Vec<pb::SampleDigest>,
+    summary: GenerationSummary,
+    received: Instant,
+) -> pb::GenerateInitTrailer {
+    pb::GenerateInitTrailer {
+        samples,
+        queue_ms: summary.queue_ms,
+        sampling_ms: summary.sampling_ms,
+        total_ms: received.elapsed().as_secs_f64() * 1e3,
+        batch_size: summary.batch_size as u32,
+        zoo_spread: denoiser
+            .facts
+            .zoo_spread
+            .map(|(spread, models)| pb::ZooSpread {
+                quantile: spread.quantile as f32,
+                too_close_cosine: spread.cosine as f32,
+                too_close_l2: spread.l2 as f32,
+                mean_cosine: spread.mean_cosine as f32,
+                reference_models: models as u32,
+            }),
+    }
+}
+
+/// Sample `index`'s file in chunks of at most [`MAX_CHUNK_BYTES`], each
+/// copied out when pulled; the file is dropped after its last chunk.
+fn sample_chunks(index: usize, file: bytes::Bytes) -> impl Iterator<Item = pb::SampleChunk> + Send {
+    (0..file.len().div_ceil(MAX_CHUNK_BYTES)).map(move |n| {
+        let start = n * MAX_CHUNK_BYTES;
+        let end = (start + MAX_CHUNK_BYTES).min(file.len());
+        pb::SampleChunk {
+            sample_index: index as u32,
+            offset: start as u64,
+            data: file[start..end].to_vec(),
+        }
     })
 }
 
@@ -584,7 +651,11 @@ mod tests {
             bytes::Bytes::from(big.clone()),
             bytes::Bytes::from_static(b"small"),
         ];
-        let chunks: Vec<pb::SampleChunk> = sample_chunks(files).collect();
+        let chunks: Vec<pb::SampleChunk> = files
+            .into_iter()
+            .enumerate()
+            .flat_map(|(index, file)| sample_chunks(index, file))
+            .collect();
         let shape: Vec<(u32, u64, usize)> = chunks
             .iter()
             .map(|c| (c.sample_index, c.offset, c.data.len()))

@@ -127,9 +127,7 @@ impl GenerationService for GenerationApi {
             self.quotas.spend(caller, Metered::Samples, samples)?;
         }
         let messages = generate(denoiser, job, choice, received).await?;
-        Ok(Response::new(Box::pin(tokio_stream::iter(
-            messages.map(Ok),
-        ))))
+        Ok(Response::new(Box::pin(messages)))
     }
 
     async fn server_live(

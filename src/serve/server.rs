@@ -265,8 +265,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
     let readiness = Readiness::new();
     let batching = BatchConfig {
         max_batch: config.max_batch.max(1),
-        max_wait: config.max_wait,
+        max_active: config.max_active.max(1),
         max_queue: config.max_queue.max(1),
+        stream_window: config.stream_window,
     };
     let model = ModelThread::spawn(device, batching).map_err(|e| ServeError::Setup {
         what: "the model thread",

@@ -28,6 +28,14 @@ impl DType {
             Self::BF16 => tch::Kind::BFloat16,
         }
     }
+
+    /// Bytes per element.
+    pub fn size_bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+        }
+    }
 }
 
 /// One named tensor.

@@ -404,8 +404,8 @@ async fn generate_init_end_to_end() {
     }
 
     // Determinism: same request and seed, same bytes; another seed, other
-    // bytes; sample i of a multi-sample call is seed + i alone (up to
-    // batched rounding).
+    // bytes; sample i of a multi-sample call is seed + i alone, byte for
+    // byte.
     let first = generate_with(&mut client, request(&task, Sampler::Ddim, 1, 42))
         .await
         .unwrap();
@@ -421,6 +421,11 @@ async fn generate_init_end_to_end() {
         .await
         .unwrap();
     assert_ne!(first.files, other.files);
+    let three = generate_with(&mut client, request(&task, Sampler::Ddim, 3, 41))
+        .await
+        .unwrap();
+    assert_eq!(three.files[1], first.files[0]);
+    assert_eq!(three.files[2], other.files[0]);
     let ddpm = generate_with(&mut client, request(&task, Sampler::Ddpm, 1, 42))
         .await
         .unwrap();
