@@ -12,6 +12,8 @@
 #   python via VIRTUAL_ENV/PATH) and what the binaries need at run time (WEIGHTGEN_TORCH_LIB, used by
 #   build.rs to set an rpath; LD_LIBRARY_PATH as a fallback for tools).
 # - Puts the venv first on PATH (torch-sys runs its python to find libtorch).
+# - Installs wordfreq==3.1.1 and exports its word lists once to the cache
+#   (WEIGHTGEN_WORDS_DIR), the data of the `words` family.
 
 weightgen_bootstrap() {
     local torch_version="2.11.0"
@@ -74,12 +76,54 @@ weightgen_bootstrap() {
         *) export LD_LIBRARY_PATH="$WEIGHTGEN_TORCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" ;;
     esac
     echo "$step torch libraries at $WEIGHTGEN_TORCH_LIB"
+    if ! weightgen_words; then
+        # With a user's own libtorch, Python is optional: only the words
+        # family needs it.
+        [ -n "${WEIGHTGEN_TORCH_VENV:-}" ] && return 1
+        echo "$step no word lists (the words family needs Python 3 with venv and pip once)" >&2
+    fi
+}
+
+# The `words` family's data: PyPI wordfreq==3.1.1 (word lists of 42 languages
+# inside the wheel) in the torch venv (or a small venv of its own when
+# LIBTORCH points at a user's libtorch), exported once to plain files under
+# the cache (scripts/export-words.py). Exports WEIGHTGEN_WORDS_DIR.
+weightgen_words() {
+    local version="3.1.1"
+    local cache="${WEIGHTGEN_CACHE:-$HOME/.cache/weightgen}"
+    local out="$cache/words/wordfreq-$version"
+    local step="[bootstrap]"
+    local here
+    here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+    if [ ! -f "$out/MANIFEST" ]; then
+        local venv="${WEIGHTGEN_TORCH_VENV:-$cache/wordfreq-$version}"
+        if [ ! -x "$venv/bin/python" ]; then
+            command -v python3 >/dev/null 2>&1 && python3 -m venv "$venv" || {
+                echo "$step could not create a venv for wordfreq at $venv" >&2
+                return 1
+            }
+        fi
+        if ! "$venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('wordfreq') == '$version' else 1)" 2>/dev/null; then
+            echo "$step installing wordfreq==$version into $venv (the words family's word lists)"
+            "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "wordfreq==$version" || {
+                echo "$step pip install wordfreq==$version failed" >&2
+                return 1
+            }
+        fi
+        "$venv/bin/python" "$here/export-words.py" "$out" || {
+            echo "$step exporting the word lists to $out failed" >&2
+            return 1
+        }
+    else
+        echo "$step word lists at $out"
+    fi
+    export WEIGHTGEN_WORDS_DIR="$out"
 }
 
 if [ "${BASH_SOURCE[0]}" = "$0" ]; then
     set -euo pipefail
     weightgen_bootstrap
-    for v in LIBTORCH LIBTORCH_USE_PYTORCH VIRTUAL_ENV PATH WEIGHTGEN_TORCH_VENV WEIGHTGEN_TORCH_LIB LD_LIBRARY_PATH; do
+    for v in LIBTORCH LIBTORCH_USE_PYTORCH VIRTUAL_ENV PATH WEIGHTGEN_TORCH_VENV WEIGHTGEN_TORCH_LIB LD_LIBRARY_PATH WEIGHTGEN_WORDS_DIR; do
         [ -n "${!v:-}" ] && printf 'export %s=%q\n' "$v" "${!v}"
     done
 else

@@ -8,6 +8,7 @@ pub mod featurizer;
 pub mod nets;
 pub mod schema;
 pub mod train;
+pub mod words;
 
 pub use families::{Family, HeldOutSplit, TaskError, TaskSpec};
 pub use featurizer::{Descriptor, FeatureError, describe};

@@ -26,5 +26,6 @@ mod reflection;
 mod server;
 mod train_denoiser;
 mod train_resume;
+mod words_data;
 mod zoo_builder;
 mod zoo_ingest;
