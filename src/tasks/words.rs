@@ -8,6 +8,8 @@
 //! machine and for every run; each list is checked against the manifest
 //! when read.
 
+pub mod lm;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
