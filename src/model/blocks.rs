@@ -17,6 +17,26 @@ pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
     Tensor::cat(&[args.cos(), args.sin()], 1)
 }
 
+/// Multi-head scaled dot-product attention of queries, keys and values
+/// stacked as qkv [3, B, heads, N, head size]; returns [B, N, heads × head
+/// size]. With `causal`, position i attends to positions ≤ i only.
+pub fn attend(qkv: &Tensor, causal: bool) -> Tensor {
+    let size = qkv.size();
+    let (b, heads, n, head) = (size[1], size[2], size[3], size[4]);
+    Tensor::scaled_dot_product_attention::<Tensor>(
+        &qkv.get(0),
+        &qkv.get(1),
+        &qkv.get(2),
+        None,
+        0.0,
+        causal,
+        None,
+        false,
+    )
+    .transpose(1, 2)
+    .reshape([b, n, heads * head])
+}
+
 /// The conditioning vector of a block: c = SiLU([MLP(τ(t)), e]), with a
 /// two-layer MLP over the sinusoidal time embedding.
 #[derive(Debug)]

@@ -89,18 +89,7 @@ impl Block {
             .forward(&x)
             .view([b, n, 3, self.heads, width / self.heads])
             .permute([2, 0, 3, 1, 4]);
-        let attended = Tensor::scaled_dot_product_attention::<Tensor>(
-            &qkv.get(0),
-            &qkv.get(1),
-            &qkv.get(2),
-            None,
-            0.0,
-            false,
-            None,
-            false,
-        )
-        .transpose(1, 2)
-        .reshape([b, n, width]);
+        let attended = super::blocks::attend(&qkv, false);
         let h = h + self.proj.forward(&attended) * &m[2];
         let x = self.norm2.forward(&h) * (1.0 + &m[4]) + &m[3];
         &h + self.mlp_down.forward(&self.mlp_up.forward(&x).gelu("tanh")) * &m[5]

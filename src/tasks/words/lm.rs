@@ -127,18 +127,7 @@ impl ByteLm {
             let qkv = project("qkv", &block.qkv, &x)
                 .view([b, l, 3, heads, w / heads])
                 .permute([2, 0, 3, 1, 4]);
-            let attended = Tensor::scaled_dot_product_attention::<Tensor>(
-                &qkv.get(0),
-                &qkv.get(1),
-                &qkv.get(2),
-                None,
-                0.0,
-                true,
-                None,
-                false,
-            )
-            .transpose(1, 2)
-            .reshape([b, l, w]);
+            let attended = crate::model::blocks::attend(&qkv, true);
             h = &h + project("proj", &block.proj, &attended);
             let x = block.norm2.forward(&h);
             let up = project("up", &block.up, &x).gelu("tanh");
