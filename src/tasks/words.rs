@@ -9,6 +9,7 @@
 //! when read.
 
 pub mod lm;
+pub mod task;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

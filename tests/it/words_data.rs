@@ -125,3 +125,40 @@ fn an_adapter_moves_the_base_model_to_a_language_it_never_saw() {
         "{base_on_polish} → {adapted}"
     );
 }
+
+/// A support set's features tell languages apart: ten draws of K = 10
+/// English training words sit closer to each other than to Russian or
+/// Hebrew ones, and a 50/50 English–German mixture sits between its two
+/// languages.
+#[test]
+fn support_features_tell_languages_and_mixtures_apart() {
+    use weightgen::tasks::words::task::{WordsTask, draw_support, word_features};
+    let lists = WordLists::from_env().unwrap_or_else(|e| panic!("{e}"));
+    let features = |task: &WordsTask, seed: u64| -> Vec<f32> {
+        let words = task.words(&lists, WordSplit::Train).unwrap();
+        let support = draw_support(&words, 100, seed);
+        let refs: Vec<&str> = support.iter().map(String::as_str).collect();
+        word_features(&refs)
+    };
+    let distance =
+        |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum() };
+    let english = WordsTask::language("en");
+    let (en1, en2) = (features(&english, 1), features(&english, 2));
+    let russian = features(&WordsTask::language("ru"), 1);
+    let hebrew = features(&WordsTask::language("he"), 1);
+    let german = features(&WordsTask::language("de"), 1);
+    let mixed = features(&WordsTask::mixture("en", "de", 0.5).unwrap(), 1);
+    let same = distance(&en1, &en2);
+    eprintln!(
+        "L1 between byte features: en/en {same:.2}, en/ru {:.2}, en/he {:.2}, en/de {:.2}, mix/en {:.2}, mix/de {:.2}",
+        distance(&en1, &russian),
+        distance(&en1, &hebrew),
+        distance(&en1, &german),
+        distance(&mixed, &en1),
+        distance(&mixed, &german)
+    );
+    assert!(distance(&en1, &russian) > 3.0 * same);
+    assert!(distance(&en1, &hebrew) > 3.0 * same);
+    assert!(distance(&mixed, &en1) < distance(&german, &en1));
+    assert!(distance(&mixed, &german) < distance(&german, &en1));
+}

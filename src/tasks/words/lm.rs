@@ -12,6 +12,7 @@ use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::rng::splitmix64;
+use crate::weights::{ArchSpec, DType, LayoutError, TensorSpec, flatten, unflatten};
 
 /// Tokens: the 256 byte values and the end-of-word token.
 pub const VOCAB: i64 = 257;
@@ -191,12 +192,7 @@ impl Adapter {
         let mut counter = 0u64;
         for layer in 0..base.config.layers as usize {
             for target in TARGETS {
-                let (input, output) = match target {
-                    "qkv" => (w, 3 * w),
-                    "up" => (w, 4 * w),
-                    "down" => (4 * w, w),
-                    _ => (w, w),
-                };
+                let (input, output) = projection_shape(target, w);
                 let name = module_name(layer, target);
                 let bound = 1.0 / (input as f64).sqrt();
                 let values: Vec<f32> = (0..config.rank * input)
@@ -221,6 +217,114 @@ impl Adapter {
             vs,
             modules,
         }
+    }
+}
+
+/// The (input, output) sizes of block projection `target` at `width`.
+fn projection_shape(target: &str, width: i64) -> (i64, i64) {
+    match target {
+        "qkv" => (width, 3 * width),
+        "up" => (width, 4 * width),
+        "down" => (4 * width, width),
+        _ => (width, width),
+    }
+}
+
+/// The prefix PEFT gives a LoRA model's tensors (`get_peft_model_state_dict`
+/// of a `LoraModel` around a module whose blocks are `layers.{i}.{target}`).
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The name of module `module`'s LoRA tensor `part` ("lora_A"/"lora_B")
+/// as PEFT writes it, e.g. "base_model.model.layers.0.qkv.lora_A.weight".
+pub fn peft_name(module: &str, part: &str) -> String {
+    format!("{PEFT_PREFIX}{module}.{part}.weight")
+}
+
+/// The architecture of a LoRA adapter of `base`: every block's target
+/// projections' A [r, in] then B [out, r], in block order, PEFT-named.
+/// Family "words", name "words-lora-r{r}-w{width}x{layers}".
+pub fn adapter_arch(base: ByteLmConfig, lora: LoraConfig) -> ArchSpec {
+    let mut tensors = Vec::new();
+    for layer in 0..base.layers as usize {
+        for target in TARGETS {
+            let module = module_name(layer, target);
+            let (input, output) = projection_shape(target, base.width);
+            let r = lora.rank as usize;
+            tensors.push(TensorSpec::new(
+                peft_name(&module, "lora_A"),
+                &[r, input as usize],
+                DType::F32,
+            ));
+            tensors.push(TensorSpec::new(
+                peft_name(&module, "lora_B"),
+                &[output as usize, r],
+                DType::F32,
+            ));
+        }
+    }
+    let name = format!("words-lora-r{}-w{}x{}", lora.rank, base.width, base.layers);
+    ArchSpec::infer(name, "words", tensors).expect("the adapter layout is well formed")
+}
+
+impl Adapter {
+    /// Its tensors under their PEFT names, in [`adapter_arch`] order.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        self.modules
+            .iter()
+            .flat_map(|(module, (a, b))| {
+                [
+                    (peft_name(module, "lora_A"), a.detach()),
+                    (peft_name(module, "lora_B"), b.detach()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Its weights as one flat vector in `arch`'s order (the zoo's and
+    /// the denoiser's view of it).
+    pub fn to_flat(&self, arch: &ArchSpec) -> Result<Tensor, LayoutError> {
+        flatten(arch, &self.named_tensors())
+    }
+
+    /// The adapter of `base` with the flat weights `flat` (e.g. a
+    /// generated sample), in `arch`'s order.
+    pub fn from_flat(
+        base: &ByteLm,
+        config: LoraConfig,
+        arch: &ArchSpec,
+        flat: &Tensor,
+    ) -> Result<Self, LayoutError> {
+        let adapter = Self::new(base, config, 0);
+        let named: BTreeMap<String, Tensor> = unflatten(arch, flat)?.into_iter().collect();
+        tch::no_grad(|| {
+            for (module, (a, b)) in &adapter.modules {
+                for (part, var) in [("lora_A", a), ("lora_B", b)] {
+                    let name = peft_name(module, part);
+                    let value = named.get(&name).ok_or_else(|| LayoutError::Mismatch {
+                        arch: arch.name.clone(),
+                        differences: vec![format!("missing {name}")],
+                    })?;
+                    let mut var = var.shallow_clone();
+                    var.copy_(value);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(adapter)
+    }
+
+    /// What PEFT's `adapter_config.json` says, as safetensors metadata:
+    /// `peft_type`, `r`, `lora_alpha`, `target_modules` (JSON), and the
+    /// base model's SHA-256.
+    pub fn metadata(&self, base_sha256: &str) -> std::collections::HashMap<String, String> {
+        let targets = serde_json::to_string(&TARGETS).unwrap_or_default();
+        std::collections::HashMap::from([
+            ("peft_type".to_owned(), "LORA".to_owned()),
+            ("r".to_owned(), self.config.rank.to_string()),
+            ("lora_alpha".to_owned(), self.config.alpha.to_string()),
+            ("target_modules".to_owned(), targets),
+            ("base_model_sha256".to_owned(), base_sha256.to_owned()),
+        ])
     }
 }
 
@@ -390,6 +494,48 @@ mod tests {
             vec![1.0, 1.0, 1.0]
         );
         assert!(readable("é") && !readable("") && !readable(&"x".repeat(MAX_WORD_BYTES + 1)));
+    }
+
+    #[test]
+    fn an_adapter_round_trips_through_its_flat_peft_named_weights() {
+        let lm = ByteLm::new(ByteLmConfig::default(), 1, Device::Cpu);
+        let lora = LoraConfig::default();
+        let arch = adapter_arch(lm.config, lora);
+        // 2 blocks × (qkv 4·64 + 192·4, proj 4·64 + 64·4, up 4·64 + 256·4,
+        // down 4·256 + 64·4).
+        assert_eq!(arch.num_parameters(), 2 * (1024 + 512 + 1280 + 1280));
+        assert_eq!(
+            arch.tensors[0].name,
+            "base_model.model.layers.0.qkv.lora_A.weight"
+        );
+        assert_eq!(arch.tensors[1].shape, vec![192, 4]);
+        let adapter = Adapter::new(&lm, lora, 3);
+        tch::no_grad(|| {
+            for (_, b) in adapter.modules.values() {
+                let mut b = b.shallow_clone();
+                b.copy_(&(Tensor::randn(b.size(), (Kind::Float, Device::Cpu)) * 0.1));
+            }
+        });
+        let flat = adapter.to_flat(&arch).unwrap();
+        assert_eq!(flat.size(), [arch.num_parameters() as i64]);
+        let back = Adapter::from_flat(&lm, lora, &arch, &flat).unwrap();
+        let (input, _, _) = encode(&["word", "wörter"], Device::Cpu);
+        assert!(
+            lm.forward(&input, Some(&adapter))
+                .equal(&lm.forward(&input, Some(&back)))
+        );
+        assert!(
+            !lm.forward(&input, Some(&adapter))
+                .equal(&lm.forward(&input, None))
+        );
+        let meta = adapter.metadata("abc");
+        assert_eq!(meta["target_modules"], r#"["qkv","proj","up","down"]"#);
+        assert_eq!(
+            (meta["r"].as_str(), meta["peft_type"].as_str()),
+            ("4", "LORA")
+        );
+        let wrong = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+        assert!(Adapter::from_flat(&lm, lora, &arch, &wrong).is_err());
     }
 
     #[test]
