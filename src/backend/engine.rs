@@ -110,6 +110,7 @@ struct Cohort {
     /// Each row's draw: 0 the first, k the k-th redraw.
     attempts: Vec<u32>,
     trajectory: Trajectory,
+    /// Passes of its denoiser it has sat out since it started.
     skipped: u32,
 }
 
@@ -118,6 +119,9 @@ pub(super) struct Engine {
     device: Device,
     config: BatchConfig,
     loaded: HashMap<String, DenoiserCheckpoint>,
+    /// Handles of each loaded id (a hot reload can load an id again while
+    /// streams on its previous handle still run; each handle unloads once).
+    handles: HashMap<String, usize>,
     flights: BTreeMap<u64, Flight>,
     cohorts: Vec<Cohort>,
     arrivals: u64,
@@ -133,6 +137,7 @@ impl Engine {
             device,
             config,
             loaded: HashMap::new(),
+            handles: HashMap::new(),
             flights: BTreeMap::new(),
             cohorts: Vec::new(),
             arrivals: 0,
@@ -151,12 +156,22 @@ impl Engine {
             DenoiserCheckpoint::from_bytes(bytes, self.device)
                 .map_err(|e| ModelError::Checkpoint(e.to_string()))
         })?;
+        *self.handles.entry(id.clone()).or_default() += 1;
         Ok(self.loaded.entry(id).insert_entry(checkpoint).into_mut())
     }
 
-    /// Frees `id`. Its handles are gone, so any request still on it has
-    /// no client left: those leave too.
+    /// Drops one handle of `id`; with its last one it is freed, and any
+    /// request still on it has no client left: those leave too.
     pub(super) fn unload(&mut self, id: &str) {
+        match self.handles.get_mut(id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                return;
+            }
+            _ => {
+                self.handles.remove(id);
+            }
+        }
         if self.loaded.remove(id).is_some() {
             tracing::info!(denoiser = %id, "denoiser unloaded");
         }
@@ -201,6 +216,15 @@ impl Engine {
             Ok(e) => e,
             Err(e) => return fail(done, e),
         };
+        if job.seeds.is_empty() {
+            let _ = done.send(Ok(GenerationSummary {
+                queue_ms: 0.0,
+                sampling_ms: 0.0,
+                batch_size: 0,
+            }));
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return;
+        }
         self.arrivals += 1;
         self.flights.insert(
             self.arrivals,
@@ -237,13 +261,14 @@ impl Engine {
         let picked = self.pick(&denoiser);
         let (rows, failed) = self.pass(&denoiser, &picked);
         metrics::histogram!("weightgen_batch_samples").record(rows as f64);
+        // Passes sat out count for the cohort's whole life (never reset), so
+        // a long cohort that cannot share a pass with short ones overtakes
+        // them after at most its own length in passes.
         for (i, cohort) in self.cohorts.iter_mut().enumerate() {
-            if cohort_denoiser(&self.flights, cohort) == Some(denoiser.as_str()) {
-                if picked.contains(&i) {
-                    cohort.skipped = 0;
-                } else {
-                    cohort.skipped += 1;
-                }
+            if cohort_denoiser(&self.flights, cohort) == Some(denoiser.as_str())
+                && !picked.contains(&i)
+            {
+                cohort.skipped += 1;
             }
         }
         for (key, error) in failed {
@@ -717,9 +742,19 @@ mod tests {
         engine
     }
 
-    /// Queues `job` with room for `window` unsent samples.
+    /// Queues `job` on denoiser "a" with room for `window` unsent samples.
     fn submit(
         engine: &mut Engine,
+        job: GenerateJob,
+        window: usize,
+    ) -> (mpsc::Receiver<SampleOut>, Done) {
+        submit_to(engine, "a", job, window)
+    }
+
+    /// Queues `job` on denoiser `id`.
+    fn submit_to(
+        engine: &mut Engine,
+        id: &str,
         job: GenerateJob,
         window: usize,
     ) -> (mpsc::Receiver<SampleOut>, Done) {
@@ -727,7 +762,7 @@ mod tests {
         let (done, done_rx) = oneshot::channel();
         engine.queued.fetch_add(1, Ordering::SeqCst);
         engine.add(Pending {
-            id: "a".into(),
+            id: id.into(),
             job,
             samples,
             done,
@@ -885,6 +920,61 @@ mod tests {
             received.iter().map(|s| s.index).collect::<Vec<_>>(),
             (0..6).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn denoisers_take_turns_and_an_unloaded_ones_requests_are_answered() {
+        let mut engine = engine(64);
+        let other = tiny_checkpoint();
+        other.model.set_test_weights(8);
+        engine.loaded.insert("b".into(), other);
+        let (mut a_rx, mut a_done) = submit_to(
+            &mut engine,
+            "a",
+            job(0..3, SamplerKind::ddim(10, 0.0), 1.0),
+            64,
+        );
+        let (mut b_rx, mut b_done) = submit_to(
+            &mut engine,
+            "b",
+            job(0..2, SamplerKind::ddim(10, 0.0), 1.0),
+            64,
+        );
+        let (_c_rx, mut c_done) =
+            submit_to(&mut engine, "b", job(5..6, SamplerKind::Ddpm, 1.0), 64);
+        // Ten passes each, alternating: after 20 passes both DDIM requests
+        // are done, each in passes of its own denoiser's rows only.
+        for _ in 0..20 {
+            engine.step();
+        }
+        let a = a_done.try_recv().unwrap().unwrap();
+        let b = b_done.try_recv().unwrap().unwrap();
+        assert_eq!((a.batch_size, b.batch_size), (3, 3));
+        let (a_files, b_files) = (files(&drain(&mut a_rx)), files(&drain(&mut b_rx)));
+        assert_eq!((a_files.len(), b_files.len()), (3, 2));
+        assert_ne!(a_files[0], b_files[0], "another denoiser, other weights");
+        // "b" loaded twice (a hot reload back to it while a stream on the
+        // old handle ran): the first unload keeps it and its request.
+        engine.handles.insert("b".into(), 2);
+        engine.unload("b");
+        assert!(c_done.try_recv().is_err() && engine.loaded.contains_key("b"));
+        // The last handle's unload answers its request still in flight.
+        engine.unload("b");
+        let c = c_done.try_recv().unwrap();
+        assert!(
+            matches!(c, Err(ModelError::NotLoaded(ref id)) if id == "b"),
+            "{c:?}"
+        );
+        assert!(engine.idle());
+        assert_eq!(engine.queued.load(Ordering::SeqCst), 0);
+        // A request for a denoiser that is not loaded is answered at once.
+        let (_d_rx, mut d_done) =
+            submit_to(&mut engine, "b", job(0..1, SamplerKind::Ddpm, 1.0), 64);
+        assert!(matches!(
+            d_done.try_recv().unwrap(),
+            Err(ModelError::NotLoaded(_))
+        ));
+        assert_eq!(engine.queued.load(Ordering::SeqCst), 0);
     }
 
     #[test]

@@ -375,7 +375,9 @@ pub type ResponseStream =
 /// the response stream: the header once the first sample is done (an error
 /// before it is the call's status), each sample's chunks as soon as it is
 /// encoded, then the trailer. An error after the first sample ends the
-/// stream with its status. The stream holds `denoiser` until it ends.
+/// stream with its status. The stream holds `denoiser` until it ends. A
+/// call holds at most its stream window of finished samples on the model
+/// thread, plus the sample being sent and [`RESPONSE_BUFFER`] messages.
 pub async fn generate(
     denoiser: Arc<LoadedDenoiser>,
     mut job: GenerateJob,
@@ -383,7 +385,11 @@ pub async fn generate(
     received: Instant,
 ) -> Result<ResponseStream, Status> {
     let call_deadline = crate::breaker::call_deadline();
-    job.deadline = call_deadline.map(|d| d.at.into_std());
+    // The model thread stops the request a little before the call's
+    // deadline (the answer margin backend waits keep), so the client hears
+    // the server's DEADLINE_EXCEEDED, saying how far it got, rather than
+    // its own timer.
+    job.deadline = crate::breaker::call_budget().map(|budget| Instant::now() + budget);
     let status_of = move |e: ModelError| model_status(e, call_deadline);
     let arch = &denoiser.facts.arch;
     let file_bytes = arch.num_parameters() * choice.dtype.size_bytes();
@@ -428,7 +434,12 @@ pub async fn generate(
                             return;
                         }
                     }
-                    event = samples.next().await;
+                    // A client that went away ends the request at the next
+                    // pass, not when its next sample is done.
+                    event = tokio::select! {
+                        next = samples.next() => next,
+                        () = tx.closed() => return,
+                    };
                     continue;
                 }
                 Ok(StreamEvent::Done(summary)) => {
@@ -458,7 +469,7 @@ fn model_status(e: ModelError, deadline: Option<crate::breaker::CallDeadline>) -
                 .map(|d| format!(" within {:?} ({})", d.timeout, d.whose))
                 .unwrap_or_default();
             Status::deadline_exceeded(format!(
-                "deadline exceeded: no answer{within}; {done} of {asked} samples were done"
+                "deadline exceeded: {done} of {asked} samples were done{within}"
             ))
         }
         ModelError::Feature(f) => invalid(&format!("task.{}", f.field), f.reason),
