@@ -56,9 +56,8 @@ pub(super) struct Pending {
     pub(super) enqueued: Instant,
 }
 
-/// One request in flight.
+/// One request in flight (keyed by its arrival number).
 struct Flight {
-    arrival: u64,
     denoiser: String,
     job: GenerateJob,
     /// Its task embedding [1, E] (computed once).
@@ -209,7 +208,7 @@ impl Engine {
             return fail(done, ModelError::NotLoaded(id));
         };
         let embedding = guarded(|| {
-            let task = condition(checkpoint, &job, 1)?;
+            let task = condition(checkpoint, &job)?;
             Ok(checkpoint.model.embed(&task, 1).embedding)
         });
         let embedding = match embedding {
@@ -229,7 +228,6 @@ impl Engine {
         self.flights.insert(
             self.arrivals,
             Flight {
-                arrival: self.arrivals,
                 denoiser: id,
                 job,
                 embedding,
@@ -284,20 +282,21 @@ impl Engine {
         let now = Instant::now();
         let mut gone = Vec::new();
         for (&key, flight) in &self.flights {
-            if flight.samples.is_closed() {
-                metrics::counter!("weightgen_generate_dropped_total").increment(1);
-                gone.push((key, None));
+            let error = if flight.samples.is_closed() {
+                ModelError::Stopped
             } else if flight.job.deadline.is_some_and(|d| d <= now) {
-                metrics::counter!("weightgen_generate_dropped_total").increment(1);
-                let error = ModelError::DeadlineExceeded {
+                ModelError::DeadlineExceeded {
                     done: flight.sent,
                     asked: flight.asked(),
-                };
-                gone.push((key, Some(error)));
-            }
+                }
+            } else {
+                continue;
+            };
+            metrics::counter!("weightgen_generate_dropped_total").increment(1);
+            gone.push((key, error));
         }
         for (key, error) in gone {
-            self.end(key, Err(error.unwrap_or(ModelError::Stopped)));
+            self.end(key, Err(error));
         }
     }
 
@@ -307,14 +306,11 @@ impl Engine {
         let mut active: usize = self.cohorts.iter().map(|c| c.indices.len()).sum();
         let mut order: Vec<u64> = self
             .flights
-            .values()
-            .filter(|f| f.started < f.asked())
-            .map(|f| f.arrival)
+            .iter()
+            .filter(|(_, f)| f.started < f.asked())
+            .map(|(&k, _)| k)
             .collect();
-        order.sort_by_key(|k| {
-            let f = &self.flights[k];
-            batcher::start_order(f.job.deadline, f.arrival)
-        });
+        order.sort_by_key(|&k| batcher::start_order(self.flights[&k].job.deadline, k));
         for key in order {
             let room = self
                 .config
@@ -409,7 +405,7 @@ impl Engine {
                     steps_left: c.trajectory.steps_left(),
                     skipped: c.skipped,
                     deadline: f.job.deadline,
-                    arrival: f.arrival,
+                    arrival: c.flight,
                 }
             })
             .collect();
@@ -507,24 +503,20 @@ impl Engine {
                 .increment(1);
             return Err(ModelError::NonFinite);
         }
-        let nearness = match &checkpoint.zoo_reference {
-            Some(reference) => Some(guarded(|| Ok(reference.nearest(&pad_rows(&flat))))?),
+        // Each row's nearness to the zoo, with the zoo's spread to judge it.
+        let scored = match &checkpoint.zoo_reference {
+            Some(reference) => Some((
+                reference.spread,
+                guarded(|| Ok(reference.nearest(&pad_rows(&flat))))?,
+            )),
             None => None,
         };
         let mut again = Vec::new();
         for (row, (&index, &attempt)) in cohort.indices.iter().zip(&cohort.attempts).enumerate() {
-            let nearness = nearness.as_ref().map(|all| {
-                let n = all[row];
-                let spread = checkpoint
-                    .zoo_reference
-                    .as_ref()
-                    .map(|r| r.spread)
-                    .expect("nearness comes from the reference");
-                SampleNearness {
-                    too_close: spread.too_close(&n),
-                    nearness: n,
-                    redraws: attempt,
-                }
+            let nearness = scored.as_ref().map(|(spread, all)| SampleNearness {
+                too_close: spread.too_close(&all[row]),
+                nearness: all[row],
+                redraws: attempt,
             });
             if nearness.is_some_and(|n| n.too_close) && attempt < flight.job.max_redraws {
                 again.push((index, attempt + 1));

@@ -43,25 +43,21 @@ pub(super) fn guarded<T>(work: impl FnOnce() -> Result<T, ModelError>) -> Result
     }
 }
 
-/// The condition of `job` for `rows` samples, standardized as in training.
+/// The condition of `job` as one row (the engine embeds each request once),
+/// standardized as in training.
 pub(super) fn condition(
     checkpoint: &DenoiserCheckpoint,
     job: &GenerateJob,
-    rows: i64,
 ) -> Result<TaskBatch, FeatureError> {
     let support = job
         .descriptor
         .support_tensors(&checkpoint.feature_schema, job.ways)?;
-    let repeat = |t: &Tensor| {
-        let mut shape = vec![rows];
-        shape.extend(std::iter::repeat_n(1, t.dim()));
-        t.unsqueeze(0).repeat(shape.as_slice())
-    };
+    let one_row = |t: &Tensor| t.unsqueeze(0);
     // No features: a support-only request.
-    let features = (!job.features.is_empty()).then(|| repeat(&Tensor::from_slice(&job.features)));
+    let features = (!job.features.is_empty()).then(|| one_row(&Tensor::from_slice(&job.features)));
     Ok(checkpoint.condition(
         features.as_ref(),
-        support.map(|(x, y)| (repeat(&x), repeat(&y))),
+        support.map(|(x, y)| (one_row(&x), one_row(&y))),
     ))
 }
 

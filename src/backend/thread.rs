@@ -155,24 +155,19 @@ const CLIENT_WAIT: Duration = Duration::from_millis(2);
 fn serve(rx: mpsc::Receiver<Message>, mut engine: Engine) {
     let mut ran = true;
     loop {
-        let waiting = if engine.idle() {
-            rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
-        } else if ran {
-            rx.try_recv().map_err(|e| match e {
-                mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
-                mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
-            })
-        } else {
-            rx.recv_timeout(CLIENT_WAIT)
-        };
-        match waiting {
-            Ok(message) => handle(&mut engine, message),
+        if engine.idle() {
             // No handle left and nothing in flight: done.
-            Err(mpsc::RecvTimeoutError::Disconnected) if engine.idle() => return,
-            // Shutting down with clients still reading: no message will
-            // come, so wait for them here.
-            Err(mpsc::RecvTimeoutError::Disconnected) if !ran => std::thread::sleep(CLIENT_WAIT),
-            Err(_) => {}
+            let Ok(message) = rx.recv() else { return };
+            handle(&mut engine, message);
+        } else if !ran {
+            // Every request waits for its client: wait a little for a message.
+            match rx.recv_timeout(CLIENT_WAIT) {
+                Ok(message) => handle(&mut engine, message),
+                // Shutting down with clients still reading: no message will
+                // come, so wait for them here.
+                Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(CLIENT_WAIT),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
         }
         while let Ok(message) = rx.try_recv() {
             handle(&mut engine, message);

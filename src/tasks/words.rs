@@ -75,6 +75,50 @@ pub enum WordsError {
     },
 }
 
+/// A uniform in [0, 1) from a 64-bit hash (its top 53 bits).
+pub fn unit_interval(key: u64) -> f64 {
+    (key >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Draws with replacement by weight: draw number c (counted from a
+/// caller's first number) takes the first index whose running sum of
+/// weights passes a uniform from SplitMix64(seed ^ SplitMix64(c)), so a
+/// draw is a function of (seed, c) alone.
+#[derive(Debug, Clone)]
+pub struct WeightedDraws {
+    cumulative: Vec<f64>,
+}
+
+impl WeightedDraws {
+    /// Draws over `weights` (index i weighs weights[i]).
+    pub fn new(weights: impl IntoIterator<Item = f64>) -> Self {
+        let mut total = 0.0;
+        let cumulative = weights
+            .into_iter()
+            .map(|w| {
+                total += w;
+                total
+            })
+            .collect();
+        Self { cumulative }
+    }
+
+    /// `count` indices, draws numbered first, first + 1, …; none when there
+    /// is nothing to draw.
+    pub fn draw(&self, count: usize, seed: u64, first: u64) -> Vec<usize> {
+        let Some(&total) = self.cumulative.last() else {
+            return Vec::new();
+        };
+        let last = self.cumulative.len() - 1;
+        (0..count as u64)
+            .map(|i| {
+                let u = unit_interval(splitmix64(seed ^ splitmix64(first + i))) * total;
+                self.cumulative.partition_point(|&c| c <= u).min(last)
+            })
+            .collect()
+    }
+}
+
 /// Which part of its language a word belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WordSplit {

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use super::{WeightedDraws, unit_interval};
 use crate::rng::splitmix64;
 use crate::weights::{ArchSpec, DType, LayoutError, TensorSpec, flatten, unflatten};
 
@@ -198,8 +199,7 @@ impl Adapter {
                 let values: Vec<f32> = (0..config.rank * input)
                     .map(|_| {
                         counter += 1;
-                        let u = (splitmix64(seed ^ splitmix64(counter)) >> 11) as f64
-                            / (1u64 << 53) as f64;
+                        let u = unit_interval(splitmix64(seed ^ splitmix64(counter)));
                         ((2.0 * u - 1.0) * bound) as f32
                     })
                     .collect();
@@ -406,25 +406,6 @@ pub struct LmTrainConfig {
     pub seed: u64,
 }
 
-/// Draws `batch` words by weight (with replacement) for step `step`.
-fn draw<'a>(
-    words: &[(&'a str, f64)],
-    cumulative: &[f64],
-    batch: usize,
-    seed: u64,
-    step: usize,
-) -> Vec<&'a str> {
-    let total = cumulative.last().copied().unwrap_or(0.0);
-    (0..batch)
-        .map(|i| {
-            let key = splitmix64(seed ^ splitmix64((step as u64) << 20 | i as u64));
-            let u = (key >> 11) as f64 / (1u64 << 53) as f64 * total;
-            let k = cumulative.partition_point(|&c| c <= u).min(words.len() - 1);
-            words[k].0
-        })
-        .collect()
-}
-
 /// Trains the base model's own parameters (adapter None) or only the
 /// adapter's (the base frozen) on `words` (word, weight), Adam on the mean
 /// bits per prediction. Returns the last step's bits per byte.
@@ -438,13 +419,7 @@ pub fn train(
     if words.is_empty() || config.steps == 0 {
         return f64::NAN;
     }
-    let cumulative: Vec<f64> = words
-        .iter()
-        .scan(0.0, |sum, (_, w)| {
-            *sum += w;
-            Some(*sum)
-        })
-        .collect();
+    let draws = WeightedDraws::new(words.iter().map(|(_, w)| *w));
     let vs = adapter.map_or(&lm.vs, |a| &a.vs);
     let Ok(mut optimizer) = nn::Adam::default().build(vs, config.learning_rate) else {
         return f64::NAN;
@@ -458,7 +433,12 @@ pub fn train(
     }
     let mut last = f64::NAN;
     for step in 0..config.steps {
-        let batch = draw(&words, &cumulative, config.batch, config.seed, step);
+        // Step s draws numbers s·2²⁰, s·2²⁰ + 1, …: a function of (seed, step).
+        let batch: Vec<&str> = draws
+            .draw(config.batch, config.seed, (step as u64) << 20)
+            .into_iter()
+            .map(|i| words[i].0)
+            .collect();
         let bits = word_bits(lm, adapter, &batch);
         let bytes: usize = batch.iter().map(|w| w.len() + 1).sum();
         let loss = bits.sum(Kind::Float) / bytes as f64;

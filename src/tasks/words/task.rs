@@ -9,8 +9,7 @@
 use std::collections::BTreeMap;
 
 use super::lm::MAX_WORD_BYTES;
-use super::{HELD_OUT_LANGUAGES, WordLists, WordSplit, WordsError};
-use crate::rng::splitmix64;
+use super::{HELD_OUT_LANGUAGES, WeightedDraws, WordLists, WordSplit, WordsError};
 
 /// Features of a support set: 256 byte frequencies and the mean length.
 pub const FEATURE_DIM: usize = 257;
@@ -90,22 +89,10 @@ impl WordsTask {
 /// K words drawn by weight (with replacement) from `words`, the draw a
 /// function of `seed` alone.
 pub fn draw_support(words: &[(String, f64)], k: usize, seed: u64) -> Vec<String> {
-    let mut cumulative = Vec::with_capacity(words.len());
-    let mut total = 0.0;
-    for (_, weight) in words {
-        total += weight;
-        cumulative.push(total);
-    }
-    if words.is_empty() {
-        return Vec::new();
-    }
-    (0..k)
-        .map(|i| {
-            let key = splitmix64(seed ^ splitmix64(i as u64));
-            let u = (key >> 11) as f64 / (1u64 << 53) as f64 * total;
-            let at = cumulative.partition_point(|&c| c <= u).min(words.len() - 1);
-            words[at].0.clone()
-        })
+    WeightedDraws::new(words.iter().map(|(_, w)| *w))
+        .draw(k, seed, 0)
+        .into_iter()
+        .map(|i| words[i].0.clone())
         .collect()
 }
 
