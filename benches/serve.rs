@@ -63,6 +63,7 @@ async fn prepare(dir: &std::path::Path) {
         device: Device::Cpu,
         max_models: None,
         cancel: Default::default(),
+        words_base: Default::default(),
     };
     build_zoo(catalog.clone(), blobs.clone(), zoo, |_| {})
         .await

@@ -51,6 +51,9 @@ pub enum TaskFileError {
     /// The file has no `data` section, or it is malformed.
     #[error("data: {0}")]
     Data(String),
+    /// A `words` task's lists cannot be read.
+    #[error(transparent)]
+    Words(#[from] crate::tasks::words::WordsError),
 }
 
 /// Rows of support inputs and targets (a class index is a one-value row).
@@ -120,7 +123,7 @@ fn targets(objective: Objective, t: &Tensor) -> Targets {
         Objective::Classification => {
             Targets::Labels(Vec::<i64>::try_from(t.to_device(Device::Cpu)).unwrap_or_default())
         }
-        Objective::Regression => Targets::Values(rows(t)),
+        Objective::Regression | Objective::LanguageModel => Targets::Values(rows(t)),
     }
 }
 
@@ -171,6 +174,38 @@ impl TaskFile {
                 test_x: rows(&data.test_x),
                 test_y: targets(objective, &data.test_y),
             }),
+        })
+    }
+
+    /// The file of a `words` task: `examples` of its training words drawn
+    /// by frequency from `seed` (what a user would paste) as the support
+    /// set, their byte shares and mean length as the features; no data
+    /// (the words are scored through the base model).
+    pub fn of_words_task(
+        architecture: &str,
+        task: &TaskSpec,
+        lists: &crate::tasks::words::WordLists,
+        examples: usize,
+        seed: u64,
+    ) -> Result<Self, TaskFileError> {
+        Family::Words.validate(task)?;
+        let words_task = task
+            .words_task()
+            .ok_or_else(|| TaskError::InvalidTask(format!("{task:?} is not a valid words task")))?;
+        let words = words_task.words(lists, crate::tasks::words::WordSplit::Train)?;
+        let drawn = crate::tasks::words::task::draw_support(&words, examples, seed);
+        let drawn: Vec<&str> = drawn.iter().map(String::as_str).collect();
+        let descriptor = crate::tasks::featurizer::describe_words(&drawn);
+        Ok(Self {
+            architecture: architecture.to_owned(),
+            num_classes: 0,
+            task: Some(task.clone()),
+            features: descriptor.features,
+            support: (!descriptor.support_x.is_empty()).then_some(SupportRows {
+                inputs: descriptor.support_x,
+                targets: descriptor.support_y,
+            }),
+            data: None,
         })
     }
 

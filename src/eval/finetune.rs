@@ -22,13 +22,12 @@ pub struct FinetuneConfig {
 }
 
 /// The test metric of `params` on `data`: accuracy for classification,
-/// MSE for regression.
+/// MSE for regression (NaN for a network that does not run alone).
 pub fn test_metric(net: &Network, params: &[Tensor], data: &TaskData, objective: Objective) -> f64 {
-    let scores = evaluate(net, params, data, objective);
-    match objective {
-        Objective::Classification => scores["test_accuracy"],
-        Objective::Regression => scores["test_mse"],
-    }
+    evaluate(net, params, data, objective)
+        .ok()
+        .and_then(|scores| scores.get(objective.test_metric()).copied())
+        .unwrap_or(f64::NAN)
 }
 
 /// The test metric (accuracy or MSE) of `init` fine-tuned on `data`, before
@@ -55,12 +54,10 @@ pub fn curve(
     let mut out = Vec::with_capacity(config.steps + 1);
     out.push(metric(&params));
     for _ in 0..config.steps {
-        let l = loss(
-            objective,
-            &net.forward(&params, &data.train_x),
-            &data.train_y,
-        );
-        optimizer.backward_step(&l);
+        let Ok(outputs) = net.forward(&params, &data.train_x) else {
+            break;
+        };
+        optimizer.backward_step(&loss(objective, &outputs, &data.train_y));
         out.push(metric(&params));
     }
     Ok(out)
@@ -68,18 +65,20 @@ pub fn curve(
 
 /// The metric value that counts as reaching `fraction` of `fully_trained`.
 pub fn target_of(objective: Objective, fully_trained: f64, fraction: f64) -> f64 {
-    match objective {
-        Objective::Classification => fraction * fully_trained,
-        Objective::Regression => fully_trained / fraction,
+    match objective.lower_is_better() {
+        false => fraction * fully_trained,
+        true => fully_trained / fraction,
     }
 }
 
 /// The first step whose metric reaches `target` (0 = the init already does).
 pub fn steps_to_target(curve: &[f64], objective: Objective, target: f64) -> Option<usize> {
-    curve.iter().position(|&m| match objective {
-        Objective::Classification => m >= target,
-        Objective::Regression => m <= target,
-    })
+    curve
+        .iter()
+        .position(|&m| match objective.lower_is_better() {
+            false => m >= target,
+            true => m <= target,
+        })
 }
 
 /// Why a file does not give a network's parameters.

@@ -403,7 +403,9 @@ fn measure_run(
                 &params(data, &run.zoo_weights.get(n.row)),
                 &run.task_data.test_x,
             );
-            r.agreement.push(agreement(&mine, &theirs));
+            if let (Ok(mine), Ok(theirs)) = (mine, theirs) {
+                r.agreement.push(agreement(&mine, &theirs));
+            }
         }
         r.inits.push(flat);
     }

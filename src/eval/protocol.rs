@@ -304,9 +304,9 @@ pub(super) fn few_shot_data(data: &TaskData, k: usize, seed: u64) -> TaskData {
 }
 
 pub(super) fn better(objective: Objective, a: f64, b: f64) -> bool {
-    match objective {
-        Objective::Classification => a > b,
-        Objective::Regression => a < b,
+    match objective.lower_is_better() {
+        false => a > b,
+        true => a < b,
     }
 }
 

@@ -242,6 +242,7 @@ pub(super) fn summarize(
         metric: match objective {
             Objective::Classification => "accuracy",
             Objective::Regression => "MSE",
+            Objective::LanguageModel => "bits per byte",
         },
         objective,
         chosen_lr: measured.chosen_lr,

@@ -25,8 +25,8 @@ use crate::train::{
     DEFAULT_CHECKPOINT_EVERY, DEFAULT_EMA_DECAY, DEFAULT_VAL_FRACTION, LatentChoice,
     TrainDenoiserConfig,
 };
-use crate::zoo::ZooBuildConfig;
 use crate::zoo::{AlignChoice, LoadOptions};
+use crate::zoo::{WordsBaseConfig, ZooBuildConfig};
 
 /// Training steps of the proposal.
 pub const DEFAULT_TRAIN_STEPS: usize = 200_000;
@@ -83,7 +83,7 @@ pub struct ZooSpec {
     #[arg(long, env = "WEIGHTGEN_ZOO_NAME")]
     #[serde(default, deserialize_with = "empty_as_none")]
     pub zoo: Option<String>,
-    /// Task family: sinusoid, digits or digit-inr.
+    /// Task family: sinusoid, digits, digit-inr or words.
     #[arg(long, env = "WEIGHTGEN_ZOO_FAMILY")]
     pub family: String,
     /// Architecture within the family (default: the family's first).
@@ -125,6 +125,12 @@ pub struct ZooSpec {
     )]
     #[serde(default)]
     pub keep_snapshots: usize,
+    /// `words`: Adam steps of the base model the adapters adapt (trained
+    /// once, stored as the one-model zoo named by its settings; default
+    /// 3,000).
+    #[arg(long, env = "WEIGHTGEN_ZOO_BASE_STEPS")]
+    #[serde(default)]
+    pub base_steps: Option<usize>,
 }
 
 /// Reads `""` (how older job rows stored "no zoo name") as `None`.
@@ -156,6 +162,15 @@ impl ZooSpec {
             return Err(invalid(
                 "build_zoo.learning_rate",
                 format!("{lr} is not a positive number"),
+            ));
+        }
+        if self.base_steps == Some(0) {
+            return Err(invalid("build_zoo.base_steps", "must be positive"));
+        }
+        if self.base_steps.is_some() && family != Family::Words {
+            return Err(invalid(
+                "build_zoo.base_steps",
+                format!("only words zoos have a base model, not {}", family.name()),
             ));
         }
         if self.keep_snapshots > MAX_KEEP_SNAPSHOTS {
@@ -197,6 +212,13 @@ impl ZooSpec {
             device,
             max_models: None,
             cancel,
+            words_base: {
+                let defaults = WordsBaseConfig::default();
+                WordsBaseConfig {
+                    steps: self.base_steps.unwrap_or(defaults.steps),
+                    ..defaults
+                }
+            },
         })
     }
 
@@ -761,8 +783,21 @@ mod tests {
             steps: None,
             learning_rate: None,
             keep_snapshots: 0,
+            base_steps: None,
         };
         assert_eq!(zoo.validate().unwrap_err().field, "build_zoo.num_models");
+        let stray_base = ZooSpec {
+            num_models: 3,
+            base_steps: Some(10),
+            ..zoo.clone()
+        };
+        let refused = stray_base.validate().unwrap_err();
+        assert_eq!(refused.field, "build_zoo.base_steps", "{refused}");
+        let words = ZooSpec {
+            family: "words".into(),
+            ..stray_base
+        };
+        assert_eq!(words.validate().unwrap(), Family::Words);
         let bad = ZooSpec {
             family: "cifar".into(),
             num_models: 3,

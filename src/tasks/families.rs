@@ -11,6 +11,13 @@
 //!   classes in lexicographic order, starting at the 4th (32 of 252).
 //! - `digit-inr`: a Fourier-feature coordinate MLP fitting one digit image
 //!   upsampled to 16×16. Held out: the test images.
+//! - `words`: the words of a language, or of two mixed with weight α
+//!   (wordfreq's lists, `tasks::words`); a model is a LoRA adapter of a
+//!   frozen byte-level language model. Held out: the languages of
+//!   [`HELD_OUT_LANGUAGES`] (one in a script the zoo sees, Latin and
+//!   Cyrillic; two in scripts it never sees, Hebrew and Tamil), alone or
+//!   mixed, and the language pairs [`words_pair_held_out`] keeps from zoo
+//!   mixtures.
 
 use std::f64::consts::PI;
 use std::ops::RangeInclusive;
@@ -24,6 +31,9 @@ use tch::{Device, Kind, Tensor};
 
 use super::nets::{NetKind, Network};
 use super::train::{Objective, TaskData, TrainConfig};
+use super::words::lm::{ByteLmConfig, LoraConfig, adapter_arch};
+use super::words::task::WordsTask;
+use super::words::{HELD_OUT_LANGUAGES, WORDFREQ_LANGUAGES};
 use crate::weights::ArchSpec;
 
 /// Classes per digits task.
@@ -50,6 +60,10 @@ pub const SINUSOID_TRAIN_POINTS: usize = 100;
 pub const SINUSOID_TEST_POINTS: usize = 200;
 /// Side of the upsampled digit an INR fits.
 pub const INR_SIDE: i64 = 16;
+/// The range of a `words` mixture's weight α that tasks are drawn from.
+pub const WORDS_ALPHA: RangeInclusive<f64> = 0.1..=0.9;
+/// One in this many pairs of zoo languages is never mixed in a zoo task.
+pub const WORDS_HELD_OUT_PAIR_ONE_IN: u64 = 8;
 
 /// Which held-out tasks an evaluation draws. Zoos never contain a task of
 /// either split.
@@ -102,6 +116,9 @@ pub enum Family {
     Digits,
     /// Neural fields of digit images.
     DigitInr,
+    /// LoRA adapters of a byte-level language model for languages and
+    /// their mixtures.
+    Words,
 }
 
 /// One task of a family.
@@ -125,6 +142,23 @@ pub enum TaskSpec {
         /// Index into the 1,797 images.
         image: usize,
     },
+    /// The words of `language` (weight `alpha`), mixed with `second`'s
+    /// (weight 1 − α) when given.
+    Words {
+        /// A wordfreq language code, e.g. "en".
+        language: String,
+        /// The other language of a mixture.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        second: Option<String>,
+        /// The weight of `language`: 1 alone, strictly inside (0, 1) in a
+        /// mixture.
+        #[serde(default = "one")]
+        alpha: f64,
+    },
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl TaskSpec {
@@ -139,15 +173,55 @@ impl TaskSpec {
             Self::Sinusoid { .. } => Family::Sinusoid,
             Self::Digits { .. } => Family::Digits,
             Self::DigitInr { .. } => Family::DigitInr,
+            Self::Words { .. } => Family::Words,
         }
     }
+
+    /// A `words` task as the words module reads it (None for another
+    /// family's task, or an invalid mixture).
+    pub fn words_task(&self) -> Option<WordsTask> {
+        match self {
+            Self::Words {
+                language,
+                second: None,
+                ..
+            } => Some(WordsTask::language(language)),
+            Self::Words {
+                language,
+                second: Some(second),
+                alpha,
+            } => WordsTask::mixture(language, second, *alpha).ok(),
+            _ => None,
+        }
+    }
+}
+
+/// Whether zoo tasks never mix languages `a` and `b` (one pair in
+/// [`WORDS_HELD_OUT_PAIR_ONE_IN`], by a stable hash of the sorted pair):
+/// the unseen mixtures of the held-out split.
+pub fn words_pair_held_out(a: &str, b: &str) -> bool {
+    let (first, second) = if a <= b { (a, b) } else { (b, a) };
+    let key = format!("{first}+{second}");
+    let hash = key.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, byte| {
+        (h ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3)
+    });
+    crate::rng::splitmix64(hash).is_multiple_of(WORDS_HELD_OUT_PAIR_ONE_IN)
+}
+
+/// The languages zoo tasks draw from: wordfreq's, less the held-out ones.
+pub fn words_zoo_languages() -> Vec<&'static str> {
+    WORDFREQ_LANGUAGES
+        .iter()
+        .copied()
+        .filter(|l| !HELD_OUT_LANGUAGES.contains(l))
+        .collect()
 }
 
 /// Why a task or family cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TaskError {
     /// Unknown family name.
-    #[error("family: unknown family {0:?} (known: sinusoid, digits, digit-inr)")]
+    #[error("family: unknown family {0:?} (known: sinusoid, digits, digit-inr, words)")]
     UnknownFamily(String),
     /// Unknown architecture for the family.
     #[error("architecture: {family} has no architecture {name:?} (known: {known})")]
@@ -162,6 +236,15 @@ pub enum TaskError {
     /// A task's parameters are out of range.
     #[error("task: {0}")]
     InvalidTask(String),
+    /// The family's tasks are not tensors a network runs on alone (a
+    /// `words` adapter runs inside its base model: `tasks::words`).
+    #[error("task: {family} tasks have no standalone data: {reason}")]
+    NoTensorData {
+        /// The family.
+        family: &'static str,
+        /// Where its data lives instead.
+        reason: &'static str,
+    },
 }
 
 /// The digits data set: inputs [1797, 64] in 0..16 and labels.
@@ -233,7 +316,12 @@ fn combinations(items: &[u8], k: usize, current: &mut Vec<u8>, out: &mut Vec<Vec
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 3] = [Family::Sinusoid, Family::Digits, Family::DigitInr];
+    pub const ALL: [Family; 4] = [
+        Family::Sinusoid,
+        Family::Digits,
+        Family::DigitInr,
+        Family::Words,
+    ];
 
     /// Its name.
     pub fn name(self) -> &'static str {
@@ -241,6 +329,7 @@ impl Family {
             Self::Sinusoid => "sinusoid",
             Self::Digits => "digits",
             Self::DigitInr => "digit-inr",
+            Self::Words => "words",
         }
     }
 
@@ -257,6 +346,7 @@ impl Family {
         match self {
             Self::Digits => Objective::Classification,
             Self::Sinusoid | Self::DigitInr => Objective::Regression,
+            Self::Words => Objective::LanguageModel,
         }
     }
 
@@ -285,6 +375,13 @@ impl Family {
                         seed: 2024,
                     },
                 }],
+                Self::Words => {
+                    let (base, lora) = (ByteLmConfig::default(), LoraConfig::default());
+                    vec![Network {
+                        spec: adapter_arch(base, lora),
+                        kind: NetKind::LoraAdapter { base, lora },
+                    }]
+                }
             })
         };
         build().expect("built-in architectures are valid")
@@ -331,6 +428,14 @@ impl Family {
                 batch_size: 0,
                 keep_snapshots: 0,
             },
+            // 100 steps reach 79 % of a 1,600-step adapter's gain at 37
+            // adapters a minute on 2 cores (examples/words_sizing.rs).
+            Self::Words => TrainConfig {
+                steps: 100,
+                learning_rate: 3e-3,
+                batch_size: 64,
+                keep_snapshots: 0,
+            },
         }
     }
 
@@ -348,7 +453,7 @@ impl Family {
     pub fn splits(self) -> &'static [HeldOutSplit] {
         match self {
             Self::Sinusoid => &HeldOutSplit::ALL,
-            Self::Digits | Self::DigitInr => &[HeldOutSplit::Interpolation],
+            Self::Digits | Self::DigitInr | Self::Words => &[HeldOutSplit::Interpolation],
         }
     }
 
@@ -370,6 +475,10 @@ impl Family {
             }
             (Self::Digits, _) => "class sets no zoo model was trained on",
             (Self::DigitInr, _) => "test images no zoo model was fitted to",
+            (Self::Words, _) => {
+                "languages no zoo adapter saw (pl, uk: scripts the zoo has; he, ta: scripts it \
+                 has not), alone or mixed, and language pairs no zoo mixture used"
+            }
         }
     }
 
@@ -405,6 +514,7 @@ impl Family {
                 Self::DigitInr => TaskSpec::DigitInr {
                     image: rng.random_range(0..digits().labels.len()),
                 },
+                Self::Words => sample_words(rng, split.is_some()),
             };
             if self.is_held_out(&task) == split.is_some() {
                 return task;
@@ -432,6 +542,15 @@ impl Family {
                 held_out_class_sets().contains(&set)
             }
             TaskSpec::DigitInr { image } => is_test_image(*image),
+            TaskSpec::Words {
+                language, second, ..
+            } => {
+                let held = |l: &str| HELD_OUT_LANGUAGES.contains(&l);
+                held(language)
+                    || second
+                        .as_deref()
+                        .is_some_and(|s| held(s) || words_pair_held_out(language, s))
+            }
         }
     }
 
@@ -465,6 +584,34 @@ impl Family {
                         "image {image} is not one of the {} images",
                         digits().labels.len()
                     ));
+                }
+            }
+            (
+                Self::Words,
+                TaskSpec::Words {
+                    language,
+                    second,
+                    alpha,
+                },
+            ) => {
+                for l in std::iter::once(language).chain(second) {
+                    if !WORDFREQ_LANGUAGES.contains(&l.as_str()) {
+                        return bad(format!(
+                            "language {:?} is not one of wordfreq's: {}",
+                            l.chars().take(16).collect::<String>(),
+                            WORDFREQ_LANGUAGES.join(", ")
+                        ));
+                    }
+                }
+                match second {
+                    None if *alpha != 1.0 => {
+                        return bad(format!("alpha {alpha}: a single language has alpha 1"));
+                    }
+                    Some(second) => {
+                        WordsTask::mixture(language, second, *alpha)
+                            .map_err(|e| TaskError::InvalidTask(e.to_string()))?;
+                    }
+                    None => {}
                 }
             }
             _ => return bad(format!("{task:?} is not a {} task", self.name())),
@@ -525,6 +672,13 @@ impl Family {
                     test_y,
                 }
             }
+            TaskSpec::Words { .. } => {
+                return Err(TaskError::NoTensorData {
+                    family: "words",
+                    reason: "its words are read from the word lists and scored through the \
+                             base model (tasks::words)",
+                });
+            }
             TaskSpec::DigitInr { image } => {
                 let (coords, values) = inr_pixels(*image);
                 TaskData {
@@ -535,6 +689,51 @@ impl Family {
                 }
             }
         })
+    }
+}
+
+/// A `words` task: a language alone or a mixture of two, drawn equally
+/// often. Zoo side: languages and pairs of [`words_zoo_languages`] that
+/// are not held out. Held out: a held-out language alone, one mixed with a
+/// zoo language, or a held-out pair of zoo languages, drawn equally often.
+fn sample_words(rng: &mut StdRng, held_out: bool) -> TaskSpec {
+    let zoo = words_zoo_languages();
+    let pick = |rng: &mut StdRng, from: &[&'static str]| from[rng.random_range(0..from.len())];
+    let alpha = |rng: &mut StdRng| rng.random_range(WORDS_ALPHA);
+    let mixture = |first: &str, second: &str, alpha: f64| TaskSpec::Words {
+        language: first.to_owned(),
+        second: Some(second.to_owned()),
+        alpha,
+    };
+    let alone = |language: &str| TaskSpec::Words {
+        language: language.to_owned(),
+        second: None,
+        alpha: 1.0,
+    };
+    loop {
+        let task = match (held_out, rng.random_range(0..3u8)) {
+            (false, 0) => alone(pick(rng, &zoo)),
+            (false, _) => {
+                let (a, b) = (pick(rng, &zoo), pick(rng, &zoo));
+                if a == b || words_pair_held_out(a, b) {
+                    continue;
+                }
+                mixture(a, b, alpha(rng))
+            }
+            (true, 0) => alone(pick(rng, &HELD_OUT_LANGUAGES)),
+            (true, 1) => {
+                let (a, b) = (pick(rng, &HELD_OUT_LANGUAGES), pick(rng, &zoo));
+                mixture(a, b, alpha(rng))
+            }
+            (true, _) => {
+                let (a, b) = (pick(rng, &zoo), pick(rng, &zoo));
+                if a == b || !words_pair_held_out(a, b) {
+                    continue;
+                }
+                mixture(a, b, alpha(rng))
+            }
+        };
+        return task;
     }
 }
 
@@ -619,6 +818,81 @@ mod tests {
             HeldOutSplit::Extrapolation
         );
         assert!("corner".parse::<HeldOutSplit>().is_err());
+    }
+
+    #[test]
+    fn words_tasks_read_as_json_and_hold_out_languages_and_pairs() {
+        let alone: TaskSpec =
+            serde_json::from_str(r#"{"family":"words","language":"en"}"#).unwrap();
+        assert_eq!(
+            alone,
+            TaskSpec::Words {
+                language: "en".into(),
+                second: None,
+                alpha: 1.0
+            }
+        );
+        assert_eq!(
+            alone.key(),
+            r#"{"family":"words","language":"en","alpha":1.0}"#
+        );
+        Family::Words.validate(&alone).unwrap();
+        assert!(!Family::Words.is_held_out(&alone));
+        let polish = TaskSpec::Words {
+            language: "de".into(),
+            second: Some("pl".into()),
+            alpha: 0.5,
+        };
+        assert!(Family::Words.is_held_out(&polish));
+        // One zoo pair in eight is never mixed: both kinds exist.
+        let zoo = words_zoo_languages();
+        let pairs: Vec<bool> = zoo
+            .iter()
+            .flat_map(|a| zoo.iter().map(move |b| words_pair_held_out(a, b)))
+            .collect();
+        let held = pairs.iter().filter(|&&h| h).count();
+        assert!(
+            held > 0 && held < pairs.len() / 4,
+            "{held} of {}",
+            pairs.len()
+        );
+        assert_eq!(
+            words_pair_held_out("en", "de"),
+            words_pair_held_out("de", "en")
+        );
+        for (task, field) in [
+            (r#"{"family":"words","language":"xx"}"#, "language \"xx\""),
+            (
+                r#"{"family":"words","language":"en","alpha":0.5}"#,
+                "alpha 0.5",
+            ),
+            (
+                r#"{"family":"words","language":"en","second":"en","alpha":0.5}"#,
+                "languages:",
+            ),
+            (
+                r#"{"family":"words","language":"en","second":"de","alpha":1.0}"#,
+                "alpha:",
+            ),
+        ] {
+            let task: TaskSpec = serde_json::from_str(task).unwrap();
+            let refused = Family::Words.validate(&task).unwrap_err().to_string();
+            assert!(refused.contains(field), "{refused}");
+        }
+        // No tensors: the words live in the lists, scored through the base.
+        let refused = Family::Words.data(&alone, Device::Cpu).unwrap_err();
+        assert!(
+            matches!(refused, TaskError::NoTensorData { .. }),
+            "{refused}"
+        );
+        let net = Family::Words.network("").unwrap();
+        assert!(
+            net.forward(
+                &net.init(1, Device::Cpu),
+                &Tensor::zeros([1, 2], (Kind::Int64, Device::Cpu))
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -14,6 +14,8 @@ use tch::{Device, Kind, Tensor};
 use super::families::{DIGITS_WAYS, Family, TaskSpec};
 use super::schema::{FeatureSchema, FeatureSpec, SupportSpec};
 use super::train::TaskData;
+use super::words::lm::{END, MAX_WORD_BYTES, readable};
+use super::words::task::word_features;
 
 /// Support examples per class of a digits task.
 pub const DIGITS_SUPPORT_PER_CLASS: usize = 5;
@@ -145,6 +147,33 @@ pub fn schema(family: Family) -> FeatureSchema {
                 required: false,
             }),
         },
+        Family::Words => FeatureSchema {
+            features: vec![
+                feature(
+                    "byte_frequencies",
+                    "each byte value's share of all bytes of the example words (256)",
+                    256,
+                    0.0,
+                    1.0,
+                ),
+                feature(
+                    "mean_length",
+                    "mean length of the example words in bytes, over 31",
+                    1,
+                    0.0,
+                    1.0,
+                ),
+            ],
+            embedding_dim: 0,
+            support: Some(SupportSpec {
+                input_shape: vec![WORD_ROW],
+                target_shape: vec![0],
+                classification: false,
+                min_examples: 1,
+                max_examples: MAX_SUPPORT,
+                required: false,
+            }),
+        },
         Family::DigitInr => FeatureSchema {
             features: vec![
                 feature(
@@ -243,6 +272,8 @@ pub fn describe(family: Family, task: &TaskSpec, data: &TaskData) -> Descriptor 
             features.insert("target_std".into(), vec![std]);
             order.into_iter().take(SINUSOID_SUPPORT).collect()
         }
+        // A words task has no tensor data (`describe_words`).
+        (Family::Words, _) => Vec::new(),
         _ => {
             let (mean, std) = moments(&data.train_y);
             features.insert("pixel_mean".into(), vec![mean]);
@@ -255,6 +286,40 @@ pub fn describe(family: Family, task: &TaskSpec, data: &TaskData) -> Descriptor 
         features,
         support_x,
         support_y,
+    }
+}
+
+/// Values per word of a `words` support set: its UTF-8 bytes (0–255), then
+/// the end token (256) to the end of the row.
+pub const WORD_ROW: usize = MAX_WORD_BYTES + 1;
+
+/// The descriptor of a `words` task from its example words (the support
+/// set a client sends): the bytes' frequencies and the mean length as
+/// features, each word as a row of [`WORD_ROW`] token values, no targets.
+/// Words the model cannot read (empty, longer than 31 bytes) are left out.
+pub fn describe_words(words: &[&str]) -> Descriptor {
+    let readable: Vec<&str> = words.iter().copied().filter(|w| readable(w)).collect();
+    let values = word_features(&readable);
+    let mut features = BTreeMap::new();
+    features.insert(
+        "byte_frequencies".to_owned(),
+        values[..256].iter().map(|&v| f64::from(v)).collect(),
+    );
+    features.insert("mean_length".to_owned(), vec![f64::from(values[256])]);
+    let support_x = readable
+        .iter()
+        .map(|w| {
+            let mut row = vec![END as f32; WORD_ROW];
+            for (slot, &b) in row.iter_mut().zip(w.as_bytes()) {
+                *slot = f32::from(b);
+            }
+            row
+        })
+        .collect::<Vec<_>>();
+    Descriptor {
+        features,
+        support_y: vec![Vec::new(); support_x.len()],
+        support_x,
     }
 }
 

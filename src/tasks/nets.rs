@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
+use super::words::lm::{ByteLmConfig, LoraConfig, lora_init};
 use crate::rng::SeededNoise;
 use crate::weights::{ArchSpec, DType, LayerGroup, LayoutError, TensorSpec};
 
@@ -29,6 +30,22 @@ pub enum NetKind {
         /// Seed of B.
         seed: u64,
     },
+    /// A LoRA adapter of a `words` base model: it runs inside the base
+    /// (`tasks::words::lm`), never on inputs alone.
+    LoraAdapter {
+        /// The base model's shape.
+        base: ByteLmConfig,
+        /// Rank and scale.
+        lora: LoraConfig,
+    },
+}
+
+/// Why a network cannot compute outputs from inputs alone.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{network}: a LoRA adapter runs inside its base model (tasks::words), not on inputs alone")]
+pub struct RunsInBase {
+    /// The network's name.
+    pub network: String,
 }
 
 /// An architecture with the way to run it.
@@ -89,8 +106,15 @@ impl Network {
 
     /// PyTorch's default initialization (kaiming-uniform with a = √5 for
     /// weights, U(−1/√fan_in, 1/√fan_in) for biases; both bounds are
-    /// 1/√fan_in), drawn from `seed`.
+    /// 1/√fan_in), drawn from `seed`; PEFT's for a LoRA adapter
+    /// ([`lora_init`]: A the same bound, B zero).
     pub fn init(&self, seed: u64, device: Device) -> Vec<Tensor> {
+        if let NetKind::LoraAdapter { base, lora } = &self.kind {
+            return lora_init(*base, *lora, seed)
+                .into_iter()
+                .map(|(_, t)| t.to_device(device))
+                .collect();
+        }
         let mut noise = SeededNoise::new(&[seed], 0x1417);
         let mut fan_in = 1;
         self.spec
@@ -110,9 +134,15 @@ impl Network {
     }
 
     /// Outputs for inputs `x` ([B, in] for MLPs, [B, 64] or [B, 1, 8, 8]
-    /// for the CNN, [B, 2] coordinates for the Fourier MLP).
-    pub fn forward(&self, params: &[Tensor], x: &Tensor) -> Tensor {
-        match &self.kind {
+    /// for the CNN, [B, 2] coordinates for the Fourier MLP). A LoRA adapter
+    /// has none alone (its family has no tensor task data either).
+    pub fn forward(&self, params: &[Tensor], x: &Tensor) -> Result<Tensor, RunsInBase> {
+        Ok(match &self.kind {
+            NetKind::LoraAdapter { .. } => {
+                return Err(RunsInBase {
+                    network: self.spec.name.clone(),
+                });
+            }
             NetKind::Mlp => mlp_forward(params, x),
             NetKind::SmallCnn => {
                 let x = x.reshape([-1, 1, 8, 8]);
@@ -127,7 +157,7 @@ impl Network {
                 h.flatten(1, -1).linear(&params[4], Some(&params[5]))
             }
             NetKind::FourierMlp { .. } => mlp_forward(params, &self.fourier_features(x)),
-        }
+        })
     }
 
     /// [sin(2π xBᵀ), cos(2π xBᵀ)] for the Fourier MLP; `x` itself otherwise.
@@ -190,6 +220,7 @@ mod tests {
         let p = cnn.init(0, Device::Cpu);
         assert_eq!(
             cnn.forward(&p, &Tensor::ones([3, 64], (Kind::Float, Device::Cpu)))
+                .unwrap()
                 .size(),
             [3, 5]
         );
@@ -204,6 +235,7 @@ mod tests {
         let p = inr.init(0, Device::Cpu);
         assert_eq!(
             inr.forward(&p, &Tensor::zeros([7, 2], (Kind::Float, Device::Cpu)))
+                .unwrap()
                 .size(),
             [7, 1]
         );

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
-use super::nets::Network;
+use super::nets::{Network, RunsInBase};
 
 /// What the model predicts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +19,36 @@ pub enum Objective {
     Classification,
     /// Real targets [B, 1]; mean squared error.
     Regression,
+    /// Next-token logits [B, L, V] against token targets [B, L]; bits per
+    /// byte (lower is better).
+    LanguageModel,
+}
+
+impl Objective {
+    /// Whether a lower test metric is better (MSE, bits per byte).
+    pub fn lower_is_better(self) -> bool {
+        self != Self::Classification
+    }
+
+    /// The test metric's key in a model's metrics.
+    pub fn test_metric(self) -> &'static str {
+        match self {
+            Self::Classification => "test_accuracy",
+            Self::Regression => "test_mse",
+            Self::LanguageModel => "test_bits_per_byte",
+        }
+    }
+}
+
+/// Why a zoo model could not be trained.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// libtorch failed.
+    #[error("training: {0}")]
+    Torch(#[from] tch::TchError),
+    /// The network does not run alone.
+    #[error(transparent)]
+    RunsInBase(#[from] RunsInBase),
 }
 
 /// A task's data on one device.
@@ -64,6 +94,13 @@ pub fn loss(objective: Objective, outputs: &Tensor, targets: &Tensor) -> Tensor 
     match objective {
         Objective::Classification => outputs.cross_entropy_for_logits(targets),
         Objective::Regression => outputs.mse_loss(targets, tch::Reduction::Mean),
+        Objective::LanguageModel => {
+            let vocab = outputs.size().last().copied().unwrap_or(1);
+            outputs
+                .reshape([-1, vocab])
+                .cross_entropy_for_logits(&targets.reshape([-1]))
+                / std::f64::consts::LN_2
+        }
     }
 }
 
@@ -73,14 +110,14 @@ pub fn evaluate(
     params: &[Tensor],
     data: &TaskData,
     objective: Objective,
-) -> BTreeMap<String, f64> {
+) -> Result<BTreeMap<String, f64>, RunsInBase> {
     tch::no_grad(|| {
         let mut out = BTreeMap::new();
         for (split, x, y) in [
             ("train", &data.train_x, &data.train_y),
             ("test", &data.test_x, &data.test_y),
         ] {
-            let outputs = net.forward(params, x);
+            let outputs = net.forward(params, x)?;
             match objective {
                 Objective::Classification => {
                     out.insert(
@@ -101,9 +138,15 @@ pub fn evaluate(
                         loss(objective, &outputs, y).double_value(&[]),
                     );
                 }
+                Objective::LanguageModel => {
+                    out.insert(
+                        format!("{split}_bits_per_byte"),
+                        loss(objective, &outputs, y).double_value(&[]),
+                    );
+                }
             }
         }
-        out
+        Ok(out)
     })
 }
 
@@ -115,7 +158,7 @@ pub fn train(
     objective: Objective,
     config: &TrainConfig,
     seed: u64,
-) -> Result<TrainedModel, tch::TchError> {
+) -> Result<TrainedModel, TrainError> {
     let device = init.first().map_or(Device::Cpu, Tensor::device);
     let vs = nn::VarStore::new(device);
     let params: Vec<Tensor> = init
@@ -142,7 +185,7 @@ pub fn train(
                 data.train_y.index_select(0, &index),
             )
         };
-        let l = loss(objective, &net.forward(&params, &x), &y);
+        let l = loss(objective, &net.forward(&params, &x)?, &y);
         optimizer.backward_step(&l);
         if let Some(every) = snapshot_every
             && step % every == 0
@@ -159,7 +202,7 @@ pub fn train(
     snapshots.drain(..drop);
     let params: Vec<Tensor> = params.iter().map(|p| p.detach().copy()).collect();
     Ok(TrainedModel {
-        metrics: evaluate(net, &params, data, objective),
+        metrics: evaluate(net, &params, data, objective)?,
         params,
         snapshots,
     })

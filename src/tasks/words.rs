@@ -23,6 +23,14 @@ pub const WORDS_DIR_ENV: &str = "WEIGHTGEN_WORDS_DIR";
 pub const WORDFREQ_VERSION: &str = "3.1.1";
 /// One word in this many goes to its language's test part.
 pub const TEST_ONE_IN: u64 = 5;
+/// The 42 languages whose lists wordfreq [`WORDFREQ_VERSION`] ships (its
+/// `available_languages(wordlist="best")`), the codes tasks name.
+pub const WORDFREQ_LANGUAGES: [&str; 42] = [
+    "ar", "bg", "bn", "ca", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fil", "fr", "he",
+    "hi", "hu", "id", "is", "it", "ja", "ko", "lt", "lv", "mk", "ms", "nb", "nl", "pl", "pt", "ro",
+    "ru", "sh", "sk", "sl", "sv", "ta", "tr", "uk", "ur", "vi", "zh",
+];
+
 /// Languages no zoo task and no base-model training contains, fixed before
 /// any result: two in scripts the zoo sees (Polish: Latin; Ukrainian:
 /// Cyrillic) and two in scripts no other language uses (Hebrew, Tamil).

@@ -155,12 +155,14 @@ fn auto_size(
         let mean = scores.iter().sum::<f64>() / scores.len().max(1) as f64;
         match objective {
             Objective::Classification => mean,
-            Objective::Regression => mean.max(f64::MIN_POSITIVE).ln(),
+            Objective::Regression | Objective::LanguageModel => mean.max(f64::MIN_POSITIVE).ln(),
         }
     };
     let (goal, tolerance) = match objective {
         Objective::Classification => (MetricGoal::HigherIsBetter, AUTO_LATENT_ACCURACY_TOLERANCE),
-        Objective::Regression => (MetricGoal::LowerIsBetter, AUTO_LATENT_MSE_FACTOR.ln()),
+        Objective::Regression | Objective::LanguageModel => {
+            (MetricGoal::LowerIsBetter, AUTO_LATENT_MSE_FACTOR.ln())
+        }
     };
     let sizes: Vec<i64> = AUTO_LATENT_SIZES
         .iter()

@@ -138,21 +138,20 @@ impl QualityReport {
     }
 }
 
-fn metric_name(objective: Objective) -> &'static str {
-    match objective {
-        Objective::Classification => "test_accuracy",
-        Objective::Regression => "test_mse",
-    }
-}
-
 /// The task metric of flat weights `flat` [D] on `task` (NaN if unusable).
 pub fn score(data: &ZooDataset, task: &TaskSpec, flat: &Tensor) -> f64 {
+    if let Some(words) = &data.words {
+        return words.bits_per_byte(task, flat);
+    }
     let objective = data.family.objective();
     match data.family.data(task, Device::Cpu) {
         Ok(task_data) => match unflatten(&data.network.spec, flat) {
             Ok(named) => {
                 let params: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
-                evaluate(&data.network, &params, &task_data, objective)[metric_name(objective)]
+                evaluate(&data.network, &params, &task_data, objective)
+                    .ok()
+                    .and_then(|scores| scores.get(objective.test_metric()).copied())
+                    .unwrap_or(f64::NAN)
             }
             Err(_) => f64::NAN,
         },
@@ -168,6 +167,14 @@ fn chance(data: &ZooDataset, task: &TaskSpec) -> f64 {
             .data(task, Device::Cpu)
             .map(|d| d.test_y.square().mean(Kind::Double).double_value(&[]))
             .unwrap_or(f64::NAN),
+        // The base model alone: what an adapter starts from (uniform
+        // next-token guesses without one).
+        Objective::LanguageModel => data
+            .words
+            .as_ref()
+            .map_or((crate::tasks::words::lm::VOCAB as f64).log2(), |words| {
+                words.base_bits_per_byte(task)
+            }),
     }
 }
 
@@ -415,7 +422,7 @@ fn score_candidates(
     }
     forms.push(condition);
     let seeds = task_seeds(seed, tasks.len());
-    let regression = data.family.objective() == Objective::Regression;
+    let regression = data.family.objective().lower_is_better();
     let timesteps = checkpoint.model.config().timesteps;
     RecommendedSampling::candidates(guidance, timesteps)
         .into_iter()
@@ -447,7 +454,7 @@ pub fn evaluate_quality(
     guidance: f64,
     seed: u64,
 ) -> QualityReport {
-    let metric = metric_name(data.family.objective()).to_owned();
+    let metric = data.family.objective().test_metric().to_owned();
     let val_tasks: Vec<TaskSpec> = val
         .iter()
         .map(|&i| data.tasks[i as usize].clone())
@@ -491,11 +498,13 @@ pub fn evaluate_quality(
         .collect();
     let held_descriptors: Vec<Descriptor> = held
         .iter()
-        .filter_map(|t| {
-            data.family
+        .filter_map(|t| match &data.words {
+            Some(words) => Some(words.describe(t)),
+            None => data
+                .family
                 .data(t, Device::Cpu)
                 .ok()
-                .map(|d| describe(data.family, t, &d))
+                .map(|d| describe(data.family, t, &d)),
         })
         .collect();
     let held_out = scores_for(&gate, &held, &held_descriptors, None, seed ^ 1);

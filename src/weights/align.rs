@@ -237,7 +237,7 @@ mod tests {
     use tch::Device;
 
     fn max_output_difference(net: &Network, a: &[Tensor], b: &[Tensor], x: &Tensor) -> f64 {
-        (net.forward(a, x) - net.forward(b, x))
+        (net.forward(a, x).unwrap() - net.forward(b, x).unwrap())
             .abs()
             .max()
             .double_value(&[])

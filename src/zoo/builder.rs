@@ -25,8 +25,11 @@ use crate::catalog::{
 use crate::rng::splitmix64;
 use crate::tasks::featurizer::{describe, schema};
 use crate::tasks::train::{TrainConfig, train};
+use crate::tasks::words::WordLists;
 use crate::tasks::{Family, TaskSpec};
 use crate::weights::{CodecError, DType, encode_safetensors};
+
+use super::words::{WordsBase, WordsBaseConfig, WordsZooError, ensure_base, train_adapter_unit};
 
 /// Default lease: a claim older than this is presumed dead and retaken.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(600);
@@ -60,6 +63,8 @@ pub struct ZooBuildConfig {
     pub max_models: Option<u64>,
     /// Stop claiming units once set (models in training finish first).
     pub cancel: crate::cancel::CancelFlag,
+    /// `words` zoos: the base model the adapters adapt (built first, once).
+    pub words_base: WordsBaseConfig,
 }
 
 /// What a build did.
@@ -100,6 +105,9 @@ pub enum ZooError {
     /// libtorch failed.
     #[error("training: {0}")]
     Torch(#[from] tch::TchError),
+    /// A model could not be trained.
+    #[error(transparent)]
+    Train(#[from] crate::tasks::train::TrainError),
     /// A unit's spec cannot be read.
     #[error("unit {unit} of zoo {zoo:?}: {reason}")]
     BadUnit {
@@ -113,6 +121,12 @@ pub enum ZooError {
     /// A training thread died.
     #[error("training task: {0}")]
     Join(#[from] tokio::task::JoinError),
+    /// A `words` zoo's lists, tasks or base failed.
+    #[error(transparent)]
+    Words(#[from] WordsZooError),
+    /// A file's layout did not match its architecture.
+    #[error(transparent)]
+    Layout(#[from] crate::weights::LayoutError),
 }
 
 /// One unit's work: which task, from which initialization, with which seed.
@@ -150,22 +164,39 @@ fn plan(config: &ZooBuildConfig, architecture: &str) -> ZooPlan {
         name: config.zoo.clone(),
         family: config.family.name().to_owned(),
         architecture: architecture.to_owned(),
-        config: serde_json::json!({
-            "seed": config.seed,
-            "shared_init": config.shared_init,
-            "train": config.train,
-            "feature_schema": schema(config.family),
-        }),
+        config: match config.family {
+            Family::Words => serde_json::json!({
+                "seed": config.seed,
+                "shared_init": config.shared_init,
+                "train": config.train,
+                "feature_schema": schema(config.family),
+                "base": config.words_base,
+                "base_model_id": config.words_base.model_id(),
+            }),
+            _ => serde_json::json!({
+                "seed": config.seed,
+                "shared_init": config.shared_init,
+                "train": config.train,
+                "feature_schema": schema(config.family),
+            }),
+        },
         num_models: config.num_models,
     }
 }
 
 /// A trained unit, ready to store.
-struct Trained {
-    bytes: Bytes,
-    snapshots: Vec<(u64, Bytes)>,
-    record: ZooModelRecord,
-    test_metric: String,
+pub(crate) struct Trained {
+    pub(crate) bytes: Bytes,
+    pub(crate) snapshots: Vec<(u64, Bytes)>,
+    pub(crate) record: ZooModelRecord,
+    pub(crate) test_metric: String,
+}
+
+/// What a `words` zoo's units share: the base and the word lists.
+#[derive(Clone)]
+struct WordsContext {
+    base: Arc<WordsBase>,
+    lists: Arc<WordLists>,
 }
 
 fn train_unit(
@@ -173,7 +204,11 @@ fn train_unit(
     architecture: &str,
     unit: u64,
     spec: &UnitSpec,
+    words: Option<&WordsContext>,
 ) -> Result<Trained, ZooError> {
+    if let Some(words) = words {
+        return train_adapter_unit(config, &words.base, &words.lists, architecture, unit, spec);
+    }
     let family = config.family;
     let net = family.network(architecture)?;
     let data = family.data(&spec.task, config.device)?;
@@ -217,30 +252,57 @@ fn train_unit(
         .find(|(k, _)| k.starts_with("test_") && !k.ends_with("_loss"))
         .map(|(k, v)| format!("{k} {v:.4}"))
         .unwrap_or_default();
-    let record = ZooModelRecord {
-        id: format!("{}/{unit:06}", config.zoo),
-        zoo: config.zoo.clone(),
-        architecture: net.spec.name.clone(),
-        family: family.name().to_owned(),
-        source: ModelSource::Built,
-        task: serde_json::json!({"spec": spec.task, "descriptor": descriptor}),
-        seed: spec.train_seed,
-        metrics: model.metrics,
-        training_config: serde_json::json!({
-            "train": config.train,
-            "init_seed": spec.init_seed,
-            "shared_init": config.shared_init,
-        }),
-        sha256: crate::blobs::sha256_hex(&bytes),
-        size_bytes: bytes.len() as u64,
-        created_at_ms: 0,
-    };
+    let record = unit_record(
+        config,
+        (unit, spec),
+        &net.spec.name,
+        descriptor,
+        model.metrics,
+        serde_json::json!({}),
+        &bytes,
+    );
     Ok(Trained {
         bytes,
         snapshots,
         record,
         test_metric,
     })
+}
+
+/// The catalog row of unit `unit` (with `spec`) of `config`'s zoo: its
+/// file `bytes`, `metrics`, and `extra` fields added to the training
+/// config (init seed, whether shared, the train settings).
+pub(crate) fn unit_record(
+    config: &ZooBuildConfig,
+    (unit, spec): (u64, &UnitSpec),
+    architecture: &str,
+    descriptor: crate::tasks::Descriptor,
+    metrics: std::collections::BTreeMap<String, f64>,
+    extra: serde_json::Value,
+    bytes: &[u8],
+) -> ZooModelRecord {
+    let mut training = serde_json::json!({
+        "train": config.train,
+        "init_seed": spec.init_seed,
+        "shared_init": config.shared_init,
+    });
+    if let (Some(training), serde_json::Value::Object(extra)) = (training.as_object_mut(), extra) {
+        training.extend(extra);
+    }
+    ZooModelRecord {
+        id: format!("{}/{unit:06}", config.zoo),
+        zoo: config.zoo.clone(),
+        architecture: architecture.to_owned(),
+        family: config.family.name().to_owned(),
+        source: ModelSource::Built,
+        task: serde_json::json!({"spec": spec.task, "descriptor": descriptor}),
+        seed: spec.train_seed,
+        metrics,
+        training_config: training,
+        sha256: crate::blobs::sha256_hex(bytes),
+        size_bytes: bytes.len() as u64,
+        created_at_ms: 0,
+    }
 }
 
 /// Builds (or continues building) a zoo until no unit is left, or
@@ -257,6 +319,17 @@ pub async fn build_zoo(
     let net = family.network(&config.architecture)?;
     let architecture = net.spec.name.clone();
     catalog.register_architecture(&net.spec).await?;
+    let words = match family {
+        Family::Words => {
+            let lists = Arc::new(WordLists::from_env().map_err(WordsZooError::from)?);
+            let base = ensure_base(&catalog, &blobs, &config, &lists).await?;
+            Some(WordsContext {
+                base: Arc::new(base),
+                lists,
+            })
+        }
+        _ => None,
+    };
     let specs = plan_units(&config);
     let unit_specs: Vec<serde_json::Value> = specs
         .iter()
@@ -293,7 +366,7 @@ pub async fn build_zoo(
     ));
     let mut lanes = Vec::new();
     for lane in 0..config.jobs.max(1) {
-        let (catalog, blobs, config, architecture, report, budget, on_model) = (
+        let (catalog, blobs, config, architecture, report, budget, on_model, words) = (
             catalog.clone(),
             blobs.clone(),
             config.clone(),
@@ -301,6 +374,7 @@ pub async fn build_zoo(
             report.clone(),
             budget.clone(),
             on_model.clone(),
+            words.clone(),
         );
         lanes.push(tokio::spawn(async move {
             let worker = format!("{}#{lane}", config.worker);
@@ -324,8 +398,11 @@ pub async fn build_zoo(
                 })?;
                 let began = Instant::now();
                 let trained = {
-                    let (config, architecture) = (config.clone(), architecture.clone());
-                    tokio::task::spawn_blocking(move || train_unit(&config, &architecture, unit.unit, &spec)).await?
+                    let (config, architecture, words) = (config.clone(), architecture.clone(), words.clone());
+                    tokio::task::spawn_blocking(move || {
+                        train_unit(&config, &architecture, unit.unit, &spec, words.as_ref())
+                    })
+                    .await?
                 };
                 let trained = match trained {
                     Ok(t) => t,

@@ -10,9 +10,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, PageRequest, ZooModelFilter, ZooModelRecord};
-use crate::tasks::featurizer::schema;
+use crate::tasks::featurizer::{describe_words, schema};
 use crate::tasks::{Descriptor, Family, FeatureSchema, Network, TaskSpec};
 use crate::weights::{PermutationSpec, align, decode_safetensors};
+use crate::zoo::words::WordsScorer;
 
 /// Why a zoo could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,8 @@ pub struct ZooDataset {
     pub support_pool: Option<(Tensor, Tensor)>,
     /// Whether the models were aligned to the first one.
     pub aligned: bool,
+    /// A `words` zoo's base model and word lists, which score its tasks.
+    pub words: Option<WordsScorer>,
 }
 
 /// Whether to align the zoo's models by permutation before training.
@@ -108,6 +111,7 @@ fn support_pools(
     family: Family,
     schema: &FeatureSchema,
     tasks: &[TaskSpec],
+    words: Option<&WordsScorer>,
 ) -> Result<(Tensor, Tensor), DatasetError> {
     let mut by_task: std::collections::HashMap<String, Descriptor> =
         std::collections::HashMap::new();
@@ -115,9 +119,17 @@ fn support_pools(
     for task in tasks {
         let key = serde_json::to_string(task).unwrap_or_default();
         if !by_task.contains_key(&key) {
-            let data = family.data(task, Device::Cpu)?;
-            let (support_x, support_y) =
-                crate::tasks::featurizer::support_pool(family, task, &data, SUPPORT_POOL_SIZE);
+            let (support_x, support_y) = match words {
+                Some(words) => {
+                    let pool = words.examples(task, SUPPORT_POOL_SIZE, 1);
+                    let d = describe_words(&pool.iter().map(String::as_str).collect::<Vec<_>>());
+                    (d.support_x, d.support_y)
+                }
+                None => {
+                    let data = family.data(task, Device::Cpu)?;
+                    crate::tasks::featurizer::support_pool(family, task, &data, SUPPORT_POOL_SIZE)
+                }
+            };
             by_task.insert(
                 key.clone(),
                 Descriptor {
@@ -169,7 +181,7 @@ fn support_pools(
 pub fn support_ways(family: Family) -> usize {
     match family {
         Family::Digits => crate::tasks::families::DIGITS_WAYS,
-        Family::Sinusoid | Family::DigitInr => 1,
+        Family::Sinusoid | Family::DigitInr | Family::Words => 1,
     }
 }
 
@@ -313,8 +325,19 @@ impl ZooDataset {
         } else {
             None
         };
+        let words = match family {
+            Family::Words => Some(
+                WordsScorer::load(catalog, blobs, &plan.config, &network)
+                    .await
+                    .map_err(|e| DatasetError::Input {
+                        field: "zoo",
+                        reason: e.to_string(),
+                    })?,
+            ),
+            _ => None,
+        };
         let support_pool = match &support {
-            Some(_) => Some(support_pools(family, &schema, &tasks)?),
+            Some(_) => Some(support_pools(family, &schema, &tasks, words.as_ref())?),
             None => None,
         };
         Ok(Self {
@@ -329,6 +352,7 @@ impl ZooDataset {
             support,
             support_pool,
             aligned,
+            words,
         })
     }
 

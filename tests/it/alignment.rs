@@ -30,8 +30,8 @@ fn trained_models_align_without_changing_their_function() {
         let (reference, model) = (fit(1), fit(2));
         let spec = PermutationSpec::new(&net.spec).unwrap();
         let (aligned, report) = align(&spec, &reference.params, &model.params, 20);
-        let before = net.forward(&model.params, &data.test_x);
-        let after = net.forward(&aligned, &data.test_x);
+        let before = net.forward(&model.params, &data.test_x).unwrap();
+        let after = net.forward(&aligned, &data.test_x).unwrap();
         let change = (&before - after).abs().max().double_value(&[]);
         // Permuted sums round differently in f32: compare with the outputs'
         // own size (a wrong permutation changes them by about that much).

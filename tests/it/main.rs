@@ -27,5 +27,6 @@ mod server;
 mod train_denoiser;
 mod train_resume;
 mod words_data;
+mod words_zoo;
 mod zoo_builder;
 mod zoo_ingest;

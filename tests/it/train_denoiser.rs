@@ -38,6 +38,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         device: Device::Cpu,
         max_models: None,
         cancel: Default::default(),
+        words_base: Default::default(),
     };
     build_zoo(catalog.clone(), blobs.clone(), zoo, |_| {})
         .await

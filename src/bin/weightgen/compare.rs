@@ -221,6 +221,7 @@ pub async fn compare(
     let metric = match objective {
         Objective::Classification => "accuracy",
         Objective::Regression => "MSE",
+        Objective::LanguageModel => "bits per byte",
     };
     println!(
         "held-out tasks: {} ({:?} form of the request, {} at lr {}, fully trained = random init after {} steps, target {:.0}% of it)",

@@ -10,7 +10,7 @@ use weightgen::tasks::{Family, TaskSpec};
 
 #[derive(clap::Args)]
 pub struct TaskArgs {
-    /// Task family: sinusoid, digits or digit-inr.
+    /// Task family: sinusoid, digits, digit-inr or words.
     #[arg(long)]
     pub family: String,
     /// Architecture (default: the family's first).
@@ -28,9 +28,22 @@ pub struct TaskArgs {
     /// digit-inr: index of the image.
     #[arg(long)]
     pub image: Option<usize>,
+    /// words: the language (a wordfreq code, e.g. en).
+    #[arg(long)]
+    pub language: Option<String>,
+    /// words: a second language, mixed with the first.
+    #[arg(long, requires = "language")]
+    pub second: Option<String>,
+    /// words: the first language's weight in a mixture, in (0, 1).
+    #[arg(long, requires = "second")]
+    pub alpha: Option<f64>,
+    /// words: example words in the support set (drawn by frequency from
+    /// the task's training words; reads WEIGHTGEN_WORDS_DIR).
+    #[arg(long, default_value_t = weightgen::zoo::words::WORDS_SUPPORT)]
+    pub examples: usize,
     /// Instead of a given task, a random held-out one (no zoo model saw
     /// it), drawn from this seed.
-    #[arg(long, conflicts_with_all = ["classes", "amplitude", "image"])]
+    #[arg(long, conflicts_with_all = ["classes", "amplitude", "image", "language"])]
     pub held_out_seed: Option<u64>,
     /// Output file.
     #[arg(short, long)]
@@ -63,6 +76,17 @@ pub fn resolve(args: &TaskArgs) -> Result<(Family, String, TaskSpec), String> {
         (Family::DigitInr, None) => TaskSpec::DigitInr {
             image: args.image.ok_or("--image is required for digit-inr")?,
         },
+        (Family::Words, None) => TaskSpec::Words {
+            language: args
+                .language
+                .clone()
+                .ok_or("--language is required for words")?,
+            alpha: match (&args.second, args.alpha) {
+                (None, _) => 1.0,
+                (Some(_), alpha) => alpha.ok_or("--alpha is required with --second")?,
+            },
+            second: args.second.clone(),
+        },
     };
     family.validate(&task).map_err(|e| format!("task: {e}"))?;
     Ok((family, architecture, task))
@@ -71,7 +95,15 @@ pub fn resolve(args: &TaskArgs) -> Result<(Family, String, TaskSpec), String> {
 /// Writes the task file; returns a line describing it.
 pub fn task(args: &TaskArgs) -> Result<String, String> {
     let (family, architecture, task) = resolve(args)?;
-    let file = TaskFile::of_task(family, &architecture, &task).map_err(|e| e.to_string())?;
+    let file = match family {
+        Family::Words => {
+            let lists =
+                weightgen::tasks::words::WordLists::from_env().map_err(|e| e.to_string())?;
+            TaskFile::of_words_task(&architecture, &task, &lists, args.examples, 0)
+                .map_err(|e| e.to_string())?
+        }
+        _ => TaskFile::of_task(family, &architecture, &task).map_err(|e| e.to_string())?,
+    };
     file.write(&args.output).map_err(|e| e.to_string())?;
     Ok(format!(
         "wrote {}: {} task {} for {architecture} ({} features, {} support examples{})",

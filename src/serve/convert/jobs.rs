@@ -47,6 +47,7 @@ pub fn zoo_spec_from_proto(spec: &pb::BuildZooSpec) -> ZooSpec {
         steps: spec.steps.map(|s| s as usize),
         learning_rate: spec.learning_rate,
         keep_snapshots: spec.keep_last_checkpoints as usize,
+        base_steps: spec.base_steps.map(|s| s as usize),
     }
 }
 
@@ -62,6 +63,7 @@ pub fn zoo_spec_to_proto(spec: &ZooSpec) -> pb::BuildZooSpec {
         zoo: spec.zoo_name(),
         steps: spec.steps.map(|s| s.min(u32::MAX as usize) as u32),
         learning_rate: spec.learning_rate,
+        base_steps: spec.base_steps.map(|s| s.min(u32::MAX as usize) as u32),
     }
 }
 
@@ -329,8 +331,15 @@ mod tests {
             steps: Some(7),
             learning_rate: Some(0.25),
             keep_snapshots: 2,
+            base_steps: None,
         };
         assert_eq!(zoo_spec_from_proto(&zoo_spec_to_proto(&zoo)), zoo);
+        let words = ZooSpec {
+            family: "words".into(),
+            base_steps: Some(40),
+            ..zoo
+        };
+        assert_eq!(zoo_spec_from_proto(&zoo_spec_to_proto(&words)), words);
     }
 
     #[test]

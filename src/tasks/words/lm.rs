@@ -5,7 +5,7 @@
 //! predict `[b₁, …, bₙ, END]`; the metric is bits per byte over those
 //! n + 1 predictions, each word weighted by its frequency.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, OptimizerConfig};
@@ -78,6 +78,58 @@ impl ByteLm {
     /// generator seeded with `seed`).
     pub fn new(config: ByteLmConfig, seed: i64, device: Device) -> Self {
         tch::manual_seed(seed);
+        Self::build(config, device)
+    }
+
+    /// The model with `tensors` as its parameters (e.g. a stored base,
+    /// named as [`base_arch`] names them).
+    pub fn from_tensors(
+        config: ByteLmConfig,
+        tensors: &HashMap<String, Tensor>,
+        device: Device,
+    ) -> Result<Self, LayoutError> {
+        let lm = Self::build(config, device);
+        let arch = base_arch(config);
+        let variables = lm.vs.variables();
+        let mut differences = Vec::new();
+        tch::no_grad(|| {
+            for spec in &arch.tensors {
+                match (tensors.get(&spec.name), variables.get(&spec.name)) {
+                    (Some(value), Some(var)) if value.size() == var.size() => {
+                        var.shallow_clone().copy_(value);
+                    }
+                    (Some(value), _) => differences.push(format!(
+                        "{}: shape {:?}, expected {:?}",
+                        spec.name,
+                        value.size(),
+                        spec.shape
+                    )),
+                    (None, _) => differences.push(format!("missing {}", spec.name)),
+                }
+            }
+        });
+        if differences.is_empty() {
+            Ok(lm)
+        } else {
+            Err(LayoutError::Mismatch {
+                arch: arch.name,
+                differences,
+            })
+        }
+    }
+
+    /// Its parameters under their names, in [`base_arch`] order.
+    pub fn named_tensors(&self) -> Vec<(String, Tensor)> {
+        let variables = self.vs.variables();
+        base_arch(self.config)
+            .tensors
+            .iter()
+            .filter_map(|t| Some((t.name.clone(), variables.get(&t.name)?.detach())))
+            .collect()
+    }
+
+    /// The layers, initialized from libtorch's generator as it stands.
+    fn build(config: ByteLmConfig, device: Device) -> Self {
         let vs = nn::VarStore::new(device);
         let root = vs.root();
         let w = config.width;
@@ -182,34 +234,20 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// PEFT's default init: A uniform in ±1/sqrt(in) (Kaiming-uniform with
-    /// a = √5), B = 0, so the adapted model starts as the base; A drawn from
-    /// `seed` by SplitMix64 (the same on every machine).
+    /// PEFT's default init ([`lora_init`]): the adapted model starts as
+    /// the base.
     pub fn new(base: &ByteLm, config: LoraConfig, seed: u64) -> Self {
         let vs = nn::VarStore::new(base.vs.device());
         let root = vs.root();
-        let w = base.config.width;
         let mut modules = BTreeMap::new();
-        let mut counter = 0u64;
+        let mut init = lora_init(base.config, config, seed).into_iter();
         for layer in 0..base.config.layers as usize {
             for target in TARGETS {
-                let (input, output) = projection_shape(target, w);
-                let name = module_name(layer, target);
-                let bound = 1.0 / (input as f64).sqrt();
-                let values: Vec<f32> = (0..config.rank * input)
-                    .map(|_| {
-                        counter += 1;
-                        let u = unit_interval(splitmix64(seed ^ splitmix64(counter)));
-                        ((2.0 * u - 1.0) * bound) as f32
-                    })
-                    .collect();
                 let path = &root / "layers" / layer / target;
-                let a = path.var_copy(
-                    "lora_A",
-                    &Tensor::from_slice(&values).view([config.rank, input]),
-                );
-                let b = path.zeros("lora_B", &[output, config.rank]);
-                modules.insert(name, (a, b));
+                let mut next = || init.next().map(|(_, t)| t).unwrap_or_default();
+                let a = path.var_copy("lora_A", &next());
+                let b = path.var_copy("lora_B", &next());
+                modules.insert(module_name(layer, target), (a, b));
             }
         }
         Self {
@@ -220,6 +258,38 @@ impl Adapter {
     }
 }
 
+/// PEFT's default LoRA init for every target projection of a `base`-shaped
+/// model, PEFT-named in [`adapter_arch`] order: A uniform in ±1/sqrt(in)
+/// (Kaiming-uniform with a = √5), B = 0; A drawn from `seed` by SplitMix64
+/// (the same on every machine).
+pub fn lora_init(base: ByteLmConfig, config: LoraConfig, seed: u64) -> Vec<(String, Tensor)> {
+    let mut tensors = Vec::new();
+    let mut counter = 0u64;
+    for layer in 0..base.layers as usize {
+        for target in TARGETS {
+            let (input, output) = projection_shape(target, base.width);
+            let module = module_name(layer, target);
+            let bound = 1.0 / (input as f64).sqrt();
+            let values: Vec<f32> = (0..config.rank * input)
+                .map(|_| {
+                    counter += 1;
+                    let u = unit_interval(splitmix64(seed ^ splitmix64(counter)));
+                    ((2.0 * u - 1.0) * bound) as f32
+                })
+                .collect();
+            tensors.push((
+                peft_name(&module, "lora_A"),
+                Tensor::from_slice(&values).view([config.rank, input]),
+            ));
+            tensors.push((
+                peft_name(&module, "lora_B"),
+                Tensor::zeros([output, config.rank], (Kind::Float, Device::Cpu)),
+            ));
+        }
+    }
+    tensors
+}
+
 /// The (input, output) sizes of block projection `target` at `width`.
 fn projection_shape(target: &str, width: i64) -> (i64, i64) {
     match target {
@@ -228,6 +298,51 @@ fn projection_shape(target: &str, width: i64) -> (i64, i64) {
         "down" => (4 * width, width),
         _ => (width, width),
     }
+}
+
+/// The base model's architecture, "words-bytelm-w{width}x{layers}h{heads}"
+/// of family "words": the token embedding, the position table, each
+/// block's LayerNorms and projections (PyTorch `nn.Linear` layout, weight
+/// [out, in] then bias), the final LayerNorm and the output head.
+pub fn base_arch(config: ByteLmConfig) -> ArchSpec {
+    let w = config.width as usize;
+    let vocab = VOCAB as usize;
+    let mut tensors = vec![
+        TensorSpec::new("tokens.weight", &[vocab, w], DType::F32),
+        TensorSpec::new("positions", &[MAX_WORD_BYTES + 1, w], DType::F32),
+    ];
+    let linear = |tensors: &mut Vec<TensorSpec>, name: &str, input: usize, output: usize| {
+        tensors.push(TensorSpec::new(
+            format!("{name}.weight"),
+            &[output, input],
+            DType::F32,
+        ));
+        tensors.push(TensorSpec::new(
+            format!("{name}.bias"),
+            &[output],
+            DType::F32,
+        ));
+    };
+    let norm = |tensors: &mut Vec<TensorSpec>, name: &str| {
+        tensors.push(TensorSpec::new(format!("{name}.weight"), &[w], DType::F32));
+        tensors.push(TensorSpec::new(format!("{name}.bias"), &[w], DType::F32));
+    };
+    for layer in 0..config.layers {
+        let p = format!("layers.{layer}");
+        norm(&mut tensors, &format!("{p}.norm1"));
+        linear(&mut tensors, &format!("{p}.qkv"), w, 3 * w);
+        linear(&mut tensors, &format!("{p}.proj"), w, w);
+        norm(&mut tensors, &format!("{p}.norm2"));
+        linear(&mut tensors, &format!("{p}.up"), w, 4 * w);
+        linear(&mut tensors, &format!("{p}.down"), 4 * w, w);
+    }
+    norm(&mut tensors, "norm");
+    linear(&mut tensors, "head", w, vocab);
+    let name = format!(
+        "words-bytelm-w{}x{}h{}",
+        config.width, config.layers, config.heads
+    );
+    ArchSpec::infer(name, "words", tensors).expect("the base layout is well formed")
 }
 
 /// The prefix PEFT gives a LoRA model's tensors (`get_peft_model_state_dict`
@@ -457,6 +572,47 @@ mod tests {
 
     fn words(text: &[(&'static str, f64)]) -> Vec<(&'static str, f64)> {
         text.to_vec()
+    }
+
+    #[test]
+    fn the_base_round_trips_through_its_named_tensors_and_the_adapter_init_is_peft() {
+        let config = ByteLmConfig::default();
+        let lm = ByteLm::new(config, 3, Device::Cpu);
+        let arch = base_arch(config);
+        // The architecture names every variable, with its shape.
+        let variables = lm.vs.variables();
+        assert_eq!(arch.tensors.len(), variables.len());
+        for spec in &arch.tensors {
+            assert_eq!(
+                variables[&spec.name].size(),
+                spec.shape_i64(),
+                "{}",
+                spec.name
+            );
+        }
+        let named: HashMap<String, Tensor> = lm.named_tensors().into_iter().collect();
+        let copy = ByteLm::from_tensors(config, &named, Device::Cpu).unwrap();
+        let words = [("hello", 1.0), ("world", 2.0)];
+        assert_eq!(
+            bits_per_byte(&lm, None, &words),
+            bits_per_byte(&copy, None, &words)
+        );
+        let mut missing = named;
+        missing.remove("head.bias");
+        let refused = ByteLm::from_tensors(config, &missing, Device::Cpu).unwrap_err();
+        assert!(
+            refused.to_string().contains("missing head.bias"),
+            "{refused}"
+        );
+        // The zoo's init (Network::init) is the adapter's.
+        let lora = LoraConfig::default();
+        let adapter = Adapter::new(&lm, lora, 9);
+        let adapter_arch = adapter_arch(config, lora);
+        let net = crate::tasks::Family::Words.network("").unwrap();
+        let init = net.init(9, Device::Cpu);
+        let flat = adapter.to_flat(&adapter_arch).unwrap();
+        let from_net = Tensor::cat(&init.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(), 0);
+        assert!(flat.equal(&from_net));
     }
 
     #[test]
