@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
 use super::families::{DIGITS_WAYS, Family, TaskSpec};
-use super::schema::{FeatureSchema, FeatureSpec, SupportSpec};
+use super::schema::{FeatureSchema, FeatureSpec, SupportInputs, SupportSpec};
 use super::train::TaskData;
 use super::words::lm::{END, MAX_WORD_BYTES, readable};
-use super::words::task::word_features;
+use super::words::task::{FEATURE_DIM, word_features};
 
 /// Support examples per class of a digits task.
 pub const DIGITS_SUPPORT_PER_CLASS: usize = 5;
@@ -104,6 +104,7 @@ pub fn schema(family: Family) -> FeatureSchema {
                 min_examples: 1,
                 max_examples: MAX_SUPPORT,
                 required: true,
+                inputs: SupportInputs::Values,
             }),
         },
         Family::Digits => FeatureSchema {
@@ -145,6 +146,7 @@ pub fn schema(family: Family) -> FeatureSchema {
                 min_examples: 1,
                 max_examples: MAX_SUPPORT,
                 required: false,
+                inputs: SupportInputs::Values,
             }),
         },
         Family::Words => FeatureSchema {
@@ -172,6 +174,7 @@ pub fn schema(family: Family) -> FeatureSchema {
                 min_examples: 1,
                 max_examples: MAX_SUPPORT,
                 required: false,
+                inputs: SupportInputs::ByteTokens,
             }),
         },
         Family::DigitInr => FeatureSchema {
@@ -199,6 +202,7 @@ pub fn schema(family: Family) -> FeatureSchema {
                 min_examples: 1,
                 max_examples: MAX_SUPPORT,
                 required: true,
+                inputs: SupportInputs::Values,
             }),
         },
     }
@@ -321,6 +325,35 @@ pub fn describe_words(words: &[&str]) -> Descriptor {
         support_y: vec![Vec::new(); support_x.len()],
         support_x,
     }
+}
+
+/// The word a [`SupportInputs::ByteTokens`] row holds, or why it holds none:
+/// integer values, bytes 0–255 then only the end token 256, at least one
+/// byte, valid UTF-8.
+pub fn word_of_row(row: &[f32]) -> Result<String, String> {
+    let mut bytes = Vec::new();
+    let mut ended = false;
+    for (j, &v) in row.iter().enumerate() {
+        if v.fract() != 0.0 || !(0.0..=END as f32).contains(&v) {
+            return Err(format!(
+                "value {j} is {v}, not a byte 0–255 or the end token 256"
+            ));
+        }
+        match (v as i64 == END, ended) {
+            (true, _) => ended = true,
+            (false, true) => {
+                return Err(format!("value {j} is a byte after the end token"));
+            }
+            (false, false) => bytes.push(v as u8),
+        }
+    }
+    if bytes.is_empty() {
+        return Err("the word is empty".into());
+    }
+    if !ended {
+        return Err("the row has no end token (256) after the word".into());
+    }
+    String::from_utf8(bytes).map_err(|e| format!("the word is not valid UTF-8: {e}"))
 }
 
 /// Training examples `indices` of `data` as support rows, in the units a
@@ -477,6 +510,9 @@ impl Descriptor {
                     "example {i} holds {v}, outside [-{MAX_SUPPORT_MAGNITUDE}, {MAX_SUPPORT_MAGNITUDE}]"
                 )));
             }
+            if spec.inputs == SupportInputs::ByteTokens {
+                word_of_row(x).map_err(|reason| error(format!("example {i}: {reason}")))?;
+            }
             if spec.classification && (y[0] < 0.0 || y[0] as usize >= ways || y[0].fract() != 0.0) {
                 return Err(error(format!(
                     "example {i} has label {}, expected 0..{ways}",
@@ -511,7 +547,21 @@ impl Descriptor {
             v.input_width as i64,
             v.target_width as i64,
         );
-        let x = Tensor::from_slice(&v.inputs).reshape([k, in_width]);
+        let x = match schema.support.as_ref().map(|s| s.inputs) {
+            Some(SupportInputs::ByteTokens) => {
+                // Checked by support_values: every row is a word.
+                let bags: Vec<f32> = v
+                    .inputs
+                    .chunks(v.input_width.max(1))
+                    .flat_map(|row| {
+                        let word = word_of_row(row).unwrap_or_default();
+                        word_features(&[word.as_str()])
+                    })
+                    .collect();
+                Tensor::from_slice(&bags).reshape([k, FEATURE_DIM as i64])
+            }
+            _ => Tensor::from_slice(&v.inputs).reshape([k, in_width]),
+        };
         let y = Tensor::from_slice(&v.targets).reshape([k, out_width]);
         let y = if v.classification {
             y.squeeze_dim(1)
@@ -528,6 +578,40 @@ impl Descriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn words_travel_as_byte_tokens_and_reach_the_encoder_as_bags_of_bytes() {
+        let d = describe_words(&["día", "a", "", "abcdefghijklmnopqrstuvwxyzabcdefg"]);
+        // The empty and the 33-byte word are left out.
+        assert_eq!(d.support_x.len(), 2);
+        assert_eq!(word_of_row(&d.support_x[0]).unwrap(), "día");
+        let schema = schema(Family::Words);
+        let (x, y) = d.support_tensors(&schema, 1).unwrap().unwrap();
+        assert_eq!((x.size(), y.size()), (vec![2, 257], vec![2, 0]));
+        // "a": all of its one byte is 'a', length 1 of 31.
+        assert_eq!(x.double_value(&[1, 97]), 1.0);
+        assert!((x.double_value(&[1, 256]) - 1.0 / 31.0).abs() < 1e-6);
+        assert_eq!(d.feature_vector(&schema).unwrap().len(), 257);
+        let bad = |row: Vec<f32>| {
+            let d = Descriptor {
+                features: Default::default(),
+                support_x: vec![row],
+                support_y: vec![Vec::new()],
+            };
+            d.support_tensors(&schema, 1).unwrap_err().to_string()
+        };
+        let mut row = vec![END as f32; WORD_ROW];
+        row[0] = 0xC3 as f32; // a lone lead byte
+        assert!(bad(row.clone()).contains("not valid UTF-8"), "{}", bad(row));
+        let mut after = vec![END as f32; WORD_ROW];
+        after[1] = 97.0;
+        assert!(bad(after).contains("after the end token"));
+        let mut fraction = vec![END as f32; WORD_ROW];
+        fraction[0] = 97.5;
+        assert!(bad(fraction).starts_with("support: example 0: value 0 is 97.5"));
+        assert!(bad(vec![END as f32; WORD_ROW]).contains("empty"));
+        assert!(bad(vec![97.0; WORD_ROW]).contains("no end token"));
+    }
 
     #[test]
     fn descriptors_fit_their_schema_and_are_deterministic() {

@@ -13,5 +13,5 @@ pub mod words;
 pub use families::{Family, HeldOutSplit, TaskError, TaskSpec};
 pub use featurizer::{Descriptor, FeatureError, describe};
 pub use nets::{NetKind, Network};
-pub use schema::{FeatureSchema, FeatureSpec, SupportSpec};
+pub use schema::{FeatureSchema, FeatureSpec, SupportInputs, SupportSpec};
 pub use train::{Objective, TaskData, TrainConfig, TrainedModel};

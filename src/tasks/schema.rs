@@ -39,6 +39,22 @@ pub struct SupportSpec {
     /// Whether a request must give a support set.
     #[serde(default)]
     pub required: bool,
+    /// What an input row holds.
+    #[serde(default)]
+    pub inputs: SupportInputs,
+}
+
+/// What a support input row holds, and so how the task encoder sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SupportInputs {
+    /// Numbers the encoder reads as they are (pixels, coordinates).
+    #[default]
+    Values,
+    /// A word: its UTF-8 bytes (0–255), then the end token 256 to the end of
+    /// the row. The encoder reads each word as its bag of bytes (256 byte
+    /// shares and its length over the row's), not as magnitudes.
+    ByteTokens,
 }
 
 /// The full schema.

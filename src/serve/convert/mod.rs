@@ -90,6 +90,7 @@ pub fn schema_to_proto(schema: &FeatureSchema) -> pb::FeatureSchema {
             min_examples: s.min_examples as u32,
             max_examples: s.max_examples as u32,
             required: s.required,
+            byte_tokens: s.inputs == crate::tasks::schema::SupportInputs::ByteTokens,
         }),
     }
 }
