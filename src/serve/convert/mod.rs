@@ -8,7 +8,7 @@ use super::generate_init::sampling_defaults;
 use crate::catalog::DenoiserRecord;
 use crate::diffusion::RecommendedSampling;
 use crate::proto::v1 as pb;
-use crate::tasks::featurizer::Descriptor;
+use crate::tasks::featurizer::{Descriptor, MAX_SUPPORT};
 use crate::tasks::schema::FeatureSchema;
 use crate::weights::{ArchSpec, DType};
 
@@ -191,7 +191,17 @@ pub fn descriptor_from_proto(
         if k == 0 {
             return Ok(Vec::new());
         }
+        if k > MAX_SUPPORT {
+            return Err(invalid(
+                field,
+                format!("{k} examples; at most {MAX_SUPPORT} are accepted"),
+            ));
+        }
         let width = t.values.len() / k;
+        if width == 0 {
+            // Rows of no values (a `words` support set has no targets).
+            return Ok(vec![Vec::new(); k]);
+        }
         Ok(t.values.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
     };
     let (support_x, support_y) = match &task.support {
@@ -225,6 +235,33 @@ mod tests {
             active: true,
             created_at_ms: 0,
         }
+    }
+
+    #[test]
+    fn support_rows_of_no_values_keep_their_count_and_huge_counts_are_refused() {
+        let task = |k: u64| pb::TaskDescriptor {
+            support: Some(pb::SupportSet {
+                inputs: Some(pb::FloatTensor {
+                    shape: vec![k, 1],
+                    values: vec![97.0; k.min(4) as usize],
+                }),
+                targets: Some(pb::FloatTensor {
+                    shape: vec![k, 0],
+                    values: Vec::new(),
+                }),
+            }),
+            ..Default::default()
+        };
+        let d = descriptor_from_proto(&task(3), "task").unwrap();
+        assert_eq!((d.support_x.len(), d.support_y.len()), (3, 3));
+        assert!(d.support_y.iter().all(Vec::is_empty));
+        let huge = descriptor_from_proto(&task(1 << 40), "task").unwrap_err();
+        assert_eq!(huge.code(), tonic::Code::InvalidArgument);
+        assert!(
+            huge.message().starts_with("task.support."),
+            "{}",
+            huge.message()
+        );
     }
 
     #[test]
