@@ -17,6 +17,17 @@ const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 const MIX1: u64 = 0xBF58_476D_1CE4_E5B9;
 const MIX2: u64 = 0x94D0_49BB_1331_11EB;
 
+/// FNV-1a's offset basis: where [`fnv1a`] starts unless salted.
+pub const FNV_OFFSET: u64 = 0xCBF2_9CE4_8422_2325;
+
+/// FNV-1a over `bytes` from `basis` ([`FNV_OFFSET`], or it xor a salt):
+/// stable keys of words and tasks, the same on every machine.
+pub fn fnv1a(basis: u64, bytes: &[u8]) -> u64 {
+    bytes.iter().fold(basis, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
+    })
+}
+
 /// SplitMix64's output function (Steele, Lea & Flood 2014).
 pub fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(GOLDEN);

@@ -193,9 +193,9 @@ impl TaskFile {
             .words_task()
             .ok_or_else(|| TaskError::InvalidTask(format!("{task:?} is not a valid words task")))?;
         let words = words_task.words(lists, crate::tasks::words::WordSplit::Train)?;
-        let drawn = crate::tasks::words::task::draw_support(&words, examples, seed);
-        let drawn: Vec<&str> = drawn.iter().map(String::as_str).collect();
-        let descriptor = crate::tasks::featurizer::describe_words(&drawn);
+        let descriptor = crate::tasks::featurizer::describe_words(
+            &crate::tasks::words::task::draw_support(&words, examples, seed),
+        );
         Ok(Self {
             architecture: architecture.to_owned(),
             num_classes: 0,

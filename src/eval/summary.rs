@@ -239,11 +239,7 @@ pub(super) fn summarize(
         })
         .collect();
     EvalReport {
-        metric: match objective {
-            Objective::Classification => "accuracy",
-            Objective::Regression => "MSE",
-            Objective::LanguageModel => "bits per byte",
-        },
+        metric: objective.label(),
         objective,
         chosen_lr: measured.chosen_lr,
         lr_scores: measured.lr_scores,

@@ -202,10 +202,8 @@ impl TaskSpec {
 pub fn words_pair_held_out(a: &str, b: &str) -> bool {
     let (first, second) = if a <= b { (a, b) } else { (b, a) };
     let key = format!("{first}+{second}");
-    let hash = key.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, byte| {
-        (h ^ u64::from(byte)).wrapping_mul(0x100_0000_01B3)
-    });
-    crate::rng::splitmix64(hash).is_multiple_of(WORDS_HELD_OUT_PAIR_ONE_IN)
+    crate::rng::splitmix64(crate::rng::fnv1a(crate::rng::FNV_OFFSET, key.as_bytes()))
+        .is_multiple_of(WORDS_HELD_OUT_PAIR_ONE_IN)
 }
 
 /// The languages zoo tasks draw from: wordfreq's, less the held-out ones.

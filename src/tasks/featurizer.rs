@@ -218,10 +218,7 @@ fn moments(t: &Tensor) -> (f64, f64) {
 
 /// A stable per-task seed for choosing support examples.
 fn task_seed(task: &TaskSpec) -> u64 {
-    let text = serde_json::to_string(task).unwrap_or_default();
-    text.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
-    })
+    crate::rng::fnv1a(crate::rng::FNV_OFFSET, task.key().as_bytes())
 }
 
 fn rows(t: &Tensor, index: &[i64]) -> Vec<Vec<f32>> {
@@ -301,8 +298,12 @@ pub const WORD_ROW: usize = MAX_WORD_BYTES + 1;
 /// set a client sends): the bytes' frequencies and the mean length as
 /// features, each word as a row of [`WORD_ROW`] token values, no targets.
 /// Words the model cannot read (empty, longer than 31 bytes) are left out.
-pub fn describe_words(words: &[&str]) -> Descriptor {
-    let readable: Vec<&str> = words.iter().copied().filter(|w| readable(w)).collect();
+pub fn describe_words<S: AsRef<str>>(words: &[S]) -> Descriptor {
+    let readable: Vec<&str> = words
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|w| readable(w))
+        .collect();
     let values = word_features(&readable);
     let mut features = BTreeMap::new();
     features.insert(

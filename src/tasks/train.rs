@@ -30,6 +30,15 @@ impl Objective {
         self != Self::Classification
     }
 
+    /// The metric's name in reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Classification => "accuracy",
+            Self::Regression => "MSE",
+            Self::LanguageModel => "bits per byte",
+        }
+    }
+
     /// The test metric's key in a model's metrics.
     pub fn test_metric(self) -> &'static str {
         match self {

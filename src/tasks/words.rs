@@ -139,11 +139,7 @@ pub enum WordSplit {
 /// The part `word` belongs to: SplitMix64 of its bytes' FNV-1a hash, one
 /// in [`TEST_ONE_IN`] to the test part.
 pub fn split_of(word: &str) -> WordSplit {
-    const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-    const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-    let hash = word.bytes().fold(FNV_OFFSET, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
-    });
+    let hash = crate::rng::fnv1a(crate::rng::FNV_OFFSET, word.as_bytes());
     if splitmix64(hash).is_multiple_of(TEST_ONE_IN) {
         WordSplit::Test
     } else {

@@ -13,7 +13,6 @@ use tch::{Device, Kind, Tensor};
 
 use crate::diffusion::{RecommendedSampling, SamplerKind};
 use crate::model::{DenoiserCheckpoint, TaskBatch};
-use crate::tasks::featurizer::describe;
 use crate::tasks::train::evaluate;
 use crate::tasks::{Descriptor, Objective, TaskSpec};
 use crate::weights::{ZooSpread, unflatten};
@@ -496,17 +495,7 @@ pub fn evaluate_quality(
     let held: Vec<TaskSpec> = (0..held_out_tasks)
         .map(|_| data.family.sample_task(&mut rng, true))
         .collect();
-    let held_descriptors: Vec<Descriptor> = held
-        .iter()
-        .filter_map(|t| match &data.words {
-            Some(words) => Some(words.describe(t)),
-            None => data
-                .family
-                .data(t, Device::Cpu)
-                .ok()
-                .map(|d| describe(data.family, t, &d)),
-        })
-        .collect();
+    let held_descriptors: Vec<Descriptor> = held.iter().filter_map(|t| data.describe(t)).collect();
     let held_out = scores_for(&gate, &held, &held_descriptors, None, seed ^ 1);
     let report = QualityReport {
         metric,

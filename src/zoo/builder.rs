@@ -164,21 +164,18 @@ fn plan(config: &ZooBuildConfig, architecture: &str) -> ZooPlan {
         name: config.zoo.clone(),
         family: config.family.name().to_owned(),
         architecture: architecture.to_owned(),
-        config: match config.family {
-            Family::Words => serde_json::json!({
+        config: {
+            let mut plan = serde_json::json!({
                 "seed": config.seed,
                 "shared_init": config.shared_init,
                 "train": config.train,
                 "feature_schema": schema(config.family),
-                "base": config.words_base,
-                "base_model_id": config.words_base.model_id(),
-            }),
-            _ => serde_json::json!({
-                "seed": config.seed,
-                "shared_init": config.shared_init,
-                "train": config.train,
-                "feature_schema": schema(config.family),
-            }),
+            });
+            if config.family == Family::Words {
+                plan["base"] = serde_json::json!(config.words_base);
+                plan["base_model_id"] = config.words_base.model_id().into();
+            }
+            plan
         },
         num_models: config.num_models,
     }

@@ -121,8 +121,7 @@ fn support_pools(
         if !by_task.contains_key(&key) {
             let (support_x, support_y) = match words {
                 Some(words) => {
-                    let pool = words.examples(task, SUPPORT_POOL_SIZE, 1);
-                    let d = describe_words(&pool.iter().map(String::as_str).collect::<Vec<_>>());
+                    let d = describe_words(&words.examples(task, SUPPORT_POOL_SIZE, 1));
                     (d.support_x, d.support_y)
                 }
                 None => {
@@ -371,6 +370,20 @@ impl ZooDataset {
             .filter(|(_, task)| self.family.is_held_out(task))
             .map(|(model, _)| model.id.as_str())
             .collect()
+    }
+
+    /// The descriptor a client would send for `task` (through the featurizer;
+    /// for a `words` zoo, example words from its lists), None when the
+    /// task's data cannot be made.
+    pub fn describe(&self, task: &TaskSpec) -> Option<Descriptor> {
+        match &self.words {
+            Some(words) => Some(words.describe(task)),
+            None => self
+                .family
+                .data(task, Device::Cpu)
+                .ok()
+                .map(|d| crate::tasks::describe(self.family, task, &d)),
+        }
     }
 
     /// Whether the zoo is empty (never, once loaded).

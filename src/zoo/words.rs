@@ -87,6 +87,37 @@ pub struct WordsBase {
     pub model_id: String,
 }
 
+impl WordsBase {
+    /// The stored base model `id` of shape `model`, when the catalog has it.
+    async fn fetch(
+        catalog: &Arc<dyn Catalog>,
+        blobs: &BlobStore,
+        id: &str,
+        model: ByteLmConfig,
+    ) -> Result<Option<Self>, ZooError> {
+        let Some(record) = catalog.zoo_model(id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Self {
+            model,
+            bytes: blobs.get(&record.sha256).await?,
+            sha256: record.sha256,
+            model_id: record.id,
+        }))
+    }
+
+    /// The base as a model on `device`.
+    fn lm(&self, device: Device) -> Result<ByteLm, ZooError> {
+        let base = |reason: String| WordsZooError::Base {
+            id: self.model_id.clone(),
+            reason,
+        };
+        let (tensors, _) =
+            crate::weights::decode_tensors(&self.bytes).map_err(|e| base(e.to_string()))?;
+        Ok(ByteLm::from_tensors(self.model, &tensors, device).map_err(|e| base(e.to_string()))?)
+    }
+}
+
 /// What the words zoo adds to [`ZooError`].
 #[derive(Debug, thiserror::Error)]
 pub enum WordsZooError {
@@ -246,14 +277,9 @@ pub async fn ensure_base(
     }
     let worker = format!("{}#base", config.worker);
     loop {
-        if let Some(record) = catalog.zoo_model(&base.model_id()).await? {
-            let bytes = blobs.get(&record.sha256).await?;
-            return Ok(WordsBase {
-                model: base.model,
-                bytes,
-                sha256: record.sha256,
-                model_id: record.id,
-            });
+        if let Some(stored) = WordsBase::fetch(catalog, blobs, &base.model_id(), base.model).await?
+        {
+            return Ok(stored);
         }
         let stale_before = now_ms() - config.lease.as_millis() as i64;
         let Some(unit) = catalog.claim_unit(&zoo, &worker, stale_before).await? else {
@@ -281,7 +307,7 @@ pub async fn ensure_base(
             Err(e) => return Err(e.into()),
         }
         tracing::info!(
-            id = %record.id, test_bits_per_byte = record.metrics["test_bits_per_byte"],
+            id = %record.id, test_bits_per_byte = record.metrics.get("test_bits_per_byte"),
             "words base model stored"
         );
     }
@@ -321,13 +347,7 @@ pub(crate) fn train_adapter_unit(
     let test_words = task
         .words(lists, WordSplit::Test)
         .map_err(WordsZooError::from)?;
-    let (decoded, _) = crate::weights::decode_tensors(&base.bytes)?;
-    let lm = ByteLm::from_tensors(base.model, &decoded, config.device).map_err(|e| {
-        WordsZooError::Base {
-            id: base.model_id.clone(),
-            reason: e.to_string(),
-        }
-    })?;
+    let lm = base.lm(config.device)?;
     let adapter = Adapter::new(&lm, lora, spec.init_seed);
     let test = pairs(&test_words);
     let before = bits_per_byte(&lm, None, &test);
@@ -343,9 +363,11 @@ pub(crate) fn train_adapter_unit(
         },
     );
     let after = bits_per_byte(&lm, Some(&adapter), &test);
-    let support = draw_support(&train_words, WORDS_SUPPORT, spec.train_seed ^ 0x5EED);
-    let support: Vec<&str> = support.iter().map(String::as_str).collect();
-    let descriptor = describe_words(&support);
+    let descriptor = describe_words(&draw_support(
+        &train_words,
+        WORDS_SUPPORT,
+        spec.train_seed ^ 0x5EED,
+    ));
     let named = unflatten(&net.spec, &adapter.to_flat(&net.spec)?)?;
     let named: Vec<(String, tch::Tensor)> = named
         .into_iter()
@@ -419,18 +441,13 @@ impl WordsScorer {
             .into());
         };
         let id = plan_config["base_model_id"].as_str().unwrap_or_default();
-        let missing = |reason: String| WordsZooError::Base {
-            id: id.to_owned(),
-            reason,
-        };
-        let record = catalog
-            .zoo_model(id)
+        let lm = WordsBase::fetch(catalog, blobs, id, base)
             .await?
-            .ok_or_else(|| missing("not in the catalog (the zoo's plan names it)".into()))?;
-        let bytes = blobs.get(&record.sha256).await?;
-        let (tensors, _) = crate::weights::decode_tensors(&bytes)?;
-        let lm = ByteLm::from_tensors(base, &tensors, Device::Cpu)
-            .map_err(|e| missing(e.to_string()))?;
+            .ok_or_else(|| WordsZooError::Base {
+                id: id.to_owned(),
+                reason: "not in the catalog (the zoo's plan names it)".into(),
+            })?
+            .lm(Device::Cpu)?;
         // The base is frozen here for good: scoring never trains it.
         for v in lm.vs.trainable_variables() {
             let _ = v.set_requires_grad(false);
@@ -470,10 +487,7 @@ impl WordsScorer {
     /// `count` of `task`'s training words drawn by frequency from a seed of
     /// the task and `salt` (the zoo builder's descriptors use [`WORDS_SUPPORT`]).
     pub fn examples(&self, task: &TaskSpec, count: usize, salt: u64) -> Vec<String> {
-        let key = task.key();
-        let seed = key.bytes().fold(salt ^ 0xCBF2_9CE4_8422_2325, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3)
-        });
+        let seed = crate::rng::fnv1a(salt ^ crate::rng::FNV_OFFSET, task.key().as_bytes());
         self.words(task, WordSplit::Train)
             .map(|words| draw_support(&words, count, seed))
             .unwrap_or_default()
@@ -482,7 +496,6 @@ impl WordsScorer {
     /// A descriptor of `task` as a user would send it: [`WORDS_SUPPORT`]
     /// example words and their features.
     pub fn describe(&self, task: &TaskSpec) -> Descriptor {
-        let words = self.examples(task, WORDS_SUPPORT, 0);
-        describe_words(&words.iter().map(String::as_str).collect::<Vec<_>>())
+        describe_words(&self.examples(task, WORDS_SUPPORT, 0))
     }
 }

@@ -218,11 +218,7 @@ pub async fn compare(
             full,
         });
     }
-    let metric = match objective {
-        Objective::Classification => "accuracy",
-        Objective::Regression => "MSE",
-        Objective::LanguageModel => "bits per byte",
-    };
+    let metric = objective.label();
     println!(
         "held-out tasks: {} ({:?} form of the request, {} at lr {}, fully trained = random init after {} steps, target {:.0}% of it)",
         rows.len(),
