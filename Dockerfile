@@ -33,9 +33,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 
 # torch==2.11.0 pins its nvidia-* CUDA wheels exactly. Its own layer: it is
-# 4.6 GB and changes only with the torch pin.
+# 4.6 GB and changes only with the torch pin. nvidia-cuda-crt adds the CUDA
+# headers (crt/) that build.rs needs to compile the CUDA-graph shim.
 RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir torch==2.11.0
+    && /opt/venv/bin/pip install --no-cache-dir torch==2.11.0 \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps nvidia-cuda-crt==13.0.88
 ENV LIBTORCH_USE_PYTORCH=1 \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH

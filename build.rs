@@ -16,6 +16,7 @@ const PROTO_FILES: &[&str] = &[
 ];
 
 fn main() {
+    println!("cargo::rustc-check-cfg=cfg(weightgen_cuda_graphs)");
     compile_protos();
     link_libtorch();
 }
@@ -55,11 +56,63 @@ fn link_libtorch() {
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+        compile_cuda_graph_shim(&lib_dir);
     }
     println!(
         "cargo:rustc-env=WEIGHTGEN_TORCH_VERSION={}",
         torch_version(&lib_dir).unwrap_or_else(|| "unknown".to_owned())
     );
+}
+
+/// Compiles `src/backend/cuda_graph.cpp` (libtorch's CUDA graphs behind a C
+/// ABI) and sets `cfg(weightgen_cuda_graphs)`, when the libtorch has CUDA
+/// and the CUDA runtime headers are found: in the pip wheel's
+/// `nvidia/cu13/include` (bootstrap adds `nvidia-cuda-crt` for the
+/// `crt/` headers the runtime's include), `$CUDA_HOME/include` or
+/// `/usr/local/cuda/include`. Without them serving runs every pass eagerly.
+fn compile_cuda_graph_shim(lib_dir: &Path) {
+    const SHIM: &str = "src/backend/cuda_graph.cpp";
+    println!("cargo:rerun-if-changed={SHIM}");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    let torch_include = lib_dir.join("../include");
+    let mut candidates = Vec::new();
+    if let Some(site) = lib_dir.parent().and_then(Path::parent) {
+        candidates.push(site.join("nvidia/cu13/include"));
+        candidates.push(site.join("nvidia/cuda_runtime/include"));
+    }
+    if let Ok(home) = env::var("CUDA_HOME") {
+        candidates.push(PathBuf::from(home).join("include"));
+    }
+    candidates.push(PathBuf::from("/usr/local/cuda/include"));
+    let cuda_include = candidates.into_iter().find(|dir| {
+        dir.join("cuda_runtime_api.h").exists() && dir.join("crt/host_config.h").exists()
+    });
+    let Some(cuda_include) = cuda_include else {
+        println!(
+            "cargo:warning=CUDA runtime headers not found (pip install nvidia-cuda-crt, or set CUDA_HOME): \
+             the server will not record CUDA graphs"
+        );
+        return;
+    };
+    if !torch_include.join("ATen/cuda/CUDAGraph.h").exists() {
+        return;
+    }
+    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    cc::Build::new()
+        .cpp(true)
+        .file(SHIM)
+        .include(&torch_include)
+        .include(&cuda_include)
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .warnings(false)
+        .compile("weightgen_cuda_graph");
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=weightgen_cuda_graphs");
 }
 
 /// The version string of the libtorch in `lib_dir`: `torch/version.py` for a

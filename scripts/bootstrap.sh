@@ -12,6 +12,7 @@
 #   python via VIRTUAL_ENV/PATH) and what the binaries need at run time (WEIGHTGEN_TORCH_LIB, used by
 #   build.rs to set an rpath; LD_LIBRARY_PATH as a fallback for tools).
 # - Puts the venv first on PATH (torch-sys runs its python to find libtorch).
+# - Installs nvidia-cuda-crt (CUDA headers the CUDA-graph shim compiles against).
 # - Installs wordfreq==3.1.1 and exports its word lists once to the cache
 #   (WEIGHTGEN_WORDS_DIR), the data of the `words` family.
 
@@ -60,6 +61,15 @@ weightgen_bootstrap() {
         fi
         local torch_dir
         torch_dir="$("$venv/bin/python" -c 'import torch,os; print(os.path.dirname(torch.__file__))' 2>/dev/null)" || return 1
+        # The CUDA runtime headers of the wheel include crt/host_config.h,
+        # which ships in nvidia-cuda-crt: build.rs needs it to compile the
+        # CUDA-graph shim (without it the server runs every pass eagerly).
+        local cuda_include="$torch_dir/../nvidia/cu13/include"
+        if [ -f "$cuda_include/cuda_runtime_api.h" ] && [ ! -f "$cuda_include/crt/host_config.h" ]; then
+            echo "$step installing nvidia-cuda-crt==13.0.88 (CUDA headers for the CUDA-graph shim)"
+            "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps "nvidia-cuda-crt==13.0.88" ||
+                echo "$step pip install nvidia-cuda-crt failed: the build will not record CUDA graphs" >&2
+        fi
         export LIBTORCH_USE_PYTORCH=1
         # torch-sys runs `python` from PATH when VIRTUAL_ENV is set.
         export VIRTUAL_ENV="$venv"

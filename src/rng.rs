@@ -64,7 +64,12 @@ fn to_unit_pair(z: &Tensor) -> (Tensor, Tensor) {
 
 /// Box–Muller on the device: the pair counters hashed with tensor ops.
 fn normals_on_device(offsets: &[i64], pairs: i64, per_sample: i64, device: Device) -> Tensor {
-    let offsets = Tensor::from_slice(offsets).to_device(device).unsqueeze(1);
+    // Non-blocking: a plain copy from pageable memory makes the host wait
+    // for the device (CUDA stages the bytes before the call returns, so the
+    // slice may go away at once).
+    let offsets = Tensor::from_slice(offsets)
+        .to_device_(device, Kind::Int64, true, false)
+        .unsqueeze(1);
     let counters = Tensor::arange(pairs, (Kind::Int64, device)).unsqueeze(0) + offsets;
     let (u1, u2) = to_unit_pair(&splitmix64_tensor(&counters));
     let radius = (u1.log() * -2.0).sqrt();

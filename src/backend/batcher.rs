@@ -30,6 +30,9 @@ pub struct BatchConfig {
     /// not taken yet; its next samples start only when there is room (at
     /// least one sample always fits).
     pub stream_window: usize,
+    /// On a CUDA device, record each denoiser pass as a CUDA graph per
+    /// batch-size bucket and replay it ([`super::cuda_graph`]).
+    pub cuda_graphs: bool,
 }
 
 impl Default for BatchConfig {
@@ -39,6 +42,7 @@ impl Default for BatchConfig {
             max_active: DEFAULT_MAX_ACTIVE,
             max_queue: DEFAULT_MAX_QUEUE,
             stream_window: DEFAULT_STREAM_WINDOW,
+            cuda_graphs: true,
         }
     }
 }

@@ -37,6 +37,7 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
 use super::batcher::{self, BatchConfig, Candidate};
+use super::cuda_graph::PassGraphs;
 use super::generation::{condition, encode_one, finite, guarded, redraw_seed};
 use super::{GenerateJob, GenerationSummary, ModelError, SampleNearness, SampleOut};
 use crate::diffusion::{Trajectory, guide, is_guided};
@@ -118,6 +119,8 @@ pub(super) struct Engine {
     device: Device,
     config: BatchConfig,
     loaded: HashMap<String, DenoiserCheckpoint>,
+    /// The recorded passes of each loaded denoiser (CUDA only).
+    graphs: HashMap<String, PassGraphs>,
     /// Handles of each loaded id (a hot reload can load an id again while
     /// streams on its previous handle still run; each handle unloads once).
     handles: HashMap<String, usize>,
@@ -136,6 +139,7 @@ impl Engine {
             device,
             config,
             loaded: HashMap::new(),
+            graphs: HashMap::new(),
             handles: HashMap::new(),
             flights: BTreeMap::new(),
             cohorts: Vec::new(),
@@ -156,6 +160,14 @@ impl Engine {
                 .map_err(|e| ModelError::Checkpoint(e.to_string()))
         })?;
         *self.handles.entry(id.clone()).or_default() += 1;
+        // Graphs recorded on a previous checkpoint of this id point at its
+        // parameters: record afresh.
+        self.graphs.remove(&id);
+        if let Some(graphs) =
+            PassGraphs::for_device(self.device).filter(|_| self.config.cuda_graphs)
+        {
+            self.graphs.insert(id.clone(), graphs);
+        }
         Ok(self.loaded.entry(id).insert_entry(checkpoint).into_mut())
     }
 
@@ -171,6 +183,7 @@ impl Engine {
                 self.handles.remove(id);
             }
         }
+        self.graphs.remove(id);
         if self.loaded.remove(id).is_some() {
             tracing::info!(denoiser = %id, "denoiser unloaded");
         }
@@ -432,7 +445,16 @@ impl Engine {
             .iter()
             .map(|c| self.flights[&c.flight].job.guidance)
             .collect();
-        let outputs = guarded(|| Ok(denoise(checkpoint, &cohorts, &embeddings, &guidance)));
+        let graphs = self.graphs.get_mut(denoiser);
+        let outputs = guarded(|| {
+            Ok(denoise(
+                checkpoint,
+                graphs,
+                &cohorts,
+                &embeddings,
+                &guidance,
+            ))
+        });
         let outputs = match outputs {
             Ok(outputs) => outputs,
             Err(e) => {
@@ -586,9 +608,11 @@ fn cohort_denoiser<'a>(flights: &'a BTreeMap<u64, Flight>, cohort: &Cohort) -> O
 
 /// The guided model output of each cohort at its own timestep, from one
 /// denoiser call: every cohort's rows with its task embedding, then the
-/// guided cohorts' rows again with the null embedding.
+/// guided cohorts' rows again with the null embedding. With `graphs` the
+/// call is padded to its bucket and replayed from a CUDA graph.
 fn denoise(
     checkpoint: &DenoiserCheckpoint,
+    graphs: Option<&mut PassGraphs>,
     cohorts: &[&Cohort],
     embeddings: &[Tensor],
     guidance: &[f64],
@@ -615,11 +639,19 @@ fn denoise(
         }
     }
     let rows: i64 = states.iter().map(|s| s.size()[0]).sum();
+    let padded = match graphs {
+        Some(_) => PassGraphs::bucket(rows),
+        None => quantum_rows(rows),
+    };
     let output = tch::no_grad(|| {
-        let w = pad_rows(&Tensor::cat(&states, 0));
-        let t = pad_rows(&Tensor::cat(&timesteps, 0));
-        let e = pad_rows(&Tensor::cat(&conditions, 0));
-        model.output(&w, &t, &e).narrow(0, 0, rows)
+        let w = pad_rows_to(&Tensor::cat(&states, 0), padded);
+        let t = pad_rows_to(&Tensor::cat(&timesteps, 0), padded);
+        let e = pad_rows_to(&Tensor::cat(&conditions, 0), padded);
+        let output = match graphs {
+            Some(graphs) => graphs.run(&[&w, &t, &e], |x| model.output(&x[0], &x[1], &x[2])),
+            None => model.output(&w, &t, &e),
+        };
+        output.narrow(0, 0, rows)
     });
     let mut offset = 0i64;
     let mut conditional = Vec::with_capacity(cohorts.len());
@@ -643,11 +675,20 @@ fn denoise(
         .collect()
 }
 
+/// `rows` rounded up to a multiple of [`ROW_QUANTUM`].
+fn quantum_rows(rows: i64) -> i64 {
+    (rows + ROW_QUANTUM - 1) / ROW_QUANTUM * ROW_QUANTUM
+}
+
 /// `x` with its first row repeated up to a multiple of [`ROW_QUANTUM`] rows.
 fn pad_rows(x: &Tensor) -> Tensor {
+    pad_rows_to(x, quantum_rows(x.size()[0]))
+}
+
+/// `x` with its first row repeated up to `padded` rows.
+fn pad_rows_to(x: &Tensor, padded: i64) -> Tensor {
     let rows = x.size()[0];
-    let padded = (rows + ROW_QUANTUM - 1) / ROW_QUANTUM * ROW_QUANTUM;
-    if rows == padded {
+    if rows >= padded {
         return x.shallow_clone();
     }
     let first = x.narrow(0, 0, 1);

@@ -10,7 +10,9 @@
 //!   count or guidance, and its samples stream out as they finish;
 //! - [`batcher`]: the policy — which requests start, which rows share the
 //!   next pass;
-//! - [`generation`]: conditions, the memorization guard, encoding.
+//! - [`generation`]: conditions, the memorization guard, encoding;
+//! - [`cuda_graph`]: on a GPU, each pass recorded once per batch-size
+//!   bucket as a CUDA graph and replayed (one launch instead of dozens).
 
 use bytes::Bytes;
 
@@ -20,6 +22,7 @@ use crate::tasks::schema::FeatureSchema;
 use crate::weights::{ArchSpec, DType, Nearness, ZooSpread};
 
 pub mod batcher;
+pub mod cuda_graph;
 pub mod engine;
 pub mod generation;
 pub mod thread;

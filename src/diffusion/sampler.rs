@@ -238,12 +238,18 @@ pub(super) fn dpm_solver_step(
     (next, h)
 }
 
-/// sqrt(ᾱ) and sqrt(1 − ᾱ) of one timestep as scalar f32 tensors on `device`.
+/// sqrt(ᾱ) and sqrt(1 − ᾱ) of one timestep as scalar f32 tensors on `device`,
+/// filled there (a copy from the host would make a CUDA step wait for the
+/// device; the values are the same f32s either way).
 pub(super) fn scalar_coefficients(alpha_bar: f64, device: Device) -> (Tensor, Tensor) {
-    (
-        Tensor::from(alpha_bar.sqrt() as f32).to_device(device),
-        Tensor::from((1.0 - alpha_bar).sqrt() as f32).to_device(device),
-    )
+    let scalar = |v: f64| {
+        Tensor::full(
+            [0i64; 0].as_slice(),
+            f64::from(v as f32),
+            (Kind::Float, device),
+        )
+    };
+    (scalar(alpha_bar.sqrt()), scalar((1.0 - alpha_bar).sqrt()))
 }
 
 /// One DDPM step from t to t − 1. For ε-prediction this is the proposal's
@@ -383,6 +389,27 @@ mod tests {
         );
         let expected = &w_t / schedule.alpha(1).sqrt();
         assert!(plain.allclose(&expected, 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn scalar_coefficients_are_the_host_f32s_and_match_the_batched_table() {
+        let schedule = NoiseSchedule::new(ScheduleKind::cosine(), 1000).unwrap();
+        for t in [1usize, 17, 500, 999, 1000] {
+            let alpha_bar = schedule.alpha_bar(t);
+            let (a, b) = scalar_coefficients(alpha_bar, Device::Cpu);
+            assert_eq!(a.size(), Vec::<i64>::new());
+            assert_eq!(f32::try_from(&a).unwrap(), alpha_bar.sqrt() as f32);
+            assert_eq!(f32::try_from(&b).unwrap(), (1.0 - alpha_bar).sqrt() as f32);
+            let (ta, tb) = schedule.coefficients(&Tensor::from_slice(&[t as i64, 3]));
+            assert_eq!(
+                f32::try_from(ta.get(0).get(0)).unwrap(),
+                alpha_bar.sqrt() as f32
+            );
+            assert_eq!(
+                f32::try_from(tb.get(0).get(0)).unwrap(),
+                (1.0 - alpha_bar).sqrt() as f32
+            );
+        }
     }
 
     #[test]

@@ -83,6 +83,43 @@ pub struct NoiseSchedule {
     betas: Vec<f64>,
     /// ᾱ_t at index t (ᾱ_0 = 1).
     alpha_bars: Vec<f64>,
+    /// `alpha_bars` as a tensor on the device last asked for.
+    table: DeviceTable,
+}
+
+/// A tensor kept on the device it was last asked for. Uploading the ᾱ
+/// table at every call would be a host-to-device copy per denoiser pass:
+/// on CUDA a wait for the device, and not allowed inside a CUDA graph.
+#[derive(Debug, Default)]
+struct DeviceTable(std::sync::Mutex<Option<Tensor>>);
+
+impl DeviceTable {
+    fn on(&self, device: tch::Device, values: &[f64]) -> Tensor {
+        let mut slot = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(table) = slot.as_ref().filter(|t| t.device() == device) {
+            return table.shallow_clone();
+        }
+        let table = Tensor::from_slice(values).to_device(device);
+        *slot = Some(table.shallow_clone());
+        table
+    }
+}
+
+/// A cache: a copy starts empty.
+impl Clone for DeviceTable {
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// A cache of the values it is compared by.
+impl PartialEq for DeviceTable {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// The cosine schedule's f(t) = cos²(((t/T + s)/(1 + s)) · π/2).
@@ -134,6 +171,7 @@ impl NoiseSchedule {
             kind,
             betas,
             alpha_bars,
+            table: DeviceTable::default(),
         })
     }
 
@@ -171,7 +209,7 @@ impl NoiseSchedule {
     /// sqrt(ᾱ_t) and sqrt(1 − ᾱ_t) for a batch of timesteps `t` ([B], int64),
     /// each as a [B, 1] f32 tensor on `t`'s device.
     pub fn coefficients(&self, t: &Tensor) -> (Tensor, Tensor) {
-        let table = Tensor::from_slice(&self.alpha_bars).to_device(t.device());
+        let table = self.table.on(t.device(), &self.alpha_bars);
         let alpha_bar = table.index_select(0, t).unsqueeze(1);
         (
             alpha_bar.sqrt().to_kind(Kind::Float),

@@ -131,6 +131,23 @@ pub struct ServerConfig {
     #[arg(long, env = "WEIGHTGEN_STREAM_WINDOW", default_value_t = crate::backend::DEFAULT_STREAM_WINDOW)]
     pub stream_window: usize,
 
+    /// On a CUDA device: record each denoiser pass as a CUDA graph (one per
+    /// batch-size bucket, at its first use) and replay it, so a step costs
+    /// one launch instead of dozens. `false` runs every pass eagerly.
+    #[arg(long, env = "WEIGHTGEN_CUDA_GRAPHS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cuda_graphs: bool,
+
+    /// Diagnostics on a CUDA device: libtorch's synchronization debugging
+    /// (`warn` prints every operation that makes the server wait for the
+    /// GPU — what keeps a pass from overlapping the next; `error` fails it).
+    #[arg(
+        long,
+        env = "WEIGHTGEN_CUDA_SYNC_DEBUG",
+        value_enum,
+        default_value = "off"
+    )]
+    pub cuda_sync_debug: crate::backend::cuda_graph::SyncDebug,
+
     /// GenerateInit requests that may wait for the model or run on it; past
     /// it new ones get RESOURCE_EXHAUSTED at once.
     #[arg(long, env = "WEIGHTGEN_MAX_QUEUE", default_value_t = crate::backend::DEFAULT_MAX_QUEUE)]

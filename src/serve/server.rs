@@ -268,7 +268,9 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServeError> {
         max_active: config.max_active.max(1),
         max_queue: config.max_queue.max(1),
         stream_window: config.stream_window,
+        cuda_graphs: config.cuda_graphs,
     };
+    crate::backend::cuda_graph::set_sync_debug(config.cuda_sync_debug);
     let model = ModelThread::spawn(device, batching).map_err(|e| ServeError::Setup {
         what: "the model thread",
         detail: e.to_string(),

@@ -273,7 +273,7 @@ pub async fn generate(
         _ => "DDIM",
     };
     println!(
-        "denoiser {} v{} ({}), seed {}, {sampler} {} steps, guidance {}, batch {}, sampling {:.0} ms",
+        "denoiser {} v{} ({}), seed {}, {sampler} {} steps, guidance {}, batch {}, sampling {:.1} ms",
         h.denoiser_id,
         h.denoiser_version,
         h.architecture.as_ref().map_or("", |a| a.name.as_str()),
