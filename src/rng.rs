@@ -242,24 +242,43 @@ impl SeededNoise {
     /// The next draw: a [B, dims...] f32 tensor of independent N(0, 1)
     /// values on `device`, row i from seed i. Each call gives fresh values.
     pub fn draw(&mut self, dims: &[i64], device: Device) -> Tensor {
+        Self::draw_all(&mut [self], dims, device)
+    }
+
+    /// The next draw of each of `streams`, their rows stacked in order:
+    /// the same values as drawing from each in turn, from one pass of the
+    /// generator over all rows (on the CPU that pass spreads over the
+    /// intra-op threads, which one single-row stream at a time cannot).
+    pub fn draw_all(streams: &mut [&mut SeededNoise], dims: &[i64], device: Device) -> Tensor {
         let per_sample: i64 = dims.iter().product();
         // One hash gives a pair of uniforms, and Box–Muller turns the pair
         // into two normals (r·cos θ and r·sin θ).
         let pairs = (per_sample + 1) / 2;
-        let offsets: Vec<i64> = self
-            .keys
-            .iter()
-            .map(|&k| splitmix64(k.wrapping_add(self.draws.wrapping_mul(GOLDEN))) as i64)
-            .collect();
-        self.draws += 1;
+        let mut offsets: Vec<i64> = Vec::new();
+        for stream in streams.iter_mut() {
+            let draws = stream.draws;
+            offsets.extend(
+                stream
+                    .keys
+                    .iter()
+                    .map(|&k| splitmix64(k.wrapping_add(draws.wrapping_mul(GOLDEN))) as i64),
+            );
+            stream.draws += 1;
+        }
         let normal = if device == Device::Cpu {
             normals_on_cpu(&offsets, per_sample as usize)
         } else {
             normals_on_device(&offsets, pairs, per_sample, device)
         };
-        let mut shape = vec![self.keys.len() as i64];
+        let mut shape = vec![offsets.len() as i64];
         shape.extend_from_slice(dims);
         normal.reshape(shape.as_slice())
+    }
+
+    /// Moves past the next draw without computing it (the stream stays
+    /// where [`Self::draw`] would leave it).
+    pub fn skip(&mut self) {
+        self.draws += 1;
     }
 }
 
@@ -342,6 +361,30 @@ mod tests {
             )
             .abs()
                 < 0.02
+        );
+    }
+
+    #[test]
+    fn drawing_streams_together_gives_each_its_own_draw() {
+        let mut a = SeededNoise::new(&[1, 2], 0);
+        let mut b = SeededNoise::new(&[3], 0);
+        let mut a_alone = a.clone();
+        let mut b_alone = b.clone();
+        b.skip();
+        let _skipped = b_alone.draw(&[5], Device::Cpu);
+        let together = SeededNoise::draw_all(&mut [&mut a, &mut b], &[5], Device::Cpu);
+        let apart = Tensor::cat(
+            &[
+                a_alone.draw(&[5], Device::Cpu),
+                b_alone.draw(&[5], Device::Cpu),
+            ],
+            0,
+        );
+        assert_eq!(together.size(), [3, 5]);
+        assert!(together.equal(&apart));
+        assert!(
+            a.draw(&[5], Device::Cpu)
+                .equal(&a_alone.draw(&[5], Device::Cpu))
         );
     }
 

@@ -38,9 +38,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::batcher::{self, BatchConfig, Candidate};
 use super::cuda_graph::PassGraphs;
-use super::generation::{condition, encode_one, finite, guarded, redraw_seed};
+use super::generation::{condition, encode_one, finite, guarded, redraw_seed, sample_metadata};
 use super::{GenerateJob, GenerationSummary, ModelError, SampleNearness, SampleOut};
-use crate::diffusion::{Trajectory, guide, is_guided};
+use crate::diffusion::{Trajectory, is_guided};
 use crate::model::DenoiserCheckpoint;
 
 /// Every pass, decode and nearness score runs on a multiple of this many
@@ -465,15 +465,31 @@ impl Engine {
                 return (rows, failed);
             }
         };
+        // Every cohort of the pass steps at once (cohorts taking the same
+        // kind of step share their tensor operations), in index order.
+        let mut by_index: Vec<(usize, &Tensor)> = picked.iter().copied().zip(&outputs).collect();
+        by_index.sort_unstable_by_key(|&(i, _)| i);
+        let mut in_pass = vec![false; self.cohorts.len()];
+        for &(i, _) in &by_index {
+            in_pass[i] = true;
+        }
+        let mut stepping: Vec<&mut Trajectory> = self
+            .cohorts
+            .iter_mut()
+            .zip(&in_pass)
+            .filter(|(_, in_pass)| **in_pass)
+            .map(|(cohort, _)| &mut cohort.trajectory)
+            .collect();
+        let outputs_in_order: Vec<&Tensor> = by_index.iter().map(|&(_, t)| t).collect();
+        let stepped = guarded(|| {
+            checkpoint.advance_all(&mut stepping, &outputs_in_order);
+            Ok(())
+        });
         let mut failed = Vec::new();
-        for (&i, output) in picked.iter().zip(&outputs) {
-            let cohort = &mut self.cohorts[i];
-            let stepped = guarded(|| {
-                checkpoint.advance(&mut cohort.trajectory, output);
-                Ok(())
-            });
-            if let Err(e) = stepped {
-                failed.push((cohort.flight, e));
+        for &i in picked {
+            let cohort = &self.cohorts[i];
+            if let Err(e) = &stepped {
+                failed.push((cohort.flight, ModelError::Torch(e.to_string())));
             }
             if let Some(flight) = self.flights.get_mut(&cohort.flight) {
                 flight.largest_pass = flight.largest_pass.max(rows);
@@ -547,7 +563,15 @@ impl Engine {
             if nearness.is_some_and(|n| n.too_close) {
                 metrics::counter!("weightgen_samples_too_close_total").increment(1);
             }
-            let file = guarded(|| encode_one(checkpoint, &flat.get(row as i64), flight.job.dtype))?;
+            let metadata = sample_metadata(&flight.job, index, attempt);
+            let file = guarded(|| {
+                encode_one(
+                    checkpoint,
+                    &flat.get(row as i64),
+                    flight.job.dtype,
+                    &metadata,
+                )
+            })?;
             flight.ready.insert(
                 index,
                 SampleOut {
@@ -607,9 +631,11 @@ fn cohort_denoiser<'a>(flights: &'a BTreeMap<u64, Flight>, cohort: &Cohort) -> O
 }
 
 /// The guided model output of each cohort at its own timestep, from one
-/// denoiser call: every cohort's rows with its task embedding, then the
-/// guided cohorts' rows again with the null embedding. With `graphs` the
-/// call is padded to its bucket and replayed from a CUDA graph.
+/// denoiser call: the guided cohorts' rows with their task embeddings, the
+/// unguided cohorts' rows, then the guided cohorts' rows again with the null
+/// embedding — so guidance is one operation over all guided rows (each
+/// with its cohort's scale), whatever the number of cohorts. With `graphs`
+/// the call is padded to its bucket and replayed from a CUDA graph.
 fn denoise(
     checkpoint: &DenoiserCheckpoint,
     graphs: Option<&mut PassGraphs>,
@@ -619,60 +645,70 @@ fn denoise(
 ) -> Vec<Tensor> {
     let model = &checkpoint.model;
     let device = model.device();
-    let mut states = Vec::new();
-    let mut timesteps = Vec::new();
-    let mut conditions = Vec::new();
-    let mut push = |cohort: &Cohort, embedding: Tensor| {
-        let n = cohort.trajectory.rows();
-        let t = cohort.trajectory.timestep().unwrap_or(1) as i64;
-        states.push(cohort.trajectory.state().shallow_clone());
-        timesteps.push(Tensor::full([n], t, (Kind::Int64, device)));
+    let rows_of = |i: usize| cohorts[i].trajectory.rows();
+    let (guided, unguided): (Vec<usize>, Vec<usize>) =
+        (0..cohorts.len()).partition(|&i| is_guided(guidance[i]));
+    let order: Vec<usize> = guided.iter().chain(&unguided).copied().collect();
+    let mut states = Vec::with_capacity(order.len() + guided.len());
+    let mut timesteps: Vec<i64> = Vec::new();
+    let mut conditions = Vec::with_capacity(order.len() + guided.len());
+    let mut push = |i: usize, embedding: Tensor| {
+        let trajectory = &cohorts[i].trajectory;
+        let t = trajectory.timestep().unwrap_or(1) as i64;
+        states.push(trajectory.state().shallow_clone());
+        timesteps.extend(std::iter::repeat_n(t, rows_of(i) as usize));
         conditions.push(embedding);
     };
-    for (cohort, embedding) in cohorts.iter().zip(embeddings) {
-        let n = cohort.trajectory.rows();
-        push(cohort, embedding.expand([n, -1], false));
+    for &i in &order {
+        push(i, embeddings[i].expand([rows_of(i), -1], false));
     }
-    for (cohort, &scale) in cohorts.iter().zip(guidance) {
-        if is_guided(scale) {
-            push(cohort, model.encoder().null(cohort.trajectory.rows()));
-        }
+    for &i in &guided {
+        push(i, model.encoder().null(rows_of(i)));
     }
-    let rows: i64 = states.iter().map(|s| s.size()[0]).sum();
+    let rows = timesteps.len() as i64;
+    let conditional_rows: i64 = order.iter().map(|&i| rows_of(i)).sum();
+    let guided_rows = rows - conditional_rows;
     let padded = match graphs {
         Some(_) => PassGraphs::bucket(rows),
         None => quantum_rows(rows),
     };
-    let output = tch::no_grad(|| {
+    let (output, guided_output) = tch::no_grad(|| {
         let w = pad_rows_to(&Tensor::cat(&states, 0), padded);
-        let t = pad_rows_to(&Tensor::cat(&timesteps, 0), padded);
+        let t = pad_rows_to(&rows_on(&timesteps, Kind::Int64, device), padded);
         let e = pad_rows_to(&Tensor::cat(&conditions, 0), padded);
         let output = match graphs {
             Some(graphs) => graphs.run(&[&w, &t, &e], |x| model.output(&x[0], &x[1], &x[2])),
             None => model.output(&w, &t, &e),
         };
-        output.narrow(0, 0, rows)
+        // out_∅ + s·(out_c − out_∅) for every guided row at once.
+        let guided_output = (guided_rows > 0).then(|| {
+            let scales: Vec<f32> = guided
+                .iter()
+                .flat_map(|&i| std::iter::repeat_n(guidance[i] as f32, rows_of(i) as usize))
+                .collect();
+            let scale = rows_on(&scales, Kind::Float, device).unsqueeze(1);
+            let conditional = output.narrow(0, 0, guided_rows);
+            let unconditional = output.narrow(0, conditional_rows, guided_rows);
+            &unconditional + (&conditional - &unconditional) * scale
+        });
+        (output, guided_output)
     });
+    let mut outputs: Vec<Option<Tensor>> = (0..cohorts.len()).map(|_| None).collect();
     let mut offset = 0i64;
-    let mut conditional = Vec::with_capacity(cohorts.len());
-    for cohort in cohorts {
-        let n = cohort.trajectory.rows();
-        conditional.push(output.narrow(0, offset, n));
+    for &i in &order {
+        let n = rows_of(i);
+        outputs[i] = Some(match &guided_output {
+            Some(g) if offset < guided_rows => g.narrow(0, offset, n),
+            _ => output.narrow(0, offset, n),
+        });
         offset += n;
     }
-    conditional
-        .into_iter()
-        .zip(guidance)
-        .map(|(out, &scale)| {
-            if !is_guided(scale) {
-                return out;
-            }
-            let n = out.size()[0];
-            let unconditional = output.narrow(0, offset, n);
-            offset += n;
-            tch::no_grad(|| guide(&out, &unconditional, scale))
-        })
-        .collect()
+    outputs.into_iter().flatten().collect()
+}
+
+/// `values` as a 1-D tensor of `kind` on `device` (copied without waiting).
+fn rows_on<T: tch::kind::Element>(values: &[T], kind: Kind, device: Device) -> Tensor {
+    Tensor::from_slice(values).to_device_(device, kind, true, false)
 }
 
 /// `rows` rounded up to a multiple of [`ROW_QUANTUM`].
@@ -762,6 +798,7 @@ mod tests {
             dtype: DType::F32,
             max_redraws: 0,
             deadline: None,
+            metadata: Default::default(),
         }
     }
 
@@ -1097,7 +1134,10 @@ mod tests {
             &mut engine,
             job(redraw_seed(11, 1)..redraw_seed(11, 1) + 1, sampler, 1.0),
         );
-        assert_eq!(redrawn[0].file, again[0].file);
+        // The same weights; the headers differ (seed 11 redrawn once, against
+        // that seed drawn directly).
+        assert!(as_tensor(&redrawn[0].file).equal(&as_tensor(&again[0].file)));
+        assert_ne!(redrawn[0].file, again[0].file);
         assert_ne!(redraw_seed(11, 1), redraw_seed(11, 2));
     }
 }

@@ -43,6 +43,21 @@ pub(super) fn guarded<T>(work: impl FnOnce() -> Result<T, ModelError>) -> Result
     }
 }
 
+/// The header metadata of sample `index` of `job`: the request's
+/// provenance, the sample's seed and its redraws.
+pub(super) fn sample_metadata(
+    job: &GenerateJob,
+    index: usize,
+    redraws: u32,
+) -> HashMap<String, String> {
+    let mut metadata: HashMap<String, String> = job.metadata.clone().into_iter().collect();
+    if let Some(seed) = job.seeds.get(index) {
+        metadata.insert(super::SEED_KEY.to_owned(), seed.to_string());
+    }
+    metadata.insert(super::REDRAWS_KEY.to_owned(), redraws.to_string());
+    metadata
+}
+
 /// The condition of `job` as one row (the engine embeds each request once),
 /// standardized as in training.
 pub(super) fn condition(
@@ -66,13 +81,46 @@ pub(super) fn encode_one(
     checkpoint: &DenoiserCheckpoint,
     flat: &Tensor,
     dtype: DType,
+    metadata: &HashMap<String, String>,
 ) -> Result<Bytes, ModelError> {
     let tensors = unflatten(&checkpoint.arch, flat)
         .map_err(|e| ModelError::Checkpoint(e.to_string()))?
         .into_iter()
         .map(|(name, t)| (name, t.to_kind(dtype.kind()).contiguous()))
         .collect::<Vec<_>>();
-    let bytes = encode_tensors(&tensors, &HashMap::new())
-        .map_err(|e| ModelError::Checkpoint(e.to_string()))?;
+    let bytes =
+        encode_tensors(&tensors, metadata).map_err(|e| ModelError::Checkpoint(e.to_string()))?;
     Ok(Bytes::from(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::SamplerKind;
+    use crate::tasks::featurizer::Descriptor;
+
+    #[test]
+    fn each_sample_carries_the_requests_provenance_its_seed_and_redraws() {
+        let job = GenerateJob {
+            descriptor: Descriptor {
+                features: Default::default(),
+                support_x: Vec::new(),
+                support_y: Vec::new(),
+            },
+            features: Vec::new(),
+            ways: 1,
+            seeds: vec![41, 42, 43],
+            sampler: SamplerKind::ddim(10, 0.0),
+            guidance: 3.0,
+            dtype: DType::F32,
+            max_redraws: 2,
+            deadline: None,
+            metadata: [("format".to_owned(), "pt".to_owned())].into(),
+        };
+        let second = sample_metadata(&job, 1, 2);
+        assert_eq!(second["format"], "pt");
+        assert_eq!(second[super::super::SEED_KEY], "42");
+        assert_eq!(second[super::super::REDRAWS_KEY], "2");
+        assert_eq!(sample_metadata(&job, 2, 0)[super::super::SEED_KEY], "43");
+    }
 }

@@ -83,7 +83,16 @@ pub struct GenerateJob {
     /// When the call must be answered: past it the request leaves the
     /// running batch (None: no limit).
     pub deadline: Option<std::time::Instant>,
+    /// The request's provenance, written into every sample's safetensors
+    /// header (`__metadata__`) together with the sample's own
+    /// [`SEED_KEY`] and [`REDRAWS_KEY`].
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
+
+/// The metadata key of a sample's seed (the request's seed + its index).
+pub const SEED_KEY: &str = "weightgen.seed";
+/// The metadata key of how often the memorization guard redrew a sample.
+pub const REDRAWS_KEY: &str = "weightgen.redraws";
 
 /// Most redraws per sample the memorization guard allows.
 pub const MAX_REDRAWS: u32 = 8;

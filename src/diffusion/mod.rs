@@ -8,6 +8,7 @@ pub mod oracle;
 pub mod recommended;
 pub mod sampler;
 pub mod schedule;
+mod step;
 pub mod trajectory;
 
 /// The seeded noise lives below everything ([`crate::rng`]); re-exported

@@ -1,7 +1,10 @@
 //! Reverse diffusion: DDPM ancestral sampling exactly as the proposal writes
 //! it, DDIM (Song et al. 2021) with η on a grid of S ≤ T steps,
 //! DPM-Solver++(2M) (Lu et al. 2022) for few steps, and classifier-free
-//! guidance (Ho & Salimans 2022).
+//! guidance (Ho & Salimans 2022). The steps themselves run in
+//! [`super::step`], many cohorts at once; the one-cohort step functions here
+//! (`ddpm_step`, `ddim_step`, `dpm_solver_step`) are the formulas as
+//! written, kept as the reference its tests compare against bit for bit.
 
 use tch::{Device, Kind, Tensor};
 
@@ -56,6 +59,16 @@ pub enum SamplerKind {
 }
 
 impl SamplerKind {
+    /// The timesteps this sampler visits, ascending (DDPM all T, DDIM its
+    /// grid, DPM-Solver the trailing grid ending at T).
+    pub fn grid(self, timesteps: usize) -> Vec<usize> {
+        match self {
+            Self::Ddpm => (1..=timesteps).collect(),
+            Self::Ddim { steps, spacing, .. } => ddim_grid(timesteps, steps, spacing),
+            Self::DpmSolver { steps } => ddim_grid(timesteps, steps, DdimSpacing::Trailing),
+        }
+    }
+
     /// DDIM with S steps, η and the default (leading) spacing.
     pub fn ddim(steps: usize, eta: f64) -> Self {
         Self::Ddim {
@@ -205,6 +218,7 @@ pub fn sample<D: Denoiser>(
     })
 }
 
+#[cfg(test)]
 /// One DPM-Solver++(2M) step from t to t_next < t, given the data
 /// prediction x̂₀ at t and, after the first step, (x̂₀, h) of the step
 /// before. With α = sqrt(ᾱ), σ = sqrt(1 − ᾱ), λ = ln(α/σ) and h = λ_next −
@@ -238,6 +252,7 @@ pub(super) fn dpm_solver_step(
     (next, h)
 }
 
+#[cfg(test)]
 /// sqrt(ᾱ) and sqrt(1 − ᾱ) of one timestep as scalar f32 tensors on `device`,
 /// filled there (a copy from the host would make a CUDA step wait for the
 /// device; the values are the same f32s either way).
@@ -252,6 +267,7 @@ pub(super) fn scalar_coefficients(alpha_bar: f64, device: Device) -> (Tensor, Te
     (scalar(alpha_bar.sqrt()), scalar((1.0 - alpha_bar).sqrt()))
 }
 
+#[cfg(test)]
 /// One DDPM step from t to t − 1. For ε-prediction this is the proposal's
 /// w_{t−1} = (w_t − (1−α_t)/sqrt(1−ᾱ_t) · ε̂)/sqrt(α_t) + σ_t z with
 /// σ_t² = β̃_t = (1−α_t)(1−ᾱ_{t−1})/(1−ᾱ_t) and z = 0 at t = 1. Other
@@ -299,6 +315,7 @@ pub(super) fn ddpm_step(
     }
 }
 
+#[cfg(test)]
 /// One DDIM step from t to t_prev < t:
 /// x̂₀ = clip((w_t − sqrt(1−ᾱ_t) ε̂)/sqrt(ᾱ_t)), ε̂ recomputed from the
 /// clipped x̂₀, σ = η·sqrt((1−ᾱ_prev)/(1−ᾱ_t))·sqrt(1−ᾱ_t/ᾱ_prev),

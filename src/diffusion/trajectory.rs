@@ -10,11 +10,9 @@
 use tch::{Device, Tensor};
 
 use super::objective::Prediction;
-use super::sampler::{
-    ClipRange, DdimSpacing, SamplerKind, ddim_grid, ddim_step, ddpm_step, dpm_solver_step,
-    scalar_coefficients,
-};
+use super::sampler::{ClipRange, SamplerKind};
 use super::schedule::NoiseSchedule;
+use super::step::{Member, StepClass, dpm_h, plan, run};
 use crate::rng::SeededNoise;
 
 /// Rows on their way from w_T to w_0 under one sampler.
@@ -42,15 +40,7 @@ impl Trajectory {
     ) -> Self {
         let w = noise.draw(&[dim], device);
         // Ascending grids; the next timestep is the last element.
-        let remaining = match kind {
-            SamplerKind::Ddpm => (1..=schedule.timesteps()).collect(),
-            SamplerKind::Ddim { steps, spacing, .. } => {
-                ddim_grid(schedule.timesteps(), steps, spacing)
-            }
-            SamplerKind::DpmSolver { steps } => {
-                ddim_grid(schedule.timesteps(), steps, DdimSpacing::Trailing)
-            }
-        };
+        let remaining = kind.grid(schedule.timesteps());
         Self {
             kind,
             remaining,
@@ -95,50 +85,96 @@ impl Trajectory {
         output: &Tensor,
         clip: Option<&ClipRange>,
     ) {
-        let Some(t) = self.remaining.pop() else {
-            return;
-        };
-        let t_next = self.remaining.last().copied().unwrap_or(0);
-        let device = self.w.device();
-        tch::no_grad(|| {
-            self.w = match self.kind {
-                SamplerKind::Ddpm => ddpm_step(
-                    schedule,
-                    prediction,
-                    &self.w,
-                    output,
-                    t,
-                    clip,
-                    &mut self.noise,
-                    self.dim,
-                    device,
-                ),
-                SamplerKind::Ddim { eta, .. } => ddim_step(
-                    schedule,
-                    prediction,
-                    &self.w,
-                    output,
-                    t,
-                    t_next,
-                    eta,
-                    clip,
-                    &mut self.noise,
-                    self.dim,
-                    device,
-                ),
-                SamplerKind::DpmSolver { .. } => {
-                    let (a, b) = scalar_coefficients(schedule.alpha_bar(t), device);
-                    let (_, mut x0) = prediction.to_eps_x0(output, &self.w, &a, &b);
-                    if let Some(range) = clip {
-                        x0 = range.apply(&x0);
-                    }
-                    let (next, h) =
-                        dpm_solver_step(schedule, &self.w, &x0, self.previous.as_ref(), t, t_next);
-                    self.previous = Some((x0, h));
-                    next
-                }
+        Self::advance_all(&mut [self], &[output], schedule, prediction, clip);
+    }
+
+    /// Takes one step of each of `cohorts` with its `outputs[i]` (cohorts
+    /// that are done are left as they are). Cohorts taking the same kind of
+    /// step share one set of tensor operations (see [`super::step`]), so a
+    /// pass of many small cohorts costs about what one cohort of all their
+    /// rows does; each row comes out as it would alone.
+    pub fn advance_all(
+        cohorts: &mut [&mut Trajectory],
+        outputs: &[&Tensor],
+        schedule: &NoiseSchedule,
+        prediction: Prediction,
+        clip: Option<&ClipRange>,
+    ) {
+        struct Planned {
+            cohort: usize,
+            class: StepClass,
+            coefficients: Vec<f64>,
+        }
+        let mut planned = Vec::with_capacity(cohorts.len());
+        for (cohort, trajectory) in cohorts.iter_mut().enumerate() {
+            let Some(t) = trajectory.remaining.pop() else {
+                continue;
             };
-        });
+            let t_next = trajectory.remaining.last().copied().unwrap_or(0);
+            let previous_h = trajectory.previous.as_ref().map(|(_, h)| *h);
+            let (class, coefficients, draws) = plan(
+                trajectory.kind,
+                schedule,
+                prediction,
+                clip.is_some(),
+                t,
+                t_next,
+                previous_h,
+            );
+            if draws && !class.adds_noise() {
+                trajectory.noise.skip();
+            }
+            planned.push(Planned {
+                cohort,
+                class,
+                coefficients,
+            });
+        }
+        let mut classes: Vec<StepClass> = Vec::new();
+        for p in &planned {
+            if !classes.contains(&p.class) {
+                classes.push(p.class);
+            }
+        }
+        for class in classes {
+            let group: Vec<&Planned> = planned.iter().filter(|p| p.class == class).collect();
+            // The group's noise, drawn for all its cohorts in one go (rows
+            // in cohort order, as the group is).
+            let noise = class.adds_noise().then(|| {
+                let mut in_group = vec![false; cohorts.len()];
+                for p in &group {
+                    in_group[p.cohort] = true;
+                }
+                let first = &cohorts[group[0].cohort];
+                let (dim, device) = (first.dim, first.w.device());
+                let mut streams: Vec<&mut SeededNoise> = cohorts
+                    .iter_mut()
+                    .zip(&in_group)
+                    .filter(|(_, member)| **member)
+                    .map(|(c, _)| &mut c.noise)
+                    .collect();
+                SeededNoise::draw_all(&mut streams, &[dim], device)
+            });
+            let stepped = {
+                let members: Vec<Member<'_>> = group
+                    .iter()
+                    .map(|p| Member {
+                        w: &cohorts[p.cohort].w,
+                        output: outputs[p.cohort],
+                        coefficients: p.coefficients.clone(),
+                        previous_x0: cohorts[p.cohort].previous.as_ref().map(|(x0, _)| x0),
+                    })
+                    .collect();
+                tch::no_grad(|| run(class, &members, noise.as_ref(), prediction, clip))
+            };
+            for (p, stepped) in group.iter().zip(stepped) {
+                let trajectory = &mut cohorts[p.cohort];
+                trajectory.w = stepped.w;
+                if let Some(x0) = stepped.x0 {
+                    trajectory.previous = Some((x0, dpm_h(&p.coefficients)));
+                }
+            }
+        }
     }
 
     /// w_0 [rows, dim] once done (the current state otherwise).

@@ -202,14 +202,16 @@ impl DenoiserCheckpoint {
         )
     }
 
-    /// Advances `trajectory` one step with the (guided) model output for
-    /// its state, clipping x̂₀ as [`Self::generate`] does.
-    pub fn advance(&self, trajectory: &mut Trajectory, output: &Tensor) {
+    /// Takes one step of each of `cohorts` with its (guided) `outputs[i]`,
+    /// clipping x̂₀ as [`Self::generate`] does; cohorts taking the same kind
+    /// of step share their tensor operations ([`Trajectory::advance_all`]).
+    pub fn advance_all(&self, cohorts: &mut [&mut Trajectory], outputs: &[&Tensor]) {
         let clip = self.clip_range();
-        trajectory.advance(
+        Trajectory::advance_all(
+            cohorts,
+            outputs,
             self.model.schedule(),
             self.model.config().prediction,
-            output,
             clip.as_ref(),
         );
     }

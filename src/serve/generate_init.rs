@@ -340,6 +340,16 @@ pub fn job_for(
     let seeds = (0..u64::from(num_samples))
         .map(|i| seed.wrapping_add(i))
         .collect();
+    let choice = SamplingChoice {
+        sampler,
+        steps,
+        eta,
+        guidance,
+        seed,
+        num_samples,
+        dtype,
+    };
+    let metadata = provenance(denoiser, &choice, &descriptor);
     Ok((
         GenerateJob {
             descriptor,
@@ -351,17 +361,68 @@ pub fn job_for(
             dtype,
             max_redraws: options.max_redraws,
             deadline: None,
+            metadata,
         },
-        SamplingChoice {
-            sampler,
-            steps,
-            eta,
-            guidance,
-            seed,
-            num_samples,
-            dtype,
-        },
+        choice,
     ))
+}
+
+/// What every sample file's header says about where it came from: `format:
+/// pt` (what Hugging Face's loaders look for), the denoiser and how it was
+/// sampled — with the sample's own seed and redraws (added by the model
+/// thread) enough to regenerate the same bytes from the same task, asking
+/// for at least that many redraws — and a SHA-256 of the task descriptor
+/// (canonical JSON). A sample the guard did not redraw has the same bytes
+/// whatever `max_redraws` the request allowed. A LoRA adapter's file also carries
+/// PEFT's `peft_type`, `r`, `lora_alpha` and `target_modules`.
+fn provenance(
+    denoiser: &LoadedDenoiser,
+    choice: &SamplingChoice,
+    descriptor: &crate::tasks::featurizer::Descriptor,
+) -> std::collections::BTreeMap<String, String> {
+    let sampler = match choice.sampler {
+        pb::Sampler::Ddpm => "ddpm",
+        pb::Sampler::DpmSolver => "dpm_solver",
+        _ => "ddim",
+    };
+    let dtype = match choice.dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+    };
+    let task = serde_json::to_vec(descriptor).unwrap_or_default();
+    let mut metadata: std::collections::BTreeMap<String, String> = [
+        ("format", "pt".to_owned()),
+        ("weightgen.denoiser_id", denoiser.record.id.clone()),
+        ("weightgen.denoiser_version", denoiser.version.to_string()),
+        ("weightgen.architecture", denoiser.facts.arch.name.clone()),
+        ("weightgen.sampler", sampler.to_owned()),
+        ("weightgen.steps", choice.steps.to_string()),
+        ("weightgen.guidance", choice.guidance.to_string()),
+        ("weightgen.dtype", dtype.to_owned()),
+        ("weightgen.task_sha256", sha256_hex(&task)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    if choice.sampler == pb::Sampler::Ddim {
+        metadata.insert("weightgen.eta".to_owned(), choice.eta.to_string());
+    }
+    metadata.extend(adapter_metadata(&denoiser.facts.arch));
+    metadata
+}
+
+/// PEFT's metadata when `arch` is a built-in LoRA adapter architecture;
+/// nothing otherwise.
+fn adapter_metadata(arch: &crate::weights::ArchSpec) -> std::collections::HashMap<String, String> {
+    let network = crate::tasks::Family::parse(&arch.family).and_then(|f| f.network(&arch.name));
+    match network {
+        Ok(crate::tasks::Network {
+            kind: crate::tasks::NetKind::LoraAdapter { lora, .. },
+            ..
+        }) => crate::tasks::words::lm::peft_metadata(lora),
+        _ => Default::default(),
+    }
 }
 
 /// Response messages a call may have made and not yet sent.
@@ -867,5 +928,18 @@ mod tests {
         assert!(
             refused(|r| r.options.as_mut().unwrap().steps = 1001).starts_with("options.steps:")
         );
+    }
+
+    #[test]
+    fn an_adapters_files_carry_pefts_config_and_other_files_none() {
+        use crate::tasks::Family;
+        let words = Family::Words.network("").unwrap().spec;
+        let peft = adapter_metadata(&words);
+        assert_eq!(peft["peft_type"], "LORA");
+        assert_eq!(peft["r"], "4");
+        assert_eq!(peft["lora_alpha"], "8");
+        assert_eq!(peft["target_modules"], r#"["qkv","proj","up","down"]"#);
+        let digits = Family::Digits.network("").unwrap().spec;
+        assert!(adapter_metadata(&digits).is_empty());
     }
 }

@@ -426,6 +426,43 @@ async fn generate_init_end_to_end() {
         .unwrap();
     assert_eq!(three.files[1], first.files[0]);
     assert_eq!(three.files[2], other.files[0]);
+    // Provenance in every file's header: enough to regenerate it.
+    let meta = |file: &[u8]| {
+        let (_, header) = safetensors::SafeTensors::read_metadata(file).unwrap();
+        header.metadata().clone().unwrap_or_default()
+    };
+    let provenance = meta(&three.files[2]);
+    for (key, value) in [
+        ("format", "pt"),
+        ("weightgen.denoiser_id", "digits-e2e"),
+        ("weightgen.architecture", ARCH),
+        ("weightgen.seed", "43"),
+        ("weightgen.redraws", "0"),
+        ("weightgen.sampler", "ddim"),
+        ("weightgen.eta", "0"),
+        ("weightgen.dtype", "f32"),
+    ] {
+        assert_eq!(
+            provenance.get(key).map(String::as_str),
+            Some(value),
+            "{key}: {provenance:?}"
+        );
+    }
+    let number = |key: &str| provenance[key].parse::<f64>().unwrap();
+    assert!((1.0..=1000.0).contains(&number("weightgen.steps")));
+    assert!(number("weightgen.guidance") >= 1.0);
+    assert!(number("weightgen.denoiser_version") >= 1.0);
+    let digest = &provenance["weightgen.task_sha256"];
+    assert!(digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(meta(&first.files[0])["weightgen.task_sha256"], *digest);
+    let mut other_task = request(&task, Sampler::Ddim, 1, 43);
+    task_of(&mut other_task)
+        .features
+        .get_mut("input_mean")
+        .unwrap()
+        .values = vec![5.0];
+    let other_task = generate_with(&mut client, other_task).await.unwrap();
+    assert_ne!(meta(&other_task.files[0])["weightgen.task_sha256"], *digest);
     let ddpm = generate_with(&mut client, request(&task, Sampler::Ddpm, 1, 42))
         .await
         .unwrap();

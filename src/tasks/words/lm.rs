@@ -432,15 +432,23 @@ impl Adapter {
     /// `peft_type`, `r`, `lora_alpha`, `target_modules` (JSON), and the
     /// base model's SHA-256.
     pub fn metadata(&self, base_sha256: &str) -> std::collections::HashMap<String, String> {
-        let targets = serde_json::to_string(&TARGETS).unwrap_or_default();
-        std::collections::HashMap::from([
-            ("peft_type".to_owned(), "LORA".to_owned()),
-            ("r".to_owned(), self.config.rank.to_string()),
-            ("lora_alpha".to_owned(), self.config.alpha.to_string()),
-            ("target_modules".to_owned(), targets),
-            ("base_model_sha256".to_owned(), base_sha256.to_owned()),
-        ])
+        let mut metadata = peft_metadata(self.config);
+        metadata.insert("base_model_sha256".to_owned(), base_sha256.to_owned());
+        metadata
     }
+}
+
+/// What PEFT's `adapter_config.json` says of adapters of `config`, as
+/// safetensors metadata: `peft_type`, `r`, `lora_alpha`, `target_modules`
+/// (JSON).
+pub fn peft_metadata(config: LoraConfig) -> std::collections::HashMap<String, String> {
+    let targets = serde_json::to_string(&TARGETS).unwrap_or_default();
+    std::collections::HashMap::from([
+        ("peft_type".to_owned(), "LORA".to_owned()),
+        ("r".to_owned(), config.rank.to_string()),
+        ("lora_alpha".to_owned(), config.alpha.to_string()),
+        ("target_modules".to_owned(), targets),
+    ])
 }
 
 /// Words as model inputs: inputs and targets [B, L] (int64) and the mask
