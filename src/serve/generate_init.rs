@@ -392,7 +392,10 @@ fn provenance(
     };
     let task = serde_json::to_vec(descriptor).unwrap_or_default();
     let mut metadata: std::collections::BTreeMap<String, String> = [
-        ("format", "pt".to_owned()),
+        (
+            crate::weights::TORCH_FORMAT.0,
+            crate::weights::TORCH_FORMAT.1.to_owned(),
+        ),
         ("weightgen.denoiser_id", denoiser.record.id.clone()),
         ("weightgen.denoiser_version", denoiser.version.to_string()),
         ("weightgen.architecture", denoiser.facts.arch.name.clone()),

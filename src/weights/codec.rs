@@ -103,6 +103,11 @@ impl View for &HostTensor {
     }
 }
 
+/// The header entry Hugging Face's loaders look for in a PyTorch file
+/// (`__metadata__.format = "pt"`); every model file weightgen hands out
+/// carries it (zoo models, adapters, their base, generated samples).
+pub const TORCH_FORMAT: (&str, &str) = ("format", "pt");
+
 /// Encodes named tensors as one safetensors file, every tensor converted to
 /// `dtype`, with `metadata` in the header. The bytes depend only on the
 /// tensors' values, names and the metadata (deterministic).

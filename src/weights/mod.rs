@@ -14,7 +14,8 @@ pub mod stats;
 pub use align::{AlignError, AlignReport, PermutationSpec, align};
 pub use arch::{ArchSpec, DType, LayerGroup, LayoutError, TensorSpec};
 pub use codec::{
-    CodecError, Decoded, decode_safetensors, decode_tensors, encode_safetensors, encode_tensors,
+    CodecError, Decoded, TORCH_FORMAT, decode_safetensors, decode_tensors, encode_safetensors,
+    encode_tensors,
 };
 pub use flat::{NamedTensors, flatten, flatten_batch, unflatten};
 pub use latent::{LatentSizeReport, MetricGoal, PcaLatent, choose_latent_size};

@@ -221,6 +221,10 @@ fn train_unit(
     let descriptor = describe(family, &spec.task, &data);
     let names: Vec<String> = net.spec.tensors.iter().map(|t| t.name.clone()).collect();
     let metadata = HashMap::from([
+        (
+            crate::weights::TORCH_FORMAT.0.to_owned(),
+            crate::weights::TORCH_FORMAT.1.to_owned(),
+        ),
         ("zoo".to_owned(), config.zoo.clone()),
         ("unit".to_owned(), unit.to_string()),
         ("architecture".to_owned(), net.spec.name.clone()),

@@ -222,6 +222,10 @@ fn train_base(
         mean_test_bits(&lm, lists, &HELD_OUT_LANGUAGES).map_err(WordsZooError::from)?,
     );
     let metadata = HashMap::from([
+        (
+            crate::weights::TORCH_FORMAT.0.to_owned(),
+            crate::weights::TORCH_FORMAT.1.to_owned(),
+        ),
         ("architecture".to_owned(), arch.name.clone()),
         ("zoo".to_owned(), config.zoo_name()),
         ("unit".to_owned(), "0".to_owned()),
@@ -374,6 +378,8 @@ pub(crate) fn train_adapter_unit(
         .map(|(n, t)| (n, t.to_device(Device::Cpu)))
         .collect();
     let mut metadata = adapter.metadata(&base.sha256);
+    let (format, torch) = crate::weights::TORCH_FORMAT;
+    metadata.insert(format.to_owned(), torch.to_owned());
     metadata.insert("zoo".to_owned(), config.zoo.clone());
     metadata.insert("unit".to_owned(), unit.to_string());
     metadata.insert("architecture".to_owned(), net.spec.name.clone());

@@ -102,6 +102,7 @@ async fn a_words_zoo_stores_its_base_once_and_peft_adapters_that_beat_it() {
         // PEFT's names and config, and the base it adapts.
         assert!(file.specs.iter().all(|t| t.name.starts_with(PEFT_PREFIX)));
         assert_eq!(file.specs.len(), net.spec.tensors.len());
+        assert_eq!(file.metadata["format"], "pt");
         assert_eq!(file.metadata["peft_type"], "LORA");
         assert_eq!(file.metadata["r"], "4");
         assert_eq!(file.metadata["base_model_sha256"], base.sha256);

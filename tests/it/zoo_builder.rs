@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use weightgen::blobs::BlobStore;
 use weightgen::catalog::{self, Catalog, PageRequest, ZooModelFilter, ZooModelRecord};
 use weightgen::storage::StorageArgs;
+use weightgen::weights::decode_safetensors;
 
 use crate::common::services::{TestDatabase, s3_prefix};
 
@@ -252,7 +253,7 @@ async fn zoo_models_learn_their_tasks_and_record_descriptors() {
         "--data-dir",
         data_dir,
     ]);
-    let (catalog, _) = open_sqlite(dir.path()).await;
+    let (catalog, blobs) = open_sqlite(dir.path()).await;
     let mean = |models: &[ZooModelRecord], key: &str| {
         models.iter().map(|m| m.metrics[key]).sum::<f64>() / models.len() as f64
     };
@@ -276,6 +277,11 @@ async fn zoo_models_learn_their_tasks_and_record_descriptors() {
     // Independent initializations by default: the seeds differ.
     let seeds: BTreeSet<u64> = digits.iter().map(|m| m.seed).collect();
     assert_eq!(seeds.len(), 12);
+    // The stored file says what it is, to a Hugging Face loader too.
+    let file = decode_safetensors(&blobs.get(&digits[0].sha256).await.unwrap()).unwrap();
+    assert_eq!(file.metadata["format"], "pt");
+    assert_eq!(file.metadata["zoo"], "digits");
+    assert_eq!(file.metadata["architecture"], digits[0].architecture);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
