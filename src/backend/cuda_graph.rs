@@ -11,6 +11,7 @@
 //! for that denoiser with one warning: the pass runs eagerly as before.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use tch::{Device, Tensor};
@@ -268,36 +269,40 @@ impl PassGraphs {
     /// graphs are off. The result is a fresh tensor (the graph's output is
     /// overwritten by the next replay).
     pub fn run(&mut self, inputs: &[&Tensor], pass: impl Fn(&[Tensor]) -> Tensor) -> Tensor {
-        if self.off.is_some() {
-            return pass(&inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>());
-        }
-        let rows = inputs.first().map_or(0, |t| t.size()[0]);
-        if !self.buckets.contains_key(&rows) {
-            match record(self.device, inputs, &pass) {
-                Ok(captured) => {
-                    tracing::info!(rows, "denoiser pass recorded as a CUDA graph");
-                    self.buckets.insert(rows, captured);
-                }
+        if self.off.is_none() {
+            match self.replay(inputs, &pass) {
+                Ok(output) => return output,
                 Err(e) => {
                     tracing::warn!(error = %e, "CUDA graphs off for this denoiser; passes run eagerly");
                     self.off = Some(e);
-                    return pass(&inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>());
+                    self.buckets.clear();
                 }
             }
         }
-        let captured = self.buckets.get_mut(&rows).expect("recorded above");
+        pass(&inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>())
+    }
+
+    /// The graph of `inputs`' bucket (recorded now if new) replayed on them.
+    fn replay(
+        &mut self,
+        inputs: &[&Tensor],
+        pass: &impl Fn(&[Tensor]) -> Tensor,
+    ) -> Result<Tensor, GraphError> {
+        let rows = inputs.first().map_or(0, |t| t.size()[0]);
+        let device = self.device;
+        let captured = match self.buckets.entry(rows) {
+            Entry::Occupied(recorded) => recorded.into_mut(),
+            Entry::Vacant(slot) => {
+                let captured = record(device, inputs, pass)?;
+                tracing::info!(rows, "denoiser pass recorded as a CUDA graph");
+                slot.insert(captured)
+            }
+        };
         for (fixed, input) in captured.inputs.iter_mut().zip(inputs) {
             fixed.copy_(input);
         }
-        match captured.graph.replay() {
-            Ok(()) => captured.output.copy(),
-            Err(e) => {
-                tracing::warn!(error = %e, "CUDA graphs off for this denoiser; passes run eagerly");
-                self.off = Some(e);
-                self.buckets.clear();
-                pass(&inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>())
-            }
-        }
+        captured.graph.replay()?;
+        Ok(captured.output.copy())
     }
 }
 

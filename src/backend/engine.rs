@@ -460,27 +460,23 @@ impl Engine {
             Err(e) => {
                 let failed = cohorts
                     .iter()
-                    .map(|c| (c.flight, ModelError::Torch(e.to_string())))
+                    .map(|c| (c.flight, e.for_another()))
                     .collect();
                 return (rows, failed);
             }
         };
         // Every cohort of the pass steps at once (cohorts taking the same
-        // kind of step share their tensor operations), in index order.
-        let mut by_index: Vec<(usize, &Tensor)> = picked.iter().copied().zip(&outputs).collect();
-        by_index.sort_unstable_by_key(|&(i, _)| i);
-        let mut in_pass = vec![false; self.cohorts.len()];
-        for &(i, _) in &by_index {
-            in_pass[i] = true;
+        // kind of step share their tensor operations).
+        let mut output_of: Vec<Option<&Tensor>> = vec![None; self.cohorts.len()];
+        for (&i, output) in picked.iter().zip(&outputs) {
+            output_of[i] = Some(output);
         }
-        let mut stepping: Vec<&mut Trajectory> = self
+        let (mut stepping, outputs_in_order): (Vec<&mut Trajectory>, Vec<&Tensor>) = self
             .cohorts
             .iter_mut()
-            .zip(&in_pass)
-            .filter(|(_, in_pass)| **in_pass)
-            .map(|(cohort, _)| &mut cohort.trajectory)
-            .collect();
-        let outputs_in_order: Vec<&Tensor> = by_index.iter().map(|&(_, t)| t).collect();
+            .zip(output_of)
+            .filter_map(|(cohort, output)| Some((&mut cohort.trajectory, output?)))
+            .unzip();
         let stepped = guarded(|| {
             checkpoint.advance_all(&mut stepping, &outputs_in_order);
             Ok(())
@@ -489,7 +485,7 @@ impl Engine {
         for &i in picked {
             let cohort = &self.cohorts[i];
             if let Err(e) = &stepped {
-                failed.push((cohort.flight, ModelError::Torch(e.to_string())));
+                failed.push((cohort.flight, e.for_another()));
             }
             if let Some(flight) = self.flights.get_mut(&cohort.flight) {
                 flight.largest_pass = flight.largest_pass.max(rows);

@@ -166,3 +166,14 @@ pub enum ModelError {
     #[error("the model thread has stopped")]
     Stopped,
 }
+
+impl ModelError {
+    /// The same failure for another request of the pass it broke (libtorch
+    /// errors are not `Clone`): its libtorch message kept as it is.
+    pub(crate) fn for_another(&self) -> ModelError {
+        match self {
+            Self::Torch(message) => Self::Torch(message.clone()),
+            other => Self::Torch(other.to_string()),
+        }
+    }
+}

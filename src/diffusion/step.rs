@@ -45,7 +45,7 @@ pub(super) struct Member<'a> {
     /// The denoiser's (guided) output for it.
     pub output: &'a Tensor,
     /// Its coefficients, in the order its class reads them.
-    pub coefficients: Vec<f64>,
+    pub coefficients: &'a [f64],
     /// DPM-Solver's x̂₀ of the step before (class `DpmSecond`).
     pub previous_x0: Option<&'a Tensor>,
 }
@@ -162,7 +162,8 @@ pub(super) fn dpm_h(coefficients: &[f64]) -> f64 {
 }
 
 /// Runs one class's step on all its `members` at once; `noise` holds the
-/// members' fresh draws, rows in member order, when the class adds it.
+/// members' fresh draws, rows in member order, exactly when the class adds
+/// σ z ([`StepClass::adds_noise`]).
 pub(super) fn run(
     class: StepClass,
     members: &[Member<'_>],
@@ -198,24 +199,23 @@ pub(super) fn run(
             None => (eps, x0),
         }
     };
-    let noise = || noise.expect("a noise draw for a class that adds it");
+    // σ z added where drawn (coefficient `k` is σ).
+    let with_noise = |mean: Tensor, k: i64| match noise {
+        Some(z) => mean + z * c(k),
+        None => mean,
+    };
     let (next, x0) = match class {
-        StepClass::Ddim { noise: add } => {
+        StepClass::Ddim { .. } => {
             let (eps, x0) = eps_x0_estimate();
-            let next = x0 * c(2) + eps * c(3);
-            let next = if add { next + noise() * c(4) } else { next };
-            (next, None)
+            (with_noise(x0 * c(2) + eps * c(3), 4), None)
         }
-        StepClass::DdpmEpsilon { noise: add } => {
+        StepClass::DdpmEpsilon { .. } => {
             let mean = (&w - &output * c(0)) / c(1);
-            let next = if add { mean + noise() * c(2) } else { mean };
-            (next, None)
+            (with_noise(mean, 2), None)
         }
-        StepClass::DdpmPosterior { noise: add } => {
+        StepClass::DdpmPosterior { .. } => {
             let x0 = x0_estimate();
-            let mean = x0 * c(2) + &w * c(3);
-            let next = if add { mean + noise() * c(4) } else { mean };
-            (next, None)
+            (with_noise(x0 * c(2) + &w * c(3), 4), None)
         }
         StepClass::DpmLast => {
             let x0 = x0_estimate();

@@ -161,7 +161,7 @@ impl Trajectory {
                     .map(|p| Member {
                         w: &cohorts[p.cohort].w,
                         output: outputs[p.cohort],
-                        coefficients: p.coefficients.clone(),
+                        coefficients: &p.coefficients,
                         previous_x0: cohorts[p.cohort].previous.as_ref().map(|(x0, _)| x0),
                     })
                     .collect();

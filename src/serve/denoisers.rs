@@ -31,6 +31,8 @@ pub struct LoadedDenoiser {
     pub version: u32,
     /// What the checkpoint holds.
     pub facts: CheckpointFacts,
+    /// What every file it generates says of it (`__metadata__`).
+    pub provenance: std::collections::BTreeMap<String, String>,
     model: ModelThread,
 }
 
@@ -42,10 +44,13 @@ impl LoadedDenoiser {
         facts: CheckpointFacts,
         model: ModelThread,
     ) -> Self {
+        let provenance =
+            super::generate_init::denoiser_provenance(&record.id, version, &facts.arch);
         Self {
             record,
             version,
             facts,
+            provenance,
             model,
         }
     }

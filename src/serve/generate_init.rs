@@ -391,27 +391,44 @@ fn provenance(
         DType::BF16 => "bf16",
     };
     let task = serde_json::to_vec(descriptor).unwrap_or_default();
+    let mut metadata = denoiser.provenance.clone();
+    metadata.extend(
+        [
+            ("weightgen.sampler", sampler.to_owned()),
+            ("weightgen.steps", choice.steps.to_string()),
+            ("weightgen.guidance", choice.guidance.to_string()),
+            ("weightgen.dtype", dtype.to_owned()),
+            ("weightgen.task_sha256", sha256_hex(&task)),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    if choice.sampler == pb::Sampler::Ddim {
+        metadata.insert("weightgen.eta".to_owned(), choice.eta.to_string());
+    }
+    metadata
+}
+
+/// The part of every file's provenance that a loaded denoiser fixes (see
+/// [`provenance`]), computed once when it is loaded: `format: pt`, its id,
+/// version and architecture, and PEFT's config for an adapter architecture.
+pub(super) fn denoiser_provenance(
+    id: &str,
+    version: u32,
+    arch: &crate::weights::ArchSpec,
+) -> std::collections::BTreeMap<String, String> {
     let mut metadata: std::collections::BTreeMap<String, String> = [
         (
             crate::weights::TORCH_FORMAT.0,
             crate::weights::TORCH_FORMAT.1.to_owned(),
         ),
-        ("weightgen.denoiser_id", denoiser.record.id.clone()),
-        ("weightgen.denoiser_version", denoiser.version.to_string()),
-        ("weightgen.architecture", denoiser.facts.arch.name.clone()),
-        ("weightgen.sampler", sampler.to_owned()),
-        ("weightgen.steps", choice.steps.to_string()),
-        ("weightgen.guidance", choice.guidance.to_string()),
-        ("weightgen.dtype", dtype.to_owned()),
-        ("weightgen.task_sha256", sha256_hex(&task)),
+        ("weightgen.denoiser_id", id.to_owned()),
+        ("weightgen.denoiser_version", version.to_string()),
+        ("weightgen.architecture", arch.name.clone()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    if choice.sampler == pb::Sampler::Ddim {
-        metadata.insert("weightgen.eta".to_owned(), choice.eta.to_string());
-    }
-    metadata.extend(adapter_metadata(&denoiser.facts.arch));
+    metadata.extend(adapter_metadata(arch));
     metadata
 }
 
