@@ -79,6 +79,7 @@ async fn prepare(dir: &std::path::Path) {
         timesteps: weightgen::diffusion::schedule::DEFAULT_TIMESTEPS,
         // The weights themselves, as the figures in BENCHMARKS.md were measured.
         latent: weightgen::train::LatentChoice::None,
+        latent_steps: weightgen::model::weight_autoencoder::DEFAULT_AE_STEPS,
         schedule: weightgen::diffusion::schedule::ScheduleKind::cosine(),
         prediction: Default::default(),
         load: Default::default(),

@@ -3,11 +3,14 @@
 //! denoiser (D = 2,245, MLP U-Net 256/128) and the demo's latent one
 //! (D = 64, 128/64). For each row count it times
 //!
-//! - one pass (`ConditionalDenoiser::output`, the forward the server's
-//!   step-level batcher runs);
-//! - a plain `mm` of every matrix product in that pass (each 2-D weight of
-//!   the network, the task encoder's aside, at the same rows): the GEMM
-//!   floor issue 18 measures efficiency against;
+//! - one pass (`ConditionalDenoiser::output`) as the trainer runs it, and
+//!   as the server runs it: prepared for sampling (`prepare_for_sampling`,
+//!   which loading a checkpoint does: the time MLP a table lookup, the FiLM
+//!   projections one stacked product);
+//! - a plain `mm` of every matrix product the prepared pass runs (each 2-D
+//!   weight of the network, the task encoder's and the time MLP's aside,
+//!   the FiLM projections stacked, at the same rows): the GEMM floor issue
+//!   18 measures efficiency against;
 //! - one DDIM step of `diffusion::sample` (the pass plus the sampler's
 //!   update and bookkeeping), from DDIM-50's total.
 //!
@@ -28,20 +31,29 @@ use weightgen::model::{
 const EMBED: i64 = 64;
 const FEATURES: i64 = 4;
 
-/// Fastest of five rounds of `repeats` calls, per call, in milliseconds.
-fn per_call_ms(repeats: u32, mut f: impl FnMut()) -> f64 {
-    for _ in 0..repeats.min(20) {
-        f();
+/// Rounds each contender runs; the figure is its fastest.
+const ROUNDS: usize = 15;
+
+/// Per-call milliseconds of each contender: fastest of [`ROUNDS`] rounds of
+/// `repeats` calls, the contenders taking turns within each round so that
+/// they all meet the same neighbours on this shared machine.
+fn race(repeats: &[u32], contenders: &mut [&mut dyn FnMut()]) -> Vec<f64> {
+    for (f, &n) in contenders.iter_mut().zip(repeats) {
+        for _ in 0..n.min(20) {
+            f();
+        }
     }
-    (0..5)
-        .map(|_| {
+    let mut best = vec![f64::INFINITY; contenders.len()];
+    for _ in 0..ROUNDS {
+        for ((f, &n), best) in contenders.iter_mut().zip(repeats).zip(&mut best) {
             let start = Instant::now();
-            for _ in 0..repeats {
+            for _ in 0..n {
                 f();
             }
-            start.elapsed().as_secs_f64() * 1e3 / f64::from(repeats)
-        })
-        .fold(f64::INFINITY, f64::min)
+            *best = best.min(start.elapsed().as_secs_f64() * 1e3 / f64::from(n));
+        }
+    }
+    best
 }
 
 fn denoiser(dim: i64, widths: &[i64]) -> ConditionalDenoiser {
@@ -61,23 +73,42 @@ fn denoiser(dim: i64, widths: &[i64]) -> ConditionalDenoiser {
     ConditionalDenoiser::new(config, Device::Cpu).expect("a denoiser")
 }
 
+/// The matrix products one pass runs, as [in, out] weights: every 2-D
+/// weight outside the task encoder, or — for a network prepared for
+/// sampling — those minus the time MLP (a table lookup) with the FiLM
+/// projections stacked into one.
+fn pass_products(model: &ConditionalDenoiser, prepared: bool) -> Vec<Tensor> {
+    let mut named: Vec<(String, Tensor)> = model
+        .vs
+        .variables()
+        .into_iter()
+        .filter(|(name, t)| !name.starts_with("encoder") && t.dim() == 2)
+        .map(|(name, t)| (name, t.detach().tr().contiguous()))
+        .collect();
+    if !prepared {
+        return named.into_iter().map(|(_, t)| t).collect();
+    }
+    named.retain(|(name, _)| !name.starts_with("net.time."));
+    let (films, mut rest): (Vec<_>, Vec<_>) = named
+        .into_iter()
+        .partition(|(name, _)| name.contains(".film."));
+    let films: Vec<Tensor> = films.into_iter().map(|(_, t)| t).collect();
+    rest.push((String::new(), Tensor::cat(&films, 1)));
+    rest.into_iter().map(|(_, t)| t).collect()
+}
+
 fn main() {
     tch::set_num_threads(2);
     println!(
-        "| denoiser | rows | pass (ms) | its GEMMs alone (ms) | GEMM share of the pass | DDIM step (ms) | pass share of the step |"
+        "| denoiser | rows | pass as trained (ms) | pass prepared for sampling (ms) | its GEMMs alone (ms) | GEMM share of the pass | DDIM step (ms) | GEMM ÷ step |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for (dim, widths) in [(2245i64, vec![256i64, 128]), (64, vec![128, 64])] {
         let model = denoiser(dim, &widths);
-        // The network's matrix products: every 2-D weight outside the
-        // task encoder, [out, in], used once per pass.
-        let weights: Vec<Tensor> = model
-            .vs
-            .variables()
-            .into_iter()
-            .filter(|(name, t)| !name.starts_with("encoder") && t.dim() == 2)
-            .map(|(_, t)| t.detach().tr().contiguous())
-            .collect();
+        let mut prepared = denoiser(dim, &widths);
+        prepared.vs.copy(&model.vs).expect("same variables");
+        prepared.prepare_for_sampling();
+        let weights = pass_products(&prepared, true);
         for rows in [1i64, 8, 16, 64, 128] {
             let x = Tensor::randn([rows, dim], (Kind::Float, Device::Cpu));
             let t = Tensor::full([rows], 500i64, (Kind::Int64, Device::Cpu));
@@ -87,17 +118,6 @@ fn main() {
                 .map(|w| Tensor::randn([rows, w.size()[0]], (Kind::Float, Device::Cpu)))
                 .collect();
             let repeats = (400 / rows).max(20) as u32;
-            let (pass, gemms) = tch::no_grad(|| {
-                let pass = per_call_ms(repeats, || {
-                    let _ = model.output(&x, &t, &e);
-                });
-                let gemms = per_call_ms(repeats, || {
-                    for (input, w) in inputs.iter().zip(&weights) {
-                        let _ = input.mm(w);
-                    }
-                });
-                (pass, gemms)
-            });
             let features =
                 TaskBatch::features(Tensor::ones([rows, FEATURES], (Kind::Float, Device::Cpu)));
             let seeds: Vec<u64> = (0..rows as u64).collect();
@@ -106,21 +126,40 @@ fn main() {
                 guidance_scale: 1.0,
                 clip_x0: None,
             };
-            let step = per_call_ms(1, || {
-                let _ = sample(
-                    &model,
-                    model.schedule(),
-                    &features,
-                    dim,
-                    &mut SeededNoise::new(&seeds, 0),
-                    &config,
-                    Device::Cpu,
-                );
-            }) / 50.0;
+            let times = tch::no_grad(|| {
+                race(
+                    &[repeats, repeats, repeats, 1],
+                    &mut [
+                        &mut || {
+                            let _ = model.output(&x, &t, &e);
+                        },
+                        &mut || {
+                            let _ = prepared.output(&x, &t, &e);
+                        },
+                        &mut || {
+                            for (input, w) in inputs.iter().zip(&weights) {
+                                let _ = input.mm(w);
+                            }
+                        },
+                        &mut || {
+                            let _ = sample(
+                                &prepared,
+                                prepared.schedule(),
+                                &features,
+                                dim,
+                                &mut SeededNoise::new(&seeds, 0),
+                                &config,
+                                Device::Cpu,
+                            );
+                        },
+                    ],
+                )
+            });
+            let (trained, pass, gemms, step) = (times[0], times[1], times[2], times[3] / 50.0);
             println!(
-                "| D = {dim}, MLP U-Net {widths:?} | {rows} | {pass:.3} | {gemms:.3} | {:.0} % | {step:.3} | {:.0} % |",
+                "| D = {dim}, MLP U-Net {widths:?} | {rows} | {trained:.3} | {pass:.3} | {gemms:.3} | {:.0} % | {step:.3} | {:.0} % |",
                 100.0 * gemms / pass,
-                100.0 * pass / step
+                100.0 * gemms / step
             );
         }
     }

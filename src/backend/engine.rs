@@ -755,14 +755,7 @@ mod tests {
         let zoo = crate::rng::SeededNoise::new(&[7], 1)
             .draw(&[30, d], Device::Cpu)
             .squeeze_dim(0);
-        let encoder = TaskEncoderConfig {
-            feature_dim: 2,
-            support_x_dim: 0,
-            support_y_dim: 0,
-            hidden: 8,
-            embed_dim: 4,
-            prototypes: false,
-        };
+        let encoder = TaskEncoderConfig::small_features_only(2, 4);
         let model = ConditionalDenoiser::new(DenoiserConfig::new(d, encoder), Device::Cpu).unwrap();
         model.set_test_weights(7);
         DenoiserCheckpoint {

@@ -19,6 +19,7 @@ use tch::{Device, Tensor};
 use super::baselines::MetaConfig;
 use super::finetune::{FinetuneConfig, curve};
 use crate::diffusion::SamplerKind;
+use crate::serve::generate_init::DEFAULT_DDIM_STEPS;
 use crate::tasks::featurizer::describe;
 use crate::tasks::train::{Objective, TaskData};
 use crate::tasks::{Descriptor, HeldOutSplit, TaskSpec};
@@ -144,6 +145,11 @@ pub enum EvalSampler {
     #[default]
     #[value(name = "ddim-50")]
     Ddim50,
+    /// DDIM with 10 steps (η = 0): the sampler serving recommends for a
+    /// guided digits denoiser (`diffusion::recommended`), so the rows
+    /// measure what a request that leaves the sampler unset gets.
+    #[value(name = "ddim-10")]
+    Ddim10,
     /// One DPM-Solver++ step from t = T: the denoiser's x̂₀ of pure noise,
     /// its estimate of the conditional mean (what `GenerateInit` returns for
     /// `SAMPLER_DPM_SOLVER` with one step). Meant for v-prediction denoisers.
@@ -155,6 +161,7 @@ impl EvalSampler {
     pub fn kind(self) -> SamplerKind {
         match self {
             Self::Ddim50 => SamplerKind::ddim(EVAL_DDIM_STEPS, 0.0),
+            Self::Ddim10 => SamplerKind::ddim(DEFAULT_DDIM_STEPS, 0.0),
             Self::OneStep => SamplerKind::DpmSolver { steps: 1 },
         }
     }
@@ -163,6 +170,7 @@ impl EvalSampler {
     pub fn steps(self) -> usize {
         match self {
             Self::Ddim50 => EVAL_DDIM_STEPS,
+            Self::Ddim10 => DEFAULT_DDIM_STEPS,
             Self::OneStep => 1,
         }
     }
@@ -171,6 +179,7 @@ impl EvalSampler {
     pub fn name(self) -> &'static str {
         match self {
             Self::Ddim50 => "DDIM-50",
+            Self::Ddim10 => "DDIM-10",
             Self::OneStep => "one-step x̂₀",
         }
     }

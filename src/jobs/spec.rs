@@ -16,6 +16,7 @@ use crate::diffusion::objective::Prediction;
 use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, ScheduleKind};
 use crate::model::fit::{DEFAULT_BATCH_SIZE, DEFAULT_COND_DROPOUT, DEFAULT_LEARNING_RATE};
 use crate::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL;
+use crate::model::weight_autoencoder::DEFAULT_AE_STEPS;
 use crate::model::{
     Conditioning, FitConfig, LayerTransformerConfig, LrSchedule, MlpUnetConfig, NetConfig,
     PrecisionChoice,
@@ -308,6 +309,10 @@ pub struct TrainSpec {
     #[arg(long, env = "WEIGHTGEN_TRAIN_LATENT", default_value_t = DEFAULT_LATENT)]
     #[serde(with = "as_text")]
     pub latent: LatentChoice,
+    /// Adam steps that train an `ae:K` latent's autoencoder (ignored by the
+    /// other latents).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_LATENT_STEPS", default_value_t = DEFAULT_AE_STEPS)]
+    pub latent_steps: usize,
     /// Denoiser network: mlp_unet (the proposal) or layer_transformer.
     #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_KIND", default_value_t = DenoiserKind::MlpUnet)]
     pub kind: DenoiserKind,
@@ -394,6 +399,7 @@ impl Default for TrainSpec {
             feature_dropout: DEFAULT_FEATURE_DROPOUT,
             support_dropout: DEFAULT_SUPPORT_DROPOUT,
             latent: DEFAULT_LATENT,
+            latent_steps: DEFAULT_AE_STEPS,
             kind: DenoiserKind::MlpUnet,
             conditioning: Conditioning::Film,
             timesteps: DEFAULT_TIMESTEPS,
@@ -473,6 +479,9 @@ impl TrainSpec {
         if let Some(id) = &self.denoiser_id {
             crate::train::check_denoiser_id(id)
                 .map_err(|e| invalid("train_denoiser.denoiser_id", e))?;
+        }
+        if self.latent_steps == 0 {
+            return Err(invalid("train_denoiser.latent_steps", "must be positive"));
         }
         if self.steps == 0 {
             return Err(invalid("train_denoiser.steps", "must be positive"));
@@ -588,6 +597,7 @@ impl TrainSpec {
             schedule: self.schedule.kind(),
             prediction: self.prediction,
             latent: self.latent,
+            latent_steps: self.latent_steps,
             load: LoadOptions {
                 align: self.align,
                 max_models: self.max_models,

@@ -58,10 +58,28 @@ impl TimeCondition {
 
     /// c [B, dim + E] for timesteps t [B] and embeddings e [B, E].
     pub fn condition(&self, t: &Tensor, e: &Tensor) -> Tensor {
-        let tau = self
-            .second
-            .forward(&self.first.forward(&timestep_embedding(t, self.dim)).silu());
-        Tensor::cat(&[tau, e.shallow_clone()], 1).silu()
+        Self::join(&self.time_mlp(t), e)
+    }
+
+    /// MLP(τ(t)) of every timestep 0 … `timesteps` − 1, [timesteps, dim]:
+    /// what `condition_from_table` looks up instead of ten kernels a pass.
+    pub fn table(&self, timesteps: i64) -> Tensor {
+        let device = self.first.ws.device();
+        tch::no_grad(|| self.time_mlp(&Tensor::arange(timesteps, (Kind::Int64, device))))
+    }
+
+    /// `condition` with MLP(τ(t)) read from `table`.
+    pub fn condition_from_table(table: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
+        Self::join(&table.index_select(0, t), e)
+    }
+
+    fn time_mlp(&self, t: &Tensor) -> Tensor {
+        self.second
+            .forward(&self.first.forward(&timestep_embedding(t, self.dim)).silu())
+    }
+
+    fn join(tau: &Tensor, e: &Tensor) -> Tensor {
+        Tensor::cat(&[tau.shallow_clone(), e.shallow_clone()], 1).silu()
     }
 }
 
@@ -138,7 +156,45 @@ impl FilmBlock {
             }
             None => Tensor::cat(&[self.norm.forward(h), c.shallow_clone()], 1),
         };
-        h + self.down.forward(&self.up.forward(&x).silu())
+        self.residual(h, &x)
+    }
+
+    /// The FiLM block with its modulation computed ahead (`film_for_sampling`):
+    /// `scale` is 1 + γ(c), `shift` is β(c); two kernels where `forward`
+    /// runs five (and SiLU in place: for sampling, never for training). A
+    /// `Concat` block ignores them and reads c.
+    pub fn forward_modulated(
+        &self,
+        h: &Tensor,
+        c: &Tensor,
+        scale: &Tensor,
+        shift: &Tensor,
+    ) -> Tensor {
+        if self.film.is_none() {
+            return self.forward(h, c);
+        }
+        let x = shift.addcmul(&self.norm.forward(h), scale);
+        h + self.down.forward(&self.up.forward(&x).silu_())
+    }
+
+    /// The FiLM projection as (weightᵀ [cond_dim, 2 × width], bias [2 ×
+    /// width] with the 1 of 1 + γ folded into its first half), for stacking
+    /// every block's projection into one matrix product; None for `Concat`.
+    pub fn film_for_sampling(&self) -> Option<(Tensor, Tensor)> {
+        let film = self.film.as_ref()?;
+        let bias = match &film.bs {
+            Some(bs) => bs.detach().copy(),
+            None => Tensor::zeros([film.ws.size()[0]], (film.ws.kind(), film.ws.device())),
+        };
+        let width = bias.size()[0] / 2;
+        let mut scale_half = bias.narrow(0, 0, width);
+        let _ = scale_half.g_add_scalar_(1.0);
+        Some((film.ws.detach().tr().contiguous(), bias))
+    }
+
+    /// h + down(SiLU(up(x))).
+    fn residual(&self, h: &Tensor, x: &Tensor) -> Tensor {
+        h + self.down.forward(&self.up.forward(x).silu())
     }
 }
 

@@ -322,6 +322,7 @@ impl DenoiserCheckpoint {
             return Err(CheckpointError::Tensors(problems.join("; ")));
         }
         model.vs.set_device(device);
+        model.prepare_for_sampling();
         let stats = Stats {
             mean: take(&mut tensors, "stats.mean")?,
             std: take(&mut tensors, "stats.std")?,

@@ -163,20 +163,30 @@ impl ConditionalDenoiser {
         &self.encoder
     }
 
+    /// Freezes the network for sampling (the MLP U-Net's time table and
+    /// stacked FiLM projections; nothing for the layer transformer). Loading a
+    /// checkpoint does this; a model that is still training must not.
+    pub fn prepare_for_sampling(&mut self) {
+        if let Net::MlpUnet(net) = &mut self.net {
+            net.prepare_for_sampling(self.config.timesteps as i64 + 1);
+        }
+    }
+
     /// Model output for w_t [B, D] at t [B] given embeddings e [B, E].
     pub fn output(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
         let correction = match &self.net {
             Net::MlpUnet(net) => net.forward(w_t, t, e),
             Net::LayerTransformer(net) => net.forward(w_t, t, e),
         };
-        if !self.config.preconditioning {
+        // v-prediction's conversions pass w_t through already; the ᾱ lookup
+        // is eight small kernels, so it runs only where it is used.
+        if !self.config.preconditioning || self.config.prediction == Prediction::V {
             return correction;
         }
         let (a, b) = self.schedule.coefficients(t);
         match self.config.prediction {
-            Prediction::Epsilon => correction + w_t * b,
             Prediction::X0 => correction + w_t * a,
-            Prediction::V => correction,
+            Prediction::Epsilon | Prediction::V => correction + w_t * b,
         }
     }
 
@@ -287,5 +297,51 @@ impl Denoiser for PreEmbedded<'_> {
 
     fn prediction(&self) -> Prediction {
         self.0.config.prediction
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Conditioning, MlpUnetConfig, TaskEncoderConfig};
+    use tch::Kind;
+
+    fn unet(conditioning: Conditioning) -> ConditionalDenoiser {
+        let encoder = TaskEncoderConfig::small_features_only(2, 4);
+        let mut config = DenoiserConfig::new(6, encoder);
+        config.timesteps = 100;
+        config.net = NetConfig::MlpUnet(MlpUnetConfig {
+            widths: vec![16, 8],
+            blocks_per_level: 2,
+            time_dim: 8,
+            conditioning,
+            ..Default::default()
+        });
+        let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
+        model.set_test_weights(3);
+        model
+    }
+
+    #[test]
+    fn a_network_prepared_for_sampling_computes_what_it_computed() {
+        for conditioning in [Conditioning::Film, Conditioning::Concat] {
+            let mut model = unet(conditioning);
+            let w = Tensor::arange(30, (Kind::Float, Device::Cpu)).view([5, 6]) / 30.0 - 0.5;
+            let t = Tensor::from_slice(&[0i64, 1, 42, 99, 100]);
+            let e = Tensor::arange(20, (Kind::Float, Device::Cpu)).view([5, 4]) / 20.0;
+            let before = tch::no_grad(|| model.output(&w, &t, &e));
+            model.prepare_for_sampling();
+            let after = tch::no_grad(|| model.output(&w, &t, &e));
+            let scale = before.abs().max().double_value(&[]);
+            assert!(
+                scale > 0.1,
+                "{conditioning:?}: the test weights must do something"
+            );
+            let gap = (&after - &before).abs().max().double_value(&[]);
+            assert!(
+                gap <= 1e-5 * scale,
+                "{conditioning:?}: prepared differs by {gap}"
+            );
+        }
     }
 }

@@ -65,6 +65,28 @@ pub struct MlpUnet {
     up: Vec<Vec<FilmBlock>>,
     out_norm: Option<nn::LayerNorm>,
     output: nn::Linear,
+    sampling: Option<SamplingTables>,
+}
+
+/// What a frozen network computes once for sampling (`MlpUnet::prepare_for_sampling`).
+#[derive(Debug)]
+struct SamplingTables {
+    /// MLP(τ(t)) for every t, [T, time_dim].
+    time: Tensor,
+    /// Every FiLM block's projection stacked, in forward order; None for
+    /// Concat.
+    film: Option<StackedFilm>,
+}
+
+/// The FiLM projections of all blocks as one matrix product.
+#[derive(Debug)]
+struct StackedFilm {
+    /// Weightᵀ [c_dim, Σ 2 × width].
+    weight: Tensor,
+    /// Bias [Σ 2 × width], with the 1 of 1 + γ folded in.
+    bias: Tensor,
+    /// Column widths of the product: each block's scale, then its shift.
+    widths: Vec<i64>,
 }
 
 impl MlpUnet {
@@ -135,25 +157,82 @@ impl MlpUnet {
                 .output_norm
                 .then(|| nn::layer_norm(vs / "out_norm", vec![widths[0]], Default::default())),
             output: zero_linear(vs / "output", widths[0], dim),
+            sampling: None,
         }
+    }
+
+    /// The blocks in the order `forward` runs them.
+    fn blocks_in_order(&self) -> impl Iterator<Item = &FilmBlock> {
+        self.down
+            .iter()
+            .flatten()
+            .chain(std::iter::once(&self.middle))
+            .chain(self.up.iter().rev().flatten())
+    }
+
+    /// Freezes the network for sampling at timesteps 0 … `timesteps` − 1
+    /// (T + 1 of them for a schedule of T steps: t runs from T to 0):
+    /// MLP(τ(t)) becomes a table lookup and every block's FiLM projection one
+    /// stacked matrix product per pass (a pass of the demo's latent
+    /// denoiser ran ≈ 60 small kernels, each dispatch-bound on a CPU;
+    /// docs/BENCHMARKS.md). The outputs equal `forward`'s up to float
+    /// rounding. Call again after the variables change; training never
+    /// calls it.
+    pub fn prepare_for_sampling(&mut self, timesteps: i64) {
+        let time = self.time.table(timesteps);
+        let films: Option<Vec<(Tensor, Tensor)>> = self
+            .blocks_in_order()
+            .map(FilmBlock::film_for_sampling)
+            .collect();
+        let film = films.map(|films| {
+            let (weights, biases): (Vec<Tensor>, Vec<Tensor>) = films.into_iter().unzip();
+            let widths = biases.iter().flat_map(|b| [b.size()[0] / 2; 2]).collect();
+            StackedFilm {
+                weight: Tensor::cat(&weights, 1),
+                bias: Tensor::cat(&biases, 0),
+                widths,
+            }
+        });
+        self.sampling = Some(SamplingTables { time, film });
     }
 
     /// F(w_t, t, e): w_t [B, D], t [B] int64, e [B, E] → [B, D].
     pub fn forward(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
-        let c = self.time.condition(t, e);
+        let Some(tables) = &self.sampling else {
+            let c = self.time.condition(t, e);
+            return self.run(w_t, |block, h| block.forward(h, &c));
+        };
+        let c = TimeCondition::condition_from_table(&tables.time, t, e);
+        let Some(film) = &tables.film else {
+            return self.run(w_t, |block, h| block.forward(h, &c));
+        };
+        let modulation = film
+            .bias
+            .addmm(&c, &film.weight)
+            .split_with_sizes(&film.widths, 1);
+        let mut parts = modulation.chunks_exact(2);
+        self.run(w_t, |block, h| match parts.next() {
+            Some([scale, shift]) => block.forward_modulated(h, &c, scale, shift),
+            _ => block.forward(h, &c),
+        })
+    }
+
+    /// The U-Net around `block_fn(block, h)`, called for each block in
+    /// `blocks_in_order`'s order.
+    fn run(&self, w_t: &Tensor, mut block_fn: impl FnMut(&FilmBlock, &Tensor) -> Tensor) -> Tensor {
         let mut h = self.input.forward(w_t);
         let mut skips = Vec::new();
         let levels = self.down.len();
         for level in 0..levels {
             for block in &self.down[level] {
-                h = block.forward(&h, &c);
+                h = block_fn(block, &h);
                 skips.push(h.shallow_clone());
             }
             if level + 1 < levels {
                 h = self.down_proj[level].forward(&h);
             }
         }
-        h = self.middle.forward(&h, &c);
+        h = block_fn(&self.middle, &h);
         for level in (0..levels).rev() {
             if level + 1 < levels {
                 h = self.up_proj[level].forward(&h);
@@ -161,7 +240,7 @@ impl MlpUnet {
             for (block, merge) in self.up[level].iter().zip(&self.merge[level]) {
                 let skip = skips.pop().expect("one skip per down block");
                 h = merge.forward(&Tensor::cat(&[h, skip], 1));
-                h = block.forward(&h, &c);
+                h = block_fn(block, &h);
             }
         }
         match &self.out_norm {

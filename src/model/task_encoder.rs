@@ -281,6 +281,22 @@ impl TaskEncoder {
 }
 
 #[cfg(test)]
+impl TaskEncoderConfig {
+    /// A small encoder of `feature_dim` features alone (hidden width 8), for
+    /// tests.
+    pub(crate) fn small_features_only(feature_dim: i64, embed_dim: i64) -> Self {
+        Self {
+            feature_dim,
+            support_x_dim: 0,
+            support_y_dim: 0,
+            hidden: 8,
+            embed_dim,
+            prototypes: false,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

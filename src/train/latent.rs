@@ -82,11 +82,12 @@ impl std::str::FromStr for LatentChoice {
 
 /// Fits the latent `choice` asks for on the standardized training weights
 /// `train` [N, D] (rows `rows` of `data`), or `None` for no latent. An
-/// autoencoder trains on `device` and keeps the weights that rebuild the
-/// validation models `val` best.
+/// autoencoder trains `autoencoder_steps` Adam steps on `device` and keeps
+/// the weights that rebuild the validation models `val` best.
 #[allow(clippy::too_many_arguments)]
 pub fn fit_latent(
     choice: LatentChoice,
+    autoencoder_steps: usize,
     train: &Tensor,
     val: &Tensor,
     rows: &[i64],
@@ -101,6 +102,7 @@ pub fn fit_latent(
         LatentChoice::PcaAuto => auto_size(train, rows, data, stats, seed)?,
         LatentChoice::Autoencoder(k) => {
             let fit = AutoencoderFit {
+                steps: autoencoder_steps,
                 seed,
                 ..Default::default()
             };

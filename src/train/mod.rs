@@ -98,6 +98,8 @@ pub struct TrainDenoiserConfig {
     pub prediction: crate::diffusion::objective::Prediction,
     /// The space diffusion runs in (standardized weights or a PCA latent).
     pub latent: LatentChoice,
+    /// Adam steps of an autoencoder latent.
+    pub latent_steps: usize,
     /// Alignment and zoo subset.
     pub load: crate::zoo::LoadOptions,
     /// Steps, batch, learning rate, condition dropout, clipping, seed.
@@ -158,6 +160,11 @@ impl TrainDenoiserConfig {
         // before schedules existed still resume.
         if self.fit.lr_schedule != LrSchedule::Constant {
             fingerprint["lr_schedule"] = self.fit.lr_schedule.name().into();
+        }
+        // Recorded only when it differs from the default, so runs saved
+        // before the option existed still resume.
+        if self.latent_steps != crate::model::weight_autoencoder::DEFAULT_AE_STEPS {
+            fingerprint["latent_steps"] = self.latent_steps.into();
         }
         // Splitting batches changes floating-point sums; recorded only when
         // asked for, so runs saved before it existed still resume.
@@ -391,6 +398,8 @@ pub async fn train_denoiser(
             },
             "zoo_load": config.load,
             "latent": config.latent.to_string(),
+            "latent_steps": matches!(config.latent, LatentChoice::Autoencoder(_))
+                .then_some(config.latent_steps),
             "recommended_sampling": checkpoint.recommended,
         }),
         summary,
@@ -500,6 +509,7 @@ fn train_blocking(
     let val_standardized = standardized.index_select(0, &val_rows);
     let latent = latent::fit_latent(
         config.latent,
+        config.latent_steps,
         &standardized.index_select(0, &train_rows),
         &val_standardized,
         train,

@@ -632,6 +632,86 @@ async fn generate_init_end_to_end() {
     let final_generated = summary["final"]["generated"].as_f64().unwrap();
     assert!(final_generated > 0.8, "{out}");
 
+    // `weightgen_client.torch`: from the user's own module. warm_start finds
+    // the architecture by the module's tensors, loads the same sample as the
+    // request above (same seed and guidance) strictly in place, in the
+    // module's dtype; a module that matches nothing is refused naming the
+    // tensors that differ; architecture_of describes a module as the server
+    // does; a CNN is matched to the CNN architecture.
+    let script = r#"
+import sys, torch
+from torch import nn
+from safetensors.torch import load_file
+from weightgen_client import WeightgenClient, load_task
+from weightgen_client.torch import ArchitectureMismatch, architecture_of, find_architecture, warm_start
+
+client, task = WeightgenClient(sys.argv[1]), load_task(sys.argv[2])
+model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5)).double()
+answer = warm_start(model, task, client, seed=42, guidance=2)
+expected = load_file(sys.argv[3])
+assert all(torch.equal(v, expected[k].double()) for k, v in model.state_dict().items())
+assert all(v.dtype == torch.float64 for v in model.state_dict().values())
+print("warm-started:", answer.header.architecture.name)
+try:
+    architecture_of(model)
+    raise SystemExit("a float64 module was described with a dtype the server has no name for")
+except ValueError as e:
+    print("float64:", e)
+spec = architecture_of(model.float(), name=answer.header.architecture.name, family="digits")
+served = answer.header.architecture
+assert [(t.name, list(t.shape)) for t in spec.tensors] == [(t.name, list(t.shape)) for t in served.tensors]
+assert [(g.name, g.kind, list(g.tensors)) for g in spec.layers] == [(g.name, g.kind, list(g.tensors)) for g in served.layers], (spec.layers, served.layers)
+assert spec.num_parameters == served.num_parameters
+try:
+    warm_start(nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 5)), task, client)
+    raise SystemExit("a module of another shape was warm-started")
+except ArchitectureMismatch as e:
+    print("mismatch:", e)
+cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                    nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5))
+print("cnn:", find_architecture(client, cnn))
+"#;
+    // The CNN's architecture reaches the catalog with a zoo of its own.
+    crate::common::generation::worker(
+        &data,
+        &[
+            "zoo",
+            "build",
+            "--family",
+            "digits",
+            "--zoo",
+            "digits-cnn",
+            "--architecture",
+            "digits-cnn-8-16-5",
+            "--models",
+            "1",
+            "--steps",
+            "1",
+        ],
+    );
+    let out = run_python(
+        &site,
+        &[
+            "-c",
+            script,
+            &server.addr(),
+            task_path.to_str().unwrap(),
+            saved.to_str().unwrap(),
+        ],
+    );
+    eprintln!("{out}");
+    assert!(
+        out.contains("warm-started: digits-mlp-64-32-5")
+            && out.contains("float64: 0.weight: dtype torch.float64 is not one of"),
+        "{out}"
+    );
+    assert!(
+        out.contains("mismatch: no architecture matches the module; closest is digits-mlp-64-32-5")
+            && out.contains("0.weight [48, 64] vs [32, 64]"),
+        "{out}"
+    );
+    assert!(out.contains("cnn: digits-cnn-"), "{out}");
+
     // The Python client raises the server's status, naming the field.
     let script = r#"
 import sys, grpc

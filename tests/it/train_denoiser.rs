@@ -58,6 +58,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         // The demo's recipe: v-prediction, 128/64.
         prediction: weightgen::diffusion::Prediction::V,
         latent: weightgen::train::LatentChoice::Pca(64),
+        latent_steps: weightgen::model::weight_autoencoder::DEFAULT_AE_STEPS,
         load: Default::default(),
         fit: FitConfig {
             steps: 1500,
@@ -268,7 +269,7 @@ fn the_train_command_publishes_reports_and_refuses_a_taken_id() {
     // published checkpoint, and the denoiser diffuses in its K coordinates.
     let mut ae_args = train_args.to_vec();
     ae_args[4] = "cli-ae";
-    ae_args.extend(["--latent", "ae:8"]);
+    ae_args.extend(["--latent", "ae:8", "--latent-steps", "200"]);
     let ae = run(env!("CARGO_BIN_EXE_weightgen-worker"), &ae_args);
     assert!(
         ae.status.success(),
@@ -280,6 +281,7 @@ fn the_train_command_publishes_reports_and_refuses_a_taken_id() {
             StorageArgs::embedded(dir.path()).open().await.unwrap();
         let record = catalog.denoiser("cli-ae").await.unwrap().unwrap();
         assert_eq!(record.config["latent"], "ae:8");
+        assert_eq!(record.config["latent_steps"], 200);
         assert!(
             record.summary["latent_val_reconstruction_mse"].is_finite(),
             "{:?}",

@@ -133,6 +133,7 @@ pub fn train_spec_from_proto(spec: &pb::TrainDenoiserSpec) -> Result<TrainSpec, 
         })?,
         seed: spec.seed,
         latent: latent_from_proto(spec.latent, spec.latent_size)?,
+        latent_steps: count(spec.latent_steps, d.latent_steps),
         widths: if spec.widths.is_empty() {
             d.widths
         } else {
@@ -223,6 +224,7 @@ pub fn train_spec_to_proto(spec: &TrainSpec) -> pb::TrainDenoiserSpec {
         seed: spec.seed,
         latent: latent as i32,
         latent_size,
+        latent_steps: Some(narrow(spec.latent_steps)),
         widths: spec.widths.iter().map(|&w| wide(w)).collect(),
         blocks_per_level: Some(narrow(spec.blocks_per_level)),
         conditioning: match spec.conditioning {
