@@ -160,14 +160,25 @@ struct EvalArgs {
     storage: StorageArgs,
 }
 
+/// The checkout's commit, and whether tracked files differ from it (a
+/// report run from a dirty tree says so instead of naming a commit whose
+/// code it did not run).
 fn commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_else(|| "unknown".into())
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        None => "unknown".into(),
+        Some(head) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(changes) if !changes.is_empty() => format!("{head} with uncommitted changes"),
+            _ => head,
+        },
+    }
 }
 
 /// Who produced a report: the zoo, the command as given, commit, machine.

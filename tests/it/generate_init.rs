@@ -57,6 +57,15 @@ fn python() -> String {
 
 /// Installs clients/python into `target` the way a user would (pip builds
 /// the stubs from the proto with grpcio-tools), offline.
+/// `weightgen doctor` against `addr`: exit code and stdout.
+fn doctor(addr: &str) -> (Option<i32>, String) {
+    let output = Command::new(CLI)
+        .args(["--addr", addr, "doctor"])
+        .output()
+        .unwrap();
+    (output.status.code(), combined_output(&output))
+}
+
 fn install_python_client(target: &Path) {
     let output = Command::new(python())
         .args([
@@ -120,6 +129,22 @@ async fn generate_init_end_to_end() {
         "{}",
         status.message()
     );
+    // `weightgen doctor` names what is missing: nothing is loaded, so there
+    // is nothing to sample, and it exits 1.
+    let (code, out) = doctor(&server.addr());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("ok    health       SERVING")
+            && out.contains("FAIL  denoiser     NOT_SERVING")
+            && out.contains("ok    catalog      0 architecture(s), 0 active denoiser(s)")
+            && out.contains("skip  sample       no active denoiser to sample")
+            && out.contains("1 check(s) failed"),
+        "{out}"
+    );
+    // Nothing listening: the first check fails and says why.
+    let (code, out) = doctor("127.0.0.1:1");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL  connection"), "{out}");
     small_digits_zoo(&data);
     let status = refused(&mut client, request(&task, Sampler::Ddim, 1, 1)).await;
     assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
@@ -130,6 +155,15 @@ async fn generate_init_end_to_end() {
     );
     train(&data, "digits-e2e", "3");
     wait_ready(&mut client).await;
+    // With a denoiser: every check passes, a real one-step sample included.
+    let (code, out) = doctor(&server.addr());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok    denoiser     SERVING")
+            && out.contains("ok    sample digits-e2e digits task")
+            && out.contains("all checks passed"),
+        "{out}"
+    );
 
     // Every validation error: its code and the field it names.
     type Edit = Box<dyn Fn(&mut GenerateInitRequest)>;

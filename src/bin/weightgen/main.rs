@@ -9,6 +9,7 @@ use weightgen::client;
 mod architectures;
 mod compare;
 mod denoisers;
+mod doctor;
 mod generate;
 mod jobs;
 mod models;
@@ -152,6 +153,10 @@ enum Command {
     /// cancel, wait.
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
+    /// Check a deployment end to end: connection, health, the server's build
+    /// and device, the catalog, a loaded denoiser, and one real one-step
+    /// sample per active denoiser; exit 0 only when no check failed.
+    Doctor,
 }
 
 async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
@@ -180,6 +185,7 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
             Ok(denoisers::denoisers(&cli.addr, cli.timeout, command).await)
         }
         Command::Jobs(command) => Ok(jobs::jobs(&cli.addr, cli.timeout, command).await),
+        Command::Doctor => Ok(doctor::doctor(&cli.addr, cli.timeout).await),
         Command::Health { service, wait } => {
             if let Some(wait) = wait {
                 client::wait_until_serving(&target(&cli.addr), &service, wait).await?;
