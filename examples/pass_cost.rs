@@ -73,28 +73,26 @@ fn denoiser(dim: i64, widths: &[i64]) -> ConditionalDenoiser {
     ConditionalDenoiser::new(config, Device::Cpu).expect("a denoiser")
 }
 
-/// The matrix products one pass runs, as [in, out] weights: every 2-D
-/// weight outside the task encoder, or — for a network prepared for
-/// sampling — those minus the time MLP (a table lookup) with the FiLM
-/// projections stacked into one.
-fn pass_products(model: &ConditionalDenoiser, prepared: bool) -> Vec<Tensor> {
-    let mut named: Vec<(String, Tensor)> = model
+/// The matrix products a pass prepared for sampling runs, as [in, out]
+/// weights: every 2-D weight outside the task encoder and the time MLP (a
+/// table lookup), the FiLM projections stacked into one.
+fn pass_products(model: &ConditionalDenoiser) -> Vec<Tensor> {
+    let named: Vec<(String, Tensor)> = model
         .vs
         .variables()
         .into_iter()
-        .filter(|(name, t)| !name.starts_with("encoder") && t.dim() == 2)
+        .filter(|(name, t)| {
+            !name.starts_with("encoder") && !name.starts_with("net.time.") && t.dim() == 2
+        })
         .map(|(name, t)| (name, t.detach().tr().contiguous()))
         .collect();
-    if !prepared {
-        return named.into_iter().map(|(_, t)| t).collect();
-    }
-    named.retain(|(name, _)| !name.starts_with("net.time."));
-    let (films, mut rest): (Vec<_>, Vec<_>) = named
+    let (films, rest): (Vec<_>, Vec<_>) = named
         .into_iter()
         .partition(|(name, _)| name.contains(".film."));
     let films: Vec<Tensor> = films.into_iter().map(|(_, t)| t).collect();
-    rest.push((String::new(), Tensor::cat(&films, 1)));
-    rest.into_iter().map(|(_, t)| t).collect()
+    let mut products: Vec<Tensor> = rest.into_iter().map(|(_, t)| t).collect();
+    products.push(Tensor::cat(&films, 1));
+    products
 }
 
 fn main() {
@@ -108,7 +106,7 @@ fn main() {
         let mut prepared = denoiser(dim, &widths);
         prepared.vs.copy(&model.vs).expect("same variables");
         prepared.prepare_for_sampling();
-        let weights = pass_products(&prepared, true);
+        let weights = pass_products(&prepared);
         for rows in [1i64, 8, 16, 64, 128] {
             let x = Tensor::randn([rows, dim], (Kind::Float, Device::Cpu));
             let t = Tensor::full([rows], 500i64, (Kind::Int64, Device::Cpu));

@@ -120,9 +120,10 @@ struct EvalArgs {
     /// Guidance scale of the guided rows.
     #[arg(long, default_value_t = 3.0)]
     guidance: f64,
-    /// Sampler of weightgen's rows other than DDPM: ddim-50, or one-step
-    /// (one DPM-Solver++ step from t = T, the x̂₀ of pure noise; for
-    /// v-prediction denoisers, with --guidance 1).
+    /// Sampler of weightgen's rows other than DDPM: ddim-50, ddim-10 (the
+    /// serving default's step count), or one-step (one DPM-Solver++ step
+    /// from t = T, the x̂₀ of pure noise; for v-prediction denoisers, with
+    /// --guidance 1).
     #[arg(long, value_enum, env = "WEIGHTGEN_EVAL_SAMPLER", default_value_t = EvalSampler::Ddim50)]
     sampler: EvalSampler,
     /// Seed of task draws, sampling and random inits.
@@ -175,8 +176,9 @@ fn commit() -> String {
     match git(&["rev-parse", "--short", "HEAD"]) {
         None => "unknown".into(),
         Some(head) => match git(&["status", "--porcelain", "--untracked-files=no"]) {
-            Some(changes) if !changes.is_empty() => format!("{head} with uncommitted changes"),
-            _ => head,
+            Some(changes) if changes.is_empty() => head,
+            Some(_) => format!("{head} with uncommitted changes"),
+            None => format!("{head} (tree state unknown)"),
         },
     }
 }

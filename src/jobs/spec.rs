@@ -312,6 +312,7 @@ pub struct TrainSpec {
     /// Adam steps that train an `ae:K` latent's autoencoder (ignored by the
     /// other latents).
     #[arg(long, env = "WEIGHTGEN_TRAIN_LATENT_STEPS", default_value_t = DEFAULT_AE_STEPS)]
+    #[serde(skip_serializing_if = "is_default_latent_steps")]
     pub latent_steps: usize,
     /// Denoiser network: mlp_unet (the proposal) or layer_transformer.
     #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_KIND", default_value_t = DenoiserKind::MlpUnet)]
@@ -448,6 +449,12 @@ mod as_text {
     }
 }
 
+/// Left out of stored specs at its default, so a worker from before the
+/// option existed still reads them.
+fn is_default_latent_steps(steps: &usize) -> bool {
+    *steps == DEFAULT_AE_STEPS
+}
+
 impl TrainSpec {
     /// A spec with the proposal's defaults for `zoo`.
     pub fn new(zoo: &str) -> Self {
@@ -480,7 +487,7 @@ impl TrainSpec {
             crate::train::check_denoiser_id(id)
                 .map_err(|e| invalid("train_denoiser.denoiser_id", e))?;
         }
-        if self.latent_steps == 0 {
+        if matches!(self.latent, LatentChoice::Autoencoder(_)) && self.latent_steps == 0 {
             return Err(invalid("train_denoiser.latent_steps", "must be positive"));
         }
         if self.steps == 0 {

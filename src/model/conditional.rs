@@ -165,11 +165,18 @@ impl ConditionalDenoiser {
 
     /// Freezes the network for sampling (the MLP U-Net's time table and
     /// stacked FiLM projections; nothing for the layer transformer). Loading a
-    /// checkpoint does this; a model that is still training must not.
+    /// checkpoint does this; a model that is still training must not (the
+    /// tables are detached copies: `loss` would not train the time MLP or
+    /// FiLM, and the tables would go stale).
     pub fn prepare_for_sampling(&mut self) {
         if let Net::MlpUnet(net) = &mut self.net {
             net.prepare_for_sampling(self.config.timesteps as i64 + 1);
         }
+    }
+
+    /// Whether `prepare_for_sampling` ran.
+    pub fn is_prepared_for_sampling(&self) -> bool {
+        matches!(&self.net, Net::MlpUnet(net) if net.is_prepared_for_sampling())
     }
 
     /// Model output for w_t [B, D] at t [B] given embeddings e [B, E].
@@ -183,10 +190,10 @@ impl ConditionalDenoiser {
         if !self.config.preconditioning || self.config.prediction == Prediction::V {
             return correction;
         }
-        let (a, b) = self.schedule.coefficients(t);
         match self.config.prediction {
-            Prediction::X0 => correction + w_t * a,
-            Prediction::Epsilon | Prediction::V => correction + w_t * b,
+            Prediction::X0 => correction + w_t * self.schedule.coefficients(t).0,
+            Prediction::Epsilon => correction + w_t * self.schedule.coefficients(t).1,
+            Prediction::V => correction,
         }
     }
 
@@ -201,6 +208,10 @@ impl ConditionalDenoiser {
         noise: &Tensor,
         drop: Option<&Tensor>,
     ) -> Tensor {
+        debug_assert!(
+            !self.is_prepared_for_sampling(),
+            "a network prepared for sampling is not trained (prepare_for_sampling)"
+        );
         let w_t = self.schedule.q_sample(w0, t, noise);
         let e = self.encoder.forward(condition, w0.size()[0], drop);
         let (a, b) = self.schedule.coefficients(t);

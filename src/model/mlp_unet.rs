@@ -71,7 +71,7 @@ pub struct MlpUnet {
 /// What a frozen network computes once for sampling (`MlpUnet::prepare_for_sampling`).
 #[derive(Debug)]
 struct SamplingTables {
-    /// MLP(τ(t)) for every t, [T, time_dim].
+    /// MLP(τ(t)) for every t in 0..=T, [T + 1, time_dim].
     time: Tensor,
     /// Every FiLM block's projection stacked, in forward order; None for
     /// Concat.
@@ -168,6 +168,11 @@ impl MlpUnet {
             .flatten()
             .chain(std::iter::once(&self.middle))
             .chain(self.up.iter().rev().flatten())
+    }
+
+    /// Whether `prepare_for_sampling` ran.
+    pub fn is_prepared_for_sampling(&self) -> bool {
+        self.sampling.is_some()
     }
 
     /// Freezes the network for sampling at timesteps 0 … `timesteps` − 1

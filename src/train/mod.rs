@@ -161,9 +161,11 @@ impl TrainDenoiserConfig {
         if self.fit.lr_schedule != LrSchedule::Constant {
             fingerprint["lr_schedule"] = self.fit.lr_schedule.name().into();
         }
-        // Recorded only when it differs from the default, so runs saved
-        // before the option existed still resume.
-        if self.latent_steps != crate::model::weight_autoencoder::DEFAULT_AE_STEPS {
+        // Recorded only for an autoencoder latent and off the default, so
+        // runs saved before the option existed still resume.
+        if matches!(self.latent, LatentChoice::Autoencoder(_))
+            && self.latent_steps != crate::model::weight_autoencoder::DEFAULT_AE_STEPS
+        {
             fingerprint["latent_steps"] = self.latent_steps.into();
         }
         // Splitting batches changes floating-point sums; recorded only when

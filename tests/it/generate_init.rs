@@ -701,6 +701,12 @@ try:
     raise SystemExit("a module of another shape was warm-started")
 except ArchitectureMismatch as e:
     print("mismatch:", e)
+try:
+    warm_start(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 5), nn.ReLU(), nn.Linear(5, 5)),
+               task, client, architecture="digits-mlp-64-32-5")
+    raise SystemExit("a module with parameters the init does not cover was warm-started")
+except ArchitectureMismatch as e:
+    print("named architecture:", e)
 cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                     nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5))
 print("cnn:", find_architecture(client, cnn))
@@ -745,6 +751,10 @@ print("cnn:", find_architecture(client, cnn))
         "{out}"
     );
     assert!(out.contains("cnn: digits-cnn-"), "{out}");
+    assert!(
+        out.contains("named architecture: digits-mlp-64-32-5, the architecture asked for, does not fit the module (not in digits-mlp-64-32-5: 4.weight, 4.bias)"),
+        "{out}"
+    );
 
     // The Python client raises the server's status, naming the field.
     let script = r#"

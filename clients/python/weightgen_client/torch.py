@@ -12,6 +12,8 @@ server's architecture with exactly those tensors (or raises
 ArchitectureMismatch naming the tensors that differ from the closest one),
 asks for one initialization and loads it into the module in place with
 `load_state_dict(strict=True)`, in the module's own dtypes and device.
+Non-floating-point entries (e.g. BatchNorm's num_batches_tracked) keep
+their values.
 """
 
 from __future__ import annotations
@@ -30,27 +32,22 @@ _DTYPES = {
     torch.bfloat16: common_pb2.DTYPE_BF16,
 }
 
-# Layer kinds by module type, as the server's architectures name them.
-_KINDS = {
-    torch.nn.Linear: "linear",
-    torch.nn.Conv1d: "conv1d",
-    torch.nn.Conv2d: "conv2d",
-    torch.nn.Conv3d: "conv3d",
-    torch.nn.LayerNorm: "layer_norm",
-    torch.nn.BatchNorm1d: "batch_norm",
-    torch.nn.BatchNorm2d: "batch_norm",
-    torch.nn.Embedding: "embedding",
-}
+# Layer kinds by the rank of a layer's largest tensor: the rule the server
+# applies to checkpoints users upload (ArchSpec::infer).
+_KINDS_BY_RANK = {2: "linear", 3: "conv1d", 4: "conv2d", 1: "norm"}
 
 
 class ArchitectureMismatch(ValueError):
-    """No architecture on the server has the module's tensors. `closest` is
-    the name of the architecture sharing most tensor names (None when the
-    server has none), `missing` the tensors it has and the module lacks,
+    """No architecture on the server has the module's tensors (or, `named`,
+    the one asked for does not). `closest` is the name of the architecture
+    sharing most tensor names (or the one asked for; None when the server
+    has none), `missing` the tensors it has and the module lacks,
     `unexpected` the module's tensors it lacks, `shapes` the tensors whose
     shapes differ as {name: (module's, server's)}."""
 
-    def __init__(self, closest: Optional[str], missing: list, unexpected: list, shapes: dict):
+    def __init__(
+        self, closest: Optional[str], missing: list, unexpected: list, shapes: dict, named: bool = False
+    ):
         self.closest, self.missing, self.unexpected, self.shapes = closest, missing, unexpected, shapes
         if closest is None:
             message = "the server has no architectures"
@@ -65,7 +62,12 @@ class ArchitectureMismatch(ValueError):
                     "shapes differ: "
                     + ", ".join(f"{k} {list(a)} vs {list(b)}" for k, (a, b) in shapes.items())
                 )
-            message = f"no architecture matches the module; closest is {closest} ({'; '.join(parts)})"
+            lead = (
+                f"{closest}, the architecture asked for, does not fit the module"
+                if named
+                else f"no architecture matches the module; closest is {closest}"
+            )
+            message = f"{lead} ({'; '.join(parts)})"
         super().__init__(message)
 
 
@@ -75,26 +77,27 @@ def _parameters(module: torch.nn.Module) -> dict:
 
 
 def architecture_of(module: torch.nn.Module, name: str = "", family: str = "") -> common_pb2.ArchitectureSpec:
-    """The ArchitectureSpec of `module`: its floating-point state_dict
-    tensors in order, each in the layer of the submodule that owns it (kind
-    from the submodule's type: linear, conv2d, layer_norm, ...)."""
-    owners = dict(module.named_modules())
+    """The ArchitectureSpec of `module` as the server infers one from an
+    uploaded checkpoint: its floating-point state_dict tensors in order,
+    grouped into layers by the name before the last dot (a tensor without a
+    dot is its own layer), each layer's kind from the rank of its largest
+    tensor (2 linear, 3 conv1d, 4 conv2d, 1 norm, else other)."""
     spec = common_pb2.ArchitectureSpec(name=name, family=family)
     groups: dict = {}
+    ranks: dict = {}
     for key, tensor in _parameters(module).items():
-        layer = key.rsplit(".", 1)[0] if "." in key else ""
+        layer = key.rsplit(".", 1)[0] if "." in key else key
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"{key}: dtype {tensor.dtype} is not one of {sorted(map(str, _DTYPES))}")
         spec.tensors.append(
             common_pb2.TensorSpec(name=key, shape=list(tensor.shape), dtype=_DTYPES[tensor.dtype], layer=layer)
         )
-        if layer not in groups:
-            owner = owners.get(layer)
-            kind = next((k for t, k in _KINDS.items() if isinstance(owner, t)), type(owner).__name__.lower())
-            groups[layer] = common_pb2.LayerGroup(name=layer, kind=kind)
-        groups[layer].tensors.append(key)
+        groups.setdefault(layer, []).append(key)
+        ranks[layer] = max(ranks.get(layer, 0), tensor.dim())
         spec.num_parameters += tensor.numel()
-    spec.layers.extend(groups.values())
+    for layer, keys in groups.items():
+        kind = _KINDS_BY_RANK.get(ranks[layer], "other")
+        spec.layers.append(common_pb2.LayerGroup(name=layer, kind=kind, tensors=keys))
     return spec
 
 
@@ -110,23 +113,27 @@ def find_architecture(client: WeightgenClient, module: torch.nn.Module, family: 
             metadata=client._metadata,
         )
     )
-    ours = [(k, tuple(v.shape)) for k, v in _parameters(module).items()]
+    mine = {k: tuple(v.shape) for k, v in _parameters(module).items()}
     best, best_overlap = None, -1
     for arch in answer.architectures:
-        theirs = [(t.name, tuple(t.shape)) for t in arch.tensors]
-        if theirs == ours:
+        # load_state_dict matches by name, so the order does not matter.
+        theirs = {t.name: tuple(t.shape) for t in arch.tensors}
+        if theirs == mine:
             return arch.name
-        overlap = len({n for n, _ in ours} & {n for n, _ in theirs})
+        overlap = len(mine.keys() & theirs.keys())
         if overlap > best_overlap:
             best, best_overlap = arch, overlap
     if best is None:
         raise ArchitectureMismatch(None, [], [], {})
-    mine, theirs = dict(ours), {t.name: tuple(t.shape) for t in best.tensors}
-    raise ArchitectureMismatch(
-        best.name,
-        missing=[n for n in theirs if n not in mine],
-        unexpected=[n for n in mine if n not in theirs],
-        shapes={n: (mine[n], theirs[n]) for n in mine if n in theirs and mine[n] != theirs[n]},
+    raise ArchitectureMismatch(best.name, *_differences(mine, {t.name: tuple(t.shape) for t in best.tensors}))
+
+
+def _differences(mine: dict, theirs: dict) -> tuple:
+    """(missing, unexpected, shapes) between two {name: shape} maps."""
+    return (
+        [n for n in theirs if n not in mine],
+        [n for n in mine if n not in theirs],
+        {n: (mine[n], theirs[n]) for n in mine if n in theirs and mine[n] != theirs[n]},
     )
 
 
@@ -149,6 +156,12 @@ def warm_start(
     answer = client.generate_init(dict(task, architecture=name), num_samples=1, **sampling)
     current = module.state_dict()
     generated = answer.state_dicts()[0]
+    # With `architecture` given nothing was looked up: refuse an init that
+    # would leave some of the module's parameters as they were.
+    mine = {k: tuple(v.shape) for k, v in _parameters(module).items()}
+    theirs = {k: tuple(v.shape) for k, v in generated.items()}
+    if mine != theirs:
+        raise ArchitectureMismatch(name, *_differences(mine, theirs), named=True)
     state = {
         k: generated[k].to(dtype=current[k].dtype, device=current[k].device) if k in generated else v
         for k, v in current.items()

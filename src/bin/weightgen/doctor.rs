@@ -103,6 +103,12 @@ pub async fn doctor(addr: &str, timeout: Duration) -> ExitCode {
                     active.len()
                 )),
             );
+            if active.is_empty() {
+                report.record(
+                    "sample",
+                    Outcome::Skipped("no active denoiser to sample".into()),
+                );
+            }
             active
         }
         Err(status) => {
@@ -110,15 +116,13 @@ pub async fn doctor(addr: &str, timeout: Duration) -> ExitCode {
                 "catalog",
                 Outcome::Failed(client::ClientError::Rpc(status).to_string()),
             );
+            report.record(
+                "sample",
+                Outcome::Skipped("the catalog did not say which denoisers are active".into()),
+            );
             Vec::new()
         }
     };
-    if active.is_empty() {
-        report.record(
-            "sample",
-            Outcome::Skipped("no active denoiser to sample".into()),
-        );
-    }
     for denoiser in &active {
         report.record(
             &format!("sample {}", denoiser.info.id),
@@ -134,8 +138,8 @@ struct Active {
     family: String,
 }
 
-/// The number of registered architectures and the active denoisers (the
-/// first page of the listing: a deployment serves a handful).
+/// The number of registered architectures and the active denoisers (every
+/// page of the listing).
 async fn active_denoisers(channel: &Connection) -> Result<(usize, Vec<Active>), tonic::Status> {
     let mut catalog = CatalogServiceClient::new(channel.clone());
     let architectures = catalog
@@ -143,11 +147,25 @@ async fn active_denoisers(channel: &Connection) -> Result<(usize, Vec<Active>), 
         .await?
         .into_inner()
         .architectures;
-    let denoisers = catalog
-        .list_denoisers(pb::ListDenoisersRequest::default())
-        .await?
-        .into_inner()
-        .denoisers;
+    let mut denoisers = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = catalog
+            .list_denoisers(pb::ListDenoisersRequest {
+                architecture: String::new(),
+                page: Some(pb::PageRequest {
+                    page_size: 0,
+                    page_token,
+                }),
+            })
+            .await?
+            .into_inner();
+        denoisers.extend(page.denoisers);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     let family = |architecture: &str| {
         architectures
             .iter()
