@@ -156,23 +156,14 @@ impl FilmBlock {
             }
             None => Tensor::cat(&[self.norm.forward(h), c.shallow_clone()], 1),
         };
-        self.residual(h, &x)
+        h + self.down.forward(&self.up.forward(&x).silu())
     }
 
-    /// The FiLM block with its modulation computed ahead (`film_for_sampling`):
-    /// `scale` is 1 + γ(c), `shift` is β(c); two kernels where `forward`
-    /// runs five (and SiLU in place: for sampling, never for training). A
-    /// `Concat` block ignores them and reads c.
-    pub fn forward_modulated(
-        &self,
-        h: &Tensor,
-        c: &Tensor,
-        scale: &Tensor,
-        shift: &Tensor,
-    ) -> Tensor {
-        if self.film.is_none() {
-            return self.forward(h, c);
-        }
+    /// A FiLM block with its modulation computed ahead (`film_for_sampling`,
+    /// stacked for all blocks): `scale` is 1 + γ(c), `shift` is β(c); two
+    /// kernels where `forward` runs five (and SiLU in place: for sampling,
+    /// never for training). Only for blocks `film_for_sampling` answered.
+    pub fn forward_modulated(&self, h: &Tensor, scale: &Tensor, shift: &Tensor) -> Tensor {
         let x = shift.addcmul(&self.norm.forward(h), scale);
         h + self.down.forward(&self.up.forward(&x).silu_())
     }
@@ -190,11 +181,6 @@ impl FilmBlock {
         let mut scale_half = bias.narrow(0, 0, width);
         let _ = scale_half.g_add_scalar_(1.0);
         Some((film.ws.detach().tr().contiguous(), bias))
-    }
-
-    /// h + down(SiLU(up(x))).
-    fn residual(&self, h: &Tensor, x: &Tensor) -> Tensor {
-        h + self.down.forward(&self.up.forward(x).silu())
     }
 }
 

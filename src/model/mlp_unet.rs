@@ -203,12 +203,15 @@ impl MlpUnet {
 
     /// F(w_t, t, e): w_t [B, D], t [B] int64, e [B, E] → [B, D].
     pub fn forward(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
-        let Some(tables) = &self.sampling else {
-            let c = self.time.condition(t, e);
-            return self.run(w_t, |block, h| block.forward(h, &c));
+        let c = match &self.sampling {
+            Some(tables) => TimeCondition::condition_from_table(&tables.time, t, e),
+            None => self.time.condition(t, e),
         };
-        let c = TimeCondition::condition_from_table(&tables.time, t, e);
-        let Some(film) = &tables.film else {
+        let Some(film) = self
+            .sampling
+            .as_ref()
+            .and_then(|tables| tables.film.as_ref())
+        else {
             return self.run(w_t, |block, h| block.forward(h, &c));
         };
         let modulation = film
@@ -217,7 +220,7 @@ impl MlpUnet {
             .split_with_sizes(&film.widths, 1);
         let mut parts = modulation.chunks_exact(2);
         self.run(w_t, |block, h| match parts.next() {
-            Some([scale, shift]) => block.forward_modulated(h, &c, scale, shift),
+            Some([scale, shift]) => block.forward_modulated(h, scale, shift),
             _ => block.forward(h, &c),
         })
     }
