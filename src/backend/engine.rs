@@ -39,6 +39,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::batcher::{self, BatchConfig, Candidate};
 use super::cuda_graph::PassGraphs;
 use super::generation::{condition, encode_one, finite, guarded, redraw_seed, sample_metadata};
+use super::trace::RequestTrace;
 use super::{GenerateJob, GenerationSummary, ModelError, SampleNearness, SampleOut};
 use crate::diffusion::{Trajectory, is_guided};
 use crate::model::DenoiserCheckpoint;
@@ -55,6 +56,7 @@ pub(super) struct Pending {
     pub(super) samples: mpsc::Sender<SampleOut>,
     pub(super) done: oneshot::Sender<Result<GenerationSummary, ModelError>>,
     pub(super) enqueued: Instant,
+    pub(super) trace: RequestTrace,
 }
 
 /// One request in flight (keyed by its arrival number).
@@ -77,6 +79,7 @@ struct Flight {
     enqueued: Instant,
     first_pass: Option<Instant>,
     largest_pass: usize,
+    trace: RequestTrace,
 }
 
 impl Flight {
@@ -87,6 +90,7 @@ impl Flight {
     /// Ends the request with `result` (the samples' channel closes when the
     /// flight is dropped).
     fn finish(mut self, result: Result<GenerationSummary, ModelError>) {
+        self.trace.end(&result);
         if let Some(done) = self.done.take() {
             let _ = done.send(result);
         }
@@ -212,6 +216,7 @@ impl Engine {
             samples,
             done,
             enqueued,
+            trace,
         } = pending;
         let fail = |done: oneshot::Sender<_>, error| {
             let _ = done.send(Err(error));
@@ -253,6 +258,7 @@ impl Engine {
                 enqueued,
                 first_pass: None,
                 largest_pass: 0,
+                trace,
             },
         );
         self.publish_gauges();
@@ -374,6 +380,7 @@ impl Engine {
         let trajectory = guarded(|| Ok(checkpoint.start(&seeds, flight.job.sampler)))?;
         flight.started += n;
         flight.first_pass.get_or_insert_with(Instant::now);
+        flight.trace.first_pass();
         self.cohorts.push(Cohort {
             flight: key,
             attempts: vec![0; n],
@@ -820,12 +827,14 @@ mod tests {
         let (samples, samples_rx) = mpsc::channel(window);
         let (done, done_rx) = oneshot::channel();
         engine.queued.fetch_add(1, Ordering::SeqCst);
+        let trace = RequestTrace::arrive(id, job.seeds.len());
         engine.add(Pending {
             id: id.into(),
             job,
             samples,
             done,
             enqueued: Instant::now(),
+            trace,
         });
         (samples_rx, done_rx)
     }

@@ -26,6 +26,7 @@ pub mod cuda_graph;
 pub mod engine;
 pub mod generation;
 pub mod thread;
+mod trace;
 
 pub use batcher::{
     BatchConfig, DEFAULT_MAX_ACTIVE, DEFAULT_MAX_BATCH, DEFAULT_MAX_QUEUE, DEFAULT_STREAM_WINDOW,

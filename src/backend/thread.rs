@@ -14,6 +14,7 @@ use tokio::sync::{mpsc as async_mpsc, oneshot};
 
 use super::batcher::{BatchConfig, window_samples};
 use super::engine::{Engine, Pending};
+use super::trace::RequestTrace;
 use super::{CheckpointFacts, GenerateJob, GenerationSummary, ModelError, SampleOut};
 use crate::model::DenoiserCheckpoint;
 
@@ -98,9 +99,11 @@ impl ModelThread {
         let window = window_samples(self.batching.stream_window, file_bytes, job.seeds.len());
         let (samples, samples_rx) = async_mpsc::channel(window);
         let (done, done_rx) = oneshot::channel();
+        let trace = RequestTrace::arrive(id, job.seeds.len());
         let sent = self.tx.send(Message::Generate(Box::new(Pending {
             id: id.to_owned(),
             job,
+            trace,
             samples,
             done,
             enqueued: Instant::now(),

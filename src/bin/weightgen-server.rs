@@ -28,10 +28,14 @@ fn main() -> ExitCode {
         print!("{}", TorchInfo::detect().report("weightgen-server"));
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = telemetry::init(&cli.log) {
-        eprintln!("weightgen-server: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    // Held to the end of main: dropping it exports the last spans.
+    let _telemetry = match telemetry::init(&cli.log, "weightgen-server") {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("weightgen-server: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("weightgen-io")

@@ -632,10 +632,14 @@ fn main() -> ExitCode {
         print!("{}", TorchInfo::detect().report("weightgen-worker"));
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = telemetry::init(&cli.log) {
-        eprintln!("weightgen-worker: {e:#}");
-        return ExitCode::FAILURE;
-    }
+    // Held to the end of main: dropping it exports the last spans.
+    let _telemetry = match telemetry::init(&cli.log, "weightgen-worker") {
+        Ok(telemetry) => telemetry,
+        Err(e) => {
+            eprintln!("weightgen-worker: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match cli.command {
         None => {
             eprintln!("weightgen-worker: no command given; see --help");

@@ -62,6 +62,11 @@ pub enum ClientError {
     /// The bearer token cannot be sent as a header.
     #[error("the token must be printable ASCII (--token / WEIGHTGEN_TOKEN)")]
     InvalidToken,
+    /// The trace context is not a W3C `traceparent`.
+    #[error(
+        "--traceparent / TRACEPARENT {0:?}: expected 00-<32 hex trace id>-<16 hex parent span id>-<2 hex flags>, ids not all zero"
+    )]
+    InvalidTraceparent(String),
     /// The wait for a status ran out.
     #[error("{service:?} did not become SERVING within {waited:?} (last: {last})")]
     Timeout {
@@ -170,6 +175,9 @@ pub struct Target {
     pub tls: Option<ClientTls>,
     /// Bearer token (servers started with --auth-tokens).
     pub token: Option<String>,
+    /// W3C trace context sent with every call, so the server's spans join
+    /// the caller's trace.
+    pub traceparent: Option<String>,
 }
 
 impl Target {
@@ -183,6 +191,7 @@ impl Target {
 
     /// Connects, with `call_timeout` on every call when given.
     pub async fn connect(&self, call_timeout: Option<Duration>) -> Result<Connection, ClientError> {
+        let headers = self.headers()?;
         let channel = endpoint_with(&self.addr, call_timeout, self.tls.as_ref())?
             .connect()
             .await
@@ -190,40 +199,63 @@ impl Target {
                 addr: self.addr.clone(),
                 source,
             })?;
-        match &self.token {
-            Some(token) => Connection::with_token(channel, token),
-            None => Ok(channel.into()),
+        Ok(Connection { channel, headers })
+    }
+
+    /// The headers sent with every call, checked before connecting.
+    fn headers(&self) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, ClientError> {
+        let mut headers = Vec::new();
+        if let Some(token) = &self.token {
+            let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| ClientError::InvalidToken)?;
+            value.set_sensitive(true);
+            headers.push((http::header::AUTHORIZATION, value));
         }
+        if let Some(traceparent) = &self.traceparent {
+            let value = checked_traceparent(traceparent)?;
+            headers.push((http::HeaderName::from_static("traceparent"), value));
+        }
+        Ok(headers)
     }
 }
 
-/// A channel that sends a bearer token (`authorization: Bearer …`) with
-/// every call, for servers started with `--auth-tokens`; without a token
-/// it is the plain channel.
+/// `text` as a `traceparent` header when it is one (W3C Trace Context,
+/// version 00: lower-case hex, trace and parent ids not all zero).
+pub fn checked_traceparent(text: &str) -> Result<http::HeaderValue, ClientError> {
+    let invalid = || ClientError::InvalidTraceparent(text.to_owned());
+    let parts: Vec<&str> = text.split('-').collect();
+    let hex = |part: &str, len: usize| {
+        part.len() == len
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |part: &str| part.bytes().any(|b| b != b'0');
+    let valid = matches!(parts.as_slice(), [version, trace, parent, flags]
+        if *version == "00"
+            && hex(trace, 32) && nonzero(trace)
+            && hex(parent, 16) && nonzero(parent)
+            && hex(flags, 2));
+    if !valid {
+        return Err(invalid());
+    }
+    http::HeaderValue::from_str(text).map_err(|_| invalid())
+}
+
+/// A channel that sends the same headers with every call: a bearer token
+/// (`authorization: Bearer …`) for servers started with `--auth-tokens`, a
+/// `traceparent`; without any it is the plain channel.
 #[derive(Debug, Clone)]
 pub struct Connection {
     channel: Channel,
-    authorization: Option<http::HeaderValue>,
-}
-
-impl Connection {
-    /// `channel`, sending `token` with every call.
-    pub fn with_token(channel: Channel, token: &str) -> Result<Self, ClientError> {
-        let mut value = http::HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|_| ClientError::InvalidToken)?;
-        value.set_sensitive(true);
-        Ok(Self {
-            channel,
-            authorization: Some(value),
-        })
-    }
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 impl From<Channel> for Connection {
     fn from(channel: Channel) -> Self {
         Self {
             channel,
-            authorization: None,
+            headers: Vec::new(),
         }
     }
 }
@@ -241,10 +273,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for Connection {
     }
 
     fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
-        if let Some(value) = &self.authorization {
-            request
-                .headers_mut()
-                .insert(http::header::AUTHORIZATION, value.clone());
+        for (name, value) in &self.headers {
+            request.headers_mut().insert(name.clone(), value.clone());
         }
         tower::Service::call(&mut self.channel, request)
     }
@@ -408,6 +438,28 @@ pub async fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparents_are_checked_before_they_are_sent() {
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(checked_traceparent(valid).unwrap(), valid);
+        for invalid in [
+            "",
+            "4bf92f3577b34da6a3ce929d0e0e4736",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+        ] {
+            let error = checked_traceparent(invalid).unwrap_err();
+            assert!(
+                error.to_string().contains("expected 00-<32 hex trace id>"),
+                "{invalid:?}: {error}"
+            );
+        }
+    }
 
     #[test]
     fn endpoint_accepts_bare_and_scheme_addresses() {

@@ -11,6 +11,7 @@ pub mod spec;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tracing::Instrument;
 
 use tch::Device;
 
@@ -101,7 +102,8 @@ pub async fn run_jobs(
             progress.clone(),
             cancel.clone(),
         ));
-        let work = execute(&catalog, &blobs, &job, &config, &progress, &cancel);
+        let span = tracing::info_span!("job", job.id = %job.id, job.kind = ?job.kind);
+        let work = execute(&catalog, &blobs, &job, &config, &progress, &cancel).instrument(span);
         let result = tokio::select! {
             r = work => r,
             () = &mut shutdown => {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tonic::Status;
+use tracing::Instrument;
 
 use super::convert::{arch_to_proto, descriptor_from_proto, dtype_to_proto, tensor_specs};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
@@ -496,7 +497,15 @@ pub async fn generate(
         },
     ));
     let (tx, rx) = tokio::sync::mpsc::channel(RESPONSE_BUFFER);
-    tokio::spawn(async move {
+    // From the header to the trailer, a child of the call's span.
+    let stream_span = tracing::info_span!(
+        "stream",
+        samples = i64::from(choice.num_samples),
+        sent_samples = tracing::field::Empty,
+        sent_bytes = tracing::field::Empty,
+    );
+    let mut sent = SentSoFar::new(stream_span.clone());
+    let task = async move {
         if tx.send(Ok(header)).await.is_err() {
             return;
         }
@@ -506,6 +515,7 @@ pub async fn generate(
             let message = match event {
                 Ok(StreamEvent::Sample(sample)) => {
                     digests.push(digest(&sample));
+                    let size = sample.file.len();
                     for chunk in sample_chunks(sample.index, sample.file) {
                         if tx
                             .send(Ok(part(pb::generate_init_response::Part::Chunk(chunk))))
@@ -515,6 +525,7 @@ pub async fn generate(
                             return;
                         }
                     }
+                    sent.sample(size);
                     // A client that went away ends the request at the next
                     // pass, not when its next sample is done.
                     event = tokio::select! {
@@ -536,8 +547,39 @@ pub async fn generate(
             let _ = tx.send(message).await;
             return;
         }
-    });
+    };
+    tokio::spawn(task.instrument(stream_span));
     Ok(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
+/// What a stream sent, recorded on its span once, when the stream ends
+/// (however it ends: trailer, error or a client gone).
+struct SentSoFar {
+    span: tracing::Span,
+    samples: i64,
+    bytes: i64,
+}
+
+impl SentSoFar {
+    fn new(span: tracing::Span) -> Self {
+        Self {
+            span,
+            samples: 0,
+            bytes: 0,
+        }
+    }
+
+    fn sample(&mut self, bytes: usize) {
+        self.samples += 1;
+        self.bytes += bytes as i64;
+    }
+}
+
+impl Drop for SentSoFar {
+    fn drop(&mut self) {
+        self.span.record("sent_samples", self.samples);
+        self.span.record("sent_bytes", self.bytes);
+    }
 }
 
 /// The status a model error is answered with; a deadline the model thread

@@ -1,6 +1,7 @@
 //! Per-call Prometheus metrics for every gRPC method: calls by method and
 //! status code, call duration (until the response stream ends), calls in
-//! flight.
+//! flight. The same layer opens each call's trace span
+//! ([`super::trace_context`]) and holds it until the stream ends.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -11,8 +12,10 @@ use metrics::{counter, gauge, histogram};
 use prost::Message;
 use tonic::Code;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use super::body::{ObservedBody, grpc_status};
+use super::trace_context::{self, call_span};
 
 /// Counter of finished calls, labelled `method` and `code`.
 pub const REQUESTS_TOTAL: &str = "weightgen_grpc_requests_total";
@@ -138,28 +141,36 @@ where
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let method = self.methods.label(request.uri().path());
+        let span = call_span(&method, request.headers());
         let started = Instant::now();
         gauge!(REQUESTS_IN_FLIGHT).increment(1.0);
-        let future = self.inner.call(request);
-        Box::pin(async move {
-            let response = match future.await {
-                Ok(response) => response,
-                Err(error) => {
-                    record_end(&method, started, Code::Internal);
-                    return Err(error);
-                }
-            };
-            // A trailers-only response (most errors) has its status in the headers.
-            let header_code = grpc_status(response.headers());
-            Ok(response.map(|body| {
-                ObservedBody::new(
-                    body,
-                    Box::new(move |end| {
-                        record_end(&method, started, end.code(header_code));
-                    }),
-                )
-            }))
-        })
+        let future = span.in_scope(|| self.inner.call(request));
+        let call = span.clone();
+        Box::pin(
+            async move {
+                let response = match future.await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        record_end(&method, started, Code::Internal);
+                        trace_context::record_end(&call, Code::Internal);
+                        return Err(error);
+                    }
+                };
+                // A trailers-only response (most errors) has its status in the headers.
+                let header_code = grpc_status(response.headers());
+                Ok(response.map(|body| {
+                    ObservedBody::new(
+                        body,
+                        Box::new(move |end| {
+                            let code = end.code(header_code);
+                            record_end(&method, started, code);
+                            trace_context::record_end(&call, code);
+                        }),
+                    )
+                }))
+            }
+            .instrument(span),
+        )
     }
 }
 

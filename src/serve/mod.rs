@@ -22,6 +22,7 @@ pub mod reload;
 pub mod server;
 pub mod status;
 pub mod tls;
+pub mod trace_context;
 
 pub use config::{MetricsListen, ServerConfig};
 pub use readiness::Readiness;

@@ -291,6 +291,11 @@ fn validation_loss(model: &ConditionalDenoiser, w: &Tensor, condition: &TaskBatc
 
 /// Trains a denoiser on `zoo` and publishes it (blob, then catalog row,
 /// then activation when asked).
+#[tracing::instrument(
+    name = "train.denoiser",
+    skip_all,
+    fields(zoo = %config.zoo, denoiser_id = %config.denoiser_id, steps = config.fit.steps as i64)
+)]
 pub async fn train_denoiser(
     catalog: Arc<dyn Catalog>,
     blobs: BlobStore,

@@ -309,6 +309,11 @@ pub(crate) fn unit_record(
 /// Builds (or continues building) a zoo until no unit is left, or
 /// `max_models` models were built by this call. `on_model` is called after
 /// each recorded model (progress bars).
+#[tracing::instrument(
+    name = "zoo.build",
+    skip_all,
+    fields(zoo = %config.zoo, family = ?config.family, models = config.num_models as i64, worker = %config.worker)
+)]
 pub async fn build_zoo(
     catalog: Arc<dyn Catalog>,
     blobs: BlobStore,

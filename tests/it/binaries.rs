@@ -5,8 +5,10 @@
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::common::ServerProcess;
 
 const BINARIES: [&str; 3] = [
     env!("CARGO_BIN_EXE_weightgen-server"),
@@ -104,16 +106,6 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// Kills the server if a test fails half-way.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn client(addr: &str, args: &[&str]) -> (bool, String) {
     let output = Command::new(BINARIES[2])
         .arg("--addr")
@@ -149,7 +141,7 @@ fn server_process_serves_the_cli_and_stops_on_sigterm_with_json_logs() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut server = Server(child);
+    let mut server = ServerProcess(child);
 
     let (ok, text) = client(&addr, &["health", "--wait", "30s"]);
     assert!(ok && text.contains("server: SERVING"), "{text}");
@@ -169,26 +161,7 @@ fn server_process_serves_the_cli_and_stops_on_sigterm_with_json_logs() {
         "embedded catalog created"
     );
 
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = server.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "no exit 15 s after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(status.success(), "exit status {status:?}");
+    server.stop_with_sigterm(Duration::from_secs(15));
 
     let stderr = BufReader::new(server.0.stderr.take().unwrap());
     let lines: Vec<serde_json::Value> = stderr

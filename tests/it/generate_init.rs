@@ -55,8 +55,6 @@ fn python() -> String {
     format!("{venv}/bin/python")
 }
 
-/// Installs clients/python into `target` the way a user would (pip builds
-/// the stubs from the proto with grpcio-tools), offline.
 /// `weightgen doctor` against `addr`: exit code and stdout.
 fn doctor(addr: &str) -> (Option<i32>, String) {
     let output = Command::new(CLI)
@@ -66,6 +64,8 @@ fn doctor(addr: &str) -> (Option<i32>, String) {
     (output.status.code(), combined_output(&output))
 }
 
+/// Installs clients/python into `target` the way a user would (pip builds
+/// the stubs from the proto with grpcio-tools), offline.
 fn install_python_client(target: &Path) {
     let output = Command::new(python())
         .args([
@@ -768,8 +768,14 @@ except WeightgenError as e:
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT, e
     print("refused:", e.details)
 task = load_task(sys.argv[2])
-answer = WeightgenClient(sys.argv[1]).generate_init(task, num_samples=2, dtype="bf16", seed=7)
+parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+answer = WeightgenClient(sys.argv[1]).generate_init(
+    task, num_samples=2, dtype="bf16", seed=7, traceparent=parent)
 print("dtypes:", sorted({str(t.dtype) for sd in answer.state_dicts() for t in sd.values()}))
+try:
+    WeightgenClient(sys.argv[1], traceparent="00-not-a-trace-01")
+except ValueError as e:
+    print("traceparent refused:", e)
 "#;
     let out = run_python(
         &site,
@@ -780,6 +786,10 @@ print("dtypes:", sorted({str(t.dtype) for sd in answer.state_dicts() for t in sd
         "{out}"
     );
     assert!(out.contains("dtypes: ['torch.bfloat16']"), "{out}");
+    assert!(
+        out.contains("traceparent refused: traceparent '00-not-a-trace-01': expected 00-<32 hex"),
+        "{out}"
+    );
 
     // The Python client sends its bearer token (token=, or WEIGHTGEN_TOKEN)
     // to a server started with --auth-tokens on the same catalog, over
@@ -875,6 +885,63 @@ except WeightgenError as e:
         "{out}"
     );
     guarded.server.shutdown().await.unwrap();
+
+    // upload_zoo: a user's own trained modules join the zoo; a file the
+    // catalog holds is not sent again (also on a second run), one refused
+    // item does not stop the rest, progress after every item. The asyncio
+    // client draws the same bytes as the blocking one.
+    let script = r#"
+import asyncio, sys, grpc, torch
+from torch import nn
+from weightgen_client import WeightgenClient, ZooItem, load_task
+from weightgen_client.aio import AsyncWeightgenClient
+
+addr, task = sys.argv[1], load_task(sys.argv[2])
+client = WeightgenClient(addr)
+def trained(seed, hidden=32):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 5))
+items = [ZooItem(trained(s), task, family="digits", metrics={"test_accuracy": 0.9}, name=f"user-{s}") for s in (1, 2)]
+items.append(ZooItem(trained(1).state_dict(), task, family="digits", name="user-1-again"))
+items.append(ZooItem(trained(4, hidden=48), task, family="digits", name="wrong-shape"))
+items.append({"checkpoint": "/nonexistent.safetensors", "task": task, "name": "missing-file"})
+seen = []
+report = client.upload_zoo(items, on_progress=seen.append)
+print("first:", [(r.name, r.status) for r in report.results])
+assert [p.done for p in seen] == [1, 2, 3, 4, 5] and seen[-1].total == 5, seen
+wrong = report.results[3].error
+assert wrong.code == grpc.StatusCode.INVALID_ARGUMENT, wrong
+print("wrong shape:", wrong.details)
+assert isinstance(report.results[4].error, OSError)
+assert report.results[2].model_id == report.results[0].model_id
+again = []
+second = client.upload_zoo(items[:3], on_progress=again.append)
+print("again:", [r.status for r in second.results], again[-1].bytes_sent)
+
+async def main():
+    async with AsyncWeightgenClient(addr) as aclient:
+        inits = await aclient.generate_init(task, num_samples=2, seed=11)
+        uploaded = await aclient.upload_zoo([ZooItem(trained(3), task, family="digits")])
+        return inits, uploaded
+inits, uploaded = asyncio.run(main())
+assert inits.files == client.generate_init(task, num_samples=2, seed=11).files
+print("async:", len(inits.files), uploaded.results[0].status)
+"#;
+    let out = run_python(
+        &site,
+        &["-c", script, &server.addr(), task_path.to_str().unwrap()],
+    );
+    eprintln!("{out}");
+    assert!(
+        out.contains("first: [('user-1', 'uploaded'), ('user-2', 'uploaded'), ('user-1-again', 'already stored'), ('wrong-shape', 'failed'), ('missing-file', 'failed')]"),
+        "{out}"
+    );
+    assert!(out.contains("wrong shape: file."), "{out}");
+    assert!(
+        out.contains("again: ['already stored', 'already stored', 'already stored'] 0"),
+        "{out}"
+    );
+    assert!(out.contains("async: 2 uploaded"), "{out}");
 
     // `weightgen compare`: inits for held-out tasks over gRPC, fine-tuned
     // next to random inits, as a table.

@@ -660,7 +660,7 @@ async fn health_over_tls(addr: &str, tls: weightgen::client::ClientTls) -> Resul
     let target = weightgen::client::Target {
         addr: addr.to_owned(),
         tls: Some(tls),
-        token: None,
+        ..Default::default()
     };
     let connection = target
         .connect(Some(Duration::from_secs(5)))

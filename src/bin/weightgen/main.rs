@@ -42,6 +42,11 @@ struct Cli {
     /// the process list.
     #[arg(long, env = "WEIGHTGEN_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// W3C trace context (00-TRACE_ID-PARENT_ID-FLAGS) sent with every
+    /// call, so the server's spans join the caller's trace; TRACEPARENT is
+    /// the variable OpenTelemetry uses to hand a trace to a child process.
+    #[arg(long, env = "TRACEPARENT", global = true)]
+    traceparent: Option<String>,
     #[command(flatten)]
     tls: TlsFlags,
     #[command(subcommand)]
@@ -90,17 +95,16 @@ impl TlsFlags {
     }
 }
 
-/// TLS settings and token of this invocation, set once at start.
-static SECURITY: std::sync::OnceLock<(Option<client::ClientTls>, Option<String>)> =
-    std::sync::OnceLock::new();
+/// How this invocation reaches servers, set once at start: the address
+/// is per call.
+static TARGET: std::sync::OnceLock<client::Target> = std::sync::OnceLock::new();
 
-/// The server at `addr` with this invocation's TLS settings and token.
+/// The server at `addr` with this invocation's TLS settings, token and
+/// trace context.
 fn target(addr: &str) -> client::Target {
-    let (tls, token) = SECURITY.get().cloned().unwrap_or_default();
     client::Target {
         addr: addr.to_owned(),
-        tls,
-        token,
+        ..TARGET.get().cloned().unwrap_or_default()
     }
 }
 
@@ -229,7 +233,12 @@ async fn run(cli: Cli) -> Result<ExitCode, client::ClientError> {
 fn main() -> ExitCode {
     let mut cli = Cli::parse();
     let tls = std::mem::take(&mut cli.tls).settings();
-    let _ = SECURITY.set((tls, cli.token.clone()));
+    let _ = TARGET.set(client::Target {
+        addr: String::new(),
+        tls,
+        token: cli.token.clone(),
+        traceparent: cli.traceparent.clone(),
+    });
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -117,3 +117,37 @@ pub fn combined_output(output: &Output) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// A server process started by a test: killed if the test fails half-way.
+pub struct ServerProcess(pub std::process::Child);
+
+impl ServerProcess {
+    /// Sends SIGTERM and waits (at most `within`) for a successful exit.
+    pub fn stop_with_sigterm(&mut self, within: std::time::Duration) {
+        let pid = self.0.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "no exit {within:?} after SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        assert!(status.success(), "exit status {status:?}");
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
