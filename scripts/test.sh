@@ -42,6 +42,13 @@ export CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
 step "cargo test --no-run --all-targets, linted (clippy -D warnings)"
 cargo test --locked --all-targets --no-run
 
+# Tests run two at a time on two cores, and the networks they train and
+# sample are tiny: one libtorch intra-op thread per process (in-process
+# tests set it too), or each op of a worker or server the tests start
+# wakes OpenMP threads that fight the other test for the cores (a 300-step
+# training took 19 s instead of 7 s, a third of it in the kernel).
+export OMP_NUM_THREADS=1
+
 step "services: PostgreSQL and S3 (SeaweedFS) on 127.0.0.1"
 . scripts/services.sh
 

@@ -15,7 +15,7 @@ use weightgen::train::{TrainDenoiserConfig, train_denoiser};
 use weightgen::zoo::{ZooBuildConfig, build_zoo};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "slow (40 s here): statistical training; scripts/test.sh runs it"]
+#[ignore = "slow (35 s here): statistical training; scripts/test.sh runs it"]
 async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
     tch::set_num_threads(1);
     let dir = tempfile::tempdir().unwrap();
@@ -25,7 +25,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         zoo: "digits-small".into(),
         family: Family::Digits,
         architecture: String::new(),
-        num_models: 600,
+        num_models: 400,
         seed: 3,
         shared_init: true,
         train: TrainConfig {
@@ -61,7 +61,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         latent_steps: weightgen::model::weight_autoencoder::DEFAULT_AE_STEPS,
         load: Default::default(),
         fit: FitConfig {
-            steps: 1500,
+            steps: 1200,
             batch_size: 64,
             learning_rate: 1e-3,
             feature_dropout: 0.25,
@@ -72,8 +72,8 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         val_fraction: 0.1,
         encoder_hidden: 128,
         embed_dim: 256,
-        log_every: 500,
-        eval_tasks: 30,
+        log_every: 400,
+        eval_tasks: 12,
         eval_guidance: 3.0,
         device: Device::Cpu,
         activate: true,
