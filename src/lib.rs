@@ -13,6 +13,7 @@ pub mod client;
 pub mod device;
 pub mod diffusion;
 pub mod eval;
+pub mod figures;
 pub mod gc;
 pub mod jobs;
 pub mod model;

@@ -137,7 +137,7 @@ macro_rules! impl_catalog {
                 sha256: row.try_get("sha256")?,
                 size_bytes: row.try_get::<i64, _>("size_bytes")? as u64,
                 config: parse_json(&row.try_get::<String, _>("config_json")?, &id, "config_json")?,
-                summary: parse_json(&row.try_get::<String, _>("summary_json")?, &id, "summary_json")?,
+                summary: crate::figures::present(parse_json(&row.try_get::<String, _>("summary_json")?, &id, "summary_json")?),
                 active: row.try_get("active")?,
                 created_at_ms: row.try_get("created_at_ms")?,
                 id,
@@ -604,7 +604,7 @@ macro_rules! impl_catalog {
                     .bind(&denoiser.sha256)
                     .bind(denoiser.size_bytes as i64)
                     .bind(to_json(&denoiser.config))
-                    .bind(to_json(&denoiser.summary))
+                    .bind(to_json(&crate::figures::finite(&denoiser.summary)))
                     .bind(now_ms())
                     .execute(&self.pool)
                     .await

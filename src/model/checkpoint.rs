@@ -281,7 +281,10 @@ impl DenoiserCheckpoint {
             json(&(self.stats.mode, self.stats.floor)),
         );
         meta.insert("feature_schema".to_owned(), json(&self.feature_schema));
-        meta.insert("summary".to_owned(), json(&self.summary));
+        meta.insert(
+            "summary".to_owned(),
+            json(&crate::figures::finite(&self.summary)),
+        );
         if let Some((key, value)) = latent_header {
             meta.insert(key.to_owned(), value);
         }
@@ -310,7 +313,7 @@ impl DenoiserCheckpoint {
         let arch: ArchSpec = header(&meta, "arch")?;
         let (mode, floor): (StatsMode, f64) = header(&meta, "stats")?;
         let feature_schema: FeatureSchema = header(&meta, "feature_schema")?;
-        let summary: BTreeMap<String, f64> = header(&meta, "summary")?;
+        let summary = crate::figures::present(header(&meta, "summary")?);
         let mut model = ConditionalDenoiser::new(config, device)?;
         let mut problems = fill_variables(&model.vs, "model.", |name| {
             tensors.remove(&format!("model.{name}"))

@@ -33,7 +33,53 @@ pub struct LoadedDenoiser {
     pub facts: CheckpointFacts,
     /// What every file it generates says of it (`__metadata__`).
     pub provenance: std::collections::BTreeMap<String, String>,
+    /// For an adapter architecture, the base model its samples adapt.
+    pub base_model: Option<BaseModel>,
     model: ModelThread,
+}
+
+/// The frozen model an adapter denoiser's samples apply to: the base its
+/// zoo's adapters were trained on, as the zoo's plan names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BaseModel {
+    /// The base's architecture.
+    pub architecture: String,
+    /// Its zoo model id (DownloadCheckpoint serves it).
+    pub zoo_model_id: String,
+    /// SHA-256 of its file.
+    pub sha256: String,
+}
+
+/// Metadata keys naming an adapter's base model (the zoo builder writes
+/// the same into a zoo adapter's file).
+pub const BASE_MODEL_ID_KEY: &str = "base_model_id";
+/// See [`BASE_MODEL_ID_KEY`].
+pub const BASE_MODEL_SHA256_KEY: &str = "base_model_sha256";
+
+/// The base model of the zoo `record` was trained on, when that zoo's plan
+/// names one (a `words` adapter zoo) and the catalog holds it.
+pub async fn base_model_of(
+    catalog: &Arc<dyn Catalog>,
+    record: &DenoiserRecord,
+) -> Result<Option<BaseModel>, crate::catalog::CatalogError> {
+    let Some(zoo) = record.config["zoo"].as_str() else {
+        return Ok(None);
+    };
+    let Some(plan) = catalog.zoo(zoo).await? else {
+        return Ok(None);
+    };
+    let Some(id) = plan.config[BASE_MODEL_ID_KEY].as_str() else {
+        return Ok(None);
+    };
+    let Some(model) = catalog.zoo_model(id).await? else {
+        tracing::warn!(denoiser = %record.id, zoo, base = id, "the zoo's base model is not in the catalog");
+        return Ok(None);
+    };
+    Ok(Some(BaseModel {
+        architecture: model.architecture,
+        zoo_model_id: model.id,
+        sha256: model.sha256,
+    }))
 }
 
 impl LoadedDenoiser {
@@ -51,8 +97,22 @@ impl LoadedDenoiser {
             version,
             facts,
             provenance,
+            base_model: None,
             model,
         }
+    }
+
+    /// The same entry serving adapters of `base`: its files name the base
+    /// (id and SHA-256, as a zoo adapter's do), its header's architecture too.
+    pub fn with_base_model(mut self, base: Option<BaseModel>) -> Self {
+        if let Some(base) = &base {
+            self.provenance
+                .insert(BASE_MODEL_ID_KEY.to_owned(), base.zoo_model_id.clone());
+            self.provenance
+                .insert(BASE_MODEL_SHA256_KEY.to_owned(), base.sha256.clone());
+        }
+        self.base_model = base;
+        self
     }
 
     /// The model thread it lives on.
@@ -170,12 +230,10 @@ impl DenoiserRegistry {
         let version = version_of(catalog, &record)
             .await
             .map_err(|e| e.to_string())?;
-        Ok(LoadedDenoiser::new(
-            record,
-            version,
-            facts,
-            self.model.clone(),
-        ))
+        let base = base_model_of(catalog, &record)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(LoadedDenoiser::new(record, version, facts, self.model.clone()).with_base_model(base))
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 use tonic::Status;
 use tracing::Instrument;
 
-use super::convert::{arch_to_proto, descriptor_from_proto, dtype_to_proto, tensor_specs};
+use super::convert::{descriptor_from_proto, dtype_to_proto, served_arch_to_proto, tensor_specs};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::status::{bounded_name, checked_name};
 use crate::backend::{
@@ -485,7 +485,7 @@ pub async fn generate(
         pb::GenerateInitHeader {
             denoiser_id: denoiser.record.id.clone(),
             denoiser_version: denoiser.version,
-            architecture: Some(arch_to_proto(arch)),
+            architecture: Some(served_arch_to_proto(&denoiser)),
             tensors: tensor_specs(arch, choice.dtype),
             seed: choice.seed,
             sampler: choice.sampler as i32,

@@ -9,7 +9,9 @@ use futures_util::Stream;
 use tonic::{Request, Response, Status};
 
 use super::auth::{Caller, Metered, Quotas};
-use super::convert::{arch_to_proto, denoiser_record_to_proto, schema_to_proto};
+use super::convert::{
+    arch_to_proto, denoiser_record_to_proto, schema_to_proto, served_arch_to_proto,
+};
 use super::denoisers::{DenoiserRegistry, LoadedDenoiser};
 use super::generate_init::{denoiser_for, generate, job_for, sampling_defaults};
 use super::readiness::Readiness;
@@ -177,6 +179,11 @@ impl GenerationService for GenerationApi {
     ) -> Result<Response<ArchitectureSpec>, Status> {
         let name = request.into_inner().name;
         checked_name("name", &name)?;
+        // A served architecture as its denoiser serves it (with its base
+        // model, for adapters); else the catalog's.
+        if let Some(loaded) = self.registry.active(&name) {
+            return Ok(Response::new(served_arch_to_proto(&loaded)));
+        }
         match self
             .catalog
             .architecture(&name)

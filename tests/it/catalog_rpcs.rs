@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::proxy::{Mode, Proxy};
 use crate::common::services::TestDatabase;
-use crate::common::spawn_server;
+use crate::common::{spawn_server, try_download};
 use prost::Message;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -629,22 +629,6 @@ async fn a_server_without_its_postgres_fails_within_seconds_naming_the_address()
         "{message}"
     );
     assert!(!message.contains("secret"), "{message}");
-}
-
-/// Downloads zoo model `id` with a 30 s deadline: its bytes, or the status.
-async fn try_download(client: &mut Client, id: &str) -> Result<Vec<u8>, tonic::Status> {
-    let mut request = tonic::Request::new(DownloadCheckpointRequest {
-        target: Some(Target::ZooModelId(id.to_owned())),
-    });
-    request.set_timeout(Duration::from_secs(30));
-    let mut stream = client.download_checkpoint(request).await?.into_inner();
-    let mut bytes = Vec::new();
-    while let Some(message) = stream.next().await {
-        if let Some(Part::Chunk(c)) = message?.part {
-            bytes.extend_from_slice(&c);
-        }
-    }
-    Ok(bytes)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

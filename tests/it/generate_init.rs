@@ -12,7 +12,7 @@ use std::process::Command;
 use crate::common::generation::{
     ARCH, Client, descriptor, generate_with, request, small_digits_zoo, train, wait_ready,
 };
-use crate::common::{combined_output, spawn_server};
+use crate::common::{combined_output, spawn_server, torch_python};
 use tonic::Code;
 use weightgen::client::TaskFile;
 use weightgen::proto::v1::{self as pb, DType, GenerateInitRequest, Sampler};
@@ -49,12 +49,6 @@ async fn refused(client: &mut Client, request: GenerateInitRequest) -> tonic::St
     }
 }
 
-fn python() -> String {
-    let venv = std::env::var("WEIGHTGEN_TORCH_VENV")
-        .expect("WEIGHTGEN_TORCH_VENV is unset: run the tests through scripts/test.sh (it bootstraps the torch venv)");
-    format!("{venv}/bin/python")
-}
-
 /// `weightgen doctor` against `addr`: exit code and stdout.
 fn doctor(addr: &str) -> (Option<i32>, String) {
     let output = Command::new(CLI)
@@ -67,7 +61,7 @@ fn doctor(addr: &str) -> (Option<i32>, String) {
 /// Installs clients/python into `target` the way a user would (pip builds
 /// the stubs from the proto with grpcio-tools), offline.
 fn install_python_client(target: &Path) {
-    let output = Command::new(python())
+    let output = Command::new(torch_python())
         .args([
             "-m",
             "pip",
@@ -91,7 +85,7 @@ fn install_python_client(target: &Path) {
 }
 
 fn run_python(site: &Path, args: &[&str]) -> String {
-    let output = Command::new(python())
+    let output = Command::new(torch_python())
         .args(args)
         .env("PYTHONPATH", site)
         .output()

@@ -2,6 +2,7 @@
 //! `nn.Module` with `strict=True`, and files PyTorch writes decode and
 //! flatten here. Uses the bootstrap venv (scripts/test.sh sets it up).
 
+use crate::common::torch_python;
 use std::collections::HashMap;
 use std::process::Command;
 
@@ -10,14 +11,8 @@ use weightgen::weights::{
     ArchSpec, DType, decode_safetensors, encode_safetensors, flatten, unflatten,
 };
 
-fn python() -> String {
-    let venv = std::env::var("WEIGHTGEN_TORCH_VENV")
-        .expect("WEIGHTGEN_TORCH_VENV is unset: run the tests through scripts/test.sh (it bootstraps the torch venv)");
-    format!("{venv}/bin/python")
-}
-
 fn run_python(script: &str, args: &[&str]) -> String {
-    let output = Command::new(python())
+    let output = Command::new(torch_python())
         .arg("-c")
         .arg(script)
         .args(args)

@@ -3,15 +3,22 @@
 //! adapters of it trained from one shared init on zoo-side tasks, each file
 //! PEFT-named with the adapter config and the base's SHA-256 in its
 //! metadata, each adapter better than the base on its task's test words,
-//! and a second run that finds everything built. Needs WEIGHTGEN_WORDS_DIR
-//! (scripts/test.sh sources the bootstrap, which sets it).
+//! a denoiser of them served over gRPC whose adapters name their base (and
+//! score the same in the Python example's plain PyTorch), and a second run
+//! that finds everything built. Needs WEIGHTGEN_WORDS_DIR (scripts/test.sh
+//! sources the bootstrap, which sets it).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tch::Device;
+use weightgen::blobs::sha256_hex;
 use weightgen::catalog::{Catalog, PageRequest, ZooModelFilter};
 use weightgen::client::TaskFile;
+use weightgen::jobs::TrainSpec;
+use weightgen::proto::v1::catalog_service_client::CatalogServiceClient;
+use weightgen::proto::v1::generation_service_client::GenerationServiceClient;
+use weightgen::proto::v1::{ArchitectureMetadataRequest, GenerateInitRequest, SamplingOptions};
 use weightgen::storage::StorageArgs;
 use weightgen::tasks::featurizer::WORD_ROW;
 use weightgen::tasks::words::lm::{
@@ -20,6 +27,10 @@ use weightgen::tasks::words::lm::{
 use weightgen::tasks::words::{WordLists, WordSplit};
 use weightgen::tasks::{Family, TaskSpec, TrainConfig};
 use weightgen::train::quality::score;
+use weightgen::train::{LatentChoice, train_denoiser};
+
+use crate::common::generation::wait_ready;
+use crate::common::{spawn_server, torch_python, try_download};
 use weightgen::weights::{decode_safetensors, decode_tensors, flatten};
 use weightgen::zoo::{WordsBaseConfig, ZooBuildConfig, ZooDataset, build_zoo};
 
@@ -173,6 +184,125 @@ async fn a_words_zoo_stores_its_base_once_and_peft_adapters_that_beat_it() {
     }
     let held = data.words.as_ref().unwrap().describe(&polish);
     assert_eq!(held.support_x.len(), 25);
+
+    // Served: a denoiser of the zoo's adapters answers GenerateInit with a
+    // PEFT adapter that names its base (header, file, ArchitectureMetadata),
+    // the base is a download away, and the adapter loads onto it.
+    let spec = TrainSpec {
+        zoo: "words-small".into(),
+        steps: 30,
+        widths: vec![64, 32],
+        latent: LatentChoice::None,
+        eval_tasks: 1,
+        log_every: 30,
+        checkpoint_every: 0,
+        activate: true,
+        ..TrainSpec::default()
+    };
+    let training = spec
+        .to_config("words-small-v1", Device::Cpu, false, Default::default())
+        .unwrap();
+    train_denoiser(catalog.clone(), blobs.clone(), training, |_, _, _| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let server = spawn_server(|c| c.storage = StorageArgs::embedded(dir.path())).await;
+    let mut client = GenerationServiceClient::new(server.channel().await);
+    wait_ready(&mut client).await;
+    let request = GenerateInitRequest {
+        task: Some(file.to_proto()),
+        options: Some(SamplingOptions {
+            num_samples: 1,
+            seed: Some(3),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let answer = weightgen::client::generate(server.channel().await, request, |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let named = answer.header.architecture.unwrap().base_model.unwrap();
+    assert_eq!(
+        (
+            named.architecture,
+            named.zoo_model_id.clone(),
+            named.sha256.clone()
+        ),
+        (
+            base.architecture.clone(),
+            base.id.clone(),
+            base.sha256.clone()
+        )
+    );
+    let generated = decode_safetensors(&answer.files[0]).unwrap();
+    assert!(
+        generated
+            .specs
+            .iter()
+            .all(|t| t.name.starts_with(PEFT_PREFIX))
+    );
+    assert_eq!(generated.metadata["peft_type"], "LORA");
+    assert_eq!(generated.metadata["base_model_id"], base.id);
+    assert_eq!(generated.metadata["base_model_sha256"], base.sha256);
+    let described = client
+        .architecture_metadata(ArchitectureMetadataRequest {
+            name: net.spec.name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(described.base_model.unwrap().zoo_model_id, base.id);
+    let mut catalog_client = CatalogServiceClient::new(server.channel().await);
+    let downloaded = try_download(&mut catalog_client, &named.zoo_model_id)
+        .await
+        .unwrap();
+    assert_eq!(sha256_hex(&downloaded), named.sha256);
+    let (base_tensors, _) = decode_tensors(&downloaded).unwrap();
+    let served_base = ByteLm::from_tensors(base_config.model, &base_tensors, Device::Cpu).unwrap();
+    let flat = flatten(&net.spec, &generated.tensors).unwrap();
+    let adapter =
+        Adapter::from_flat(&served_base, LoraConfig::default(), &net.spec, &flat).unwrap();
+    let test = polish
+        .words_task()
+        .unwrap()
+        .words(&lists, WordSplit::Test)
+        .unwrap();
+    let test: Vec<(&str, f64)> = test.iter().map(|(w, f)| (w.as_str(), *f)).collect();
+    let bits = bits_per_byte(&served_base, Some(&adapter), &test);
+    assert!(bits.is_finite() && bits > 0.0, "{bits}");
+    // The Python example scores the same words the same, base and adapter
+    // loaded in plain PyTorch from the files a user downloads.
+    let words: Vec<&str> = test.iter().take(40).map(|(w, _)| *w).collect();
+    let base_file = dir.path().join("base.safetensors");
+    let adapter_file = dir.path().join("adapter.safetensors");
+    std::fs::write(&base_file, &downloaded).unwrap();
+    std::fs::write(&adapter_file, &answer.files[0]).unwrap();
+    let output = std::process::Command::new(torch_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/clients/python/examples/words_adapter.py"
+        ))
+        .arg("--base")
+        .arg(&base_file)
+        .arg("--adapter")
+        .arg(&adapter_file)
+        .arg("--json")
+        .arg("--words")
+        .args(&words)
+        .output()
+        .unwrap();
+    let text = crate::common::combined_output(&output);
+    assert!(output.status.success(), "{text}");
+    let printed: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let equal: Vec<(&str, f64)> = words.iter().map(|w| (*w, 1.0)).collect();
+    for (key, adapter) in [("base", None), ("adapted", Some(&adapter))] {
+        let rust = bits_per_byte(&served_base, adapter, &equal);
+        let python = printed[key].as_f64().unwrap();
+        assert!(
+            (rust - python).abs() < 1e-4,
+            "{key}: Rust {rust}, PyTorch {python}"
+        );
+    }
+    server.server.shutdown().await.unwrap();
 
     // A second run finds everything built and retrains nothing.
     let again = build_zoo(catalog.clone(), blobs.clone(), config(3), |_| {})

@@ -64,6 +64,7 @@ pub fn arch_to_proto(arch: &ArchSpec) -> pb::ArchitectureSpec {
             })
             .collect(),
         num_parameters: arch.num_parameters() as u64,
+        base_model: None,
     }
 }
 
@@ -217,6 +218,25 @@ pub fn descriptor_from_proto(
         support_x,
         support_y,
     })
+}
+
+/// The API's view of an adapter's base model.
+pub fn base_model_to_proto(base: &crate::serve::denoisers::BaseModel) -> pb::BaseModel {
+    pb::BaseModel {
+        architecture: base.architecture.clone(),
+        zoo_model_id: base.zoo_model_id.clone(),
+        sha256: base.sha256.clone(),
+    }
+}
+
+/// The architecture a loaded denoiser generates, with its base model.
+pub fn served_arch_to_proto(
+    loaded: &crate::serve::denoisers::LoadedDenoiser,
+) -> pb::ArchitectureSpec {
+    pb::ArchitectureSpec {
+        base_model: loaded.base_model.as_ref().map(base_model_to_proto),
+        ..arch_to_proto(&loaded.facts.arch)
+    }
 }
 
 #[cfg(test)]

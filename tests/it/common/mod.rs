@@ -151,3 +151,33 @@ impl Drop for ServerProcess {
         let _ = self.0.wait();
     }
 }
+
+/// Downloads zoo model `id` with a 30 s deadline: its bytes, or the status.
+pub async fn try_download(
+    client: &mut weightgen::proto::v1::catalog_service_client::CatalogServiceClient<Channel>,
+    id: &str,
+) -> Result<Vec<u8>, tonic::Status> {
+    use tokio_stream::StreamExt;
+    use weightgen::proto::v1::DownloadCheckpointRequest;
+    use weightgen::proto::v1::download_checkpoint_request::Target;
+    use weightgen::proto::v1::download_checkpoint_response::Part;
+    let mut request = tonic::Request::new(DownloadCheckpointRequest {
+        target: Some(Target::ZooModelId(id.to_owned())),
+    });
+    request.set_timeout(Duration::from_secs(30));
+    let mut stream = client.download_checkpoint(request).await?.into_inner();
+    let mut bytes = Vec::new();
+    while let Some(message) = stream.next().await {
+        if let Some(Part::Chunk(c)) = message?.part {
+            bytes.extend_from_slice(&c);
+        }
+    }
+    Ok(bytes)
+}
+
+/// The bootstrap venv's python, with torch 2.11 (scripts/test.sh sets it up).
+pub fn torch_python() -> String {
+    let venv = std::env::var("WEIGHTGEN_TORCH_VENV")
+        .expect("WEIGHTGEN_TORCH_VENV is unset: run the tests through scripts/test.sh (it bootstraps the torch venv)");
+    format!("{venv}/bin/python")
+}
