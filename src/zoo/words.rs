@@ -410,6 +410,9 @@ pub(crate) fn train_adapter_unit(
     })
 }
 
+/// A task's words and their weights, shared.
+type TaskWords = std::sync::Arc<Vec<(String, f64)>>;
+
 /// What scoring adapters of a `words` zoo needs: its base model (from the
 /// catalog, as the zoo's plan names it), the adapters' shape and the word
 /// lists. The training gate and the denoiser's data read `words` tasks
@@ -419,6 +422,10 @@ pub struct WordsScorer {
     lora: crate::tasks::words::lm::LoraConfig,
     arch: crate::weights::ArchSpec,
     lists: WordLists,
+    /// Each task's words by split, read once: the gate and `pca:auto`
+    /// score every task many times, and reading a task's words re-reads,
+    /// checks and parses its languages' lists.
+    cache: std::sync::Mutex<std::collections::HashMap<(String, WordSplit), TaskWords>>,
 }
 
 impl std::fmt::Debug for WordsScorer {
@@ -463,11 +470,22 @@ impl WordsScorer {
             lora,
             arch: network.spec.clone(),
             lists: WordLists::from_env().map_err(WordsZooError::from)?,
+            cache: Default::default(),
         })
     }
 
-    fn words(&self, task: &TaskSpec, split: WordSplit) -> Option<Vec<(String, f64)>> {
-        task.words_task()?.words(&self.lists, split).ok()
+    fn words(
+        &self,
+        task: &TaskSpec,
+        split: WordSplit,
+    ) -> Option<std::sync::Arc<Vec<(String, f64)>>> {
+        let key = (task.key(), split);
+        if let Some(words) = self.cache.lock().ok()?.get(&key) {
+            return Some(words.clone());
+        }
+        let words = std::sync::Arc::new(task.words_task()?.words(&self.lists, split).ok()?);
+        self.cache.lock().ok()?.insert(key, words.clone());
+        Some(words)
     }
 
     /// Test bits per byte of flat adapter weights `flat` on `task` (NaN

@@ -498,7 +498,11 @@ fn word_bits(lm: &ByteLm, adapter: Option<&Adapter>, words: &[&str]) -> Tensor {
 /// counted as n + 1 predictions, weighted; words the model cannot read are
 /// left out. Evaluated in batches of 256 without gradients.
 pub fn bits_per_byte(lm: &ByteLm, adapter: Option<&Adapter>, words: &[(&str, f64)]) -> f64 {
-    let words: Vec<(&str, f64)> = words.iter().copied().filter(|(w, _)| readable(w)).collect();
+    let mut words: Vec<(&str, f64)> = words.iter().copied().filter(|(w, _)| readable(w)).collect();
+    // Batches of words of about one length: a batch is as long as its
+    // longest word, and a word's bits do not depend on the padding after it
+    // (causal attention, padded predictions masked out).
+    words.sort_by_key(|(w, _)| w.len());
     let mut bits = 0.0;
     let mut bytes = 0.0;
     tch::no_grad(|| {
