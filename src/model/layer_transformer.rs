@@ -27,7 +27,17 @@ pub struct LayerTransformerConfig {
     pub heads: i64,
     /// Size of the time embedding τ(t).
     pub time_dim: i64,
+    /// Tokens made from (τ(t), e) and put in front of the weight tokens,
+    /// which attend to them: the condition as content every block reads,
+    /// not only as adaLN's per-channel scale and shift (0: adaLN alone, as
+    /// checkpoints from before this option were trained).
+    #[serde(default)]
+    pub condition_tokens: usize,
 }
+
+/// Condition tokens of a new layer transformer (see
+/// [`LayerTransformerConfig::condition_tokens`]).
+pub const DEFAULT_CONDITION_TOKENS: usize = 4;
 
 impl Default for LayerTransformerConfig {
     fn default() -> Self {
@@ -37,6 +47,7 @@ impl Default for LayerTransformerConfig {
             depth: 4,
             heads: 4,
             time_dim: 128,
+            condition_tokens: DEFAULT_CONDITION_TOKENS,
         }
     }
 }
@@ -108,6 +119,8 @@ pub struct LayerTransformer {
     blocks: Vec<Block>,
     final_norm: nn::LayerNorm,
     final_modulation: nn::Linear,
+    /// (τ(t), e) → the condition tokens, when there are any.
+    condition_tokens: Option<(usize, nn::Linear)>,
 }
 
 impl LayerTransformer {
@@ -164,6 +177,16 @@ impl LayerTransformer {
                 .collect(),
             final_norm: plain_norm(vs / "final_norm", h),
             final_modulation: zero_linear(vs / "final_modulation", c_dim, 2 * h),
+            condition_tokens: (config.condition_tokens > 0).then(|| {
+                let count = config.condition_tokens;
+                let map = nn::linear(
+                    vs / "condition_tokens",
+                    c_dim,
+                    count as i64 * h,
+                    Default::default(),
+                );
+                (count, map)
+            }),
             plan,
         }
     }
@@ -192,8 +215,17 @@ impl LayerTransformer {
                 .position_embedding
                 .forward(&self.plan.positions)
                 .unsqueeze(0);
+        if let Some((count, map)) = &self.condition_tokens {
+            let (b, width) = (h.size()[0], h.size()[2]);
+            let prefix = map.forward(&c).view([b, *count as i64, width]);
+            h = Tensor::cat(&[prefix, h], 1);
+        }
         for block in &self.blocks {
             h = block.forward(&h, &c);
+        }
+        if let Some((count, _)) = &self.condition_tokens {
+            let n = h.size()[1];
+            h = h.narrow(1, *count as i64, n - *count as i64);
         }
         let m = self.final_modulation.forward(&c).unsqueeze(1).chunk(2, 2);
         let h = self.final_norm.forward(&h) * (1.0 + &m[1]) + &m[0];
@@ -251,6 +283,63 @@ mod tests {
         assert!(
             l < d_large * config.hidden / 8,
             "{l} parameters for D = {d_large}"
+        );
+    }
+
+    #[test]
+    fn condition_tokens_give_the_task_a_path_adaln_zero_keeps_closed() {
+        // Decoders opened (random), every adaLN-Zero modulation still zero:
+        // the task embedding reaches the output only through the tokens.
+        let spec = ArchSpec::sequential_mlp("s", "", &[4, 3, 2]).unwrap();
+        let dim = spec.num_parameters();
+        let output = |condition_tokens: usize, e: f64| {
+            tch::manual_seed(7);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let config = LayerTransformerConfig {
+                token_size: 4,
+                hidden: 16,
+                depth: 1,
+                heads: 2,
+                time_dim: 8,
+                condition_tokens,
+            };
+            let net = LayerTransformer::new(&vs.root(), &config, &groups_of(&spec), dim, 3);
+            tch::no_grad(|| {
+                for (name, mut v) in vs.variables() {
+                    if name.starts_with("decode") {
+                        v.copy_(&Tensor::randn(v.size(), (Kind::Float, Device::Cpu)));
+                    }
+                }
+            });
+            let w = Tensor::ones([1, dim as i64], (Kind::Float, Device::Cpu));
+            let e = Tensor::full([1, 3], e, (Kind::Float, Device::Cpu));
+            net.forward(&w, &Tensor::from_slice(&[10i64]), &e)
+        };
+        let moved = |tokens| (output(tokens, 1.0) - output(tokens, -1.0)).abs().max();
+        assert_eq!(moved(0).double_value(&[]), 0.0);
+        assert!(moved(2).double_value(&[]) > 1e-3);
+    }
+
+    #[test]
+    fn configs_from_before_condition_tokens_read_as_none() {
+        let old: LayerTransformerConfig = serde_json::from_str(
+            r#"{"token_size":4,"hidden":16,"depth":1,"heads":2,"time_dim":8}"#,
+        )
+        .unwrap();
+        assert_eq!(old.condition_tokens, 0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let spec = ArchSpec::sequential_mlp("s", "", &[4, 3, 2]).unwrap();
+        let _ = LayerTransformer::new(
+            &vs.root(),
+            &old,
+            &groups_of(&spec),
+            spec.num_parameters(),
+            3,
+        );
+        assert!(
+            vs.variables()
+                .keys()
+                .all(|name| !name.starts_with("condition_tokens"))
         );
     }
 

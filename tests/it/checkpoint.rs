@@ -132,6 +132,7 @@ fn checkpoints_round_trip_exactly_for_both_networks() {
             depth: 2,
             heads: 2,
             time_dim: 16,
+            condition_tokens: 2,
         }),
     ] {
         let mut original = checkpoint(net);
