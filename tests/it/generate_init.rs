@@ -704,8 +704,16 @@ except ArchitectureMismatch as e:
 cnn = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                     nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 5))
 print("cnn:", find_architecture(client, cnn))
+answer = warm_start(cnn, task, client, seed=5)
+generated = answer.state_dicts()[0]
+assert all(torch.equal(v, generated[k]) for k, v in cnn.state_dict().items())
+logits = cnn(torch.rand(3, 1, 8, 8))
+assert logits.shape == (3, 5) and torch.isfinite(logits).all()
+print("cnn warm-started:", answer.header.architecture.name)
 "#;
-    // The CNN's architecture reaches the catalog with a zoo of its own.
+    // The CNN's architecture reaches the catalog with a zoo of its own, and
+    // a denoiser of that zoo serves it.
+    let cnn = "digits-cnn-8-16-5";
     crate::common::generation::worker(
         &data,
         &[
@@ -716,13 +724,51 @@ print("cnn:", find_architecture(client, cnn))
             "--zoo",
             "digits-cnn",
             "--architecture",
-            "digits-cnn-8-16-5",
+            cnn,
             "--models",
-            "1",
+            "12",
             "--steps",
-            "1",
+            "20",
         ],
     );
+    crate::common::generation::worker(
+        &data,
+        &[
+            "train",
+            "--zoo",
+            "digits-cnn",
+            "--denoiser-id",
+            "digits-cnn-e2e",
+            "--steps",
+            "40",
+            "--widths",
+            "64,32",
+            "--latent",
+            "none",
+            "--eval-tasks",
+            "1",
+            "--device",
+            "cpu",
+            "--activate",
+        ],
+    );
+    let mut ready = false;
+    for _ in 0..300 {
+        let answer = client
+            .denoiser_ready(pb::DenoiserReadyRequest {
+                architecture: cnn.into(),
+                denoiser_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if answer.ready {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(ready, "the CNN denoiser was not loaded within 30 s");
     let out = run_python(
         &site,
         &[
@@ -745,6 +791,7 @@ print("cnn:", find_architecture(client, cnn))
         "{out}"
     );
     assert!(out.contains("cnn: digits-cnn-"), "{out}");
+    assert!(out.contains("cnn warm-started: digits-cnn-8-16-5"), "{out}");
     assert!(
         out.contains("named architecture: digits-mlp-64-32-5, the architecture asked for, does not fit the module (not in digits-mlp-64-32-5: 4.weight, 4.bias)"),
         "{out}"
