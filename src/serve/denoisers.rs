@@ -17,6 +17,7 @@ use super::readiness::Readiness;
 use crate::backend::{CheckpointFacts, ModelThread};
 use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, DenoiserRecord, PageRequest};
+use crate::tasks::words::lm::{BASE_MODEL_ID_KEY, BASE_MODEL_SHA256_KEY};
 
 /// Default interval between checks of the catalog for activations.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
@@ -49,12 +50,6 @@ pub struct BaseModel {
     /// SHA-256 of its file.
     pub sha256: String,
 }
-
-/// Metadata keys naming an adapter's base model (the zoo builder writes
-/// the same into a zoo adapter's file).
-pub const BASE_MODEL_ID_KEY: &str = "base_model_id";
-/// See [`BASE_MODEL_ID_KEY`].
-pub const BASE_MODEL_SHA256_KEY: &str = "base_model_sha256";
 
 /// The base model of the zoo `record` was trained on, when that zoo's plan
 /// names one (a `words` adapter zoo) and the catalog holds it.

@@ -173,7 +173,8 @@ fn plan(config: &ZooBuildConfig, architecture: &str) -> ZooPlan {
             });
             if config.family == Family::Words {
                 plan["base"] = serde_json::json!(config.words_base);
-                plan["base_model_id"] = config.words_base.model_id().into();
+                plan[crate::tasks::words::lm::BASE_MODEL_ID_KEY] =
+                    config.words_base.model_id().into();
             }
             plan
         },

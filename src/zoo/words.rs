@@ -18,7 +18,8 @@ use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, CatalogError, ModelSource, ZooModelRecord, ZooPlan, now_ms};
 use crate::tasks::featurizer::describe_words;
 use crate::tasks::words::lm::{
-    Adapter, ByteLm, ByteLmConfig, LmTrainConfig, base_arch, bits_per_byte, train,
+    Adapter, BASE_MODEL_ID_KEY, ByteLm, ByteLmConfig, LmTrainConfig, base_arch, bits_per_byte,
+    train,
 };
 use crate::tasks::words::task::draw_support;
 use crate::tasks::words::{HELD_OUT_LANGUAGES, WordLists, WordSplit, WordsError};
@@ -383,7 +384,7 @@ pub(crate) fn train_adapter_unit(
     metadata.insert("zoo".to_owned(), config.zoo.clone());
     metadata.insert("unit".to_owned(), unit.to_string());
     metadata.insert("architecture".to_owned(), net.spec.name.clone());
-    metadata.insert("base_model_id".to_owned(), base.model_id.clone());
+    metadata.insert(BASE_MODEL_ID_KEY.to_owned(), base.model_id.clone());
     let bytes = Bytes::from(encode_safetensors(&named, DType::F32, &metadata)?);
     let metrics = std::collections::BTreeMap::from([
         ("base_test_bits_per_byte".to_owned(), before),
@@ -453,7 +454,7 @@ impl WordsScorer {
             }
             .into());
         };
-        let id = plan_config["base_model_id"].as_str().unwrap_or_default();
+        let id = plan_config[BASE_MODEL_ID_KEY].as_str().unwrap_or_default();
         let lm = WordsBase::fetch(catalog, blobs, id, base)
             .await?
             .ok_or_else(|| WordsZooError::Base {

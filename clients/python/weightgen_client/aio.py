@@ -19,7 +19,7 @@ from .client import (
     _with_traceparent,
     generate_request,
 )
-from .upload import UploadProgress, UploadReport, Uploader, list_request
+from .upload import UploadProgress, UploadReport, Uploader
 
 
 class AsyncWeightgenClient:
@@ -114,30 +114,13 @@ class AsyncWeightgenClient:
         answer, error = None, None
         while True:
             try:
-                kind, what = actions.throw(error) if error is not None else actions.send(answer)
+                method, request = actions.throw(error) if error is not None else actions.send(answer)
             except StopIteration:
                 return run.report()
             answer, error = None, None
-            if kind == "list":
-                answer = await self._stored_digests(what)
-                continue
             try:
-                answer = await self._catalog.UploadCheckpoint(
-                    what, timeout=self.timeout, metadata=self._metadata
+                answer = await getattr(self._catalog, method)(
+                    request, timeout=self.timeout, metadata=self._metadata
                 )
             except grpc.RpcError as e:
                 error = e
-
-    async def _stored_digests(self, architecture: str) -> dict:
-        digests, token = {}, ""
-        while True:
-            try:
-                page = await self._catalog.ListZooModels(
-                    list_request(architecture, token), timeout=self.timeout, metadata=self._metadata
-                )
-            except grpc.RpcError as e:
-                raise WeightgenError(e.code(), e.details()) from None
-            digests.update({m.sha256: m.id for m in page.models})
-            token = page.next_page_token
-            if not token:
-                return digests

@@ -148,12 +148,11 @@ def list_request(architecture: str, page_token: str) -> catalog_pb2.ListZooModel
 
 
 class Uploader:
-    """One upload_zoo run without its I/O: `actions()` yields what to ask the
-    server — ("list", architecture): the {sha256: model id} of its stored
-    models; ("upload", messages): an UploadCheckpoint stream — and is sent
-    the answer or thrown the grpc.RpcError, so the blocking and the asyncio
-    client drive the same bookkeeping (skipping stored digests, results,
-    progress)."""
+    """One upload_zoo run without its I/O: `actions()` yields the calls to
+    make — ("ListZooModels", request) page by page, ("UploadCheckpoint",
+    messages) — and is sent each answer or thrown its grpc.RpcError, so the
+    blocking and the asyncio client drive the same bookkeeping (paging,
+    skipping stored digests, results, progress) and only make the calls."""
 
     def __init__(self, items: Iterable, on_progress: Optional[Callable[[UploadProgress], None]]):
         self.items = items
@@ -175,14 +174,14 @@ class Uploader:
                 continue
             digest = hashlib.sha256(data).hexdigest()
             if architecture not in known:
-                known[architecture] = yield ("list", architecture)
+                known[architecture] = yield from self.stored_digests(architecture)
             stored = known[architecture].get(digest)
             if stored is not None:
                 self.record(ZooItemResult(index, item.name, "already stored", digest, stored))
                 continue
             header = upload_header(item, data, digest, filename)
             try:
-                response = yield ("upload", upload_messages(header, data))
+                response = yield ("UploadCheckpoint", upload_messages(header, data))
             except grpc.RpcError as e:
                 failure = WeightgenError(e.code(), e.details())
                 if e.code() in FATAL_CODES:
@@ -193,6 +192,21 @@ class Uploader:
             known[architecture][digest] = response.model.id
             status = "already stored" if response.deduplicated else "uploaded"
             self.record(ZooItemResult(index, item.name, status, digest, response.model.id))
+
+    @staticmethod
+    def stored_digests(architecture: str) -> Generator:
+        """{sha256: zoo model id} of every zoo model of `architecture`,
+        asked page by page."""
+        digests, token = {}, ""
+        while True:
+            try:
+                page = yield ("ListZooModels", list_request(architecture, token))
+            except grpc.RpcError as e:
+                raise WeightgenError(e.code(), e.details()) from None
+            digests.update({m.sha256: m.id for m in page.models})
+            token = page.next_page_token
+            if not token:
+                return digests
 
     def record(self, result: ZooItemResult) -> None:
         self.results.append(result)
@@ -213,29 +227,11 @@ def upload_zoo(client, items: Iterable, on_progress=None) -> UploadReport:
     answer, error = None, None
     while True:
         try:
-            kind, what = actions.throw(error) if error is not None else actions.send(answer)
+            method, request = actions.throw(error) if error is not None else actions.send(answer)
         except StopIteration:
             return run.report()
         answer, error = None, None
-        if kind == "list":
-            answer = stored_digests(client, stub, what)
-            continue
         try:
-            answer = stub.UploadCheckpoint(what, timeout=client.timeout, metadata=client._metadata)
+            answer = getattr(stub, method)(request, timeout=client.timeout, metadata=client._metadata)
         except grpc.RpcError as e:
             error = e
-
-
-def stored_digests(client, stub, architecture: str) -> dict:
-    """{sha256: zoo model id} of every zoo model of `architecture`."""
-    digests, token = {}, ""
-    while True:
-        page = client._call(
-            lambda: stub.ListZooModels(
-                list_request(architecture, token), timeout=client.timeout, metadata=client._metadata
-            )
-        )
-        digests.update({m.sha256: m.id for m in page.models})
-        token = page.next_page_token
-        if not token:
-            return digests

@@ -349,6 +349,12 @@ pub fn base_arch(config: ByteLmConfig) -> ArchSpec {
 /// of a `LoraModel` around a module whose blocks are `layers.{i}.{target}`).
 pub const PEFT_PREFIX: &str = "base_model.model.";
 
+/// The metadata key naming an adapter's base model by its zoo model id —
+/// in an adapter's file (zoo or generated) and in an adapter zoo's plan.
+pub const BASE_MODEL_ID_KEY: &str = "base_model_id";
+/// The metadata key of the SHA-256 of an adapter's base model file.
+pub const BASE_MODEL_SHA256_KEY: &str = "base_model_sha256";
+
 /// The name of module `module`'s LoRA tensor `part` ("lora_A"/"lora_B")
 /// as PEFT writes it, e.g. "base_model.model.layers.0.qkv.lora_A.weight".
 pub fn peft_name(module: &str, part: &str) -> String {
@@ -433,7 +439,7 @@ impl Adapter {
     /// base model's SHA-256.
     pub fn metadata(&self, base_sha256: &str) -> std::collections::HashMap<String, String> {
         let mut metadata = peft_metadata(self.config);
-        metadata.insert("base_model_sha256".to_owned(), base_sha256.to_owned());
+        metadata.insert(BASE_MODEL_SHA256_KEY.to_owned(), base_sha256.to_owned());
         metadata
     }
 }
