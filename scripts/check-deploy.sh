@@ -59,7 +59,7 @@ for overlay in cpu gpu; do
     # The optional components are enabled by uncommenting them in the
     # overlay; do that to a copy of the overlay.
     cp -r "$work/k8s/overlays/$overlay" "$work/k8s/overlays/$overlay-all"
-    printf 'components:\n  - ../../components/servicemonitor\n  - ../../components/queue-worker\n  - ../../components/tls\n' \
+    printf 'components:\n  - ../../components/servicemonitor\n  - ../../components/queue-worker\n  - ../../components/tls\n  - ../../components/grafana-dashboard\n' \
         >>"$work/k8s/overlays/$overlay-all/kustomization.yaml"
     render "$overlay-all" "overlays/$overlay-all"
 done

@@ -58,7 +58,7 @@ train() { # id zoo steps widths [flags]
     mv "$log.new" "$log"
 }
 
-zoos="${WEIGHTGEN_EVAL_ZOOS:-digits-eval sinusoid-shared digit-inr-eval digit-inr-shared}"
+zoos="${WEIGHTGEN_EVAL_ZOOS:-digits-eval sinusoid-shared digit-inr-eval digit-inr-shared words-600}"
 wants() { [[ " $zoos " == *" $1 "* ]]; }
 wants digits-eval || [ "$only" != main ] && zoo digits-eval digits 1000 --shared-init --steps 100
 # sinusoid from one shared init: chosen on the validation gate over the
@@ -67,9 +67,12 @@ wants sinusoid-shared && zoo sinusoid-shared sinusoid 1000 --shared-init
 wants digit-inr-eval && zoo digit-inr-eval digit-inr 1000
 # digit-inr from one shared init (the independent-init zoo is multimodal).
 wants digit-inr-shared && zoo digit-inr-shared digit-inr 1000 --shared-init
+# words: 600 LoRA adapters of the default base (the base is trained first,
+# once, as its own one-model zoo; ≈ 16 min on 2 cores).
+wants words-600 && zoo words-600 words 600 --shared-init --seed 7
 
 report() { # zoo [split]: evaluates ZOO's denoiser (ZOO minus -eval, then -STEPS)
-    local zoo="$1" id="${1%-eval}-$(recipe_steps "$1")" split="${2:-interpolation}"
+    local zoo="$1" id="$(denoiser_id "$1")" split="${2:-interpolation}"
     step "eval $zoo, $split split (full profile)"
     # shellcheck disable=SC2046
     worker eval --zoo "$zoo" --denoiser-id "$id" --split "$split" --output "$out" $(report_flags "$zoo") \
@@ -82,15 +85,18 @@ report() { # zoo [split]: evaluates ZOO's denoiser (ZOO minus -eval, then -STEPS
 # demo's recipe (v-prediction, widths 128/64, 10,000 steps) sampled by one
 # x̂₀ step from t = T (validation MSE 0.55 against 4.80 for the old recipe's
 # DDIM-50 on sinusoid; 0.012 against 0.054 on digit-inr).
+# On words-600 the recipe of docs/RESULTS.md's first words denoiser (v,
+# 128/64, 4,000 steps).
 recipe_steps() { # zoo
     case "$1" in
         sinusoid-shared | digit-inr-shared) echo 10000 ;;
+        words-600) echo 4000 ;;
         *) echo "$steps" ;;
     esac
 }
 recipe_widths() { # zoo
     case "$1" in
-        sinusoid-shared | digit-inr-shared) echo 128,64 ;;
+        sinusoid-shared | digit-inr-shared | words-600) echo 128,64 ;;
         *) echo 256,128 ;;
     esac
 }
@@ -98,19 +104,31 @@ recipe() { # zoo: further training flags
     case "$1" in
         digits-eval) echo "--prediction v" ;;
         # One intra-op thread, as measured (training is bit-reproducible so).
-        sinusoid-shared | digit-inr-shared) echo "--prediction v --threads 1" ;;
+        sinusoid-shared | digit-inr-shared | words-600) echo "--prediction v --threads 1" ;;
     esac
 }
 report_flags() { # zoo: the sampler of its report's weightgen rows
     case "$1" in
         sinusoid-shared | digit-inr-shared) echo "--sampler one-step --guidance 1" ;;
+        # The sampler its gate recommends (DDIM-10, guidance 3: what a request
+        # that leaves the sampler unset gets). An adapter's fine-tuning runs
+        # through the base: 10 tasks × 2 seeds and the rows that differ.
+        words-600) echo "--sampler ddim-10 --guidance 3 --tasks 10 --seeds 2 --methods $words_methods" ;;
+    esac
+}
+words_methods=weightgen-ddim-guided,weightgen-features-only,weightgen-support-only,weightgen-wrong-task,\
+nearest-zoo,zoo-average,reptile,hypernetwork
+denoiser_id() { # zoo: its main denoiser's id
+    case "$1" in
+        words-600) echo words-4000 ;;
+        *) echo "${1%-eval}-$(recipe_steps "$1")" ;;
     esac
 }
 
 if [ "$only" != ablation ]; then
     for zoo in $zoos; do
         # shellcheck disable=SC2046
-        train "${zoo%-eval}-$(recipe_steps "$zoo")" "$zoo" "$(recipe_steps "$zoo")" "$(recipe_widths "$zoo")" \
+        train "$(denoiser_id "$zoo")" "$zoo" "$(recipe_steps "$zoo")" "$(recipe_widths "$zoo")" \
             $(recipe "$zoo")
         report "$zoo"
     done

@@ -307,11 +307,17 @@ fn check_split(
 
 fn eval(args: EvalArgs) -> anyhow::Result<String> {
     let device = args.device.resolve()?;
-    let mut config = if args.quick {
-        weightgen::eval::EvalConfig::quick()
-    } else {
-        weightgen::eval::EvalConfig::full()
-    };
+    let runtime = tokio::runtime::Runtime::new()?;
+    // The profile depends on the zoo's family (its cost per fine-tuning step).
+    let family = runtime.block_on(async {
+        let (catalog, _) = args.storage.open().await?;
+        let plan = catalog.zoo(&args.zoo).await?;
+        anyhow::Ok(plan.and_then(|p| weightgen::tasks::Family::parse(&p.family).ok()))
+    })?;
+    let mut config = weightgen::eval::EvalConfig::profile(
+        args.quick,
+        family.unwrap_or(weightgen::tasks::Family::Digits),
+    );
     config.tasks = args.tasks.unwrap_or(config.tasks);
     config.seeds = args.seeds.unwrap_or(config.seeds);
     config.finetune_steps = args.finetune_steps.unwrap_or(config.finetune_steps);
@@ -326,7 +332,6 @@ fn eval(args: EvalArgs) -> anyhow::Result<String> {
     if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
         anyhow::bail!("--tasks, --seeds and --finetune-steps must be at least 1");
     }
-    let runtime = tokio::runtime::Runtime::new()?;
     if !args.ablation.is_empty() {
         return eval_ablation(&args, config, device, &runtime);
     }

@@ -104,6 +104,9 @@ pub struct NewJob {
     /// Makes resubmission safe: a second job with the same key is not
     /// created; the first comes back.
     pub idempotency_key: Option<String>,
+    /// The W3C `traceparent` of the submitting call's span: the worker's
+    /// span of the job continues that trace.
+    pub traceparent: Option<String>,
 }
 
 /// A job as stored.
@@ -119,6 +122,8 @@ pub struct JobRecord {
     pub spec: serde_json::Value,
     /// The submitter's idempotency key.
     pub idempotency_key: Option<String>,
+    /// The submitting call's W3C `traceparent`, when it was traced.
+    pub traceparent: Option<String>,
     /// Attempts started so far.
     pub attempts: u32,
     /// Attempts allowed.
@@ -227,6 +232,15 @@ pub(crate) fn validate_new_job(job: &NewJob) -> Result<(), CatalogError> {
     if let Some(key) = &job.idempotency_key {
         super::sql::check_id("idempotency_key", key)?;
     }
+    if let Some(traceparent) = &job.traceparent {
+        // W3C: "00-" 32 hex "-" 16 hex "-" 2 hex; later versions may be longer.
+        if traceparent.len() > 128 || !traceparent.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(CatalogError::InvalidArgument {
+                field: "traceparent",
+                reason: "must be a W3C traceparent (printable ASCII, at most 128 bytes)".to_owned(),
+            });
+        }
+    }
     if !job.spec.is_object() {
         return Err(CatalogError::InvalidArgument {
             field: "spec",
@@ -239,7 +253,7 @@ pub(crate) fn validate_new_job(job: &NewJob) -> Result<(), CatalogError> {
 /// Columns of a job row, in `job_from_row` order.
 pub(crate) const JOB_COLUMNS: &str = "id, kind, state, spec_json, idempotency_key, attempts, \
      max_attempts, progress, message, error, worker, denoiser_id, models_built, created_at_ms, \
-     started_at_ms, finished_at_ms, heartbeat_at_ms";
+     started_at_ms, finished_at_ms, heartbeat_at_ms, traceparent";
 
 /// Implements `JobQueue` for `$ty` (a struct with `pool: sqlx::Pool<$db>`),
 /// with `$lock` appended to the claim's inner SELECT.
@@ -271,6 +285,7 @@ macro_rules! impl_job_queue {
                     state: JobState::parse(&state).ok_or_else(|| corrupt("state", state.clone()))?,
                     spec: parse_json(&row.try_get::<String, _>("spec_json")?, &id, "spec_json")?,
                     idempotency_key: row.try_get("idempotency_key")?,
+                    traceparent: row.try_get("traceparent")?,
                     attempts: row.try_get::<i64, _>("attempts")? as u32,
                     max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
                     progress: row.try_get("progress")?,
@@ -325,7 +340,8 @@ macro_rules! impl_job_queue {
                     let spec = serde_json::to_string(&job.spec).unwrap_or_default();
                     let inserted = sqlx::query(
                         "INSERT INTO jobs (id, kind, state, spec_json, idempotency_key, \
-                         max_attempts, created_at_ms) VALUES ($1, $2, 'queued', $3, $4, $5, $6) \
+                         max_attempts, created_at_ms, traceparent) \
+                         VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7) \
                          ON CONFLICT (idempotency_key) DO NOTHING",
                     )
                     .bind(&job.id)
@@ -334,6 +350,7 @@ macro_rules! impl_job_queue {
                     .bind(job.idempotency_key.as_deref())
                     .bind(i64::from(job.max_attempts))
                     .bind(now_ms())
+                    .bind(job.traceparent.as_deref())
                     .execute(&self.pool)
                     .await
                     .map_err(|e| match e {

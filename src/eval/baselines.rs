@@ -11,11 +11,11 @@ use rand::{Rng, SeedableRng};
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
+use super::learner::{Examples, gradient};
 use crate::model::fit::random_subsets;
 use crate::model::task_encoder::TaskEncoder;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
-use crate::tasks::train::{Objective, TaskData, loss};
-use crate::tasks::{Network, TaskSpec};
+use crate::tasks::TaskSpec;
 use crate::train::quality::condition_of;
 use crate::zoo::ZooDataset;
 
@@ -36,10 +36,10 @@ pub struct MetaConfig {
     pub batch_size: usize,
 }
 
-/// Task data of zoo tasks, read once each.
+/// Examples of zoo tasks, read once each.
 struct TaskCache<'a> {
     data: &'a ZooDataset,
-    cached: HashMap<String, TaskData>,
+    cached: HashMap<String, Examples>,
 }
 
 impl<'a> TaskCache<'a> {
@@ -50,50 +50,21 @@ impl<'a> TaskCache<'a> {
         }
     }
 
-    fn get(&mut self, task: &TaskSpec) -> Option<&TaskData> {
+    fn get(&mut self, task: &TaskSpec) -> Option<&Examples> {
         let key = task.key();
         if !self.cached.contains_key(&key) {
-            let d = self.data.family.data(task, Device::Cpu).ok()?;
-            self.cached.insert(key.clone(), d);
+            let examples = Examples::of(self.data, task)?;
+            self.cached.insert(key.clone(), examples);
         }
         self.cached.get(&key)
     }
 }
 
-fn batch(data: &TaskData, size: usize, rng: &mut StdRng) -> (Tensor, Tensor) {
-    let n = data.train_x.size()[0];
-    if size == 0 || size as i64 >= n {
-        return (data.train_x.shallow_clone(), data.train_y.shallow_clone());
-    }
-    let index: Vec<i64> = (0..size).map(|_| rng.random_range(0..n)).collect();
-    let index = Tensor::from_slice(&index);
-    (
-        data.train_x.index_select(0, &index),
-        data.train_y.index_select(0, &index),
-    )
-}
-
-/// Gradient of the task loss at `params` on (x, y).
-fn gradient(
-    net: &Network,
-    params: &[Tensor],
-    objective: Objective,
-    x: &Tensor,
-    y: &Tensor,
-) -> Vec<Tensor> {
-    match net.forward(params, x) {
-        Ok(outputs) => Tensor::run_backward(&[loss(objective, &outputs, y)], params, false, false),
-        // No tensor data exists for a network that runs inside a base.
-        Err(_) => params.iter().map(Tensor::zeros_like).collect(),
-    }
-}
-
-/// `steps` of plain SGD from `init` on `data`.
+/// `steps` of plain SGD from `init` on `examples`.
 fn adapt(
-    net: &Network,
+    data: &ZooDataset,
     init: &[Tensor],
-    data: &TaskData,
-    objective: Objective,
+    examples: &Examples,
     config: &MetaConfig,
     rng: &mut StdRng,
 ) -> Vec<Tensor> {
@@ -102,8 +73,7 @@ fn adapt(
         .map(|t| t.detach().copy().set_requires_grad(true))
         .collect();
     for _ in 0..config.inner_steps {
-        let (x, y) = batch(data, config.batch_size, rng);
-        let grads = gradient(net, &phi, objective, &x, &y);
+        let grads = gradient(data, &phi, examples, config.batch_size, rng);
         phi = phi
             .iter()
             .zip(grads)
@@ -115,26 +85,24 @@ fn adapt(
 
 /// The loop both meta-learners share: from a fresh init, `meta_steps`
 /// times pick a random zoo task, adapt to it with SGD (φ), and let `outer`
-/// turn (step, θ, φ, the task's data) into the next θ.
+/// turn (step, θ, φ, the task's examples) into the next θ.
 fn meta_learn(
     data: &ZooDataset,
     config: &MetaConfig,
     seed: u64,
-    mut outer: impl FnMut(usize, &[Tensor], Vec<Tensor>, &TaskData, &mut StdRng) -> Vec<Tensor>,
+    mut outer: impl FnMut(usize, &[Tensor], Vec<Tensor>, &Examples, &mut StdRng) -> Vec<Tensor>,
 ) -> Vec<Tensor> {
-    let net = &data.network;
-    let objective = data.family.objective();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut cache = TaskCache::new(data);
-    let mut theta = net.init(seed, Device::Cpu);
+    let mut theta = data.network.init(seed, Device::Cpu);
     let tasks = &data.tasks;
     for step in 0..config.meta_steps {
         let task = &tasks[rng.random_range(0..tasks.len())];
-        let Some(task_data) = cache.get(task) else {
+        let Some(examples) = cache.get(task) else {
             continue;
         };
-        let phi = adapt(net, &theta, task_data, objective, config, &mut rng);
-        theta = outer(step, &theta, phi, task_data, &mut rng);
+        let phi = adapt(data, &theta, examples, config, &mut rng);
+        theta = outer(step, &theta, phi, examples, &mut rng);
     }
     theta
 }
@@ -155,11 +123,9 @@ pub fn reptile(data: &ZooDataset, config: &MetaConfig, seed: u64) -> Vec<Tensor>
 /// First-order MAML (Finn et al. 2017, first-order): adapt on one batch of
 /// a random zoo task, then θ ← θ − β ∇L(φ) on another batch of it.
 pub fn fomaml(data: &ZooDataset, config: &MetaConfig, seed: u64) -> Vec<Tensor> {
-    let objective = data.family.objective();
-    meta_learn(data, config, seed, |_, theta, phi, task_data, rng| {
+    meta_learn(data, config, seed, |_, theta, phi, examples, rng| {
         let phi: Vec<Tensor> = phi.into_iter().map(|p| p.set_requires_grad(true)).collect();
-        let (x, y) = batch(task_data, config.batch_size, rng);
-        let grads = gradient(&data.network, &phi, objective, &x, &y);
+        let grads = gradient(data, &phi, examples, config.batch_size, rng);
         theta
             .iter()
             .zip(grads)

@@ -30,6 +30,22 @@ pub fn test_metric(net: &Network, params: &[Tensor], data: &TaskData, objective:
         .unwrap_or(f64::NAN)
 }
 
+/// A copy of `init` as f32 variables of a new store (on `init`'s device),
+/// for an optimizer to train.
+pub(super) fn trainable_copy(init: &[Tensor]) -> (nn::VarStore, Vec<Tensor>) {
+    let device = init.first().map_or(tch::Device::Cpu, Tensor::device);
+    let vs = nn::VarStore::new(device);
+    let params = init
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            vs.root()
+                .var_copy(&format!("p{i}"), &t.to_kind(Kind::Float))
+        })
+        .collect();
+    (vs, params)
+}
+
 /// The test metric (accuracy or MSE) of `init` fine-tuned on `data`, before
 /// the first step and after each of `config.steps` full-batch Adam steps.
 pub fn curve(
@@ -39,16 +55,7 @@ pub fn curve(
     objective: Objective,
     config: &FinetuneConfig,
 ) -> Result<Vec<f64>, tch::TchError> {
-    let device = init.first().map_or(tch::Device::Cpu, Tensor::device);
-    let vs = nn::VarStore::new(device);
-    let params: Vec<Tensor> = init
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            vs.root()
-                .var_copy(&format!("p{i}"), &t.to_kind(Kind::Float))
-        })
-        .collect();
+    let (vs, params) = trainable_copy(init);
     let mut optimizer = nn::Adam::default().build(&vs, config.learning_rate)?;
     let metric = |params: &[Tensor]| test_metric(net, params, data, objective);
     let mut out = Vec::with_capacity(config.steps + 1);
@@ -69,6 +76,13 @@ pub fn target_of(objective: Objective, fully_trained: f64, fraction: f64) -> f64
         false => fraction * fully_trained,
         true => fully_trained / fraction,
     }
+}
+
+/// The metric value that closes `fraction` of the gap from `start` (the
+/// untrained model's) to `fully_trained`: the `words` family's target, 90 %
+/// of the gain a fully trained adapter makes over the base.
+pub fn gain_target(start: f64, fully_trained: f64, fraction: f64) -> f64 {
+    start + fraction * (fully_trained - start)
 }
 
 /// The first step whose metric reaches `target` (0 = the init already does).
@@ -126,6 +140,7 @@ mod tests {
             steps_to_target(&accuracy, Objective::Classification, 0.95),
             None
         );
+        assert!((gain_target(11.0, 3.0, 0.9) - 3.8).abs() < 1e-12);
         let mse = [3.0, 0.5, 0.09];
         assert_eq!(steps_to_target(&mse, Objective::Regression, 0.1), Some(2));
     }

@@ -12,20 +12,22 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use super::baselines::Hypernetwork;
-use super::finetune::{DEFAULT_TARGET_FRACTION, FinetuneConfig, curve, steps_to_target, target_of};
+use super::finetune::{
+    DEFAULT_TARGET_FRACTION, FinetuneConfig, gain_target, steps_to_target, target_of,
+};
 use super::inits::{
     Conditions, Retrieved, choose_hypernetwork, flat_of, init_of, params, sampling_flops,
     seed_inits,
 };
+use super::learner::{self, Examples};
 use super::novelty::{agreement, nearest_zoo};
 use super::protocol::{
-    EvalConfig, Method, PROPOSAL_FINETUNE_LR, choose_lr, few_shot_data, held_out, validation_tasks,
+    EvalConfig, Method, PROPOSAL_FINETUNE_LR, choose_lr, held_out, validation_tasks,
 };
 use super::summary::{EvalReport, Measured, Runs, summarize};
 use crate::model::DenoiserCheckpoint;
 use crate::tasks::Descriptor;
-use crate::tasks::featurizer::support_descriptor;
-use crate::tasks::train::{Objective, TaskData};
+use crate::tasks::train::Objective;
 use crate::train::quality::{
     asked_features, condition_of, nearest_by_features, one_input, support_condition, wrong_tasks,
 };
@@ -155,7 +157,6 @@ pub fn evaluate_with(
     let zoo_std_norm = zoo_std.square().sum(Kind::Double).sqrt().double_value(&[]);
     let mut matched_scales = Vec::new();
 
-    let net_params = data.weights.size()[1] as f64;
     let denoiser_params: f64 = checkpoint
         .model
         .vs
@@ -179,7 +180,7 @@ pub fn evaluate_with(
                 let descriptors: Vec<Descriptor> = tasks
                     .iter()
                     .zip(&seeds)
-                    .map(|((_, d, _), &s)| support_descriptor(data.family, &few_shot_data(d, k, s)))
+                    .map(|((_, d, _), &s)| d.few_shot(k, s).support_descriptor(data))
                     .collect();
                 support_condition(checkpoint, data, &descriptors)
             });
@@ -202,28 +203,36 @@ pub fn evaluate_with(
         )?;
         for (t, (_, task_data, _)) in tasks.iter().enumerate() {
             let run_seed = seeds[t];
-            // A full-batch training step: forward + backward ≈ 3 forwards.
-            let step_flops = 3.0 * 2.0 * net_params * task_data.train_x.size()[0] as f64;
+            let step_flops = learner::step_flops(data, task_data);
             let random = net.init(run_seed, Device::Cpu);
             let measured = yardstick.runs.get(&(seed_index, t)).cloned();
             let full = match &measured {
                 Some(m) => m.full,
-                None => curve(
-                    net,
+                None => learner::curve(
+                    data,
                     &random,
                     task_data,
-                    objective,
                     &FinetuneConfig {
                         steps: config.full_steps,
                         learning_rate: chosen_lr,
                     },
+                    config.full_steps,
                 )?
                 .last()
                 .copied()
                 .unwrap_or(f64::NAN),
             };
             fully_trained.push(full);
-            let target = target_of(objective, full, DEFAULT_TARGET_FRACTION);
+            let target = match objective {
+                // Bits per byte: 90 % of the fully trained adapter's gain
+                // over the base (random init is the base: B = 0).
+                Objective::LanguageModel => gain_target(
+                    learner::test_metric(data, &random, task_data),
+                    full,
+                    DEFAULT_TARGET_FRACTION,
+                ),
+                _ => target_of(objective, full, DEFAULT_TARGET_FRACTION),
+            };
             let nearest = data.weights.get(nearest_rows[t]).to_kind(Kind::Float);
             // Noise from this run's seed (torch's global generator).
             tch::manual_seed(run_seed as i64);
@@ -249,10 +258,10 @@ pub fn evaluate_with(
                 center: &center,
             };
             // The same K examples for every method.
-            let few_shot: Vec<(usize, TaskData)> = config
+            let few_shot: Vec<(usize, Examples)> = config
                 .few_shot
                 .iter()
-                .map(|&k| (k, few_shot_data(task_data, k, run_seed)))
+                .map(|&k| (k, task_data.few_shot(k, run_seed)))
                 .collect();
             let run = RunContext {
                 data,
@@ -309,9 +318,9 @@ struct RunContext<'a> {
     data: &'a ZooDataset,
     config: &'a EvalConfig,
     chosen_lr: f64,
-    task_data: &'a TaskData,
+    task_data: &'a Examples,
     /// The same K examples for every method.
-    few_shot: &'a [(usize, TaskData)],
+    few_shot: &'a [(usize, Examples)],
     /// Random init's fully trained score and the target derived from it.
     full: f64,
     target: f64,
@@ -336,25 +345,35 @@ fn measure_run(
 ) -> Result<Option<RandomRun>, tch::TchError> {
     let (data, config, net) = (run.data, run.config, &run.data.network);
     let objective = data.family.objective();
-    let finetune = |lr: f64, steps: usize, d: &TaskData| {
-        curve(
-            net,
+    let finetune = |lr: f64, steps: usize, d: &Examples, every: usize| {
+        learner::curve(
+            data,
             init,
             d,
-            objective,
             &FinetuneConfig {
                 steps,
                 learning_rate: lr,
             },
+            every,
         )
     };
     let at_proposal = match measured {
         Some(m) => m.at_proposal.clone(),
-        None => finetune(PROPOSAL_FINETUNE_LR, config.finetune_steps, run.task_data)?,
+        None => finetune(
+            PROPOSAL_FINETUNE_LR,
+            config.finetune_steps,
+            run.task_data,
+            config.eval_every,
+        )?,
     };
     let at_best = match measured {
         Some(m) => m.at_best.clone(),
-        None => finetune(run.chosen_lr, config.finetune_steps, run.task_data)?,
+        None => finetune(
+            run.chosen_lr,
+            config.finetune_steps,
+            run.task_data,
+            config.eval_every,
+        )?,
     };
     r.zero_shot.push(at_proposal[0]);
     if r.curve_sum.len() < at_best.len() {
@@ -379,10 +398,15 @@ fn measure_run(
     for (i, (k, few)) in run.few_shot.iter().enumerate() {
         let score = match measured.and_then(|m| m.few_shot.get(i)) {
             Some(&score) => score,
-            None => finetune(run.chosen_lr, config.few_shot_steps, few)?
-                .last()
-                .copied()
-                .unwrap_or(f64::NAN),
+            None => finetune(
+                run.chosen_lr,
+                config.few_shot_steps,
+                few,
+                config.few_shot_steps,
+            )?
+            .last()
+            .copied()
+            .unwrap_or(f64::NAN),
         };
         r.few_shot.entry(*k).or_default().push(score);
         few_shot_scores.push(score);
@@ -397,11 +421,13 @@ fn measure_run(
         let n = nearest_zoo(&flat.unsqueeze(0), run.zoo_weights, run.center, None)[0];
         r.cosine.push(n.cosine);
         r.l2.push(n.l2);
-        if objective == Objective::Classification {
-            let mine = net.forward(init, &run.task_data.test_x);
+        if let (Objective::Classification, Examples::Tensors(task_data)) =
+            (objective, run.task_data)
+        {
+            let mine = net.forward(init, &task_data.test_x);
             let theirs = net.forward(
                 &params(data, &run.zoo_weights.get(n.row)),
-                &run.task_data.test_x,
+                &task_data.test_x,
             );
             if let (Ok(mine), Ok(theirs)) = (mine, theirs) {
                 r.agreement.push(agreement(&mine, &theirs));

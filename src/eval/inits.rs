@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 use super::baselines::{Hypernetwork, fomaml, reptile};
-use super::finetune::test_metric;
+use super::learner::test_metric;
 use super::protocol::{
     EvalConfig, HYPERNETWORK_BATCH, HYPERNETWORK_LR, HeldOutTask, Method, better,
 };
@@ -55,7 +55,7 @@ pub(super) fn choose_hypernetwork(
             .enumerate()
             .map(|(i, (_, task_data, _))| {
                 let init = params(data, &weights.get(i as i64));
-                test_metric(&data.network, &init, task_data, objective)
+                test_metric(data, &init, task_data)
             })
             .sum();
         let score = total / validation.len().max(1) as f64;

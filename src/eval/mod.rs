@@ -7,6 +7,7 @@ pub mod baselines;
 pub mod finetune;
 pub mod harness;
 mod inits;
+pub mod learner;
 pub mod novelty;
 pub mod plots;
 pub mod protocol;

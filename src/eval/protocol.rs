@@ -17,17 +17,17 @@ use rand::seq::SliceRandom;
 use tch::{Device, Tensor};
 
 use super::baselines::MetaConfig;
-use super::finetune::{FinetuneConfig, curve};
+use super::finetune::FinetuneConfig;
+use super::learner::{self, Examples};
 use crate::diffusion::SamplerKind;
 use crate::serve::generate_init::DEFAULT_DDIM_STEPS;
-use crate::tasks::featurizer::describe;
 use crate::tasks::train::{Objective, TaskData};
-use crate::tasks::{Descriptor, HeldOutSplit, TaskSpec};
+use crate::tasks::{Descriptor, Family, HeldOutSplit, TaskSpec};
 use crate::train::quality::EVAL_DDIM_STEPS;
 use crate::zoo::ZooDataset;
 
-/// A held-out task: its spec, its data and its descriptor.
-pub type HeldOutTask = (TaskSpec, TaskData, Descriptor);
+/// A held-out task: its spec, its examples and its descriptor.
+pub type HeldOutTask = (TaskSpec, Examples, Descriptor);
 
 /// The proposal's fine-tuning learning rate.
 pub const PROPOSAL_FINETUNE_LR: f64 = 1e-4;
@@ -49,8 +49,14 @@ pub struct EvalConfig {
     pub validation_tasks: usize,
     /// Learning rates tried for random init.
     pub lr_grid: Vec<f64>,
-    /// Fine-tuning budget in full-batch Adam steps.
+    /// Fine-tuning budget in Adam steps (full batch; minibatches of words
+    /// for adapters).
     pub finetune_steps: usize,
+    /// Steps between measurements of the test metric while fine-tuning
+    /// adapters (a words task's test set costs a forward pass of the base
+    /// over thousands of words; networks that run alone are measured after
+    /// every step).
+    pub eval_every: usize,
     /// Steps that train random init "fully" (the reference).
     pub full_steps: usize,
     /// Support-set sizes K of the few-shot runs.
@@ -87,6 +93,7 @@ impl EvalConfig {
             validation_tasks: 5,
             lr_grid: vec![1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
             finetune_steps: 500,
+            eval_every: 1,
             full_steps: 2000,
             few_shot: vec![10, 100],
             few_shot_steps: 100,
@@ -116,6 +123,7 @@ impl EvalConfig {
             validation_tasks: 2,
             lr_grid: vec![1e-3, 1e-2],
             finetune_steps: 40,
+            eval_every: 1,
             full_steps: 80,
             few_shot: vec![10, 100],
             few_shot_steps: 20,
@@ -134,6 +142,39 @@ impl EvalConfig {
             seed: 0,
             split: HeldOutSplit::Interpolation,
             only: None,
+        }
+    }
+}
+
+impl EvalConfig {
+    /// The full or the quick profile as `family` runs it. A `words`
+    /// adapter step costs a pass of the base over 64 words and a
+    /// measurement a pass over the task's test words, so its runs are
+    /// shorter (200 fine-tuning steps measured every 20, 1,000 to train
+    /// fully — a zoo adapter trains 100), its learning rates larger
+    /// (adapters start at B = 0) and its few-shot runs 50 steps; other
+    /// families keep the profile.
+    pub fn profile(quick: bool, family: Family) -> Self {
+        let base = if quick { Self::quick() } else { Self::full() };
+        if family != Family::Words {
+            return base;
+        }
+        let pick = |full: usize, quick_value: usize| if quick { quick_value } else { full };
+        Self {
+            lr_grid: if quick {
+                vec![3e-3, 1e-2]
+            } else {
+                vec![1e-3, 3e-3, 1e-2, 3e-2]
+            },
+            finetune_steps: pick(200, 20),
+            eval_every: pick(20, 10),
+            full_steps: pick(1000, 40),
+            few_shot_steps: pick(50, 10),
+            meta: MetaConfig {
+                meta_steps: pick(300, 10),
+                ..base.meta
+            },
+            ..base
         }
     }
 }
@@ -330,19 +371,19 @@ pub(super) fn choose_lr(
     let mut scores = Vec::new();
     for &lr in &config.lr_grid {
         let mut total = 0.0;
-        for (i, (_, task_data, _)) in tasks.iter().enumerate() {
+        for (i, (_, examples, _)) in tasks.iter().enumerate() {
             let init = data
                 .network
                 .init(config.seed ^ (0xA11 + i as u64), Device::Cpu);
-            let c = curve(
-                &data.network,
+            let c = learner::curve(
+                data,
                 &init,
-                task_data,
-                objective,
+                examples,
                 &FinetuneConfig {
                     steps: config.finetune_steps,
                     learning_rate: lr,
                 },
+                config.finetune_steps,
             )?;
             total += c.last().copied().unwrap_or(f64::NAN);
         }
@@ -377,9 +418,9 @@ pub(super) fn held_out(
     (0..count)
         .filter_map(|_| {
             let task = data.family.sample_held_out(&mut rng, split);
-            let task_data = data.family.data(&task, Device::Cpu).ok()?;
-            let descriptor = describe(data.family, &task, &task_data);
-            Some((task, task_data, descriptor))
+            let examples = Examples::of(data, &task)?;
+            let descriptor = examples.describe(data, &task);
+            Some((task, examples, descriptor))
         })
         .collect()
 }

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use super::learner::WORDS_FINETUNE_BATCH;
 use super::protocol::{EvalConfig, Method, PROPOSAL_FINETUNE_LR};
 use super::stats::MeanCi;
 use super::summary::{EvalReport, HypernetworkChoice};
@@ -159,12 +160,27 @@ pub fn markdown(
         .iter()
         .map(|(l, s)| format!("{}: {s:.digits$}", lr(*l)))
         .collect();
+    let (steps_kind, target) = match report.objective {
+        Objective::LanguageModel => (
+            format!(
+                "Adam steps of {WORDS_FINETUNE_BATCH} training words drawn by frequency, the test words' \
+                 bits per byte measured every {} steps (a run reaches the target at the first measurement that \
+                 does)",
+                config.eval_every
+            ),
+            "Target: 90 % of the gain the fully trained adapter makes over the base model (random init is \
+             PEFT's, B = 0: the base itself).",
+        ),
+        _ => (
+            "full-batch Adam steps".to_owned(),
+            "Target: 90 % of it (MSE: within 1/0.9).",
+        ),
+    };
     push(
         &mut out,
         format!(
             "Learning rate for random init, chosen on {} other held-out tasks by test {metric} after {} steps: {} → **{}**. \
-             Fully trained (random init, {} full-batch Adam steps at {}): {metric} {}. Target: 90 % of it \
-             (MSE: within 1/0.9). Steps are counted up to {}; a run that does not reach the target counts as \
+             Fully trained (random init, {} {} at {}): {metric} {}. {} Steps are counted up to {}; a run that does not reach the target counts as \
              {} and the share that reached it is in brackets. Speed-up: geometric mean over runs of \
              (random's steps + 1) / (the method's steps + 1). Few-shot: fine-tuned {} steps at the chosen rate on K \
              training examples. Compute: FLOPs of sampling plus fine-tuning to the target at the chosen rate, \
@@ -176,8 +192,10 @@ pub fn markdown(
             grid.join(", "),
             lr(report.chosen_lr),
             config.full_steps,
+            steps_kind,
             lr(report.chosen_lr),
             report.fully_trained.show(digits),
+            target,
             config.finetune_steps,
             config.finetune_steps,
             config.few_shot_steps,

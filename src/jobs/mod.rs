@@ -103,6 +103,9 @@ pub async fn run_jobs(
             cancel.clone(),
         ));
         let span = tracing::info_span!("job", job.id = %job.id, job.kind = ?job.kind);
+        if let Some(traceparent) = &job.traceparent {
+            crate::serve::trace_context::continue_trace(&span, traceparent);
+        }
         let work = execute(&catalog, &blobs, &job, &config, &progress, &cancel).instrument(span);
         let result = tokio::select! {
             r = work => r,

@@ -159,6 +159,8 @@ impl JobService for JobsApi {
             },
             idempotency_key: (!request.idempotency_key.is_empty())
                 .then_some(request.idempotency_key),
+            // The worker's span of the job continues this call's trace.
+            traceparent: crate::serve::trace_context::current_traceparent(),
         };
         let stored = self
             .catalog

@@ -50,6 +50,34 @@ pub fn call_span(method: &str, headers: &http::HeaderMap) -> Span {
     span
 }
 
+/// The W3C `traceparent` of the current span, to hand its trace on to
+/// work done elsewhere later (a queued job); None when the span is not
+/// traced (no OpenTelemetry layer: `--otlp-endpoint` unset).
+pub fn current_traceparent() -> Option<String> {
+    let context = Span::current().context();
+    if !context.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = std::collections::HashMap::new();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut carrier);
+    });
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of the span `traceparent` names (a stored
+/// [`current_traceparent`]); nothing when it does not parse or nothing is
+/// traced.
+pub fn continue_trace(span: &Span, traceparent: &str) {
+    let carrier =
+        std::collections::HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|propagator| propagator.extract(&carrier));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+}
+
 /// Whether a server span that ended with `code` failed, by OpenTelemetry's
 /// gRPC conventions: the codes that mean the server did not do its part
 /// (a client's mistake, like INVALID_ARGUMENT, is not the server's error).

@@ -412,7 +412,7 @@ pub(crate) fn train_adapter_unit(
 }
 
 /// A task's words and their weights, shared.
-type TaskWords = std::sync::Arc<Vec<(String, f64)>>;
+pub type TaskWords = std::sync::Arc<Vec<(String, f64)>>;
 
 /// What scoring adapters of a `words` zoo needs: its base model (from the
 /// catalog, as the zoo's plan names it), the adapters' shape and the word
@@ -475,11 +475,9 @@ impl WordsScorer {
         })
     }
 
-    fn words(
-        &self,
-        task: &TaskSpec,
-        split: WordSplit,
-    ) -> Option<std::sync::Arc<Vec<(String, f64)>>> {
+    /// `task`'s words of `split` with their weights (None for a task that
+    /// is not a `words` task or whose lists cannot be read).
+    pub fn words(&self, task: &TaskSpec, split: WordSplit) -> Option<TaskWords> {
         let key = (task.key(), split);
         if let Some(words) = self.cache.lock().ok()?.get(&key) {
             return Some(words.clone());
@@ -500,6 +498,21 @@ impl WordsScorer {
             Ok(adapter) => bits_per_byte(&self.lm, Some(&adapter), &pairs(&test)),
             Err(_) => f64::NAN,
         }
+    }
+
+    /// The frozen base model.
+    pub fn lm(&self) -> &ByteLm {
+        &self.lm
+    }
+
+    /// The adapters' rank and scale.
+    pub fn lora(&self) -> crate::tasks::words::lm::LoraConfig {
+        self.lora
+    }
+
+    /// The adapters' architecture.
+    pub fn arch(&self) -> &crate::weights::ArchSpec {
+        &self.arch
     }
 
     /// Test bits per byte of the base model alone on `task`.

@@ -500,6 +500,7 @@ conformance! {
     concurrent_workers => |c, other| two_workers_never_build_the_same_unit(c, other);
     denoisers => |c, other| one_denoiser_is_active_per_architecture(c, other);
     jobs => |c, other| jobs_are_claimed_heartbeated_retried_and_cancelled(c);
+    job_traces => |c, other| a_job_keeps_its_submitters_trace_context(c);
     concurrent_job_claims => |c, other| two_workers_never_claim_the_same_job(c, other);
 }
 
@@ -510,6 +511,7 @@ fn new_job(id: &str, max_attempts: u32, key: Option<&str>) -> NewJob {
         spec: json!({"zoo": "digits", "steps": 10}),
         max_attempts,
         idempotency_key: key.map(str::to_owned),
+        traceparent: None,
     }
 }
 
@@ -523,6 +525,25 @@ async fn lease_cut(c: &Arc<dyn Catalog>, live: &str, worker: &str) -> i64 {
     cut
 }
 
+async fn a_job_keeps_its_submitters_trace_context(c: Arc<dyn Catalog>) {
+    let mut traced = new_job("job-t", 1, None);
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    traced.traceparent = Some(traceparent.into());
+    let stored = c.submit_job(&traced).await.unwrap();
+    assert_eq!(stored.traceparent.as_deref(), Some(traceparent));
+    let claimed = c.claim_job("w1", 0).await.unwrap().unwrap();
+    assert_eq!(claimed.traceparent.as_deref(), Some(traceparent));
+    traced.id = "job-t2".into();
+    traced.traceparent = Some("00-4bf92f35 77b3".into());
+    assert!(matches!(
+        c.submit_job(&traced).await.unwrap_err(),
+        CatalogError::InvalidArgument {
+            field: "traceparent",
+            ..
+        }
+    ));
+}
+
 async fn jobs_are_claimed_heartbeated_retried_and_cancelled(c: Arc<dyn Catalog>) {
     // Submission: idempotent by key, refused by field when bad.
     let a = c
@@ -533,11 +554,14 @@ async fn jobs_are_claimed_heartbeated_retried_and_cancelled(c: Arc<dyn Catalog>)
         (a.state, a.attempts, a.max_attempts),
         (JobState::Queued, 0, 2)
     );
-    let again = c
-        .submit_job(&new_job("job-a2", 2, Some("key-a")))
-        .await
-        .unwrap();
-    assert_eq!(again.id, "job-a");
+    assert_eq!(a.traceparent, None);
+    // A resubmission from another trace finds the job (the trace context
+    // is not part of its spec) and keeps the first submitter's trace.
+    let mut traced = new_job("job-a2", 2, Some("key-a"));
+    traced.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+    let again = c.submit_job(&traced).await.unwrap();
+    assert_eq!((again.id.as_str(), again.traceparent), ("job-a", None));
+
     let mut other_spec = new_job("job-a3", 2, Some("key-a"));
     other_spec.spec = json!({"zoo": "sinusoid"});
     assert!(matches!(

@@ -56,6 +56,17 @@ fn every_dashboard_query_reads_a_metric_the_server_exports_and_every_metric_has_
     let text =
         std::fs::read_to_string(root.join("deploy/grafana/weightgen-dashboard.json")).unwrap();
     let dashboard: Value = serde_json::from_str(&text).unwrap();
+    // The file a user imports is the one the kustomize component ships to
+    // Grafana's dashboard sidecar.
+    let component = root.join("deploy/k8s/components/grafana-dashboard");
+    assert_eq!(
+        std::fs::read_to_string(component.join("weightgen-dashboard.json")).unwrap(),
+        text
+    );
+    let kustomization = std::fs::read_to_string(component.join("kustomization.yaml")).unwrap();
+    for line in ["- weightgen-dashboard.json", "grafana_dashboard: \"1\""] {
+        assert!(kustomization.contains(line), "{kustomization}");
+    }
     let mut exported = BTreeSet::new();
     exported_metrics(&root.join("src"), &mut exported);
     assert!(

@@ -275,8 +275,32 @@ async fn a_calls_trace_continues_through_queue_sampling_and_streaming_and_the_wo
         "{text}"
     );
 
+    // A job carries its submitter's trace to the worker that runs it.
+    let job_trace = "5b8efff798038103d269b633813fc60c";
+    let output = Command::new(CLI)
+        .args([
+            "--addr",
+            &addr,
+            "jobs",
+            "submit-zoo",
+            "--zoo",
+            "digits-job",
+            "--family",
+            "digits",
+            "--num-models",
+            "2",
+            "--steps",
+            "5",
+        ])
+        .env("TRACEPARENT", format!("00-{job_trace}-eee19b7ec3c1b174-01"))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", combined_output(&output));
+
     // SIGTERM: the server drains and exports what it still holds.
     server.stop_with_sigterm(Duration::from_secs(20));
+    let (ok, text) = worker_traced(&data, &endpoint, &["run", "--exit-when-idle"]);
+    assert!(ok, "{text}");
 
     let spans = collector.of("weightgen-server");
     let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
@@ -327,6 +351,24 @@ async fn a_calls_trace_continues_through_queue_sampling_and_streaming_and_the_wo
         "{sampling:#?}"
     );
     assert_eq!(attribute(stream, "sent_samples"), Some(Value::IntValue(2)));
+
+    let submitted = named(&spans, "weightgen.v1.JobService/SubmitJob");
+    let submitted = submitted
+        .iter()
+        .find(|s| hex(&s.trace_id) == job_trace)
+        .unwrap_or_else(|| panic!("no SubmitJob span of trace {job_trace}: {spans:#?}"));
+    let worker_spans = collector.of("weightgen-worker");
+    let jobs = named(&worker_spans, "job");
+    assert_eq!(jobs.len(), 1, "{worker_spans:#?}");
+    assert_eq!(hex(&jobs[0].trace_id), job_trace);
+    assert_eq!(jobs[0].parent_span_id, submitted.span_id);
+    assert!(jobs[0].start_time_unix_nano >= submitted.end_time_unix_nano);
+    assert!(
+        named(&worker_spans, "zoo.build")
+            .iter()
+            .any(|s| hex(&s.trace_id) == job_trace),
+        "the job's zoo build is not in the submitter's trace"
+    );
 
     let metadata_calls = named(&spans, "weightgen.v1.GenerationService/ServerMetadata");
     assert!(

@@ -15,6 +15,7 @@ use tch::Device;
 use weightgen::blobs::sha256_hex;
 use weightgen::catalog::{Catalog, PageRequest, ZooModelFilter};
 use weightgen::client::TaskFile;
+use weightgen::eval::{EvalConfig, Method, Provenance, evaluate, load_subject, markdown};
 use weightgen::jobs::TrainSpec;
 use weightgen::proto::v1::catalog_service_client::CatalogServiceClient;
 use weightgen::proto::v1::generation_service_client::GenerationServiceClient;
@@ -303,6 +304,62 @@ async fn a_words_zoo_stores_its_base_once_and_peft_adapters_that_beat_it() {
         );
     }
     server.server.shutdown().await.unwrap();
+
+    // The evaluation harness runs on adapters as on any family: held-out
+    // languages, fine-tuning through the frozen base, every baseline.
+    let subject = load_subject(&catalog, &blobs, "words-small", None, Device::Cpu)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let eval_config = EvalConfig {
+        tasks: 2,
+        few_shot: vec![10],
+        only: Some(vec![
+            Method::WeightgenDdimGuided,
+            Method::WeightgenFeaturesOnly,
+            Method::NearestZoo,
+            Method::ZooAverage,
+            Method::Reptile,
+            Method::Hypernetwork,
+        ]),
+        ..EvalConfig::profile(true, Family::Words)
+    };
+    assert_eq!(eval_config.eval_every, 10);
+    let report = evaluate(&subject.checkpoint, &subject.data, &eval_config).unwrap();
+    assert_eq!(report.metric, "bits per byte");
+    assert_eq!((report.tasks, report.seeds), (2, 1));
+    let random = &report.methods[&Method::Random];
+    // PEFT's init (B = 0) is the base: fine-tuning it on the task's words
+    // lowers its test bits per byte, and training fully lowers them more.
+    let curve = &report.curves[&Method::Random];
+    assert_eq!(curve.len(), eval_config.finetune_steps + 1);
+    assert!(curve[20] < curve[0], "{curve:?}");
+    // Measured every 10 steps: the steps between carry the last measurement.
+    assert_eq!(curve[1], curve[0]);
+    assert!(
+        report.fully_trained.mean < random.zero_shot.mean,
+        "fully trained {} against the base {}",
+        report.fully_trained.mean,
+        random.zero_shot.mean
+    );
+    for (method, scores) in &report.methods {
+        let bits = scores.zero_shot.mean;
+        assert!(bits.is_finite() && bits > 0.0, "{method:?}: {bits}");
+        assert!(scores.few_shot[&10].mean.is_finite(), "{method:?}");
+    }
+    // Meta-learning moved Reptile's adapter off PEFT's init.
+    assert_ne!(
+        report.methods[&Method::Reptile].zero_shot.mean,
+        random.zero_shot.mean
+    );
+    let who = Provenance {
+        title: "words".into(),
+        command: "test".into(),
+        commit: "test".into(),
+        machine: "test".into(),
+        denoiser: "words-small-v1".into(),
+    };
+    let text = markdown(&report, &eval_config, &who, &[]);
+    assert!(text.contains("bits per byte"), "{text}");
 
     // A second run finds everything built and retrains nothing.
     let again = build_zoo(catalog.clone(), blobs.clone(), config(3), |_| {})

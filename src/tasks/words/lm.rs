@@ -434,6 +434,54 @@ impl Adapter {
         Ok(adapter)
     }
 
+    /// The adapter whose A and B are `params` themselves, in `arch`'s order
+    /// (gradients reach them: the evaluation harness fine-tunes adapters
+    /// as plain tensors).
+    pub fn from_params(
+        config: LoraConfig,
+        arch: &ArchSpec,
+        params: &[Tensor],
+    ) -> Result<Self, LayoutError> {
+        let mismatch = |difference: String| LayoutError::Mismatch {
+            arch: arch.name.clone(),
+            differences: vec![difference],
+        };
+        if params.len() != arch.tensors.len() {
+            return Err(mismatch(format!(
+                "{} tensors, expected {}",
+                params.len(),
+                arch.tensors.len()
+            )));
+        }
+        let mut modules = BTreeMap::new();
+        for (pair, values) in arch.tensors.chunks(2).zip(params.chunks(2)) {
+            let module = pair[0]
+                .name
+                .strip_prefix(PEFT_PREFIX)
+                .and_then(|n| n.strip_suffix(".lora_A.weight"))
+                .ok_or_else(|| mismatch(format!("{} is not a lora_A", pair[0].name)))?;
+            for (spec, value) in pair.iter().zip(values) {
+                if value.size() != spec.shape_i64() {
+                    return Err(mismatch(format!(
+                        "{}: shape {:?}, expected {:?}",
+                        spec.name,
+                        value.size(),
+                        spec.shape
+                    )));
+                }
+            }
+            modules.insert(
+                module.to_owned(),
+                (values[0].shallow_clone(), values[1].shallow_clone()),
+            );
+        }
+        Ok(Self {
+            config,
+            vs: nn::VarStore::new(params.first().map_or(Device::Cpu, Tensor::device)),
+            modules,
+        })
+    }
+
     /// What PEFT's `adapter_config.json` says, as safetensors metadata:
     /// `peft_type`, `r`, `lora_alpha`, `target_modules` (JSON), and the
     /// base model's SHA-256.
@@ -526,6 +574,13 @@ pub fn bits_per_byte(lm: &ByteLm, adapter: Option<&Adapter>, words: &[(&str, f64
     bits / bytes.max(f64::MIN_POSITIVE)
 }
 
+/// The training loss of a batch of readable `words`: bits per predicted
+/// byte (a word's bytes and its end), a scalar with gradients.
+pub fn batch_loss(lm: &ByteLm, adapter: Option<&Adapter>, words: &[&str]) -> Tensor {
+    let bytes: usize = words.iter().map(|w| w.len() + 1).sum();
+    word_bits(lm, adapter, words).sum(Kind::Float) / bytes.max(1) as f64
+}
+
 /// How a model or an adapter is trained.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LmTrainConfig {
@@ -572,9 +627,7 @@ pub fn train(
             .into_iter()
             .map(|i| words[i].0)
             .collect();
-        let bits = word_bits(lm, adapter, &batch);
-        let bytes: usize = batch.iter().map(|w| w.len() + 1).sum();
-        let loss = bits.sum(Kind::Float) / bytes as f64;
+        let loss = batch_loss(lm, adapter, &batch);
         optimizer.backward_step(&loss);
         last = loss.double_value(&[]);
     }
@@ -690,6 +743,37 @@ mod tests {
         );
         let wrong = Tensor::zeros([3], (Kind::Float, Device::Cpu));
         assert!(Adapter::from_flat(&lm, lora, &arch, &wrong).is_err());
+        // The same weights as plain tensors: the same outputs, and the loss
+        // reaches them (the harness fine-tunes adapters this way).
+        let params: Vec<Tensor> = unflatten(&arch, &flat)
+            .unwrap()
+            .into_iter()
+            .map(|(_, t)| t.set_requires_grad(true))
+            .collect();
+        let plain = Adapter::from_params(lora, &arch, &params).unwrap();
+        assert!(
+            lm.forward(&input, Some(&adapter))
+                .equal(&lm.forward(&input, Some(&plain)))
+        );
+        let loss = batch_loss(&lm, Some(&plain), &["word", "wörter"]);
+        let grads = Tensor::run_backward(&[loss], &params, false, false);
+        assert!(
+            grads
+                .iter()
+                .all(|g| g.abs().sum(Kind::Float).double_value(&[]) > 0.0)
+        );
+        let refused = Adapter::from_params(lora, &arch, &params[1..]).unwrap_err();
+        assert!(
+            refused.to_string().contains("tensors, expected"),
+            "{refused}"
+        );
+        let mut reshaped = params.iter().map(Tensor::detach).collect::<Vec<_>>();
+        reshaped[0] = reshaped[0].reshape([-1]);
+        let refused = Adapter::from_params(lora, &arch, &reshaped).unwrap_err();
+        assert!(
+            refused.to_string().contains("lora_A.weight: shape"),
+            "{refused}"
+        );
     }
 
     #[test]
