@@ -201,7 +201,8 @@ pub fn evaluate_with(
             hypernetwork_choice.as_ref(),
             &mut first_hypernetwork,
         )?;
-        for (t, (_, task_data, _)) in tasks.iter().enumerate() {
+        for (t, (task, task_data, _)) in tasks.iter().enumerate() {
+            tracing::info!(seed = seed_index, task = t, ?task, "held-out run");
             let run_seed = seeds[t];
             let step_flops = learner::step_flops(data, task_data);
             let random = net.init(run_seed, Device::Cpu);
@@ -268,6 +269,7 @@ pub fn evaluate_with(
                 config,
                 chosen_lr,
                 task_data,
+                group: data.family.held_out_group(task),
                 few_shot: &few_shot,
                 full,
                 target,
@@ -319,6 +321,8 @@ struct RunContext<'a> {
     config: &'a EvalConfig,
     chosen_lr: f64,
     task_data: &'a Examples,
+    /// The task's held-out group, where its family has groups.
+    group: Option<&'static str>,
     /// The same K examples for every method.
     few_shot: &'a [(usize, Examples)],
     /// Random init's fully trained score and the target derived from it.
@@ -376,6 +380,7 @@ fn measure_run(
         )?,
     };
     r.zero_shot.push(at_proposal[0]);
+    r.groups.push(run.group);
     if r.curve_sum.len() < at_best.len() {
         r.curve_sum.resize(at_best.len(), 0.0);
     }

@@ -278,6 +278,9 @@ pub fn markdown(
         push(&mut out, row);
     }
     push(&mut out, String::new());
+    for line in group_table(report, config, digits) {
+        push(&mut out, line);
+    }
     push(
         &mut out,
         "Novelty (weights centered by the zoo mean, in the zoo's frame; prediction agreement on the task's test inputs):"
@@ -324,6 +327,47 @@ pub fn markdown(
         push(&mut out, format!("- {line}"));
     }
     out
+}
+
+/// The held-out groups side by side (zero-shot and speed-up at the chosen
+/// rate per group), followed by a blank line; nothing for a family whose
+/// held-out tasks form one group.
+fn group_table(report: &EvalReport, config: &EvalConfig, digits: usize) -> Vec<String> {
+    if report.groups.is_empty() {
+        return Vec::new();
+    }
+    let names: Vec<&&str> = report.groups.keys().collect();
+    let runs = |g: &str| report.groups[g].get(&Method::Random).map_or(0, |s| s.runs);
+    let mut header = "| method |".to_owned();
+    for g in &names {
+        header.push_str(&format!(
+            " zero-shot, {g} ({} runs) | speed-up @ {}, {g} |",
+            runs(g),
+            lr(report.chosen_lr)
+        ));
+    }
+    let mut lines = vec![
+        "By held-out group:".to_owned(),
+        String::new(),
+        header,
+        format!("|---|{}", "---|---|".repeat(names.len())),
+    ];
+    for method in report.methods.keys() {
+        let mut row = format!("| {} |", method.label(config));
+        for g in &names {
+            match report.groups[**g].get(method) {
+                Some(s) => row.push_str(&format!(
+                    " {} | {}× |",
+                    s.zero_shot.show(digits),
+                    s.speedup_best_lr.show(2)
+                )),
+                None => row.push_str(" — | — |"),
+            }
+        }
+        lines.push(row);
+    }
+    lines.push(String::new());
+    lines
 }
 
 /// Plain statements of where the best weightgen row loses to a baseline,

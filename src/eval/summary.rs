@@ -102,6 +102,21 @@ pub struct EvalReport {
     /// (None when the hypernetwork was not evaluated or the denoiser's
     /// encoder has no label-prototype branch to leave out).
     pub hypernetwork_choice: Option<HypernetworkChoice>,
+    /// Per held-out group (`Family::held_out_group`; empty for families
+    /// without groups) and method: zero-shot score and speed-up at the
+    /// chosen rate over that group's runs.
+    pub groups: BTreeMap<&'static str, BTreeMap<Method, GroupScores>>,
+}
+
+/// One method's figures over the runs of one held-out group.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupScores {
+    /// Runs (tasks × seeds) in the group.
+    pub runs: usize,
+    /// Test score before fine-tuning.
+    pub zero_shot: MeanCi,
+    /// Speed-up over random init at the chosen rate.
+    pub speedup_best_lr: MeanCi,
 }
 
 /// Which encoder the hypernetwork baseline used, chosen like random
@@ -131,6 +146,8 @@ pub(super) struct Runs {
     pub curves: usize,
     pub flops_best: Vec<f64>,
     pub init_seconds: Vec<f64>,
+    /// Each run's held-out group, in run order.
+    pub groups: Vec<Option<&'static str>>,
 }
 
 /// What the harness measured besides the per-method runs.
@@ -208,6 +225,29 @@ pub(super) fn summarize(
         .filter(|(_, r)| !r.cosine.is_empty())
         .map(|(m, r)| (*m, r.cosine.clone()))
         .collect();
+    let random = &runs[&Method::Random];
+    let mut groups: BTreeMap<&'static str, BTreeMap<Method, GroupScores>> = BTreeMap::new();
+    for (method, r) in &runs {
+        let mut members: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
+        for (i, group) in r.groups.iter().enumerate() {
+            if let Some(group) = group {
+                members.entry(group).or_default().push(i);
+            }
+        }
+        for (group, rows) in members {
+            let pick = |xs: &[f64]| {
+                rows.iter()
+                    .filter_map(|&i| xs.get(i).copied())
+                    .collect::<Vec<_>>()
+            };
+            let scores = GroupScores {
+                runs: rows.len(),
+                zero_shot: MeanCi::of(&pick(&r.zero_shot)),
+                speedup_best_lr: speedup(&pick(&random.steps_best), &pick(&r.steps_best)),
+            };
+            groups.entry(group).or_default().insert(*method, scores);
+        }
+    }
     let methods = runs
         .into_iter()
         .map(|(method, r)| {
@@ -257,5 +297,6 @@ pub(super) fn summarize(
         matched_noise_scale: MeanCi::of(&measured.matched_scales),
         support_only_k: measured.support_only_k,
         hypernetwork_choice: measured.hypernetwork_choice,
+        groups,
     }
 }

@@ -33,7 +33,7 @@ use super::nets::{NetKind, Network};
 use super::train::{Objective, TaskData, TrainConfig};
 use super::words::lm::{ByteLmConfig, LoraConfig, adapter_arch};
 use super::words::task::WordsTask;
-use super::words::{HELD_OUT_LANGUAGES, WORDFREQ_LANGUAGES};
+use super::words::{HELD_OUT_LANGUAGES, UNSEEN_SCRIPT_LANGUAGES, WORDFREQ_LANGUAGES};
 use crate::weights::ArchSpec;
 
 /// Classes per digits task.
@@ -520,6 +520,27 @@ impl Family {
         }
     }
 
+    /// The group a held-out task belongs to, where a family's held-out
+    /// tasks differ in kind and reports show the groups apart: a `words`
+    /// task involving a language whose script the zoo never saw, or not.
+    /// None for the other families.
+    pub fn held_out_group(self, task: &TaskSpec) -> Option<&'static str> {
+        let TaskSpec::Words {
+            language, second, ..
+        } = task
+        else {
+            return None;
+        };
+        let unseen = |l: &str| UNSEEN_SCRIPT_LANGUAGES.contains(&l);
+        Some(
+            if unseen(language) || second.as_deref().is_some_and(unseen) {
+                "a script no zoo language uses (he, ta)"
+            } else {
+                "scripts the zoo has"
+            },
+        )
+    }
+
     /// Whether `task` is on the held-out side of any split (zoos draw none).
     pub fn is_held_out(self, task: &TaskSpec) -> bool {
         match task {
@@ -842,6 +863,18 @@ mod tests {
             alpha: 0.5,
         };
         assert!(Family::Words.is_held_out(&polish));
+        let tamil = TaskSpec::Words {
+            language: "de".into(),
+            second: Some("ta".into()),
+            alpha: 0.5,
+        };
+        let seen = Family::Words.held_out_group(&polish).unwrap();
+        let unseen = Family::Words.held_out_group(&tamil).unwrap();
+        assert!(unseen.contains("no zoo language") && seen != unseen);
+        let digits = TaskSpec::Digits {
+            classes: vec![0, 1, 2, 3, 4],
+        };
+        assert_eq!(Family::Digits.held_out_group(&digits), None);
         // One zoo pair in eight is never mixed: both kinds exist.
         let zoo = words_zoo_languages();
         let pairs: Vec<bool> = zoo

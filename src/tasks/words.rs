@@ -36,6 +36,10 @@ pub const WORDFREQ_LANGUAGES: [&str; 42] = [
 /// Cyrillic) and two in scripts no other language uses (Hebrew, Tamil).
 pub const HELD_OUT_LANGUAGES: [&str; 4] = ["pl", "uk", "he", "ta"];
 
+/// The held-out languages whose script no zoo language (and no word the
+/// base model trained on) is written in.
+pub const UNSEEN_SCRIPT_LANGUAGES: [&str; 2] = ["he", "ta"];
+
 /// Why the word lists cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum WordsError {

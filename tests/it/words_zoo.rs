@@ -360,6 +360,15 @@ async fn a_words_zoo_stores_its_base_once_and_peft_adapters_that_beat_it() {
     };
     let text = markdown(&report, &eval_config, &who, &[]);
     assert!(text.contains("bits per byte"), "{text}");
+    // Held-out tasks are grouped by whether the zoo has their script, and
+    // every run is in one group.
+    let grouped: usize = report
+        .groups
+        .values()
+        .map(|g| g[&Method::Random].runs)
+        .sum();
+    assert_eq!(grouped, report.tasks * report.seeds);
+    assert!(text.contains("By held-out group:"), "{text}");
 
     // A second run finds everything built and retrains nothing.
     let again = build_zoo(catalog.clone(), blobs.clone(), config(3), |_| {})
