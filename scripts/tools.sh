@@ -28,12 +28,13 @@ weightgen_tools() {
 
 # The Python client's build and run dependencies (clients/python), pinned,
 # into the torch venv of scripts/bootstrap.sh (source that first): the
-# client's tests run its example with that venv's torch. setuptools stays
-# below 82 because torch 2.11 requires it.
+# client's tests run its example with that venv's torch, and check that
+# Hugging Face transformers' loader reads every file the server writes.
+# setuptools stays below 82 because torch 2.11 requires it.
 weightgen_python_client_deps() {
     local step="[tools]"
     local venv="${WEIGHTGEN_TORCH_VENV:-}"
-    local packages=("grpcio==1.85.1" "grpcio-tools==1.85.1" "setuptools<82")
+    local packages=("grpcio==1.85.1" "grpcio-tools==1.85.1" "setuptools<82" "transformers==5.23.0")
     if [ -z "$venv" ]; then
         echo "$step no torch venv (LIBTORCH set?): the Python client tests need scripts/bootstrap.sh's venv" >&2
         return 0

@@ -366,6 +366,19 @@ fn group_table(report: &EvalReport, config: &EvalConfig, digits: usize) -> Vec<S
         }
         lines.push(row);
     }
+    let mut row = format!(
+        "| fully trained (random init, {} steps at {}) |",
+        config.full_steps,
+        lr(report.chosen_lr)
+    );
+    for g in &names {
+        let full = report
+            .group_fully_trained
+            .get(**g)
+            .map_or("—".to_owned(), |m| m.show(digits));
+        row.push_str(&format!(" {full} | — |"));
+    }
+    lines.push(row);
     lines.push(String::new());
     lines
 }

@@ -106,6 +106,8 @@ pub struct EvalReport {
     /// without groups) and method: zero-shot score and speed-up at the
     /// chosen rate over that group's runs.
     pub groups: BTreeMap<&'static str, BTreeMap<Method, GroupScores>>,
+    /// The fully trained reference over each held-out group's runs.
+    pub group_fully_trained: BTreeMap<&'static str, MeanCi>,
 }
 
 /// One method's figures over the runs of one held-out group.
@@ -226,6 +228,13 @@ pub(super) fn summarize(
         .map(|(m, r)| (*m, r.cosine.clone()))
         .collect();
     let random = &runs[&Method::Random];
+    // Random init runs on every run, so its groups are the runs' groups.
+    let mut group_fully_trained: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for (group, full) in random.groups.iter().zip(&measured.fully_trained) {
+        if let Some(group) = group {
+            group_fully_trained.entry(group).or_default().push(*full);
+        }
+    }
     let mut groups: BTreeMap<&'static str, BTreeMap<Method, GroupScores>> = BTreeMap::new();
     for (method, r) in &runs {
         let mut members: BTreeMap<&'static str, Vec<usize>> = BTreeMap::new();
@@ -298,5 +307,9 @@ pub(super) fn summarize(
         support_only_k: measured.support_only_k,
         hypernetwork_choice: measured.hypernetwork_choice,
         groups,
+        group_fully_trained: group_fully_trained
+            .into_iter()
+            .map(|(g, v)| (g, MeanCi::of(&v)))
+            .collect(),
     }
 }

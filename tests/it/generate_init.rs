@@ -649,6 +649,7 @@ async fn generate_init_end_to_end() {
     );
     eprintln!("{out}");
     assert_eq!(std::fs::read(&saved).unwrap(), rust_bytes);
+    crate::common::transformers_reads(&saved);
     let summary: serde_json::Value =
         serde_json::from_str(out.lines().last().unwrap()).expect("a JSON summary");
     let tensors: HashMap<String, (Vec<usize>, String)> =

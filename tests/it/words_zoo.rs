@@ -277,6 +277,8 @@ async fn a_words_zoo_stores_its_base_once_and_peft_adapters_that_beat_it() {
     let adapter_file = dir.path().join("adapter.safetensors");
     std::fs::write(&base_file, &downloaded).unwrap();
     std::fs::write(&adapter_file, &answer.files[0]).unwrap();
+    crate::common::transformers_reads(&adapter_file);
+    crate::common::transformers_reads(&base_file);
     let output = std::process::Command::new(torch_python())
         .arg(concat!(
             env!("CARGO_MANIFEST_DIR"),
@@ -368,6 +370,14 @@ async fn a_words_zoo_stores_its_base_once_and_peft_adapters_that_beat_it() {
         .map(|g| g[&Method::Random].runs)
         .sum();
     assert_eq!(grouped, report.tasks * report.seeds);
+    for (group, full) in &report.group_fully_trained {
+        let base = report.groups[group][&Method::Random].zero_shot.mean;
+        assert!(
+            full.mean < base,
+            "{group}: fully trained {full:?}, base {base}"
+        );
+    }
+    assert_eq!(report.group_fully_trained.len(), report.groups.len());
     assert!(text.contains("By held-out group:"), "{text}");
 
     // A second run finds everything built and retrains nothing.

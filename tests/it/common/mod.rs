@@ -181,3 +181,37 @@ pub fn torch_python() -> String {
         .expect("WEIGHTGEN_TORCH_VENV is unset: run the tests through scripts/test.sh (it bootstraps the torch venv)");
     format!("{venv}/bin/python")
 }
+
+/// Asserts that Hugging Face transformers' checkpoint loader
+/// (`modeling_utils.load_state_dict`, what `from_pretrained` reads
+/// safetensors with) reads `path` as safetensors' own loader does: the
+/// same names, dtypes and values, and `format: pt` in the metadata (which
+/// transformers before 5 required). scripts/tools.sh installs transformers.
+pub fn transformers_reads(path: &std::path::Path) {
+    const CHECK: &str = r#"
+import sys, torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from transformers.modeling_utils import load_state_dict
+path = sys.argv[1]
+theirs, ours = load_state_dict(path), load_file(path)
+assert theirs.keys() == ours.keys(), (sorted(theirs), sorted(ours))
+for name, value in ours.items():
+    assert theirs[name].dtype == value.dtype and torch.equal(theirs[name], value), name
+with safe_open(path, framework="pt") as f:
+    assert f.metadata()["format"] == "pt", f.metadata()
+print("transformers read", len(theirs), "tensors")
+"#;
+    let output = std::process::Command::new(torch_python())
+        .arg("-c")
+        .arg(CHECK)
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = combined_output(&output);
+    assert!(
+        output.status.success() && text.contains("transformers read"),
+        "{}: {text}",
+        path.display()
+    );
+}
