@@ -228,15 +228,17 @@ fn provenance(
 /// init's figures are measured once for all rows.
 fn eval_ablation(
     args: &EvalArgs,
-    mut config: weightgen::eval::EvalConfig,
     device: tch::Device,
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<String> {
-    config.only = Some(vec![weightgen::eval::ABLATION_METHOD]);
     let started = std::time::Instant::now();
     let (catalog, blobs) = runtime.block_on(args.storage.open())?;
     let data = runtime.block_on(weightgen::eval::load_zoo(&catalog, &blobs, &args.zoo))?;
     check_split(&data, &args.zoo, args.split)?;
+    let config = weightgen::eval::EvalConfig {
+        only: Some(vec![weightgen::eval::ABLATION_METHOD]),
+        ..eval_config(args, data.family)
+    };
     let mut yardstick = weightgen::eval::Yardstick::default();
     let mut rows = Vec::new();
     for id in &args.ablation {
@@ -305,19 +307,11 @@ fn check_split(
     }
 }
 
-fn eval(args: EvalArgs) -> anyhow::Result<String> {
-    let device = args.device.resolve()?;
-    let runtime = tokio::runtime::Runtime::new()?;
-    // The profile depends on the zoo's family (its cost per fine-tuning step).
-    let family = runtime.block_on(async {
-        let (catalog, _) = args.storage.open().await?;
-        let plan = catalog.zoo(&args.zoo).await?;
-        anyhow::Ok(plan.and_then(|p| weightgen::tasks::Family::parse(&p.family).ok()))
-    })?;
-    let mut config = weightgen::eval::EvalConfig::profile(
-        args.quick,
-        family.unwrap_or(weightgen::tasks::Family::Digits),
-    );
+/// The harness's configuration for a zoo of `family`: the profile
+/// (`--quick` or full, as that family runs it: its cost per fine-tuning
+/// step differs) with the flags given on top.
+fn eval_config(args: &EvalArgs, family: weightgen::tasks::Family) -> weightgen::eval::EvalConfig {
+    let mut config = weightgen::eval::EvalConfig::profile(args.quick, family);
     config.tasks = args.tasks.unwrap_or(config.tasks);
     config.seeds = args.seeds.unwrap_or(config.seeds);
     config.finetune_steps = args.finetune_steps.unwrap_or(config.finetune_steps);
@@ -329,11 +323,18 @@ fn eval(args: EvalArgs) -> anyhow::Result<String> {
     if !args.methods.is_empty() {
         config.only = Some(args.methods.clone());
     }
-    if config.tasks == 0 || config.seeds == 0 || config.finetune_steps == 0 {
+    config
+}
+
+fn eval(args: EvalArgs) -> anyhow::Result<String> {
+    let device = args.device.resolve()?;
+    // Every profile has at least one of each: only the flags can be 0.
+    if [args.tasks, args.seeds, args.finetune_steps].contains(&Some(0)) {
         anyhow::bail!("--tasks, --seeds and --finetune-steps must be at least 1");
     }
+    let runtime = tokio::runtime::Runtime::new()?;
     if !args.ablation.is_empty() {
-        return eval_ablation(&args, config, device, &runtime);
+        return eval_ablation(&args, device, &runtime);
     }
     let subject = runtime.block_on(async {
         let (catalog, blobs) = args.storage.open().await?;
@@ -348,6 +349,7 @@ fn eval(args: EvalArgs) -> anyhow::Result<String> {
         .map_err(anyhow::Error::from)
     })?;
     check_split(&subject.data, &args.zoo, args.split)?;
+    let config = eval_config(&args, subject.data.family);
     let started = std::time::Instant::now();
     let report = weightgen::eval::evaluate(&subject.checkpoint, &subject.data, &config)?;
     let who = provenance(&args, &subject.data, device, started, &subject.record.id);

@@ -23,7 +23,7 @@ use crate::tasks::words::lm::{Adapter, batch_loss, bits_per_byte, readable};
 use crate::tasks::words::task::draw_support;
 use crate::tasks::{Descriptor, TaskSpec, describe};
 use crate::zoo::ZooDataset;
-use crate::zoo::words::{TaskWords, WordsScorer};
+use crate::zoo::words::{TaskWords, WordsScorer, pairs};
 
 /// Words per fine-tuning step of an adapter: the zoo builder's batch.
 pub const WORDS_FINETUNE_BATCH: usize = 64;
@@ -58,12 +58,11 @@ impl Examples {
     }
 
     /// The descriptor a client would send for `task` (these are its
-    /// examples).
-    pub fn describe(&self, data: &ZooDataset, task: &TaskSpec) -> Descriptor {
-        match (self, &data.words) {
-            (Self::Tensors(d), _) => describe(data.family, task, d),
-            (Self::Words { .. }, Some(words)) => words.describe(task),
-            (Self::Words { train, .. }, None) => describe_words(&first_words(train)),
+    /// examples; a words zoo's scorer draws its example words).
+    pub fn describe(&self, data: &ZooDataset, task: &TaskSpec) -> Option<Descriptor> {
+        match self {
+            Self::Tensors(d) => Some(describe(data.family, task, d)),
+            Self::Words { .. } => Some(data.words.as_ref()?.describe(task)),
         }
     }
 
@@ -101,8 +100,14 @@ fn first_words(words: &[(String, f64)]) -> Vec<&str> {
     words.iter().map(|(w, _)| w.as_str()).collect()
 }
 
-fn pairs(words: &[(String, f64)]) -> Vec<(&str, f64)> {
-    words.iter().map(|(w, f)| (w.as_str(), *f)).collect()
+/// The training words a model reads and the draws by their weights.
+fn readable_words(train: &[(String, f64)]) -> (Vec<&str>, WeightedDraws) {
+    let (words, weights): (Vec<&str>, Vec<f64>) = train
+        .iter()
+        .filter(|(w, _)| readable(w))
+        .map(|(w, f)| (w.as_str(), *f))
+        .unzip();
+    (words, WeightedDraws::new(weights))
 }
 
 fn scorer(data: &ZooDataset) -> Result<&WordsScorer, tch::TchError> {
@@ -154,14 +159,10 @@ pub fn curve(
     let scorer = scorer(data)?;
     let (vs, params) = trainable_copy(init);
     let adapter = adapter(scorer, &params)?;
-    let words: Vec<(&str, f64)> = pairs(train)
-        .into_iter()
-        .filter(|(w, _)| readable(w))
-        .collect();
+    let (words, draws) = readable_words(train);
     let test = pairs(test);
     let metric = || bits_per_byte(scorer.lm(), Some(&adapter), &test);
     let mut optimizer = nn::Adam::default().build(&vs, config.learning_rate)?;
-    let draws = WeightedDraws::new(words.iter().map(|(_, w)| *w));
     let every = every.max(1);
     let mut out = Vec::with_capacity(config.steps + 1);
     out.push(metric());
@@ -172,7 +173,7 @@ pub fn curve(
         let batch: Vec<&str> = draws
             .draw(WORDS_FINETUNE_BATCH, WORDS_DRAW_SEED, (step as u64) << 20)
             .into_iter()
-            .map(|i| words[i].0)
+            .map(|i| words[i])
             .collect();
         optimizer.backward_step(&batch_loss(scorer.lm(), Some(&adapter), &batch));
         let done = step + 1;
@@ -207,19 +208,13 @@ pub fn gradient(
             }
         }
         Examples::Words { train, .. } => {
-            let words: Vec<&str> = train
-                .iter()
-                .map(|(w, _)| w.as_str())
-                .filter(|w| readable(w))
-                .collect();
+            let (words, draws) = readable_words(train);
             let (Ok(scorer), false) = (scorer(data), words.is_empty()) else {
                 return zeros();
             };
             let Ok(adapter) = adapter(scorer, params) else {
                 return zeros();
             };
-            let draws =
-                WeightedDraws::new(train.iter().filter(|(w, _)| readable(w)).map(|(_, f)| *f));
             let size = if batch_size == 0 {
                 WORDS_FINETUNE_BATCH
             } else {

@@ -419,7 +419,7 @@ pub(super) fn held_out(
         .filter_map(|_| {
             let task = data.family.sample_held_out(&mut rng, split);
             let examples = Examples::of(data, &task)?;
-            let descriptor = examples.describe(data, &task);
+            let descriptor = examples.describe(data, &task)?;
             Some((task, examples, descriptor))
         })
         .collect()

@@ -174,7 +174,8 @@ fn base_mixture(lists: &WordLists) -> Result<Vec<(String, f64)>, WordsError> {
 }
 
 /// Borrowed (word, weight) pairs.
-fn pairs(words: &[(String, f64)]) -> Vec<(&str, f64)> {
+/// Owned (word, weight) pairs as the language model's functions take them.
+pub(crate) fn pairs(words: &[(String, f64)]) -> Vec<(&str, f64)> {
     words.iter().map(|(w, f)| (w.as_str(), *f)).collect()
 }
 
