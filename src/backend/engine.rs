@@ -11,18 +11,19 @@
 //!
 //! A request's bytes do not depend on what it shared passes with: each row
 //! draws its noise from its own seed, the arithmetic of a step is row-wise,
-//! and every pass runs on a multiple of [`ROW_QUANTUM`] rows (padded with
-//! copies of its first row). On the CPU that makes both kinds of kernel
-//! give each row the same bits wherever it sits: MKL's sgemm takes another
-//! path for rows outside full blocks of 4, and ATen's vectorized
+//! and every pass runs on a multiple of [`ROW_QUANTUM`] rows, at least
+//! [`MIN_PASS_ROWS`] (padded with copies of its first row). On the CPU that
+//! makes both kinds of kernel give each row the same bits wherever it sits:
+//! MKL's sgemm takes another path for rows outside full blocks of 4, and
+//! with AVX-512 another kernel for a product of exactly 8 rows; ATen's vectorized
 //! element-wise loop takes 32 floats at a time (two AVX-512 vectors) and
 //! finishes a tensor with a scalar loop whose SiLU (std's exp) rounds
 //! differently — with a multiple of 8 rows and layer widths that are
 //! multiples of 4 (every default) no tensor has such a tail (measured with
 //! torch 2.11: `silu` of 4 × 132 values differs in row 3 from 8 × 132;
 //! on CUDA, cuBLAS picks kernels by shape and the last bits may differ).
-//! Eight rows cost a lone request little: a product with one row is bound
-//! by reading the weights much as one with eight.
+//! Sixteen rows cost a lone request little: a product with one row is bound
+//! by reading the weights much as one with sixteen.
 //!
 //! A request leaves the batch when its client goes away or its deadline
 //! passes; a sample out of finite arithmetic or a libtorch error fails
@@ -48,6 +49,13 @@ use crate::model::DenoiserCheckpoint;
 /// rows, so that each row's result does not depend on how many rows share
 /// it (see the module documentation).
 pub const ROW_QUANTUM: i64 = 8;
+
+/// ... and on at least this many: with AVX-512, MKL's sgemm computes a
+/// product of exactly 8 rows by another kernel than 16 or more when the
+/// inner dimension is 256 or more (measured with torch 2.11: the 512 → 256
+/// product of 8 rows differs in the last bits from the same rows among 16,
+/// while every multiple of 8 from 16 to 1,024 agrees, on 1 and 2 threads).
+pub const MIN_PASS_ROWS: i64 = 16;
 
 /// A request as it reaches the model thread.
 pub(super) struct Pending {
@@ -714,12 +722,13 @@ fn rows_on<T: tch::kind::Element>(values: &[T], kind: Kind, device: Device) -> T
     Tensor::from_slice(values).to_device_(device, kind, true, false)
 }
 
-/// `rows` rounded up to a multiple of [`ROW_QUANTUM`].
+/// `rows` rounded up to a multiple of [`ROW_QUANTUM`], at least
+/// [`MIN_PASS_ROWS`].
 fn quantum_rows(rows: i64) -> i64 {
-    (rows + ROW_QUANTUM - 1) / ROW_QUANTUM * ROW_QUANTUM
+    ((rows + ROW_QUANTUM - 1) / ROW_QUANTUM * ROW_QUANTUM).max(MIN_PASS_ROWS)
 }
 
-/// `x` with its first row repeated up to a multiple of [`ROW_QUANTUM`] rows.
+/// `x` with its first row repeated up to [`quantum_rows`] rows.
 fn pad_rows(x: &Tensor) -> Tensor {
     pad_rows_to(x, quantum_rows(x.size()[0]))
 }

@@ -46,6 +46,9 @@ pub const DEFAULT_EMBED_DIM: i64 = 256;
 pub const DEFAULT_ENCODER_HIDDEN: i64 = 128;
 /// Most batch parts a training run may compute on threads of their own.
 pub const MAX_DATA_PARALLEL: usize = 64;
+
+/// Most attention windows a training step may ask for.
+pub const MAX_TRAIN_WINDOWS: usize = 65_536;
 /// Default space of diffusion: a PCA latent of the size `pca:auto` picks.
 pub const DEFAULT_LATENT: LatentChoice = LatentChoice::PcaAuto;
 /// Default share of rows trained on the support set alone (features
@@ -380,6 +383,13 @@ pub struct TrainSpec {
     /// at the demo's (BENCHMARKS.md). 1 splits nothing.
     #[arg(long, env = "WEIGHTGEN_TRAIN_DATA_PARALLEL", default_value_t = 1)]
     pub data_parallel: usize,
+    /// Layer transformer: attention windows (256 tokens of 64 weights each)
+    /// every step trains on, drawn at random per step, when a vector has
+    /// more; bounds a step's memory for networks of millions of weights
+    /// (default: all windows).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_WINDOWS")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_windows: Option<usize>,
     /// Make the result the active denoiser of its architecture once published.
     #[arg(long, env = "WEIGHTGEN_TRAIN_ACTIVATE")]
     pub activate: bool,
@@ -421,6 +431,7 @@ impl Default for TrainSpec {
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             precision: PrecisionChoice::Auto,
             data_parallel: 1,
+            train_windows: None,
             activate: false,
         }
     }
@@ -557,6 +568,15 @@ impl TrainSpec {
                 ),
             ));
         }
+        if self
+            .train_windows
+            .is_some_and(|n| n == 0 || n > MAX_TRAIN_WINDOWS)
+        {
+            return Err(invalid(
+                "train_denoiser.train_windows",
+                format!("must be in [1, {MAX_TRAIN_WINDOWS}]"),
+            ));
+        }
         if self.eval_guidance.is_nan() || self.eval_guidance < 0.0 {
             return Err(invalid("train_denoiser.eval_guidance", "must be ≥ 0"));
         }
@@ -620,6 +640,7 @@ impl TrainSpec {
                 seed: self.seed,
                 precision,
                 data_parallel: self.data_parallel,
+                train_windows: self.train_windows,
                 ..Default::default()
             },
             ema_decay: self.ema_decay,

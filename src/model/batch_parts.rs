@@ -27,6 +27,8 @@ pub(crate) struct PartInput {
     pub drop: Tensor,
     /// Its share of the batch's rows.
     pub share: f64,
+    /// The attention windows the step trains (None: all).
+    pub windows: Option<Vec<usize>>,
 }
 
 impl PartInput {
@@ -49,6 +51,7 @@ impl PartInput {
             eps: eps.index_select(0, &index),
             drop: drop.index_select(0, &index),
             share: (end - start) as f64 / w0.size()[0] as f64,
+            windows: None,
         }
     }
 
@@ -56,12 +59,13 @@ impl PartInput {
     /// losses add up to the batch's mean loss.
     pub fn loss(&self, model: &ConditionalDenoiser) -> Tensor {
         model
-            .loss(
+            .loss_on(
                 &self.w0,
                 &self.condition,
                 &self.t,
                 &self.eps,
                 Some(&self.drop),
+                self.windows.as_deref(),
             )
             .to_kind(Kind::Float)
             * self.share

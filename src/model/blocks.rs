@@ -21,13 +21,23 @@ pub fn timestep_embedding(t: &Tensor, dim: i64) -> Tensor {
 /// stacked as qkv [3, B, heads, N, head size]; returns [B, N, heads × head
 /// size]. With `causal`, position i attends to positions ≤ i only.
 pub fn attend(qkv: &Tensor, causal: bool) -> Tensor {
+    sdpa(qkv, None, causal)
+}
+
+/// [`attend`] where each row's keys are limited by `mask` (true: attended),
+/// broadcastable to [B, heads, n, n].
+pub fn attend_masked(qkv: &Tensor, mask: Option<&Tensor>) -> Tensor {
+    sdpa(qkv, mask, false)
+}
+
+fn sdpa(qkv: &Tensor, mask: Option<&Tensor>, causal: bool) -> Tensor {
     let size = qkv.size();
     let (b, heads, n, head) = (size[1], size[2], size[3], size[4]);
-    Tensor::scaled_dot_product_attention::<Tensor>(
+    Tensor::scaled_dot_product_attention(
         &qkv.get(0),
         &qkv.get(1),
         &qkv.get(2),
-        None,
+        mask,
         0.0,
         causal,
         None,

@@ -185,6 +185,11 @@ impl ConditionalDenoiser {
             Net::MlpUnet(net) => net.forward(w_t, t, e),
             Net::LayerTransformer(net) => net.forward(w_t, t, e),
         };
+        self.preconditioned(correction, w_t, t)
+    }
+
+    /// The network's correction F plus the isotropic path (module docs).
+    fn preconditioned(&self, correction: Tensor, w_t: &Tensor, t: &Tensor) -> Tensor {
         // v-prediction's conversions pass w_t through already; the ᾱ lookup
         // is eight small kernels, so it runs only where it is used.
         if !self.config.preconditioning || self.config.prediction == Prediction::V {
@@ -194,6 +199,15 @@ impl ConditionalDenoiser {
             Prediction::X0 => correction + w_t * self.schedule.coefficients(t).0,
             Prediction::Epsilon => correction + w_t * self.schedule.coefficients(t).1,
             Prediction::V => correction,
+        }
+    }
+
+    /// How many attention windows the network cuts a vector into (the
+    /// layer transformer's; 1 for the MLP U-Net, which sees it whole).
+    pub fn window_count(&self) -> usize {
+        match &self.net {
+            Net::MlpUnet(_) => 1,
+            Net::LayerTransformer(net) => net.window_count(),
         }
     }
 
@@ -208,6 +222,21 @@ impl ConditionalDenoiser {
         noise: &Tensor,
         drop: Option<&Tensor>,
     ) -> Tensor {
+        self.loss_on(w0, condition, t, noise, drop, None)
+    }
+
+    /// [`Self::loss`] over the coordinates of the given attention windows
+    /// only, which the layer transformer then alone computes (indices below
+    /// [`Self::window_count`]); None, or the MLP U-Net: every coordinate.
+    pub fn loss_on(
+        &self,
+        w0: &Tensor,
+        condition: &TaskBatch,
+        t: &Tensor,
+        noise: &Tensor,
+        drop: Option<&Tensor>,
+        windows: Option<&[usize]>,
+    ) -> Tensor {
         debug_assert!(
             !self.is_prepared_for_sampling(),
             "a network prepared for sampling is not trained (prepare_for_sampling)"
@@ -216,7 +245,17 @@ impl ConditionalDenoiser {
         let e = self.encoder.forward(condition, w0.size()[0], drop);
         let (a, b) = self.schedule.coefficients(t);
         let target = self.config.prediction.target(w0, noise, &a, &b);
-        mse_loss(&self.output(&w_t, t, &e), &target)
+        match (windows, &self.net) {
+            (Some(windows), Net::LayerTransformer(net)) => {
+                let (correction, coords) = net.forward_windows(&w_t, t, &e, windows);
+                let output = self.preconditioned(correction, &w_t, t);
+                mse_loss(
+                    &output.index_select(1, &coords),
+                    &target.index_select(1, &coords),
+                )
+            }
+            _ => mse_loss(&self.output(&w_t, t, &e), &target),
+        }
     }
 }
 
@@ -331,6 +370,42 @@ mod tests {
         let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
         model.set_test_weights(3);
         model
+    }
+
+    #[test]
+    fn the_loss_over_every_window_is_the_loss() {
+        use crate::model::LayerTransformerConfig;
+        let encoder = TaskEncoderConfig::small_features_only(2, 4);
+        let mut config = DenoiserConfig::new(30, encoder);
+        config.timesteps = 100;
+        config.net = NetConfig::LayerTransformer(LayerTransformerConfig {
+            token_size: 4,
+            hidden: 16,
+            depth: 1,
+            heads: 2,
+            time_dim: 8,
+            condition_tokens: 1,
+            window: 3,
+        });
+        let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
+        model.set_test_weights(5);
+        assert_eq!(model.window_count(), 3);
+        let mut noise = crate::diffusion::SeededNoise::new(&[1, 2], 0);
+        let w0 = noise.draw(&[30], Device::Cpu).squeeze_dim(0);
+        let eps = noise.draw(&[30], Device::Cpu).squeeze_dim(0);
+        let condition = TaskBatch {
+            features: Some(Tensor::ones([2, 2], (Kind::Float, Device::Cpu))),
+            ..TaskBatch::unconditional()
+        };
+        let t = Tensor::from_slice(&[5i64, 80]);
+        let loss = |windows: Option<&[usize]>| {
+            tch::no_grad(|| model.loss_on(&w0, &condition, &t, &eps, None, windows))
+                .double_value(&[])
+        };
+        let all = loss(None);
+        assert!(all > 0.0);
+        assert!((loss(Some(&[2, 0, 1])) - all).abs() < 1e-5 * all);
+        assert!((loss(Some(&[1])) - all).abs() > 1e-4 * all);
     }
 
     #[test]

@@ -99,6 +99,10 @@ pub struct FitConfig {
     /// the parts' gradients is the batch's, up to floating-point order).
     /// Ignored off the CPU and under fp16.
     pub data_parallel: usize,
+    /// Attention windows of the layer transformer each step trains on,
+    /// drawn at random per step, when its vectors have more (None: all).
+    /// What makes a step's memory independent of D.
+    pub train_windows: Option<usize>,
 }
 
 impl Default for FitConfig {
@@ -116,6 +120,7 @@ impl Default for FitConfig {
             precision: Precision::Fp32,
             support_examples: None,
             data_parallel: 1,
+            train_windows: None,
         }
     }
 }
@@ -252,6 +257,12 @@ impl Trainer {
                     })
                     .collect()
             });
+        // Drawn last, and only when asked for: other runs' streams stay as they were.
+        let windows = self
+            .config
+            .train_windows
+            .filter(|&k| k < model.window_count())
+            .map(|k| rand::seq::index::sample(&mut rng, model.window_count(), k).into_vec());
         let index = Tensor::from_slice(&index).to_device(device);
         let t = Tensor::from_slice(&t).to_device(device);
         let drop = Tensor::from_slice(&drop).to_device(device);
@@ -281,11 +292,27 @@ impl Trainer {
         self.adam.zero_grad();
         let parts = self.config.data_parallel.clamp(1, b as usize);
         if parts > 1 && device == tch::Device::Cpu && !mixed {
-            let loss = self.parallel_backward(model, &w0, &batch_condition, &t, &eps, &drop, parts);
+            let loss = self.parallel_backward(
+                model,
+                &w0,
+                &batch_condition,
+                &t,
+                &eps,
+                &drop,
+                windows.as_deref(),
+                parts,
+            );
             return self.finish_step(position, false, loss);
         }
         let loss = model
-            .loss(&w0, &batch_condition, &t, &eps, Some(&drop))
+            .loss_on(
+                &w0,
+                &batch_condition,
+                &t,
+                &eps,
+                Some(&drop),
+                windows.as_deref(),
+            )
             .to_kind(Kind::Float);
         let scale = self.loss_scale.scale;
         if scale == 1.0 {
@@ -327,6 +354,7 @@ impl Trainer {
         t: &Tensor,
         eps: &Tensor,
         drop: &Tensor,
+        windows: Option<&[usize]>,
         parts: usize,
     ) -> f64 {
         let threads = match &mut self.parts {
@@ -342,7 +370,9 @@ impl Trainer {
         let inputs = (0..parts as i64)
             .map(|p| {
                 let (start, end) = (rows * p / parts as i64, rows * (p + 1) / parts as i64);
-                PartInput::rows(w0, condition, t, eps, drop, start, end)
+                let mut part = PartInput::rows(w0, condition, t, eps, drop, start, end);
+                part.windows = windows.map(<[usize]>::to_vec);
+                part
             })
             .collect();
         let params = self.adam.parameters();

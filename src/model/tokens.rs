@@ -2,6 +2,9 @@
 //! putting tokens back: the layout the layer-factorized denoiser works in.
 //! Each layer's parameters (its tensors' ranges, in order) are cut into
 //! tokens of `token_size` values; the last token of a layer is zero-padded.
+//! The network runs on [`TokenSubset`]s — whole attention windows of
+//! consecutive tokens, the last one padded — so that a vector of any length
+//! can be processed a bounded number of tokens at a time.
 
 use std::collections::BTreeMap;
 
@@ -37,38 +40,85 @@ pub fn single_group(dim: usize) -> Vec<TokenGroup> {
     }]
 }
 
-/// The precomputed token layout of a vector.
+/// The token layout of a vector, kept on the host: subsets of it are built
+/// as tensors on demand.
 #[derive(Debug)]
 pub struct TokenPlan {
-    dim: i64,
-    token_size: i64,
-    /// For every token slot, the flat index it reads (dim = padding).
-    gather: Tensor,
-    /// Layer index of each token [N].
-    pub layer_ids: Tensor,
-    /// Position of each token within its layer [N].
-    pub positions: Tensor,
-    /// Token ids of each kind, by kind name.
-    pub kinds: BTreeMap<String, Tensor>,
-    /// Permutation that restores token order after concatenating kinds.
-    pub restore: Tensor,
+    dim: usize,
+    token_size: usize,
+    device: Device,
+    /// For every token, the flat indices its slots read (dim = padding),
+    /// token after token: N · P entries.
+    gather: Vec<i64>,
+    /// Layer index of each token.
+    layer_ids: Vec<i64>,
+    /// Position of each token within its layer.
+    positions: Vec<i64>,
+    /// Index into `kind_names` of each token.
+    kind_of: Vec<usize>,
+    /// The layer kinds, sorted.
+    pub kind_names: Vec<String>,
     /// Number of tokens N.
-    pub num_tokens: i64,
+    pub num_tokens: usize,
     /// Number of layers.
     pub num_layers: i64,
     /// Largest number of tokens in one layer.
     pub max_positions: i64,
 }
 
+/// Whole windows of consecutive tokens, as tensors on the plan's device:
+/// `windows` × `window_len` tokens M, the slots past the last token padding.
+#[derive(Debug)]
+pub struct TokenSubset {
+    /// Number of windows.
+    pub windows: i64,
+    /// Tokens per window.
+    pub window_len: i64,
+    /// The flat index each of the M · P slots reads (dim: padding).
+    pub gather: Tensor,
+    /// Layer index of each token [M] (0 for padding tokens).
+    pub layer_ids: Tensor,
+    /// Position of each token within its layer [M] (0 for padding tokens).
+    pub positions: Tensor,
+    /// Per layer kind, the places in the subset of its tokens (padding
+    /// tokens go with the first kind: their outputs are dropped).
+    pub kinds: Vec<(String, Tensor)>,
+    /// Restores subset order after concatenating the kinds' outputs.
+    pub restore: Tensor,
+    /// Which of the M tokens are real, [M] bool; None when all are.
+    pub real: Option<Tensor>,
+    /// The flat coordinates the subset's tokens hold, ascending [K].
+    pub coords: Tensor,
+}
+
 impl TokenPlan {
     /// Plans tokens of `token_size` for a vector of length `dim` laid out as
-    /// `groups`, on `device`.
+    /// `groups`, with subsets on `device`.
     pub fn new(groups: &[TokenGroup], dim: usize, token_size: usize, device: Device) -> Self {
-        let mut gather: Vec<i64> = Vec::new();
-        let mut layer_ids = Vec::new();
-        let mut positions = Vec::new();
-        let mut kinds: BTreeMap<String, Vec<i64>> = BTreeMap::new();
-        let mut max_positions = 0;
+        let kind_names: Vec<String> = groups
+            .iter()
+            .map(|g| g.kind.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let kind_index: BTreeMap<&str, usize> = kind_names
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.as_str(), i))
+            .collect();
+        let mut plan = Self {
+            dim,
+            token_size,
+            device,
+            gather: Vec::new(),
+            layer_ids: Vec::new(),
+            positions: Vec::new(),
+            kind_of: Vec::new(),
+            kind_names: Vec::new(),
+            num_tokens: 0,
+            num_layers: groups.len() as i64,
+            max_positions: 0,
+        };
         for (layer, group) in groups.iter().enumerate() {
             let indices: Vec<i64> = group
                 .ranges
@@ -76,40 +126,99 @@ impl TokenPlan {
                 .flat_map(|&(start, end)| (start as i64)..(end as i64))
                 .collect();
             let count = indices.len().div_ceil(token_size);
-            max_positions = max_positions.max(count as i64);
-            for position in 0..count {
-                let token_id = layer_ids.len() as i64;
-                let chunk = &indices
-                    [position * token_size..((position + 1) * token_size).min(indices.len())];
-                gather.extend_from_slice(chunk);
-                gather.extend(std::iter::repeat_n(dim as i64, token_size - chunk.len()));
-                layer_ids.push(layer as i64);
-                positions.push(position as i64);
-                kinds.entry(group.kind.clone()).or_default().push(token_id);
+            plan.max_positions = plan.max_positions.max(count as i64);
+            for (position, chunk) in indices.chunks(token_size).enumerate() {
+                plan.gather.extend_from_slice(chunk);
+                plan.gather
+                    .extend(std::iter::repeat_n(dim as i64, token_size - chunk.len()));
+                plan.layer_ids.push(layer as i64);
+                plan.positions.push(position as i64);
+                plan.kind_of.push(kind_index[group.kind.as_str()]);
             }
         }
-        let order: Vec<i64> = kinds.values().flatten().copied().collect();
-        let mut restore = vec![0i64; order.len()];
-        for (slot, &token) in order.iter().enumerate() {
-            restore[token as usize] = slot as i64;
+        plan.num_tokens = plan.layer_ids.len();
+        plan.kind_names = kind_names;
+        plan
+    }
+
+    /// Values per token P.
+    pub fn token_size(&self) -> usize {
+        self.token_size
+    }
+
+    /// How many windows of `window_len` tokens cover the plan.
+    pub fn window_count(&self, window_len: usize) -> usize {
+        self.num_tokens.div_ceil(window_len.max(1))
+    }
+
+    /// The given windows (indices below [`Self::window_count`], in the
+    /// order given) of `window_len` tokens each.
+    pub fn subset(&self, windows: &[usize], window_len: usize) -> TokenSubset {
+        let p = self.token_size;
+        let slots = windows.len() * window_len;
+        let mut gather = Vec::with_capacity(slots * p);
+        let mut layer_ids = Vec::with_capacity(slots);
+        let mut positions = Vec::with_capacity(slots);
+        let mut real = Vec::with_capacity(slots);
+        let mut by_kind: Vec<Vec<i64>> = vec![Vec::new(); self.kind_names.len().max(1)];
+        for &window in windows {
+            for token in window * window_len..(window + 1) * window_len {
+                let place = real.len() as i64;
+                if token < self.num_tokens {
+                    gather.extend_from_slice(&self.gather[token * p..(token + 1) * p]);
+                    layer_ids.push(self.layer_ids[token]);
+                    positions.push(self.positions[token]);
+                    by_kind[self.kind_of[token]].push(place);
+                    real.push(true);
+                } else {
+                    gather.extend(std::iter::repeat_n(self.dim as i64, p));
+                    layer_ids.push(0);
+                    positions.push(0);
+                    by_kind[0].push(place);
+                    real.push(false);
+                }
+            }
         }
-        let to = |v: &[i64]| Tensor::from_slice(v).to_device(device);
-        Self {
-            dim: dim as i64,
-            token_size: token_size as i64,
+        let order: Vec<i64> = by_kind.iter().flatten().copied().collect();
+        let mut restore = vec![0i64; order.len()];
+        for (slot, &place) in order.iter().enumerate() {
+            restore[place as usize] = slot as i64;
+        }
+        let mut coords: Vec<i64> = gather
+            .iter()
+            .copied()
+            .filter(|&i| i < self.dim as i64)
+            .collect();
+        coords.sort_unstable();
+        let to = |v: &[i64]| Tensor::from_slice(v).to_device(self.device);
+        TokenSubset {
+            windows: windows.len() as i64,
+            window_len: window_len as i64,
             gather: to(&gather),
-            num_tokens: layer_ids.len() as i64,
             layer_ids: to(&layer_ids),
             positions: to(&positions),
-            kinds: kinds.iter().map(|(k, v)| (k.clone(), to(v))).collect(),
+            kinds: self
+                .kind_names
+                .iter()
+                .zip(&by_kind)
+                .filter(|(_, places)| !places.is_empty())
+                .map(|(kind, places)| (kind.clone(), to(places)))
+                .collect(),
             restore: to(&restore),
-            num_layers: groups.len() as i64,
-            max_positions,
+            real: real
+                .contains(&false)
+                .then(|| Tensor::from_slice(&real).to_device(self.device)),
+            coords: to(&coords),
         }
     }
 
-    /// w [B, D] → tokens [B, N, P] (padding slots are 0).
-    pub fn tokenize(&self, w: &Tensor) -> Tensor {
+    /// Every token, as one window (the layout before windows existed).
+    pub fn whole(&self) -> TokenSubset {
+        self.subset(&[0], self.num_tokens)
+    }
+
+    /// w [B, D] → the subset's tokens [B, M, P] (padding slots are 0).
+    pub fn tokenize(&self, w: &Tensor, subset: &TokenSubset) -> Tensor {
         let b = w.size()[0];
         let padded = Tensor::cat(
             &[
@@ -119,16 +228,17 @@ impl TokenPlan {
             1,
         );
         padded
-            .index_select(1, &self.gather)
-            .view([b, self.num_tokens, self.token_size])
+            .index_select(1, &subset.gather)
+            .view([b, -1, self.token_size as i64])
     }
 
-    /// tokens [B, N, P] → w [B, D] (padding slots are dropped).
-    pub fn untokenize(&self, tokens: &Tensor) -> Tensor {
+    /// tokens [B, M, P] read through `gather` ([M · P] flat indices) → w
+    /// [B, D], zero where no token reads (padding slots are dropped).
+    pub fn untokenize(&self, tokens: &Tensor, gather: &Tensor) -> Tensor {
         let b = tokens.size()[0];
-        let out = Tensor::zeros([b, self.dim + 1], (tokens.kind(), tokens.device()));
-        out.index_add(1, &self.gather, &tokens.reshape([b, -1]))
-            .narrow(1, 0, self.dim)
+        let out = Tensor::zeros([b, self.dim as i64 + 1], (tokens.kind(), tokens.device()));
+        out.index_add(1, gather, &tokens.reshape([b, -1]))
+            .narrow(1, 0, self.dim as i64)
     }
 }
 
@@ -137,24 +247,58 @@ mod tests {
     use super::*;
     use tch::Kind;
 
+    fn plan() -> TokenPlan {
+        let spec = ArchSpec::sequential_mlp("m", "", &[5, 3, 2]).unwrap(); // layers of 18 and 8
+        TokenPlan::new(&groups_of(&spec), spec.num_parameters(), 4, Device::Cpu)
+    }
+
     #[test]
     fn tokenize_untokenize_round_trips_and_pads_per_layer() {
-        let spec = ArchSpec::sequential_mlp("m", "", &[5, 3, 2]).unwrap(); // layers of 18 and 8
-        let plan = TokenPlan::new(&groups_of(&spec), spec.num_parameters(), 4, Device::Cpu);
+        let plan = plan();
         assert_eq!(plan.num_tokens, 5 + 2);
         assert_eq!(plan.max_positions, 5);
+        let whole = plan.whole();
         let w = Tensor::arange(26, (Kind::Float, Device::Cpu)).unsqueeze(0) + 1.0;
-        let tokens = plan.tokenize(&w);
+        let tokens = plan.tokenize(&w, &whole);
         assert_eq!(tokens.size(), [1, 7, 4]);
         // Layer 0's last token holds values 17, 18 then padding.
         assert_eq!(
             Vec::<f32>::try_from(tokens.get(0).get(4)).unwrap(),
             vec![17.0, 18.0, 0.0, 0.0]
         );
-        assert!(plan.untokenize(&tokens).equal(&w));
+        assert!(plan.untokenize(&tokens, &whole.gather).equal(&w));
         assert_eq!(
-            Vec::<i64>::try_from(&plan.layer_ids).unwrap(),
+            Vec::<i64>::try_from(&whole.layer_ids).unwrap(),
             vec![0, 0, 0, 0, 0, 1, 1]
         );
+        assert!(whole.real.is_none());
+        assert_eq!(whole.coords.size(), [26]);
+    }
+
+    #[test]
+    fn windows_cover_the_vector_once_and_pad_the_last() {
+        let plan = plan();
+        assert_eq!(plan.window_count(3), 3);
+        let w = Tensor::arange(26, (Kind::Float, Device::Cpu)).unsqueeze(0) + 1.0;
+        // The last window holds token 6 and two padding tokens.
+        let last = plan.subset(&[2], 3);
+        assert_eq!(
+            Vec::<bool>::try_from(last.real.as_ref().unwrap()).unwrap(),
+            vec![true, false, false]
+        );
+        assert_eq!(
+            Vec::<i64>::try_from(&last.coords).unwrap(),
+            vec![22, 23, 24, 25]
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(plan.tokenize(&w, &last).view([-1])).unwrap()[..6],
+            [23.0, 24.0, 25.0, 26.0, 0.0, 0.0]
+        );
+        // Windows in any order, untokenized together, rebuild the vector.
+        let all = plan.subset(&[1, 0, 2], 3);
+        let tokens = plan.tokenize(&w, &all);
+        assert_eq!(tokens.size(), [1, 9, 4]);
+        assert!(plan.untokenize(&tokens, &all.gather).equal(&w));
+        assert_eq!(all.coords.size(), [26]);
     }
 }

@@ -173,6 +173,9 @@ impl TrainDenoiserConfig {
         if self.fit.data_parallel > 1 {
             fingerprint["data_parallel"] = self.fit.data_parallel.into();
         }
+        if let Some(windows) = self.fit.train_windows {
+            fingerprint["train_windows"] = windows.into();
+        }
         if self.prediction != crate::diffusion::objective::Prediction::Epsilon {
             fingerprint["prediction"] = self.prediction.name().into();
         }

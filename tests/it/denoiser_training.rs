@@ -166,6 +166,8 @@ fn a_trained_layer_transformer_reproduces_a_gaussian_with_ddpm_and_ddim() {
         time_dim: 32,
         // Unconditional: adaLN from the time alone, as this test was sized.
         condition_tokens: 0,
+        // One window: its covariance spans every token.
+        window: 0,
     });
     // 1,200 steps (a step costs the transformer 26 ms here against the
     // MLP's few): covariance within 0.13 of the target's, against 0.82

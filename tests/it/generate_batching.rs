@@ -94,13 +94,17 @@ async fn concurrent_requests_share_batches_overload_is_refused_and_cancelled_wor
     );
     long.await.unwrap().unwrap();
 
-    // The CLI asks for the same thing alone and writes the same bytes.
+    // The CLI asks for the same thing alone and writes the same bytes (the
+    // sampler named: unset, it would be the one the gate chose, which
+    // depends on the training run's arithmetic on this CPU).
     let out_file = batching.data_dir.path().join("init.safetensors");
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_weightgen"));
     command.args([
         "--addr",
         &batching.addr(),
         "generate",
+        "--sampler",
+        "ddim",
         "--architecture",
         &task.architecture,
     ]);

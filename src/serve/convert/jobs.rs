@@ -175,6 +175,7 @@ pub fn train_spec_from_proto(spec: &pb::TrainDenoiserSpec) -> Result<TrainSpec, 
             pb::TrainPrecision::Fp16 => Some(PrecisionChoice::Fixed(Precision::Fp16)),
         })?,
         data_parallel: count(spec.data_parallel, d.data_parallel),
+        train_windows: spec.train_windows.map(|n| n as usize),
         activate: spec.activate,
     })
 }
@@ -254,6 +255,7 @@ pub fn train_spec_to_proto(spec: &TrainSpec) -> pb::TrainDenoiserSpec {
             PrecisionChoice::Fixed(Precision::Fp16) => pb::TrainPrecision::Fp16,
         } as i32,
         data_parallel: Some(narrow(spec.data_parallel)),
+        train_windows: spec.train_windows.map(narrow),
         activate: spec.activate,
     }
 }
@@ -304,6 +306,7 @@ mod tests {
             checkpoint_every: 37,
             precision: PrecisionChoice::Fixed(Precision::Fp16),
             data_parallel: 3,
+            train_windows: Some(41),
             activate: true,
             ..TrainSpec::new("z")
         };
