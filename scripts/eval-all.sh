@@ -142,7 +142,8 @@ if [ "$only" != main ]; then
     train abl-base digits-eval "$ablation_steps" 256,128
     train abl-t100 digits-eval "$ablation_steps" 256,128 --timesteps 100
     train abl-linear digits-eval "$ablation_steps" 256,128 --schedule linear
-    train abl-transformer digits-eval "$ablation_steps" 256,128 --kind layer_transformer
+    # ε like abl-base (the transformer's own default is v).
+    train abl-transformer digits-eval "$ablation_steps" 256,128 --kind layer_transformer --prediction epsilon
     train abl-concat digits-eval "$ablation_steps" 256,128 --conditioning concat
     train abl-e16 digits-eval "$ablation_steps" 256,128 --embed-dim 16
     train abl-e256 digits-eval "$ablation_steps" 256,128 --embed-dim 256

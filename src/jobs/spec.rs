@@ -329,9 +329,12 @@ pub struct TrainSpec {
     /// Noise schedule: cosine (the proposal) or linear.
     #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_SCHEDULE", default_value_t = NoiseSchedule::Cosine)]
     pub schedule: NoiseSchedule,
-    /// What the network predicts: epsilon (the proposal), x0 or v.
-    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_PREDICTION", default_value_t = Prediction::Epsilon)]
-    pub prediction: Prediction,
+    /// What the network predicts: epsilon (the proposal), x0 or v (default:
+    /// epsilon for the MLP U-Net, v for the layer transformer, which an ε
+    /// loss does not train to generate weights — docs/RESULTS.md).
+    #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_PREDICTION")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prediction: Option<Prediction>,
     /// Residual blocks per MLP U-Net level on each side.
     #[arg(long, env = "WEIGHTGEN_TRAIN_BLOCKS_PER_LEVEL", default_value_t = DEFAULT_BLOCKS_PER_LEVEL)]
     pub blocks_per_level: usize,
@@ -415,7 +418,7 @@ impl Default for TrainSpec {
             conditioning: Conditioning::Film,
             timesteps: DEFAULT_TIMESTEPS,
             schedule: NoiseSchedule::Cosine,
-            prediction: Prediction::Epsilon,
+            prediction: None,
             blocks_per_level: DEFAULT_BLOCKS_PER_LEVEL,
             encoder_hidden: DEFAULT_ENCODER_HIDDEN,
             embed_dim: DEFAULT_EMBED_DIM,
@@ -583,6 +586,15 @@ impl TrainSpec {
         Ok(())
     }
 
+    /// What the network predicts: as asked, else the kind's default (ε,
+    /// the proposal's, for the MLP U-Net; v for the layer transformer).
+    pub fn prediction(&self) -> Prediction {
+        self.prediction.unwrap_or(match self.kind {
+            DenoiserKind::MlpUnet => Prediction::Epsilon,
+            DenoiserKind::LayerTransformer => Prediction::V,
+        })
+    }
+
     /// The denoiser network the spec names.
     fn net(&self) -> Result<NetConfig, SpecError> {
         match (self.kind, self.conditioning) {
@@ -622,7 +634,7 @@ impl TrainSpec {
             net: self.net()?,
             timesteps: self.timesteps,
             schedule: self.schedule.kind(),
-            prediction: self.prediction,
+            prediction: self.prediction(),
             latent: self.latent,
             latent_steps: self.latent_steps,
             load: LoadOptions {
@@ -671,6 +683,22 @@ mod tests {
     }
 
     #[test]
+    fn an_unset_prediction_is_the_kinds_default() {
+        let mut spec = TrainSpec::new("z");
+        assert_eq!(spec.prediction(), Prediction::Epsilon);
+        spec.kind = DenoiserKind::LayerTransformer;
+        assert_eq!(spec.prediction(), Prediction::V);
+        spec.prediction = Some(Prediction::Epsilon);
+        assert_eq!(spec.prediction(), Prediction::Epsilon);
+        // Stored specs from before name it and keep it.
+        let old: TrainSpec = serde_json::from_value(serde_json::json!({
+            "zoo": "z", "kind": "layer_transformer", "prediction": "epsilon"
+        }))
+        .unwrap();
+        assert_eq!(old.prediction(), Prediction::Epsilon);
+    }
+
+    #[test]
     fn a_train_spec_gets_the_proposal_defaults() {
         let spec = TrainSpec::new("digits");
         assert_eq!(spec.steps, 200_000);
@@ -695,7 +723,7 @@ mod tests {
         let spec = TrainSpec {
             latent: LatentChoice::Pca(64),
             precision: PrecisionChoice::Fixed(crate::model::Precision::Fp16),
-            prediction: Prediction::V,
+            prediction: Some(Prediction::V),
             kind: DenoiserKind::LayerTransformer,
             align: AlignChoice::Never,
             max_models: Some(9),
