@@ -157,6 +157,12 @@ struct EvalArgs {
     /// Device to sample on: auto, cpu or cuda:N (fine-tuning runs on the CPU).
     #[arg(long, env = "WEIGHTGEN_DEVICE", default_value = "cpu")]
     device: DeviceChoice,
+    /// libtorch's intra-op CPU threads (0: libtorch's default, one per
+    /// core). Give 1 when other busy processes share the cores: on 2 cores
+    /// beside one training thread a held-out run took 98 s with 2 OpenMP
+    /// threads and 3.3 s with 1 (docs/RESULTS.md).
+    #[arg(long, env = "WEIGHTGEN_EVAL_THREADS", default_value_t = 0)]
+    threads: usize,
     #[command(flatten)]
     storage: StorageArgs,
 }
@@ -328,6 +334,7 @@ fn eval_config(args: &EvalArgs, family: weightgen::tasks::Family) -> weightgen::
 
 fn eval(args: EvalArgs) -> anyhow::Result<String> {
     let device = args.device.resolve()?;
+    set_threads(args.threads);
     // Every profile has at least one of each: only the flags can be 0.
     if [args.tasks, args.seeds, args.finetune_steps].contains(&Some(0)) {
         anyhow::bail!("--tasks, --seeds and --finetune-steps must be at least 1");
@@ -459,11 +466,16 @@ struct TrainArgs {
     storage: StorageArgs,
 }
 
+/// Sets libtorch's intra-op threads, unless `threads` is 0 (its default).
+fn set_threads(threads: usize) {
+    if threads > 0 {
+        tch::set_num_threads(i32::try_from(threads).unwrap_or(i32::MAX));
+    }
+}
+
 fn train(args: TrainArgs) -> anyhow::Result<String> {
     let device = args.device.resolve()?;
-    if args.threads > 0 {
-        tch::set_num_threads(i32::try_from(args.threads).unwrap_or(i32::MAX));
-    }
+    set_threads(args.threads);
     if args.resume && args.spec.denoiser_id.is_none() {
         anyhow::bail!("--resume needs the --denoiser-id of the run to continue");
     }
