@@ -196,11 +196,18 @@ impl LayerTransformer {
         }
         .max(1);
         let windows: Vec<usize> = (0..plan.window_count(window_len)).collect();
-        let chunks: Vec<TokenSubset> = windows
+        let mut chunks: Vec<TokenSubset> = windows
             .chunks((CHUNK_TOKENS / window_len).max(1))
             .map(|chunk| plan.subset(chunk, window_len))
             .collect();
         let chunk_gather = Tensor::cat(&chunks.iter().map(|c| &c.gather).collect::<Vec<_>>(), 0);
+        // Each chunk reads its part of the concatenation: one copy of the layout.
+        let mut offset = 0;
+        for chunk in &mut chunks {
+            let len = chunk.gather.size()[0];
+            chunk.gather = chunk_gather.narrow(0, offset, len);
+            offset += len;
+        }
         let p = config.token_size as i64;
         let h = config.hidden;
         let c_dim = config.time_dim + cond_dim;
