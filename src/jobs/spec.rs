@@ -830,6 +830,20 @@ mod tests {
                     ..TrainSpec::new("z")
                 },
             ),
+            (
+                "train_denoiser.train_windows",
+                TrainSpec {
+                    train_windows: Some(0),
+                    ..TrainSpec::new("z")
+                },
+            ),
+            (
+                "train_denoiser.train_windows",
+                TrainSpec {
+                    train_windows: Some(MAX_TRAIN_WINDOWS + 1),
+                    ..TrainSpec::new("z")
+                },
+            ),
         ] {
             assert_eq!(spec.validate().unwrap_err().field, field);
         }
