@@ -258,11 +258,12 @@ impl Trainer {
                     .collect()
             });
         // Drawn last, and only when asked for: other runs' streams stay as they were.
+        let count = model.window_count();
         let windows = self
             .config
             .train_windows
-            .filter(|&k| k < model.window_count())
-            .map(|k| rand::seq::index::sample(&mut rng, model.window_count(), k).into_vec());
+            .filter(|&k| k < count)
+            .map(|k| rand::seq::index::sample(&mut rng, count, k).into_vec());
         let index = Tensor::from_slice(&index).to_device(device);
         let t = Tensor::from_slice(&t).to_device(device);
         let drop = Tensor::from_slice(&drop).to_device(device);

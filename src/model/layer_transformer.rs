@@ -168,8 +168,9 @@ pub struct LayerTransformer {
     chunks: Vec<TokenSubset>,
     chunk_gather: Tensor,
     time: TimeCondition,
-    encoders: Vec<(String, nn::Linear)>,
-    decoders: Vec<(String, nn::Linear)>,
+    /// One map per layer kind, in the plan's `kind_names` order.
+    encoders: Vec<nn::Linear>,
+    decoders: Vec<nn::Linear>,
     layer_embedding: nn::Embedding,
     position_embedding: PositionEmbedding,
     blocks: Vec<Block>,
@@ -214,7 +215,7 @@ impl LayerTransformer {
         let per_kind = |name: &str, make: &dyn Fn(nn::Path) -> nn::Linear| {
             plan.kind_names
                 .iter()
-                .map(|k| (k.clone(), make(vs / name / k.as_str())))
+                .map(|k| make(vs / name / k.as_str()))
                 .collect::<Vec<_>>()
         };
         let encoders = per_kind("encode", &|path| nn::linear(path, p, h, Default::default()));
@@ -279,18 +280,11 @@ impl LayerTransformer {
 
     /// Applies one linear map per layer kind to the matching tokens of x
     /// [B, M, ·].
-    fn per_kind(maps: &[(String, nn::Linear)], x: &Tensor, subset: &TokenSubset) -> Tensor {
+    fn per_kind(maps: &[nn::Linear], x: &Tensor, subset: &TokenSubset) -> Tensor {
         let parts: Vec<Tensor> = subset
             .kinds
             .iter()
-            .map(|(kind, places)| {
-                let map = &maps
-                    .iter()
-                    .find(|(k, _)| k == kind)
-                    .expect("a subset's kinds are the plan's")
-                    .1;
-                map.forward(&x.index_select(1, places))
-            })
+            .map(|(kind, places)| maps[*kind].forward(&x.index_select(1, places)))
             .collect();
         Tensor::cat(&parts, 1).index_select(1, &subset.restore)
     }
@@ -298,10 +292,17 @@ impl LayerTransformer {
     /// F(w_t, t, e): w_t [B, D], t [B] int64, e [B, E] → [B, D].
     pub fn forward(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
         let c = self.time.condition(t, e);
-        let w = w_t.to_kind(Kind::Float);
-        let outputs: Vec<Tensor> = self.chunks.iter().map(|s| self.run(&w, &c, s)).collect();
-        self.plan
-            .untokenize(&Tensor::cat(&outputs, 1), &self.chunk_gather)
+        let padded = self.plan.pad(&w_t.to_kind(Kind::Float));
+        let mut outputs: Vec<Tensor> = self
+            .chunks
+            .iter()
+            .map(|s| self.run(&padded, &c, s))
+            .collect();
+        let tokens = match outputs.len() {
+            1 => outputs.swap_remove(0),
+            _ => Tensor::cat(&outputs, 1),
+        };
+        self.plan.untokenize(&tokens, &self.chunk_gather)
     }
 
     /// F restricted to the given windows (indices below
@@ -317,17 +318,18 @@ impl LayerTransformer {
     ) -> (Tensor, Tensor) {
         let c = self.time.condition(t, e);
         let subset = self.plan.subset(windows, self.window_len);
-        let tokens = self.run(&w_t.to_kind(Kind::Float), &c, &subset);
+        let padded = self.plan.pad(&w_t.to_kind(Kind::Float));
+        let tokens = self.run(&padded, &c, &subset);
         (
             self.plan.untokenize(&tokens, &subset.gather),
             subset.coords.shallow_clone(),
         )
     }
 
-    /// The network on one subset of whole windows: w [B, D], c [B, C] →
-    /// output tokens [B, M, P].
-    fn run(&self, w: &Tensor, c: &Tensor, subset: &TokenSubset) -> Tensor {
-        let tokens = self.plan.tokenize(w, subset);
+    /// The network on one subset of whole windows: w [B, D + 1] as
+    /// `TokenPlan::pad` makes it, c [B, C] → output tokens [B, M, P].
+    fn run(&self, padded: &Tensor, c: &Tensor, subset: &TokenSubset) -> Tensor {
+        let tokens = self.plan.tokenize(padded, subset);
         let h = Self::per_kind(&self.encoders, &tokens, subset)
             + self.layer_embedding.forward(&subset.layer_ids).unsqueeze(0)
             + self

@@ -6,8 +6,6 @@
 //! consecutive tokens, the last one padded — so that a vector of any length
 //! can be processed a bounded number of tokens at a time.
 
-use std::collections::BTreeMap;
-
 use tch::{Device, Tensor};
 
 use crate::weights::ArchSpec;
@@ -80,9 +78,10 @@ pub struct TokenSubset {
     pub layer_ids: Tensor,
     /// Position of each token within its layer [M] (0 for padding tokens).
     pub positions: Tensor,
-    /// Per layer kind, the places in the subset of its tokens (padding
-    /// tokens go with the first kind: their outputs are dropped).
-    pub kinds: Vec<(String, Tensor)>,
+    /// Per layer kind present (its index in the plan's `kind_names`), the
+    /// places in the subset of its tokens (padding tokens go with the first
+    /// kind: their outputs are dropped).
+    pub kinds: Vec<(usize, Tensor)>,
     /// Restores subset order after concatenating the kinds' outputs.
     pub restore: Tensor,
     /// Which of the M tokens are real, [M] bool; None when all are.
@@ -101,11 +100,6 @@ impl TokenPlan {
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
-        let kind_index: BTreeMap<&str, usize> = kind_names
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (k.as_str(), i))
-            .collect();
         let mut plan = Self {
             dim,
             token_size,
@@ -114,12 +108,17 @@ impl TokenPlan {
             layer_ids: Vec::new(),
             positions: Vec::new(),
             kind_of: Vec::new(),
-            kind_names: Vec::new(),
+            kind_names,
             num_tokens: 0,
             num_layers: groups.len() as i64,
             max_positions: 0,
         };
         for (layer, group) in groups.iter().enumerate() {
+            // kind_names is sorted and holds every group's kind.
+            let kind = plan
+                .kind_names
+                .binary_search(&group.kind)
+                .unwrap_or_default();
             let indices: Vec<i64> = group
                 .ranges
                 .iter()
@@ -133,17 +132,11 @@ impl TokenPlan {
                     .extend(std::iter::repeat_n(dim as i64, token_size - chunk.len()));
                 plan.layer_ids.push(layer as i64);
                 plan.positions.push(position as i64);
-                plan.kind_of.push(kind_index[group.kind.as_str()]);
+                plan.kind_of.push(kind);
             }
         }
         plan.num_tokens = plan.layer_ids.len();
-        plan.kind_names = kind_names;
         plan
-    }
-
-    /// Values per token P.
-    pub fn token_size(&self) -> usize {
-        self.token_size
     }
 
     /// How many windows of `window_len` tokens cover the plan.
@@ -197,12 +190,11 @@ impl TokenPlan {
             gather: to(&gather),
             layer_ids: to(&layer_ids),
             positions: to(&positions),
-            kinds: self
-                .kind_names
+            kinds: by_kind
                 .iter()
-                .zip(&by_kind)
+                .enumerate()
                 .filter(|(_, places)| !places.is_empty())
-                .map(|(kind, places)| (kind.clone(), to(places)))
+                .map(|(kind, places)| (kind, to(places)))
                 .collect(),
             restore: to(&restore),
             real: real
@@ -212,24 +204,25 @@ impl TokenPlan {
         }
     }
 
-    /// Every token, as one window (the layout before windows existed).
-    pub fn whole(&self) -> TokenSubset {
-        self.subset(&[0], self.num_tokens)
-    }
-
-    /// w [B, D] → the subset's tokens [B, M, P] (padding slots are 0).
-    pub fn tokenize(&self, w: &Tensor, subset: &TokenSubset) -> Tensor {
+    /// w [B, D] with a zero column appended, which padding slots read:
+    /// made once per pass, then tokenized subset by subset.
+    pub fn pad(&self, w: &Tensor) -> Tensor {
         let b = w.size()[0];
-        let padded = Tensor::cat(
+        Tensor::cat(
             &[
                 w.shallow_clone(),
                 Tensor::zeros([b, 1], (w.kind(), w.device())),
             ],
             1,
-        );
+        )
+    }
+
+    /// A vector padded by [`Self::pad`] → the subset's tokens [B, M, P]
+    /// (padding slots are 0).
+    pub fn tokenize(&self, padded: &Tensor, subset: &TokenSubset) -> Tensor {
         padded
             .index_select(1, &subset.gather)
-            .view([b, -1, self.token_size as i64])
+            .view([padded.size()[0], -1, self.token_size as i64])
     }
 
     /// tokens [B, M, P] read through `gather` ([M · P] flat indices) → w
@@ -257,9 +250,9 @@ mod tests {
         let plan = plan();
         assert_eq!(plan.num_tokens, 5 + 2);
         assert_eq!(plan.max_positions, 5);
-        let whole = plan.whole();
+        let whole = plan.subset(&[0], plan.num_tokens);
         let w = Tensor::arange(26, (Kind::Float, Device::Cpu)).unsqueeze(0) + 1.0;
-        let tokens = plan.tokenize(&w, &whole);
+        let tokens = plan.tokenize(&plan.pad(&w), &whole);
         assert_eq!(tokens.size(), [1, 7, 4]);
         // Layer 0's last token holds values 17, 18 then padding.
         assert_eq!(
@@ -291,12 +284,12 @@ mod tests {
             vec![22, 23, 24, 25]
         );
         assert_eq!(
-            Vec::<f32>::try_from(plan.tokenize(&w, &last).view([-1])).unwrap()[..6],
+            Vec::<f32>::try_from(plan.tokenize(&plan.pad(&w), &last).view([-1])).unwrap()[..6],
             [23.0, 24.0, 25.0, 26.0, 0.0, 0.0]
         );
         // Windows in any order, untokenized together, rebuild the vector.
         let all = plan.subset(&[1, 0, 2], 3);
-        let tokens = plan.tokenize(&w, &all);
+        let tokens = plan.tokenize(&plan.pad(&w), &all);
         assert_eq!(tokens.size(), [1, 9, 4]);
         assert!(plan.untokenize(&tokens, &all.gather).equal(&w));
         assert_eq!(all.coords.size(), [26]);

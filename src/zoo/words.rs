@@ -173,8 +173,7 @@ fn base_mixture(lists: &WordLists) -> Result<Vec<(String, f64)>, WordsError> {
     Ok(mixture)
 }
 
-/// Borrowed (word, weight) pairs.
-/// Owned (word, weight) pairs as the language model's functions take them.
+/// Borrowed (word, weight) pairs, as the language model's functions take them.
 pub(crate) fn pairs(words: &[(String, f64)]) -> Vec<(&str, f64)> {
     words.iter().map(|(w, f)| (w.as_str(), *f)).collect()
 }
