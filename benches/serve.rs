@@ -70,6 +70,7 @@ async fn prepare(dir: &std::path::Path) {
         .unwrap();
     let config = TrainDenoiserConfig {
         zoo: "digits".into(),
+        also_zoos: Vec::new(),
         denoiser_id: "bench".into(),
         architecture: None,
         net: NetConfig::MlpUnet(MlpUnetConfig {

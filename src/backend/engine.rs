@@ -161,15 +161,23 @@ impl Engine {
         }
     }
 
-    /// Loads a checkpoint under `id`.
+    /// Loads a checkpoint under `id`; one of several architectures
+    /// generates `architecture` (a checkpoint of one ignores it).
     pub(super) fn load(
         &mut self,
         id: String,
         bytes: &[u8],
+        architecture: Option<&crate::weights::ArchSpec>,
     ) -> Result<&DenoiserCheckpoint, ModelError> {
         let checkpoint = guarded(|| {
-            DenoiserCheckpoint::from_bytes(bytes, self.device)
-                .map_err(|e| ModelError::Checkpoint(e.to_string()))
+            let mut checkpoint = DenoiserCheckpoint::from_bytes(bytes, self.device)
+                .map_err(|e| ModelError::Checkpoint(e.to_string()))?;
+            if let Some(spec) = architecture.filter(|_| checkpoint.union.is_some()) {
+                checkpoint
+                    .select_architecture(spec)
+                    .map_err(|e| ModelError::Checkpoint(e.to_string()))?;
+            }
+            Ok(checkpoint)
         })?;
         *self.handles.entry(id.clone()).or_default() += 1;
         // Graphs recorded on a previous checkpoint of this id point at its
@@ -785,6 +793,7 @@ mod tests {
             summary: Default::default(),
             zoo_reference: None,
             recommended: None,
+            union: None,
         }
     }
 

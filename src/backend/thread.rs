@@ -17,11 +17,13 @@ use super::engine::{Engine, Pending};
 use super::trace::RequestTrace;
 use super::{CheckpointFacts, GenerateJob, GenerationSummary, ModelError, SampleOut};
 use crate::model::DenoiserCheckpoint;
+use crate::weights::ArchSpec;
 
 enum Message {
     Load {
         id: String,
         bytes: Bytes,
+        architecture: Option<ArchSpec>,
         reply: oneshot::Sender<Result<CheckpointFacts, ModelError>>,
     },
     Unload {
@@ -60,13 +62,20 @@ impl ModelThread {
         self.queued.load(Ordering::SeqCst)
     }
 
-    /// Loads (parses, places on the device) a checkpoint under `id`.
-    pub async fn load(&self, id: &str, bytes: Bytes) -> Result<CheckpointFacts, ModelError> {
+    /// Loads (parses, places on the device) a checkpoint under `id`, for
+    /// `architecture` when the checkpoint generates several.
+    pub async fn load(
+        &self,
+        id: &str,
+        bytes: Bytes,
+        architecture: Option<ArchSpec>,
+    ) -> Result<CheckpointFacts, ModelError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(Message::Load {
                 id: id.to_owned(),
                 bytes,
+                architecture,
                 reply,
             })
             .map_err(|_| ModelError::Stopped)?;
@@ -181,8 +190,13 @@ fn serve(rx: mpsc::Receiver<Message>, mut engine: Engine) {
 
 fn handle(engine: &mut Engine, message: Message) {
     match message {
-        Message::Load { id, bytes, reply } => {
-            let _ = reply.send(engine.load(id, &bytes).map(facts));
+        Message::Load {
+            id,
+            bytes,
+            architecture,
+            reply,
+        } => {
+            let _ = reply.send(engine.load(id, &bytes, architecture.as_ref()).map(facts));
         }
         Message::Unload { id } => engine.unload(&id),
         Message::Generate(pending) => engine.add(*pending),
@@ -205,13 +219,19 @@ fn facts(checkpoint: &DenoiserCheckpoint) -> CheckpointFacts {
         timesteps: config.timesteps,
         schedule,
         kind,
-        latent_dim: checkpoint.latent.as_ref().map_or(0, |l| l.dim() as usize),
+        // A denoiser of several architectures diffuses their union.
+        latent_dim: match (&checkpoint.latent, &checkpoint.union) {
+            (Some(latent), _) => latent.dim() as usize,
+            (None, Some(membership)) => membership.union.dim(),
+            (None, None) => 0,
+        },
         recommended: checkpoint.recommended,
-        latent_space: checkpoint
-            .latent
-            .as_ref()
-            .map_or("", |l| l.space())
-            .to_owned(),
+        latent_space: match (&checkpoint.latent, &checkpoint.union) {
+            (Some(latent), _) => latent.space(),
+            (None, Some(_)) => "union",
+            (None, None) => "",
+        }
+        .to_owned(),
         zoo_spread: checkpoint
             .zoo_reference
             .as_ref()

@@ -519,7 +519,7 @@ fn train(args: TrainArgs) -> anyhow::Result<String> {
         let resumed = outcome
             .resumed_from
             .map_or(String::new(), |step| format!(" (resumed at step {step})"));
-        Ok(format!(
+        let mut published = format!(
             "published denoiser {}{resumed} ({}{}); {} zero-shot: zoo tasks {}; held-out {}",
             outcome.record.id,
             outcome.record.architecture,
@@ -531,7 +531,14 @@ fn train(args: TrainArgs) -> anyhow::Result<String> {
             q.metric,
             q.zoo_tasks,
             q.held_out,
-        ))
+        );
+        for (architecture, id, q) in &outcome.further {
+            published.push_str(&format!(
+                "\nand as {id} ({architecture}); zoo tasks {}; held-out {}",
+                q.zoo_tasks, q.held_out
+            ));
+        }
+        Ok(published)
     })
 }
 

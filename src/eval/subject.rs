@@ -101,7 +101,7 @@ pub async fn load_zoo(
 
 /// Loads the denoiser `denoiser_id` (default: the active one of the zoo's
 /// architecture) onto `device`, checking that it generates the zoo's
-/// architecture.
+/// architecture (one of several's selected for it).
 pub async fn load_denoiser(
     catalog: &Arc<dyn Catalog>,
     blobs: &BlobStore,
@@ -125,16 +125,24 @@ pub async fn load_denoiser(
             None => format!("no active denoiser for {architecture:?}"),
         },
     })?;
+    let bytes = blobs.get(&record.sha256).await.map_err(|e| load(&e))?;
+    let mut checkpoint = DenoiserCheckpoint::from_bytes(&bytes, device).map_err(|e| load(&e))?;
     if &record.architecture != architecture {
-        return Err(SubjectError::Input {
+        // A denoiser of several architectures generates any that fits its
+        // union, unseen widths too; one of a single architecture only that.
+        let refused = |reason: String| SubjectError::Input {
             field: "denoiser-id",
             reason: format!(
-                "{:?} generates {:?}, the zoo holds {architecture:?}",
+                "{:?} generates {:?}, the zoo holds {architecture:?}{reason}",
                 record.id, record.architecture
             ),
-        });
+        };
+        if checkpoint.union.is_none() {
+            return Err(refused(String::new()));
+        }
+        checkpoint
+            .select_architecture(&data.network.spec)
+            .map_err(|e| refused(format!(": {e}")))?;
     }
-    let bytes = blobs.get(&record.sha256).await.map_err(|e| load(&e))?;
-    let checkpoint = DenoiserCheckpoint::from_bytes(&bytes, device).map_err(|e| load(&e))?;
     Ok((checkpoint, record))
 }

@@ -393,6 +393,17 @@ pub struct TrainSpec {
     #[arg(long, env = "WEIGHTGEN_TRAIN_WINDOWS")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub train_windows: Option<usize>,
+    /// Further zoos of the zoo's family with other architectures (comma
+    /// separated): one denoiser then learns every zoo's architecture in one
+    /// union of their weight spaces and generates each of them — and
+    /// unseen widths of them — from one checkpoint. Needs --latent none.
+    #[arg(
+        long = "also-zoo",
+        env = "WEIGHTGEN_TRAIN_ALSO_ZOOS",
+        value_delimiter = ','
+    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub also_zoos: Vec<String>,
     /// Make the result the active denoiser of its architecture once published.
     #[arg(long, env = "WEIGHTGEN_TRAIN_ACTIVATE")]
     pub activate: bool,
@@ -435,6 +446,7 @@ impl Default for TrainSpec {
             precision: PrecisionChoice::Auto,
             data_parallel: 1,
             train_windows: None,
+            also_zoos: Vec::new(),
             activate: false,
         }
     }
@@ -580,6 +592,24 @@ impl TrainSpec {
                 format!("must be in [1, {MAX_TRAIN_WINDOWS}]"),
             ));
         }
+        if !self.also_zoos.is_empty() {
+            if self.latent != LatentChoice::None {
+                return Err(invalid(
+                    "train_denoiser.also_zoos",
+                    "a denoiser of several architectures diffuses their weights: latent must be none",
+                ));
+            }
+            if let Some(zoo) = self
+                .also_zoos
+                .iter()
+                .find(|z| z.is_empty() || **z == self.zoo)
+            {
+                return Err(invalid(
+                    "train_denoiser.also_zoos",
+                    format!("{zoo:?} is empty or the zoo itself"),
+                ));
+            }
+        }
         if self.eval_guidance.is_nan() || self.eval_guidance < 0.0 {
             return Err(invalid("train_denoiser.eval_guidance", "must be ≥ 0"));
         }
@@ -629,6 +659,7 @@ impl TrainSpec {
             .map_err(|e| invalid("train_denoiser.precision", e))?;
         Ok(TrainDenoiserConfig {
             zoo: self.zoo.clone(),
+            also_zoos: self.also_zoos.clone(),
             denoiser_id: denoiser_id.to_owned(),
             architecture: self.architecture.clone(),
             net: self.net()?,
@@ -841,6 +872,22 @@ mod tests {
                 "train_denoiser.train_windows",
                 TrainSpec {
                     train_windows: Some(MAX_TRAIN_WINDOWS + 1),
+                    ..TrainSpec::new("z")
+                },
+            ),
+            // Several architectures diffuse raw weights, other zoos only.
+            (
+                "train_denoiser.also_zoos",
+                TrainSpec {
+                    also_zoos: vec!["y".into()],
+                    ..TrainSpec::new("z")
+                },
+            ),
+            (
+                "train_denoiser.also_zoos",
+                TrainSpec {
+                    also_zoos: vec!["z".into()],
+                    latent: LatentChoice::None,
                     ..TrainSpec::new("z")
                 },
             ),

@@ -23,8 +23,8 @@ use crate::diffusion::{
 use crate::rng::SeededNoise;
 use crate::tasks::FeatureSchema;
 use crate::weights::{
-    ArchSpec, CodecError, PcaLatent, Stats, StatsMode, ZooReference, ZooSpread, decode_tensors,
-    encode_tensors,
+    ArchSpec, ArchUnion, CodecError, PcaLatent, Stats, StatsMode, UnionError, ZooReference,
+    ZooSpread, decode_tensors, encode_tensors,
 };
 
 /// Value of the "format" header entry.
@@ -54,6 +54,9 @@ pub enum CheckpointError {
     /// The config's schedule is invalid.
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
+    /// A denoiser of several architectures cannot generate this one.
+    #[error(transparent)]
+    Union(#[from] UnionError),
 }
 
 /// Everything needed to sample weights for an architecture.
@@ -81,6 +84,29 @@ pub struct DenoiserCheckpoint {
     /// The sampling its training gate chose on validation tasks, used for
     /// what a request leaves unset (absent in older checkpoints).
     pub recommended: Option<RecommendedSampling>,
+    /// For a denoiser of several architectures: the union it diffuses in
+    /// (`stats`, `clip` and the model are the union's) and where `arch`
+    /// sits in it.
+    pub union: Option<UnionMembership>,
+}
+
+/// A checkpoint of several architectures, loaded for one of them (`arch`).
+#[derive(Debug)]
+pub struct UnionMembership {
+    /// The architectures trained on and their union.
+    pub union: ArchUnion,
+    /// `arch`'s union coordinates [D_arch] (int64, on the model's device).
+    pub indices: Tensor,
+    /// Each member's zoo reference (the memorization guard), by member index.
+    pub references: Vec<Option<ZooReference>>,
+}
+
+fn shallow_reference(reference: &ZooReference) -> ZooReference {
+    ZooReference {
+        weights: reference.weights.shallow_clone(),
+        mean: reference.mean.shallow_clone(),
+        spread: reference.spread,
+    }
 }
 
 fn json<T: serde::Serialize>(value: &T) -> String {
@@ -116,6 +142,36 @@ pub fn standardize_features(features: &Tensor, norm: &(Tensor, Tensor)) -> Tenso
 }
 
 impl DenoiserCheckpoint {
+    /// Makes a checkpoint of several architectures generate `spec`: one it
+    /// was trained on, or any other that fits its union (an unseen width),
+    /// which has no zoo reference to guard against. Fails for a checkpoint
+    /// of one architecture unless `spec` is that one.
+    pub fn select_architecture(&mut self, spec: &ArchSpec) -> Result<(), CheckpointError> {
+        let Some(membership) = &mut self.union else {
+            if spec == &self.arch {
+                return Ok(());
+            }
+            return Err(UnionError::DoesNotFit {
+                name: spec.name.clone(),
+                reason: format!("the denoiser generates {:?} only", self.arch.name),
+            }
+            .into());
+        };
+        let placement = membership.union.place(spec)?;
+        let mask = placement.mask(membership.union.dim());
+        self.model.set_architecture(&placement.descriptor, &mask);
+        membership.indices = Tensor::from_slice(&placement.indices).to_device(self.model.device());
+        self.zoo_reference = membership
+            .union
+            .members()
+            .iter()
+            .position(|m| m == spec)
+            .and_then(|k| membership.references.get(k)?.as_ref())
+            .map(shallow_reference);
+        self.arch = spec.clone();
+        Ok(())
+    }
+
     /// Raw task features [B, F] (schema order) standardized as training did
     /// them (unchanged when the checkpoint records no norm).
     pub fn standardize(&self, features: &Tensor) -> Tensor {
@@ -146,6 +202,8 @@ impl DenoiserCheckpoint {
             support_y,
             features_dropped: None,
             support_dropped: None,
+            arch_descriptor: None,
+            arch_mask: None,
         }
     }
 
@@ -224,9 +282,14 @@ impl DenoiserCheckpoint {
                 Some(latent) => latent.decode(z),
                 None => z.shallow_clone(),
             };
-            self.stats
+            let weights = self
+                .stats
                 .denormalize(&standardized)
-                .to_kind(tch::Kind::Float)
+                .to_kind(tch::Kind::Float);
+            match &self.union {
+                Some(membership) => weights.index_select(1, &membership.indices),
+                None => weights,
+            }
         })
     }
 
@@ -268,8 +331,25 @@ impl DenoiserCheckpoint {
             tensors.push(("features.mean".into(), mean.shallow_clone()));
             tensors.push(("features.std".into(), std.shallow_clone()));
         }
-        if let Some(reference) = &self.zoo_reference {
-            tensors.push(("novelty.zoo".into(), reference.weights.shallow_clone()));
+        let mut spreads = Vec::new();
+        match &self.union {
+            // Every member's reference; `zoo_reference` is the selected one's.
+            Some(membership) => {
+                for (k, reference) in membership.references.iter().enumerate() {
+                    if let Some(reference) = reference {
+                        tensors.push((
+                            format!("novelty.member{k}"),
+                            reference.weights.shallow_clone(),
+                        ));
+                    }
+                    spreads.push(reference.as_ref().map(|r| r.spread));
+                }
+            }
+            None => {
+                if let Some(reference) = &self.zoo_reference {
+                    tensors.push(("novelty.zoo".into(), reference.weights.shallow_clone()));
+                }
+            }
         }
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
         let mut meta = HashMap::new();
@@ -288,8 +368,19 @@ impl DenoiserCheckpoint {
         if let Some((key, value)) = latent_header {
             meta.insert(key.to_owned(), value);
         }
-        if let Some(reference) = &self.zoo_reference {
-            meta.insert("novelty_spread".to_owned(), json(&reference.spread));
+        match &self.union {
+            Some(membership) => {
+                meta.insert(
+                    "architectures".to_owned(),
+                    json(&membership.union.members()),
+                );
+                meta.insert("novelty_spreads".to_owned(), json(&spreads));
+            }
+            None => {
+                if let Some(reference) = &self.zoo_reference {
+                    meta.insert("novelty_spread".to_owned(), json(&reference.spread));
+                }
+            }
         }
         if let Some(recommended) = &self.recommended {
             meta.insert("recommended_sampling".to_owned(), json(recommended));
@@ -362,18 +453,38 @@ impl DenoiserCheckpoint {
             (Some(mean), Some(std)) => Some((mean.to_device(device), std.to_device(device))),
             _ => None,
         };
+        let reference = |weights: Tensor, spread: ZooSpread| {
+            let weights = weights.to_kind(tch::Kind::Float).to_device(device);
+            let mean = weights.mean_dim(0, false, tch::Kind::Float);
+            ZooReference {
+                weights,
+                mean,
+                spread,
+            }
+        };
         let zoo_reference = match tensors.remove("novelty.zoo") {
-            Some(weights) => {
-                let spread: ZooSpread = header(&meta, "novelty_spread")?;
-                let weights = weights.to_kind(tch::Kind::Float).to_device(device);
-                let mean = weights.mean_dim(0, false, tch::Kind::Float);
-                Some(ZooReference {
-                    weights,
-                    mean,
-                    spread,
+            Some(weights) => Some(reference(weights, header(&meta, "novelty_spread")?)),
+            None => None,
+        };
+        let union = match meta.contains_key("architectures") {
+            false => None,
+            true => {
+                let members: Vec<ArchSpec> = header(&meta, "architectures")?;
+                let spreads: Vec<Option<ZooSpread>> = header(&meta, "novelty_spreads")?;
+                let references = spreads
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, spread)| {
+                        let weights = tensors.remove(&format!("novelty.member{k}"));
+                        spread.zip(weights).map(|(s, w)| reference(w, s))
+                    })
+                    .collect();
+                Some(UnionMembership {
+                    union: ArchUnion::new(&members)?,
+                    indices: Tensor::zeros([0], (tch::Kind::Int64, device)),
+                    references,
                 })
             }
-            None => None,
         };
         let recommended: Option<RecommendedSampling> =
             match meta.contains_key("recommended_sampling") {
@@ -395,9 +506,9 @@ impl DenoiserCheckpoint {
                 });
             }
         }
-        Ok(Self {
+        let mut checkpoint = Self {
             model,
-            arch,
+            arch: arch.clone(),
             stats,
             latent,
             clip,
@@ -406,6 +517,11 @@ impl DenoiserCheckpoint {
             summary,
             zoo_reference,
             recommended,
-        })
+            union,
+        };
+        if checkpoint.union.is_some() {
+            checkpoint.select_architecture(&arch)?;
+        }
+        Ok(checkpoint)
     }
 }

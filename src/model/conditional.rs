@@ -55,6 +55,11 @@ pub struct DenoiserConfig {
     /// means one flat group (e.g. a latent).
     #[serde(default)]
     pub groups: Vec<TokenGroup>,
+    /// Length of the architecture descriptor when the denoiser generates
+    /// several architectures in one union vector (`weights::ArchUnion`);
+    /// 0: one architecture.
+    #[serde(default)]
+    pub architecture_dim: i64,
 }
 
 impl DenoiserConfig {
@@ -70,6 +75,7 @@ impl DenoiserConfig {
             timesteps: DEFAULT_TIMESTEPS,
             preconditioning: true,
             groups: Vec::new(),
+            architecture_dim: 0,
         }
     }
 
@@ -95,6 +101,12 @@ pub struct ConditionalDenoiser {
     net: Net,
     encoder: TaskEncoder,
     schedule: NoiseSchedule,
+    /// Descriptor → a term added to the task embedding (present when
+    /// `architecture_dim` > 0).
+    architecture: Option<tch::nn::Linear>,
+    /// The architecture rows generate when their condition names none: the
+    /// one a checkpoint was loaded for (descriptor [1, A], mask [1, D]).
+    fixed_architecture: Option<(Tensor, Tensor)>,
 }
 
 impl std::fmt::Debug for ConditionalDenoiser {
@@ -112,6 +124,13 @@ impl ConditionalDenoiser {
         let vs = VarStore::new(device);
         let root = vs.root();
         let encoder = TaskEncoder::new(&(&root / "encoder"), &config.encoder);
+        let architecture = (config.architecture_dim > 0).then(|| {
+            super::blocks::zero_linear(
+                &root / "architecture",
+                config.architecture_dim,
+                config.encoder.embed_dim,
+            )
+        });
         let net = match &config.net {
             NetConfig::MlpUnet(c) => Net::MlpUnet(MlpUnet::new(
                 &(&root / "net"),
@@ -140,7 +159,41 @@ impl ConditionalDenoiser {
             net,
             encoder,
             schedule,
+            architecture,
+            fixed_architecture: None,
         })
+    }
+
+    /// Makes rows whose condition names no architecture generate the one
+    /// with this descriptor [A] and mask [D] (0/1): what a checkpoint of
+    /// several architectures loaded for one of them does.
+    pub fn set_architecture(&mut self, descriptor: &[f32], mask: &[f32]) {
+        let device = self.device();
+        self.fixed_architecture = Some((
+            Tensor::from_slice(descriptor)
+                .view([1, -1])
+                .to_device(device),
+            Tensor::from_slice(mask).view([1, -1]).to_device(device),
+        ));
+    }
+
+    /// The architecture descriptor [B, A] and mask [B, D] of `rows` rows:
+    /// the condition's, else the fixed one; None for a one-architecture
+    /// denoiser.
+    fn architecture_rows(
+        &self,
+        descriptor: Option<&Tensor>,
+        mask: Option<&Tensor>,
+        rows: i64,
+    ) -> Option<(Tensor, Tensor)> {
+        self.architecture.as_ref()?;
+        match (descriptor, mask, &self.fixed_architecture) {
+            (Some(d), Some(m), _) => Some((d.shallow_clone(), m.shallow_clone())),
+            (_, _, Some((d, m))) => {
+                Some((d.expand([rows, -1], false), m.expand([rows, -1], false)))
+            }
+            _ => None,
+        }
     }
 
     /// Its configuration.
@@ -179,11 +232,37 @@ impl ConditionalDenoiser {
         matches!(&self.net, Net::MlpUnet(net) if net.is_prepared_for_sampling())
     }
 
-    /// Model output for w_t [B, D] at t [B] given embeddings e [B, E].
+    /// Model output for w_t [B, D] at t [B] given embeddings e [B, E] (for
+    /// the fixed architecture, if the denoiser has several).
     pub fn output(&self, w_t: &Tensor, t: &Tensor, e: &Tensor) -> Tensor {
+        let architecture = self.architecture_rows(None, None, w_t.size()[0]);
+        self.output_for(w_t, t, e, architecture.as_ref())
+    }
+
+    /// [`Self::output`] for the given architecture rows (descriptor, mask):
+    /// the network sees only the architecture's coordinates and its
+    /// descriptor added to e, and corrects only those coordinates.
+    fn output_for(
+        &self,
+        w_t: &Tensor,
+        t: &Tensor,
+        e: &Tensor,
+        architecture: Option<&(Tensor, Tensor)>,
+    ) -> Tensor {
+        let (input, e) = match (architecture, &self.architecture) {
+            (Some((descriptor, mask)), Some(map)) => (
+                w_t * mask,
+                e + tch::nn::Module::forward(map, &descriptor.to_kind(tch::Kind::Float)),
+            ),
+            _ => (w_t.shallow_clone(), e.shallow_clone()),
+        };
         let correction = match &self.net {
-            Net::MlpUnet(net) => net.forward(w_t, t, e),
-            Net::LayerTransformer(net) => net.forward(w_t, t, e),
+            Net::MlpUnet(net) => net.forward(&input, t, &e),
+            Net::LayerTransformer(net) => net.forward(&input, t, &e),
+        };
+        let correction = match architecture {
+            Some((_, mask)) => correction * mask,
+            None => correction,
         };
         self.preconditioned(correction, w_t, t)
     }
@@ -242,19 +321,37 @@ impl ConditionalDenoiser {
             "a network prepared for sampling is not trained (prepare_for_sampling)"
         );
         let w_t = self.schedule.q_sample(w0, t, noise);
-        let e = self.encoder.forward(condition, w0.size()[0], drop);
+        let rows = w0.size()[0];
+        let e = self.encoder.forward(condition, rows, drop);
         let (a, b) = self.schedule.coefficients(t);
         let target = self.config.prediction.target(w0, noise, &a, &b);
+        let architecture = self.architecture_rows(
+            condition.arch_descriptor.as_ref(),
+            condition.arch_mask.as_ref(),
+            rows,
+        );
+        // Only an architecture's own coordinates are scored.
+        let loss = |output: &Tensor, target: &Tensor, mask: Option<&Tensor>| match mask {
+            Some(mask) => {
+                ((output - target).square() * mask).sum(tch::Kind::Float)
+                    / mask.sum(tch::Kind::Float).clamp_min(1.0)
+            }
+            None => mse_loss(output, target),
+        };
         match (windows, &self.net) {
-            (Some(windows), Net::LayerTransformer(net)) => {
+            (Some(windows), Net::LayerTransformer(net)) if architecture.is_none() => {
                 let (correction, coords) = net.forward_windows(&w_t, t, &e, windows);
                 let output = self.preconditioned(correction, &w_t, t);
-                mse_loss(
+                loss(
                     &output.index_select(1, &coords),
                     &target.index_select(1, &coords),
+                    None,
                 )
             }
-            _ => mse_loss(&self.output(&w_t, t, &e), &target),
+            _ => {
+                let output = self.output_for(&w_t, t, &e, architecture.as_ref());
+                loss(&output, &target, architecture.as_ref().map(|(_, m)| m))
+            }
         }
     }
 }
@@ -297,7 +394,12 @@ impl Denoiser for ConditionalDenoiser {
         } else {
             self.encoder.forward(condition, w_t.size()[0], None)
         };
-        self.output(w_t, t, &e)
+        let architecture = self.architecture_rows(
+            condition.arch_descriptor.as_ref(),
+            condition.arch_mask.as_ref(),
+            w_t.size()[0],
+        );
+        self.output_for(w_t, t, &e, architecture.as_ref())
     }
 
     fn prediction(&self) -> Prediction {
@@ -311,6 +413,8 @@ impl Denoiser for ConditionalDenoiser {
 pub struct Embedded {
     /// e [B, E].
     pub embedding: Tensor,
+    /// The condition's architecture rows (descriptor, mask), if it names them.
+    pub architecture: Option<(Tensor, Tensor)>,
 }
 
 impl ConditionalDenoiser {
@@ -319,6 +423,11 @@ impl ConditionalDenoiser {
         let condition = condition.to_device(self.device());
         Embedded {
             embedding: tch::no_grad(|| self.encoder.forward(&condition, rows, None)),
+            architecture: condition
+                .arch_descriptor
+                .as_ref()
+                .zip(condition.arch_mask.as_ref())
+                .map(|(d, m)| (d.shallow_clone(), m.shallow_clone())),
         }
     }
 
@@ -342,7 +451,12 @@ impl Denoiser for PreEmbedded<'_> {
         } else {
             condition.embedding.shallow_clone()
         };
-        self.0.output(w_t, t, &e)
+        let architecture = self.0.architecture_rows(
+            condition.architecture.as_ref().map(|(d, _)| d),
+            condition.architecture.as_ref().map(|(_, m)| m),
+            w_t.size()[0],
+        );
+        self.0.output_for(w_t, t, &e, architecture.as_ref())
     }
 
     fn prediction(&self) -> Prediction {
@@ -406,6 +520,52 @@ mod tests {
         assert!(all > 0.0);
         assert!((loss(Some(&[2, 0, 1])) - all).abs() < 1e-5 * all);
         assert!((loss(Some(&[1])) - all).abs() > 1e-4 * all);
+    }
+
+    #[test]
+    fn an_architecture_sees_and_is_scored_on_its_own_coordinates_only() {
+        let encoder = TaskEncoderConfig::small_features_only(2, 4);
+        let mut config = DenoiserConfig::new(6, encoder);
+        config.timesteps = 100;
+        config.architecture_dim = 2;
+        config.net = NetConfig::MlpUnet(MlpUnetConfig {
+            widths: vec![16, 8],
+            blocks_per_level: 1,
+            time_dim: 8,
+            ..Default::default()
+        });
+        let mut model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
+        model.set_test_weights(7);
+        let mask = [1f32, 1.0, 1.0, 0.0, 0.0, 0.0];
+        let rows = |values: &[f32]| Tensor::from_slice(values).view([2, -1]);
+        let condition = TaskBatch {
+            arch_descriptor: Some(rows(&[1.0, 0.5, 1.0, 0.5])),
+            arch_mask: Some(rows(&[mask, mask].concat())),
+            ..TaskBatch::features(Tensor::ones([2, 2], (Kind::Float, Device::Cpu)))
+        };
+        let t = Tensor::from_slice(&[5i64, 80]);
+        let w0 = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([2, 6]) / 12.0;
+        let eps = Tensor::ones([2, 6], (Kind::Float, Device::Cpu)) * 0.3;
+        // Other values off the architecture's coordinates: the same loss.
+        let elsewhere = &w0 + rows(&[[0f32, 0.0, 0.0, 5.0, -5.0, 9.0]; 2].concat());
+        let loss = |w: &Tensor| {
+            tch::no_grad(|| model.loss(w, &condition, &t, &eps, None)).double_value(&[])
+        };
+        assert!(loss(&w0) > 0.0);
+        assert_eq!(loss(&w0), loss(&elsewhere));
+        // Set for sampling: the fixed architecture gives the same outputs
+        // on its coordinates, and the descriptor changes them.
+        let e = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
+        let w_t = Tensor::ones([2, 6], (Kind::Float, Device::Cpu));
+        model.set_architecture(&[1.0, 0.5], &mask);
+        let fixed = tch::no_grad(|| model.output(&w_t, &t, &e)).narrow(1, 0, 3);
+        let with_rows = tch::no_grad(|| model.forward(&w_t, &t, &condition, false)).narrow(1, 0, 3);
+        let e_row = model.encoder.forward(&condition, 2, None);
+        let direct = tch::no_grad(|| model.output(&w_t, &t, &e_row)).narrow(1, 0, 3);
+        assert!(with_rows.allclose(&direct, 1e-6, 1e-6, false));
+        model.set_architecture(&[1.0, 1.0], &mask);
+        let other = tch::no_grad(|| model.output(&w_t, &t, &e)).narrow(1, 0, 3);
+        assert!(!fixed.allclose(&other, 1e-6, 1e-6, false));
     }
 
     #[test]

@@ -465,6 +465,8 @@ mod tests {
             support_y: Some(pool),
             features_dropped: None,
             support_dropped: None,
+            arch_descriptor: None,
+            arch_mask: None,
         };
         (w, condition)
     }

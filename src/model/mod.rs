@@ -18,7 +18,7 @@ mod variables;
 pub mod weight_autoencoder;
 
 pub use blocks::Conditioning;
-pub use checkpoint::{CheckpointError, DenoiserCheckpoint, standardize_features};
+pub use checkpoint::{CheckpointError, DenoiserCheckpoint, UnionMembership, standardize_features};
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, Embedded, NetConfig, PreEmbedded};
 pub use fit::{FitConfig, FitReport, LrSchedule, Trainer, TrainerPosition, fit};
 pub use latent::Latent;

@@ -55,6 +55,12 @@ pub struct TaskBatch {
     /// (support dropout) so the encoder also learns the task from the
     /// features alone — the request form of a client with no examples.
     pub support_dropped: Option<Tensor>,
+    /// Which architecture each row is, for a denoiser of several
+    /// (`weights::ArchUnion`): its descriptor [B, A]. The task encoder does
+    /// not read it; the denoiser does, with or without the task.
+    pub arch_descriptor: Option<Tensor>,
+    /// The union coordinates each row's architecture has, as 0/1 [B, D].
+    pub arch_mask: Option<Tensor>,
 }
 
 impl TaskBatch {
@@ -66,6 +72,8 @@ impl TaskBatch {
             support_y: None,
             features_dropped: None,
             support_dropped: None,
+            arch_descriptor: None,
+            arch_mask: None,
         }
     }
 
@@ -77,6 +85,8 @@ impl TaskBatch {
             support_y: None,
             features_dropped: None,
             support_dropped: None,
+            arch_descriptor: None,
+            arch_mask: None,
         }
     }
 
@@ -111,6 +121,8 @@ impl TaskBatch {
             support_y: pick(&self.support_y),
             features_dropped: pick(&self.features_dropped),
             support_dropped: pick(&self.support_dropped),
+            arch_descriptor: pick(&self.arch_descriptor),
+            arch_mask: pick(&self.arch_mask),
         }
     }
 
@@ -128,11 +140,9 @@ impl TaskBatch {
             })
         };
         Self {
-            features: self.features,
             support_x: gather(self.support_x),
             support_y: gather(self.support_y),
-            features_dropped: self.features_dropped,
-            support_dropped: self.support_dropped,
+            ..self
         }
     }
 
@@ -145,6 +155,8 @@ impl TaskBatch {
             support_y: mv(&self.support_y),
             features_dropped: mv(&self.features_dropped),
             support_dropped: mv(&self.support_dropped),
+            arch_descriptor: mv(&self.arch_descriptor),
+            arch_mask: mv(&self.arch_mask),
         }
     }
 }
@@ -310,6 +322,8 @@ mod tests {
             support_y: Some(x),
             features_dropped: None,
             support_dropped: None,
+            arch_descriptor: None,
+            arch_mask: None,
         };
         let pick = Tensor::from_slice(&[2i64, 0, 1, 2]).view([2, 2]);
         let kept = batch.with_support_subsets(&pick);
@@ -338,6 +352,8 @@ mod tests {
             support_y: Some(Tensor::from_slice(&[1.0f32, 0.0]).view([2, 1, 1])),
             features_dropped: None,
             support_dropped: None,
+            arch_descriptor: None,
+            arch_mask: None,
         };
         let both = encoder.forward(&full(), 2, None);
         let support = encoder.forward(&full().support_only(), 2, None);
@@ -382,6 +398,8 @@ mod tests {
             support_y: Some(Tensor::from_slice(y).view([1, 3, 2])),
             features_dropped: None,
             support_dropped: None,
+            arch_descriptor: None,
+            arch_mask: None,
         };
         let x = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.2];
         let labels = [1.0f32, 0.0, 0.0, 1.0, 1.0, 0.0];

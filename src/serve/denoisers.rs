@@ -18,6 +18,7 @@ use crate::backend::{CheckpointFacts, ModelThread};
 use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, DenoiserRecord, PageRequest};
 use crate::tasks::words::lm::{BASE_MODEL_ID_KEY, BASE_MODEL_SHA256_KEY};
+use crate::weights::ArchSpec;
 
 /// Default interval between checks of the catalog for activations.
 pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(5);
@@ -182,7 +183,7 @@ impl DenoiserRegistry {
                 version_gauge(&arch.name, loaded.version);
                 continue;
             }
-            match self.load(catalog, blobs, record).await {
+            match self.load(catalog, blobs, record, &arch).await {
                 Ok(loaded) => {
                     tracing::info!(
                         architecture = %arch.name, denoiser = %loaded.record.id,
@@ -215,11 +216,12 @@ impl DenoiserRegistry {
         catalog: &Arc<dyn Catalog>,
         blobs: &BlobStore,
         record: DenoiserRecord,
+        architecture: &ArchSpec,
     ) -> Result<LoadedDenoiser, String> {
         let bytes = blobs.get(&record.sha256).await.map_err(|e| e.to_string())?;
         let facts = self
             .model
-            .load(&record.id, bytes)
+            .load(&record.id, bytes, Some(architecture.clone()))
             .await
             .map_err(|e| e.to_string())?;
         let version = version_of(catalog, &record)

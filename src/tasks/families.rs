@@ -360,6 +360,10 @@ impl Family {
                 Self::Digits => vec![
                     Network::mlp("digits-mlp-64-32-5", "digits", &[64, 32, DIGITS_WAYS])?,
                     Network::small_cnn("digits-cnn-8-16-5", "digits", 8, 16, DIGITS_WAYS)?,
+                    // Other widths: zoos for a denoiser of several
+                    // architectures, and one it never saw (48).
+                    Network::mlp("digits-mlp-64-64-5", "digits", &[64, 64, DIGITS_WAYS])?,
+                    Network::mlp("digits-mlp-64-48-5", "digits", &[64, 48, DIGITS_WAYS])?,
                 ],
                 Self::DigitInr => vec![Network {
                     spec: ArchSpec::sequential_mlp(

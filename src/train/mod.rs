@@ -6,9 +6,11 @@
 
 pub mod ema;
 pub mod latent;
+mod prepare;
 pub mod quality;
 pub mod report;
 pub mod run_state;
+mod union;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,11 +29,9 @@ use crate::blobs::{BlobError, BlobStore};
 use crate::catalog::{Catalog, CatalogError, DenoiserRecord};
 use crate::diffusion::ClipRange;
 use crate::model::{
-    CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig,
-    LrSchedule, NetConfig, TaskBatch, TaskEncoderConfig, Trainer, standardize_features,
+    CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, FitConfig, LrSchedule, NetConfig,
+    TaskBatch, Trainer,
 };
-use crate::weights::novelty::{DEFAULT_SPREAD_QUANTILE, MAX_REFERENCE_BYTES};
-use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode, ZooReference};
 
 /// Default EMA decay of the published weights.
 pub const DEFAULT_EMA_DECAY: f64 = 0.999;
@@ -84,6 +84,9 @@ pub enum TrainError {
 pub struct TrainDenoiserConfig {
     /// The zoo.
     pub zoo: String,
+    /// Further zoos of other architectures the one denoiser also learns
+    /// (see `union`); empty: one architecture.
+    pub also_zoos: Vec<String>,
     /// Id of the new denoiser version.
     pub denoiser_id: String,
     /// The architecture the zoo must have, when the request names one.
@@ -176,6 +179,9 @@ impl TrainDenoiserConfig {
         if let Some(windows) = self.fit.train_windows {
             fingerprint["train_windows"] = windows.into();
         }
+        if !self.also_zoos.is_empty() {
+            fingerprint["also_zoos"] = self.also_zoos.clone().into();
+        }
         if self.prediction != crate::diffusion::objective::Prediction::Epsilon {
             fingerprint["prediction"] = self.prediction.name().into();
         }
@@ -202,8 +208,11 @@ pub struct TrainOutcome {
     pub checkpoint: DenoiserCheckpoint,
     /// Its catalog row.
     pub record: DenoiserRecord,
-    /// Zero-shot scores.
+    /// Zero-shot scores (of the first zoo's architecture).
     pub quality: QualityReport,
+    /// Those of every further architecture of a denoiser of several, by
+    /// architecture, with their catalog rows' ids.
+    pub further: Vec<(String, String, QualityReport)>,
     /// (step, train loss, validation loss) at each log point.
     pub curve: Vec<(usize, f64, f64)>,
     /// Step of the checkpoint the run resumed from, if it did.
@@ -240,31 +249,6 @@ pub fn validation_rows(n: usize, fraction: f64) -> Vec<i64> {
         .filter(|i| i % every == every / 2)
         .map(|i| i as i64)
         .collect()
-}
-
-/// The condition of zoo rows `rows`: standardized features and the fixed
-/// support sets, or (`pooled`) the support pools training draws subsets from.
-fn task_batch(
-    data: &ZooDataset,
-    rows: &Tensor,
-    norm: &(Tensor, Tensor),
-    pooled: bool,
-) -> TaskBatch {
-    let support = if pooled {
-        data.support_pool.as_ref().or(data.support.as_ref())
-    } else {
-        data.support.as_ref()
-    };
-    TaskBatch {
-        features: Some(standardize_features(
-            &data.features.index_select(0, rows),
-            norm,
-        )),
-        support_x: support.map(|(x, _)| x.index_select(0, rows)),
-        support_y: support.map(|(_, y)| y.index_select(0, rows)),
-        features_dropped: None,
-        support_dropped: None,
-    }
 }
 
 /// Mean loss on `rows` at fixed timesteps and noise (comparable across steps).
@@ -357,25 +341,30 @@ pub async fn train_denoiser(
         }
     };
     let resumed_from = resume_state.as_ref().map(|s| s.step);
-    let data = ZooDataset::load_with(&catalog, &blobs, &config.zoo, &config.load).await?;
-    catalog.register_architecture(&data.network.spec).await?;
-    let n = data.len();
-    let val = validation_rows(n, config.val_fraction);
-    let train: Vec<i64> = (0..n as i64).filter(|i| !val.contains(i)).collect();
-    tracing::info!(
-        zoo = %config.zoo, models = n, train = train.len(), validation = val.len(),
-        aligned = data.aligned, dim = data.weights.size()[1], "zoo loaded"
-    );
+    let mut datasets = Vec::new();
+    let mut splits = Vec::new();
+    for zoo in std::iter::once(&config.zoo).chain(&config.also_zoos) {
+        let data = ZooDataset::load_with(&catalog, &blobs, zoo, &config.load).await?;
+        catalog.register_architecture(&data.network.spec).await?;
+        let n = data.len();
+        let val = validation_rows(n, config.val_fraction);
+        let train: Vec<i64> = (0..n as i64).filter(|i| !val.contains(i)).collect();
+        tracing::info!(
+            zoo = %zoo, models = n, train = train.len(), validation = val.len(),
+            aligned = data.aligned, dim = data.weights.size()[1], "zoo loaded"
+        );
+        datasets.push(data);
+        splits.push((train, val));
+    }
     let config_for_blocking = config.clone();
     let runtime = tokio::runtime::Handle::current();
     let (save_blobs, run_id) = (blobs.clone(), config.denoiser_id.clone());
     let save =
         move |state: &RunState| runtime.block_on(run_state::save(&save_blobs, &run_id, state));
-    let (checkpoint, curve, quality) = tokio::task::spawn_blocking(move || {
+    let (checkpoint, curve, mut qualities) = tokio::task::spawn_blocking(move || {
         train_blocking(
-            data,
-            &train,
-            &val,
+            datasets,
+            splits,
             &config_for_blocking,
             resume_state,
             save,
@@ -417,6 +406,28 @@ pub async fn train_denoiser(
         created_at_ms: 0,
     };
     catalog.insert_denoiser(&record).await?;
+    // The other architectures of one checkpoint: a row each, the same blob
+    // ("ID.ARCHITECTURE"), which the server loads for its architecture.
+    let members = checkpoint
+        .union
+        .as_ref()
+        .map_or(&[][..], |u| u.union.members());
+    let mut further = Vec::new();
+    let quality = qualities.remove(0).1;
+    for (member, (_, member_quality)) in members.iter().skip(1).zip(qualities) {
+        let row = DenoiserRecord {
+            id: member_denoiser_id(&record.id, &member.name),
+            architecture: member.name.clone(),
+            summary: member_summary(&record.summary, &member.name),
+            ..record.clone()
+        };
+        catalog.insert_denoiser(&row).await?;
+        if config.activate {
+            catalog.activate_denoiser(&row.id).await?;
+        }
+        tracing::info!(denoiser = %row.id, architecture = %member.name, "published for a further architecture");
+        further.push((member.name.clone(), row.id, member_quality));
+    }
     let record = if config.activate {
         catalog.activate_denoiser(&record.id).await?
     } else {
@@ -428,10 +439,33 @@ pub async fn train_denoiser(
         checkpoint,
         record,
         quality,
+        further,
         curve,
         resumed_from,
         artifacts,
     })
+}
+
+/// The id of a checkpoint's row for a further architecture it generates.
+pub fn member_denoiser_id(denoiser_id: &str, architecture: &str) -> String {
+    format!("{denoiser_id}.{architecture}")
+}
+
+/// A further architecture's training summary: the run's figures with that
+/// architecture's gate figures in place of the first zoo's.
+fn member_summary(summary: &BTreeMap<String, f64>, architecture: &str) -> BTreeMap<String, f64> {
+    let prefix = format!("{architecture}/");
+    let mut out: BTreeMap<String, f64> = summary
+        .iter()
+        .filter(|(k, _)| !k.starts_with("quality.") && !k.contains('/'))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    for (key, value) in summary {
+        if let Some(own) = key.strip_prefix(&prefix) {
+            out.insert(own.to_owned(), *value);
+        }
+    }
+    out
 }
 
 /// Writes the metrics file and the loss plot beside the run; returns their names.
@@ -490,12 +524,17 @@ fn restore_run(
         .map_err(broken)
 }
 
-type Trained = (DenoiserCheckpoint, Vec<(usize, f64, f64)>, QualityReport);
+/// The checkpoint, its loss curve, and the gate's figures per architecture
+/// (the first zoo's first).
+type Trained = (
+    DenoiserCheckpoint,
+    Vec<(usize, f64, f64)>,
+    Vec<(String, QualityReport)>,
+);
 
 fn train_blocking(
-    data: ZooDataset,
-    train: &[i64],
-    val: &[i64],
+    datasets: Vec<ZooDataset>,
+    splits: Vec<(Vec<i64>, Vec<i64>)>,
     config: &TrainDenoiserConfig,
     resume: Option<RunState>,
     mut save: impl FnMut(&RunState) -> Result<(), TrainError>,
@@ -504,58 +543,24 @@ fn train_blocking(
     // This is a blocking-pool thread, not the one that set the count.
     crate::device::adopt_intra_op_threads();
     let device = config.device;
-    let train_rows = Tensor::from_slice(train);
-    let val_rows = Tensor::from_slice(val);
-    let train_w = data.weights.index_select(0, &train_rows);
-    let stats = Stats::fit(
-        &train_w,
-        StatsMode::PerDimension,
-        &data.network.spec,
-        DEFAULT_STD_FLOOR,
-    );
-    let standardized = stats.normalize(&data.weights).to_kind(Kind::Float);
-    // Diffusion runs in the latent when there is one: fitted on the
-    // training split only, so validation models are as unseen as any task.
-    let val_standardized = standardized.index_select(0, &val_rows);
-    let latent = latent::fit_latent(
-        config.latent,
-        config.latent_steps,
-        &standardized.index_select(0, &train_rows),
-        &val_standardized,
-        train,
-        &data,
-        &stats,
-        config.fit.seed,
-        device,
-    );
-    // How much of unseen zoo models the latent keeps (standardized units).
-    let latent_val_mse = match &latent {
-        Some(latent) if !val.is_empty() => Some(latent.reconstruction_mse(&val_standardized)),
-        _ => None,
+    let prepared = match datasets.len() {
+        1 => prepare::prepare_one(&datasets[0], &splits[0].0, &splits[0].1, config),
+        _ => prepare::prepare_union(&datasets, &splits, config)?,
     };
-    let diffused = match &latent {
-        Some(latent) => latent.encode(&standardized),
-        None => standardized,
-    };
-    let train_features = data.features.index_select(0, &train_rows);
-    let feature_norm = (
-        train_features.mean_dim(0, false, Kind::Float),
-        train_features.std_dim(0, false, false).clamp_min(1e-3),
-    );
-    let encoder = TaskEncoderConfig {
-        feature_dim: data.features.size()[1],
-        support_x_dim: data.support.as_ref().map_or(0, |(x, _)| x.size()[2]),
-        support_y_dim: data.support.as_ref().map_or(0, |(_, y)| y.size()[2]),
-        hidden: config.encoder_hidden,
-        embed_dim: config.embed_dim,
-        // Used where the support targets are labels (digits).
-        prototypes: true,
-    };
-    let mut denoiser_config = DenoiserConfig::new(diffused.size()[1], encoder);
-    if latent.is_none() {
-        // The layer layout only means something for the weights themselves.
-        denoiser_config = denoiser_config.with_layout(&data.network.spec);
-    }
+    let prepare::Prepared {
+        stats,
+        latent,
+        latent_val_mse,
+        mut denoiser_config,
+        feature_norm,
+        train_data,
+        val_data,
+        train_condition,
+        val_condition,
+        zoo_reference,
+        union,
+    } = prepared;
+    let data = &datasets[0];
     denoiser_config.net = config.net.clone();
     denoiser_config.timesteps = config.timesteps;
     denoiser_config.schedule = config.schedule;
@@ -568,10 +573,8 @@ fn train_blocking(
             field: "schedule",
             reason: e.to_string(),
         })?;
-    let train_condition = task_batch(&data, &train_rows, &feature_norm, true).to_device(device);
-    let val_condition = task_batch(&data, &val_rows, &feature_norm, false);
-    let train_data = diffused.index_select(0, &train_rows).to_device(device);
-    let val_data = diffused.index_select(0, &val_rows);
+    let train_condition = train_condition.to_device(device);
+    let train_data = train_data.to_device(device);
     // Support-set conditioning sees a fresh random K-subset of each zoo
     // model's training examples at every step (K = the descriptors' K).
     let mut fit = config.fit.clone();
@@ -648,7 +651,10 @@ fn train_blocking(
         summary.insert("final_train_loss".to_owned(), train_loss);
         summary.insert("final_val_loss".to_owned(), val_loss);
     }
-    summary.insert("zoo_models".to_owned(), data.len() as f64);
+    summary.insert(
+        "zoo_models".to_owned(),
+        datasets.iter().map(ZooDataset::len).sum::<usize>() as f64,
+    );
     if let Some(mse) = latent_val_mse {
         summary.insert("latent_val_reconstruction_mse".to_owned(), mse);
     }
@@ -661,21 +667,37 @@ fn train_blocking(
         feature_schema: data.schema.clone(),
         feature_norm: Some(feature_norm),
         summary,
-        zoo_reference: ZooReference::fit(&train_w, MAX_REFERENCE_BYTES, DEFAULT_SPREAD_QUANTILE),
+        zoo_reference,
         recommended: None,
+        union,
     };
-    let quality = evaluate_quality(
-        &checkpoint,
-        &data,
-        train,
-        val,
-        config.eval_tasks,
-        config.eval_guidance,
-        config.fit.seed,
-    );
-    for (key, value) in quality.summary() {
-        checkpoint.summary.insert(key, value);
+    // A denoiser of several architectures is scored on each zoo in turn, as
+    // it generates that architecture; the first zoo's figures are the
+    // checkpoint's own, every zoo's are also kept under its architecture.
+    let mut qualities = Vec::new();
+    for (data, (train, val)) in datasets.iter().zip(&splits).rev() {
+        checkpoint.select_architecture(&data.network.spec)?;
+        let quality = evaluate_quality(
+            &checkpoint,
+            data,
+            train,
+            val,
+            config.eval_tasks,
+            config.eval_guidance,
+            config.fit.seed,
+        );
+        for (key, value) in quality.summary() {
+            if datasets.len() > 1 {
+                let key = format!("{}/{key}", data.network.spec.name);
+                checkpoint.summary.insert(key, value);
+            }
+            if std::ptr::eq(data, &datasets[0]) {
+                checkpoint.summary.insert(key, value);
+            }
+        }
+        qualities.push((data.network.spec.name.clone(), quality));
     }
-    checkpoint.recommended = quality.recommended;
-    Ok((checkpoint, curve, quality))
+    qualities.reverse();
+    checkpoint.recommended = qualities[0].1.recommended;
+    Ok((checkpoint, curve, qualities))
 }

@@ -297,6 +297,8 @@ pub fn one_input(condition: &TaskBatch, features: bool) -> TaskBatch {
         },
         features_dropped: None,
         support_dropped: None,
+        arch_descriptor: copy(&condition.arch_descriptor),
+        arch_mask: copy(&condition.arch_mask),
     }
 }
 

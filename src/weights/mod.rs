@@ -10,6 +10,7 @@ pub mod flat;
 pub mod latent;
 pub mod novelty;
 pub mod stats;
+pub mod union;
 
 pub use align::{AlignError, AlignReport, PermutationSpec, align};
 pub use arch::{ArchSpec, DType, LayerGroup, LayoutError, TensorSpec};
@@ -21,3 +22,4 @@ pub use flat::{NamedTensors, flatten, flatten_batch, unflatten};
 pub use latent::{LatentSizeReport, MetricGoal, PcaLatent, choose_latent_size};
 pub use novelty::{Nearness, ZooReference, ZooSpread};
 pub use stats::{DEFAULT_STD_FLOOR, Stats, StatsMode};
+pub use union::{ArchUnion, Placement, UnionError};

@@ -101,6 +101,7 @@ fn checkpoint_in(net: NetConfig, fit_latent: impl Fn(&Tensor) -> Latent) -> Deno
             steps: 1,
             guidance: 1.0,
         }),
+        union: None,
     }
 }
 
@@ -111,6 +112,8 @@ fn condition(device: Device) -> TaskBatch {
         support_y: Some(Tensor::zeros([2, 5, 3], (Kind::Float, device))),
         features_dropped: None,
         support_dropped: None,
+        arch_descriptor: None,
+        arch_mask: None,
     }
 }
 
@@ -292,4 +295,123 @@ fn files_that_do_not_fit_are_refused_with_a_reason() {
             .err()
             .unwrap();
     assert!(err.to_string().contains("format"), "{err}");
+}
+
+/// A checkpoint of two MLP widths and a CNN in one union, loaded for the
+/// first: it round-trips, generates each member at its own size (and the
+/// member's weights are the union sample's coordinates), an unseen width
+/// that fits, and refuses one that does not, by name.
+#[test]
+fn a_checkpoint_of_several_architectures_generates_each_and_an_unseen_width() {
+    use weightgen::model::UnionMembership;
+    use weightgen::weights::ArchUnion;
+    let mlp =
+        |h: usize| ArchSpec::sequential_mlp(format!("mlp-8-{h}-3"), "test", &[8, h, 3]).unwrap();
+    let cnn = weightgen::tasks::nets::Network::small_cnn("cnn", "test", 2, 3, 3)
+        .unwrap()
+        .spec;
+    let members = vec![mlp(4), mlp(6), cnn.clone()];
+    let union = ArchUnion::new(&members).unwrap();
+    let d = union.dim() as i64;
+    let mut config = DenoiserConfig::new(d, condition_encoder());
+    config.architecture_dim = union.descriptor_len() as i64;
+    let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
+    tch::no_grad(|| {
+        for (_, mut v) in model.vs.variables() {
+            let noise = Tensor::randn(v.size(), (Kind::Float, Device::Cpu)) * 0.1;
+            v.copy_(&(&v + noise));
+        }
+    });
+    let zoo = Tensor::randn([20, d], (Kind::Double, Device::Cpu));
+    let mut original = DenoiserCheckpoint {
+        model,
+        arch: members[0].clone(),
+        stats: Stats {
+            mean: zoo.mean_dim(0, false, Kind::Double),
+            std: zoo.std_dim(0, false, false),
+            mode: StatsMode::PerDimension,
+            floor: DEFAULT_STD_FLOOR,
+        },
+        latent: None,
+        clip: None,
+        feature_schema: FeatureSchema::default(),
+        feature_norm: None,
+        summary: BTreeMap::new(),
+        zoo_reference: None,
+        recommended: None,
+        union: Some(UnionMembership {
+            references: members
+                .iter()
+                .map(|m| {
+                    let w =
+                        Tensor::randn([5, m.num_parameters() as i64], (Kind::Float, Device::Cpu));
+                    ZooReference::fit(&w, 1 << 20, 0.95)
+                })
+                .collect(),
+            union: union.clone(),
+            indices: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
+        }),
+    };
+    original.select_architecture(&members[0]).unwrap();
+    let bytes = original.to_bytes().unwrap();
+    // As loading does (see the first test).
+    original.model.prepare_for_sampling();
+    let mut loaded = DenoiserCheckpoint::from_bytes(&bytes, Device::Cpu).unwrap();
+    assert_eq!(loaded.arch, members[0]);
+    assert_eq!(loaded.model.config(), original.model.config());
+    let seeds = [1u64, 2];
+    let generate = |c: &DenoiserCheckpoint| {
+        c.generate(
+            &c.condition(
+                Some(&Tensor::ones([2, 3], (Kind::Float, Device::Cpu))),
+                None,
+            ),
+            &seeds,
+            SamplerKind::ddim(3, 0.0),
+            2.0,
+        )
+    };
+    for member in &members {
+        loaded.select_architecture(member).unwrap();
+        assert_eq!(&loaded.arch, member);
+        let weights = generate(&loaded);
+        assert_eq!(weights.size(), vec![2, member.num_parameters() as i64]);
+        assert!(bool::try_from(weights.isfinite().all()).unwrap());
+        // Its own zoo reference guards it.
+        assert_eq!(
+            loaded.zoo_reference.as_ref().map(|r| r.weights.size()[1]),
+            Some(member.num_parameters() as i64)
+        );
+    }
+    // The CNN is the union's last block: its weights are the union
+    // sample's last coordinates, and the same seeds give the same values
+    // as the round-tripped original.
+    original.select_architecture(&cnn).unwrap();
+    assert!(generate(&original).allclose(&generate(&loaded), 1e-5, 1e-6, false));
+    // An unseen width in between: generated at its size, unguarded.
+    loaded.select_architecture(&mlp(5)).unwrap();
+    assert_eq!(
+        generate(&loaded).size(),
+        vec![2, mlp(5).num_parameters() as i64]
+    );
+    assert!(loaded.zoo_reference.is_none());
+    // Wider than any member, or another structure: refused by name.
+    let wide = loaded.select_architecture(&mlp(7)).unwrap_err().to_string();
+    assert!(
+        wide.contains("mlp-8-7-3") && wide.contains("larger"),
+        "{wide}"
+    );
+    let deep = ArchSpec::sequential_mlp("deep", "test", &[8, 4, 4, 3]).unwrap();
+    assert!(loaded.select_architecture(&deep).is_err());
+}
+
+fn condition_encoder() -> TaskEncoderConfig {
+    TaskEncoderConfig {
+        feature_dim: 3,
+        support_x_dim: 0,
+        support_y_dim: 0,
+        hidden: 16,
+        embed_dim: 8,
+        prototypes: false,
+    }
 }

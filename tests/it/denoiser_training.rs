@@ -382,6 +382,7 @@ fn generate_in_a_pca_latent_lands_on_the_asked_mode_for_x0_and_v_prediction() {
             summary: BTreeMap::new(),
             zoo_reference: None,
             recommended: None,
+            union: None,
         };
         // What the server does: write, read back, generate.
         let checkpoint =

@@ -22,6 +22,7 @@ mod generate_batching;
 mod generate_init;
 mod hot_reload;
 mod job_queue;
+mod multi_arch;
 mod otlp_traces;
 mod python_interop;
 mod reflection;

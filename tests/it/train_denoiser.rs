@@ -45,6 +45,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
         .unwrap();
     let config = TrainDenoiserConfig {
         zoo: "digits-small".into(),
+        also_zoos: Vec::new(),
         denoiser_id: "digits-small-v1".into(),
         architecture: None,
         net: NetConfig::MlpUnet(MlpUnetConfig {

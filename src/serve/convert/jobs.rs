@@ -176,6 +176,7 @@ pub fn train_spec_from_proto(spec: &pb::TrainDenoiserSpec) -> Result<TrainSpec, 
         })?,
         data_parallel: count(spec.data_parallel, d.data_parallel),
         train_windows: spec.train_windows.map(|n| n as usize),
+        also_zoos: spec.also_zoos.clone(),
         activate: spec.activate,
     })
 }
@@ -257,6 +258,7 @@ pub fn train_spec_to_proto(spec: &TrainSpec) -> pb::TrainDenoiserSpec {
         } as i32,
         data_parallel: Some(narrow(spec.data_parallel)),
         train_windows: spec.train_windows.map(narrow),
+        also_zoos: spec.also_zoos.clone(),
         activate: spec.activate,
     }
 }
@@ -308,6 +310,7 @@ mod tests {
             precision: PrecisionChoice::Fixed(Precision::Fp16),
             data_parallel: 3,
             train_windows: Some(41),
+            also_zoos: vec!["y".into(), "x".into()],
             activate: true,
             ..TrainSpec::new("z")
         };

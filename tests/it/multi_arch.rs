@@ -1,0 +1,134 @@
+//! One denoiser of several architectures (issue 21): the worker trains it on
+//! two `digits` zoos of different widths (`train --also-zoo`), publishes a
+//! catalog row per architecture on one blob, and the server serves each
+//! architecture from it; a spec that cannot be trained so is refused by
+//! field.
+
+use std::process::Command;
+
+use crate::common::combined_output;
+use crate::common::generation::{Client, WORKER, descriptor, generate, wait_ready, worker};
+use crate::common::spawn_server;
+
+fn zoo(data: &std::path::Path, name: &str, architecture: &str) {
+    worker(
+        data,
+        &[
+            "zoo",
+            "build",
+            "--family",
+            "digits",
+            "--zoo",
+            name,
+            "--architecture",
+            architecture,
+            "--models",
+            "40",
+            "--shared-init",
+            "--steps",
+            "30",
+        ],
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_denoiser_serves_two_widths_from_one_checkpoint() {
+    let server = spawn_server(|c| c.reload_interval = std::time::Duration::from_millis(100)).await;
+    let data = server.data_dir.path().join("data");
+    zoo(&data, "narrow", "digits-mlp-64-32-5");
+    zoo(&data, "wide", "digits-mlp-64-64-5");
+    let train = [
+        "train",
+        "--zoo",
+        "narrow",
+        "--also-zoo",
+        "wide",
+        "--denoiser-id",
+        "both",
+        "--steps",
+        "200",
+        "--widths",
+        "64,32",
+        "--learning-rate",
+        "1e-3",
+        "--eval-tasks",
+        "3",
+        "--log-every",
+        "100",
+        "--device",
+        "cpu",
+        "--threads",
+        "1",
+        "--activate",
+    ];
+    // Without --latent none: refused by field, nothing published.
+    let output = Command::new(WORKER)
+        .args(train)
+        .env("WEIGHTGEN_DATA_DIR", &data)
+        .output()
+        .unwrap();
+    let text = combined_output(&output);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("train_denoiser.also_zoos") && text.contains("latent must be none"),
+        "{text}"
+    );
+    let published = worker(&data, &[&train[..], &["--latent", "none"]].concat());
+    // One line per architecture, each with its own gate.
+    assert!(
+        published.contains("published denoiser both (digits-mlp-64-32-5, active)")
+            && published.contains("and as both.digits-mlp-64-64-5 (digits-mlp-64-64-5)"),
+        "{published}"
+    );
+    let mut client = Client::new(server.channel().await);
+    wait_ready(&mut client).await;
+    let (catalog, _): (std::sync::Arc<dyn weightgen::catalog::Catalog>, _) =
+        weightgen::storage::StorageArgs::embedded(&data)
+            .open()
+            .await
+            .unwrap();
+    let narrow = catalog
+        .active_denoiser("digits-mlp-64-32-5")
+        .await
+        .unwrap()
+        .unwrap();
+    let wide = catalog
+        .active_denoiser("digits-mlp-64-64-5")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (narrow.id.as_str(), wide.id.as_str()),
+        ("both", "both.digits-mlp-64-64-5")
+    );
+    assert_eq!(narrow.sha256, wide.sha256, "one checkpoint");
+    // Each row's summary holds its own architecture's gate.
+    let key = "quality.held_out.ddim_test_accuracy";
+    assert!(narrow.summary.contains_key(key) && wide.summary.contains_key(key));
+    assert_eq!(
+        wide.summary[key],
+        narrow.summary[&format!("digits-mlp-64-64-5/{key}")]
+    );
+    // Served: a request per architecture gets that architecture's tensors.
+    for (architecture, hidden, id) in [
+        ("digits-mlp-64-32-5", 32, "both"),
+        ("digits-mlp-64-64-5", 64, "both.digits-mlp-64-64-5"),
+    ] {
+        let mut task = descriptor();
+        task.architecture = architecture.into();
+        let answer = loop {
+            match generate(&mut client, &task, 7).await {
+                Ok(answer) => break answer,
+                // The second row may load a moment after the first.
+                Err(status) if status.code() == tonic::Code::Unavailable => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
+                }
+                Err(status) => panic!("{architecture}: {status}"),
+            }
+        };
+        assert_eq!(answer.denoiser, id);
+        let file = safetensors::SafeTensors::deserialize(&answer.files[0]).unwrap();
+        assert_eq!(file.tensor("0.weight").unwrap().shape(), [hidden, 64]);
+        assert_eq!(file.tensor("2.weight").unwrap().shape(), [5, hidden]);
+    }
+}
