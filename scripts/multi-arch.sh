@@ -66,7 +66,7 @@ steps=$((3 * steps)) train ma-union-3x ma-mlp32 --also-zoo ma-mlp64,ma-cnn
 
 step "every gate's line is in $data/gates.txt"
 
-step "harness on the unseen width: ma-union-3x generating digits-mlp-64-48-5"
-worker eval --zoo ma-mlp48 --denoiser-id ma-union-3x --threads 1 --output "$out" \
+step "harness on the unseen width: ma-union generating digits-mlp-64-48-5"
+worker eval --zoo ma-mlp48 --denoiser-id ma-union --threads 1 --output "$out" \
     --methods weightgen-ddim-guided,weightgen-features-only,weightgen-support-only,weightgen-wrong-task,nearest-zoo,zoo-average,hypernetwork
 step "report in $out"

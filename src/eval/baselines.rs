@@ -17,6 +17,7 @@ use crate::model::task_encoder::TaskEncoder;
 use crate::model::{DenoiserCheckpoint, TaskBatch};
 use crate::tasks::TaskSpec;
 use crate::train::quality::condition_of;
+use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode};
 use crate::zoo::ZooDataset;
 
 /// How the meta-learners train.
@@ -141,6 +142,8 @@ pub struct Hypernetwork {
     vs: nn::VarStore,
     encoder: TaskEncoder,
     head: nn::Linear,
+    /// The standardization of the weights it regresses.
+    stats: Stats,
 }
 
 impl Hypernetwork {
@@ -195,8 +198,18 @@ impl Hypernetwork {
             .support_x
             .as_ref()
             .map_or(0, |x| x.size()[1] as usize);
-        let targets = checkpoint
-            .stats
+        // The zoo's own standardization: a denoiser of several architectures
+        // has the union's, fitted on other zoos when this width is unseen.
+        let stats = match &checkpoint.union {
+            Some(_) => Stats::fit(
+                &data.weights.to_device(Device::Cpu),
+                StatsMode::PerDimension,
+                &data.network.spec,
+                DEFAULT_STD_FLOOR,
+            ),
+            None => checkpoint.arch_stats(),
+        };
+        let targets = stats
             .normalize(&data.weights.to_device(Device::Cpu))
             .to_kind(Kind::Float);
         let n = targets.size()[0];
@@ -218,22 +231,21 @@ impl Hypernetwork {
             let l = predicted.mse_loss(&targets.index_select(0, &index), tch::Reduction::Mean);
             optimizer.backward_step(&l);
         }
-        Ok(Self { vs, encoder, head })
+        Ok(Self {
+            vs,
+            encoder,
+            head,
+            stats,
+        })
     }
 
     /// Flat weights for `condition` rows (as `condition_of` builds them).
-    pub fn predict(
-        &self,
-        checkpoint: &DenoiserCheckpoint,
-        condition: &TaskBatch,
-        rows: i64,
-    ) -> Tensor {
+    pub fn predict(&self, condition: &TaskBatch, rows: i64) -> Tensor {
         tch::no_grad(|| {
             let embedded = self
                 .encoder
                 .forward(&condition.to_device(self.vs.device()), rows, None);
-            checkpoint
-                .stats
+            self.stats
                 .denormalize(&self.head.forward(&embedded))
                 .to_device(Device::Cpu)
         })

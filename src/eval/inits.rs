@@ -49,7 +49,7 @@ pub(super) fn choose_hypernetwork(
     let mut best: Option<(f64, bool, Hypernetwork)> = None;
     for prototypes in Hypernetwork::encoder_variants(checkpoint) {
         let hypernetwork = train_hypernetwork(checkpoint, data, config, config.seed, prototypes)?;
-        let weights = hypernetwork.predict(checkpoint, &condition, descriptors.len() as i64);
+        let weights = hypernetwork.predict(&condition, descriptors.len() as i64);
         let total: f64 = validation
             .iter()
             .enumerate()
@@ -203,7 +203,7 @@ pub(super) fn seed_inits(
             Some(first) => first,
             None => train_hypernetwork(checkpoint, data, config, seed, prototypes)?,
         };
-        Some(trained.predict(checkpoint, conditions.both, seeds.len() as i64))
+        Some(trained.predict(conditions.both, seeds.len() as i64))
     } else {
         None
     };

@@ -172,6 +172,29 @@ impl DenoiserCheckpoint {
         Ok(())
     }
 
+    /// The standardization of `arch`'s own coordinates (for a denoiser of
+    /// several architectures, the union's at the selected architecture's
+    /// places; `stats` otherwise).
+    pub fn arch_stats(&self) -> Stats {
+        match &self.union {
+            Some(membership) => {
+                let index = membership.indices.to_device(self.stats.mean.device());
+                Stats {
+                    mean: self.stats.mean.index_select(0, &index),
+                    std: self.stats.std.index_select(0, &index),
+                    mode: self.stats.mode,
+                    floor: self.stats.floor,
+                }
+            }
+            None => Stats {
+                mean: self.stats.mean.shallow_clone(),
+                std: self.stats.std.shallow_clone(),
+                mode: self.stats.mode,
+                floor: self.stats.floor,
+            },
+        }
+    }
+
     /// Raw task features [B, F] (schema order) standardized as training did
     /// them (unchanged when the checkpoint records no norm).
     pub fn standardize(&self, features: &Tensor) -> Tensor {

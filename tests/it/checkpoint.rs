@@ -388,6 +388,16 @@ fn a_checkpoint_of_several_architectures_generates_each_and_an_unseen_width() {
     // as the round-tripped original.
     original.select_architecture(&cnn).unwrap();
     assert!(generate(&original).allclose(&generate(&loaded), 1e-5, 1e-6, false));
+    // Its standardization is the union's at its places (what the
+    // harness's baselines standardize its zoo with).
+    let cnn_stats = loaded.arch_stats();
+    let d_cnn = cnn.num_parameters() as i64;
+    assert_eq!(cnn_stats.mean.size(), vec![d_cnn]);
+    assert!(
+        cnn_stats
+            .std
+            .equal(&loaded.stats.std.narrow(0, d - d_cnn, d_cnn))
+    );
     // An unseen width in between: generated at its size, unguarded.
     loaded.select_architecture(&mlp(5)).unwrap();
     assert_eq!(
