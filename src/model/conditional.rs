@@ -249,22 +249,37 @@ impl ConditionalDenoiser {
         e: &Tensor,
         architecture: Option<&(Tensor, Tensor)>,
     ) -> Tensor {
-        let (input, e) = match (architecture, &self.architecture) {
+        let (input, e) = self.architecture_inputs(w_t, e, architecture);
+        let correction = match &self.net {
+            Net::MlpUnet(net) => net.forward(&input, t, &e),
+            Net::LayerTransformer(net) => net.forward(&input, t, &e),
+        };
+        self.preconditioned(Self::masked(correction, architecture), w_t, t)
+    }
+
+    /// The network's inputs for the architecture rows: w_t on their
+    /// coordinates only, e plus the descriptor's term.
+    fn architecture_inputs(
+        &self,
+        w_t: &Tensor,
+        e: &Tensor,
+        architecture: Option<&(Tensor, Tensor)>,
+    ) -> (Tensor, Tensor) {
+        match (architecture, &self.architecture) {
             (Some((descriptor, mask)), Some(map)) => (
                 w_t * mask,
                 e + tch::nn::Module::forward(map, &descriptor.to_kind(tch::Kind::Float)),
             ),
             _ => (w_t.shallow_clone(), e.shallow_clone()),
-        };
-        let correction = match &self.net {
-            Net::MlpUnet(net) => net.forward(&input, t, &e),
-            Net::LayerTransformer(net) => net.forward(&input, t, &e),
-        };
-        let correction = match architecture {
+        }
+    }
+
+    /// The correction on the architecture rows' coordinates only.
+    fn masked(correction: Tensor, architecture: Option<&(Tensor, Tensor)>) -> Tensor {
+        match architecture {
             Some((_, mask)) => correction * mask,
             None => correction,
-        };
-        self.preconditioned(correction, w_t, t)
+        }
     }
 
     /// The network's correction F plus the isotropic path (module docs).
@@ -339,14 +354,14 @@ impl ConditionalDenoiser {
             None => mse_loss(output, target),
         };
         match (windows, &self.net) {
-            (Some(windows), Net::LayerTransformer(net)) if architecture.is_none() => {
-                let (correction, coords) = net.forward_windows(&w_t, t, &e, windows);
-                let output = self.preconditioned(correction, &w_t, t);
-                loss(
-                    &output.index_select(1, &coords),
-                    &target.index_select(1, &coords),
-                    None,
-                )
+            (Some(windows), Net::LayerTransformer(net)) => {
+                let architecture = architecture.as_ref();
+                let (input, e) = self.architecture_inputs(&w_t, &e, architecture);
+                let (correction, coords) = net.forward_windows(&input, t, &e, windows);
+                let output = self.preconditioned(Self::masked(correction, architecture), &w_t, t);
+                let pick = |x: &Tensor| x.index_select(1, &coords);
+                let mask = architecture.map(|(_, m)| pick(m));
+                loss(&pick(&output), &pick(&target), mask.as_ref())
             }
             _ => {
                 let output = self.output_for(&w_t, t, &e, architecture.as_ref());
@@ -488,9 +503,17 @@ mod tests {
 
     #[test]
     fn the_loss_over_every_window_is_the_loss() {
+        // Of one architecture, and of a union's with some coordinates not its own.
+        for architecture in [false, true] {
+            loss_over_windows(architecture);
+        }
+    }
+
+    fn loss_over_windows(architecture: bool) {
         use crate::model::LayerTransformerConfig;
         let encoder = TaskEncoderConfig::small_features_only(2, 4);
         let mut config = DenoiserConfig::new(30, encoder);
+        config.architecture_dim = if architecture { 2 } else { 0 };
         config.timesteps = 100;
         config.net = NetConfig::LayerTransformer(LayerTransformerConfig {
             token_size: 4,
@@ -507,8 +530,12 @@ mod tests {
         let mut noise = crate::diffusion::SeededNoise::new(&[1, 2], 0);
         let w0 = noise.draw(&[30], Device::Cpu).squeeze_dim(0);
         let eps = noise.draw(&[30], Device::Cpu).squeeze_dim(0);
+        let mask: Vec<f32> = (0..60).map(|i| f32::from(i % 30 < 20)).collect();
         let condition = TaskBatch {
             features: Some(Tensor::ones([2, 2], (Kind::Float, Device::Cpu))),
+            arch_descriptor: architecture
+                .then(|| Tensor::from_slice(&[1f32, 0.5, 1.0, 0.5]).view([2, 2])),
+            arch_mask: architecture.then(|| Tensor::from_slice(&mask).view([2, 30])),
             ..TaskBatch::unconditional()
         };
         let t = Tensor::from_slice(&[5i64, 80]);
