@@ -51,10 +51,53 @@ enum Command {
     /// (zero-shot, steps to target at two learning rates, few-shot,
     /// novelty) and write the report's Markdown section.
     Eval(Box<EvalArgs>),
+    /// Publish a denoiser of several architectures (`train --also-zoo`)
+    /// for one more that fits it but that it was not trained on — an
+    /// unseen width: a catalog row ID.ARCH on the same checkpoint, which
+    /// the server then serves for that architecture.
+    AddArchitecture(Box<AddArchitectureArgs>),
     /// Remove what killed processes left in the blob store: partial writes
     /// and blobs no catalog row or training run refers to, once older than
     /// the grace period.
     Gc(Box<GcArgs>),
+}
+
+#[derive(Args)]
+struct AddArchitectureArgs {
+    /// The published denoiser (any of its rows: ID or ID.ARCH).
+    #[arg(long, env = "WEIGHTGEN_ADD_ARCH_DENOISER_ID")]
+    denoiser_id: String,
+    /// The architecture to serve from it: registered, or a built-in
+    /// family's (e.g. digits-mlp-64-48-5).
+    #[arg(long, env = "WEIGHTGEN_ADD_ARCH_ARCHITECTURE")]
+    architecture: String,
+    /// Make the new row the architecture's active denoiser.
+    #[arg(long, env = "WEIGHTGEN_ADD_ARCH_ACTIVATE")]
+    activate: bool,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+fn add_architecture(args: AddArchitectureArgs) -> anyhow::Result<String> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let (catalog, blobs) = args.storage.open().await?;
+        let row = weightgen::train::publish_for_architecture(
+            catalog,
+            &blobs,
+            &args.denoiser_id,
+            &args.architecture,
+            args.activate,
+        )
+        .await?;
+        Ok(format!(
+            "published denoiser {} ({}{}) on the checkpoint of {}; no gate scored this architecture",
+            row.id,
+            row.architecture,
+            if row.active { ", active" } else { "" },
+            args.denoiser_id
+        ))
+    })
 }
 
 #[derive(Args)]
@@ -689,6 +732,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Run(args)) => report("run", run(*args)),
         Some(Command::Gc(args)) => report("gc", gc(*args)),
+        Some(Command::AddArchitecture(args)) => report("add-architecture", add_architecture(*args)),
         Some(Command::Eval(args)) => report("eval", eval(*args)),
         Some(Command::Train(args)) => report("train", train(*args)),
         Some(Command::Zoo(ZooCommand::Build(args))) => report("zoo build", zoo_build(*args)),

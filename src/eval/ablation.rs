@@ -10,7 +10,7 @@ use super::protocol::{EvalConfig, Method};
 use super::report::Provenance;
 use super::summary::EvalReport;
 use crate::diffusion::schedule::ScheduleKind;
-use crate::model::{DenoiserConfig, NetConfig};
+use crate::model::{DenoiserConfig, NetConfig, TokenLayout};
 use crate::tasks::train::Objective;
 
 /// The method an ablation row reports: the guided DDIM sample, the
@@ -62,9 +62,12 @@ impl Variant {
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default()
             ),
-            NetConfig::LayerTransformer(c) => {
-                format!("layer transformer d{} h{}", c.depth, c.hidden)
-            }
+            NetConfig::LayerTransformer(c) => match c.tokens {
+                TokenLayout::Chunks => format!("layer transformer d{} h{}", c.depth, c.hidden),
+                TokenLayout::Units => {
+                    format!("unit transformer d{} h{} (equivariant)", c.depth, c.hidden)
+                }
+            },
         };
         Self {
             timesteps: model.timesteps,

@@ -20,7 +20,7 @@ use super::inits::{
     seed_inits,
 };
 use super::learner::{self, Examples};
-use super::novelty::{agreement, nearest_zoo};
+use super::novelty::{ZooFrame, agreement, nearest_zoo};
 use super::protocol::{
     EvalConfig, Method, PROPOSAL_FINETUNE_LR, choose_lr, held_out, validation_tasks,
 };
@@ -121,6 +121,18 @@ pub fn evaluate_with(
     let all_rows: Vec<i64> = (0..data.len() as i64).collect();
     let zoo_weights = data.weights.to_kind(Kind::Float);
     let center = zoo_weights.mean_dim(0, false, Kind::Float);
+    // Generated models are compared with an aligned zoo in its frame.
+    let frame = data
+        .aligned
+        .then(|| ZooFrame::new(&data.network.spec, &zoo_weights.get(0)))
+        .flatten();
+    let nearest_to = |flat: &Tensor| {
+        let flat = match &frame {
+            Some(frame) => frame.align_flat(flat),
+            None => flat.shallow_clone(),
+        };
+        nearest_zoo(&flat.unsqueeze(0), &zoo_weights, &center, None)[0]
+    };
     let zoo_std = zoo_weights.std_dim(0, false, false);
     let descriptors: Vec<Descriptor> = tasks.iter().map(|(_, _, d)| d.clone()).collect();
     let condition = condition_of(checkpoint, data, &descriptors);
@@ -242,10 +254,7 @@ pub fn evaluate_with(
             // model and c the DDPM sample's cosine to its nearest zoo model:
             // cos ≈ ‖a‖ / sqrt(‖a‖² + s²·Σσ_i²)  ⇒  s = ‖a‖·sqrt(1/c² − 1) / sqrt(Σσ_i²).
             let noise_matched = made.samples.get(&Method::WeightgenDdpmGuided).map(|ddpm| {
-                let reference = ddpm.get(t as i64).unsqueeze(0);
-                let c = nearest_zoo(&reference, &zoo_weights, &center, None)[0]
-                    .cosine
-                    .clamp(0.01, 0.999);
+                let c = nearest_to(&ddpm.get(t as i64)).cosine.clamp(0.01, 0.999);
                 let a_norm = (&nearest - &center).norm().double_value(&[]);
                 let scale = a_norm * (1.0 / (c * c) - 1.0).sqrt() / zoo_std_norm.max(1e-12);
                 matched_scales.push(scale);
@@ -276,6 +285,7 @@ pub fn evaluate_with(
                 step_flops,
                 zoo_weights: &zoo_weights,
                 center: &center,
+                frame: frame.as_ref(),
             };
             for &method in &methods {
                 let Some(init) = init_of(method, data, &random, &retrieved, &made, t as i64) else {
@@ -332,6 +342,8 @@ struct RunContext<'a> {
     step_flops: f64,
     zoo_weights: &'a Tensor,
     center: &'a Tensor,
+    /// An aligned zoo's frame, generated models are brought into.
+    frame: Option<&'a ZooFrame>,
 }
 
 /// Fine-tunes `method`'s `init` on the run (at the proposal's rate, at the
@@ -422,7 +434,11 @@ fn measure_run(
             Method::NearestZooNoise | Method::NearestZooNoiseMatched | Method::Hypernetwork
         );
     if has_novelty_row {
-        let flat = flat_of(init);
+        // Brought into an aligned zoo's frame as its models were: aligned to its first.
+        let flat = match (method.is_generated(), run.frame) {
+            (true, Some(frame)) => frame.align_flat(&flat_of(init)),
+            _ => flat_of(init),
+        };
         let n = nearest_zoo(&flat.unsqueeze(0), run.zoo_weights, run.center, None)[0];
         r.cosine.push(n.cosine);
         r.l2.push(n.l2);

@@ -2,9 +2,58 @@
 //! against how close zoo models sit to each other (Zeng et al. 2025). All
 //! in the zoo's weight space — aligned to its first model when the zoo was
 //! aligned, the shared initialization's frame otherwise — on weights
-//! centered by the zoo mean.
+//! centered by the zoo mean. Generated models are brought into an aligned
+//! zoo's frame first ([`ZooFrame`]): a sampler need not generate in it (the
+//! unit transformer, equivariant to unit permutations, does not).
 
 use tch::{Kind, Tensor};
+
+use crate::weights::{ArchSpec, PermutationSpec, align, align::DEFAULT_MAX_SWEEPS, unflatten};
+
+/// An aligned zoo's permutation frame: its first model, which every other
+/// was aligned to.
+pub struct ZooFrame {
+    arch: ArchSpec,
+    permutations: PermutationSpec,
+    reference: Vec<Tensor>,
+}
+
+impl ZooFrame {
+    /// The frame of `reference` (a flat model of `arch`); None where the
+    /// architecture has no unit permutations.
+    pub fn new(arch: &ArchSpec, reference: &Tensor) -> Option<Self> {
+        Some(Self {
+            permutations: PermutationSpec::new(arch).ok()?,
+            reference: tensors(arch, reference)?,
+            arch: arch.clone(),
+        })
+    }
+
+    /// Flat `model` [D] with its units permuted to match the reference (the
+    /// same function).
+    pub fn align_flat(&self, model: &Tensor) -> Tensor {
+        match tensors(&self.arch, model) {
+            Some(params) => {
+                let (aligned, _) = align(
+                    &self.permutations,
+                    &self.reference,
+                    &params,
+                    DEFAULT_MAX_SWEEPS,
+                );
+                Tensor::cat(
+                    &aligned.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(),
+                    0,
+                )
+            }
+            None => model.shallow_clone(),
+        }
+    }
+}
+
+fn tensors(arch: &ArchSpec, flat: &Tensor) -> Option<Vec<Tensor>> {
+    let named = unflatten(arch, &flat.to_kind(Kind::Float)).ok()?;
+    Some(named.into_iter().map(|(_, t)| t).collect())
+}
 
 /// A model's nearest zoo model.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -104,5 +153,19 @@ mod tests {
         let a = Tensor::from_slice(&[1.0f32, 0.0, 0.0, 1.0]).reshape([2, 2]);
         let b = Tensor::from_slice(&[2.0f32, 0.0, 1.0, 0.0]).reshape([2, 2]);
         assert_eq!(agreement(&a, &b), 0.5);
+    }
+
+    #[test]
+    fn a_model_in_another_frame_is_brought_into_the_zoos() {
+        let spec = ArchSpec::sequential_mlp("m", "", &[4, 6, 2]).unwrap();
+        let layout = crate::weights::NeuronLayout::new(&spec).unwrap();
+        // Its own stream: torch's global generator is shared with other tests.
+        let reference = crate::rng::SeededNoise::new(&[4], 0)
+            .draw(&[spec.num_parameters() as i64], tch::Device::Cpu)
+            .squeeze_dim(0);
+        let frame = ZooFrame::new(&spec, &reference).unwrap();
+        let permuted = layout.permute(&reference, 0, &[5, 3, 1, 0, 2, 4]);
+        assert!(!permuted.equal(&reference));
+        assert!(frame.align_flat(&permuted).equal(&reference));
     }
 }

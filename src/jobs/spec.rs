@@ -19,7 +19,7 @@ use crate::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL;
 use crate::model::weight_autoencoder::DEFAULT_AE_STEPS;
 use crate::model::{
     Conditioning, FitConfig, LayerTransformerConfig, LrSchedule, MlpUnetConfig, NetConfig,
-    PrecisionChoice,
+    PrecisionChoice, TokenLayout,
 };
 use crate::tasks::{Family, TrainConfig};
 use crate::train::{
@@ -243,6 +243,12 @@ pub enum DenoiserKind {
     /// A transformer over per-layer weight tokens (adaLN conditioning).
     #[value(name = "layer_transformer")]
     LayerTransformer,
+    /// The layer transformer over one token per hidden unit (its row, bias
+    /// and outgoing column) without unit positions: equivariant to
+    /// permutations of the units, so an unaligned zoo of independent inits
+    /// needs no alignment (exactly for one hidden layer). Needs --latent none.
+    #[value(name = "unit_transformer")]
+    UnitTransformer,
 }
 
 /// The noise schedule a training spec names.
@@ -592,6 +598,20 @@ impl TrainSpec {
                 format!("must be in [1, {MAX_TRAIN_WINDOWS}]"),
             ));
         }
+        if self.kind == DenoiserKind::UnitTransformer {
+            if self.latent != LatentChoice::None {
+                return Err(invalid(
+                    "train_denoiser.latent",
+                    "the unit transformer makes tokens of the weights themselves: latent must be none",
+                ));
+            }
+            if !self.also_zoos.is_empty() {
+                return Err(invalid(
+                    "train_denoiser.also_zoos",
+                    "the unit transformer learns one architecture",
+                ));
+            }
+        }
         if !self.also_zoos.is_empty() {
             if self.latent != LatentChoice::None {
                 return Err(invalid(
@@ -621,7 +641,7 @@ impl TrainSpec {
     pub fn prediction(&self) -> Prediction {
         self.prediction.unwrap_or(match self.kind {
             DenoiserKind::MlpUnet => Prediction::Epsilon,
-            DenoiserKind::LayerTransformer => Prediction::V,
+            DenoiserKind::LayerTransformer | DenoiserKind::UnitTransformer => Prediction::V,
         })
     }
 
@@ -637,7 +657,14 @@ impl TrainSpec {
             (DenoiserKind::LayerTransformer, Conditioning::Film) => Ok(
                 NetConfig::LayerTransformer(LayerTransformerConfig::default()),
             ),
-            (DenoiserKind::LayerTransformer, _) => Err(invalid(
+            (DenoiserKind::UnitTransformer, Conditioning::Film) => {
+                Ok(NetConfig::LayerTransformer(LayerTransformerConfig {
+                    tokens: TokenLayout::Units,
+                    window: 0,
+                    ..Default::default()
+                }))
+            }
+            (DenoiserKind::LayerTransformer | DenoiserKind::UnitTransformer, _) => Err(invalid(
                 "train_denoiser.conditioning",
                 "the layer transformer conditions by adaLN; only film applies",
             )),
@@ -815,6 +842,22 @@ mod tests {
                 TrainSpec {
                     kind: DenoiserKind::LayerTransformer,
                     conditioning: Conditioning::Concat,
+                    ..TrainSpec::new("z")
+                },
+            ),
+            (
+                "train_denoiser.latent",
+                TrainSpec {
+                    kind: DenoiserKind::UnitTransformer,
+                    ..TrainSpec::new("z")
+                },
+            ),
+            (
+                "train_denoiser.also_zoos",
+                TrainSpec {
+                    kind: DenoiserKind::UnitTransformer,
+                    latent: LatentChoice::None,
+                    also_zoos: vec!["y".into()],
                     ..TrainSpec::new("z")
                 },
             ),

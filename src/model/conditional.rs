@@ -16,13 +16,14 @@ use serde::{Deserialize, Serialize};
 use tch::nn::VarStore;
 use tch::{Device, Tensor};
 
-use super::layer_transformer::{LayerTransformer, LayerTransformerConfig};
+use super::layer_transformer::{LayerTransformer, LayerTransformerConfig, TokenLayout};
 use super::mlp_unet::{MlpUnet, MlpUnetConfig};
 use super::task_encoder::{TaskBatch, TaskEncoder, TaskEncoderConfig};
 use super::tokens::{TokenGroup, groups_of, single_group};
 use crate::diffusion::objective::mse_loss;
 use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, NoiseSchedule, ScheduleError, ScheduleKind};
 use crate::diffusion::{Denoiser, Prediction};
+use crate::weights::{NeuronGroup, NeuronLayout};
 
 /// Which network F.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +61,10 @@ pub struct DenoiserConfig {
     /// 0: one architecture.
     #[serde(default)]
     pub architecture_dim: i64,
+    /// The layout's hidden units, when the network makes a token of each
+    /// (`TokenLayout::Units`); empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub units: Vec<NeuronGroup>,
 }
 
 impl DenoiserConfig {
@@ -76,14 +81,26 @@ impl DenoiserConfig {
             preconditioning: true,
             groups: Vec::new(),
             architecture_dim: 0,
+            units: Vec::new(),
         }
     }
 
     /// Takes the layer layout of an architecture (when diffusing its
-    /// standardized weights directly).
+    /// standardized weights directly), and its hidden units when the
+    /// network is to make tokens of them and the architecture has any.
     pub fn with_layout(mut self, spec: &crate::weights::ArchSpec) -> Self {
         self.groups = groups_of(spec);
+        if self.uses_unit_tokens() {
+            self.units = NeuronLayout::new(spec)
+                .map(|layout| layout.groups)
+                .unwrap_or_default();
+        }
         self
+    }
+
+    /// Whether the network makes a token of each hidden unit.
+    pub fn uses_unit_tokens(&self) -> bool {
+        matches!(&self.net, NetConfig::LayerTransformer(c) if c.tokens == TokenLayout::Units)
     }
 }
 
@@ -148,6 +165,7 @@ impl ConditionalDenoiser {
                     &(&root / "net"),
                     c,
                     &groups,
+                    &config.units,
                     config.dim as usize,
                     config.encoder.embed_dim,
                 ))
@@ -523,6 +541,7 @@ mod tests {
             time_dim: 8,
             condition_tokens: 1,
             window: 3,
+            ..Default::default()
         });
         let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
         model.set_test_weights(5);

@@ -18,6 +18,7 @@ use tch::{Kind, Tensor};
 
 use super::blocks::{TimeCondition, zero_linear};
 use super::tokens::{TokenGroup, TokenPlan, TokenSubset};
+use crate::weights::NeuronGroup;
 
 /// Shape of the layer-factorized transformer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +43,30 @@ pub struct LayerTransformerConfig {
     /// checkpoints from before windows were trained).
     #[serde(default)]
     pub window: usize,
+    /// How weights become tokens.
+    #[serde(default, skip_serializing_if = "TokenLayout::is_chunks")]
+    pub tokens: TokenLayout,
+}
+
+/// How the layer transformer cuts weights into tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenLayout {
+    /// Each layer's parameters in order, `token_size` at a time, with
+    /// position embeddings.
+    #[default]
+    Chunks,
+    /// One token per hidden unit (its row, bias and outgoing column, see
+    /// `weights::NeuronLayout`), without positions, in one attention window:
+    /// the network is then equivariant to permutations of the units — the
+    /// proposal's symmetry module. The rest is chunked.
+    Units,
+}
+
+impl TokenLayout {
+    fn is_chunks(&self) -> bool {
+        *self == Self::Chunks
+    }
 }
 
 /// Condition tokens of a new layer transformer (see
@@ -73,6 +98,7 @@ impl Default for LayerTransformerConfig {
             time_dim: 128,
             condition_tokens: DEFAULT_CONDITION_TOKENS,
             window: DEFAULT_WINDOW,
+            tokens: TokenLayout::Chunks,
         }
     }
 }
@@ -181,17 +207,29 @@ pub struct LayerTransformer {
 }
 
 impl LayerTransformer {
-    /// Builds the network for vectors of length `dim` laid out as `groups`,
-    /// with task embeddings of length `cond_dim`.
+    /// Builds the network for vectors of length `dim` laid out as `groups`
+    /// (and, with [`TokenLayout::Units`], the hidden `units`), with task
+    /// embeddings of length `cond_dim`.
     pub fn new(
         vs: &nn::Path,
         config: &LayerTransformerConfig,
         groups: &[TokenGroup],
+        units: &[NeuronGroup],
         dim: usize,
         cond_dim: i64,
     ) -> Self {
-        let plan = TokenPlan::new(groups, dim, config.token_size, vs.device());
-        let window_len = match config.window {
+        let (plan, window) = match config.tokens {
+            TokenLayout::Chunks => (
+                TokenPlan::new(groups, dim, config.token_size, vs.device()),
+                config.window,
+            ),
+            // A layer's units must share a window to be interchangeable.
+            TokenLayout::Units => (
+                TokenPlan::with_units(groups, units, dim, config.token_size, vs.device()),
+                0,
+            ),
+        };
+        let window_len = match window {
             0 => plan.num_tokens,
             w => w.min(plan.num_tokens),
         }
@@ -209,7 +247,7 @@ impl LayerTransformer {
             chunk.gather = chunk_gather.narrow(0, offset, len);
             offset += len;
         }
-        let p = config.token_size as i64;
+        let p = plan.token_size() as i64;
         let h = config.hidden;
         let c_dim = config.time_dim + cond_dim;
         let per_kind = |name: &str, make: &dyn Fn(nn::Path) -> nn::Linear| {
@@ -404,6 +442,7 @@ mod tests {
                 &vs.root(),
                 &config,
                 &groups_of(spec),
+                &[],
                 spec.num_parameters(),
                 8,
             );
@@ -448,8 +487,9 @@ mod tests {
                 time_dim: 8,
                 condition_tokens,
                 window: 0,
+                tokens: TokenLayout::Chunks,
             };
-            let net = LayerTransformer::new(&vs.root(), &config, &groups_of(&spec), dim, 3);
+            let net = LayerTransformer::new(&vs.root(), &config, &groups_of(&spec), &[], dim, 3);
             tch::no_grad(|| {
                 for (name, mut v) in vs.variables() {
                     if name.starts_with("decode") {
@@ -471,6 +511,18 @@ mod tests {
     /// A small network with every variable set from `seed` (decoders and
     /// gates included, so every path is live), windows of `window` tokens.
     fn live(spec: &ArchSpec, window: usize, seed: u64) -> (nn::VarStore, LayerTransformer) {
+        live_with(spec, window, TokenLayout::Chunks, seed)
+    }
+
+    fn live_with(
+        spec: &ArchSpec,
+        window: usize,
+        tokens: TokenLayout,
+        seed: u64,
+    ) -> (nn::VarStore, LayerTransformer) {
+        let units = crate::weights::NeuronLayout::new(spec)
+            .map(|l| l.groups)
+            .unwrap_or_default();
         let vs = nn::VarStore::new(Device::Cpu);
         let config = LayerTransformerConfig {
             token_size: 4,
@@ -480,11 +532,13 @@ mod tests {
             time_dim: 8,
             condition_tokens: 2,
             window,
+            tokens,
         };
         let net = LayerTransformer::new(
             &vs.root(),
             &config,
             &groups_of(spec),
+            &units,
             spec.num_parameters(),
             3,
         );
@@ -539,6 +593,26 @@ mod tests {
     }
 
     #[test]
+    fn unit_tokens_make_the_network_commute_with_unit_permutations() {
+        // One hidden layer of 6 units: permuting them before the network
+        // permutes its output the same way; chunk tokens do not.
+        let spec = ArchSpec::sequential_mlp("m", "", &[4, 6, 3]).unwrap();
+        let layout = crate::weights::NeuronLayout::new(&spec).unwrap();
+        let dim = spec.num_parameters();
+        let (w, t, e) = inputs(dim);
+        let perm = [3, 0, 5, 1, 4, 2];
+        let gap = |tokens: TokenLayout| {
+            let (_vs, net) = live_with(&spec, 4, tokens, 3);
+            let out = tch::no_grad(|| net.forward(&w, &t, &e));
+            assert!(out.abs().max().double_value(&[]) > 1e-3);
+            let moved = tch::no_grad(|| net.forward(&layout.permute(&w, 0, &perm), &t, &e));
+            max_gap(&moved, &layout.permute(&out, 0, &perm))
+        };
+        assert!(gap(TokenLayout::Units) < 1e-5);
+        assert!(gap(TokenLayout::Chunks) > 1e-3);
+    }
+
+    #[test]
     fn a_window_sees_only_its_own_tokens_and_trains_alone() {
         let spec = ArchSpec::sequential_mlp("m", "", &[4, 4, 2]).unwrap();
         let dim = spec.num_parameters();
@@ -582,8 +656,9 @@ mod tests {
             time_dim: 8,
             condition_tokens: 1,
             window: 64,
+            tokens: TokenLayout::Chunks,
         };
-        let net = LayerTransformer::new(&vs.root(), &config, &single_group(10_000), 10_000, 3);
+        let net = LayerTransformer::new(&vs.root(), &config, &single_group(10_000), &[], 10_000, 3);
         let variables = vs.variables();
         assert!(variables.contains_key("position_coarse.weight"));
         assert_eq!(variables["position_fine.weight"].size(), [64, 16]);
@@ -609,6 +684,7 @@ mod tests {
             &vs.root(),
             &old,
             &groups_of(&spec),
+            &[],
             spec.num_parameters(),
             3,
         );
@@ -626,6 +702,7 @@ mod tests {
             &vs.root(),
             &LayerTransformerConfig::default(),
             &single_group(100),
+            &[],
             100,
             4,
         );

@@ -22,7 +22,7 @@ pub use checkpoint::{CheckpointError, DenoiserCheckpoint, UnionMembership, stand
 pub use conditional::{ConditionalDenoiser, DenoiserConfig, Embedded, NetConfig, PreEmbedded};
 pub use fit::{FitConfig, FitReport, LrSchedule, Trainer, TrainerPosition, fit};
 pub use latent::Latent;
-pub use layer_transformer::LayerTransformerConfig;
+pub use layer_transformer::{LayerTransformerConfig, TokenLayout};
 pub use mlp_unet::MlpUnetConfig;
 pub use precision::{LossScale, Precision, PrecisionChoice};
 pub use task_encoder::{TaskBatch, TaskEncoderConfig};

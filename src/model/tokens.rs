@@ -8,7 +8,7 @@
 
 use tch::{Device, Tensor};
 
-use crate::weights::ArchSpec;
+use crate::weights::{ArchSpec, NeuronGroup};
 
 /// Which layers the flat vector holds, for tokenization.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -94,9 +94,52 @@ impl TokenPlan {
     /// Plans tokens of `token_size` for a vector of length `dim` laid out as
     /// `groups`, with subsets on `device`.
     pub fn new(groups: &[TokenGroup], dim: usize, token_size: usize, device: Device) -> Self {
-        let kind_names: Vec<String> = groups
+        Self::with_units(groups, &[], dim, token_size, device)
+    }
+
+    /// Like [`Self::new`], but every hidden unit of `units` is one token of
+    /// its own first (its layer's index, position 0 — the units of a layer
+    /// are indistinguishable but for their values — and kind
+    /// "unit:" + the layer's kind); the coordinates no unit reads are then
+    /// cut into tokens as `new` cuts them, their layers numbered after the
+    /// units' layers. Tokens hold max(`token_size`, longest unit) values.
+    pub fn with_units(
+        groups: &[TokenGroup],
+        units: &[NeuronGroup],
+        dim: usize,
+        token_size: usize,
+        device: Device,
+    ) -> Self {
+        let token_size = units
             .iter()
-            .map(|g| g.kind.clone())
+            .map(NeuronGroup::token_len)
+            .fold(token_size, usize::max);
+        // (indices, layer, position, kind) of every token, in order.
+        let mut tokens: Vec<(Vec<i64>, i64, i64, String)> = Vec::new();
+        let mut taken = vec![false; dim];
+        for (layer, group) in units.iter().enumerate() {
+            for unit in 0..group.units {
+                let indices: Vec<i64> = group.indices(unit).map(|i| i as i64).collect();
+                indices.iter().for_each(|&i| taken[i as usize] = true);
+                tokens.push((indices, layer as i64, 0, format!("unit:{}", group.kind)));
+            }
+        }
+        for (layer, group) in groups.iter().enumerate() {
+            let indices: Vec<i64> = group
+                .ranges
+                .iter()
+                .flat_map(|&(start, end)| start..end)
+                .filter(|&i| !taken[i])
+                .map(|i| i as i64)
+                .collect();
+            for (position, chunk) in indices.chunks(token_size).enumerate() {
+                let layer = (units.len() + layer) as i64;
+                tokens.push((chunk.to_vec(), layer, position as i64, group.kind.clone()));
+            }
+        }
+        let kind_names: Vec<String> = tokens
+            .iter()
+            .map(|t| t.3.clone())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
@@ -104,39 +147,32 @@ impl TokenPlan {
             dim,
             token_size,
             device,
-            gather: Vec::new(),
-            layer_ids: Vec::new(),
-            positions: Vec::new(),
-            kind_of: Vec::new(),
+            gather: Vec::with_capacity(tokens.len() * token_size),
+            layer_ids: Vec::with_capacity(tokens.len()),
+            positions: Vec::with_capacity(tokens.len()),
+            kind_of: Vec::with_capacity(tokens.len()),
+            num_tokens: tokens.len(),
+            num_layers: (units.len() + groups.len()) as i64,
+            max_positions: 1,
             kind_names,
-            num_tokens: 0,
-            num_layers: groups.len() as i64,
-            max_positions: 0,
         };
-        for (layer, group) in groups.iter().enumerate() {
-            // kind_names is sorted and holds every group's kind.
-            let kind = plan
-                .kind_names
-                .binary_search(&group.kind)
-                .unwrap_or_default();
-            let indices: Vec<i64> = group
-                .ranges
-                .iter()
-                .flat_map(|&(start, end)| (start as i64)..(end as i64))
-                .collect();
-            let count = indices.len().div_ceil(token_size);
-            plan.max_positions = plan.max_positions.max(count as i64);
-            for (position, chunk) in indices.chunks(token_size).enumerate() {
-                plan.gather.extend_from_slice(chunk);
-                plan.gather
-                    .extend(std::iter::repeat_n(dim as i64, token_size - chunk.len()));
-                plan.layer_ids.push(layer as i64);
-                plan.positions.push(position as i64);
-                plan.kind_of.push(kind);
-            }
+        for (indices, layer, position, kind) in tokens {
+            plan.gather.extend_from_slice(&indices);
+            plan.gather
+                .extend(std::iter::repeat_n(dim as i64, token_size - indices.len()));
+            plan.layer_ids.push(layer);
+            plan.positions.push(position);
+            plan.max_positions = plan.max_positions.max(position + 1);
+            // kind_names is sorted and holds every token's kind.
+            plan.kind_of
+                .push(plan.kind_names.binary_search(&kind).unwrap_or_default());
         }
-        plan.num_tokens = plan.layer_ids.len();
         plan
+    }
+
+    /// Values per token.
+    pub fn token_size(&self) -> usize {
+        self.token_size
     }
 
     /// How many windows of `window_len` tokens cover the plan.
@@ -293,5 +329,32 @@ mod tests {
         assert_eq!(tokens.size(), [1, 9, 4]);
         assert!(plan.untokenize(&tokens, &all.gather).equal(&w));
         assert_eq!(all.coords.size(), [26]);
+    }
+
+    #[test]
+    fn units_are_tokens_and_the_rest_is_chunked() {
+        // [3, 2, 2]: units read 0, 1, 2, 6, 8, 10 and 3, 4, 5, 7, 9, 11;
+        // the output bias 12, 13 is one chunk of layer 1.
+        let spec = ArchSpec::sequential_mlp("m", "", &[3, 2, 2]).unwrap();
+        let layout = crate::weights::NeuronLayout::new(&spec).unwrap();
+        let plan = TokenPlan::with_units(&groups_of(&spec), &layout.groups, 14, 4, Device::Cpu);
+        assert_eq!(plan.token_size(), 6);
+        assert_eq!(plan.num_tokens, 3);
+        assert_eq!(plan.num_layers, 3);
+        assert_eq!(plan.kind_names, ["linear", "unit:linear"]);
+        let whole = plan.subset(&[0], 3);
+        assert_eq!(Vec::<i64>::try_from(&whole.layer_ids).unwrap(), [0, 0, 2]);
+        assert_eq!(Vec::<i64>::try_from(&whole.positions).unwrap(), [0, 0, 0]);
+        let w = Tensor::arange(14, (Kind::Float, Device::Cpu)).unsqueeze(0) + 1.0;
+        let tokens = plan.tokenize(&plan.pad(&w), &whole);
+        assert_eq!(
+            Vec::<f32>::try_from(tokens.get(0).get(1)).unwrap(),
+            [4.0, 5.0, 6.0, 8.0, 10.0, 12.0]
+        );
+        assert_eq!(
+            Vec::<f32>::try_from(tokens.get(0).get(2)).unwrap(),
+            [13.0, 14.0, 0.0, 0.0, 0.0, 0.0]
+        );
+        assert!(plan.untokenize(&tokens, &whole.gather).equal(&w));
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod ema;
 pub mod latent;
+pub mod members;
 mod prepare;
 pub mod quality;
 pub mod report;
@@ -22,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 pub use crate::zoo::ZooDataset;
 pub use ema::Ema;
 pub use latent::LatentChoice;
+pub use members::{UNSEEN_ARCHITECTURE_KEY, publish_for_architecture};
 pub use quality::{QualityReport, evaluate_quality};
 pub use run_state::RunState;
 
@@ -32,6 +34,7 @@ use crate::model::{
     CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, FitConfig, LrSchedule, NetConfig,
     TaskBatch, Trainer,
 };
+use crate::weights::NeuronLayout;
 
 /// Default EMA decay of the published weights.
 pub const DEFAULT_EMA_DECAY: f64 = 0.999;
@@ -455,17 +458,23 @@ pub fn member_denoiser_id(denoiser_id: &str, architecture: &str) -> String {
 /// architecture's gate figures in place of the first zoo's.
 fn member_summary(summary: &BTreeMap<String, f64>, architecture: &str) -> BTreeMap<String, f64> {
     let prefix = format!("{architecture}/");
-    let mut out: BTreeMap<String, f64> = summary
-        .iter()
-        .filter(|(k, _)| !k.starts_with("quality.") && !k.contains('/'))
-        .map(|(k, v)| (k.clone(), *v))
-        .collect();
+    let mut out = training_figures(summary);
     for (key, value) in summary {
         if let Some(own) = key.strip_prefix(&prefix) {
             out.insert(own.to_owned(), *value);
         }
     }
     out
+}
+
+/// A run's figures that describe its training, not one architecture's
+/// gate (no `quality.…`, no `ARCH/…`).
+fn training_figures(summary: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    summary
+        .iter()
+        .filter(|(k, _)| !k.starts_with("quality.") && !k.contains('/'))
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
 }
 
 /// Writes the metrics file and the loss plot beside the run; returns their names.
@@ -544,7 +553,7 @@ fn train_blocking(
     crate::device::adopt_intra_op_threads();
     let device = config.device;
     let prepared = match datasets.len() {
-        1 => prepare::prepare_one(&datasets[0], &splits[0].0, &splits[0].1, config),
+        1 => prepare::prepare_one(&datasets[0], &splits[0].0, &splits[0].1, config)?,
         _ => prepare::prepare_union(&datasets, &splits, config)?,
     };
     let prepare::Prepared {
@@ -645,6 +654,16 @@ fn train_blocking(
     let clip = match clip {
         ClipRange::Box { low, high } => Some((low, high)),
         ClipRange::Symmetric(_) => None,
+    };
+    // Units share their bounds, as they share their statistics.
+    let clip = match NeuronLayout::new(&data.network.spec) {
+        Ok(layout) if model.config().uses_unit_tokens() => clip.map(|(low, high)| {
+            (
+                layout.pool_over_units(&low, |t| t.amin([0].as_slice(), true)),
+                layout.pool_over_units(&high, |t| t.amax([0].as_slice(), true)),
+            )
+        }),
+        _ => clip,
     };
     let mut summary = BTreeMap::new();
     if let Some(&(_, train_loss, val_loss)) = curve.last() {

@@ -10,7 +10,7 @@ use crate::model::{
     DenoiserConfig, Latent, TaskBatch, TaskEncoderConfig, UnionMembership, standardize_features,
 };
 use crate::weights::novelty::{DEFAULT_SPREAD_QUANTILE, MAX_REFERENCE_BYTES};
-use crate::weights::{DEFAULT_STD_FLOOR, Stats, StatsMode, ZooReference};
+use crate::weights::{DEFAULT_STD_FLOOR, NeuronLayout, Stats, StatsMode, ZooReference};
 use crate::zoo::ZooDataset;
 
 /// The condition of zoo rows `rows`: standardized features and the fixed
@@ -77,23 +77,33 @@ fn feature_norm_of(features: &Tensor) -> (Tensor, Tensor) {
     )
 }
 
-/// One zoo: standardized per dimension, in its latent if it has one.
+/// One zoo: standardized per dimension (pooled over each hidden layer's
+/// units for a network on unit tokens), in its latent if it has one.
 pub(super) fn prepare_one(
     data: &ZooDataset,
     train: &[i64],
     val: &[i64],
     config: &TrainDenoiserConfig,
-) -> Prepared {
+) -> Result<Prepared, TrainError> {
     let device = config.device;
+    let spec = &data.network.spec;
+    let mut denoiser_config = DenoiserConfig::new(0, encoder_config(data, config));
+    denoiser_config.net = config.net.clone();
+    let unit_tokens = denoiser_config.uses_unit_tokens();
+    if let (true, Err(e)) = (unit_tokens, NeuronLayout::new(spec)) {
+        return Err(TrainError::Input {
+            field: "kind",
+            reason: format!("unit tokens need hidden units to permute: {e}"),
+        });
+    }
     let train_rows = Tensor::from_slice(train);
     let val_rows = Tensor::from_slice(val);
     let train_w = data.weights.index_select(0, &train_rows);
-    let stats = Stats::fit(
-        &train_w,
-        StatsMode::PerDimension,
-        &data.network.spec,
-        DEFAULT_STD_FLOOR,
-    );
+    let mode = match unit_tokens {
+        true => StatsMode::PerUnitSlot,
+        false => StatsMode::PerDimension,
+    };
+    let stats = Stats::fit(&train_w, mode, spec, DEFAULT_STD_FLOOR);
     let standardized = stats.normalize(&data.weights).to_kind(Kind::Float);
     // Diffusion runs in the latent when there is one: fitted on the
     // training split only, so validation models are as unseen as any task.
@@ -118,12 +128,17 @@ pub(super) fn prepare_one(
         None => standardized,
     };
     let feature_norm = feature_norm_of(&data.features.index_select(0, &train_rows));
-    let mut denoiser_config = DenoiserConfig::new(diffused.size()[1], encoder_config(data, config));
+    denoiser_config.dim = diffused.size()[1];
     if latent.is_none() {
         // The layer layout only means something for the weights themselves.
-        denoiser_config = denoiser_config.with_layout(&data.network.spec);
+        denoiser_config = denoiser_config.with_layout(spec);
+    } else if unit_tokens {
+        return Err(TrainError::Input {
+            field: "latent",
+            reason: "unit tokens are made of the weights themselves: latent must be none".into(),
+        });
     }
-    Prepared {
+    Ok(Prepared {
         train_condition: task_batch(data, &train_rows, &feature_norm, true),
         val_condition: task_batch(data, &val_rows, &feature_norm, false),
         train_data: diffused.index_select(0, &train_rows),
@@ -135,7 +150,7 @@ pub(super) fn prepare_one(
         denoiser_config,
         feature_norm,
         union: None,
-    }
+    })
 }
 
 /// Several zoos in the union of their architectures (`union`).

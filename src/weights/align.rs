@@ -115,6 +115,15 @@ impl PermutationSpec {
         self.layers.len() - 1
     }
 
+    /// The layer chain: per layer its weight's and bias's index in the
+    /// spec's tensors, its output units and the inputs it takes per unit of
+    /// the previous layer.
+    pub(crate) fn chain(&self) -> impl Iterator<Item = (usize, Option<usize>, i64, i64)> + '_ {
+        self.layers
+            .iter()
+            .map(|l| (l.weight, l.bias, l.outputs, l.block))
+    }
+
     /// Weight of layer `l` as [outputs, input units, rest].
     fn units_view(&self, params: &[Tensor], l: usize) -> Tensor {
         let layer = &self.layers[l];

@@ -8,6 +8,7 @@ pub mod arch;
 pub mod codec;
 pub mod flat;
 pub mod latent;
+pub mod neurons;
 pub mod novelty;
 pub mod stats;
 pub mod union;
@@ -20,6 +21,7 @@ pub use codec::{
 };
 pub use flat::{NamedTensors, flatten, flatten_batch, unflatten};
 pub use latent::{LatentSizeReport, MetricGoal, PcaLatent, choose_latent_size};
+pub use neurons::{NeuronGroup, NeuronLayout};
 pub use novelty::{Nearness, ZooReference, ZooSpread};
 pub use stats::{DEFAULT_STD_FLOOR, Stats, StatsMode};
 pub use union::{ArchUnion, Placement, UnionError};

@@ -22,6 +22,11 @@ pub enum StatsMode {
     PerDimension,
     /// One μ, σ per layer, shared by its dimensions.
     PerLayer,
+    /// Per dimension, then pooled over each hidden layer's units slot by
+    /// slot (`NeuronLayout`): units share their statistics, so permuting
+    /// them commutes with standardizing — what a permutation-equivariant
+    /// denoiser needs to stay equivariant in weight space.
+    PerUnitSlot,
 }
 
 /// μ and σ (each [D], f64, CPU).
@@ -52,11 +57,29 @@ impl Stats {
     /// Fits μ, σ to a zoo `[N, D]` (N ≥ 1).
     pub fn fit(zoo: &Tensor, mode: StatsMode, spec: &ArchSpec, floor: f64) -> Self {
         let zoo = zoo.to_kind(Kind::Double).to_device(tch::Device::Cpu);
+        let per_dimension = || {
+            let mean = zoo.mean_dim(0, false, Kind::Double);
+            let var = (&zoo - &mean).square().mean_dim(0, false, Kind::Double);
+            (mean, var)
+        };
         let (mean, std) = match mode {
             StatsMode::PerDimension => {
-                let mean = zoo.mean_dim(0, false, Kind::Double);
-                let var = (&zoo - &mean).square().mean_dim(0, false, Kind::Double);
+                let (mean, var) = per_dimension();
                 (mean, var.sqrt())
+            }
+            StatsMode::PerUnitSlot => {
+                let (mean, var) = per_dimension();
+                match super::NeuronLayout::new(spec) {
+                    Ok(layout) => {
+                        let average = |t: &Tensor| t.mean_dim(0, true, Kind::Double);
+                        let pooled_mean = layout.pool_over_units(&mean, average);
+                        let second = layout.pool_over_units(&(var + mean.square()), average);
+                        let var = (second - pooled_mean.square()).clamp_min(0.0);
+                        (pooled_mean, var.sqrt())
+                    }
+                    // An architecture without hidden units keeps per-dimension statistics.
+                    Err(_) => (mean, var.sqrt()),
+                }
             }
             StatsMode::PerLayer => {
                 let d = zoo.size()[1];
@@ -165,5 +188,39 @@ mod tests {
         let m0 = stats.mean.double_value(&[0]);
         assert!((0..8).all(|j| stats.mean.double_value(&[j]) == m0));
         assert_ne!(stats.mean.double_value(&[8]), m0);
+    }
+
+    #[test]
+    fn unit_slot_stats_pool_units_and_commute_with_their_permutation() {
+        tch::manual_seed(9);
+        // Units of [3, 2, 1]: unit 0 reads 0, 1, 2 (row), 6 (bias), 8 (out);
+        // unit 1 reads 3, 4, 5, 7, 9; the output bias 10 is nobody's.
+        let zoo = Tensor::randn([30, 11], (Kind::Double, tch::Device::Cpu))
+            * Tensor::arange(11, (Kind::Double, tch::Device::Cpu))
+            + 1.0;
+        let stats = Stats::fit(&zoo, StatsMode::PerUnitSlot, &spec(), DEFAULT_STD_FLOOR);
+        for (a, b) in [(0, 3), (2, 5), (6, 7), (8, 9)] {
+            assert_eq!(stats.mean.double_value(&[a]), stats.mean.double_value(&[b]));
+            assert_eq!(stats.std.double_value(&[a]), stats.std.double_value(&[b]));
+            // The moments of both units' values together.
+            let both = Tensor::cat(&[zoo.select(1, a), zoo.select(1, b)], 0);
+            let gap =
+                stats.std.double_value(&[a]) - both.std_dim(0, false, false).double_value(&[]);
+            assert!(gap.abs() < 1e-9, "{a}, {b}: {gap}");
+        }
+        let per_dim = Stats::fit(&zoo, StatsMode::PerDimension, &spec(), DEFAULT_STD_FLOOR);
+        assert_eq!(
+            stats.std.double_value(&[10]),
+            per_dim.std.double_value(&[10])
+        );
+        let layout = super::super::NeuronLayout::new(&spec()).unwrap();
+        let swapped = layout.permute(&zoo, 0, &[1, 0]);
+        let gap = (stats.normalize(&swapped) - layout.permute(&stats.normalize(&zoo), 0, &[1, 0]))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert_eq!(gap, 0.0);
+        let back = stats.denormalize(&stats.normalize(&zoo.to_kind(Kind::Float)));
+        assert!(back.equal(&zoo.to_kind(Kind::Float)));
     }
 }

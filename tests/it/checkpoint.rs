@@ -12,7 +12,8 @@ use weightgen::diffusion::{
 use weightgen::model::checkpoint::SAMPLING_STREAM;
 use weightgen::model::{
     AutoencoderFit, ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, Latent,
-    LayerTransformerConfig, NetConfig, TaskBatch, TaskEncoderConfig, WeightAutoencoder,
+    LayerTransformerConfig, NetConfig, TaskBatch, TaskEncoderConfig, TokenLayout,
+    WeightAutoencoder,
 };
 use weightgen::tasks::{FeatureSchema, FeatureSpec};
 use weightgen::weights::{
@@ -22,7 +23,7 @@ use weightgen::weights::{
 
 fn checkpoint(net: NetConfig) -> DenoiserCheckpoint {
     checkpoint_in(net, |standardized| {
-        Latent::Pca(PcaLatent::fit(standardized, 12, 0))
+        Some(Latent::Pca(PcaLatent::fit(standardized, 12, 0)))
     })
 }
 
@@ -34,21 +35,30 @@ fn autoencoder_checkpoint() -> DenoiserCheckpoint {
             steps: 30,
             ..Default::default()
         };
-        Latent::Autoencoder(Box::new(WeightAutoencoder::fit(
+        Some(Latent::Autoencoder(Box::new(WeightAutoencoder::fit(
             standardized,
             None,
             12,
             32,
             &fit,
-        )))
+        ))))
     })
 }
 
-fn checkpoint_in(net: NetConfig, fit_latent: impl Fn(&Tensor) -> Latent) -> DenoiserCheckpoint {
+/// A checkpoint of `net` in the latent `fit_latent` fits (None: in weight
+/// space, standardized as the trainer standardizes for `net`).
+fn checkpoint_in(
+    net: NetConfig,
+    fit_latent: impl Fn(&Tensor) -> Option<Latent>,
+) -> DenoiserCheckpoint {
     let arch = ArchSpec::sequential_mlp("mlp-8-4-3", "test", &[8, 4, 3]).unwrap();
     let d = arch.num_parameters() as i64;
     let zoo = Tensor::randn([40, d], (Kind::Float, Device::Cpu));
-    let stats = Stats::fit(&zoo, StatsMode::PerDimension, &arch, DEFAULT_STD_FLOOR);
+    let mode = match &net {
+        NetConfig::LayerTransformer(c) if c.tokens == TokenLayout::Units => StatsMode::PerUnitSlot,
+        _ => StatsMode::PerDimension,
+    };
+    let stats = Stats::fit(&zoo, mode, &arch, DEFAULT_STD_FLOOR);
     let latent = fit_latent(&stats.normalize(&zoo).to_kind(Kind::Float));
     let encoder = TaskEncoderConfig {
         feature_dim: 3,
@@ -58,8 +68,11 @@ fn checkpoint_in(net: NetConfig, fit_latent: impl Fn(&Tensor) -> Latent) -> Deno
         embed_dim: 8,
         prototypes: false,
     };
-    let mut config = DenoiserConfig::new(latent.dim(), encoder);
+    let mut config = DenoiserConfig::new(latent.as_ref().map_or(d, Latent::dim), encoder);
     config.net = net;
+    if latent.is_none() {
+        config = config.with_layout(&arch);
+    }
     let model = ConditionalDenoiser::new(config, Device::Cpu).unwrap();
     // Move every variable off its initial value so the round trip is tested on real numbers.
     tch::no_grad(|| {
@@ -68,7 +81,10 @@ fn checkpoint_in(net: NetConfig, fit_latent: impl Fn(&Tensor) -> Latent) -> Deno
             v.copy_(&(&v + noise));
         }
     });
-    let encoded = latent.encode(&stats.normalize(&zoo));
+    let normalized = stats.normalize(&zoo);
+    let encoded = latent
+        .as_ref()
+        .map_or(normalized.shallow_clone(), |l| l.encode(&normalized));
     DenoiserCheckpoint {
         model,
         arch,
@@ -77,7 +93,7 @@ fn checkpoint_in(net: NetConfig, fit_latent: impl Fn(&Tensor) -> Latent) -> Deno
             encoded.amin([0].as_slice(), false),
             encoded.amax([0].as_slice(), false),
         )),
-        latent: Some(latent),
+        latent,
         feature_schema: FeatureSchema {
             features: vec![FeatureSpec {
                 name: "class_ids".into(),
@@ -138,9 +154,29 @@ fn checkpoints_round_trip_exactly_for_both_networks() {
             condition_tokens: 2,
             // 3 tokens in windows of 2: the second window is padded.
             window: 2,
+            tokens: TokenLayout::Chunks,
         }),
     ] {
-        let mut original = checkpoint(net);
+        round_trips_exactly(checkpoint(net), device);
+    }
+    // In weight space, one token per hidden unit.
+    let units = NetConfig::LayerTransformer(LayerTransformerConfig {
+        hidden: 32,
+        depth: 2,
+        heads: 2,
+        time_dim: 16,
+        condition_tokens: 2,
+        window: 0,
+        tokens: TokenLayout::Units,
+        ..Default::default()
+    });
+    let original = checkpoint_in(units, |_| None);
+    assert_eq!(original.model.config().units.len(), 1);
+    round_trips_exactly(original, device);
+}
+
+fn round_trips_exactly(mut original: DenoiserCheckpoint, device: Device) {
+    {
         let bytes = original.to_bytes().unwrap();
         // Loading prepares the network for sampling (equal to the trainer's
         // forward up to rounding; a unit test checks that): prepare the
@@ -164,12 +200,14 @@ fn checkpoints_round_trip_exactly_for_both_networks() {
         assert!(
             lf.0.to_device(Device::Cpu).equal(&of.0) && lf.1.to_device(Device::Cpu).equal(&of.1)
         );
-        let (Some(Latent::Pca(l)), Some(Latent::Pca(o))) = (&loaded.latent, &original.latent)
-        else {
-            panic!("a PCA latent stays one");
-        };
-        assert!(l.components.to_device(Device::Cpu).equal(&o.components));
-        assert_eq!(l.explained, o.explained);
+        match (&loaded.latent, &original.latent) {
+            (Some(Latent::Pca(l)), Some(Latent::Pca(o))) => {
+                assert!(l.components.to_device(Device::Cpu).equal(&o.components));
+                assert_eq!(l.explained, o.explained);
+            }
+            (None, None) => {}
+            _ => panic!("a PCA latent stays one, and weight space stays weight space"),
+        }
         let (l, o) = (
             loaded.zoo_reference.as_ref().unwrap(),
             original.zoo_reference.as_ref().unwrap(),

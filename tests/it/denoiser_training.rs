@@ -13,7 +13,8 @@ use weightgen::diffusion::{
 };
 use weightgen::model::{
     ConditionalDenoiser, DenoiserCheckpoint, DenoiserConfig, FitConfig, Latent,
-    LayerTransformerConfig, MlpUnetConfig, NetConfig, TaskBatch, TaskEncoderConfig, Trainer, fit,
+    LayerTransformerConfig, MlpUnetConfig, NetConfig, TaskBatch, TaskEncoderConfig, TokenLayout,
+    Trainer, fit,
 };
 use weightgen::tasks::FeatureSchema;
 use weightgen::train::Ema;
@@ -168,6 +169,7 @@ fn a_trained_layer_transformer_reproduces_a_gaussian_with_ddpm_and_ddim() {
         condition_tokens: 0,
         // One window: its covariance spans every token.
         window: 0,
+        tokens: TokenLayout::Chunks,
     });
     // 1,200 steps (a step costs the transformer 26 ms here against the
     // MLP's few): covariance within 0.13 of the target's, against 0.82

@@ -29,6 +29,7 @@ mod reflection;
 mod server;
 mod train_denoiser;
 mod train_resume;
+mod unit_transformer;
 mod words_data;
 mod words_zoo;
 mod zoo_builder;

@@ -1,7 +1,9 @@
 //! One denoiser of several architectures (issue 21): the worker trains it on
 //! two `digits` zoos of different widths (`train --also-zoo`), publishes a
 //! catalog row per architecture on one blob, and the server serves each
-//! architecture from it; a spec that cannot be trained so is refused by
+//! architecture from it — and, once `weightgen-worker add-architecture`
+//! publishes it for a width it never saw, that one too; a spec that cannot
+//! be trained so, and an architecture that does not fit, are refused by
 //! field.
 
 use std::process::Command;
@@ -29,6 +31,23 @@ fn zoo(data: &std::path::Path, name: &str, architecture: &str) {
             "30",
         ],
     );
+}
+
+/// One sample for `task`, asked again while its architecture's denoiser is
+/// still loading.
+async fn generate_once_loaded(
+    client: &mut Client,
+    task: &weightgen::proto::v1::TaskDescriptor,
+) -> crate::common::generation::Answer {
+    loop {
+        match generate(client, task, 7).await {
+            Ok(answer) => return answer,
+            Err(status) if status.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await
+            }
+            Err(status) => panic!("{}: {status}", task.architecture),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,19 +135,69 @@ async fn one_denoiser_serves_two_widths_from_one_checkpoint() {
     ] {
         let mut task = descriptor();
         task.architecture = architecture.into();
-        let answer = loop {
-            match generate(&mut client, &task, 7).await {
-                Ok(answer) => break answer,
-                // The second row may load a moment after the first.
-                Err(status) if status.code() == tonic::Code::Unavailable => {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await
-                }
-                Err(status) => panic!("{architecture}: {status}"),
-            }
-        };
+        // The second row may load a moment after the first.
+        let answer = generate_once_loaded(&mut client, &task).await;
         assert_eq!(answer.denoiser, id);
         let file = safetensors::SafeTensors::deserialize(&answer.files[0]).unwrap();
         assert_eq!(file.tensor("0.weight").unwrap().shape(), [hidden, 64]);
         assert_eq!(file.tensor("2.weight").unwrap().shape(), [5, hidden]);
     }
+    // A width between them, never trained on, gets a row of its own; a CNN
+    // does not fit two MLPs' union, and neither does an unknown name.
+    for (architecture, reason) in [
+        ("digits-cnn-8-16-5", "fits none of the union"),
+        ("nonexistent-arch", "nonexistent-arch"),
+    ] {
+        let output = Command::new(WORKER)
+            .args([
+                "add-architecture",
+                "--denoiser-id",
+                "both.digits-mlp-64-64-5",
+                "--architecture",
+                architecture,
+            ])
+            .env("WEIGHTGEN_DATA_DIR", &data)
+            .output()
+            .unwrap();
+        let text = combined_output(&output);
+        assert!(!output.status.success(), "{text}");
+        assert!(
+            text.contains("architecture:") && text.contains(reason),
+            "{text}"
+        );
+    }
+    let added = worker(
+        &data,
+        &[
+            "add-architecture",
+            "--denoiser-id",
+            "both.digits-mlp-64-64-5",
+            "--architecture",
+            "digits-mlp-64-48-5",
+            "--activate",
+        ],
+    );
+    assert!(
+        added.contains("published denoiser both.digits-mlp-64-48-5 (digits-mlp-64-48-5, active)"),
+        "{added}"
+    );
+    let unseen = catalog
+        .denoiser("both.digits-mlp-64-48-5")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(unseen.sha256, narrow.sha256, "the same checkpoint");
+    assert_eq!(
+        unseen.summary[weightgen::train::UNSEEN_ARCHITECTURE_KEY],
+        1.0
+    );
+    assert!(!unseen.summary.keys().any(|k| k.starts_with("quality.")));
+    let mut task = descriptor();
+    task.architecture = "digits-mlp-64-48-5".into();
+    // Loaded at the next reload check.
+    let answer = generate_once_loaded(&mut client, &task).await;
+    assert_eq!(answer.denoiser, "both.digits-mlp-64-48-5");
+    let file = safetensors::SafeTensors::deserialize(&answer.files[0]).unwrap();
+    assert_eq!(file.tensor("0.weight").unwrap().shape(), [48, 64]);
+    assert_eq!(file.tensor("2.weight").unwrap().shape(), [5, 48]);
 }

@@ -4,15 +4,13 @@
 //! held-out class subsets, reported next to the nearest-zoo-model baseline.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tch::Device;
 use weightgen::catalog::Catalog;
 use weightgen::model::{DenoiserCheckpoint, FitConfig, MlpUnetConfig, NetConfig};
 use weightgen::storage::StorageArgs;
-use weightgen::tasks::{Family, TrainConfig};
 use weightgen::train::{TrainDenoiserConfig, train_denoiser};
-use weightgen::zoo::{ZooBuildConfig, build_zoo};
+use weightgen::zoo::build_zoo;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "slow (35 s here): statistical training; scripts/test.sh runs it"]
@@ -21,25 +19,7 @@ async fn a_digits_denoiser_generates_weights_far_above_chance_zero_shot() {
     let dir = tempfile::tempdir().unwrap();
     let (catalog, blobs): (Arc<dyn Catalog>, _) =
         StorageArgs::embedded(dir.path()).open().await.unwrap();
-    let zoo = ZooBuildConfig {
-        zoo: "digits-small".into(),
-        family: Family::Digits,
-        architecture: String::new(),
-        num_models: 400,
-        seed: 3,
-        shared_init: true,
-        train: TrainConfig {
-            steps: 100,
-            ..Family::Digits.train_config()
-        },
-        worker: "test".into(),
-        jobs: 2,
-        lease: Duration::from_secs(600),
-        device: Device::Cpu,
-        max_models: None,
-        cancel: Default::default(),
-        words_base: Default::default(),
-    };
+    let zoo = crate::common::digits_zoo("digits-small", 400, 100, 3, true);
     build_zoo(catalog.clone(), blobs.clone(), zoo, |_| {})
         .await
         .unwrap();

@@ -105,6 +105,7 @@ pub fn train_spec_from_proto(spec: &pb::TrainDenoiserSpec) -> Result<TrainSpec, 
             pb::DenoiserKind::Unspecified => None,
             pb::DenoiserKind::MlpUnet => Some(DenoiserKind::MlpUnet),
             pb::DenoiserKind::LayerTransformer => Some(DenoiserKind::LayerTransformer),
+            pb::DenoiserKind::UnitTransformer => Some(DenoiserKind::UnitTransformer),
         })?,
         steps: count(spec.steps, d.steps),
         batch_size: spec.batch_size.map_or(d.batch_size, i64::from),
@@ -205,6 +206,7 @@ pub fn train_spec_to_proto(spec: &TrainSpec) -> pb::TrainDenoiserSpec {
         kind: match spec.kind {
             DenoiserKind::MlpUnet => pb::DenoiserKind::MlpUnet,
             DenoiserKind::LayerTransformer => pb::DenoiserKind::LayerTransformer,
+            DenoiserKind::UnitTransformer => pb::DenoiserKind::UnitTransformer,
         } as i32,
         steps: Some(narrow(spec.steps)),
         batch_size: Some(wide(spec.batch_size)),
@@ -316,6 +318,14 @@ mod tests {
         };
         let back = train_spec_from_proto(&train_spec_to_proto(&spec)).unwrap();
         assert_eq!(back, spec);
+        let units = TrainSpec {
+            kind: DenoiserKind::UnitTransformer,
+            ..spec
+        };
+        assert_eq!(
+            train_spec_from_proto(&train_spec_to_proto(&units)).unwrap(),
+            units
+        );
         for latent in [
             LatentChoice::None,
             LatentChoice::PcaAuto,

@@ -127,10 +127,13 @@ pub fn denoiser_record_to_proto(record: &DenoiserRecord, version: u32) -> pb::De
             .as_str()
             .unwrap_or_default()
             .to_owned(),
-        kind: config["net"]["kind"]
-            .as_str()
-            .unwrap_or("mlp_unet")
-            .to_owned(),
+        // The layer transformer on unit tokens is the kind users train as
+        // `unit_transformer`.
+        kind: match config["net"]["tokens"].as_str() {
+            Some("units") => "unit_transformer",
+            _ => config["net"]["kind"].as_str().unwrap_or("mlp_unet"),
+        }
+        .to_owned(),
         latent_dim: 0,
         latent_space: String::new(),
         default_sampler: default_sampler as i32,

@@ -14,6 +14,37 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::Channel;
 use weightgen::serve::{self, MetricsListen, RunningServer, ServerConfig};
 
+/// A `digits` zoo of `models` MLPs trained `steps` steps each, built by
+/// two jobs on the CPU.
+pub fn digits_zoo(
+    zoo: &str,
+    models: u64,
+    steps: usize,
+    seed: u64,
+    shared_init: bool,
+) -> weightgen::zoo::ZooBuildConfig {
+    use weightgen::tasks::{Family, TrainConfig};
+    weightgen::zoo::ZooBuildConfig {
+        zoo: zoo.into(),
+        family: Family::Digits,
+        architecture: String::new(),
+        num_models: models,
+        seed,
+        shared_init,
+        train: TrainConfig {
+            steps,
+            ..Family::Digits.train_config()
+        },
+        worker: "test".into(),
+        jobs: 2,
+        lease: Duration::from_secs(600),
+        device: tch::Device::Cpu,
+        max_models: None,
+        cancel: Default::default(),
+        words_base: Default::default(),
+    }
+}
+
 /// A server started for one test, with its data directory.
 pub struct TestServer {
     pub server: RunningServer,
