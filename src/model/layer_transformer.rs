@@ -23,7 +23,8 @@ use crate::weights::NeuronGroup;
 /// Shape of the layer-factorized transformer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LayerTransformerConfig {
-    /// Values per token P.
+    /// Values per token P (with unit tokens, the longest unit decides when
+    /// it is longer).
     pub token_size: usize,
     /// Token width H.
     pub hidden: i64,
