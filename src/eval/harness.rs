@@ -436,7 +436,7 @@ fn measure_run(
     if has_novelty_row {
         // Brought into an aligned zoo's frame as its models were: aligned to its first.
         let flat = match (method.is_generated(), run.frame) {
-            (true, Some(frame)) => frame.align_flat(&flat_of(init)),
+            (true, Some(frame)) => frame.align(init),
             _ => flat_of(init),
         };
         let n = nearest_zoo(&flat.unsqueeze(0), run.zoo_weights, run.center, None)[0];

@@ -8,6 +8,7 @@
 
 use tch::{Kind, Tensor};
 
+use super::inits::flat_of;
 use crate::weights::{ArchSpec, PermutationSpec, align, align::DEFAULT_MAX_SWEEPS, unflatten};
 
 /// An aligned zoo's permutation frame: its first model, which every other
@@ -29,22 +30,22 @@ impl ZooFrame {
         })
     }
 
-    /// Flat `model` [D] with its units permuted to match the reference (the
-    /// same function).
+    /// A model's tensors (in `ArchSpec` order) with its units permuted to
+    /// match the reference (the same function), flat.
+    pub fn align(&self, params: &[Tensor]) -> Tensor {
+        let (aligned, _) = align(
+            &self.permutations,
+            &self.reference,
+            params,
+            DEFAULT_MAX_SWEEPS,
+        );
+        flat_of(&aligned)
+    }
+
+    /// [`Self::align`] for a flat `model` [D].
     pub fn align_flat(&self, model: &Tensor) -> Tensor {
         match tensors(&self.arch, model) {
-            Some(params) => {
-                let (aligned, _) = align(
-                    &self.permutations,
-                    &self.reference,
-                    &params,
-                    DEFAULT_MAX_SWEEPS,
-                );
-                Tensor::cat(
-                    &aligned.iter().map(|t| t.reshape([-1])).collect::<Vec<_>>(),
-                    0,
-                )
-            }
+            Some(params) => self.align(&params),
             None => model.shallow_clone(),
         }
     }

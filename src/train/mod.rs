@@ -34,7 +34,7 @@ use crate::model::{
     CheckpointError, ConditionalDenoiser, DenoiserCheckpoint, FitConfig, LrSchedule, NetConfig,
     TaskBatch, Trainer,
 };
-use crate::weights::NeuronLayout;
+use crate::weights::pool_over_units;
 
 /// Default EMA decay of the published weights.
 pub const DEFAULT_EMA_DECAY: f64 = 0.999;
@@ -655,16 +655,15 @@ fn train_blocking(
         ClipRange::Box { low, high } => Some((low, high)),
         ClipRange::Symmetric(_) => None,
     };
-    // Units share their bounds, as they share their statistics.
-    let clip = match NeuronLayout::new(&data.network.spec) {
-        Ok(layout) if model.config().uses_unit_tokens() => clip.map(|(low, high)| {
-            (
-                layout.pool_over_units(&low, |t| t.amin([0].as_slice(), true)),
-                layout.pool_over_units(&high, |t| t.amax([0].as_slice(), true)),
-            )
-        }),
-        _ => clip,
-    };
+    // Units share their bounds, as they share their statistics (no units:
+    // nothing pooled).
+    let units = &model.config().units;
+    let clip = clip.map(|(low, high)| {
+        (
+            pool_over_units(units, &low, |t| t.amin([0].as_slice(), true)),
+            pool_over_units(units, &high, |t| t.amax([0].as_slice(), true)),
+        )
+    });
     let mut summary = BTreeMap::new();
     if let Some(&(_, train_loss, val_loss)) = curve.last() {
         summary.insert("final_train_loss".to_owned(), train_loss);

@@ -96,6 +96,12 @@ pub(super) fn prepare_one(
             reason: format!("unit tokens need hidden units to permute: {e}"),
         });
     }
+    if unit_tokens && config.latent != latent::LatentChoice::None {
+        return Err(TrainError::Input {
+            field: "latent",
+            reason: "unit tokens are made of the weights themselves: latent must be none".into(),
+        });
+    }
     let train_rows = Tensor::from_slice(train);
     let val_rows = Tensor::from_slice(val);
     let train_w = data.weights.index_select(0, &train_rows);
@@ -132,11 +138,6 @@ pub(super) fn prepare_one(
     if latent.is_none() {
         // The layer layout only means something for the weights themselves.
         denoiser_config = denoiser_config.with_layout(spec);
-    } else if unit_tokens {
-        return Err(TrainError::Input {
-            field: "latent",
-            reason: "unit tokens are made of the weights themselves: latent must be none".into(),
-        });
     }
     Ok(Prepared {
         train_condition: task_batch(data, &train_rows, &feature_norm, true),

@@ -21,7 +21,7 @@ pub use codec::{
 };
 pub use flat::{NamedTensors, flatten, flatten_batch, unflatten};
 pub use latent::{LatentSizeReport, MetricGoal, PcaLatent, choose_latent_size};
-pub use neurons::{NeuronGroup, NeuronLayout};
+pub use neurons::{NeuronGroup, NeuronLayout, pool_over_units};
 pub use novelty::{Nearness, ZooReference, ZooSpread};
 pub use stats::{DEFAULT_STD_FLOOR, Stats, StatsMode};
 pub use union::{ArchUnion, Placement, UnionError};

@@ -138,29 +138,6 @@ impl NeuronLayout {
             .unwrap_or(0)
     }
 
-    /// `values` [D] with each unit slot's values replaced, in every unit, by
-    /// `reduce` of them over the layer's units ([units, slot] → [1, slot]):
-    /// statistics or bounds that permuting the units leaves as they are.
-    pub fn pool_over_units(
-        &self,
-        values: &tch::Tensor,
-        reduce: impl Fn(&tch::Tensor) -> tch::Tensor,
-    ) -> tch::Tensor {
-        let mut pooled = values.copy();
-        for group in &self.groups {
-            let index: Vec<i64> = (0..group.units)
-                .flat_map(|unit| group.indices(unit).map(|i| i as i64))
-                .collect();
-            let index = tch::Tensor::from_slice(&index).to_device(values.device());
-            let slots = [group.units as i64, group.token_len() as i64];
-            let reduced = reduce(&values.index_select(0, &index).view(slots))
-                .expand(slots, false)
-                .reshape([-1]);
-            let _ = pooled.index_copy_(0, &index, &reduced);
-        }
-        pooled
-    }
-
     /// `w` [.., D] with hidden layer `layer`'s units reordered: unit i of the
     /// result is unit `perm[i]` of `w` (its whole token; what an exactly
     /// equivariant denoiser must commute with).
@@ -176,6 +153,29 @@ impl NeuronLayout {
         let index = tch::Tensor::from_slice(&source).to_device(w.device());
         w.index_select(-1, &index)
     }
+}
+
+/// `values` [D] with each unit slot's values replaced, in every unit of
+/// every group, by `reduce` of them over the group's units ([units, slot] →
+/// [1, slot]): statistics or bounds that permuting the units leaves as they are.
+pub fn pool_over_units(
+    groups: &[NeuronGroup],
+    values: &tch::Tensor,
+    reduce: impl Fn(&tch::Tensor) -> tch::Tensor,
+) -> tch::Tensor {
+    let mut pooled = values.copy();
+    for group in groups {
+        let index: Vec<i64> = (0..group.units)
+            .flat_map(|unit| group.indices(unit).map(|i| i as i64))
+            .collect();
+        let index = tch::Tensor::from_slice(&index).to_device(values.device());
+        let slots = [group.units as i64, group.token_len() as i64];
+        let reduced = reduce(&values.index_select(0, &index).view(slots))
+            .expand(slots, false)
+            .reshape([-1]);
+        let _ = pooled.index_copy_(0, &index, &reduced);
+    }
+    pooled
 }
 
 #[cfg(test)]

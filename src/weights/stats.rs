@@ -72,8 +72,9 @@ impl Stats {
                 match super::NeuronLayout::new(spec) {
                     Ok(layout) => {
                         let average = |t: &Tensor| t.mean_dim(0, true, Kind::Double);
-                        let pooled_mean = layout.pool_over_units(&mean, average);
-                        let second = layout.pool_over_units(&(var + mean.square()), average);
+                        let pooled_mean = super::pool_over_units(&layout.groups, &mean, average);
+                        let second =
+                            super::pool_over_units(&layout.groups, &(var + mean.square()), average);
                         let var = (second - pooled_mean.square()).clamp_min(0.0);
                         (pooled_mean, var.sqrt())
                     }
