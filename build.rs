@@ -1,6 +1,8 @@
-//! Build script: compiles the v1 protos with protox (no `protoc` needed) and
+//! Build script: compiles the v1 protos with protox (no `protoc` needed),
 //! links the binaries to libtorch so that they run without LD_LIBRARY_PATH and
-//! keep libtorch_cuda.so as a dependency.
+//! keep libtorch_cuda.so as a dependency, and compiles the two C++ shims
+//! against libtorch's headers (the fused CPU FiLM block; CUDA graphs where
+//! the libtorch has CUDA).
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ const PROTO_FILES: &[&str] = &[
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(weightgen_cuda_graphs)");
+    println!("cargo::rustc-check-cfg=cfg(weightgen_fused_cpu)");
     compile_protos();
     link_libtorch();
 }
@@ -54,6 +57,7 @@ fn link_libtorch() {
     };
     let lib_dir = PathBuf::from(lib_dir);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+    compile_fused_film_block(&lib_dir);
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         compile_cuda_graph_shim(&lib_dir);
@@ -97,8 +101,7 @@ fn compile_cuda_graph_shim(lib_dir: &Path) {
     if !torch_include.join("ATen/cuda/CUDAGraph.h").exists() {
         return;
     }
-    let abi = env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
-    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    let abi = cxx11_abi();
     cc::Build::new()
         .cpp(true)
         .file(SHIM)
@@ -113,6 +116,45 @@ fn compile_cuda_graph_shim(lib_dir: &Path) {
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-link-lib=dylib=c10");
     println!("cargo:rustc-cfg=weightgen_cuda_graphs");
+}
+
+/// Compiles `src/model/film_block.cpp` (a FiLM block's CPU sampling pass in
+/// one call) and sets `cfg(weightgen_fused_cpu)`, when libtorch's headers
+/// are there; without them the blocks run their plain ATen ops. Optimized
+/// in every profile: the loop is the point.
+fn compile_fused_film_block(lib_dir: &Path) {
+    const SHIM: &str = "src/model/film_block.cpp";
+    println!("cargo:rerun-if-changed={SHIM}");
+    let torch_include = lib_dir.join("../include");
+    if !torch_include.join("ATen/ATen.h").exists() {
+        println!(
+            "cargo:warning=libtorch headers not found under {}: FiLM blocks run unfused",
+            torch_include.display()
+        );
+        return;
+    }
+    cc::Build::new()
+        .cpp(true)
+        .file(SHIM)
+        .include(&torch_include)
+        .flag("-std=c++17")
+        .flag("-fopenmp-simd")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={}", cxx11_abi()))
+        .opt_level(3)
+        .debug(false)
+        .warnings(false)
+        .compile("weightgen_film_block");
+    println!("cargo:rustc-link-search=native={}", lib_dir.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-cfg=weightgen_fused_cpu");
+}
+
+/// The C++ ABI libtorch was built with (`LIBTORCH_CXX11_ABI`, as torch-sys
+/// reads it; the pip wheels use the new one).
+fn cxx11_abi() -> String {
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned())
 }
 
 /// The version string of the libtorch in `lib_dir`: `torch/version.py` for a

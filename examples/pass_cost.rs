@@ -12,7 +12,12 @@
 //!   the FiLM projections stacked, at the same rows): the GEMM floor issue
 //!   18 measures efficiency against;
 //! - one DDIM step of `diffusion::sample` (the pass plus the sampler's
-//!   update and bookkeeping), from DDIM-50's total.
+//!   update and bookkeeping), from DDIM-50's total, with the task
+//!   embedding computed once ahead as the server does (`embed`,
+//!   `with_embeddings`; until 2026-12-05 the step reran the task encoder).
+//!
+//! The prepared pass and the step run twice: with the fused CPU FiLM block
+//! (`model::film_block`, what the server runs) and with it switched off.
 //!
 //! The step-level batcher pads every pass to a multiple of 8 rows
 //! (`backend::engine::ROW_QUANTUM`) so that a request's bytes do not depend
@@ -26,6 +31,7 @@ use tch::{Device, Kind, Tensor};
 use weightgen::diffusion::{SamplerKind, SamplingConfig, SeededNoise, sample};
 use weightgen::model::{
     ConditionalDenoiser, DenoiserConfig, MlpUnetConfig, NetConfig, TaskBatch, TaskEncoderConfig,
+    film_block,
 };
 
 const EMBED: i64 = 64;
@@ -98,9 +104,9 @@ fn pass_products(model: &ConditionalDenoiser) -> Vec<Tensor> {
 fn main() {
     tch::set_num_threads(2);
     println!(
-        "| denoiser | rows | pass as trained (ms) | pass prepared for sampling (ms) | its GEMMs alone (ms) | GEMM share of the pass | DDIM step (ms) | GEMM ÷ step |"
+        "| denoiser | rows | pass as trained (ms) | pass prepared, plain blocks (ms) | pass prepared, fused blocks (ms) | its GEMMs alone (ms) | GEMM share of the fused pass | DDIM step, plain / fused (ms) | GEMM ÷ step, plain / fused |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (dim, widths) in [(2245i64, vec![256i64, 128]), (64, vec![128, 64])] {
         let model = denoiser(dim, &widths);
         let mut prepared = denoiser(dim, &widths);
@@ -118,15 +124,28 @@ fn main() {
             let repeats = (400 / rows).max(20) as u32;
             let features =
                 TaskBatch::features(Tensor::ones([rows, FEATURES], (Kind::Float, Device::Cpu)));
+            // The task encoder runs once per request, as the server runs it.
+            let embedded = prepared.embed(&features, rows);
             let seeds: Vec<u64> = (0..rows as u64).collect();
             let config = SamplingConfig {
                 kind: SamplerKind::ddim(50, 0.0),
                 guidance_scale: 1.0,
                 clip_x0: None,
             };
+            let ddim50 = || {
+                let _ = sample(
+                    &prepared.with_embeddings(),
+                    prepared.schedule(),
+                    &embedded,
+                    dim,
+                    &mut SeededNoise::new(&seeds, 0),
+                    &config,
+                    Device::Cpu,
+                );
+            };
             let times = tch::no_grad(|| {
                 race(
-                    &[repeats, repeats, repeats, 1],
+                    &[repeats, repeats, repeats, repeats, 1, 1],
                     &mut [
                         &mut || {
                             let _ = model.output(&x, &t, &e);
@@ -135,28 +154,30 @@ fn main() {
                             let _ = prepared.output(&x, &t, &e);
                         },
                         &mut || {
+                            film_block::set_enabled(false);
+                            let _ = prepared.output(&x, &t, &e);
+                            film_block::set_enabled(true);
+                        },
+                        &mut || {
                             for (input, w) in inputs.iter().zip(&weights) {
                                 let _ = input.mm(w);
                             }
                         },
+                        &mut || ddim50(),
                         &mut || {
-                            let _ = sample(
-                                &prepared,
-                                prepared.schedule(),
-                                &features,
-                                dim,
-                                &mut SeededNoise::new(&seeds, 0),
-                                &config,
-                                Device::Cpu,
-                            );
+                            film_block::set_enabled(false);
+                            ddim50();
+                            film_block::set_enabled(true);
                         },
                     ],
                 )
             });
-            let (trained, pass, gemms, step) = (times[0], times[1], times[2], times[3] / 50.0);
+            let (trained, pass, unfused, gemms) = (times[0], times[1], times[2], times[3]);
+            let (step, unfused_step) = (times[4] / 50.0, times[5] / 50.0);
             println!(
-                "| D = {dim}, MLP U-Net {widths:?} | {rows} | {trained:.3} | {pass:.3} | {gemms:.3} | {:.0} % | {step:.3} | {:.0} % |",
+                "| D = {dim}, MLP U-Net {widths:?} | {rows} | {trained:.3} | {unfused:.3} | {pass:.3} | {gemms:.3} | {:.0} % | {unfused_step:.3} / {step:.3} | {:.0} / **{:.0} %** |",
                 100.0 * gemms / pass,
+                100.0 * gemms / unfused_step,
                 100.0 * gemms / step
             );
         }

@@ -170,12 +170,27 @@ impl FilmBlock {
     }
 
     /// A FiLM block with its modulation computed ahead (`film_for_sampling`,
-    /// stacked for all blocks): `scale` is 1 + γ(c), `shift` is β(c); two
-    /// kernels where `forward` runs five (and SiLU in place: for sampling,
-    /// never for training). Only for blocks `film_for_sampling` answered.
+    /// stacked for all blocks): `scale` is 1 + γ(c), `shift` is β(c); the
+    /// FiLM is one kernel where `forward` runs five (and SiLU in place: for
+    /// sampling, never for training). Only for blocks `film_for_sampling`
+    /// answered. On the CPU at sampling's rows the whole block is one call
+    /// to the fused shim (`film_block`: four kernels where the plain block
+    /// runs six).
     pub fn forward_modulated(&self, h: &Tensor, scale: &Tensor, shift: &Tensor) -> Tensor {
+        super::film_block::film_block(h, &self.norm, scale, shift, &self.up, &self.down)
+            .unwrap_or_else(|| self.forward_plain(h, scale, shift))
+    }
+
+    /// `forward_modulated` in ATen's kernels, one op at a time.
+    pub(crate) fn forward_plain(&self, h: &Tensor, scale: &Tensor, shift: &Tensor) -> Tensor {
         let x = shift.addcmul(&self.norm.forward(h), scale);
         h + self.down.forward(&self.up.forward(&x).silu_())
+    }
+
+    /// The norm, up and down layers (for the fused block's tests).
+    #[cfg(test)]
+    pub(crate) fn parts(&self) -> (&nn::LayerNorm, &nn::Linear, &nn::Linear) {
+        (&self.norm, &self.up, &self.down)
     }
 
     /// The FiLM projection as (weightᵀ [cond_dim, 2 × width], bias [2 ×

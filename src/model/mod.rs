@@ -7,6 +7,7 @@ mod batch_parts;
 pub mod blocks;
 pub mod checkpoint;
 pub mod conditional;
+pub mod film_block;
 pub mod fit;
 pub mod latent;
 pub mod layer_transformer;

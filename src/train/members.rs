@@ -11,7 +11,7 @@ use super::{TrainError, member_denoiser_id, training_figures};
 use crate::blobs::BlobStore;
 use crate::catalog::{Catalog, DenoiserRecord};
 use crate::model::DenoiserCheckpoint;
-use crate::zoo::ingest::{AddError, find_architecture};
+use crate::zoo::ingest::builtin_architecture;
 
 /// Summary key marking a row whose architecture no gate scored (1).
 pub const UNSEEN_ARCHITECTURE_KEY: &str = "unseen_architecture";
@@ -33,13 +33,19 @@ pub async fn publish_for_architecture(
         .denoiser(denoiser_id)
         .await?
         .ok_or_else(|| input("denoiser_id", format!("no denoiser {denoiser_id:?}")))?;
-    let (spec, unregistered) =
-        find_architecture(&catalog, architecture)
-            .await
-            .map_err(|e| match e {
-                AddError::Storage(reason) => input("architecture", reason),
-                other => input("architecture", other.to_string()),
-            })?;
+    // A catalog failure stays a catalog failure, not a fault of the field.
+    let (spec, unregistered) = match catalog.architecture(architecture).await? {
+        Some(spec) => (spec, false),
+        None => (
+            builtin_architecture(architecture).ok_or_else(|| {
+                input(
+                    "architecture",
+                    format!("{architecture:?} is neither registered nor built in"),
+                )
+            })?,
+            true,
+        ),
+    };
     // Rows of the checkpoint's other architectures name its first one's id.
     let base = record
         .id

@@ -186,12 +186,18 @@ pub async fn find_architecture(
     {
         return Ok((arch, false));
     }
+    builtin_architecture(name)
+        .map(|spec| (spec, true))
+        .ok_or_else(|| AddError::UnknownArchitecture(name.to_owned()))
+}
+
+/// The built-in architecture (of some family's networks) named `name`.
+pub fn builtin_architecture(name: &str) -> Option<crate::weights::ArchSpec> {
     Family::ALL
         .iter()
         .flat_map(|f| f.networks())
         .find(|n| n.spec.name == name)
-        .map(|n| (n.spec, true))
-        .ok_or_else(|| AddError::UnknownArchitecture(name.to_owned()))
+        .map(|n| n.spec)
 }
 
 /// Checks a checkpoint against its architecture (names, shapes, finite

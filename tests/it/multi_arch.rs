@@ -33,6 +33,35 @@ fn zoo(data: &std::path::Path, name: &str, architecture: &str) {
     );
 }
 
+type Catalog = std::sync::Arc<dyn weightgen::catalog::Catalog>;
+
+/// The embedded catalog in `data`, with its active denoiser rows of the
+/// narrow and the wide architecture.
+async fn active_rows(
+    data: &std::path::Path,
+) -> (
+    Catalog,
+    weightgen::catalog::DenoiserRecord,
+    weightgen::catalog::DenoiserRecord,
+) {
+    let (catalog, _): (Catalog, _) = weightgen::storage::StorageArgs::embedded(data)
+        .open()
+        .await
+        .unwrap();
+    let mut rows = Vec::new();
+    for architecture in ["digits-mlp-64-32-5", "digits-mlp-64-64-5"] {
+        rows.push(
+            catalog
+                .active_denoiser(architecture)
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("no active denoiser for {architecture}")),
+        );
+    }
+    let wide = rows.pop().unwrap();
+    (catalog, rows.pop().unwrap(), wide)
+}
+
 /// One sample for `task`, asked again while its architecture's denoiser is
 /// still loading.
 async fn generate_once_loaded(
@@ -101,21 +130,7 @@ async fn one_denoiser_serves_two_widths_from_one_checkpoint() {
     );
     let mut client = Client::new(server.channel().await);
     wait_ready(&mut client).await;
-    let (catalog, _): (std::sync::Arc<dyn weightgen::catalog::Catalog>, _) =
-        weightgen::storage::StorageArgs::embedded(&data)
-            .open()
-            .await
-            .unwrap();
-    let narrow = catalog
-        .active_denoiser("digits-mlp-64-32-5")
-        .await
-        .unwrap()
-        .unwrap();
-    let wide = catalog
-        .active_denoiser("digits-mlp-64-64-5")
-        .await
-        .unwrap()
-        .unwrap();
+    let (catalog, narrow, wide) = active_rows(&data).await;
     assert_eq!(
         (narrow.id.as_str(), wide.id.as_str()),
         ("both", "both.digits-mlp-64-64-5")
@@ -146,7 +161,10 @@ async fn one_denoiser_serves_two_widths_from_one_checkpoint() {
     // does not fit two MLPs' union, and neither does an unknown name.
     for (architecture, reason) in [
         ("digits-cnn-8-16-5", "fits none of the union"),
-        ("nonexistent-arch", "nonexistent-arch"),
+        (
+            "nonexistent-arch",
+            "\"nonexistent-arch\" is neither registered nor built in",
+        ),
     ] {
         let output = Command::new(WORKER)
             .args([
@@ -200,4 +218,78 @@ async fn one_denoiser_serves_two_widths_from_one_checkpoint() {
     let file = safetensors::SafeTensors::deserialize(&answer.files[0]).unwrap();
     assert_eq!(file.tensor("0.weight").unwrap().shape(), [48, 64]);
     assert_eq!(file.tensor("2.weight").unwrap().shape(), [5, 48]);
+}
+
+/// The same union through the job queue: a `TrainDenoiser` job naming
+/// `also_zoos` is refused at submission without a weight-space latent (by
+/// field), and accepted with one; a `weightgen-worker run` takes it and
+/// publishes a row per architecture on one blob, both active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_union_trains_through_the_job_queue() {
+    use weightgen::proto::v1::job_service_client::JobServiceClient;
+    use weightgen::proto::v1::{
+        GetJobRequest, JobState, LatentSpace, SubmitJobRequest, TrainDenoiserSpec,
+        submit_job_request::Spec,
+    };
+    let server = spawn_server(|_| {}).await;
+    let data = server.data_dir.path().join("data");
+    zoo(&data, "narrow", "digits-mlp-64-32-5");
+    zoo(&data, "wide", "digits-mlp-64-64-5");
+    let spec = |latent: LatentSpace| {
+        Spec::TrainDenoiser(TrainDenoiserSpec {
+            zoo: "narrow".into(),
+            also_zoos: vec!["wide".into()],
+            latent: latent.into(),
+            denoiser_id: "queued".into(),
+            steps: Some(100),
+            learning_rate: Some(1e-3),
+            widths: vec![64, 32],
+            eval_tasks: Some(2),
+            log_every: Some(100),
+            activate: true,
+            ..Default::default()
+        })
+    };
+    let mut jobs = JobServiceClient::new(server.channel().await);
+    let submit = |latent| SubmitJobRequest {
+        spec: Some(spec(latent)),
+        max_attempts: 1,
+        idempotency_key: String::new(),
+    };
+    let refused = jobs.submit_job(submit(LatentSpace::Pca)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("train_denoiser.also_zoos:"),
+        "{}",
+        refused.message()
+    );
+    let job = jobs
+        .submit_job(submit(LatentSpace::Weights))
+        .await
+        .unwrap()
+        .into_inner();
+    let out = worker(
+        &data,
+        &[
+            "run",
+            "--worker-id",
+            "union-worker",
+            "--device",
+            "cpu",
+            "--exit-when-idle",
+        ],
+    );
+    assert!(out.contains("jobs: 1 succeeded, 0 failed"), "{out}");
+    let done = jobs
+        .get_job(GetJobRequest { id: job.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(done.state(), JobState::Succeeded, "{}", done.error);
+    let (_, narrow, wide) = active_rows(&data).await;
+    assert_eq!(
+        (narrow.id.as_str(), wide.id.as_str()),
+        ("queued", "queued.digits-mlp-64-64-5")
+    );
+    assert_eq!(narrow.sha256, wide.sha256, "one checkpoint");
 }
