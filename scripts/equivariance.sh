@@ -67,6 +67,7 @@ train eq-units-s1 --kind unit_transformer --align never --seed 1
 
 step "harness: ablation table on held-out tasks"
 worker eval --zoo eq-indep --tasks 10 --seeds 2 --threads 2 --output "$out" \
+    --methods weightgen-features-only,weightgen-support-only,weightgen-wrong-task \
     --ablation eq-units,eq-units-s1,eq-units-wm,eq-chunks,eq-mlp-wm,eq-mlp-wm-s1,eq-mlp \
     2>"$data/eval.log" | tail -10
 step "harness: eq-units against the baselines (20 held-out tasks x 3 seeds)"

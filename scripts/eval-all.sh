@@ -152,6 +152,7 @@ if [ "$only" != main ]; then
     train abl-ae64 digits-eval "$ablation_steps" 256,128 --latent ae:64
     step "eval ablations on digits-eval"
     worker eval --zoo digits-eval --tasks 10 --seeds 2 --output "$out" \
+        --methods weightgen-features-only,weightgen-support-only,weightgen-wrong-task \
         --ablation abl-base,abl-t100,abl-linear,abl-transformer,abl-concat,abl-e16,abl-e256,abl-zoo250,abl-fdrop,abl-ae64 \
         2>"$data/eval-ablation.log" | tail -14
 
@@ -161,6 +162,7 @@ if [ "$only" != main ]; then
     train abl-unaligned digits-indep "$ablation_steps" 256,128 --align never
     step "eval alignment ablation on digits-indep"
     worker eval --zoo digits-indep --tasks 10 --seeds 2 --output "$out" --ablation abl-aligned,abl-unaligned \
+        --methods weightgen-features-only,weightgen-support-only,weightgen-wrong-task \
         2>"$data/eval-ablation-indep.log" | tail -5
 fi
 step "done: $out"

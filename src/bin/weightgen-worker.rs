@@ -185,13 +185,10 @@ struct EvalArgs {
     /// Evaluate only these methods, comma-separated (e.g.
     /// `weightgen-features-only,nearest-zoo`; random init always runs, it is
     /// the yardstick): a report's rows in minutes instead of an hour. Default:
-    /// every method.
-    #[arg(
-        long,
-        env = "WEIGHTGEN_EVAL_METHODS",
-        value_delimiter = ',',
-        conflicts_with = "ablation"
-    )]
+    /// every method. With `--ablation`: the other request forms to add as
+    /// zero-shot columns (weightgen-features-only, weightgen-support-only,
+    /// weightgen-wrong-task); default none.
+    #[arg(long, env = "WEIGHTGEN_EVAL_METHODS", value_delimiter = ',')]
     methods: Vec<weightgen::eval::Method>,
     /// Markdown file whose `eval:FAMILY:ZOO` section gets the report
     /// (replaced in place); the plots go to `eval/` beside it.
@@ -272,6 +269,14 @@ fn provenance(
     }
 }
 
+/// A method's name on the command line (`--methods`).
+fn method_name(method: weightgen::eval::Method) -> String {
+    use clap::ValueEnum;
+    method
+        .to_possible_value()
+        .map_or_else(|| format!("{method:?}"), |v| v.get_name().to_owned())
+}
+
 /// `eval --ablation`: each listed denoiser through the harness (random init
 /// and the guided DDIM row), one table. The zoo is loaded once and random
 /// init's figures are measured once for all rows.
@@ -281,11 +286,18 @@ fn eval_ablation(
     runtime: &tokio::runtime::Runtime,
 ) -> anyhow::Result<String> {
     let started = std::time::Instant::now();
+    let only = weightgen::eval::ablation_methods(&args.methods).map_err(|method| {
+        anyhow::anyhow!(
+            "--methods with --ablation takes the other request forms only ({}), not {}",
+            weightgen::eval::ABLATION_FORMS.map(method_name).join(", "),
+            method_name(method)
+        )
+    })?;
     let (catalog, blobs) = runtime.block_on(args.storage.open())?;
     let data = runtime.block_on(weightgen::eval::load_zoo(&catalog, &blobs, &args.zoo))?;
     check_split(&data, &args.zoo, args.split)?;
     let config = weightgen::eval::EvalConfig {
-        only: Some(vec![weightgen::eval::ABLATION_METHOD]),
+        only: Some(only),
         ..eval_config(args, data.family)
     };
     let mut yardstick = weightgen::eval::Yardstick::default();

@@ -17,6 +17,33 @@ use crate::tasks::train::Objective;
 /// proposal's fast sampler.
 pub const ABLATION_METHOD: Method = Method::WeightgenDdimGuided;
 
+/// The other request forms an ablation can add, each as a zero-shot
+/// column (`eval --ablation … --methods …`): what the main row scores with
+/// both inputs, a user sending the features alone or the support set alone
+/// may not get, and the wrong task's descriptor says whether the condition
+/// steers at all.
+pub const ABLATION_FORMS: [Method; 3] = [
+    Method::WeightgenFeaturesOnly,
+    Method::WeightgenSupportOnly,
+    Method::WeightgenWrongTask,
+];
+
+/// The methods an ablation evaluates: its main row and the `forms` asked
+/// for (each one of [`ABLATION_FORMS`], or the method is returned as the
+/// error).
+pub fn ablation_methods(forms: &[Method]) -> Result<Vec<Method>, Method> {
+    let mut methods = vec![ABLATION_METHOD];
+    for &form in forms {
+        if !ABLATION_FORMS.contains(&form) {
+            return Err(form);
+        }
+        if !methods.contains(&form) {
+            methods.push(form);
+        }
+    }
+    Ok(methods)
+}
+
 /// One evaluated denoiser.
 #[derive(Debug, Clone)]
 pub struct AblationRow {
@@ -105,6 +132,14 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
         4
     };
     let k = config.few_shot.iter().copied().min();
+    let forms: Vec<Method> = ABLATION_FORMS
+        .into_iter()
+        .filter(|m| config.only.as_ref().is_some_and(|only| only.contains(m)))
+        .collect();
+    let form_columns: String = forms
+        .iter()
+        .map(|m| format!(" zero-shot, {} |", form_label(*m)))
+        .collect();
     let mut out = vec![
         format!("### Ablations: {}", who.title),
         String::new(),
@@ -113,7 +148,7 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
              random inits for every row. Each row is one denoiser, sampled with {} and fine-tuned at the \
              learning rate chosen for random init ({}); \"speed-up\" is over random init on the same runs. \
              Cosines are to the nearest model of the zoo as the harness loads it (aligned unless built from one \
-             shared init), next to the zoo's own nearest-neighbour cosine.",
+             shared init), next to the zoo's own nearest-neighbour cosine.{}",
             who.command,
             who.commit,
             config.seed,
@@ -121,15 +156,24 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
             first.report.tasks,
             first.report.seeds,
             ABLATION_METHOD.label(config),
-            first.report.chosen_lr
+            first.report.chosen_lr,
+            if forms.is_empty() {
+                ""
+            } else {
+                " The request-form columns sample the same denoiser from that input alone (— where it \
+                 takes no such input, or no support set beside the features)."
+            }
         ),
         String::new(),
         format!(
-            "| denoiser | T | schedule | network | latent | E | alignment | zoo models | feature dropout | zero-shot {metric} | \
+            "| denoiser | T | schedule | network | latent | E | alignment | zoo models | feature dropout | zero-shot {metric} |{form_columns} \
              random init zero-shot | speed-up | K = {} | cosine to nearest zoo model (zoo-to-zoo) |",
             k.map_or("—".into(), |k| k.to_string())
         ),
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|".to_owned(),
+        format!(
+            "|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|",
+            "---|".repeat(forms.len())
+        ),
     ];
     for row in rows {
         let Some(s) = row.report.methods.get(&ABLATION_METHOD) else {
@@ -147,8 +191,19 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
                 row.report.zoo_to_zoo_cosine.show(3)
             )
         });
+        let form_cells: String = forms
+            .iter()
+            .map(|m| {
+                let cell = row
+                    .report
+                    .methods
+                    .get(m)
+                    .map_or("—".into(), |f| f.zero_shot.show(digits));
+                format!(" {cell} |")
+            })
+            .collect();
         out.push(format!(
-            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {}× | {} | {} |",
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} | {} |{form_cells} {} | {}× | {} | {} |",
             row.denoiser,
             v.timesteps,
             v.schedule,
@@ -169,10 +224,37 @@ pub fn ablation_markdown(rows: &[AblationRow], config: &EvalConfig, who: &Proven
     out.join("\n")
 }
 
+/// A form's column heading.
+fn form_label(method: Method) -> &'static str {
+    match method {
+        Method::WeightgenFeaturesOnly => "features only",
+        Method::WeightgenSupportOnly => "support set only",
+        Method::WeightgenWrongTask => "another task's descriptor",
+        _ => "both inputs",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{Conditioning, MlpUnetConfig, TaskEncoderConfig};
+
+    #[test]
+    fn an_ablation_takes_the_other_request_forms_only() {
+        assert_eq!(ablation_methods(&[]), Ok(vec![ABLATION_METHOD]));
+        assert_eq!(
+            ablation_methods(&[Method::WeightgenWrongTask, Method::WeightgenFeaturesOnly]),
+            Ok(vec![
+                ABLATION_METHOD,
+                Method::WeightgenWrongTask,
+                Method::WeightgenFeaturesOnly
+            ])
+        );
+        assert_eq!(
+            ablation_methods(&[Method::Hypernetwork]),
+            Err(Method::Hypernetwork)
+        );
+    }
 
     #[test]
     fn a_variant_reads_the_model_and_the_catalog_row() {

@@ -16,7 +16,9 @@ pub mod stats;
 pub mod subject;
 pub mod summary;
 
-pub use ablation::{ABLATION_METHOD, AblationRow, Variant, ablation_markdown};
+pub use ablation::{
+    ABLATION_FORMS, ABLATION_METHOD, AblationRow, Variant, ablation_markdown, ablation_methods,
+};
 pub use finetune::{
     DEFAULT_TARGET_FRACTION, FinetuneConfig, InitFileError, curve, params_from_safetensors,
     steps_to_target, target_of,

@@ -197,7 +197,19 @@ fn the_quick_profile_writes_every_table() {
         "--output",
         results.to_str().unwrap(),
     ];
-    worker(&data, &ablation);
+    // Other request forms as columns: only those.
+    let refused = std::process::Command::new(crate::common::generation::WORKER)
+        .args([&ablation[..], &["--methods", "hypernetwork"]].concat())
+        .output()
+        .unwrap();
+    let text = crate::common::combined_output(&refused);
+    assert!(!refused.status.success(), "{text}");
+    assert!(
+        text.contains("takes the other request forms only") && text.contains("not hypernetwork"),
+        "{text}"
+    );
+    let forms = ["--methods", "weightgen-wrong-task,weightgen-features-only"];
+    worker(&data, &[&ablation[..], &forms[..]].concat());
     let file = std::fs::read_to_string(&results).unwrap();
     assert_eq!(
         file.matches("<!-- eval:digits:digits:ablation:begin -->")
@@ -214,9 +226,27 @@ fn the_quick_profile_writes_every_table() {
         line.split('|').map(|c| c.trim().to_owned()).collect()
     };
     // Cells: "", denoiser, T, schedule, network, latent, E, alignment, zoo
-    // models, feature dropout, zero-shot, random zero-shot, speed-up, K = 10,
-    // cosine.
-    let (base, t100) = (cells("digits-eval"), cells("digits-t100"));
+    // models, feature dropout, zero-shot, its features only, its wrong task
+    // (the forms in the table's order), random zero-shot, speed-up, K = 10,
+    // cosine. The forms are the main report's rows on the same tasks.
+    let (mut base, mut t100) = (cells("digits-eval"), cells("digits-t100"));
+    let features_only = row("weightgen DDIM-50, guidance 3, features only");
+    let wrong_task = row("control: weightgen DDIM-50, guidance 3, another task's descriptor");
+    let (base_forms, t100_forms): (Vec<String>, Vec<String>) =
+        (base.drain(11..13).collect(), t100.drain(11..13).collect());
+    assert!(
+        (numbers(&base_forms[0])[0] - features_only[0]).abs() < 1e-9,
+        "{base_forms:?} vs {features_only:?}"
+    );
+    assert!(
+        (numbers(&base_forms[1])[0] - wrong_task[0]).abs() < 1e-9,
+        "{base_forms:?} vs {wrong_task:?}"
+    );
+    assert!(numbers(&t100_forms[0])[0] > 0.0, "{t100_forms:?}");
+    assert!(
+        file.contains("zero-shot, features only | zero-shot, another task's descriptor |"),
+        "{file}"
+    );
     assert_eq!((base[2].as_str(), t100[2].as_str()), ("1000", "100"));
     assert_eq!(base[3], "cosine");
     assert!(base[4].starts_with("MLP U-Net [64, 32]"), "{base:?}");
