@@ -220,7 +220,15 @@ pub fn markdown(
              the same examples the K = {k} few-shot runs of every method fine-tune on; its convergence runs start from \
              that init too."
         )),
-        None => baselines.push_str(" The denoiser reads no support set, so there is no support-only row."),
+        // Not when `--methods` left the row out: the denoiser may read one.
+        None if config
+            .only
+            .as_ref()
+            .is_none_or(|only| only.contains(&Method::WeightgenSupportOnly)) =>
+        {
+            baselines.push_str(" The denoiser reads no support set, so there is no support-only row.")
+        }
+        None => {}
     }
     if report.methods.contains_key(&Method::WeightgenFeaturesOnly) {
         baselines.push_str(
