@@ -241,7 +241,7 @@ async fn a_union_trains_through_the_job_queue() {
             also_zoos: vec!["wide".into()],
             latent: latent.into(),
             denoiser_id: "queued".into(),
-            steps: Some(100),
+            steps: Some(30),
             learning_rate: Some(1e-3),
             widths: vec![64, 32],
             eval_tasks: Some(2),
