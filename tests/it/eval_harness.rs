@@ -5,7 +5,7 @@
 //! ablation table of two denoisers on the same tasks. It checks the
 //! harness, not the figures of a real evaluation.
 
-use crate::common::generation::{small_digits_zoo, train, train_with, worker};
+use crate::common::generation::{small_digits_zoo, train, train_with, worker, worker_refused};
 
 /// The numbers in the cells of a Markdown row (the "±" halves included).
 fn numbers(row: &str) -> Vec<f64> {
@@ -198,12 +198,10 @@ fn the_quick_profile_writes_every_table() {
         results.to_str().unwrap(),
     ];
     // Other request forms as columns: only those.
-    let refused = std::process::Command::new(crate::common::generation::WORKER)
-        .args([&ablation[..], &["--methods", "hypernetwork"]].concat())
-        .output()
-        .unwrap();
-    let text = crate::common::combined_output(&refused);
-    assert!(!refused.status.success(), "{text}");
+    let text = worker_refused(
+        &data,
+        &[&ablation[..], &["--methods", "hypernetwork"]].concat(),
+    );
     assert!(
         text.contains("takes the other request forms only") && text.contains("not hypernetwork"),
         "{text}"

@@ -6,10 +6,7 @@
 //! be trained so, and an architecture that does not fit, are refused by
 //! field.
 
-use std::process::Command;
-
-use crate::common::combined_output;
-use crate::common::generation::{Client, WORKER, descriptor, generate, wait_ready, worker};
+use crate::common::generation::{Client, descriptor, generate, wait_ready, worker, worker_refused};
 use crate::common::spawn_server;
 
 fn zoo(data: &std::path::Path, name: &str, architecture: &str) {
@@ -110,13 +107,7 @@ async fn one_denoiser_serves_two_widths_from_one_checkpoint() {
         "--activate",
     ];
     // Without --latent none: refused by field, nothing published.
-    let output = Command::new(WORKER)
-        .args(train)
-        .env("WEIGHTGEN_DATA_DIR", &data)
-        .output()
-        .unwrap();
-    let text = combined_output(&output);
-    assert!(!output.status.success(), "{text}");
+    let text = worker_refused(&data, &train);
     assert!(
         text.contains("train_denoiser.also_zoos") && text.contains("latent must be none"),
         "{text}"
@@ -166,19 +157,16 @@ async fn one_denoiser_serves_two_widths_from_one_checkpoint() {
             "\"nonexistent-arch\" is neither registered nor built in",
         ),
     ] {
-        let output = Command::new(WORKER)
-            .args([
+        let text = worker_refused(
+            &data,
+            &[
                 "add-architecture",
                 "--denoiser-id",
                 "both.digits-mlp-64-64-5",
                 "--architecture",
                 architecture,
-            ])
-            .env("WEIGHTGEN_DATA_DIR", &data)
-            .output()
-            .unwrap();
-        let text = combined_output(&output);
-        assert!(!output.status.success(), "{text}");
+            ],
+        );
         assert!(
             text.contains("architecture:") && text.contains(reason),
             "{text}"

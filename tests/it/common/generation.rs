@@ -36,6 +36,19 @@ pub fn worker(data: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs `weightgen-worker ARGS` on `data` expecting it to fail; its stdout
+/// and stderr.
+pub fn worker_refused(data: &Path, args: &[&str]) -> String {
+    let output = Command::new(WORKER)
+        .args(args)
+        .env("WEIGHTGEN_DATA_DIR", data)
+        .output()
+        .unwrap();
+    let text = combined_output(&output);
+    assert!(!output.status.success(), "{text}");
+    text
+}
+
 /// A 40-model `digits` zoo from one shared init (30 steps each), built by
 /// the worker binary into `data`.
 pub fn small_digits_zoo(data: &Path) -> String {
