@@ -24,14 +24,21 @@ pub const ARCH: &str = "digits-mlp-64-32-5";
 
 pub type Client = GenerationServiceClient<tonic::transport::Channel>;
 
-pub fn worker(data: &Path, args: &[&str]) -> String {
+/// `weightgen-worker [PREFIX] ARGS` on `data`: its output and its stdout
+/// and stderr together.
+fn run_worker(data: &Path, prefix: &[&str], args: &[&str]) -> (std::process::Output, String) {
     let output = Command::new(WORKER)
-        .args(["--log-format", "json"])
+        .args(prefix)
         .args(args)
         .env("WEIGHTGEN_DATA_DIR", data)
         .output()
         .unwrap();
     let text = combined_output(&output);
+    (output, text)
+}
+
+pub fn worker(data: &Path, args: &[&str]) -> String {
+    let (output, text) = run_worker(data, &["--log-format", "json"], args);
     assert!(output.status.success(), "{text}");
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -39,12 +46,7 @@ pub fn worker(data: &Path, args: &[&str]) -> String {
 /// Runs `weightgen-worker ARGS` on `data` expecting it to fail; its stdout
 /// and stderr.
 pub fn worker_refused(data: &Path, args: &[&str]) -> String {
-    let output = Command::new(WORKER)
-        .args(args)
-        .env("WEIGHTGEN_DATA_DIR", data)
-        .output()
-        .unwrap();
-    let text = combined_output(&output);
+    let (output, text) = run_worker(data, &[], args);
     assert!(!output.status.success(), "{text}");
     text
 }
