@@ -15,6 +15,7 @@ use crate::cancel::CancelFlag;
 use crate::diffusion::objective::Prediction;
 use crate::diffusion::schedule::{DEFAULT_TIMESTEPS, ScheduleKind};
 use crate::model::fit::{DEFAULT_BATCH_SIZE, DEFAULT_COND_DROPOUT, DEFAULT_LEARNING_RATE};
+use crate::model::layer_transformer::{DEFAULT_DEPTH, DEFAULT_HEADS, DEFAULT_TOKEN_WIDTH};
 use crate::model::mlp_unet::DEFAULT_BLOCKS_PER_LEVEL;
 use crate::model::weight_autoencoder::DEFAULT_AE_STEPS;
 use crate::model::{
@@ -300,6 +301,11 @@ pub struct TrainSpec {
     /// tenth of the rate at the last step).
     #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_LR_SCHEDULE", default_value_t = LrSchedule::Constant)]
     pub lr_schedule: LrSchedule,
+    /// Decoupled weight decay, as `torch.optim.AdamW` applies it: every step
+    /// shrinks the weights by learning rate × this (0: Adam, the proposal's).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_WEIGHT_DECAY", default_value_t = 0.0)]
+    #[serde(skip_serializing_if = "is_zero")]
+    pub weight_decay: f64,
     /// Share of rows trained with the null condition (classifier-free guidance).
     #[arg(long, env = "WEIGHTGEN_TRAIN_COND_DROPOUT", default_value_t = DEFAULT_COND_DROPOUT)]
     pub cond_dropout: f64,
@@ -351,6 +357,18 @@ pub struct TrainSpec {
     /// Size E of the task embedding.
     #[arg(long, env = "WEIGHTGEN_TRAIN_EMBED_DIM", default_value_t = DEFAULT_EMBED_DIM)]
     pub embed_dim: i64,
+    /// Layer and unit transformers: token width H (the MLP U-Net ignores it).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_TRANSFORMER_WIDTH", default_value_t = DEFAULT_TOKEN_WIDTH)]
+    #[serde(skip_serializing_if = "is_default_transformer_width")]
+    pub transformer_width: i64,
+    /// Layer and unit transformers: transformer blocks.
+    #[arg(long, env = "WEIGHTGEN_TRAIN_TRANSFORMER_DEPTH", default_value_t = DEFAULT_DEPTH)]
+    #[serde(skip_serializing_if = "is_default_transformer_depth")]
+    pub transformer_depth: usize,
+    /// Layer and unit transformers: attention heads (must divide the width).
+    #[arg(long, env = "WEIGHTGEN_TRAIN_TRANSFORMER_HEADS", default_value_t = DEFAULT_HEADS)]
+    #[serde(skip_serializing_if = "is_default_transformer_heads")]
+    pub transformer_heads: i64,
     /// Permutation alignment of the zoo: auto (unless built from one shared
     /// init), always or never.
     #[arg(long, value_enum, env = "WEIGHTGEN_TRAIN_ALIGN", default_value_t = AlignChoice::Auto)]
@@ -426,6 +444,7 @@ impl Default for TrainSpec {
             batch_size: DEFAULT_BATCH_SIZE,
             learning_rate: DEFAULT_LEARNING_RATE,
             lr_schedule: LrSchedule::Constant,
+            weight_decay: 0.0,
             cond_dropout: DEFAULT_COND_DROPOUT,
             feature_dropout: DEFAULT_FEATURE_DROPOUT,
             support_dropout: DEFAULT_SUPPORT_DROPOUT,
@@ -439,6 +458,9 @@ impl Default for TrainSpec {
             blocks_per_level: DEFAULT_BLOCKS_PER_LEVEL,
             encoder_hidden: DEFAULT_ENCODER_HIDDEN,
             embed_dim: DEFAULT_EMBED_DIM,
+            transformer_width: DEFAULT_TOKEN_WIDTH,
+            transformer_depth: DEFAULT_DEPTH,
+            transformer_heads: DEFAULT_HEADS,
             align: AlignChoice::Auto,
             max_models: None,
             ema_decay: DEFAULT_EMA_DECAY,
@@ -487,6 +509,25 @@ fn is_default_latent_steps(steps: &usize) -> bool {
     *steps == DEFAULT_AE_STEPS
 }
 
+/// Weight decay is left out of stored specs when off, for the same reason.
+fn is_zero(value: &f64) -> bool {
+    *value == 0.0
+}
+
+/// The transformer's sizes are left out of stored specs at their defaults,
+/// for the same reason.
+fn is_default_transformer_width(width: &i64) -> bool {
+    *width == DEFAULT_TOKEN_WIDTH
+}
+
+fn is_default_transformer_depth(depth: &usize) -> bool {
+    *depth == DEFAULT_DEPTH
+}
+
+fn is_default_transformer_heads(heads: &i64) -> bool {
+    *heads == DEFAULT_HEADS
+}
+
 impl TrainSpec {
     /// A spec with the proposal's defaults for `zoo`.
     pub fn new(zoo: &str) -> Self {
@@ -529,6 +570,15 @@ impl TrainSpec {
             return Err(invalid("train_denoiser.batch_size", "must be positive"));
         }
         positive("train_denoiser.learning_rate", self.learning_rate)?;
+        if !(self.weight_decay >= 0.0 && self.learning_rate * self.weight_decay < 1.0) {
+            return Err(invalid(
+                "train_denoiser.weight_decay",
+                format!(
+                    "{} must be ≥ 0 with learning_rate × weight_decay < 1",
+                    self.weight_decay
+                ),
+            ));
+        }
         fraction("train_denoiser.cond_dropout", self.cond_dropout)?;
         fraction("train_denoiser.feature_dropout", self.feature_dropout)?;
         fraction("train_denoiser.support_dropout", self.support_dropout)?;
@@ -564,6 +614,27 @@ impl TrainSpec {
             return Err(invalid(
                 "train_denoiser.embed_dim",
                 format!("{} is not in [1, 4096]", self.embed_dim),
+            ));
+        }
+        if self.transformer_width <= 0 || self.transformer_width > 4096 {
+            return Err(invalid(
+                "train_denoiser.transformer_width",
+                format!("{} is not in [1, 4096]", self.transformer_width),
+            ));
+        }
+        if self.transformer_depth == 0 || self.transformer_depth > 64 {
+            return Err(invalid(
+                "train_denoiser.transformer_depth",
+                format!("{} is not in [1, 64]", self.transformer_depth),
+            ));
+        }
+        if self.transformer_heads <= 0 || self.transformer_width % self.transformer_heads != 0 {
+            return Err(invalid(
+                "train_denoiser.transformer_heads",
+                format!(
+                    "{} must be ≥ 1 and divide the transformer width {}",
+                    self.transformer_heads, self.transformer_width
+                ),
             ));
         }
         if self.max_models.is_some_and(|n| n < 2) {
@@ -645,6 +716,16 @@ impl TrainSpec {
         })
     }
 
+    /// The layer transformer's default config at the spec's sizes.
+    fn transformer(&self) -> LayerTransformerConfig {
+        LayerTransformerConfig {
+            hidden: self.transformer_width,
+            depth: self.transformer_depth,
+            heads: self.transformer_heads,
+            ..Default::default()
+        }
+    }
+
     /// The denoiser network the spec names.
     fn net(&self) -> Result<NetConfig, SpecError> {
         match (self.kind, self.conditioning) {
@@ -654,14 +735,14 @@ impl TrainSpec {
                 conditioning,
                 ..Default::default()
             })),
-            (DenoiserKind::LayerTransformer, Conditioning::Film) => Ok(
-                NetConfig::LayerTransformer(LayerTransformerConfig::default()),
-            ),
+            (DenoiserKind::LayerTransformer, Conditioning::Film) => {
+                Ok(NetConfig::LayerTransformer(self.transformer()))
+            }
             (DenoiserKind::UnitTransformer, Conditioning::Film) => {
                 Ok(NetConfig::LayerTransformer(LayerTransformerConfig {
                     tokens: TokenLayout::Units,
                     window: 0,
-                    ..Default::default()
+                    ..self.transformer()
                 }))
             }
             (DenoiserKind::LayerTransformer | DenoiserKind::UnitTransformer, _) => Err(invalid(
@@ -704,6 +785,7 @@ impl TrainSpec {
                 batch_size: self.batch_size,
                 learning_rate: self.learning_rate,
                 lr_schedule: self.lr_schedule,
+                weight_decay: self.weight_decay,
                 cond_dropout: self.cond_dropout,
                 feature_dropout: self.feature_dropout,
                 support_dropout: self.support_dropout,
@@ -754,6 +836,34 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(old.prediction(), Prediction::Epsilon);
+    }
+
+    #[test]
+    fn transformer_sizes_reach_both_transformer_kinds() {
+        let mut spec = TrainSpec::new("z");
+        spec.transformer_width = 96;
+        spec.transformer_depth = 2;
+        spec.transformer_heads = 8;
+        spec.latent = LatentChoice::None;
+        for kind in [
+            DenoiserKind::LayerTransformer,
+            DenoiserKind::UnitTransformer,
+        ] {
+            spec.kind = kind;
+            let NetConfig::LayerTransformer(net) = spec.net().unwrap() else {
+                panic!("{kind:?} is not a transformer");
+            };
+            assert_eq!((net.hidden, net.depth, net.heads), (96, 2, 8));
+            assert_eq!(
+                net.tokens == TokenLayout::Units,
+                kind == DenoiserKind::UnitTransformer
+            );
+        }
+        // Left out of stored specs at their defaults: workers from before the
+        // options read them.
+        let stored = serde_json::to_value(TrainSpec::new("z")).unwrap();
+        assert!(stored.get("transformer_width").is_none());
+        assert!(stored.get("weight_decay").is_none());
     }
 
     #[test]
@@ -828,6 +938,27 @@ mod tests {
             spec.validate().unwrap_err().field,
             "train_denoiser.learning_rate"
         );
+        let mut spec = TrainSpec::new("digits");
+        spec.transformer_heads = 3;
+        assert_eq!(
+            spec.validate().unwrap_err().field,
+            "train_denoiser.transformer_heads"
+        );
+        spec.transformer_heads = 4;
+        spec.transformer_depth = 0;
+        assert_eq!(
+            spec.validate().unwrap_err().field,
+            "train_denoiser.transformer_depth"
+        );
+        for decay in [-0.1, f64::NAN, 1e4] {
+            let mut spec = TrainSpec::new("digits");
+            spec.weight_decay = decay;
+            assert_eq!(
+                spec.validate().unwrap_err().field,
+                "train_denoiser.weight_decay",
+                "{decay}"
+            );
+        }
         for (field, spec) in [
             ("train_denoiser.zoo", TrainSpec::default()),
             (

@@ -72,6 +72,8 @@ pub struct FitConfig {
     pub learning_rate: f64,
     /// How the learning rate moves over the `steps`.
     pub lr_schedule: LrSchedule,
+    /// Decoupled weight decay (AdamW's; 0: Adam, the proposal's optimizer).
+    pub weight_decay: f64,
     /// Probability that a row's condition is replaced by the null one.
     pub cond_dropout: f64,
     /// Probability that a row's descriptor features are withheld (its
@@ -112,6 +114,7 @@ impl Default for FitConfig {
             batch_size: DEFAULT_BATCH_SIZE,
             learning_rate: DEFAULT_LEARNING_RATE,
             lr_schedule: LrSchedule::Constant,
+            weight_decay: 0.0,
             cond_dropout: DEFAULT_COND_DROPOUT,
             feature_dropout: 0.0,
             support_dropout: 0.0,
@@ -174,7 +177,7 @@ impl Trainer {
     pub fn new(model: &ConditionalDenoiser, config: &FitConfig) -> Result<Self, tch::TchError> {
         let params: Vec<(String, Tensor)> = model.vs.variables().into_iter().collect();
         Ok(Self {
-            adam: Adam::new(params, config.learning_rate),
+            adam: Adam::new(params, config.learning_rate).with_weight_decay(config.weight_decay),
             loss_scale: LossScale::for_precision(config.precision),
             batches: 0,
             noise: SeededNoise::new(&[config.seed], 1),

@@ -89,13 +89,20 @@ const POSITION_TABLE_LIMIT: i64 = 4096;
 /// Fine positions of a factored position embedding.
 const FINE_POSITIONS: i64 = 64;
 
+/// Default token width H.
+pub const DEFAULT_TOKEN_WIDTH: i64 = 128;
+/// Default number of transformer blocks.
+pub const DEFAULT_DEPTH: usize = 4;
+/// Default attention heads.
+pub const DEFAULT_HEADS: i64 = 4;
+
 impl Default for LayerTransformerConfig {
     fn default() -> Self {
         Self {
             token_size: 64,
-            hidden: 128,
-            depth: 4,
-            heads: 4,
+            hidden: DEFAULT_TOKEN_WIDTH,
+            depth: DEFAULT_DEPTH,
+            heads: DEFAULT_HEADS,
             time_dim: 128,
             condition_tokens: DEFAULT_CONDITION_TOKENS,
             window: DEFAULT_WINDOW,

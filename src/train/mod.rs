@@ -176,6 +176,9 @@ impl TrainDenoiserConfig {
         }
         // Splitting batches changes floating-point sums; recorded only when
         // asked for, so runs saved before it existed still resume.
+        if self.fit.weight_decay != 0.0 {
+            fingerprint["weight_decay"] = self.fit.weight_decay.into();
+        }
         if self.fit.data_parallel > 1 {
             fingerprint["data_parallel"] = self.fit.data_parallel.into();
         }
