@@ -80,6 +80,15 @@ fn invalid(field: &str, reason: impl Into<String>) -> SpecError {
     }
 }
 
+/// Refuses `value` outside [`low`, `high`], naming `field`.
+fn within(field: &str, value: i128, low: i128, high: i128) -> Result<(), SpecError> {
+    if (low..=high).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value} is not in [{low}, {high}]")))
+    }
+}
+
 /// Build (or finish) a zoo of a built-in task family.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Args)]
 #[serde(deny_unknown_fields)]
@@ -592,42 +601,37 @@ impl TrainSpec {
             ));
         }
         self.net()?;
-        if self.blocks_per_level == 0 || self.blocks_per_level > 64 {
-            return Err(invalid(
-                "train_denoiser.blocks_per_level",
-                format!("{} is not in [1, 64]", self.blocks_per_level),
-            ));
-        }
-        if self.timesteps < 2 || self.timesteps > 100_000 {
-            return Err(invalid(
-                "train_denoiser.timesteps",
-                format!("{} is not in [2, 100000]", self.timesteps),
-            ));
-        }
-        if self.encoder_hidden <= 0 || self.encoder_hidden > 4096 {
-            return Err(invalid(
-                "train_denoiser.encoder_hidden",
-                format!("{} is not in [1, 4096]", self.encoder_hidden),
-            ));
-        }
-        if self.embed_dim <= 0 || self.embed_dim > 4096 {
-            return Err(invalid(
-                "train_denoiser.embed_dim",
-                format!("{} is not in [1, 4096]", self.embed_dim),
-            ));
-        }
-        if self.transformer_width <= 0 || self.transformer_width > 4096 {
-            return Err(invalid(
-                "train_denoiser.transformer_width",
-                format!("{} is not in [1, 4096]", self.transformer_width),
-            ));
-        }
-        if self.transformer_depth == 0 || self.transformer_depth > 64 {
-            return Err(invalid(
-                "train_denoiser.transformer_depth",
-                format!("{} is not in [1, 64]", self.transformer_depth),
-            ));
-        }
+        within(
+            "train_denoiser.blocks_per_level",
+            self.blocks_per_level as i128,
+            1,
+            64,
+        )?;
+        within(
+            "train_denoiser.timesteps",
+            self.timesteps as i128,
+            2,
+            100_000,
+        )?;
+        within(
+            "train_denoiser.encoder_hidden",
+            self.encoder_hidden as i128,
+            1,
+            4096,
+        )?;
+        within("train_denoiser.embed_dim", self.embed_dim as i128, 1, 4096)?;
+        within(
+            "train_denoiser.transformer_width",
+            self.transformer_width as i128,
+            1,
+            4096,
+        )?;
+        within(
+            "train_denoiser.transformer_depth",
+            self.transformer_depth as i128,
+            1,
+            64,
+        )?;
         if self.transformer_heads <= 0 || self.transformer_width % self.transformer_heads != 0 {
             return Err(invalid(
                 "train_denoiser.transformer_heads",
