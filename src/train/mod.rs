@@ -174,11 +174,12 @@ impl TrainDenoiserConfig {
         {
             fingerprint["latent_steps"] = self.latent_steps.into();
         }
-        // Splitting batches changes floating-point sums; recorded only when
-        // asked for, so runs saved before it existed still resume.
+        // Recorded only when on, so runs saved before the option still resume.
         if self.fit.weight_decay != 0.0 {
             fingerprint["weight_decay"] = self.fit.weight_decay.into();
         }
+        // Splitting batches changes floating-point sums; recorded only when
+        // asked for, so runs saved before it existed still resume.
         if self.fit.data_parallel > 1 {
             fingerprint["data_parallel"] = self.fit.data_parallel.into();
         }
